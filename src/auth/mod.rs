@@ -1,0 +1,29 @@
+//! Authentication in both directions: verifying clients (tidepool as the
+//! server) and logging in to PostgreSQL (tidepool as the client).
+//!
+//! Invariant: passwords, verifiers and keys are never logged or put into
+//! error messages.
+
+pub mod client;
+pub mod scram;
+pub mod secret;
+pub mod server;
+
+/// Errors during authentication in either direction.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password authentication failed for user \"{0}\"")]
+    Failed(String),
+    #[error("authentication protocol violation: {0}")]
+    Protocol(String),
+    #[error("server requested unsupported authentication method {0}")]
+    Unsupported(String),
+    #[error("no password available to log in to the server as \"{0}\"")]
+    NoPassword(String),
+    #[error("server rejected login: {} ({})", .0.message, .0.code)]
+    Server(crate::protocol::messages::ErrorFields),
+    #[error(transparent)]
+    Frame(#[from] crate::protocol::frame::FrameError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

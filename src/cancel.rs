@@ -1,0 +1,128 @@
+//! Proxy-issued cancel keys and the server each one currently points at.
+//!
+//! Every client gets a random (pid, secret) pair at login. While the client
+//! has a server checked out, its entry names that server's own key; a
+//! CancelRequest carrying the client's key is forwarded there, and only there.
+//!
+//! Invariants: secrets are random; a request with a wrong secret does
+//! nothing; the lock is held only for map lookups, never across I/O.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::BytesMut;
+use rand::RngExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::protocol::write;
+use crate::server::CancelKey;
+
+type Slot = Arc<Mutex<Option<CancelKey>>>;
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<i32, (i32, Slot)>>,
+}
+
+/// A client's registration; removed from the registry when dropped.
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    pub pid: i32,
+    pub secret: i32,
+    slot: Slot,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let mut rng = rand::rng();
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let mut map = lock(&self.map);
+        let (pid, secret) = loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if !map.contains_key(&pid) {
+                break (pid, rng.random::<i32>());
+            }
+        };
+        map.insert(pid, (secret, slot.clone()));
+        CancelHandle {
+            registry: self.clone(),
+            pid,
+            secret,
+            slot,
+        }
+    }
+
+    /// The server key a valid request should be forwarded to, if any.
+    pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+        let slot = {
+            let map = lock(&self.map);
+            match map.get(&pid) {
+                Some((s, slot)) if *s == secret => slot.clone(),
+                _ => return None,
+            }
+        };
+        *lock(&slot)
+    }
+
+    /// Forwards a client's CancelRequest; silently ignores bad keys, as
+    /// PostgreSQL does.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let Some(key) = self.target(pid, secret) else {
+            tracing::debug!(pid, "cancel request with unknown key ignored");
+            return;
+        };
+        if let Err(e) = send_cancel(key).await {
+            tracing::warn!(error = %e, server = %key.addr, "could not forward cancel request");
+        }
+    }
+}
+
+/// Sends a CancelRequest for `key` to its server.
+pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(key.addr).await?;
+    let mut out = BytesMut::with_capacity(16);
+    write::cancel_request(&mut out, key.pid, key.secret);
+    s.write_all(&out).await?;
+    s.shutdown().await
+}
+
+impl CancelHandle {
+    /// Points this client's key at the server it now uses (or at nothing).
+    pub fn point_at(&self, key: Option<CancelKey>) {
+        *lock(&self.slot) = key;
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        lock(&self.registry.map).remove(&self.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_right_secret_finds_the_server() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        let key = CancelKey {
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            pid: 7,
+            secret: 9,
+        };
+        assert_eq!(reg.target(h.pid, h.secret), None);
+        h.point_at(Some(key));
+        assert_eq!(reg.target(h.pid, h.secret), Some(key));
+        assert_eq!(reg.target(h.pid, h.secret.wrapping_add(1)), None);
+        let pid = h.pid;
+        drop(h);
+        assert_eq!(reg.target(pid, 0), None);
+    }
+}

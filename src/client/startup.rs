@@ -1,0 +1,248 @@
+//! The startup phase: SSL/GSSENC refusal, the startup packet, cancel
+//! requests, the client limit, database and user lookup, authentication,
+//! and the greeting (AuthenticationOk, ParameterStatus set, a proxy-issued
+//! BackendKeyData, ReadyForQuery).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Shared;
+use super::session::Session;
+use crate::auth::AuthError;
+use crate::error::ClientError;
+use crate::pool::{Pool, PoolError, Release};
+use crate::protocol::TxStatus;
+use crate::protocol::startup::{StartupError, StartupPacket, read_packet};
+use crate::protocol::write;
+use crate::server::params::{is_tracked, valid_name};
+
+/// Runs the startup phase. `None` when the connection ends here (cancel
+/// request, refused login, timeout); errors were already sent.
+pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>) -> Option<Session> {
+    let timeout = shared.config.pool.client_login_timeout;
+    let result = if timeout.is_zero() {
+        handshake(&mut stream, shared).await
+    } else {
+        match tokio::time::timeout(timeout, handshake(&mut stream, shared)).await {
+            Ok(r) => r,
+            Err(_) => Err(Some(ClientError::LoginTimeout)),
+        }
+    };
+    match result {
+        Ok(Some(parts)) => Some(Session::new(stream, shared.clone(), parts)),
+        Ok(None) => None,
+        Err(Some(e)) => {
+            tracing::info!(error = %e, "login refused");
+            let mut out = BytesMut::new();
+            e.write_to(&mut out);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+            None
+        }
+        Err(None) => None,
+    }
+}
+
+/// What a logged-in client brings to its session.
+pub struct LoggedIn {
+    pub database: String,
+    pub user: String,
+    pub pool: Arc<Pool>,
+    pub params: BTreeMap<String, String>,
+    pub buf: BytesMut,
+    pub cancel: crate::cancel::CancelHandle,
+}
+
+/// `Err(None)` means: close silently (the peer is gone or spoke nonsense
+/// before a startup packet, where an ErrorResponse would not be understood).
+async fn handshake(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+) -> Result<Option<LoggedIn>, Option<ClientError>> {
+    let startup = loop {
+        match read_packet(stream).await {
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await.map_err(|_| None)?;
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                shared.cancel.cancel(pid, secret).await;
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup(params)) => break params,
+            Err(StartupError::Protocol(p)) => return Err(Some(ClientError::Protocol(p))),
+            Err(StartupError::Eof) | Err(StartupError::Io(_)) => return Err(None),
+        }
+    };
+
+    let mut user = None;
+    let mut database = None;
+    let mut client_params = BTreeMap::new();
+    for (k, v) in startup {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            "options" => parse_options(&v, &mut client_params)?,
+            "replication" if v != "false" && v != "0" && v != "off" => {
+                return Err(Some(ClientError::UnsupportedStartup(
+                    "replication connections are not pooled".into(),
+                )));
+            }
+            "replication" => {}
+            _ if k.starts_with("_pq_.") => {}
+            _ if valid_name(&k) => {
+                client_params.insert(k, v);
+            }
+            _ => return Err(Some(ClientError::UnsupportedStartup(k))),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or(Some(ClientError::NoUser))?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+
+    let config = &shared.config;
+    let max = config.pool.max_client_conn;
+    if shared.clients.load(Ordering::Relaxed) > max {
+        return Err(Some(ClientError::TooManyClients(max)));
+    }
+    let Some(db) = config.databases.get(&database) else {
+        return Err(Some(ClientError::UnknownDatabase(database)));
+    };
+    let auth = shared.users.get(&user);
+    let auth_type = config.auth_type(config.users.get(&user));
+    let mut buf = BytesMut::new();
+    let verified = crate::auth::client::authenticate(
+        stream,
+        &mut buf,
+        &user,
+        auth.and_then(|a| a.secret.as_ref()),
+        auth.and_then(|a| a.verifier.as_ref()),
+        auth_type,
+    )
+    .await
+    .map_err(|e| match e {
+        AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
+        AuthError::Frame(_) | AuthError::Io(_) => None,
+        other => Some(ClientError::AuthProtocol(other.to_string())),
+    })?;
+    tracing::debug!(%user, %database, "client authenticated");
+
+    let pool = shared.registry.pool_for(
+        &database,
+        db,
+        &user,
+        auth.and_then(|a| a.secret.as_ref()),
+        verified.client_key,
+    );
+    let defaults = match pool.defaults() {
+        Some(d) => d,
+        None => learn_defaults(&pool).await.map_err(Some)?,
+    };
+
+    let mut params: BTreeMap<String, String> = defaults
+        .iter()
+        .filter(|(k, _)| is_tracked(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.extend(client_params);
+
+    let cancel = shared.cancel.register();
+    let mut out = BytesMut::with_capacity(512);
+    write::auth_ok(&mut out);
+    for (k, v) in defaults.iter().filter(|(k, _)| !params.contains_key(*k)) {
+        write::parameter_status(&mut out, k, v);
+    }
+    for (k, v) in &params {
+        if defaults.contains_key(k) {
+            write::parameter_status(&mut out, k, v);
+        }
+    }
+    write::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    write::ready_for_query(&mut out, TxStatus::Idle);
+    stream.write_all(&out).await.map_err(|_| None)?;
+    Ok(Some(LoggedIn {
+        database,
+        user,
+        pool,
+        params,
+        buf,
+        cancel,
+    }))
+}
+
+/// Opens the pool's first connection to learn what a server reports.
+async fn learn_defaults(pool: &Arc<Pool>) -> Result<Arc<BTreeMap<String, String>>, ClientError> {
+    let conn = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
+    conn.release(Release::Reuse);
+    pool.defaults().ok_or_else(|| ClientError::ServerConnect {
+        database: pool.database.clone(),
+        reason: "server reported no parameters".into(),
+    })
+}
+
+/// Maps a checkout failure to what the client is told.
+pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
+    use crate::server::ServerError;
+    match e {
+        PoolError::Timeout(waited) => ClientError::PoolTimeout {
+            database: pool.database.clone(),
+            user: pool.user.clone(),
+            waited,
+        },
+        PoolError::Connect(ServerError::Query(f)) | PoolError::Connect(ServerError::Login(AuthError::Server(f))) => {
+            ClientError::ServerLogin {
+                code: f.code,
+                message: f.message,
+            }
+        }
+        PoolError::Connect(other) => ClientError::ServerConnect {
+            database: pool.database.clone(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// `options` in the startup packet: `-c name=value` and `--name=value`.
+fn parse_options(
+    options: &str,
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), Option<ClientError>> {
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next()
+        } else if let Some(s) = w.strip_prefix("-c") {
+            Some(s)
+        } else {
+            w.strip_prefix("--")
+        };
+        let Some((k, v)) = setting.and_then(|s| s.split_once('=')) else {
+            return Err(Some(ClientError::UnsupportedStartup(format!("options: {w}"))));
+        };
+        let k = k.replace('-', "_");
+        if !valid_name(&k) {
+            return Err(Some(ClientError::UnsupportedStartup(format!("options: {k}"))));
+        }
+        out.insert(k, v.to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_parsed_like_postgres() {
+        let mut m = BTreeMap::new();
+        parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB", &mut m).unwrap();
+        assert_eq!(m["search_path"], "a,b");
+        assert_eq!(m["statement_timeout"], "5s");
+        assert_eq!(m["work_mem"], "1MB");
+        assert!(parse_options("-x", &mut m).is_err());
+        assert!(parse_options("-c a;b=1", &mut m).is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! Every default value of `proxy.toml`, in one place. PgBouncer's defaults are
+//! kept where a PgBouncer setting of the same name exists.
+
+use std::time::Duration;
+
+pub fn listen() -> Vec<String> {
+    vec!["127.0.0.1:6432".to_owned()]
+}
+pub const AUTH_TYPE: &str = "scram-sha-256";
+/// Largest message accepted from a client (bytes). PostgreSQL itself caps at 1 GiB.
+pub const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
+
+pub const DEFAULT_POOL_SIZE: u32 = 20;
+pub const MIN_POOL_SIZE: u32 = 0;
+pub const MAX_CLIENT_CONN: u32 = 100;
+/// 0 = unlimited, as in PgBouncer.
+pub const MAX_DB_CONNECTIONS: u32 = 0;
+pub const QUERY_WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const CLIENT_LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
+/// 0 = disabled, as in PgBouncer.
+pub const IDLE_TRANSACTION_TIMEOUT: Duration = Duration::ZERO;
+pub const SERVER_RESET_QUERY: &str = "DISCARD ALL";
+pub const PORT: u16 = 5432;

@@ -1,0 +1,167 @@
+//! `proxy.toml`: loading, validation and the resolved view the rest of the
+//! proxy reads.
+//!
+//! Invariant: a `Config` that exists has passed validation; every error names
+//! the file, the line and the key. Unknown keys are errors.
+
+pub mod defaults;
+pub mod schema;
+mod validate;
+
+use std::path::Path;
+
+pub use schema::{AuthType, Config, Database, PoolMode, PoolSettings, User};
+
+/// A problem with the config file, located where possible.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}{}: {key}{}{message}", line.map(|l| format!(":{l}")).unwrap_or_default(), if key.is_empty() { "" } else { ": " })]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read config: {e}"),
+        })?;
+        Self::from_toml_str(&src, &file)
+    }
+
+    /// Parses and validates TOML text; `file` is used in error messages.
+    pub fn from_toml_str(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(src).map_err(|e| {
+            let line = e.span().map(|s| line_of(src, s.start));
+            ConfigError {
+                file: file.to_owned(),
+                line,
+                key: key_at(src, e.span().map(|s| s.start)),
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        validate::check(&config).map_err(|(path, message)| ConfigError {
+            file: file.to_owned(),
+            line: validate::locate(src, &path),
+            key: path.join("."),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Pool size for a (database, user) pair, most specific setting first.
+    pub fn pool_size(&self, db: &Database, user: Option<&User>) -> u32 {
+        user.and_then(|u| u.pool_size)
+            .or(db.pool_size)
+            .unwrap_or(self.pool.default_pool_size)
+    }
+
+    pub fn min_pool_size(&self, db: &Database) -> u32 {
+        db.min_pool_size.unwrap_or(self.pool.min_pool_size)
+    }
+
+    pub fn pool_mode(&self, db: &Database) -> PoolMode {
+        db.pool_mode.unwrap_or(self.pool.pool_mode)
+    }
+
+    pub fn auth_type(&self, user: Option<&User>) -> AuthType {
+        user.and_then(|u| u.auth_type)
+            .unwrap_or(self.tidepool.auth_type)
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key written at the start of the line holding `offset`, if any.
+fn key_at(src: &str, offset: Option<usize>) -> String {
+    let Some(offset) = offset else {
+        return String::new();
+    };
+    let start = src[..offset.min(src.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = src[start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((k, _)) if !line.trim_start().starts_with('[') => k.trim().to_owned(),
+        _ => line.trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: &str = r#"
+[tidepool]
+listen = ["127.0.0.1:6432"]
+admin_users = ["admin"]
+stats_users = ["stats"]
+
+[pool]
+pool_mode = "transaction"
+default_pool_size = 25
+
+[databases.app]
+host = "127.0.0.1"
+port = 5432
+dbname = "app"
+replicas = [{ host = "127.0.0.1", port = 5433 }]
+
+[users.app]
+password = "secret"
+"#;
+
+    #[test]
+    fn the_documented_shape_loads() {
+        let c = Config::from_toml_str(SHAPE, "proxy.toml").unwrap();
+        assert_eq!(c.pool.default_pool_size, 25);
+        assert_eq!(c.databases["app"].replicas[0].port, 5433);
+        assert_eq!(c.pool.query_wait_timeout, defaults::QUERY_WAIT_TIMEOUT);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line_and_key() {
+        let src = SHAPE.replace("default_pool_size = 25", "default_pool_size = 25\npool_sise = 3");
+        let e = Config::from_toml_str(&src, "proxy.toml").unwrap_err();
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.to_string().contains("pool_sise"), "{e}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_line() {
+        let src = SHAPE.replace("default_pool_size = 25", "default_pool_size = 0");
+        let e = Config::from_toml_str(&src, "proxy.toml").unwrap_err();
+        assert_eq!(e.key, "pool.default_pool_size");
+        assert_eq!(e.line, Some(9), "{e}");
+        let src = SHAPE.replace("port = 5432", "port = \"x\"");
+        let e = Config::from_toml_str(&src, "proxy.toml").unwrap_err();
+        assert_eq!(e.line, Some(13), "{e}");
+    }
+
+    #[test]
+    fn durations_accept_units_and_seconds() {
+        let src = SHAPE.replace(
+            "default_pool_size = 25",
+            "default_pool_size = 25\nquery_wait_timeout = \"500ms\"\nserver_lifetime = 30",
+        );
+        let c = Config::from_toml_str(&src, "p").unwrap();
+        assert_eq!(c.pool.query_wait_timeout.as_millis(), 500);
+        assert_eq!(c.pool.server_lifetime.as_secs(), 30);
+        let bad = SHAPE.replace("default_pool_size = 25", "query_wait_timeout = \"soon\"");
+        let e = Config::from_toml_str(&bad, "p").unwrap_err();
+        assert!(e.to_string().contains("query_wait_timeout"), "{e}");
+    }
+}

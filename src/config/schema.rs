@@ -1,0 +1,254 @@
+//! The serde types of `proxy.toml`. Every table rejects unknown keys; each
+//! field's doc states its default (values live in `defaults.rs`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::defaults;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub tidepool: General,
+    #[serde(default)]
+    pub pool: PoolSettings,
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
+}
+
+/// `[tidepool]`: process-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct General {
+    /// Addresses to listen on. Default `["127.0.0.1:6432"]`.
+    #[serde(default = "defaults::listen")]
+    pub listen: Vec<String>,
+    /// Users allowed every admin-console command. Default empty.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users allowed the admin console's SHOW commands. Default empty.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
+    /// How clients authenticate: `scram-sha-256`, `md5` or `trust`. Default `scram-sha-256`.
+    #[serde(default = "default_auth_type")]
+    pub auth_type: AuthType,
+    /// Largest client message in bytes. Default 256 MiB.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        Self {
+            listen: defaults::listen(),
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            auth_type: default_auth_type(),
+            max_message_size: defaults::MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transaction => "transaction",
+            Self::Session => "session",
+        }
+    }
+}
+
+/// `[pool]`: pool limits and timeouts, with PgBouncer's names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// `transaction` or `session`. Default `transaction`.
+    #[serde(default = "default_pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) pool. Default 20.
+    #[serde(default = "default_pool_size")]
+    pub default_pool_size: u32,
+    /// Warm server connections kept per pool. Default 0.
+    #[serde(default)]
+    pub min_pool_size: u32,
+    /// Client connections accepted in total. Default 100.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: u32,
+    /// Server connections per database across its pools; 0 = unlimited. Default 0.
+    #[serde(default)]
+    pub max_db_connections: u32,
+    /// How long a client waits for a server before `53300`. Default `120s`; `0` waits forever.
+    #[serde(default = "d_query_wait", with = "duration")]
+    pub query_wait_timeout: Duration,
+    /// Time allowed for a client's startup and authentication. Default `60s`.
+    #[serde(default = "d_login", with = "duration")]
+    pub client_login_timeout: Duration,
+    /// Time allowed to connect and log in to a server. Default `15s`.
+    #[serde(default = "d_connect", with = "duration")]
+    pub server_connect_timeout: Duration,
+    /// Idle server connections above `min_pool_size` close after this. Default `600s`; `0` never.
+    #[serde(default = "d_server_idle", with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// Server connections close at release once this old. Default `3600s`; `0` never.
+    #[serde(default = "d_lifetime", with = "duration")]
+    pub server_lifetime: Duration,
+    /// A client idle inside a transaction this long is disconnected. Default `0` (off).
+    #[serde(default, with = "duration")]
+    pub idle_transaction_timeout: Duration,
+    /// Run on a server when a session-mode client leaves. Default `DISCARD ALL`; empty = none.
+    #[serde(default = "d_reset_query")]
+    pub server_reset_query: String,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            pool_mode: default_pool_mode(),
+            default_pool_size: defaults::DEFAULT_POOL_SIZE,
+            min_pool_size: defaults::MIN_POOL_SIZE,
+            max_client_conn: defaults::MAX_CLIENT_CONN,
+            max_db_connections: defaults::MAX_DB_CONNECTIONS,
+            query_wait_timeout: defaults::QUERY_WAIT_TIMEOUT,
+            client_login_timeout: defaults::CLIENT_LOGIN_TIMEOUT,
+            server_connect_timeout: defaults::SERVER_CONNECT_TIMEOUT,
+            server_idle_timeout: defaults::SERVER_IDLE_TIMEOUT,
+            server_lifetime: defaults::SERVER_LIFETIME,
+            idle_transaction_timeout: defaults::IDLE_TRANSACTION_TIMEOUT,
+            server_reset_query: d_reset_query(),
+        }
+    }
+}
+
+/// `[databases.NAME]`: a database as clients name it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// Primary host. Required.
+    pub host: String,
+    /// Primary port. Default 5432.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Real database name on the server. Default: the table key.
+    pub dbname: Option<String>,
+    /// Log in to PostgreSQL as this user instead of the client's.
+    pub user: Option<String>,
+    /// Password for `user` (plain text).
+    pub password: Option<String>,
+    /// Overrides `[pool] default_pool_size` for this database.
+    pub pool_size: Option<u32>,
+    /// Overrides `[pool] min_pool_size` for this database.
+    pub min_pool_size: Option<u32>,
+    /// Overrides `[pool] pool_mode` for this database.
+    pub pool_mode: Option<PoolMode>,
+    /// Streaming replicas (used by read routing).
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replica {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+/// `[users.NAME]`: a user clients may log in as.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Plain password, `SCRAM-SHA-256$...` verifier or `md5...` hash.
+    pub password: Option<String>,
+    /// Overrides `[tidepool] auth_type` for this user.
+    pub auth_type: Option<AuthType>,
+    /// Overrides the pool size for this user's pools.
+    pub pool_size: Option<u32>,
+}
+
+fn default_auth_type() -> AuthType {
+    AuthType::ScramSha256
+}
+fn default_max_message_size() -> usize {
+    defaults::MAX_MESSAGE_SIZE
+}
+fn default_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_pool_size() -> u32 {
+    defaults::DEFAULT_POOL_SIZE
+}
+fn default_max_client_conn() -> u32 {
+    defaults::MAX_CLIENT_CONN
+}
+fn default_port() -> u16 {
+    defaults::PORT
+}
+fn d_query_wait() -> Duration {
+    defaults::QUERY_WAIT_TIMEOUT
+}
+fn d_login() -> Duration {
+    defaults::CLIENT_LOGIN_TIMEOUT
+}
+fn d_connect() -> Duration {
+    defaults::SERVER_CONNECT_TIMEOUT
+}
+fn d_server_idle() -> Duration {
+    defaults::SERVER_IDLE_TIMEOUT
+}
+fn d_lifetime() -> Duration {
+    defaults::SERVER_LIFETIME
+}
+fn d_reset_query() -> String {
+    defaults::SERVER_RESET_QUERY.to_owned()
+}
+
+/// Durations are written `"30s"`, `"500ms"`, `"2m"`, or as a number of seconds.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Float(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Float(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_secs_f64(f)),
+            Raw::Float(f) => Err(D::Error::custom(format!("invalid duration {f}"))),
+            Raw::Text(t) if t.trim() == "0" => Ok(Duration::ZERO),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                D::Error::custom(format!(
+                    "invalid duration {t:?} ({e}); write e.g. \"30s\" or \"500ms\""
+                ))
+            }),
+        }
+    }
+}

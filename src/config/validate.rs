@@ -1,0 +1,112 @@
+//! Semantic checks after parsing, and locating a key path in the source so
+//! errors can name the line.
+
+use std::net::SocketAddr;
+
+use super::schema::{AuthType, Config};
+use crate::auth::secret::Secret;
+
+type Invalid = (Vec<String>, String);
+
+fn invalid(path: &[&str], msg: impl Into<String>) -> Invalid {
+    (path.iter().map(|s| (*s).to_owned()).collect(), msg.into())
+}
+
+pub fn check(c: &Config) -> Result<(), Invalid> {
+    if c.tidepool.listen.is_empty() {
+        return Err(invalid(&["tidepool", "listen"], "at least one address is required"));
+    }
+    for a in &c.tidepool.listen {
+        if a.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                &["tidepool", "listen"],
+                format!("{a:?} is not an IP:port address"),
+            ));
+        }
+    }
+    if c.tidepool.max_message_size < 1024 {
+        return Err(invalid(&["tidepool", "max_message_size"], "must be at least 1024"));
+    }
+    let p = &c.pool;
+    if p.default_pool_size == 0 {
+        return Err(invalid(&["pool", "default_pool_size"], "must be at least 1"));
+    }
+    if p.min_pool_size > p.default_pool_size {
+        return Err(invalid(
+            &["pool", "min_pool_size"],
+            "must not exceed default_pool_size",
+        ));
+    }
+    if p.max_client_conn == 0 {
+        return Err(invalid(&["pool", "max_client_conn"], "must be at least 1"));
+    }
+    if c.databases.is_empty() {
+        return Err(invalid(&["databases"], "at least one [databases.NAME] table is required"));
+    }
+    for (name, db) in &c.databases {
+        if db.host.trim().is_empty() {
+            return Err(invalid(&["databases", name, "host"], "must not be empty"));
+        }
+        if db.pool_size == Some(0) {
+            return Err(invalid(&["databases", name, "pool_size"], "must be at least 1"));
+        }
+        if db.min_pool_size.unwrap_or(p.min_pool_size) > c.pool_size(db, None) {
+            return Err(invalid(
+                &["databases", name, "min_pool_size"],
+                "must not exceed the pool size",
+            ));
+        }
+        if db.password.is_some() && db.user.is_none() {
+            return Err(invalid(
+                &["databases", name, "password"],
+                "a database password needs a database user",
+            ));
+        }
+    }
+    for (name, user) in &c.users {
+        let auth = c.auth_type(Some(user));
+        let secret = match &user.password {
+            Some(p) => Secret::parse(p)
+                .map_err(|e| invalid(&["users", name, "password"], e.to_string()))?,
+            None if auth == AuthType::Trust => continue,
+            None => {
+                return Err(invalid(
+                    &["users", name, "password"],
+                    "required unless auth_type is trust",
+                ));
+            }
+        };
+        if user.pool_size == Some(0) {
+            return Err(invalid(&["users", name, "pool_size"], "must be at least 1"));
+        }
+        if !secret.supports(auth) {
+            return Err(invalid(
+                &["users", name, "password"],
+                format!(
+                    "a {} cannot be used with auth_type {:?}",
+                    secret.kind(),
+                    auth
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line of the deepest key of `path` that exists in `src`.
+pub fn locate(src: &str, path: &[String]) -> Option<usize> {
+    let doc = toml_edit::Document::parse(src).ok()?;
+    let mut table = doc.as_table() as &dyn toml_edit::TableLike;
+    let mut best = None;
+    for key in path {
+        let (k, item) = table.get_key_value(key)?;
+        if let Some(span) = k.span().or_else(|| item.span()) {
+            best = Some(span.start);
+        }
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    best.map(|off| super::line_of(src, off))
+}

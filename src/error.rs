@@ -1,0 +1,148 @@
+//! The one table from failures to what a client is told: SQLSTATE, severity
+//! and message. No other module picks a SQLSTATE.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::protocol::ProtocolError;
+use crate::protocol::write;
+
+/// A SQLSTATE code, named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlState(pub &'static str);
+
+impl SqlState {
+    pub const PROTOCOL_VIOLATION: Self = Self("08P01");
+    pub const CONNECTION_FAILURE: Self = Self("08006");
+    pub const SQLCLIENT_UNABLE_TO_ESTABLISH: Self = Self("08001");
+    pub const INVALID_PASSWORD: Self = Self("28P01");
+    pub const INVALID_AUTHORIZATION: Self = Self("28000");
+    pub const UNKNOWN_DATABASE: Self = Self("3D000");
+    pub const TOO_MANY_CONNECTIONS: Self = Self("53300");
+    pub const ADMIN_SHUTDOWN: Self = Self("57P01");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: Self = Self("25P03");
+    pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
+    pub const INTERNAL: Self = Self("XX000");
+}
+
+/// ERROR ends the current request; FATAL ends the client's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Everything that can go wrong for one client, as the client will see it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    #[error("{0}")]
+    AuthProtocol(String),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    #[error("unsupported startup parameter: {0}")]
+    UnsupportedStartup(String),
+    #[error("no more connections allowed (max_client_conn = {0})")]
+    TooManyClients(u32),
+    #[error(
+        "query_wait_timeout: no server connection became free in pool {database}/{user} within {waited:?}"
+    )]
+    PoolTimeout {
+        database: String,
+        user: String,
+        waited: Duration,
+    },
+    #[error("could not connect to server for database \"{database}\": {reason}")]
+    ServerConnect { database: String, reason: String },
+    #[error("server login failed: {message}")]
+    ServerLogin { code: String, message: String },
+    #[error("server connection lost during the transaction; it was rolled back: {0}")]
+    ServerLost(String),
+    #[error("client_login_timeout: login not completed in time")]
+    LoginTimeout,
+    #[error("idle_transaction_timeout: transaction idle for longer than {0:?}")]
+    IdleTransactionTimeout(Duration),
+    #[error("tidepool is shutting down")]
+    Shutdown,
+}
+
+impl ClientError {
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            ClientError::Protocol(_) | ClientError::AuthProtocol(_) | ClientError::LoginTimeout => {
+                SqlState::PROTOCOL_VIOLATION
+            }
+            ClientError::AuthFailed(_) => SqlState::INVALID_PASSWORD,
+            ClientError::NoUser => SqlState::INVALID_AUTHORIZATION,
+            ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
+            ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
+            ClientError::ServerConnect { .. } => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH,
+            ClientError::ServerLogin { .. } => SqlState::CONNECTION_FAILURE,
+            ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,
+            ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+            ClientError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+        }
+    }
+
+    /// Whether the client's connection ends with this error.
+    pub fn severity(&self) -> Severity {
+        match self {
+            ClientError::PoolTimeout { .. }
+            | ClientError::ServerConnect { .. }
+            | ClientError::ServerLogin { .. }
+            | ClientError::ServerLost(_) => Severity::Error,
+            _ => Severity::Fatal,
+        }
+    }
+
+    /// Appends the ErrorResponse for this error.
+    pub fn write_to(&self, buf: &mut BytesMut) {
+        write::error_response(
+            buf,
+            self.severity().as_str(),
+            self.sqlstate().0,
+            &self.to_string(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_match_the_contract() {
+        assert_eq!(ClientError::AuthFailed("u".into()).sqlstate().0, "28P01");
+        assert_eq!(ClientError::UnknownDatabase("d".into()).sqlstate().0, "3D000");
+        let t = ClientError::PoolTimeout {
+            database: "d".into(),
+            user: "u".into(),
+            waited: Duration::from_secs(1),
+        };
+        assert_eq!(t.sqlstate().0, "53300");
+        assert_eq!(t.severity(), Severity::Error);
+        assert_eq!(ClientError::TooManyClients(1).sqlstate().0, "53300");
+        assert_eq!(
+            ClientError::Protocol(ProtocolError::Malformed("x")).sqlstate().0,
+            "08P01"
+        );
+    }
+}

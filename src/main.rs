@@ -1,0 +1,88 @@
+//! The `tidepool` binary: CLI, config loading, logging, runtime. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "tidepool", version, about = "PostgreSQL proxy and transaction-mode connection pooler")]
+struct Cli {
+    /// Path to proxy.toml.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, global = true, default_value = "human")]
+    log_format: LogFormat,
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config file and exit.
+    Check,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match tidepool::Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tidepool: invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        println!("{}: OK", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.log_format);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidepool: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let proxy = match tidepool::Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        proxy
+            .run(tidepool::lifecycle::signal(), Duration::from_secs(30))
+            .await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,106 @@
+//! Checking a server connection out of a pool and giving it back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{Idle, Pool, PoolError, lock};
+use crate::protocol::TxStatus;
+use crate::server::ServerConn;
+
+/// A server connection lent to one client. Give it back with
+/// [`PooledConn::release`]; dropping it closes the connection.
+pub struct PooledConn {
+    idle: Option<Idle>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// How a connection comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Idle, nothing outstanding: may serve another client.
+    Reuse,
+    /// State unknown or broken: close it.
+    Close,
+}
+
+impl PooledConn {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        #[allow(clippy::expect_used)] // `idle` is only None inside release/drop.
+        &mut self.idle.as_mut().expect("checked-out connection present").conn
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn release(mut self, how: Release) {
+        let Some(mut idle) = self.idle.take() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        pool.in_use.fetch_sub(1, Ordering::Relaxed);
+        let s = &pool.settings;
+        let expired = !s.server_lifetime.is_zero() && idle.conn.created.elapsed() >= s.server_lifetime;
+        let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
+        if how == Release::Reuse && clean && !expired {
+            idle.conn.last_used = Instant::now();
+            idle.conn.buf = bytes::BytesMut::new();
+            lock(&pool.idle).push(idle);
+        } else {
+            tracing::debug!(pool = %pool.name(), server = idle.conn.id, ?how, expired, "closing server connection");
+            tokio::spawn(idle.conn.terminate());
+        }
+        // The permit drops with `self`, waking the next waiter in FIFO order.
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(idle) = self.idle.take() {
+            self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(pool = %self.pool.name(), server = idle.conn.id, "server connection dropped without release; closed");
+        }
+    }
+}
+
+impl Pool {
+    /// Waits (fairly, up to `query_wait_timeout`) for a permit, then hands out
+    /// an idle connection or opens a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        let wait = self.settings.query_wait_timeout_or_max();
+        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(PoolError::Timeout(self.settings.query_wait_timeout)),
+        };
+        let lifetime = self.settings.server_lifetime;
+        let reused = loop {
+            let candidate = lock(&self.idle).pop();
+            match candidate {
+                None => break None,
+                Some(idle)
+                    if idle.conn.looks_alive()
+                        && (lifetime.is_zero() || idle.conn.created.elapsed() < lifetime) =>
+                {
+                    break Some(idle);
+                }
+                Some(dead) => {
+                    tracing::debug!(pool = %self.name(), server = dead.conn.id, "discarding dead or expired idle connection");
+                }
+            }
+        };
+        let idle = match reused {
+            Some(i) => i,
+            None => self.open().await?,
+        };
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(PooledConn {
+            idle: Some(idle),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}

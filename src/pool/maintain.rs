@@ -1,0 +1,64 @@
+//! Background care of one pool: keep `min_pool_size` warm, close connections
+//! idle past `server_idle_timeout` or older than `server_lifetime`, and drop
+//! idle ones that died (e.g. server restart).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::{Pool, lock};
+
+const TICK: Duration = Duration::from_secs(1);
+
+/// Runs until the pool is dropped.
+pub async fn run(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        prune(&pool);
+        warm(&pool).await;
+    }
+}
+
+fn prune(pool: &Pool) {
+    let s = &pool.settings;
+    let min = s.min_size as usize;
+    let in_use = pool.in_use.load(std::sync::atomic::Ordering::Relaxed);
+    let mut idle = lock(&pool.idle);
+    let mut keep = Vec::with_capacity(idle.len());
+    // Oldest-used first so the most recently used stay warm.
+    idle.sort_by_key(|i| i.conn.last_used);
+    let mut total = idle.len() + in_use;
+    for i in idle.drain(..) {
+        let dead = !i.conn.looks_alive();
+        let old = !s.server_lifetime.is_zero() && i.conn.created.elapsed() >= s.server_lifetime;
+        let idle_too_long = !s.server_idle_timeout.is_zero()
+            && i.conn.last_used.elapsed() >= s.server_idle_timeout
+            && total > min;
+        if dead || old || idle_too_long {
+            tracing::debug!(pool = %pool.name(), server = i.conn.id, dead, old, idle_too_long, "closing idle server connection");
+            total -= 1;
+            tokio::spawn(i.conn.terminate());
+        } else {
+            keep.push(i);
+        }
+    }
+    *idle = keep;
+}
+
+async fn warm(pool: &Arc<Pool>) {
+    while pool.server_count() < pool.settings.min_size as usize && pool.can_log_in() {
+        let Ok(permit) = pool.permits.clone().try_acquire_owned() else {
+            return;
+        };
+        match pool.open().await {
+            Ok(idle) => lock(&pool.idle).push(idle),
+            Err(e) => {
+                tracing::warn!(pool = %pool.name(), error = %e, "could not open warm server connection");
+                return;
+            }
+        }
+        drop(permit);
+    }
+}

@@ -1,0 +1,146 @@
+//! Typed, borrowed views of the few messages tidepool reads the body of.
+//! Parsing happens once, at the edge, into these types.
+
+use super::{ProtocolError, TxStatus};
+
+/// A cursor over a message body.
+pub struct Body<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Body<'a> {
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+
+    fn err(&self) -> ProtocolError {
+        ProtocolError::Malformed(self.what)
+    }
+
+    pub fn i32(&mut self) -> Result<i32, ProtocolError> {
+        match self.buf {
+            [a, b, c, d, rest @ ..] => {
+                self.buf = rest;
+                Ok(i32::from_be_bytes([*a, *b, *c, *d]))
+            }
+            _ => Err(self.err()),
+        }
+    }
+
+    pub fn i16(&mut self) -> Result<i16, ProtocolError> {
+        match self.buf {
+            [a, b, rest @ ..] => {
+                self.buf = rest;
+                Ok(i16::from_be_bytes([*a, *b]))
+            }
+            _ => Err(self.err()),
+        }
+    }
+
+    pub fn u8(&mut self) -> Result<u8, ProtocolError> {
+        match self.buf {
+            [a, rest @ ..] => {
+                self.buf = rest;
+                Ok(*a)
+            }
+            _ => Err(self.err()),
+        }
+    }
+
+    /// A NUL-terminated UTF-8 string.
+    pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(ProtocolError::Malformed(self.what))?;
+        let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(self.err());
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+pub fn ready_for_query(body: &[u8]) -> Result<TxStatus, ProtocolError> {
+    match body {
+        [b] => TxStatus::from_byte(*b).ok_or(ProtocolError::Malformed("ReadyForQuery")),
+        _ => Err(ProtocolError::Malformed("ReadyForQuery")),
+    }
+}
+
+pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    let mut b = Body::new(body, "ParameterStatus");
+    Ok((b.cstr()?, b.cstr()?))
+}
+
+pub fn backend_key_data(body: &[u8]) -> Result<(i32, i32), ProtocolError> {
+    let mut b = Body::new(body, "BackendKeyData");
+    Ok((b.i32()?, b.i32()?))
+}
+
+/// The fields of an ErrorResponse or NoticeResponse that tidepool cares about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
+    let mut b = Body::new(body, "ErrorResponse");
+    let mut out = ErrorFields::default();
+    loop {
+        let field = b.u8()?;
+        if field == 0 {
+            return Ok(out);
+        }
+        let value = b.cstr()?;
+        match field {
+            b'V' => out.severity = value.to_owned(),
+            b'S' if out.severity.is_empty() => out.severity = value.to_owned(),
+            b'C' => out.code = value.to_owned(),
+            b'M' => out.message = value.to_owned(),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_error_fields() {
+        let body = b"SERROR\0VERROR\0C42601\0Msyntax error\0\0";
+        let e = error_fields(body).unwrap();
+        assert_eq!(e.code, "42601");
+        assert_eq!(e.message, "syntax error");
+        assert_eq!(e.severity, "ERROR");
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        assert!(error_fields(b"C42").is_err());
+        assert!(parameter_status(b"a\0").is_err());
+        assert!(backend_key_data(b"\0\0").is_err());
+        assert!(ready_for_query(b"X").is_err());
+        assert!(ready_for_query(b"").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! The PostgreSQL wire protocol, as far as tidepool needs it.
+//!
+//! Owns: message tags, bounded frame headers, the streaming scanner that lets
+//! whole buffers pass while spotting the few messages that change state, the
+//! startup-phase packets, and builders for the messages tidepool writes itself.
+//!
+//! Invariant: every length read from the network is checked against a limit
+//! before any memory is reserved for it.
+
+pub mod frame;
+pub mod messages;
+pub mod scan;
+pub mod startup;
+pub mod tag;
+pub mod write;
+
+pub use tag::{BackendTag, FrontendTag, TxStatus};
+
+/// Errors found while framing bytes from a peer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("invalid message length {len} for message type '{tag}'")]
+    BadLength { tag: char, len: i64 },
+    #[error("message of type '{tag}' is {len} bytes, over the limit of {limit}")]
+    TooLarge { tag: char, len: usize, limit: usize },
+    #[error("unexpected message type '{0}'")]
+    UnexpectedTag(char),
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    #[error("unsupported protocol version {major}.{minor}")]
+    UnsupportedVersion { major: u16, minor: u16 },
+}

@@ -1,0 +1,285 @@
+//! Streaming scanner over a byte buffer of tagged messages.
+//!
+//! The proxy forwards whole buffers. The scanner walks message headers in
+//! place and decides, per message, whether its bytes may simply pass, whether
+//! the complete message must be looked at first, or whether forwarding must
+//! stop before it. A passing message may be split across reads: its remaining
+//! body length is remembered (`skip`) and the next chunk's bytes pass without
+//! a header. Nothing is copied and nothing is allocated here.
+//!
+//! Invariant: a declared length is checked (`4 <= len`, `len <= limit`) before
+//! any decision that could make a caller buffer the message.
+
+use super::ProtocolError;
+
+/// What to do with one message, decided from its tag (and body, for `Inspect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Forward the bytes without looking at the body.
+    Pass,
+    /// Buffer until complete, then call [`Inspector::inspect`].
+    Inspect,
+    /// Forward nothing from here on; the caller handles this message itself.
+    Stop,
+}
+
+/// Callbacks the scanner asks about each message.
+pub trait Inspector {
+    /// Decide from the tag alone.
+    fn classify(&mut self, tag: u8) -> Step;
+    /// Look at a complete message (tag and body without the length word).
+    /// Returns `Pass` to forward it or `Stop` to stop before it.
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError>;
+}
+
+/// Result of one scan over a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// Leading bytes that may be forwarded now.
+    pub forward: usize,
+    /// True when scanning stopped at a message the inspector asked to stop at.
+    pub stopped: bool,
+}
+
+/// Per-direction scanner state.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    skip: usize,
+    limit: usize,
+}
+
+impl Scanner {
+    pub fn new(limit: usize) -> Self {
+        Self { skip: 0, limit }
+    }
+
+    /// True while a passing message has been partly forwarded.
+    pub fn mid_message(&self) -> bool {
+        self.skip > 0
+    }
+
+    /// Walk `buf` from its start.
+    pub fn scan<I: Inspector>(
+        &mut self,
+        buf: &[u8],
+        inspector: &mut I,
+    ) -> Result<Scanned, ProtocolError> {
+        let mut pos = 0;
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            pos = n;
+        }
+        while buf.len() - pos >= 5 {
+            let tag = buf[pos];
+            let total = checked_len(tag, &buf[pos + 1..pos + 5], self.limit)?;
+            match inspector.classify(tag) {
+                Step::Stop => {
+                    return Ok(Scanned {
+                        forward: pos,
+                        stopped: true,
+                    });
+                }
+                Step::Pass => {
+                    let avail = buf.len() - pos;
+                    if total > avail {
+                        self.skip = total - avail;
+                        return Ok(Scanned {
+                            forward: buf.len(),
+                            stopped: false,
+                        });
+                    }
+                    pos += total;
+                }
+                Step::Inspect => {
+                    if buf.len() - pos < total {
+                        break;
+                    }
+                    match inspector.inspect(tag, &buf[pos + 5..pos + total])? {
+                        Step::Stop => {
+                            return Ok(Scanned {
+                                forward: pos,
+                                stopped: true,
+                            });
+                        }
+                        Step::Pass | Step::Inspect => pos += total,
+                    }
+                }
+            }
+        }
+        Ok(Scanned {
+            forward: pos,
+            stopped: false,
+        })
+    }
+}
+
+/// Total message size (tag byte included) from the 4-byte big-endian length,
+/// checked against `limit`.
+pub fn checked_len(tag: u8, len_bytes: &[u8], limit: usize) -> Result<usize, ProtocolError> {
+    let raw = match len_bytes {
+        [a, b, c, d] => i32::from_be_bytes([*a, *b, *c, *d]),
+        _ => return Err(ProtocolError::Malformed("header")),
+    };
+    if raw < 4 {
+        return Err(ProtocolError::BadLength {
+            tag: tag as char,
+            len: i64::from(raw),
+        });
+    }
+    let total = raw as usize + 1;
+    if total > limit {
+        return Err(ProtocolError::TooLarge {
+            tag: tag as char,
+            len: total,
+            limit,
+        });
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct CountSyncs {
+        syncs: usize,
+        stop_at: Option<u8>,
+    }
+
+    impl Inspector for CountSyncs {
+        fn classify(&mut self, tag: u8) -> Step {
+            if Some(tag) == self.stop_at {
+                Step::Stop
+            } else if tag == b'Q' {
+                Step::Inspect
+            } else {
+                if tag == b'S' {
+                    self.syncs += 1;
+                }
+                Step::Pass
+            }
+        }
+        fn inspect(&mut self, _tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
+            if body.last() != Some(&0) {
+                return Err(ProtocolError::Malformed("Query"));
+            }
+            Ok(Step::Pass)
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn insp() -> CountSyncs {
+        CountSyncs {
+            syncs: 0,
+            stop_at: None,
+        }
+    }
+
+    #[test]
+    fn passes_whole_messages_and_keeps_partial_header() {
+        let mut buf = msg(b'S', b"");
+        buf.extend_from_slice(&msg(b'S', b""));
+        buf.extend_from_slice(&[b'S', 0, 0]);
+        let mut s = Scanner::new(1024);
+        let mut i = insp();
+        let r = s.scan(&buf, &mut i).unwrap();
+        assert_eq!(r.forward, 10);
+        assert_eq!(i.syncs, 2);
+        assert!(!s.mid_message());
+    }
+
+    #[test]
+    fn streams_a_passing_message_split_across_reads() {
+        let m = msg(b'd', &[7u8; 100]);
+        let mut s = Scanner::new(1024);
+        let mut i = insp();
+        let r = s.scan(&m[..30], &mut i).unwrap();
+        assert_eq!(r.forward, 30);
+        assert!(s.mid_message());
+        let mut rest = m[30..].to_vec();
+        rest.extend_from_slice(&msg(b'S', b""));
+        let r = s.scan(&rest, &mut i).unwrap();
+        assert_eq!(r.forward, rest.len());
+        assert_eq!(i.syncs, 1);
+        assert!(!s.mid_message());
+    }
+
+    #[test]
+    fn inspected_message_waits_until_complete() {
+        let m = msg(b'Q', b"select 1\0");
+        let mut s = Scanner::new(1024);
+        let mut i = insp();
+        assert_eq!(s.scan(&m[..8], &mut i).unwrap().forward, 0);
+        assert_eq!(s.scan(&m, &mut i).unwrap().forward, m.len());
+    }
+
+    #[test]
+    fn rejects_short_and_oversized_lengths() {
+        let mut s = Scanner::new(100);
+        let mut i = insp();
+        let bad = [b'Q', 0, 0, 0, 3];
+        assert!(matches!(
+            s.scan(&bad, &mut i),
+            Err(ProtocolError::BadLength { .. })
+        ));
+        let huge = [b'd', 0x7f, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            s.scan(&huge, &mut i),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        let neg = [b'd', 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            s.scan(&neg, &mut i),
+            Err(ProtocolError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn stops_before_the_requested_message() {
+        let mut buf = msg(b'S', b"");
+        buf.extend_from_slice(&msg(b'X', b""));
+        let mut s = Scanner::new(100);
+        let mut i = CountSyncs {
+            syncs: 0,
+            stop_at: Some(b'X'),
+        };
+        let r = s.scan(&buf, &mut i).unwrap();
+        assert_eq!(
+            r,
+            Scanned {
+                forward: 5,
+                stopped: true
+            }
+        );
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_forward_total() {
+        let mut all = Vec::new();
+        for (t, b) in [
+            (b'Q', &b"select 1\0"[..]),
+            (b'd', &[1u8; 40][..]),
+            (b'S', &b""[..]),
+        ] {
+            all.extend_from_slice(&msg(t, b));
+        }
+        for cut in 0..all.len() {
+            let mut s = Scanner::new(1024);
+            let mut i = insp();
+            let mut buf = all[..cut].to_vec();
+            let r1 = s.scan(&buf, &mut i).unwrap();
+            buf.drain(..r1.forward);
+            buf.extend_from_slice(&all[cut..]);
+            let r2 = s.scan(&buf, &mut i).unwrap();
+            assert_eq!(r1.forward + r2.forward, all.len(), "cut at {cut}");
+            assert_eq!(i.syncs, 1);
+        }
+    }
+}

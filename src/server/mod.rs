@@ -1,0 +1,155 @@
+//! One backend connection to PostgreSQL.
+//!
+//! Owns: the socket, the server's parameters (as reported, plus what tidepool
+//! set), its cancel key and its last known transaction status. Lives in
+//! exactly one place at a time: a pool's idle list or one client task.
+//!
+//! Invariant: a `ServerConn` is only idle in a pool when its last
+//! ReadyForQuery said `I` and nothing is outstanding on it.
+
+mod connect;
+pub mod params;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+pub use connect::{ConnectSpec, connect};
+
+use crate::auth::AuthError;
+use crate::protocol::frame::{FrameError, read_frame};
+use crate::protocol::messages::{ErrorFields, error_fields, parameter_status, ready_for_query};
+use crate::protocol::tag::BackendTag;
+use crate::protocol::{ProtocolError, TxStatus, write};
+
+/// Messages from a server that tidepool reads itself (not forwarded) are small.
+const INTERNAL_LIMIT: usize = 1024 * 1024;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where to send a CancelRequest for the query running on a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error(transparent)]
+    Login(#[from] AuthError),
+    #[error("server sent a malformed message: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Query(ErrorFields),
+    #[error("server closed the connection")]
+    Closed,
+}
+
+impl From<FrameError> for ServerError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Protocol(p) => ServerError::Protocol(p),
+            FrameError::Eof => ServerError::Closed,
+            FrameError::Io(io) => ServerError::Io(io),
+        }
+    }
+}
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    pub id: u64,
+    pub cancel_key: CancelKey,
+    /// Current session parameters: reported by the server or set by tidepool.
+    pub params: BTreeMap<String, String>,
+    pub tx: TxStatus,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Bytes read from the server not yet handled. Empty while idle.
+    pub buf: BytesMut,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("id", &self.id)
+            .field("pid", &self.cancel_key.pid)
+            .field("tx", &self.tx)
+            .finish()
+    }
+}
+
+impl ServerConn {
+    fn new(stream: TcpStream, cancel_key: CancelKey, params: BTreeMap<String, String>) -> Self {
+        let now = Instant::now();
+        Self {
+            stream,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            cancel_key,
+            params,
+            tx: TxStatus::Idle,
+            created: now,
+            last_used: now,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Cheap liveness check for an idle connection: a closed socket or any
+    /// unsolicited bytes (e.g. a FATAL at server shutdown) mean it is unusable.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs a query tidepool issues itself and reads its whole response.
+    /// ParameterStatus changes are applied to `self.params` and returned.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
+        let mut out = BytesMut::new();
+        write::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut changed = Vec::new();
+        let mut failure = None;
+        loop {
+            let frame = read_frame(&mut self.stream, &mut self.buf, INTERNAL_LIMIT).await?;
+            match BackendTag::from_byte(frame.tag) {
+                BackendTag::ReadyForQuery => {
+                    self.tx = ready_for_query(&frame.body)?;
+                    break;
+                }
+                BackendTag::ErrorResponse => failure = Some(error_fields(&frame.body)?),
+                BackendTag::ParameterStatus => {
+                    let (k, v) = parameter_status(&frame.body)?;
+                    self.params.insert(k.to_owned(), v.to_owned());
+                    changed.push((k.to_owned(), v.to_owned()));
+                }
+                _ => {}
+            }
+        }
+        self.last_used = Instant::now();
+        match failure {
+            Some(f) => Err(ServerError::Query(f)),
+            None => Ok(changed),
+        }
+    }
+
+    /// Says goodbye politely; errors are irrelevant since the socket closes anyway.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        write::terminate(&mut out);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            self.stream.write_all(&out),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,104 @@
+//! Session parameters: which ones follow a client from server to server, and
+//! the pure plan that brings a server's parameters to a client's.
+
+use std::collections::BTreeMap;
+
+/// Reported by PostgreSQL but not settable by clients.
+const READ_ONLY: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+    "scram_iterations",
+];
+
+/// Startup keys that are not session parameters.
+const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
+
+pub fn is_tracked(name: &str) -> bool {
+    !READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
+        && !NOT_PARAMS.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// A parameter name safe to splice into SET (letters, digits, `_`, `.`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// A string literal that means the same whatever `standard_conforming_strings` is.
+fn quote_literal(v: &str) -> String {
+    if v.contains('\\') {
+        format!("E'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", v.replace('\'', "''"))
+    }
+}
+
+/// SQL that makes a server with `server` parameters match `client`, or `None`
+/// when they already match. Keys the server has but the client does not (set
+/// for an earlier client, never reported by default) are RESET.
+pub fn sync_sql(
+    client: &BTreeMap<String, String>,
+    server: &BTreeMap<String, String>,
+    defaults: &BTreeMap<String, String>,
+) -> Option<String> {
+    let mut sql = String::new();
+    for (k, v) in client {
+        if server.get(k) != Some(v) && valid_name(k) {
+            sql.push_str(&format!("SET {k} TO {};", quote_literal(v)));
+        }
+    }
+    for k in server.keys() {
+        if !client.contains_key(k) && !defaults.contains_key(k) && is_tracked(k) && valid_name(k) {
+            sql.push_str(&format!("RESET {k};"));
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn nothing_to_do_when_equal() {
+        let a = m(&[("application_name", "x")]);
+        assert_eq!(sync_sql(&a, &a, &a), None);
+    }
+
+    #[test]
+    fn sets_differences_and_resets_leftovers() {
+        let defaults = m(&[("application_name", "")]);
+        let client = m(&[("application_name", "it's")]);
+        let server = m(&[("application_name", ""), ("extra_float_digits", "3")]);
+        assert_eq!(
+            sync_sql(&client, &server, &defaults).unwrap(),
+            "SET application_name TO 'it''s';RESET extra_float_digits;"
+        );
+    }
+
+    #[test]
+    fn backslashes_are_escaped() {
+        assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
+    }
+
+    #[test]
+    fn hostile_names_are_never_spliced() {
+        let client = m(&[("a;drop table x", "1")]);
+        assert_eq!(sync_sql(&client, &BTreeMap::new(), &BTreeMap::new()), None);
+        assert!(!is_tracked("server_version"));
+        assert!(is_tracked("TimeZone"));
+    }
+}
