@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn codes_match_the_contract() {
         assert_eq!(ClientError::AuthFailed("u".into()).sqlstate().0, "28P01");
-        assert_eq!(ClientError::UnknownDatabase("d".into()).sqlstate().0, "3D000");
+        assert_eq!(
+            ClientError::UnknownDatabase("d".into()).sqlstate().0,
+            "3D000"
+        );
         let t = ClientError::PoolTimeout {
             database: "d".into(),
             user: "u".into(),
@@ -141,7 +144,9 @@ mod tests {
         assert_eq!(t.severity(), Severity::Error);
         assert_eq!(ClientError::TooManyClients(1).sqlstate().0, "53300");
         assert_eq!(
-            ClientError::Protocol(ProtocolError::Malformed("x")).sqlstate().0,
+            ClientError::Protocol(ProtocolError::Malformed("x"))
+                .sqlstate()
+                .0,
             "08P01"
         );
     }

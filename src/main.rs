@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "tidepool", version, about = "PostgreSQL proxy and transaction-mode connection pooler")]
+#[command(
+    name = "tidepool",
+    version,
+    about = "PostgreSQL proxy and transaction-mode connection pooler"
+)]
 struct Cli {
     /// Path to proxy.toml.
     #[arg(long, short, global = true, default_value = "proxy.toml")]

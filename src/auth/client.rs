@@ -26,19 +26,20 @@ pub struct Verified {
     pub client_key: Option<[u8; 32]>,
 }
 
-/// Runs the exchange for `user`. `secret` is `None` for unknown users, who
-/// still go through a full exchange so that timing and messages don't reveal
-/// whether the user exists.
+/// Runs the exchange for `user`. Unknown users (`known == false`) still go
+/// through a full exchange so that messages don't reveal whether the user
+/// exists.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     user: &str,
+    known: bool,
     secret: Option<&Secret>,
     verifier: Option<&ScramVerifier>,
     auth: AuthType,
 ) -> Result<Verified, AuthError> {
     match auth {
-        AuthType::Trust if secret.is_some() => Ok(Verified::default()),
+        AuthType::Trust if known => Ok(Verified::default()),
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),
         AuthType::Md5 => md5(stream, buf, user, secret).await,
         AuthType::ScramSha256 => scram(stream, buf, user, verifier).await,
@@ -71,14 +72,12 @@ async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(&out).await?;
     let body = read_password(stream, buf).await?;
     let mut b = Body::new(&body, "PasswordMessage");
-    let sent = b
-        .cstr()
-        .map_err(|e| AuthError::Protocol(e.to_string()))?;
+    let sent = b.cstr().map_err(|e| AuthError::Protocol(e.to_string()))?;
     let Some(stored) = secret.and_then(|s| s.md5_hash(user)) else {
         return Err(AuthError::Failed(user.to_owned()));
     };
     let expected = salted_md5(&stored, salt);
-    if sent.as_bytes().len() == expected.len()
+    if sent.len() == expected.len()
         && sent
             .bytes()
             .zip(expected.bytes())

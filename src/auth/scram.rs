@@ -29,7 +29,7 @@ fn nonce() -> String {
     B64.encode(bytes)
 }
 
-fn attr<'a>(msg: &'a str, name: char) -> Option<&'a str> {
+fn attr(msg: &str, name: char) -> Option<&str> {
     msg.split(',').find_map(|part| {
         let mut chars = part.chars();
         (chars.next() == Some(name) && chars.next() == Some('=')).then(|| &part[2..])
@@ -61,7 +61,10 @@ pub enum ScramError {
 
 impl ServerExchange {
     /// Takes the client-first-message; returns the exchange and server-first-message.
-    pub fn start(verifier: ScramVerifier, client_first: &[u8]) -> Result<(Self, String), ScramError> {
+    pub fn start(
+        verifier: ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(Self, String), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
         let (gs2_header, bare) = match msg.as_bytes().first() {
             Some(b'n') | Some(b'y') => {

@@ -40,8 +40,8 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         let frame = read_frame(stream, buf, LIMIT).await?;
         match BackendTag::from_byte(frame.tag) {
             BackendTag::ErrorResponse => {
-                let fields = error_fields(&frame.body)
-                    .map_err(|e| AuthError::Protocol(e.to_string()))?;
+                let fields =
+                    error_fields(&frame.body).map_err(|e| AuthError::Protocol(e.to_string()))?;
                 return Err(AuthError::Server(fields));
             }
             BackendTag::Authentication => {}
@@ -73,9 +73,11 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                     .and_then(|s| s.try_into().ok())
                     .ok_or_else(|| AuthError::Protocol("bad md5 salt".into()))?;
                 let hashed = match creds {
-                    Credentials::Password(p) => {
-                        postgres_protocol::authentication::md5_hash(user.as_bytes(), p.as_bytes(), salt)
-                    }
+                    Credentials::Password(p) => postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        p.as_bytes(),
+                        salt,
+                    ),
                     Credentials::Md5Hash(h) => super::client::salted_md5(h, salt),
                     _ => return Err(AuthError::NoPassword(user.to_owned())),
                 };

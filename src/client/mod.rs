@@ -87,9 +87,8 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let span = tracing::info_span!("client", id, %peer);
     async move {
         let _ = stream.set_nodelay(true);
-        match startup::login(stream, &shared).await {
-            Some(session) => session.run().await,
-            None => {}
+        if let Some(session) = startup::login(stream, &shared).await {
+            session.run().await;
         }
         tracing::debug!("client finished");
     }

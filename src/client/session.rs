@@ -204,7 +204,10 @@ impl Session {
                     return Ok(Next::Exit);
                 }
                 // PostgreSQL ignores these outside COPY (a failed COPY's tail).
-                FrontendTag::CopyData | FrontendTag::CopyDone | FrontendTag::CopyFail | FrontendTag::Flush => {
+                FrontendTag::CopyData
+                | FrontendTag::CopyDone
+                | FrontendTag::CopyFail
+                | FrontendTag::Flush => {
                     self.discard = total;
                 }
                 FrontendTag::Sync => {
@@ -271,7 +274,11 @@ impl Session {
                     }
                 }
                 Err(ServerError::Query(f)) => {
-                    let reuse = if conn.tx == TxStatus::Idle { Release::Reuse } else { Release::Close };
+                    let reuse = if conn.tx == TxStatus::Idle {
+                        Release::Reuse
+                    } else {
+                        Release::Close
+                    };
                     pooled.release(reuse);
                     return Err(ClientError::ServerLogin {
                         code: f.code,
@@ -328,7 +335,8 @@ impl Session {
                     return TxEnd::Done;
                 }
             }
-            let idle_in_tx = !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
+            let idle_in_tx =
+                !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
             tokio::select! {
                 r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
                     if let Err(e) = r {
@@ -441,7 +449,10 @@ impl Session {
     }
 }
 
-async fn read_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_into<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }

@@ -100,8 +100,12 @@ async fn handshake(
             _ => return Err(Some(ClientError::UnsupportedStartup(k))),
         }
     }
-    let user = user.filter(|u| !u.is_empty()).ok_or(Some(ClientError::NoUser))?;
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or(Some(ClientError::NoUser))?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
 
     let config = &shared.config;
     let max = config.pool.max_client_conn;
@@ -118,6 +122,7 @@ async fn handshake(
         stream,
         &mut buf,
         &user,
+        auth.is_some(),
         auth.and_then(|a| a.secret.as_ref()),
         auth.and_then(|a| a.verifier.as_ref()),
         auth_type,
@@ -192,7 +197,8 @@ pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
             user: pool.user.clone(),
             waited,
         },
-        PoolError::Connect(ServerError::Query(f)) | PoolError::Connect(ServerError::Login(AuthError::Server(f))) => {
+        PoolError::Connect(ServerError::Query(f))
+        | PoolError::Connect(ServerError::Login(AuthError::Server(f))) => {
             ClientError::ServerLogin {
                 code: f.code,
                 message: f.message,
@@ -220,11 +226,15 @@ fn parse_options(
             w.strip_prefix("--")
         };
         let Some((k, v)) = setting.and_then(|s| s.split_once('=')) else {
-            return Err(Some(ClientError::UnsupportedStartup(format!("options: {w}"))));
+            return Err(Some(ClientError::UnsupportedStartup(format!(
+                "options: {w}"
+            ))));
         };
         let k = k.replace('-', "_");
         if !valid_name(&k) {
-            return Err(Some(ClientError::UnsupportedStartup(format!("options: {k}"))));
+            return Err(Some(ClientError::UnsupportedStartup(format!(
+                "options: {k}"
+            ))));
         }
         out.insert(k, v.to_owned());
     }
@@ -238,7 +248,11 @@ mod tests {
     #[test]
     fn options_are_parsed_like_postgres() {
         let mut m = BTreeMap::new();
-        parse_options("-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB", &mut m).unwrap();
+        parse_options(
+            "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB",
+            &mut m,
+        )
+        .unwrap();
         assert_eq!(m["search_path"], "a,b");
         assert_eq!(m["statement_timeout"], "5s");
         assert_eq!(m["work_mem"], "1MB");

@@ -42,7 +42,10 @@ impl Tracker {
     /// Nothing is owed, nothing is half-sent, and the server is outside a
     /// transaction: it may serve another client.
     pub fn is_idle(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.copy == Copy::None && self.status == TxStatus::Idle
+        self.pending == 0
+            && !self.unsynced
+            && self.copy == Copy::None
+            && self.status == TxStatus::Idle
     }
 
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
@@ -55,10 +58,7 @@ impl Tracker {
     }
 
     pub fn server_side<'a>(&'a mut self, params: &'a mut Vec<(String, String)>) -> ServerSide<'a> {
-        ServerSide {
-            t: self,
-            params,
-        }
+        ServerSide { t: self, params }
     }
 }
 
@@ -224,7 +224,10 @@ mod tests {
         assert_eq!(p, vec![("TimeZone".into(), "UTC".into())]);
         let mut s = Scanner::new(1024);
         let r = s
-            .scan(&[msg(b'Q', b"x\0"), msg(b'X', b"")].concat(), &mut t.client_side())
+            .scan(
+                &[msg(b'Q', b"x\0"), msg(b'X', b"")].concat(),
+                &mut t.client_side(),
+            )
             .unwrap();
         assert!(r.stopped);
         assert!(t.terminated);

@@ -134,7 +134,10 @@ password = "secret"
 
     #[test]
     fn unknown_key_is_rejected_with_line_and_key() {
-        let src = SHAPE.replace("default_pool_size = 25", "default_pool_size = 25\npool_sise = 3");
+        let src = SHAPE.replace(
+            "default_pool_size = 25",
+            "default_pool_size = 25\npool_sise = 3",
+        );
         let e = Config::from_toml_str(&src, "proxy.toml").unwrap_err();
         assert_eq!(e.line, Some(10), "{e}");
         assert!(e.to_string().contains("pool_sise"), "{e}");

@@ -14,7 +14,10 @@ fn invalid(path: &[&str], msg: impl Into<String>) -> Invalid {
 
 pub fn check(c: &Config) -> Result<(), Invalid> {
     if c.tidepool.listen.is_empty() {
-        return Err(invalid(&["tidepool", "listen"], "at least one address is required"));
+        return Err(invalid(
+            &["tidepool", "listen"],
+            "at least one address is required",
+        ));
     }
     for a in &c.tidepool.listen {
         if a.parse::<SocketAddr>().is_err() {
@@ -25,11 +28,17 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
         }
     }
     if c.tidepool.max_message_size < 1024 {
-        return Err(invalid(&["tidepool", "max_message_size"], "must be at least 1024"));
+        return Err(invalid(
+            &["tidepool", "max_message_size"],
+            "must be at least 1024",
+        ));
     }
     let p = &c.pool;
     if p.default_pool_size == 0 {
-        return Err(invalid(&["pool", "default_pool_size"], "must be at least 1"));
+        return Err(invalid(
+            &["pool", "default_pool_size"],
+            "must be at least 1",
+        ));
     }
     if p.min_pool_size > p.default_pool_size {
         return Err(invalid(
@@ -41,14 +50,20 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
         return Err(invalid(&["pool", "max_client_conn"], "must be at least 1"));
     }
     if c.databases.is_empty() {
-        return Err(invalid(&["databases"], "at least one [databases.NAME] table is required"));
+        return Err(invalid(
+            &["databases"],
+            "at least one [databases.NAME] table is required",
+        ));
     }
     for (name, db) in &c.databases {
         if db.host.trim().is_empty() {
             return Err(invalid(&["databases", name, "host"], "must not be empty"));
         }
         if db.pool_size == Some(0) {
-            return Err(invalid(&["databases", name, "pool_size"], "must be at least 1"));
+            return Err(invalid(
+                &["databases", name, "pool_size"],
+                "must be at least 1",
+            ));
         }
         if db.min_pool_size.unwrap_or(p.min_pool_size) > c.pool_size(db, None) {
             return Err(invalid(

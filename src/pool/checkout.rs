@@ -30,7 +30,11 @@ pub enum Release {
 impl PooledConn {
     pub fn conn(&mut self) -> &mut ServerConn {
         #[allow(clippy::expect_used)] // `idle` is only None inside release/drop.
-        &mut self.idle.as_mut().expect("checked-out connection present").conn
+        &mut self
+            .idle
+            .as_mut()
+            .expect("checked-out connection present")
+            .conn
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -44,7 +48,8 @@ impl PooledConn {
         let pool = self.pool.clone();
         pool.in_use.fetch_sub(1, Ordering::Relaxed);
         let s = &pool.settings;
-        let expired = !s.server_lifetime.is_zero() && idle.conn.created.elapsed() >= s.server_lifetime;
+        let expired =
+            !s.server_lifetime.is_zero() && idle.conn.created.elapsed() >= s.server_lifetime;
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
         if how == Release::Reuse && clean && !expired {
             idle.conn.last_used = Instant::now();

@@ -5,8 +5,8 @@
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::scan::checked_len;
 use super::ProtocolError;
+use super::scan::checked_len;
 
 /// A complete message: its tag and body (length word removed).
 #[derive(Debug)]

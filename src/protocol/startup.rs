@@ -4,9 +4,9 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::ProtocolError;
 use super::messages::Body;
 use super::tag::{CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
-use super::ProtocolError;
 
 /// PostgreSQL's own limit for a startup packet.
 pub const MAX_STARTUP_PACKET: usize = 10_000;

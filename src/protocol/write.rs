@@ -128,6 +128,9 @@ mod tests {
         let mut b = BytesMut::new();
         startup(&mut b, &[("user", "a")]);
         assert_eq!(b.len(), 4 + 4 + 5 + 2 + 1);
-        assert_eq!(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, b.len());
+        assert_eq!(
+            i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            b.len()
+        );
     }
 }

@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use super::{CancelKey, INTERNAL_LIMIT, ServerConn, ServerError};
 use crate::auth::server::{Credentials, login};
 use crate::protocol::frame::read_frame;
-use crate::protocol::messages::{backend_key_data, error_fields, parameter_status, ready_for_query};
+use crate::protocol::messages::{
+    backend_key_data, error_fields, parameter_status, ready_for_query,
+};
 use crate::protocol::tag::BackendTag;
 use crate::protocol::write;
 

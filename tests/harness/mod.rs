@@ -1,0 +1,206 @@
+//! Integration-test harness for tidepool.
+//!
+//! Include it from a test binary with `mod harness;`.
+//!
+//! * [`cluster()`] / [`cluster_with_replica()`] start (once per test binary,
+//!   lazily) a throw-away PostgreSQL cluster that is shared by every test in
+//!   the binary. Use [`Cluster::create_database`] to get a private database so
+//!   tests do not interfere with each other.
+//! * [`Cluster::start_new`] starts a private cluster (e.g. for tests that
+//!   restart the primary); it is stopped and deleted when dropped.
+//! * Every postmaster is spawned from a dedicated keeper thread with
+//!   `PR_SET_PDEATHSIG = SIGQUIT`, so servers die together with the test
+//!   process even when it is killed. Data lives under
+//!   `$TMPDIR/tidepool-test-<pid>-<n>/`; directories left behind by dead test
+//!   processes are removed the next time the harness starts.
+//! * When running as root, the servers run as the `postgres` OS user (or a
+//!   `tidepool-pg` user created on demand).
+//!
+//! Roles on the primary (see the constants below): superuser `postgres`
+//! (SCRAM), `app` (SCRAM, LOGIN CREATEDB), `md5user` (password stored as md5,
+//! pg_hba method `md5`), `trustuser` (pg_hba `trust` over TCP).
+//!
+//! Blocking: the `Cluster` methods that are not `async` (start/stop, psql,
+//! create_database, ...) block the calling thread. In a `#[tokio::test]` that
+//! also runs tidepool in-process on the same runtime, call them through
+//! `tokio::task::spawn_blocking` (or use the `*_async` wrappers, or a
+//! `multi_thread` runtime) so the proxy keeps being polled meanwhile.
+
+#![allow(dead_code)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod cluster;
+mod keeper;
+mod os;
+mod process;
+
+/// Starting tidepool in-process.
+pub mod proxy;
+/// A byte-level protocol client.
+pub mod raw;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use cluster::Cluster;
+pub use proxy::TestProxy;
+
+/// Host every test server listens on.
+pub const HOST: &str = "127.0.0.1";
+/// Superuser created by initdb (SCRAM).
+pub const SUPERUSER: &str = "postgres";
+pub const SUPERUSER_PASSWORD: &str = "postgres";
+/// Ordinary application role (SCRAM, LOGIN, CREATEDB); owns databases made by
+/// [`Cluster::create_database`].
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "secret";
+/// Role whose password is stored as an md5 hash; pg_hba uses `md5` for it.
+pub const MD5_USER: &str = "md5user";
+pub const MD5_PASSWORD: &str = "md5secret";
+/// Role without password; pg_hba uses `trust` for it on 127.0.0.1.
+pub const TRUST_USER: &str = "trustuser";
+
+/// Default deadline for waits inside the harness (server start, replica sync).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline for one `psql` run.
+pub const PSQL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline for one `pgbench` run.
+pub const PGBENCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The primary-only cluster shared by all tests of this test binary.
+/// Started on first use; panics (in every caller) if it could not start.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| Cluster::try_start_new(0)) {
+        Ok(c) => c,
+        Err(e) => panic!("shared PostgreSQL cluster failed to start: {e}"),
+    }
+}
+
+/// A primary + one streaming replica shared by all tests of this test binary
+/// (a different cluster from [`cluster()`]).
+pub fn cluster_with_replica() -> &'static Cluster {
+    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    match CLUSTER.get_or_init(|| Cluster::try_start_new(1)) {
+        Ok(c) => c,
+        Err(e) => panic!("shared PostgreSQL cluster with replica failed to start: {e}"),
+    }
+}
+
+/// Path of a PostgreSQL program: the server bindir (`pg_config --bindir`, else
+/// the highest `/usr/lib/postgresql/*/bin`), else `/usr/bin`, else bare `name`
+/// (resolved through `PATH`).
+pub fn pg_bin(name: &str) -> PathBuf {
+    os::pg_bin(name)
+}
+
+/// `postgresql://user:password@127.0.0.1:port/db`. No percent-encoding is
+/// done: keep names and passwords URL-safe.
+pub fn url(port: u16, user: &str, password: Option<&str>, db: &str) -> String {
+    match password {
+        Some(pw) => format!("postgresql://{user}:{pw}@{HOST}:{port}/{db}"),
+        None => format!("postgresql://{user}@{HOST}:{port}/{db}"),
+    }
+}
+
+/// Connects with tokio-postgres (no TLS) and spawns the connection task.
+/// `config` is a libpq-style key/value string or a `postgresql://` URL.
+pub async fn connect(config: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(config, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        // Errors here (e.g. the server going away in a restart test) surface
+        // on the client side as well; nothing else to do with them.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Runs `psql -X -v ON_ERROR_STOP=1 -d <url> <args...>`, feeding `stdin` if
+/// given. The password in the URL is also exported as `PGPASSWORD`; PG*
+/// variables from the environment that could redirect the connection are
+/// removed. Panics only if psql cannot be run or exceeds [`PSQL_TIMEOUT`];
+/// check `status`/`stdout`/`stderr` of the returned output yourself.
+pub fn psql(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-d", url])
+        .args(args);
+    process::client_env(&mut cmd, url);
+    process::run_with_timeout(
+        cmd,
+        stdin.map(|s| s.as_bytes().to_vec()),
+        PSQL_TIMEOUT,
+        "psql",
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `pgbench <args...> <url>` (the URL is the trailing dbname argument).
+/// Same environment handling as [`psql`]; deadline [`PGBENCH_TIMEOUT`].
+pub fn pgbench(url: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(pg_bin("pgbench"));
+    cmd.args(args).arg(url);
+    process::client_env(&mut cmd, url);
+    process::run_with_timeout(cmd, None, PGBENCH_TIMEOUT, "pgbench")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`psql`] on a blocking thread, for async tests.
+pub async fn psql_async(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let stdin = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        psql(&url, &args, stdin.as_deref())
+    })
+    .await
+    .expect("psql_async: blocking task failed")
+}
+
+/// [`pgbench`] on a blocking thread, for async tests.
+pub async fn pgbench_async(url: &str, args: &[&str]) -> Output {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        pgbench(&url, &args)
+    })
+    .await
+    .expect("pgbench_async: blocking task failed")
+}
+
+/// Polls `cond` (every 20 ms) until it returns true; panics with `what` if
+/// that does not happen within `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async version of [`wait_until`]: polls `cond().await` every 20 ms.
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
