@@ -6,6 +6,7 @@ mod harness;
 
 use harness::raw::{self, Raw};
 use harness::{TestProxy, cluster};
+use tokio_postgres::types::Type;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_simple_and_extended_queries() {
@@ -28,25 +29,37 @@ async fn tokio_postgres_simple_and_extended_queries() {
         .batch_execute("create table t(id int primary key, v text)")
         .await
         .unwrap();
-    let stmt = client
-        .prepare("insert into t values ($1, $2)")
-        .await
-        .unwrap();
+    // Unnamed statements (one round trip each) work in any transaction.
     for i in 0..20 {
         client
-            .execute(&stmt, &[&i, &format!("v{i}")])
+            .query_typed(
+                "insert into t values ($1, $2)",
+                &[(&i, Type::INT4), (&format!("v{i}"), Type::TEXT)],
+            )
             .await
             .unwrap();
     }
-    let row = client
-        .query_one("select count(*), max(v) from t where id >= $1", &[&10i32])
+    let rows = client
+        .query_typed(
+            "select count(*), max(v) from t where id >= $1",
+            &[(&10i32, Type::INT4)],
+        )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 10);
-    assert_eq!(row.get::<_, String>(1), "v19");
+    assert_eq!(rows[0].get::<_, i64>(0), 10);
+    assert_eq!(rows[0].get::<_, String>(1), "v19");
+
+    // Named statements live as long as the transaction that prepared them.
+    let mut client = client;
+    let tx = client.transaction().await.unwrap();
+    let stmt = tx.prepare("select v from t where id = $1").await.unwrap();
+    for i in [3i32, 7, 11] {
+        let v: String = tx.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(v, format!("v{i}"));
+    }
+    tx.commit().await.unwrap();
 
     // A transaction spans several round trips on one server.
-    let mut client = client;
     let tx = client.transaction().await.unwrap();
     tx.execute("insert into t values (100, 'tx')", &[])
         .await

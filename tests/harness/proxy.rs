@@ -25,8 +25,7 @@ pub fn config_toml(cluster: &Cluster, db: &str, pool_extra: &str, db_extra: &str
 listen = ["127.0.0.1:0"]
 
 [pool]
-default_pool_size = 10
-client_login_timeout = "5s"
+{defaults}
 {pool_extra}
 
 [databases.{db}]
@@ -44,6 +43,14 @@ auth_type = "md5"
 [users.trustuser]
 auth_type = "trust"
 "#,
+        defaults = [
+            ("default_pool_size", "10"),
+            ("client_login_timeout", "\"5s\"")
+        ]
+        .iter()
+        .filter(|(k, _)| !pool_extra.contains(k))
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect::<String>(),
         port = cluster.primary_port(),
         app_pw = super::APP_PASSWORD,
         md5_pw = super::MD5_PASSWORD,
