@@ -1,6 +1,8 @@
 //! Client authentication (SCRAM-SHA-256, md5, trust) and server login,
 //! including SCRAM verifier passthrough, and the errors for bad logins.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use harness::{TestProxy, cluster};

@@ -1,6 +1,8 @@
 //! Cancel requests: a proxy-issued key cancels exactly that client's query on
 //! whichever server it has, and nothing else.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::time::Duration;

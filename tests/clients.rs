@@ -2,6 +2,8 @@
 //! psql multi-statement strings, notices, COPY round trips, raw pipelines and
 //! FunctionCall.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use harness::raw::{self, Raw};

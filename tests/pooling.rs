@@ -2,6 +2,8 @@
 //! fair waiting with `query_wait_timeout`, `max_client_conn`, warm
 //! `min_pool_size`, session mode and per-client startup parameters.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::time::Duration;
