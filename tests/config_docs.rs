@@ -1,0 +1,73 @@
+//! The shipped config is valid, the CLI validates configs, and the
+//! configuration reference documents every key the code accepts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+/// Field names of every `pub struct` in the config schema.
+fn schema_keys() -> Vec<String> {
+    let src = std::fs::read_to_string("src/config/schema.rs").unwrap();
+    let mut keys = Vec::new();
+    for line in src.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("pub ") {
+            if rest.starts_with("struct") || rest.starts_with("enum") || rest.starts_with("fn") {
+                continue;
+            }
+            if let Some((name, _)) = rest.split_once(':') {
+                keys.push(name.trim().to_owned());
+            }
+        }
+    }
+    keys
+}
+
+#[test]
+fn every_config_key_is_documented() {
+    let doc = std::fs::read_to_string("docs/configuration.md").unwrap();
+    let keys = schema_keys();
+    assert!(keys.len() > 20, "parsed too few keys: {keys:?}");
+    for k in keys {
+        if k == "tidepool" || k == "pool" || k == "databases" || k == "users" {
+            continue;
+        }
+        assert!(doc.contains(&format!("`{k}`")), "docs/configuration.md lacks `{k}`");
+    }
+}
+
+#[test]
+fn shipped_proxy_toml_is_valid_and_has_the_agreed_defaults() {
+    let c = tidepool::Config::load(std::path::Path::new("proxy.toml")).unwrap();
+    assert_eq!(c.pool.max_client_conn, 1000);
+    assert_eq!(c.pool.default_pool_size, 25);
+    assert_eq!(c.pool.min_pool_size, 10);
+    assert_eq!(c.pool.max_db_connections, 100);
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["check", "--config", "proxy.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_rejects_a_bad_config_naming_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("tidepool-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[pool]\ndefault_pool_size = 5\nmax_client_con = 10\n\n[databases.app]\nhost = \"h\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad.toml:3"), "{err}");
+    assert!(err.contains("max_client_con"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
