@@ -36,13 +36,14 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     known: bool,
     secret: Option<&Secret>,
     verifier: Option<&ScramVerifier>,
+    decoy: &ScramVerifier,
     auth: AuthType,
 ) -> Result<Verified, AuthError> {
     match auth {
         AuthType::Trust if known => Ok(Verified::default()),
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),
         AuthType::Md5 => md5(stream, buf, user, secret).await,
-        AuthType::ScramSha256 => scram(stream, buf, user, verifier).await,
+        AuthType::ScramSha256 => scram(stream, buf, user, verifier, decoy).await,
     }
 }
 
@@ -111,6 +112,7 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     user: &str,
     verifier: Option<&ScramVerifier>,
+    decoy: &ScramVerifier,
 ) -> Result<Verified, AuthError> {
     let mut out = BytesMut::new();
     write::auth_sasl_mechanisms(&mut out, &[MECHANISM]);
@@ -130,13 +132,22 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
         .bytes(usize::try_from(len).map_err(|_| AuthError::Protocol("bad SASL length".into()))?)
         .map_err(proto)?;
 
-    // Unknown users get a throwaway verifier: same messages, certain failure.
+    // Unknown users get the decoy verifier: same messages, certain failure.
+    // Its salt is derived from the user name, so it is stable per name, as
+    // PostgreSQL's mock salt is.
     let known = verifier.is_some();
     let v = match verifier {
         Some(v) => v.clone(),
-        None => Secret::Plain(format!("{:x}", rand::rng().random::<u128>()))
-            .scram_verifier()
-            .ok_or_else(|| AuthError::Failed(user.to_owned()))?,
+        None => {
+            use sha2::{Digest, Sha256};
+            let mut d = decoy.clone();
+            let digest = Sha256::new()
+                .chain_update(&decoy.salt)
+                .chain_update(user.as_bytes())
+                .finalize();
+            d.salt = digest[..16].to_vec();
+            d
+        }
     };
     let (exchange, server_first) =
         ServerExchange::start(v, data).map_err(|e| AuthError::Protocol(e.to_string()))?;

@@ -40,6 +40,8 @@ pub struct Shared {
     pub registry: Registry,
     pub cancel: Arc<CancelRegistry>,
     pub users: HashMap<String, UserAuth>,
+    /// Verifier of a random password, for the exchange with unknown users.
+    pub decoy: ScramVerifier,
     pub clients: AtomicU32,
     next_id: AtomicU64,
 }
@@ -55,7 +57,17 @@ impl Shared {
                 (name.clone(), UserAuth { secret, verifier })
             })
             .collect();
+        let random: u128 = rand::random();
+        let decoy = Secret::Plain(format!("{random:x}"))
+            .scram_verifier()
+            .unwrap_or_else(|| ScramVerifier {
+                iterations: 4096,
+                salt: random.to_be_bytes().to_vec(),
+                stored_key: rand::random(),
+                server_key: rand::random(),
+            });
         Self {
+            decoy,
             registry: Registry::new(config.clone()),
             config,
             cancel: Arc::new(CancelRegistry::default()),

@@ -62,8 +62,9 @@ enum TxEnd {
     Done,
     /// The client went away (or sent Terminate) with the server in this state.
     ClientGone { mid_message: bool },
-    /// The server connection failed.
-    ServerLost(String),
+    /// The server connection failed. `client_skip` bytes of a client message
+    /// that was being streamed to it are still to come and must be dropped.
+    ServerLost { reason: String, client_skip: usize },
     /// The client broke the protocol or timed out: tell it and close.
     ClientFatal(ClientError),
 }
@@ -113,9 +114,13 @@ impl Session {
                     self.clean_up(server, &tracker, mid_message).await;
                     return;
                 }
-                TxEnd::ServerLost(reason) => {
+                TxEnd::ServerLost {
+                    reason,
+                    client_skip,
+                } => {
                     tracing::warn!(%reason, "server connection lost mid-transaction");
                     server.release(Release::Close);
+                    self.discard = client_skip;
                     self.server_lost(&tracker, reason);
                 }
                 TxEnd::ClientFatal(e) => {
@@ -340,7 +345,7 @@ impl Session {
             tokio::select! {
                 r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
                     if let Err(e) = r {
-                        return TxEnd::ServerLost(e.to_string());
+                        return lost(e.to_string(), &cscan);
                     }
                     if to_server.is_empty() {
                         to_server = BytesMut::new();
@@ -358,13 +363,13 @@ impl Session {
                 }
                 r = read_into(&mut sr, &mut conn.buf), if to_client.is_empty() => {
                     match r {
-                        Ok(0) => return TxEnd::ServerLost("server closed the connection".into()),
-                        Err(e) => return TxEnd::ServerLost(e.to_string()),
+                        Ok(0) => return lost("server closed the connection".into(), &cscan),
+                        Err(e) => return lost(e.to_string(), &cscan),
                         Ok(_) => {}
                     }
                     match sscan.scan(&conn.buf, &mut t.server_side(&mut changed)) {
                         Ok(s) => to_client = conn.buf.split_to(s.forward),
-                        Err(e) => return TxEnd::ServerLost(e.to_string()),
+                        Err(e) => return lost(e.to_string(), &cscan),
                     }
                     for (k, v) in changed.drain(..) {
                         if is_tracked(&k) {
@@ -446,6 +451,13 @@ impl Session {
         } else if t.pending == 0 && t.status != TxStatus::Idle {
             self.owe_error = Some(err());
         }
+    }
+}
+
+fn lost(reason: String, cscan: &Scanner) -> TxEnd {
+    TxEnd::ServerLost {
+        reason,
+        client_skip: cscan.remaining(),
     }
 }
 

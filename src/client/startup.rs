@@ -125,6 +125,7 @@ async fn handshake(
         auth.is_some(),
         auth.and_then(|a| a.secret.as_ref()),
         auth.and_then(|a| a.verifier.as_ref()),
+        &shared.decoy,
         auth_type,
     )
     .await

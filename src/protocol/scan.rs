@@ -58,6 +58,11 @@ impl Scanner {
         self.skip > 0
     }
 
+    /// Bytes of a partly forwarded message not yet seen.
+    pub fn remaining(&self) -> usize {
+        self.skip
+    }
+
     /// Walk `buf` from its start.
     pub fn scan<I: Inspector>(
         &mut self,
