@@ -32,7 +32,10 @@ fn every_config_key_is_documented() {
         if k == "tidepool" || k == "pool" || k == "databases" || k == "users" {
             continue;
         }
-        assert!(doc.contains(&format!("`{k}`")), "docs/configuration.md lacks `{k}`");
+        assert!(
+            doc.contains(&format!("`{k}`")),
+            "docs/configuration.md lacks `{k}`"
+        );
     }
 }
 

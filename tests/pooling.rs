@@ -294,3 +294,80 @@ async fn startup_parameters_follow_each_client() {
         assert!(bds.starts_with("ISO"), "{bds}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_closes_the_client_and_rolls_back() {
+    let c = cluster();
+    let db = c.create_database("idletx");
+    let proxy = TestProxy::for_db(c, &db, "idle_transaction_timeout = \"1s\"");
+    let admin = c.admin_client(&db).await;
+    admin
+        .batch_execute("create table x(a int); grant all on x to public")
+        .await
+        .unwrap();
+    let mut r = harness::raw::Raw::login_trust(proxy.port(), &db).await;
+    r.send(&harness::raw::query("begin; insert into x values (1)"))
+        .await;
+    let msgs = r.read_until_ready().await;
+    assert_eq!(msgs.last().unwrap().body, b"T", "{msgs:?}");
+    let rest = r.read_to_close().await;
+    let err = rest
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an error before close");
+    assert_eq!(err.code().as_deref(), Some("25P03"));
+    let n: i64 = admin
+        .query_one("select count(*) from x", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the open transaction was rolled back");
+    // Its server is reused cleanly.
+    let client = proxy.client(&db).await;
+    let rows = client
+        .simple_query("select txid_current_if_assigned() is null")
+        .await
+        .unwrap();
+    let clean = rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
+    assert!(clean, "the next client starts outside any transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lifetime_and_idle_timeout_recycle_connections() {
+    let c = cluster();
+    let db = c.create_database("recycle");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1\nserver_lifetime = \"1s\"");
+    let client = proxy.client(&db).await;
+    let first: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    harness::wait_until_async(
+        "a new server after server_lifetime",
+        Duration::from_secs(20),
+        || async {
+            let pid: i32 = client
+                .query_one("select pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            pid != first
+        },
+    )
+    .await;
+    drop(proxy);
+
+    let proxy = TestProxy::for_db(c, &db, "server_idle_timeout = \"1s\"");
+    let client = proxy.client(&db).await;
+    client.simple_query("select 1").await.unwrap();
+    assert!(proxy.server_count() >= 1);
+    harness::wait_until_async("idle servers closed", Duration::from_secs(20), || async {
+        proxy.server_count() == 0 && tidepool_servers(c, &db).await == 0
+    })
+    .await;
+    // And a new one is opened on demand.
+    client.simple_query("select 1").await.unwrap();
+}

@@ -3,6 +3,8 @@
 //! attempt each); while it is down clients get a clear error instead of a
 //! hang, and they recover once it is back.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::sync::Arc;
@@ -128,6 +130,7 @@ async fn restart_of_primary_is_survived_by_proxy_and_connected_clients() {
             retried.push(("b", round));
         }
     }
+    eprintln!("transactions that needed a retry after the restart: {retried:?}");
     assert!(
         retried.iter().all(|(_, round)| *round == 0),
         "only the first transaction after the restart may fail: {retried:?}"

@@ -26,19 +26,33 @@ pub struct Verified {
     pub client_key: Option<[u8; 32]>,
 }
 
-/// Runs the exchange for `user`. Unknown users (`known == false`) still go
-/// through a full exchange so that messages don't reveal whether the user
-/// exists.
+/// What the exchange checks a client against.
+pub struct Expected<'a> {
+    pub user: &'a str,
+    /// False for users missing from the config: they still go through a full
+    /// exchange so that messages don't reveal whether the user exists.
+    pub known: bool,
+    pub secret: Option<&'a Secret>,
+    pub verifier: Option<&'a ScramVerifier>,
+    /// Verifier used in place of a missing one.
+    pub decoy: &'a ScramVerifier,
+    pub auth: AuthType,
+}
+
+/// Runs the exchange.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
-    user: &str,
-    known: bool,
-    secret: Option<&Secret>,
-    verifier: Option<&ScramVerifier>,
-    decoy: &ScramVerifier,
-    auth: AuthType,
+    e: &Expected<'_>,
 ) -> Result<Verified, AuthError> {
+    let Expected {
+        user,
+        known,
+        secret,
+        verifier,
+        decoy,
+        auth,
+    } = *e;
     match auth {
         AuthType::Trust if known => Ok(Verified::default()),
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),

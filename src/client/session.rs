@@ -324,6 +324,10 @@ impl Session {
         let (mut sr, mut sw) = conn.stream.split();
         let (mut cr, mut cw) = self.stream.split();
         loop {
+            if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
+                // The server is going away; what it said becomes the reason.
+                return lost(format!("{} ({})", f.message, f.code), &cscan);
+            }
             if to_client.is_empty() && to_server.is_empty() {
                 if client_closed {
                     return TxEnd::ClientGone {
@@ -371,6 +375,7 @@ impl Session {
                         Ok(s) => to_client = conn.buf.split_to(s.forward),
                         Err(e) => return lost(e.to_string(), &cscan),
                     }
+
                     for (k, v) in changed.drain(..) {
                         if is_tracked(&k) {
                             self.params.insert(k.clone(), v.clone());

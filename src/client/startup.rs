@@ -118,22 +118,21 @@ async fn handshake(
     let auth = shared.users.get(&user);
     let auth_type = config.auth_type(config.users.get(&user));
     let mut buf = BytesMut::new();
-    let verified = crate::auth::client::authenticate(
-        stream,
-        &mut buf,
-        &user,
-        auth.is_some(),
-        auth.and_then(|a| a.secret.as_ref()),
-        auth.and_then(|a| a.verifier.as_ref()),
-        &shared.decoy,
-        auth_type,
-    )
-    .await
-    .map_err(|e| match e {
-        AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
-        AuthError::Frame(_) | AuthError::Io(_) => None,
-        other => Some(ClientError::AuthProtocol(other.to_string())),
-    })?;
+    let expected = crate::auth::client::Expected {
+        user: &user,
+        known: auth.is_some(),
+        secret: auth.and_then(|a| a.secret.as_ref()),
+        verifier: auth.and_then(|a| a.verifier.as_ref()),
+        decoy: &shared.decoy,
+        auth: auth_type,
+    };
+    let verified = crate::auth::client::authenticate(stream, &mut buf, &expected)
+        .await
+        .map_err(|e| match e {
+            AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
+            AuthError::Frame(_) | AuthError::Io(_) => None,
+            other => Some(ClientError::AuthProtocol(other.to_string())),
+        })?;
     tracing::debug!(%user, %database, "client authenticated");
 
     let pool = shared.registry.pool_for(

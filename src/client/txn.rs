@@ -3,7 +3,7 @@
 //! state and the last transaction status. Pure state, no I/O: both scanners
 //! feed it, and it alone decides whether the server may be released.
 
-use crate::protocol::messages::{parameter_status, ready_for_query};
+use crate::protocol::messages::{ErrorFields, error_fields, parameter_status, ready_for_query};
 use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
 
@@ -26,6 +26,10 @@ pub struct Tracker {
     pub copy: Copy,
     /// The client sent Terminate.
     pub terminated: bool,
+    /// The server sent a FATAL error: it is closing. Held back from the
+    /// client, which gets a connection-failure ERROR instead and keeps its
+    /// own connection.
+    pub server_fatal: Option<ErrorFields>,
 }
 
 impl Tracker {
@@ -36,6 +40,7 @@ impl Tracker {
             status,
             copy: Copy::None,
             terminated: false,
+            server_fatal: None,
         }
     }
 
@@ -102,7 +107,9 @@ pub struct ServerSide<'a> {
 impl Inspector for ServerSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
         match BackendTag::from_byte(tag) {
-            BackendTag::ReadyForQuery | BackendTag::ParameterStatus => Step::Inspect,
+            BackendTag::ReadyForQuery | BackendTag::ParameterStatus | BackendTag::ErrorResponse => {
+                Step::Inspect
+            }
             BackendTag::CopyInResponse => {
                 self.t.copy = Copy::In;
                 Step::Pass
@@ -115,7 +122,7 @@ impl Inspector for ServerSide<'_> {
                 self.t.copy = Copy::Both;
                 Step::Pass
             }
-            BackendTag::CommandComplete | BackendTag::ErrorResponse if self.t.copy == Copy::Out => {
+            BackendTag::CommandComplete if self.t.copy == Copy::Out => {
                 self.t.copy = Copy::None;
                 Step::Pass
             }
@@ -133,6 +140,16 @@ impl Inspector for ServerSide<'_> {
             BackendTag::ParameterStatus => {
                 let (k, v) = parameter_status(body)?;
                 self.params.push((k.to_owned(), v.to_owned()));
+            }
+            BackendTag::ErrorResponse => {
+                let fields = error_fields(body)?;
+                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                    self.t.server_fatal = Some(fields);
+                    return Ok(Step::Stop);
+                }
+                if self.t.copy == Copy::Out {
+                    self.t.copy = Copy::None;
+                }
             }
             _ => {}
         }
@@ -215,6 +232,35 @@ mod tests {
         assert_eq!(t.copy, Copy::None);
         feed_server(&mut t, &[msg(b'C', b"COPY 1\0"), msg(b'Z', b"I")].concat());
         assert!(t.is_idle());
+    }
+
+    #[test]
+    fn a_server_fatal_is_held_back() {
+        let mut t = Tracker::new(TxStatus::InTransaction);
+        let mut s = Scanner::new(1 << 20);
+        let mut p = Vec::new();
+        let bytes = [
+            msg(b'N', b"SNOTICE\0C00000\0Mhi\0\0"),
+            msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"),
+        ]
+        .concat();
+        let r = s.scan(&bytes, &mut t.server_side(&mut p)).unwrap();
+        assert!(r.stopped);
+        let notice_len = msg(b'N', b"SNOTICE\0C00000\0Mhi\0\0").len();
+        assert_eq!(
+            r.forward, notice_len,
+            "the notice passes, the FATAL does not"
+        );
+        assert_eq!(
+            t.server_fatal.as_ref().map(|f| f.code.as_str()),
+            Some("57P01")
+        );
+        // An ordinary ERROR passes.
+        let mut t = Tracker::new(TxStatus::Idle);
+        let err = msg(b'E', b"SERROR\0VERROR\0C22012\0Mdivision by zero\0\0");
+        let r = s.scan(&err, &mut t.server_side(&mut p)).unwrap();
+        assert_eq!(r.forward, err.len());
+        assert!(t.server_fatal.is_none());
     }
 
     #[test]

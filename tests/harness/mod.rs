@@ -46,6 +46,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use cluster::Cluster;
+#[allow(unused_imports)]
 pub use proxy::TestProxy;
 
 /// Host every test server listens on.
