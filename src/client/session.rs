@@ -24,7 +24,8 @@ use crate::server::params::{is_tracked, sync_sql};
 
 /// Read buffers grow in steps of this much while there is work.
 const READ_CHUNK: usize = 16 * 1024;
-/// An idle client's buffer above this size is given back.
+/// First read buffer when an idle client becomes readable; an idle client
+/// itself holds no read buffer at all.
 const IDLE_KEEP: usize = 4 * 1024;
 /// Server messages can be as large as PostgreSQL allows (1 GiB fields).
 const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
@@ -142,7 +143,7 @@ impl Session {
     /// Reads more client bytes; an idle client with an empty buffer first
     /// waits for readability so that it holds no buffer while waiting.
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        if self.buf.is_empty() && self.buf.capacity() > IDLE_KEEP {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
         if self.buf.capacity() == 0 {
