@@ -20,6 +20,7 @@ pub mod listener;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+pub mod stats;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -12,7 +12,9 @@
 //! a server leaves a client only through `PooledConn::release`, clean, or is
 //! closed; errors for this client go to this client only.
 
+mod prepared;
 mod session;
+pub mod sql;
 mod startup;
 pub mod txn;
 
@@ -43,6 +45,7 @@ pub struct Shared {
     /// Verifier of a random password, for the exchange with unknown users.
     pub decoy: ScramVerifier,
     pub clients: AtomicU32,
+    pub stats: crate::stats::Counters,
     next_id: AtomicU64,
 }
 
@@ -73,6 +76,7 @@ impl Shared {
             cancel: Arc::new(CancelRegistry::default()),
             users,
             clients: AtomicU32::new(0),
+            stats: crate::stats::Counters::default(),
             next_id: AtomicU64::new(1),
         }
     }

@@ -2,7 +2,7 @@
 //! one out, bring its parameters to the client's, forward both directions as
 //! whole buffers until the transaction ends, release (or clean up), repeat.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Shared;
+use super::prepared::{Handler, apply_undos};
 use super::startup::{LoggedIn, pool_error};
-use super::txn::Tracker;
+use super::txn::{Policy, Tracker};
 use crate::cancel::{CancelHandle, send_cancel};
 use crate::config::PoolMode;
 use crate::error::ClientError;
@@ -20,7 +21,9 @@ use crate::pool::{Pool, PooledConn, Release};
 use crate::protocol::scan::{Scanner, checked_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::server::ServerError;
-use crate::server::params::{is_tracked, sync_sql};
+use crate::server::params::{canonical, is_tracked, sync_sql};
+use crate::server::prepared::{ServerStatements, Statement};
+use crate::stats::Counters;
 
 /// Read buffers grow in steps of this much while there is work.
 const READ_CHUNK: usize = 16 * 1024;
@@ -50,6 +53,13 @@ pub struct Session {
     limit: usize,
     database: String,
     user: String,
+    /// This client's named prepared statements.
+    statements: HashMap<String, Arc<Statement>>,
+    policy: Policy,
+    /// Set once a session feature tied the client to its server.
+    pinned: Option<&'static str>,
+    /// Startup-packet parameters: what RESET goes back to.
+    startup: BTreeMap<String, String>,
 }
 
 enum Next {
@@ -86,6 +96,10 @@ impl Session {
             discard: 0,
             database: l.database,
             user: l.user,
+            statements: HashMap::new(),
+            policy: l.policy,
+            pinned: None,
+            startup: l.startup,
         }
     }
 
@@ -105,12 +119,17 @@ impl Session {
                     continue;
                 }
             };
-            let mut tracker = Tracker::new(server.conn().tx);
+            let mut tracker = Tracker::new(server.conn().tx, self.policy);
             let end = self.forward(&mut server, &mut tracker).await;
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
             match end {
-                TxEnd::Done => server.release(Release::Reuse),
+                TxEnd::Done => {
+                    if tracker.params_changed {
+                        self.refresh_params(&mut server).await;
+                    }
+                    server.release(Release::Reuse)
+                }
                 TxEnd::ClientGone { mid_message } => {
                     self.clean_up(server, &tracker, mid_message).await;
                     return;
@@ -121,6 +140,8 @@ impl Session {
                 } => {
                     tracing::warn!(%reason, "server connection lost mid-transaction");
                     server.release(Release::Close);
+                    // The session state a pin was for is gone with the server.
+                    self.pinned = None;
                     self.discard = client_skip;
                     self.server_lost(&tracker, reason);
                 }
@@ -239,6 +260,7 @@ impl Session {
                     }
                     self.skip_until_sync = true;
                 }
+                FrontendTag::Parse | FrontendTag::Close if self.answer_without_server() => {}
                 FrontendTag::Query
                 | FrontendTag::FunctionCall
                 | FrontendTag::Parse
@@ -258,6 +280,83 @@ impl Session {
         }
     }
 
+    /// A batch of only Parse (of statements this pool's servers already
+    /// parsed), Close (of statements) and a final Sync needs no server: the
+    /// answers are known. This keeps "prepare on connect" from taking a
+    /// server, which matters when a client prepares while others hold every
+    /// server. Returns false (changing nothing) for anything else.
+    fn answer_without_server(&mut self) -> bool {
+        if !self.policy.named_statements {
+            return false;
+        }
+        let mut pos = 0;
+        let mut plan: Vec<(String, Option<Arc<Statement>>)> = Vec::new();
+        loop {
+            let rest = &self.buf[pos..];
+            if rest.len() < 5 {
+                return false;
+            }
+            let Ok(total) = checked_len(rest[0], &rest[1..5], self.limit) else {
+                return false;
+            };
+            if rest.len() < total {
+                return false;
+            }
+            let body = &rest[5..total];
+            match FrontendTag::from_byte(rest[0]) {
+                FrontendTag::Parse => {
+                    let Ok((name, stmt)) = Statement::from_parse(body) else {
+                        return false;
+                    };
+                    let taken = self.statements.contains_key(&name)
+                        || plan.iter().any(|(n, s)| n == &name && s.is_some());
+                    if name.is_empty() || taken || !self.pool.knows_statement(stmt.hash) {
+                        return false;
+                    }
+                    if crate::client::sql::effects(&stmt.query) != Default::default() {
+                        return false;
+                    }
+                    plan.push((name, Some(stmt)));
+                }
+                FrontendTag::Close if body.first() == Some(&b'S') => {
+                    let mut b = crate::protocol::messages::Body::new(&body[1..], "Close");
+                    let Ok(name) = b.cstr() else { return false };
+                    plan.push((name.to_owned(), None));
+                }
+                FrontendTag::Sync => {
+                    pos += total;
+                    break;
+                }
+                _ => return false,
+            }
+            pos += total;
+        }
+        for (name, stmt) in plan {
+            match stmt {
+                Some(stmt) => {
+                    self.statements.insert(name, stmt);
+                    Counters::add(&self.shared.stats.prepare_hits);
+                    write::message(
+                        &mut self.out,
+                        crate::protocol::BackendTag::ParseComplete.byte(),
+                        |_| {},
+                    );
+                }
+                None => {
+                    self.statements.remove(&name);
+                    write::message(
+                        &mut self.out,
+                        crate::protocol::BackendTag::CloseComplete.byte(),
+                        |_| {},
+                    );
+                }
+            }
+        }
+        write::ready_for_query(&mut self.out, TxStatus::Idle);
+        self.discard = pos;
+        true
+    }
+
     /// Checks out a server and brings its session parameters to ours.
     async fn acquire(&mut self) -> Result<PooledConn, ClientError> {
         let mut pooled = self
@@ -271,12 +370,21 @@ impl Session {
             tracing::debug!(server = conn.id, "syncing session parameters");
             match conn.run_internal(&sql).await {
                 Ok(changed) => {
-                    // Keep the server's spelling (e.g. `UTF8` for `utf8`) so
+                    Counters::add(&self.shared.stats.param_syncs);
+                    // The server now has exactly the client's values...
+                    conn.params.retain(|k, _| {
+                        !is_tracked(k) || self.params.contains_key(k) || defaults.contains_key(k)
+                    });
+                    for (k, v) in &self.params {
+                        conn.params.insert(k.clone(), v.clone());
+                    }
+                    // ...in the server's spelling (e.g. `UTF8` for `utf8`), so
                     // the next comparison matches.
                     for (k, v) in changed {
                         if let Some(mine) = self.params.get_mut(&k) {
-                            *mine = v;
+                            *mine = v.clone();
                         }
+                        conn.params.insert(k, v);
                     }
                 }
                 Err(ServerError::Query(f)) => {
@@ -312,15 +420,28 @@ impl Session {
         let conn = pooled.conn();
         let mut cscan = Scanner::new(self.limit);
         let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
-        let mut to_server;
         let mut to_client = BytesMut::new();
         let mut changed = Vec::new();
         let mut client_closed = false;
 
+        let counters = &self.shared.stats;
+        let cap = self.shared.config.pool.max_prepared_statements as usize;
+        let mut client = ClientIn {
+            statements: &mut self.statements,
+            counters,
+            cap,
+        };
         // Bytes already read (the message that started this transaction).
-        match cscan.scan(&self.buf, &mut t.client_side()) {
-            Ok(s) => to_server = self.buf.split_to(s.forward),
-            Err(e) => return TxEnd::ClientFatal(e.into()),
+        let mut to_server = BytesMut::new();
+        if let Err(e) = client.scan(
+            &mut self.buf,
+            &mut cscan,
+            t,
+            &mut conn.prepared,
+            &mut to_server,
+            &mut to_client,
+        ) {
+            return TxEnd::ClientFatal(e.into());
         }
         let (mut sr, mut sw) = conn.stream.split();
         let (mut cr, mut cw) = self.stream.split();
@@ -335,7 +456,16 @@ impl Session {
                         mid_message: cscan.mid_message() || sscan.mid_message(),
                     };
                 }
+                if let (None, Some(reason)) = (self.pinned, t.pin) {
+                    self.pinned = Some(reason);
+                    Counters::add(&counters.pins);
+                    tracing::info!(
+                        reason,
+                        "client pinned to its server for the rest of its session"
+                    );
+                }
                 if mode == PoolMode::Transaction
+                    && self.pinned.is_none()
                     && t.is_idle()
                     && !cscan.mid_message()
                     && !sscan.mid_message()
@@ -372,10 +502,11 @@ impl Session {
                         Err(e) => return lost(e.to_string(), &cscan),
                         Ok(_) => {}
                     }
-                    match sscan.scan(&conn.buf, &mut t.server_side(&mut changed)) {
-                        Ok(s) => to_client = conn.buf.split_to(s.forward),
-                        Err(e) => return lost(e.to_string(), &cscan),
+                    if let Err(e) = scan_server(&mut conn.buf, &mut sscan, t, &mut changed, &mut to_client) {
+                        return lost(e.to_string(), &cscan);
                     }
+                    apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
+                    self.pool.confirm_statements(&t.expect.take_confirmed());
 
                     for (k, v) in changed.drain(..) {
                         if is_tracked(&k) {
@@ -395,9 +526,15 @@ impl Session {
                         }
                         Ok(_) => {}
                     }
-                    match cscan.scan(&self.buf, &mut t.client_side()) {
-                        Ok(s) => to_server = self.buf.split_to(s.forward),
-                        Err(e) => return TxEnd::ClientFatal(e.into()),
+                    if let Err(e) = client.scan(
+                        &mut self.buf,
+                        &mut cscan,
+                        t,
+                        &mut conn.prepared,
+                        &mut to_server,
+                        &mut to_client,
+                    ) {
+                        return TxEnd::ClientFatal(e.into());
                     }
                     if t.terminated {
                         client_closed = true;
@@ -410,10 +547,57 @@ impl Session {
         }
     }
 
+    /// After a transaction that changed session settings, learns the
+    /// server's settings: they are now the client's (what it SET stays its
+    /// own) and the server's known state.
+    async fn refresh_params(&mut self, server: &mut PooledConn) {
+        let conn = server.conn();
+        Counters::add(&self.shared.stats.param_refreshes);
+        match conn.session_settings().await {
+            Ok(rows) => {
+                let mut mine: BTreeMap<String, String> = conn
+                    .params
+                    .iter()
+                    .filter(|(k, _)| is_tracked(k))
+                    .filter(|(k, _)| self.pool.defaults().is_some_and(|d| d.contains_key(*k)))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let defaults = self.pool.defaults().unwrap_or_default();
+                let rows: Vec<(String, String)> = rows
+                    .into_iter()
+                    .map(|(k, v)| (canonical(&k, &defaults), v))
+                    .collect();
+                // Reset parameters go back to the client's startup values.
+                for (k, v) in &self.startup {
+                    if !rows.iter().any(|(r, _)| r == k) {
+                        mine.insert(k.clone(), v.clone());
+                    }
+                }
+                for (k, v) in rows {
+                    if is_tracked(&k) && crate::server::params::valid_name(&k) {
+                        mine.insert(k, v);
+                    }
+                }
+                conn.params.retain(|k, _| !is_tracked(k));
+                conn.params
+                    .extend(mine.iter().map(|(k, v)| (k.clone(), v.clone())));
+                self.params = mine;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read session settings; closing that server");
+                conn.tx = TxStatus::Failed;
+            }
+        }
+    }
+
     /// The client left (or must be closed) while holding `server`: make the
     /// server clean for the next client, or close it.
     async fn clean_up(&mut self, mut server: PooledConn, t: &Tracker, mid_message: bool) {
         let conn = server.conn();
+        if self.pinned.is_some() {
+            // Its session state (listeners, locks, temp tables) dies with it.
+            return server.release(Release::Close);
+        }
         if mid_message || !t.is_quiet() || !conn.buf.is_empty() {
             // A query or COPY is still running: stop it, then drop the connection.
             let key = conn.cancel_key;
@@ -457,6 +641,92 @@ impl Session {
         } else if t.pending == 0 && t.status != TxStatus::Idle {
             self.owe_error = Some(err());
         }
+    }
+}
+
+/// Appends `chunk` to `out` without copying when `out` is empty.
+fn append(out: &mut BytesMut, chunk: BytesMut) {
+    if out.is_empty() {
+        *out = chunk;
+    } else {
+        out.unsplit(chunk);
+    }
+}
+
+/// The client → server half of forwarding.
+struct ClientIn<'a> {
+    statements: &'a mut HashMap<String, Arc<Statement>>,
+    counters: &'a Counters,
+    cap: usize,
+}
+
+impl ClientIn<'_> {
+    /// Moves what can be sent from `buf` to `to_server`, handling the
+    /// messages the scanner stops at (named statements, refused features,
+    /// messages dropped after an error), and puts answers tidepool now owes
+    /// at the head of the stream into `to_client`.
+    fn scan(
+        &mut self,
+        buf: &mut BytesMut,
+        cscan: &mut Scanner,
+        t: &mut Tracker,
+        prepared: &mut ServerStatements,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            let s = cscan.scan(buf, &mut t.client_side())?;
+            append(to_server, buf.split_to(s.forward));
+            if !s.stopped || t.terminated {
+                break;
+            }
+            let total = checked_len(buf[0], &buf[1..5], usize::MAX)?;
+            let msg = buf.split_to(total);
+            Handler {
+                statements: self.statements,
+                prepared,
+                t,
+                to_server,
+                counters: self.counters,
+                cap: self.cap,
+            }
+            .handle(msg[0], &msg)?;
+        }
+        t.expect.take_synthetic(to_client);
+        apply_undos(t.expect.take_undos(), self.statements, prepared);
+        Ok(())
+    }
+}
+
+/// The server → client half: forwards what may pass, drops answers to
+/// tidepool's own messages, inserts tidepool's answers in order.
+fn scan_server(
+    sbuf: &mut BytesMut,
+    sscan: &mut Scanner,
+    t: &mut Tracker,
+    changed: &mut Vec<(String, String)>,
+    to_client: &mut BytesMut,
+) -> Result<(), ProtocolError> {
+    loop {
+        let s = sscan.scan(sbuf, &mut t.server_side(changed))?;
+        append(to_client, sbuf.split_to(s.forward));
+        if !s.stopped || t.server_fatal.is_some() {
+            return Ok(());
+        }
+        if t.expect.head_is_synthetic() {
+            t.expect.take_synthetic(to_client);
+            continue;
+        }
+        if sbuf.len() >= 5 && t.expect.swallows(sbuf[0]) {
+            if checked_len(sbuf[0], &sbuf[1..5], 5)? != 5 {
+                return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
+            }
+            let tag = sbuf[0];
+            sbuf.advance(5);
+            t.expect.on_message(tag);
+            continue;
+        }
+        return Ok(());
     }
 }
 

@@ -19,7 +19,7 @@ use crate::pool::{Pool, PoolError, Release};
 use crate::protocol::TxStatus;
 use crate::protocol::startup::{StartupError, StartupPacket, read_packet};
 use crate::protocol::write;
-use crate::server::params::{is_tracked, valid_name};
+use crate::server::params::{canonical, is_tracked, valid_name};
 
 /// Runs the startup phase. `None` when the connection ends here (cancel
 /// request, refused login, timeout); errors were already sent.
@@ -56,6 +56,9 @@ pub struct LoggedIn {
     pub params: BTreeMap<String, String>,
     pub buf: BytesMut,
     pub cancel: crate::cancel::CancelHandle,
+    pub policy: super::txn::Policy,
+    /// Parameters from the startup packet: what RESET returns to.
+    pub startup: BTreeMap<String, String>,
 }
 
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
@@ -152,7 +155,11 @@ async fn handshake(
         .filter(|(k, _)| is_tracked(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    params.extend(client_params);
+    let client_params: BTreeMap<String, String> = client_params
+        .into_iter()
+        .map(|(k, v)| (canonical(&k, &defaults), v))
+        .collect();
+    params.extend(client_params.clone());
 
     let cancel = shared.cancel.register();
     let mut out = BytesMut::with_capacity(512);
@@ -168,7 +175,15 @@ async fn handshake(
     write::backend_key_data(&mut out, cancel.pid, cancel.secret);
     write::ready_for_query(&mut out, TxStatus::Idle);
     stream.write_all(&out).await.map_err(|_| None)?;
+    let policy = super::txn::Policy {
+        named_statements: config.pool_mode(db) == crate::config::PoolMode::Transaction
+            && config.pool.max_prepared_statements > 0,
+        refuse_session_features: config.pool_mode(db) == crate::config::PoolMode::Transaction
+            && config.session_features(db) == crate::config::SessionFeatures::Error,
+    };
     Ok(Some(LoggedIn {
+        startup: client_params,
+        policy,
         database,
         user,
         pool,

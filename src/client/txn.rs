@@ -3,9 +3,13 @@
 //! state and the last transaction status. Pure state, no I/O: both scanners
 //! feed it, and it alone decides whether the server may be released.
 
-use crate::protocol::messages::{ErrorFields, error_fields, parameter_status, ready_for_query};
+use super::sql::{Effects, effects};
+use crate::protocol::messages::{
+    Body, ErrorFields, error_fields, parameter_status, ready_for_query,
+};
 use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
+use crate::server::expect::{Expect, Owed, Undo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Copy {
@@ -16,7 +20,16 @@ pub enum Copy {
     Both,
 }
 
-#[derive(Debug, Clone)]
+/// How this client's messages are treated (fixed per session).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Named prepared statements are rewritten to shared server statements.
+    pub named_statements: bool,
+    /// Session features are refused instead of pinning the client.
+    pub refuse_session_features: bool,
+}
+
+#[derive(Debug)]
 pub struct Tracker {
     /// ReadyForQuery messages the server still owes (one per Sync, Query, FunctionCall).
     pub pending: u32,
@@ -30,10 +43,20 @@ pub struct Tracker {
     /// client, which gets a connection-failure ERROR instead and keeps its
     /// own connection.
     pub server_fatal: Option<ErrorFields>,
+    /// Responses owed, in order, with what tidepool injects or drops.
+    pub expect: Expect,
+    /// tidepool answered a client message with an error: drop the client's
+    /// messages until its Sync, as PostgreSQL would.
+    pub client_skip: bool,
+    /// The session parameters may have changed (SET, RESET, DISCARD, ...).
+    pub params_changed: bool,
+    /// A session feature was used: the client keeps this server.
+    pub pin: Option<&'static str>,
+    pub policy: Policy,
 }
 
 impl Tracker {
-    pub fn new(status: TxStatus) -> Self {
+    pub fn new(status: TxStatus, policy: Policy) -> Self {
         Self {
             pending: 0,
             unsynced: false,
@@ -41,21 +64,27 @@ impl Tracker {
             copy: Copy::None,
             terminated: false,
             server_fatal: None,
+            expect: Expect::default(),
+            client_skip: false,
+            params_changed: false,
+            pin: None,
+            policy,
         }
     }
 
     /// Nothing is owed, nothing is half-sent, and the server is outside a
     /// transaction: it may serve another client.
     pub fn is_idle(&self) -> bool {
-        self.pending == 0
-            && !self.unsynced
-            && self.copy == Copy::None
-            && self.status == TxStatus::Idle
+        self.is_quiet() && self.status == TxStatus::Idle
     }
 
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
     pub fn is_quiet(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.copy == Copy::None
+        self.pending == 0
+            && !self.unsynced
+            && !self.client_skip
+            && self.copy == Copy::None
+            && self.expect.is_empty()
     }
 
     pub fn client_side(&mut self) -> ClientSide<'_> {
@@ -65,40 +94,135 @@ impl Tracker {
     pub fn server_side<'a>(&'a mut self, params: &'a mut Vec<(String, String)>) -> ServerSide<'a> {
         ServerSide { t: self, params }
     }
+
+    /// Notes what a query text does to the session. Returns true when the
+    /// query must not be forwarded as it is (a refused session feature).
+    pub fn note_sql(&mut self, sql: &str) -> bool {
+        self.note_effects(&effects(sql))
+    }
+
+    pub fn note_effects(&mut self, e: &Effects) -> bool {
+        self.params_changed |= e.params_changed || e.drops_all_statements;
+        match e.session_feature {
+            Some(_) if self.policy.refuse_session_features => true,
+            Some(f) => {
+                self.pin.get_or_insert(f);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Inspector for client → server bytes.
+///
+/// Messages it can forward unchanged pass; named-statement messages, refused
+/// features and messages to drop stop the scan for the session to handle.
 pub struct ClientSide<'a>(&'a mut Tracker);
 
 impl Inspector for ClientSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
         let t = &mut *self.0;
-        match FrontendTag::from_byte(tag) {
-            FrontendTag::Terminate => {
-                t.terminated = true;
-                return Step::Stop;
-            }
+        let tag = FrontendTag::from_byte(tag);
+        if tag == FrontendTag::Terminate {
+            t.terminated = true;
+            return Step::Stop;
+        }
+        if t.client_skip {
+            return Step::Inspect;
+        }
+        match tag {
+            FrontendTag::Query
+            | FrontendTag::Parse
+            | FrontendTag::Bind
+            | FrontendTag::Describe
+            | FrontendTag::Close => return Step::Inspect,
             FrontendTag::Sync => {
                 t.pending += 1;
                 t.unsynced = false;
+                t.expect.push(Owed::Sync);
             }
-            FrontendTag::Query | FrontendTag::FunctionCall => t.pending += 1,
+            FrontendTag::FunctionCall => {
+                t.pending += 1;
+                t.expect.push(Owed::UntilReady);
+            }
+            FrontendTag::Execute => {
+                t.unsynced = true;
+                t.expect.push(Owed::Execute);
+            }
+            FrontendTag::Flush => t.unsynced = true,
             FrontendTag::CopyDone | FrontendTag::CopyFail if t.copy == Copy::In => {
                 t.copy = Copy::None;
             }
-            other if other.is_extended() => t.unsynced = true,
             _ => {}
         }
         Step::Pass
     }
 
-    fn inspect(&mut self, _tag: u8, _body: &[u8]) -> Result<Step, ProtocolError> {
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
+        let t = &mut *self.0;
+        if t.client_skip {
+            return Ok(Step::Stop);
+        }
+        let named = t.policy.named_statements;
+        match FrontendTag::from_byte(tag) {
+            FrontendTag::Query => {
+                let sql = Body::new(body, "Query").cstr()?;
+                let e = effects(sql);
+                let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
+                if e.deallocate.is_some() || e.drops_all_statements || refused {
+                    return Ok(Step::Stop);
+                }
+                t.note_effects(&e);
+                t.pending += 1;
+                t.expect.push(Owed::UntilReady);
+            }
+            FrontendTag::Parse => {
+                let mut b = Body::new(body, "Parse");
+                let name = b.cstr()?;
+                if named && !name.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                if t.note_sql(b.cstr()?) {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(Owed::Parse {
+                    swallow: false,
+                    undo: Undo::default(),
+                });
+            }
+            FrontendTag::Bind => {
+                let mut b = Body::new(body, "Bind");
+                b.cstr()?;
+                if named && !b.cstr()?.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(Owed::Bind);
+            }
+            FrontendTag::Describe | FrontendTag::Close => {
+                let mut b = Body::new(body, "Describe/Close");
+                let kind = b.u8()?;
+                if named && kind == b'S' && !b.cstr()?.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(match (FrontendTag::from_byte(tag), kind) {
+                    (FrontendTag::Close, _) => Owed::Close { swallow: false },
+                    (_, b'S') => Owed::DescribeStatement,
+                    _ => Owed::DescribePortal,
+                });
+            }
+            _ => {}
+        }
         Ok(Step::Pass)
     }
 }
 
 /// Inspector for server → client bytes. ParameterStatus values are collected
-/// into `params` for the session to apply.
+/// into `params` for the session to apply. It stops where tidepool must
+/// insert an answer of its own or drop one the client did not ask for.
 pub struct ServerSide<'a> {
     t: &'a mut Tracker,
     params: &'a mut Vec<(String, String)>,
@@ -106,36 +230,31 @@ pub struct ServerSide<'a> {
 
 impl Inspector for ServerSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
+        let t = &mut *self.t;
+        if t.expect.head_is_synthetic() || t.expect.swallows(tag) {
+            return Step::Stop;
+        }
         match BackendTag::from_byte(tag) {
             BackendTag::ReadyForQuery | BackendTag::ParameterStatus | BackendTag::ErrorResponse => {
-                Step::Inspect
+                return Step::Inspect;
             }
-            BackendTag::CopyInResponse => {
-                self.t.copy = Copy::In;
-                Step::Pass
-            }
-            BackendTag::CopyOutResponse => {
-                self.t.copy = Copy::Out;
-                Step::Pass
-            }
-            BackendTag::CopyBothResponse => {
-                self.t.copy = Copy::Both;
-                Step::Pass
-            }
-            BackendTag::CommandComplete if self.t.copy == Copy::Out => {
-                self.t.copy = Copy::None;
-                Step::Pass
-            }
-            _ => Step::Pass,
+            BackendTag::CopyInResponse => t.copy = Copy::In,
+            BackendTag::CopyOutResponse => t.copy = Copy::Out,
+            BackendTag::CopyBothResponse => t.copy = Copy::Both,
+            BackendTag::CommandComplete if t.copy == Copy::Out => t.copy = Copy::None,
+            _ => {}
         }
+        t.expect.on_message(tag);
+        Step::Pass
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
+        let t = &mut *self.t;
         match BackendTag::from_byte(tag) {
             BackendTag::ReadyForQuery => {
-                self.t.status = ready_for_query(body)?;
-                self.t.pending = self.t.pending.saturating_sub(1);
-                self.t.copy = Copy::None;
+                t.status = ready_for_query(body)?;
+                t.pending = t.pending.saturating_sub(1);
+                t.copy = Copy::None;
             }
             BackendTag::ParameterStatus => {
                 let (k, v) = parameter_status(body)?;
@@ -144,15 +263,16 @@ impl Inspector for ServerSide<'_> {
             BackendTag::ErrorResponse => {
                 let fields = error_fields(body)?;
                 if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                    self.t.server_fatal = Some(fields);
+                    t.server_fatal = Some(fields);
                     return Ok(Step::Stop);
                 }
-                if self.t.copy == Copy::Out {
-                    self.t.copy = Copy::None;
+                if t.copy == Copy::Out {
+                    t.copy = Copy::None;
                 }
             }
             _ => {}
         }
+        t.expect.on_message(tag);
         Ok(Step::Pass)
     }
 }
@@ -169,6 +289,16 @@ mod tests {
         v
     }
 
+    /// Smallest well-formed body for an extended-query message.
+    fn valid_body(tag: u8) -> &'static [u8] {
+        match tag {
+            b'P' => b"\0select 1\0\0\0",
+            b'B' => b"\0\0\0\0\0\0\0\0",
+            b'E' => b"\0\0\0\0\0",
+            _ => b"",
+        }
+    }
+
     fn feed_client(t: &mut Tracker, bytes: &[u8]) {
         let mut s = Scanner::new(1 << 20);
         s.scan(bytes, &mut t.client_side()).unwrap();
@@ -183,10 +313,10 @@ mod tests {
 
     #[test]
     fn release_waits_for_every_sync() {
-        let mut t = Tracker::new(TxStatus::Idle);
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
         let mut c = Vec::new();
         for tag in [b'P', b'B', b'E', b'S', b'B', b'E', b'S'] {
-            c.extend_from_slice(&msg(tag, b""));
+            c.extend_from_slice(&msg(tag, valid_body(tag)));
         }
         feed_client(&mut t, &c);
         assert_eq!(t.pending, 2);
@@ -198,8 +328,11 @@ mod tests {
 
     #[test]
     fn unsynced_extended_messages_keep_the_server() {
-        let mut t = Tracker::new(TxStatus::Idle);
-        feed_client(&mut t, &[msg(b'Q', b"x\0"), msg(b'P', b"")].concat());
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+        feed_client(
+            &mut t,
+            &[msg(b'Q', b"x\0"), msg(b'P', valid_body(b'P'))].concat(),
+        );
         feed_server(&mut t, &msg(b'Z', b"I"));
         assert!(!t.is_idle());
         feed_client(&mut t, &msg(b'S', b""));
@@ -209,7 +342,7 @@ mod tests {
 
     #[test]
     fn open_transaction_and_failed_transaction_keep_the_server() {
-        let mut t = Tracker::new(TxStatus::Idle);
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
         feed_client(&mut t, &msg(b'Q', b"begin\0"));
         feed_server(&mut t, &msg(b'Z', b"T"));
         assert!(!t.is_idle());
@@ -224,7 +357,7 @@ mod tests {
 
     #[test]
     fn copy_in_is_tracked_until_done() {
-        let mut t = Tracker::new(TxStatus::Idle);
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
         feed_client(&mut t, &msg(b'Q', b"copy\0"));
         feed_server(&mut t, &msg(b'G', &[0, 0, 0]));
         assert_eq!(t.copy, Copy::In);
@@ -236,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_server_fatal_is_held_back() {
-        let mut t = Tracker::new(TxStatus::InTransaction);
+        let mut t = Tracker::new(TxStatus::InTransaction, Policy::default());
         let mut s = Scanner::new(1 << 20);
         let mut p = Vec::new();
         let bytes = [
@@ -256,7 +389,7 @@ mod tests {
             Some("57P01")
         );
         // An ordinary ERROR passes.
-        let mut t = Tracker::new(TxStatus::Idle);
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
         let err = msg(b'E', b"SERROR\0VERROR\0C22012\0Mdivision by zero\0\0");
         let r = s.scan(&err, &mut t.server_side(&mut p)).unwrap();
         assert_eq!(r.forward, err.len());
@@ -265,7 +398,7 @@ mod tests {
 
     #[test]
     fn parameter_status_is_collected_and_terminate_stops() {
-        let mut t = Tracker::new(TxStatus::Idle);
+        let mut t = Tracker::new(TxStatus::Idle, Policy::default());
         let p = feed_server(&mut t, &msg(b'S', b"TimeZone\0UTC\0"));
         assert_eq!(p, vec![("TimeZone".into(), "UTC".into())]);
         let mut s = Scanner::new(1024);

@@ -24,3 +24,5 @@ pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
 pub const IDLE_TRANSACTION_TIMEOUT: Duration = Duration::ZERO;
 pub const SERVER_RESET_QUERY: &str = "DISCARD ALL";
 pub const PORT: u16 = 5432;
+/// As in PgBouncer 1.22+.
+pub const MAX_PREPARED_STATEMENTS: u32 = 200;

@@ -10,7 +10,7 @@ mod validate;
 
 use std::path::Path;
 
-pub use schema::{AuthType, Config, Database, PoolMode, PoolSettings, User};
+pub use schema::{AuthType, Config, Database, PoolMode, PoolSettings, SessionFeatures, User};
 
 /// A problem with the config file, located where possible.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,6 +68,10 @@ impl Config {
 
     pub fn pool_mode(&self, db: &Database) -> PoolMode {
         db.pool_mode.unwrap_or(self.pool.pool_mode)
+    }
+
+    pub fn session_features(&self, db: &Database) -> SessionFeatures {
+        db.session_features.unwrap_or(self.pool.session_features)
     }
 
     pub fn auth_type(&self, user: Option<&User>) -> AuthType {

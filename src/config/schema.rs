@@ -120,6 +120,23 @@ pub struct PoolSettings {
     /// Run on a server when a session-mode client leaves. Default `DISCARD ALL`; empty = none.
     #[serde(default = "d_reset_query")]
     pub server_reset_query: String,
+    /// Named prepared statements kept per server connection (LRU); 0 turns
+    /// statement tracking off in transaction mode. Default 200.
+    #[serde(default = "d_max_prepared")]
+    pub max_prepared_statements: u32,
+    /// What session features (LISTEN, session advisory locks, temp tables,
+    /// WITH HOLD cursors, SQL PREPARE) do in transaction mode: `pin` keeps the
+    /// client on its server, `error` refuses the statement. Default `pin`.
+    #[serde(default)]
+    pub session_features: SessionFeatures,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionFeatures {
+    #[default]
+    Pin,
+    Error,
 }
 
 impl Default for PoolSettings {
@@ -137,6 +154,8 @@ impl Default for PoolSettings {
             server_lifetime: defaults::SERVER_LIFETIME,
             idle_transaction_timeout: defaults::IDLE_TRANSACTION_TIMEOUT,
             server_reset_query: d_reset_query(),
+            max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
+            session_features: SessionFeatures::Pin,
         }
     }
 }
@@ -162,6 +181,8 @@ pub struct Database {
     pub min_pool_size: Option<u32>,
     /// Overrides `[pool] pool_mode` for this database.
     pub pool_mode: Option<PoolMode>,
+    /// Overrides `[pool] session_features` for this database.
+    pub session_features: Option<SessionFeatures>,
     /// Streaming replicas (used by read routing).
     #[serde(default)]
     pub replicas: Vec<Replica>,
@@ -219,6 +240,9 @@ fn d_server_idle() -> Duration {
 }
 fn d_lifetime() -> Duration {
     defaults::SERVER_LIFETIME
+}
+fn d_max_prepared() -> u32 {
+    defaults::MAX_PREPARED_STATEMENTS
 }
 fn d_reset_query() -> String {
     defaults::SERVER_RESET_QUERY.to_owned()

@@ -63,6 +63,8 @@ pub struct Pool {
     in_use: AtomicUsize,
     awaiting_keys: bool,
     defaults: Mutex<Option<Arc<BTreeMap<String, String>>>>,
+    /// Statements some server of this pool has parsed without error.
+    known_statements: Mutex<std::collections::HashSet<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +91,7 @@ impl Pool {
             in_use: AtomicUsize::new(0),
             awaiting_keys,
             defaults: Mutex::new(None),
+            known_statements: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -147,6 +150,18 @@ impl Pool {
             conn,
             _db_permit: db_permit,
         })
+    }
+
+    /// Records statements a server parsed successfully.
+    pub fn confirm_statements(&self, hashes: &[u64]) {
+        if !hashes.is_empty() {
+            lock(&self.known_statements).extend(hashes.iter().copied());
+        }
+    }
+
+    /// Whether a statement is known to parse on this pool's servers.
+    pub fn knows_statement(&self, hash: u64) -> bool {
+        lock(&self.known_statements).contains(&hash)
     }
 
     pub fn name(&self) -> String {

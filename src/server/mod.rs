@@ -8,7 +8,9 @@
 //! ReadyForQuery said `I` and nothing is outstanding on it.
 
 mod connect;
+pub mod expect;
 pub mod params;
+pub mod prepared;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,6 +79,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Bytes read from the server not yet handled. Empty while idle.
     pub buf: BytesMut,
+    /// Named statements tidepool prepared on this connection.
+    pub prepared: prepared::ServerStatements,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -101,6 +105,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             buf: BytesMut::new(),
+            prepared: prepared::ServerStatements::default(),
         }
     }
 
@@ -139,6 +144,54 @@ impl ServerConn {
         match failure {
             Some(f) => Err(ServerError::Query(f)),
             None => Ok(changed),
+        }
+    }
+
+    /// The settings this session changed (`pg_settings.source = 'session'`),
+    /// as name → value. Reported parameters are updated in `self.params` too.
+    pub async fn session_settings(&mut self) -> Result<Vec<(String, String)>, ServerError> {
+        let mut out = BytesMut::new();
+        write::query(
+            &mut out,
+            "select name, setting from pg_catalog.pg_settings where source = 'session'",
+        );
+        self.stream.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let frame = read_frame(&mut self.stream, &mut self.buf, INTERNAL_LIMIT).await?;
+            match BackendTag::from_byte(frame.tag) {
+                BackendTag::ReadyForQuery => {
+                    self.tx = ready_for_query(&frame.body)?;
+                    break;
+                }
+                BackendTag::DataRow => {
+                    let mut b = crate::protocol::messages::Body::new(&frame.body, "DataRow");
+                    let mut cols = Vec::with_capacity(2);
+                    for _ in 0..b.i16()? {
+                        let len = b.i32()?;
+                        let v = if len < 0 {
+                            String::new()
+                        } else {
+                            String::from_utf8_lossy(b.bytes(len as usize)?).into_owned()
+                        };
+                        cols.push(v);
+                    }
+                    if let [k, v] = &cols[..] {
+                        rows.push((k.clone(), v.clone()));
+                    }
+                }
+                BackendTag::ErrorResponse => failure = Some(error_fields(&frame.body)?),
+                BackendTag::ParameterStatus => {
+                    let (k, v) = parameter_status(&frame.body)?;
+                    self.params.insert(k.to_owned(), v.to_owned());
+                }
+                _ => {}
+            }
+        }
+        match failure {
+            Some(f) => Err(ServerError::Query(f)),
+            None => Ok(rows),
         }
     }
 

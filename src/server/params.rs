@@ -31,6 +31,16 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// A string literal that means the same whatever `standard_conforming_strings` is.
+/// One spelling per parameter: the server's reported spelling (`TimeZone`)
+/// when it reports it, otherwise lowercase (as `pg_settings` names it).
+pub fn canonical(name: &str, reported: &BTreeMap<String, String>) -> String {
+    reported
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(name))
+        .cloned()
+        .unwrap_or_else(|| name.to_ascii_lowercase())
+}
+
 fn quote_literal(v: &str) -> String {
     if v.contains('\\') {
         format!("E'{}'", v.replace('\\', "\\\\").replace('\'', "''"))

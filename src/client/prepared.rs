@@ -1,0 +1,303 @@
+//! A client's named prepared statements, mapped onto shared server
+//! statements, and the handling of the client messages that name them.
+//!
+//! Each client keeps its own namespace (name → statement). On the server a
+//! statement is prepared under a content-derived name, lazily, in the same
+//! write as the client's own messages (no extra round trip), and answers the
+//! client did not ask for are dropped via the `Expect` queue. Messages the
+//! client sent but tidepool answers itself (a Parse of a statement the server
+//! already has, a Close) get synthetic answers at the right place in the
+//! stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use super::sql::effects;
+use super::txn::Tracker;
+use crate::protocol::messages::Body;
+use crate::protocol::{BackendTag, FrontendTag, ProtocolError, write};
+use crate::server::expect::{Owed, Undo};
+use crate::server::prepared::{ServerStatements, Statement, server_name};
+use crate::stats::Counters;
+
+/// SQLSTATEs of the errors PostgreSQL gives for these cases.
+const DUPLICATE_PSTATEMENT: &str = "42P05";
+const UNDEFINED_PSTATEMENT: &str = "26000";
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
+/// Everything one stopped client message may touch.
+pub struct Handler<'a> {
+    pub statements: &'a mut HashMap<String, Arc<Statement>>,
+    pub prepared: &'a mut ServerStatements,
+    pub t: &'a mut Tracker,
+    pub to_server: &'a mut BytesMut,
+    pub counters: &'a Counters,
+    pub cap: usize,
+}
+
+fn synthetic(t: &mut Tracker, bytes: BytesMut, undo: Undo) {
+    t.expect.push(Owed::Synthetic {
+        bytes: bytes.freeze(),
+        undo,
+    });
+}
+
+fn simple(tag: BackendTag) -> BytesMut {
+    let mut b = BytesMut::with_capacity(5);
+    write::message(&mut b, tag.byte(), |_| {});
+    b
+}
+
+impl Handler<'_> {
+    /// Handles one complete client message the scanner stopped at.
+    pub fn handle(&mut self, tag: u8, msg: &[u8]) -> Result<(), ProtocolError> {
+        let body = &msg[5..];
+        let t = &mut *self.t;
+        let tag = FrontendTag::from_byte(tag);
+        if t.client_skip {
+            if tag == FrontendTag::Sync {
+                t.client_skip = false;
+                t.pending += 1;
+                t.unsynced = false;
+                t.expect.push(Owed::Sync);
+                self.to_server.extend_from_slice(msg);
+            }
+            return Ok(());
+        }
+        match tag {
+            FrontendTag::Query => self.query(msg, body),
+            FrontendTag::Parse => self.parse(msg, body),
+            FrontendTag::Bind => self.bind(body),
+            FrontendTag::Describe => self.describe(body),
+            FrontendTag::Close => self.close(body),
+            _ => {
+                self.to_server.extend_from_slice(msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// A query tidepool answers (or refuses) itself, or forwards after
+    /// updating its view of the client's statements.
+    fn query(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+        let sql = Body::new(body, "Query").cstr()?;
+        let e = effects(sql);
+        let t = &mut *self.t;
+        if let (Some(feature), true) = (e.session_feature, t.policy.refuse_session_features) {
+            let mut out = refused(feature);
+            write::ready_for_query(&mut out, t.status);
+            synthetic(t, out, Undo::default());
+            return Ok(());
+        }
+        if let Some(name) = &e.deallocate
+            && self.statements.remove(name).is_some()
+        {
+            let mut out = BytesMut::new();
+            write::message(&mut out, BackendTag::CommandComplete.byte(), |b| {
+                b.put_slice(b"DEALLOCATE\0")
+            });
+            write::ready_for_query(&mut out, t.status);
+            synthetic(t, out, Undo::default());
+            return Ok(());
+        }
+        if e.drops_all_statements {
+            self.statements.clear();
+            self.prepared.clear();
+        }
+        t.note_effects(&e);
+        t.pending += 1;
+        t.expect.push(Owed::UntilReady);
+        self.to_server.extend_from_slice(msg);
+        Ok(())
+    }
+
+    fn parse(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+        let (name, stmt) = Statement::from_parse(body)?;
+        let t = &mut *self.t;
+        t.unsynced = true;
+        if t.note_sql(&stmt.query) {
+            let feature = effects(&stmt.query)
+                .session_feature
+                .unwrap_or("session feature");
+            return self.fail(refused(feature));
+        }
+        if name.is_empty() || !t.policy.named_statements {
+            t.expect.push(Owed::Parse {
+                swallow: false,
+                undo: Undo::default(),
+            });
+            self.to_server.extend_from_slice(msg);
+            return Ok(());
+        }
+        if self.statements.contains_key(&name) {
+            let mut out = BytesMut::new();
+            write::error_response(
+                &mut out,
+                "ERROR",
+                DUPLICATE_PSTATEMENT,
+                &format!("prepared statement \"{name}\" already exists"),
+            );
+            return self.fail(out);
+        }
+        self.statements.insert(name.clone(), stmt.clone());
+        let undo_client = Some(name);
+        if self.prepared.contains(stmt.hash) {
+            self.prepared.touch(stmt.hash);
+            Counters::add(&self.counters.prepare_hits);
+            synthetic(
+                self.t,
+                simple(BackendTag::ParseComplete),
+                Undo {
+                    server_stmt: None,
+                    client_name: undo_client,
+                },
+            );
+        } else {
+            self.prepare_on_server(&stmt, false, undo_client);
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
+        let mut b = Body::new(body, "Bind");
+        let portal = b.cstr()?;
+        let name = b.cstr()?;
+        let rest = b.rest();
+        let Some(stmt) = self.lookup(name) else {
+            return self.fail(undefined(name));
+        };
+        self.ensure(&stmt);
+        write::message(self.to_server, FrontendTag::Bind.byte(), |m| {
+            m.put_slice(portal.as_bytes());
+            m.put_u8(0);
+            m.put_slice(stmt.name.as_bytes());
+            m.put_u8(0);
+            m.put_slice(rest);
+        });
+        self.t.unsynced = true;
+        self.t.expect.push(Owed::Bind);
+        Ok(())
+    }
+
+    fn describe(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
+        let mut b = Body::new(body, "Describe");
+        b.u8()?;
+        let name = b.cstr()?;
+        let Some(stmt) = self.lookup(name) else {
+            return self.fail(undefined(name));
+        };
+        self.ensure(&stmt);
+        write::message(self.to_server, FrontendTag::Describe.byte(), |m| {
+            m.put_u8(b'S');
+            m.put_slice(stmt.name.as_bytes());
+            m.put_u8(0);
+        });
+        self.t.unsynced = true;
+        self.t.expect.push(Owed::DescribeStatement);
+        Ok(())
+    }
+
+    /// Closing a client's statement only forgets the client's name: the
+    /// server statement stays for others (the LRU bounds it).
+    fn close(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
+        let mut b = Body::new(body, "Close");
+        b.u8()?;
+        let name = b.cstr()?;
+        self.statements.remove(name);
+        self.t.unsynced = true;
+        synthetic(self.t, simple(BackendTag::CloseComplete), Undo::default());
+        Ok(())
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<Statement>> {
+        self.statements.get(name).cloned()
+    }
+
+    /// Makes sure the server has `stmt` by the time the next message runs.
+    fn ensure(&mut self, stmt: &Arc<Statement>) {
+        if self.prepared.contains(stmt.hash) {
+            self.prepared.touch(stmt.hash);
+        } else {
+            self.prepare_on_server(stmt, true, None);
+        }
+    }
+
+    /// Queues a Parse of `stmt` (and, past the limit, a Close of the least
+    /// recently used statement) ahead of the client's next message.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<Statement>,
+        swallow: bool,
+        client_name: Option<String>,
+    ) {
+        if let Some(victim) = self.prepared.insert(stmt.hash, self.cap) {
+            write::message(self.to_server, FrontendTag::Close.byte(), |m| {
+                m.put_u8(b'S');
+                m.put_slice(server_name(victim).as_bytes());
+                m.put_u8(0);
+            });
+            self.t.expect.push(Owed::Close { swallow: true });
+            Counters::add(&self.counters.prepare_evictions);
+        }
+        self.to_server.extend_from_slice(&stmt.parse);
+        self.t.expect.push(Owed::Parse {
+            swallow,
+            undo: Undo {
+                server_stmt: Some(stmt.hash),
+                client_name,
+            },
+        });
+        Counters::add(&self.counters.prepares);
+    }
+
+    /// Answers the current message with an error and drops the client's
+    /// messages until its Sync, as PostgreSQL does after an error.
+    fn fail(&mut self, error: BytesMut) -> Result<(), ProtocolError> {
+        synthetic(self.t, error, Undo::default());
+        self.t.client_skip = true;
+        self.t.unsynced = true;
+        Ok(())
+    }
+}
+
+fn undefined(name: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    write::error_response(
+        &mut out,
+        "ERROR",
+        UNDEFINED_PSTATEMENT,
+        &format!("prepared statement \"{name}\" does not exist"),
+    );
+    out
+}
+
+fn refused(feature: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    write::error_response(
+        &mut out,
+        "ERROR",
+        FEATURE_NOT_SUPPORTED,
+        &format!(
+            "{feature} is not supported in transaction pooling (session_features = \"error\" for this database)"
+        ),
+    );
+    out
+}
+
+/// Applies undo actions for Parses that failed or were skipped.
+pub fn apply_undos(
+    undos: Vec<Undo>,
+    statements: &mut HashMap<String, Arc<Statement>>,
+    prepared: &mut ServerStatements,
+) {
+    for u in undos {
+        if let Some(h) = u.server_stmt {
+            prepared.remove(h);
+        }
+        if let Some(name) = u.client_name {
+            statements.remove(&name);
+        }
+    }
+}

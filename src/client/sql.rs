@@ -1,0 +1,242 @@
+//! A light look at SQL text: which statements change session state, which
+//! need a dedicated server (session features), and which drop prepared
+//! statements. Not a parser: it reads leading keywords of each statement and
+//! a few function names, and errs on the side of "changed" (a false positive
+//! costs one extra round trip, never correctness).
+
+/// What a query string does to the session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// SET/RESET/DISCARD/set_config: the session parameters may have changed.
+    pub params_changed: bool,
+    /// A feature that ties the client to its server, named for messages.
+    pub session_feature: Option<&'static str>,
+    /// DISCARD ALL or DEALLOCATE ALL: every prepared statement is gone.
+    pub drops_all_statements: bool,
+    /// `DEALLOCATE [PREPARE] name` as the only statement.
+    pub deallocate: Option<String>,
+}
+
+pub fn effects(sql: &str) -> Effects {
+    let mut e = Effects::default();
+    let lower_has = |needle: &str| contains_ignore_case(sql, needle);
+    if lower_has("set_config") {
+        e.params_changed = true;
+    }
+    if lower_has("pg_advisory_lock") || lower_has("pg_try_advisory_lock") {
+        e.session_feature = Some("session advisory locks (pg_advisory_lock)");
+    }
+    let statements: Vec<&str> = split_statements(sql);
+    let single = statements.len() == 1;
+    for stmt in statements {
+        let words: Vec<String> = leading_words(stmt, 4);
+        let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+        match w(0) {
+            "set" if w(1) != "local" && w(1) != "transaction" => e.params_changed = true,
+            "reset" => e.params_changed = true,
+            "discard" => {
+                e.params_changed = true;
+                if w(1) == "all" {
+                    e.drops_all_statements = true;
+                }
+            }
+            "deallocate" => {
+                let name = if w(1) == "prepare" { w(2) } else { w(1) };
+                if name == "all" {
+                    e.drops_all_statements = true;
+                } else if single && !name.is_empty() {
+                    e.deallocate = Some(name.to_owned());
+                }
+            }
+            "listen" => e.session_feature = Some("LISTEN"),
+            "prepare" => e.session_feature = Some("PREPARE (SQL-level prepared statements)"),
+            "declare" if contains_ignore_case(stmt, "with hold") => {
+                e.session_feature = Some("WITH HOLD cursors")
+            }
+            "create"
+                if w(1) == "temp"
+                    || w(1) == "temporary"
+                    || ((w(1) == "global" || w(1) == "local")
+                        && (w(2) == "temp" || w(2) == "temporary")) =>
+            {
+                e.session_feature = Some("temporary tables")
+            }
+            "load" => e.session_feature = Some("LOAD"),
+            _ => {}
+        }
+    }
+    e
+}
+
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    let n = needle.as_bytes();
+    hay.as_bytes()
+        .windows(n.len())
+        .any(|w| w.eq_ignore_ascii_case(n))
+}
+
+/// Splits on `;` outside quotes and comments.
+fn split_statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => {
+                let q = b[i];
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'$' => {
+                // Dollar quoting: $tag$ ... $tag$
+                if let Some(end) = b[i + 1..].iter().position(|&c| c == b'$') {
+                    let tag = &sql[i..i + end + 2];
+                    if tag[1..tag.len() - 1]
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                        && let Some(close) = sql[i + tag.len()..].find(tag)
+                    {
+                        i += tag.len() + close + tag.len() - 1;
+                    }
+                }
+            }
+            b';' => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&sql[start.min(sql.len())..]);
+    out.retain(|s| !leading_words(s, 1).is_empty());
+    out
+}
+
+/// The first `n` words of a statement, lowercased, skipping comments.
+fn leading_words(stmt: &str, n: usize) -> Vec<String> {
+    let mut words = Vec::new();
+    let b = stmt.as_bytes();
+    let mut i = 0;
+    while i < b.len() && words.len() < n {
+        let c = b[i];
+        if c.is_ascii_whitespace() || c == b'(' {
+            i += 1;
+        } else if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                i += 1;
+            }
+            i += 2;
+        } else {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'"') {
+                i += 1;
+            }
+            if i == start {
+                break;
+            }
+            let word = &stmt[start..i];
+            if word.starts_with('"') {
+                words.push(word.trim_matches('"').to_owned());
+            } else {
+                words.push(word.to_ascii_lowercase());
+            }
+        }
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_changes_are_seen_and_local_ones_ignored() {
+        assert!(effects("SET search_path = a").params_changed);
+        assert!(effects("  /* hi */ set TimeZone to 'UTC'").params_changed);
+        assert!(effects("select 1; reset all").params_changed);
+        assert!(effects("select set_config('a.b', '1', false)").params_changed);
+        assert!(!effects("SET LOCAL statement_timeout = 5").params_changed);
+        assert!(!effects("set transaction isolation level serializable").params_changed);
+        assert!(!effects("update t set a = 1").params_changed);
+        assert!(!effects("select 'set x = 1; reset'").params_changed);
+    }
+
+    #[test]
+    fn session_features_are_named() {
+        assert_eq!(effects("LISTEN chan").session_feature, Some("LISTEN"));
+        assert!(
+            effects("select pg_advisory_lock(1)")
+                .session_feature
+                .is_some()
+        );
+        assert!(
+            effects("select pg_advisory_xact_lock(1)")
+                .session_feature
+                .is_none()
+        );
+        assert!(
+            effects("create temp table t(a int)")
+                .session_feature
+                .is_some()
+        );
+        assert!(
+            effects("CREATE GLOBAL TEMPORARY TABLE t(a int)")
+                .session_feature
+                .is_some()
+        );
+        assert!(
+            effects("create table temp(a int)")
+                .session_feature
+                .is_none()
+        );
+        assert!(
+            effects("declare c cursor with hold for select 1")
+                .session_feature
+                .is_some()
+        );
+        assert!(
+            effects("declare c cursor for select 1")
+                .session_feature
+                .is_none()
+        );
+        assert!(
+            effects("do $$ begin perform 1; end $$; listen x")
+                .session_feature
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn statement_dropping_is_recognised() {
+        assert!(effects("DISCARD ALL").drops_all_statements);
+        assert!(effects("deallocate all").drops_all_statements);
+        assert!(effects("DEALLOCATE PREPARE ALL").drops_all_statements);
+        assert_eq!(effects("deallocate s1").deallocate.as_deref(), Some("s1"));
+        assert_eq!(
+            effects("DEALLOCATE PREPARE \"S1\"").deallocate.as_deref(),
+            Some("S1")
+        );
+        assert_eq!(effects("deallocate s1; select 1").deallocate, None);
+    }
+}

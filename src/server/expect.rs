@@ -1,0 +1,288 @@
+//! The responses a server still owes, in order, so tidepool can drop the
+//! answers to messages it injected (a lazy Parse, an LRU Close) and insert
+//! answers to client messages it did not forward (a Parse of a statement the
+//! server already has, a Close of a client's statement). Pure: no I/O.
+//!
+//! Invariants: items are pushed in the order messages are sent; after an
+//! ErrorResponse every item up to the next Sync is dropped (the server skips
+//! those messages), and their undo actions are reported; while the server is
+//! skipping, messages before the next Sync owe nothing.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::BackendTag;
+
+/// What to take back when an owed response never comes (the message failed
+/// or was skipped after an error).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Undo {
+    /// The server does not have this statement after all.
+    pub server_stmt: Option<u64>,
+    /// The client's statement of this name does not exist after all.
+    pub client_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owed {
+    Parse {
+        swallow: bool,
+        undo: Undo,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close {
+        swallow: bool,
+    },
+    Sync,
+    /// A simple Query or FunctionCall: everything until ReadyForQuery.
+    UntilReady,
+    /// An answer tidepool gives itself when this point of the stream is reached.
+    Synthetic {
+        bytes: Bytes,
+        undo: Undo,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Expect {
+    queue: VecDeque<Owed>,
+    /// The server hit an error and skips messages until the next Sync.
+    skipping: bool,
+    undos: Vec<Undo>,
+    /// Statements a server parsed successfully (known valid for this pool).
+    confirmed: Vec<u64>,
+}
+
+impl Expect {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// True while messages sent now would be skipped by the server.
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// Records a message sent (or answered by tidepool) in stream order.
+    pub fn push(&mut self, owed: Owed) {
+        if owed == Owed::Sync {
+            self.skipping = false;
+        } else if self.skipping {
+            if let Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } = owed {
+                self.undos.push(undo);
+            }
+            return;
+        }
+        self.queue.push_back(owed);
+    }
+
+    pub fn head_is_synthetic(&self) -> bool {
+        matches!(self.queue.front(), Some(Owed::Synthetic { .. }))
+    }
+
+    /// Moves the answers tidepool owes at the head of the stream into `out`.
+    pub fn take_synthetic(&mut self, out: &mut BytesMut) {
+        while let Some(Owed::Synthetic { .. }) = self.queue.front() {
+            if let Some(Owed::Synthetic { bytes, .. }) = self.queue.pop_front() {
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    /// Whether a server message with `tag` answers something tidepool sent on
+    /// its own and must not reach the client.
+    pub fn swallows(&self, tag: u8) -> bool {
+        match (self.queue.front(), BackendTag::from_byte(tag)) {
+            (Some(Owed::Parse { swallow, .. }), BackendTag::ParseComplete) => *swallow,
+            (Some(Owed::Close { swallow }), BackendTag::CloseComplete) => *swallow,
+            _ => false,
+        }
+    }
+
+    /// Statement hashes confirmed by a ParseComplete since the last call.
+    pub fn take_confirmed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.confirmed)
+    }
+
+    /// Undo actions collected since the last call.
+    pub fn take_undos(&mut self) -> Vec<Undo> {
+        std::mem::take(&mut self.undos)
+    }
+
+    /// Advances past one server message (forwarded or swallowed).
+    pub fn on_message(&mut self, tag: u8) {
+        use BackendTag as T;
+        let tag = T::from_byte(tag);
+        let head = self.queue.front();
+        let done = match (head, tag) {
+            (_, T::NoticeResponse | T::NotificationResponse | T::ParameterStatus) => false,
+            (Some(Owed::UntilReady | Owed::Sync), T::ErrorResponse) => false,
+            (_, T::ErrorResponse) => {
+                self.fail_until_sync();
+                return;
+            }
+            (_, T::ReadyForQuery) => {
+                self.pop_through_boundary();
+                return;
+            }
+            (Some(Owed::Parse { .. }), T::ParseComplete)
+            | (Some(Owed::Bind), T::BindComplete)
+            | (Some(Owed::Close { .. }), T::CloseComplete)
+            | (
+                Some(Owed::DescribeStatement | Owed::DescribePortal),
+                T::RowDescription | T::NoData,
+            )
+            | (
+                Some(Owed::Execute),
+                T::CommandComplete | T::EmptyQueryResponse | T::PortalSuspended,
+            ) => true,
+            _ => false,
+        };
+        if done
+            && let Some(Owed::Parse {
+                undo:
+                    Undo {
+                        server_stmt: Some(h),
+                        ..
+                    },
+                ..
+            }) = self.queue.pop_front()
+        {
+            self.confirmed.push(h);
+        }
+    }
+
+    /// The head failed: it and everything up to the next Sync will not be
+    /// answered.
+    fn fail_until_sync(&mut self) {
+        while let Some(front) = self.queue.front() {
+            if *front == Owed::Sync {
+                return;
+            }
+            if let Some(Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. }) =
+                self.queue.pop_front()
+            {
+                self.undos.push(undo);
+            }
+        }
+        self.skipping = true;
+    }
+
+    fn pop_through_boundary(&mut self) {
+        while let Some(item) = self.queue.pop_front() {
+            match item {
+                Owed::Sync | Owed::UntilReady => return,
+                Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } => self.undos.push(undo),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn undo(name: &str) -> Undo {
+        Undo {
+            server_stmt: None,
+            client_name: Some(name.into()),
+        }
+    }
+
+    #[test]
+    fn synthetic_answers_come_out_in_stream_order() {
+        let mut e = Expect::default();
+        e.push(Owed::Bind);
+        e.push(Owed::Synthetic {
+            bytes: Bytes::from_static(b"1"),
+            undo: undo("s1"),
+        });
+        e.push(Owed::Sync);
+        assert!(!e.head_is_synthetic());
+        e.on_message(b'2');
+        assert!(e.head_is_synthetic());
+        let mut out = BytesMut::new();
+        e.take_synthetic(&mut out);
+        assert_eq!(&out[..], b"1");
+        e.on_message(b'Z');
+        assert!(e.is_empty());
+        assert!(e.take_undos().is_empty());
+    }
+
+    #[test]
+    fn injected_parse_complete_is_swallowed() {
+        let mut e = Expect::default();
+        e.push(Owed::Parse {
+            swallow: true,
+            undo: Undo::default(),
+        });
+        e.push(Owed::Bind);
+        assert!(e.swallows(b'1'));
+        e.on_message(b'1');
+        assert!(!e.swallows(b'2'));
+    }
+
+    #[test]
+    fn an_error_drops_everything_until_sync_with_undos() {
+        let mut e = Expect::default();
+        e.push(Owed::Parse {
+            swallow: false,
+            undo: undo("a"),
+        });
+        e.push(Owed::Synthetic {
+            bytes: Bytes::new(),
+            undo: undo("b"),
+        });
+        e.push(Owed::Execute);
+        e.push(Owed::Sync);
+        e.push(Owed::Bind);
+        e.on_message(b'E');
+        assert_eq!(e.take_undos(), vec![undo("a"), undo("b")]);
+        e.on_message(b'Z');
+        assert_eq!(e.queue.front(), Some(&Owed::Bind));
+    }
+
+    #[test]
+    fn after_an_error_without_sync_new_messages_owe_nothing_until_sync() {
+        let mut e = Expect::default();
+        e.push(Owed::Execute);
+        e.on_message(b'E');
+        assert!(e.skipping());
+        e.push(Owed::Parse {
+            swallow: false,
+            undo: undo("late"),
+        });
+        assert!(e.is_empty());
+        assert_eq!(e.take_undos(), vec![undo("late")]);
+        e.push(Owed::Sync);
+        assert!(!e.skipping());
+        e.on_message(b'Z');
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn errors_inside_a_simple_query_wait_for_ready() {
+        let mut e = Expect::default();
+        e.push(Owed::UntilReady);
+        e.on_message(b'T');
+        e.on_message(b'E');
+        assert!(!e.is_empty());
+        e.on_message(b'Z');
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn describe_statement_ends_at_row_description_or_no_data() {
+        let mut e = Expect::default();
+        e.push(Owed::DescribeStatement);
+        e.on_message(b't');
+        assert!(!e.is_empty());
+        e.on_message(b'n');
+        assert!(e.is_empty());
+    }
+}
