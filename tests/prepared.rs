@@ -1,0 +1,254 @@
+//! Named prepared statements in transaction mode, at the protocol level:
+//! they follow the client across servers, and errors, Describe, Close and
+//! DEALLOCATE/DISCARD behave as PostgreSQL would for that client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use harness::raw::{self, Msg, Raw};
+use harness::{TestProxy, cluster};
+use std::sync::atomic::Ordering;
+
+fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    raw::msg(b'D', &b)
+}
+
+fn close_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    raw::msg(b'C', &b)
+}
+
+/// Runs `bytes` and returns the messages up to the ReadyForQuery.
+async fn round(r: &mut Raw, bytes: Vec<u8>) -> Vec<Msg> {
+    r.send(&bytes).await;
+    r.read_until_ready().await
+}
+
+async fn backend_pid(r: &mut Raw) -> String {
+    let msgs = round(r, raw::query("select pg_backend_pid()")).await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+    String::from_utf8_lossy(&row.body[6..]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_follows_its_client_to_another_server() {
+    let c = cluster();
+    let db = c.create_database("follow");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut other = Raw::login_trust(proxy.port(), &db).await;
+
+    let msgs = round(
+        &mut a,
+        [raw::parse("s1", "select $1::int * 10"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1Z");
+    let first = backend_pid(&mut a).await;
+
+    // Hold the server `a` used, so its next transaction runs elsewhere.
+    let mut held = false;
+    for _ in 0..10 {
+        round(&mut other, raw::query("begin")).await;
+        if backend_pid(&mut other).await == first {
+            held = true;
+            break;
+        }
+        round(&mut other, raw::query("commit")).await;
+    }
+    assert!(held, "could not take a's first server");
+    assert_ne!(backend_pid(&mut a).await, first);
+
+    let msgs = round(
+        &mut a,
+        [raw::bind("s1", &["7"]), raw::execute(), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "2DCZ", "{msgs:?}");
+    assert_eq!(&msgs[1].body[6..], b"70");
+    round(&mut other, raw::query("commit")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_close_and_errors_behave_like_postgres() {
+    let c = cluster();
+    let db = c.create_database("pgsem");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut r = Raw::login_trust(proxy.port(), &db).await;
+
+    // Describe of a statement: ParameterDescription, then RowDescription.
+    let msgs = round(
+        &mut r,
+        [
+            raw::parse("q", "select $1::text as t, 2 as n"),
+            describe_statement("q"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1tTZ", "{msgs:?}");
+
+    // A Parse error: the error, nothing registered, the client goes on.
+    let msgs = round(
+        &mut r,
+        [raw::parse("bad", "select from where"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(msgs[0].code().as_deref(), Some("42601"));
+    let msgs = round(
+        &mut r,
+        [raw::bind("bad", &[]), raw::execute(), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(msgs[0].code().as_deref(), Some("26000"));
+
+    // Messages after an error are skipped until Sync, as PostgreSQL does.
+    let msgs = round(
+        &mut r,
+        [
+            raw::bind("nope", &[]),
+            raw::execute(),
+            raw::parse("later", "select 1"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "EZ", "{msgs:?}");
+    let msgs = round(
+        &mut r,
+        [raw::bind("later", &[]), raw::execute(), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(
+        msgs[0].code().as_deref(),
+        Some("26000"),
+        "skipped Parse must not exist"
+    );
+
+    // Duplicate names are refused; Close of an unknown name is fine.
+    let msgs = round(&mut r, [raw::parse("q", "select 3"), raw::sync()].concat()).await;
+    assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
+    let msgs = round(&mut r, [close_statement("never"), raw::sync()].concat()).await;
+    assert_eq!(tags(&msgs), "3Z");
+
+    // Close, then the name is free again with a new text.
+    let msgs = round(
+        &mut r,
+        [
+            close_statement("q"),
+            raw::parse("q", "select 'again'"),
+            raw::bind("q", &[]),
+            raw::execute(),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "312DCZ", "{msgs:?}");
+    assert_eq!(&msgs[3].body[6..], b"again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_and_discard_forget_the_clients_statements() {
+    let c = cluster();
+    let db = c.create_database("dealloc");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut r = Raw::login_trust(proxy.port(), &db).await;
+    for stmt in ["deallocate all", "discard all", "deallocate s"] {
+        let msgs = round(&mut r, [raw::parse("s", "select 1"), raw::sync()].concat()).await;
+        assert_eq!(tags(&msgs), "1Z", "{stmt}: {msgs:?}");
+        let msgs = round(&mut r, raw::query(stmt)).await;
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "{stmt}: {msgs:?}");
+        let msgs = round(
+            &mut r,
+            [raw::bind("s", &[]), raw::execute(), raw::sync()].concat(),
+        )
+        .await;
+        assert_eq!(msgs[0].code().as_deref(), Some("26000"), "{stmt}: {msgs:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_server_cache_is_bounded_and_evicts_least_recently_used() {
+    let c = cluster();
+    let db = c.create_database("lru");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1\nmax_prepared_statements = 3");
+    let mut r = Raw::login_trust(proxy.port(), &db).await;
+    for i in 0..8 {
+        let msgs = round(
+            &mut r,
+            [
+                raw::parse(&format!("s{i}"), &format!("select {i}")),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        assert_eq!(tags(&msgs), "1Z");
+    }
+    for round_no in 0..3 {
+        for i in (0..8).rev() {
+            let msgs = round(
+                &mut r,
+                [
+                    raw::bind(&format!("s{i}"), &[]),
+                    raw::execute(),
+                    raw::sync(),
+                ]
+                .concat(),
+            )
+            .await;
+            assert_eq!(tags(&msgs), "2DCZ", "round {round_no} s{i}: {msgs:?}");
+            assert_eq!(msgs[1].body[6..], *i.to_string().as_bytes());
+        }
+    }
+    let msgs = round(
+        &mut r,
+        raw::query("select count(*) from pg_prepared_statements"),
+    )
+    .await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+    let n: i32 = String::from_utf8_lossy(&row.body[6..]).parse().unwrap();
+    assert!(n <= 3, "server holds {n} statements");
+    assert!(proxy.shared.stats.prepare_evictions.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_preparing_a_known_statement_costs_no_server_parse() {
+    let c = cluster();
+    let db = c.create_database("reprep");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
+    let stats = &proxy.shared.stats;
+    // Many clients prepare the same text: one server, one Parse on it.
+    for _ in 0..10 {
+        let mut r = Raw::login_trust(proxy.port(), &db).await;
+        let msgs = round(
+            &mut r,
+            [
+                raw::parse("mine", "select $1::int + 1"),
+                raw::bind("mine", &["1"]),
+                raw::execute(),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        assert_eq!(tags(&msgs), "12DCZ");
+    }
+    assert_eq!(stats.prepares.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.prepare_hits.load(Ordering::Relaxed), 9);
+}
