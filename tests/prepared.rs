@@ -252,3 +252,49 @@ async fn re_preparing_a_known_statement_costs_no_server_parse() {
     assert_eq!(stats.prepares.load(Ordering::Relaxed), 1);
     assert_eq!(stats.prepare_hits.load(Ordering::Relaxed), 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_execute_and_deallocate_work_across_servers() {
+    let c = cluster();
+    let db = c.create_database("sqlprep");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut b = Raw::login_trust(proxy.port(), &db).await;
+
+    let msgs = round(&mut a, raw::query("PREPARE twice(int) AS select $1 * 2")).await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+    // Another client may use the same name for something else.
+    let msgs = round(&mut b, raw::query("prepare twice(text) as select $1 || $1")).await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+
+    for i in 0..6 {
+        // Alternate which client holds a transaction so servers change hands.
+        let (holder, user, want) = if i % 2 == 0 {
+            (&mut b, &mut a, "42")
+        } else {
+            (&mut a, &mut b, "2121")
+        };
+        round(holder, raw::query("begin; select 1")).await;
+        let msgs = round(user, raw::query("execute twice(21)")).await;
+        let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
+        assert_eq!(String::from_utf8_lossy(&row.body[6..]), want);
+        round(holder, raw::query("commit")).await;
+    }
+    let msgs = round(&mut a, raw::query("execute twice(5)")).await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+    assert_eq!(&row.body[6..], b"10");
+    let msgs = round(&mut b, raw::query("execute twice('ab')")).await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+    assert_eq!(&row.body[6..], b"abab");
+
+    let msgs = round(&mut a, raw::query("PREPARE twice AS select 1")).await;
+    assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
+    let msgs = round(&mut a, raw::query("DEALLOCATE twice")).await;
+    assert_eq!(tags(&msgs), "CZ");
+    let msgs = round(&mut a, raw::query("execute twice(1)")).await;
+    assert_eq!(msgs[0].code().as_deref(), Some("26000"), "{msgs:?}");
+    // b's statement is untouched.
+    let msgs = round(&mut b, raw::query("execute twice('x')")).await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
+    assert_eq!(&row.body[6..], b"xx");
+}

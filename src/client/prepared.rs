@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
-use super::sql::effects;
+use super::sql::{PreparedSql, effects};
 use super::txn::Tracker;
 use crate::protocol::messages::Body;
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, write};
@@ -102,14 +102,96 @@ impl Handler<'_> {
             synthetic(t, out, Undo::default());
             return Ok(());
         }
+        if let (Some(p), true) = (&e.prepared, t.policy.named_statements) {
+            return self.sql_prepared(msg, p);
+        }
         if e.drops_all_statements {
             self.statements.clear();
             self.prepared.clear();
         }
         t.note_effects(&e);
         t.pending += 1;
-        t.expect.push(Owed::UntilReady);
+        t.expect.push(Owed::UntilReady {
+            undo: None,
+            failed: false,
+        });
         self.to_server.extend_from_slice(msg);
+        Ok(())
+    }
+
+    /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared
+    /// server statement, exactly like a protocol-level Parse.
+    fn sql_prepared(&mut self, msg: &[u8], p: &PreparedSql) -> Result<(), ProtocolError> {
+        let status = self.t.status;
+        match p {
+            PreparedSql::Prepare { name, rest } => {
+                if self.statements.contains_key(name) {
+                    let mut out = BytesMut::new();
+                    write::error_response(
+                        &mut out,
+                        "ERROR",
+                        DUPLICATE_PSTATEMENT,
+                        &format!("prepared statement \"{name}\" already exists"),
+                    );
+                    write::ready_for_query(&mut out, status);
+                    synthetic(self.t, out, Undo::default());
+                    return Ok(());
+                }
+                let stmt = Statement::from_sql_prepare(rest);
+                self.t.note_sql(&stmt.query);
+                self.statements.insert(name.clone(), stmt.clone());
+                if self.prepared.contains(stmt.hash) {
+                    self.prepared.touch(stmt.hash);
+                    Counters::add(&self.counters.prepare_hits);
+                    let mut out = BytesMut::new();
+                    write::message(&mut out, BackendTag::CommandComplete.byte(), |b| {
+                        b.put_slice(b"PREPARE\0")
+                    });
+                    write::ready_for_query(&mut out, status);
+                    synthetic(
+                        self.t,
+                        out,
+                        Undo {
+                            server_stmt: None,
+                            client_name: Some(name.clone()),
+                        },
+                    );
+                    return Ok(());
+                }
+                self.evict_for(stmt.hash);
+                Counters::add(&self.counters.prepares);
+                let sql = stmt.sql_prepare.clone().unwrap_or_default();
+                write::query(self.to_server, &sql);
+                self.t.pending += 1;
+                self.t.expect.push(Owed::UntilReady {
+                    undo: Some(Undo {
+                        server_stmt: Some(stmt.hash),
+                        client_name: Some(name.clone()),
+                    }),
+                    failed: false,
+                });
+            }
+            PreparedSql::Execute { name, rest } => {
+                let Some(stmt) = self.lookup(name) else {
+                    // Unknown to tidepool: the server answers (with 26000).
+                    self.t.pending += 1;
+                    self.t.expect.push(Owed::UntilReady {
+                        undo: None,
+                        failed: false,
+                    });
+                    self.to_server.extend_from_slice(msg);
+                    return Ok(());
+                };
+                self.ensure(&stmt);
+                self.t.note_sql(&stmt.query);
+                write::query(self.to_server, &format!("EXECUTE {}{rest}", stmt.name));
+                self.t.pending += 1;
+                self.t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -224,15 +306,10 @@ impl Handler<'_> {
         }
     }
 
-    /// Queues a Parse of `stmt` (and, past the limit, a Close of the least
-    /// recently used statement) ahead of the client's next message.
-    fn prepare_on_server(
-        &mut self,
-        stmt: &Arc<Statement>,
-        swallow: bool,
-        client_name: Option<String>,
-    ) {
-        if let Some(victim) = self.prepared.insert(stmt.hash, self.cap) {
+    /// Records `hash` on the server; past the limit, queues a Close of the
+    /// least recently used statement.
+    fn evict_for(&mut self, hash: u64) {
+        if let Some(victim) = self.prepared.insert(hash, self.cap) {
             write::message(self.to_server, FrontendTag::Close.byte(), |m| {
                 m.put_u8(b'S');
                 m.put_slice(server_name(victim).as_bytes());
@@ -240,6 +317,25 @@ impl Handler<'_> {
             });
             self.t.expect.push(Owed::Close { swallow: true });
             Counters::add(&self.counters.prepare_evictions);
+        }
+    }
+
+    /// Queues what prepares `stmt` on the server ahead of the client's next
+    /// message: a Parse, or for SQL-prepared statements tidepool's own
+    /// PREPARE query, whose answers are dropped.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<Statement>,
+        swallow: bool,
+        client_name: Option<String>,
+    ) {
+        self.evict_for(stmt.hash);
+        if let Some(sql) = &stmt.sql_prepare {
+            write::query(self.to_server, sql);
+            self.t.pending += 1;
+            self.t.expect.push(Owed::Internal);
+            Counters::add(&self.counters.prepares);
+            return;
         }
         self.to_server.extend_from_slice(&stmt.parse);
         self.t.expect.push(Owed::Parse {

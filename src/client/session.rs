@@ -507,6 +507,7 @@ impl Session {
                     }
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
                     self.pool.confirm_statements(&t.expect.take_confirmed());
+                    t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
 
                     for (k, v) in changed.drain(..) {
                         if is_tracked(&k) {
@@ -694,6 +695,7 @@ impl ClientIn<'_> {
         }
         t.expect.take_synthetic(to_client);
         apply_undos(t.expect.take_undos(), self.statements, prepared);
+        t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
         Ok(())
     }
 }
@@ -715,6 +717,25 @@ fn scan_server(
         }
         if t.expect.head_is_synthetic() {
             t.expect.take_synthetic(to_client);
+            continue;
+        }
+        if t.expect.head_is_internal() {
+            // An answer to tidepool's own query: drop it whole.
+            if sbuf.len() < 5 {
+                return Ok(());
+            }
+            let total = checked_len(sbuf[0], &sbuf[1..5], SERVER_MESSAGE_LIMIT)?;
+            if sbuf.len() < total {
+                return Ok(());
+            }
+            let msg = sbuf.split_to(total);
+            if msg[0] == crate::protocol::BackendTag::ReadyForQuery.byte() {
+                t.status = crate::protocol::messages::ready_for_query(&msg[5..])?;
+                t.pending = t.pending.saturating_sub(1);
+                t.expect.on_message(msg[0]);
+            } else if msg[0] == crate::protocol::BackendTag::ErrorResponse.byte() {
+                tracing::debug!("tidepool's own PREPARE failed on the server");
+            }
             continue;
         }
         if sbuf.len() >= 5 && t.expect.swallows(sbuf[0]) {

@@ -15,6 +15,17 @@ pub struct Effects {
     pub drops_all_statements: bool,
     /// `DEALLOCATE [PREPARE] name` as the only statement.
     pub deallocate: Option<String>,
+    /// SQL-level `PREPARE` or `EXECUTE` as the only statement.
+    pub prepared: Option<PreparedSql>,
+}
+
+/// A single-statement SQL `PREPARE name ... AS ...` or `EXECUTE name ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreparedSql {
+    /// `rest` is everything after the name: `[(types)] AS statement`.
+    Prepare { name: String, rest: String },
+    /// `rest` is everything after the name: `[(args)]`.
+    Execute { name: String, rest: String },
 }
 
 pub fn effects(sql: &str) -> Effects {
@@ -49,7 +60,8 @@ pub fn effects(sql: &str) -> Effects {
                 }
             }
             "listen" => e.session_feature = Some("LISTEN"),
-            "prepare" => e.session_feature = Some("PREPARE (SQL-level prepared statements)"),
+            "prepare" | "execute" if single => e.prepared = prepared_sql(stmt),
+            "prepare" => e.session_feature = Some("PREPARE in a multi-statement query"),
             "declare" if contains_ignore_case(stmt, "with hold") => {
                 e.session_feature = Some("WITH HOLD cursors")
             }
@@ -66,6 +78,84 @@ pub fn effects(sql: &str) -> Effects {
         }
     }
     e
+}
+
+/// Parses `PREPARE name [(types)] AS stmt` or `EXECUTE name [(args)]`.
+fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
+    let b = stmt.as_bytes();
+    let mut i = skip_space(stmt, 0);
+    let kw_end = i + b[i..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .count();
+    let keyword = stmt[i..kw_end].to_ascii_lowercase();
+    i = skip_space(stmt, kw_end);
+    let (name, after) = identifier(stmt, i)?;
+    let rest = stmt[after..].trim_end().to_owned();
+    match keyword.as_str() {
+        "prepare" => {
+            // Must contain AS after optional parenthesised types.
+            let mut j = skip_space(stmt, after);
+            if b.get(j) == Some(&b'(') {
+                let mut depth = 0;
+                while j < b.len() {
+                    match b[j] {
+                        b'(' => depth += 1,
+                        b')' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                j += 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                j = skip_space(stmt, j);
+            }
+            let as_kw = stmt.get(j..j + 2)?;
+            let next = b.get(j + 2).copied().unwrap_or(b' ');
+            if !as_kw.eq_ignore_ascii_case("as") || !(next.is_ascii_whitespace() || next == b'(') {
+                return None;
+            }
+            Some(PreparedSql::Prepare { name, rest })
+        }
+        "execute" => Some(PreparedSql::Execute { name, rest }),
+        _ => None,
+    }
+}
+
+fn skip_space(s: &str, mut i: usize) -> usize {
+    let b = s.as_bytes();
+    loop {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if b[i..].starts_with(b"--") {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            i = s[i..].find("*/").map_or(b.len(), |e| i + e + 2);
+        } else {
+            return i;
+        }
+    }
+}
+
+/// An SQL identifier at `i`: quoted (kept as is) or bare (lowercased).
+fn identifier(s: &str, i: usize) -> Option<(String, usize)> {
+    let b = s.as_bytes();
+    if b.get(i) == Some(&b'"') {
+        let end = s[i + 1..].find('"')? + i + 1;
+        return Some((s[i + 1..end].to_owned(), end + 1));
+    }
+    let len = b[i..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_' || **c == b'$')
+        .count();
+    (len > 0).then(|| (s[i..i + len].to_ascii_lowercase(), i + len))
 }
 
 fn contains_ignore_case(hay: &str, needle: &str) -> bool {
@@ -225,6 +315,32 @@ mod tests {
                 .session_feature
                 .is_some()
         );
+    }
+
+    #[test]
+    fn sql_prepare_and_execute_are_parsed() {
+        assert_eq!(
+            effects("PREPARE Foo (int, numeric(10,2)) AS select $1, $2").prepared,
+            Some(PreparedSql::Prepare {
+                name: "foo".into(),
+                rest: " (int, numeric(10,2)) AS select $1, $2".into()
+            })
+        );
+        assert_eq!(
+            effects("execute \"Foo\"(1, 'a')").prepared,
+            Some(PreparedSql::Execute {
+                name: "Foo".into(),
+                rest: "(1, 'a')".into()
+            })
+        );
+        assert_eq!(effects("prepare x as\nselect 1").prepared.is_some(), true);
+        assert_eq!(effects("prepare x select 1").prepared, None);
+        assert!(
+            effects("prepare x as select 1; select 2")
+                .session_feature
+                .is_some()
+        );
+        assert_eq!(effects("prepare x as select 1").session_feature, None);
     }
 
     #[test]

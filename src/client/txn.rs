@@ -144,7 +144,10 @@ impl Inspector for ClientSide<'_> {
             }
             FrontendTag::FunctionCall => {
                 t.pending += 1;
-                t.expect.push(Owed::UntilReady);
+                t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                });
             }
             FrontendTag::Execute => {
                 t.unsynced = true;
@@ -170,12 +173,16 @@ impl Inspector for ClientSide<'_> {
                 let sql = Body::new(body, "Query").cstr()?;
                 let e = effects(sql);
                 let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
-                if e.deallocate.is_some() || e.drops_all_statements || refused {
+                let prepared = e.prepared.is_some() && t.policy.named_statements;
+                if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
                     return Ok(Step::Stop);
                 }
                 t.note_effects(&e);
                 t.pending += 1;
-                t.expect.push(Owed::UntilReady);
+                t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                });
             }
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
@@ -231,7 +238,7 @@ pub struct ServerSide<'a> {
 impl Inspector for ServerSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
         let t = &mut *self.t;
-        if t.expect.head_is_synthetic() || t.expect.swallows(tag) {
+        if t.expect.head_is_synthetic() || t.expect.head_is_internal() || t.expect.swallows(tag) {
             return Step::Stop;
         }
         match BackendTag::from_byte(tag) {

@@ -38,8 +38,15 @@ pub enum Owed {
         swallow: bool,
     },
     Sync,
-    /// A simple Query or FunctionCall: everything until ReadyForQuery.
-    UntilReady,
+    /// A simple Query or FunctionCall: everything until ReadyForQuery. If it
+    /// fails, `undo` applies.
+    UntilReady {
+        undo: Option<Undo>,
+        failed: bool,
+    },
+    /// A simple query tidepool sent itself: every answer, ReadyForQuery
+    /// included, is dropped.
+    Internal,
     /// An answer tidepool gives itself when this point of the stream is reached.
     Synthetic {
         bytes: Bytes,
@@ -55,6 +62,8 @@ pub struct Expect {
     undos: Vec<Undo>,
     /// Statements a server parsed successfully (known valid for this pool).
     confirmed: Vec<u64>,
+    /// Queries (each owing a ReadyForQuery) the server skipped after an error.
+    skipped_ready: u32,
 }
 
 impl Expect {
@@ -72,12 +81,14 @@ impl Expect {
         if owed == Owed::Sync {
             self.skipping = false;
         } else if self.skipping {
-            if let Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } = owed {
-                self.undos.push(undo);
-            }
+            self.forget(owed);
             return;
         }
         self.queue.push_back(owed);
+    }
+
+    pub fn head_is_internal(&self) -> bool {
+        matches!(self.queue.front(), Some(Owed::Internal))
     }
 
     pub fn head_is_synthetic(&self) -> bool {
@@ -117,10 +128,14 @@ impl Expect {
     pub fn on_message(&mut self, tag: u8) {
         use BackendTag as T;
         let tag = T::from_byte(tag);
-        let head = self.queue.front();
+        let head = self.queue.front_mut();
         let done = match (head, tag) {
             (_, T::NoticeResponse | T::NotificationResponse | T::ParameterStatus) => false,
-            (Some(Owed::UntilReady | Owed::Sync), T::ErrorResponse) => false,
+            (Some(Owed::UntilReady { failed, .. }), T::ErrorResponse) => {
+                *failed = true;
+                false
+            }
+            (Some(Owed::Sync), T::ErrorResponse) => false,
             (_, T::ErrorResponse) => {
                 self.fail_until_sync();
                 return;
@@ -163,19 +178,41 @@ impl Expect {
             if *front == Owed::Sync {
                 return;
             }
-            if let Some(Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. }) =
-                self.queue.pop_front()
-            {
-                self.undos.push(undo);
+            if let Some(owed) = self.queue.pop_front() {
+                self.forget(owed);
             }
         }
         self.skipping = true;
     }
 
+    /// An item whose answers will never come (the server skips it).
+    fn forget(&mut self, owed: Owed) {
+        match owed {
+            Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } => self.undos.push(undo),
+            Owed::UntilReady { undo, .. } => {
+                self.skipped_ready += 1;
+                self.undos.extend(undo);
+            }
+            Owed::Internal => self.skipped_ready += 1,
+            _ => {}
+        }
+    }
+
+    /// ReadyForQuery messages that will not come after all (see `forget`).
+    pub fn take_skipped_ready(&mut self) -> u32 {
+        std::mem::take(&mut self.skipped_ready)
+    }
+
     fn pop_through_boundary(&mut self) {
         while let Some(item) = self.queue.pop_front() {
             match item {
-                Owed::Sync | Owed::UntilReady => return,
+                Owed::Sync | Owed::Internal => return,
+                Owed::UntilReady { undo, failed } => {
+                    if let (Some(undo), true) = (undo, failed) {
+                        self.undos.push(undo);
+                    }
+                    return;
+                }
                 Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } => self.undos.push(undo),
                 _ => {}
             }
@@ -268,7 +305,10 @@ mod tests {
     #[test]
     fn errors_inside_a_simple_query_wait_for_ready() {
         let mut e = Expect::default();
-        e.push(Owed::UntilReady);
+        e.push(Owed::UntilReady {
+            undo: None,
+            failed: false,
+        });
         e.on_message(b'T');
         e.on_message(b'E');
         assert!(!e.is_empty());

@@ -22,8 +22,11 @@ pub struct Statement {
     pub hash: u64,
     /// The name tidepool gives it on servers.
     pub name: String,
-    /// A complete Parse message under `name`, ready to send.
+    /// A complete Parse message under `name`, ready to send; empty for a
+    /// statement prepared with SQL `PREPARE`.
     pub parse: Bytes,
+    /// For SQL `PREPARE`: the statement that prepares it under `name`.
+    pub sql_prepare: Option<String>,
     /// The query text (for classification).
     pub query: String,
 }
@@ -58,9 +61,27 @@ impl Statement {
                 hash,
                 name,
                 parse: parse.freeze(),
+                sql_prepare: None,
                 query,
             }),
         ))
+    }
+
+    /// A statement from SQL `PREPARE name <rest>`, where `rest` is
+    /// `[(types)] AS statement`.
+    pub fn from_sql_prepare(rest: &str) -> Arc<Statement> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        "sql-prepare".hash(&mut h);
+        rest.hash(&mut h);
+        let hash = h.finish();
+        let name = server_name(hash);
+        Arc::new(Statement {
+            hash,
+            sql_prepare: Some(format!("PREPARE {name}{rest}")),
+            name,
+            parse: Bytes::new(),
+            query: rest.to_owned(),
+        })
     }
 }
 
