@@ -333,7 +333,7 @@ mod tests {
                 rest: "(1, 'a')".into()
             })
         );
-        assert_eq!(effects("prepare x as\nselect 1").prepared.is_some(), true);
+        assert!(effects("prepare x as\nselect 1").prepared.is_some());
         assert_eq!(effects("prepare x select 1").prepared, None);
         assert!(
             effects("prepare x as select 1; select 2")
