@@ -298,3 +298,39 @@ async fn sql_prepare_execute_and_deallocate_work_across_servers() {
     let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
     assert_eq!(&row.body[6..], b"xx");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_costs_no_extra_round_trips_once_warm() {
+    let c = cluster();
+    let db = c.create_database("pgbprep");
+    let init = harness::pgbench_async(&c.app_url(&db), &["-i", "-q", "-s", "1"]).await;
+    assert!(init.status.success());
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 5\nmax_client_conn = 100");
+    let out = harness::pgbench_async(
+        &proxy.url(&db),
+        &["-n", "-c", "20", "-j", "2", "-t", "50", "-M", "prepared"],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+    let s = &proxy.shared.stats;
+    let prepares = s.prepares.load(Ordering::Relaxed);
+    let hits = s.prepare_hits.load(Ordering::Relaxed);
+    let syncs = s.param_syncs.load(Ordering::Relaxed);
+    let refreshes = s.param_refreshes.load(Ordering::Relaxed);
+    eprintln!(
+        "pgbench -M prepared, 20 clients x 50 tpcb transactions on 5 servers: \
+         {prepares} server Parses, {hits} Parses answered without a round trip, \
+         {syncs} parameter syncs, {refreshes} parameter refreshes"
+    );
+    // 7 statements (incl. BEGIN/END) on at most 5 servers.
+    assert!(prepares <= 7 * 5, "re-prepared too often: {prepares}");
+    // One SET of application_name per server; clients agree on everything.
+    assert!(syncs <= 5, "parameter syncs: {syncs}");
+    assert_eq!(refreshes, 0);
+}
