@@ -556,32 +556,33 @@ impl Session {
         Counters::add(&self.shared.stats.param_refreshes);
         match conn.session_settings().await {
             Ok(rows) => {
-                let mut mine: BTreeMap<String, String> = conn
+                let defaults = self.pool.defaults().unwrap_or_default();
+                // What the server has now: its reported parameters and every
+                // setting this session changed.
+                let mut actual: BTreeMap<String, String> = conn
                     .params
                     .iter()
-                    .filter(|(k, _)| is_tracked(k))
-                    .filter(|(k, _)| self.pool.defaults().is_some_and(|d| d.contains_key(*k)))
+                    .filter(|(k, _)| is_tracked(k) && defaults.contains_key(*k))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                let defaults = self.pool.defaults().unwrap_or_default();
-                let rows: Vec<(String, String)> = rows
-                    .into_iter()
-                    .map(|(k, v)| (canonical(&k, &defaults), v))
-                    .collect();
-                // Reset parameters go back to the client's startup values.
+                let mut changed = Vec::new();
+                for (k, v) in rows {
+                    let k = canonical(&k, &defaults);
+                    if is_tracked(&k) && crate::server::params::valid_name(&k) {
+                        changed.push(k.clone());
+                        actual.insert(k, v);
+                    }
+                }
+                // What the client has: the same, except that parameters it
+                // did not change (or RESET) are its startup values.
+                let mut mine = actual.clone();
                 for (k, v) in &self.startup {
-                    if !rows.iter().any(|(r, _)| r == k) {
+                    if !changed.contains(k) {
                         mine.insert(k.clone(), v.clone());
                     }
                 }
-                for (k, v) in rows {
-                    if is_tracked(&k) && crate::server::params::valid_name(&k) {
-                        mine.insert(k, v);
-                    }
-                }
                 conn.params.retain(|k, _| !is_tracked(k));
-                conn.params
-                    .extend(mine.iter().map(|(k, v)| (k.clone(), v.clone())));
+                conn.params.extend(actual);
                 self.params = mine;
             }
             Err(e) => {

@@ -57,11 +57,24 @@ pub fn sync_sql(
     server: &BTreeMap<String, String>,
     defaults: &BTreeMap<String, String>,
 ) -> Option<String> {
+    // set_config() takes the value as text, parsed like a config file entry,
+    // so list-valued settings (search_path) keep their elements.
+    let sets: Vec<String> = client
+        .iter()
+        .filter(|(k, v)| server.get(*k) != Some(*v) && valid_name(k))
+        .map(|(k, v)| {
+            format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(k),
+                quote_literal(v)
+            )
+        })
+        .collect();
     let mut sql = String::new();
-    for (k, v) in client {
-        if server.get(k) != Some(v) && valid_name(k) {
-            sql.push_str(&format!("SET {k} TO {};", quote_literal(v)));
-        }
+    if !sets.is_empty() {
+        sql.push_str("SELECT ");
+        sql.push_str(&sets.join(", "));
+        sql.push(';');
     }
     for k in server.keys() {
         if !client.contains_key(k) && !defaults.contains_key(k) && is_tracked(k) && valid_name(k) {
@@ -95,7 +108,7 @@ mod tests {
         let server = m(&[("application_name", ""), ("extra_float_digits", "3")]);
         assert_eq!(
             sync_sql(&client, &server, &defaults).unwrap(),
-            "SET application_name TO 'it''s';RESET extra_float_digits;"
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false);RESET extra_float_digits;"
         );
     }
 

@@ -1,0 +1,335 @@
+//! Real client libraries through tidepool in transaction mode, each with
+//! fewer server connections than client connections, each relying on named
+//! prepared statements that outlive a transaction: Python asyncpg and
+//! psycopg 3, node-postgres named queries, pgjdbc with `prepareThreshold=1`
+//! and `pgbench -M prepared`.
+//!
+//! The programs live in `tests/clients/`; `scripts/test` installs what they
+//! need. Each one checks its own results, exits non-zero on any error and
+//! bounds its own runtime; the test asserts it exits 0 and printed its `OK`
+//! line. Set `TIDEPOOL_TEST_DIRECT=1` to point the programs at PostgreSQL
+//! itself instead of tidepool (to tell a program bug from a proxy bug).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{TestProxy, cluster};
+
+/// Every program bounds itself to this many seconds...
+const PROGRAM_TIMEOUT_SECS: u64 = 120;
+/// ...and is killed by the test if it somehow outlives this.
+const HARD_TIMEOUT: Duration = Duration::from_secs(PROGRAM_TIMEOUT_SECS + 60);
+
+const PGJDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+fn direct() -> bool {
+    std::env::var("TIDEPOOL_TEST_DIRECT").is_ok_and(|v| v == "1")
+}
+
+/// Where a client program connects: tidepool in front of `db` with
+/// `pool_extra`, or (with `TIDEPOOL_TEST_DIRECT=1`) the primary itself.
+struct Target {
+    proxy: Option<TestProxy>,
+    port: u16,
+    db: String,
+    pool_size: usize,
+}
+
+impl Target {
+    fn new(c: &harness::Cluster, db: &str, pool_size: usize, pool_extra: &str) -> Target {
+        let extra = format!("default_pool_size = {pool_size}\n{pool_extra}");
+        let proxy = (!direct()).then(|| TestProxy::for_db(c, db, &extra));
+        let port = proxy.as_ref().map_or(c.primary_port(), TestProxy::port);
+        Target {
+            proxy,
+            port,
+            db: db.to_owned(),
+            pool_size,
+        }
+    }
+
+    fn url(&self) -> String {
+        harness::url(
+            self.port,
+            harness::APP_USER,
+            Some(harness::APP_PASSWORD),
+            &self.db,
+        )
+    }
+
+    /// tidepool never opened more servers than its pool allows.
+    fn assert_pool_respected(&self) {
+        if let Some(p) = &self.proxy {
+            assert!(
+                p.server_count() <= self.pool_size,
+                "tidepool has {} servers, pool size {}",
+                p.server_count(),
+                self.pool_size
+            );
+        }
+    }
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` to completion with stdout/stderr captured; kills it after
+/// [`HARD_TIMEOUT`].
+fn run(mut cmd: Command, what: &str) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("TIDEPOOL_CLIENT_TIMEOUT", PROGRAM_TIMEOUT_SECS.to_string());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {what} ({cmd:?}): {e}"));
+    let pipe_reader = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out_thread = pipe_reader(Box::new(child.stdout.take().unwrap()));
+    let err_thread = pipe_reader(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + HARD_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = Output {
+                status: child.wait().expect("reap child"),
+                stdout: out_thread.join().unwrap_or_default(),
+                stderr: err_thread.join().unwrap_or_default(),
+            };
+            panic!(
+                "{}",
+                describe(&format!("{what} killed after {HARD_TIMEOUT:?}"), &out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    }
+}
+
+async fn run_async(cmd: Command, what: &str) -> Output {
+    let what = what.to_owned();
+    tokio::task::spawn_blocking(move || run(cmd, &what))
+        .await
+        .expect("program runner thread")
+}
+
+/// Panics with install advice when `cmd` cannot run successfully.
+fn require(what: &str, cmd: &mut Command) {
+    let ok = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{what} is missing: run scripts/test to install it");
+}
+
+/// Asserts the program succeeded and printed a line starting with `ok_line`.
+fn assert_ok(what: &str, out: &Output, ok_line: &str) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.lines().any(|l| l.starts_with(ok_line)),
+        "{}",
+        describe(what, out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_asyncpg_pool_with_statement_cache() {
+    require(
+        "python3 with asyncpg",
+        Command::new("python3").args(["-c", "import asyncpg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("asyncpg");
+    // asyncpg keeps up to 20 connections; tidepool gives them 5 servers.
+    let target = Target::new(c, &db, 5, "");
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("python/asyncpg_check.py"))
+        .arg(target.url());
+    let out = run_async(cmd, "asyncpg_check.py").await;
+    assert_ok("asyncpg_check.py", &out, "asyncpg: OK");
+    target.assert_pool_respected();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_psycopg3_prepared_threads_and_pipeline() {
+    require(
+        "python3 with psycopg 3",
+        Command::new("python3").args(["-c", "import psycopg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("psycopg");
+    let target = Target::new(c, &db, 4, "");
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("python/psycopg_check.py"))
+        .arg(target.url());
+    let out = run_async(cmd, "psycopg_check.py").await;
+    assert_ok("psycopg_check.py", &out, "psycopg: OK");
+    target.assert_pool_respected();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_named_queries() {
+    let node_dir = clients_dir().join("node");
+    require("node", Command::new("node").arg("--version"));
+    assert!(
+        node_dir.join("node_modules/pg").is_dir(),
+        "node-postgres is missing in {}: run scripts/test (or npm ci there)",
+        node_dir.display()
+    );
+    let c = cluster();
+    let db = c.create_database("nodepg");
+    let target = Target::new(c, &db, 5, "");
+    let mut cmd = Command::new("node");
+    cmd.arg(node_dir.join("named_queries.js"))
+        .arg(target.url())
+        .current_dir(&node_dir);
+    let out = run_async(cmd, "named_queries.js").await;
+    assert_ok("named_queries.js", &out, "node-postgres: OK");
+    target.assert_pool_respected();
+}
+
+/// Compiles `JdbcCheck.java` into a fresh directory under the target dir.
+fn compile_jdbc_check() -> PathBuf {
+    let classes =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jdbc-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&classes);
+    std::fs::create_dir_all(&classes).expect("create class dir");
+    let mut javac = Command::new("javac");
+    javac
+        .args(["-encoding", "UTF-8", "-cp", PGJDBC_JAR, "-d"])
+        .arg(&classes)
+        .arg(clients_dir().join("java/JdbcCheck.java"));
+    let out = run(javac, "javac");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("javac JdbcCheck", &out)
+    );
+    classes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_pgjdbc_server_prepared_statements_and_batch() {
+    require(
+        "javac (default-jdk-headless)",
+        Command::new("javac").arg("-version"),
+    );
+    require("java", Command::new("java").arg("-version"));
+    assert!(
+        Path::new(PGJDBC_JAR).is_file(),
+        "{PGJDBC_JAR} is missing: run scripts/test (apt-get install libpostgresql-jdbc-java)"
+    );
+    let classes = tokio::task::spawn_blocking(compile_jdbc_check)
+        .await
+        .expect("javac thread");
+    let c = cluster();
+    let db = c.create_database("jdbc");
+    let target = Target::new(c, &db, 4, "");
+    let jdbc_url = format!(
+        "jdbc:postgresql://{}:{}/{}?prepareThreshold=1&connectTimeout=10&socketTimeout=90",
+        harness::HOST,
+        target.port,
+        db
+    );
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{PGJDBC_JAR}:{}", classes.display()))
+        .arg("JdbcCheck")
+        .arg(&jdbc_url)
+        .arg(harness::APP_USER)
+        .arg(harness::APP_PASSWORD);
+    let out = run_async(cmd, "JdbcCheck").await;
+    let _ = std::fs::remove_dir_all(&classes);
+    assert_ok("JdbcCheck", &out, "pgjdbc: OK");
+    target.assert_pool_respected();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_50_clients_through_a_pool_of_10() {
+    let c = cluster();
+    let db = c.create_database("benchprep");
+    let init = harness::pgbench_async(&c.app_url(&db), &["-i", "-q", "-s", "1"]).await;
+    assert!(init.status.success(), "{}", describe("pgbench -i", &init));
+    let target = Target::new(c, &db, 10, "max_client_conn = 200");
+    // Own runner rather than harness::pgbench: a shorter deadline, since a
+    // pgbench whose clients lost their statements can hang instead of exit.
+    let mut cmd = Command::new(harness::pg_bin("pgbench"));
+    for var in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGOPTIONS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("PGPASSWORD", harness::APP_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args(["-n", "-c", "50", "-j", "2", "-t", "40", "-M", "prepared"])
+        .arg(target.url());
+    let out = run_async(cmd, "pgbench -M prepared").await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("pgbench -M prepared", &out)
+    );
+    assert!(
+        text.contains("number of transactions actually processed: 2000/2000"),
+        "{}",
+        describe("pgbench -M prepared", &out)
+    );
+    assert!(
+        text.contains("number of failed transactions: 0 "),
+        "{}",
+        describe("pgbench -M prepared", &out)
+    );
+    let admin = c.admin_client(&db).await;
+    let row = admin
+        .query_one(
+            "select (select sum(abalance) from pgbench_accounts)::bigint, \
+                    (select sum(delta) from pgbench_history)::bigint, \
+                    (select count(*) from pgbench_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (abalance, delta, history): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(history, 2000, "one history row per transaction");
+    assert_eq!(abalance, delta, "sum(abalance) != sum(delta)");
+    target.assert_pool_respected();
+}
