@@ -15,10 +15,12 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod lifecycle;
 pub mod listener;
 pub mod pool;
 pub mod protocol;
+pub mod router;
 pub mod server;
 pub mod stats;
 

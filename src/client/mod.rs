@@ -46,6 +46,7 @@ pub struct Shared {
     pub decoy: ScramVerifier,
     pub clients: AtomicU32,
     pub stats: crate::stats::Counters,
+    pub classifier: Arc<crate::router::Classifier>,
     next_id: AtomicU64,
 }
 
@@ -69,6 +70,9 @@ impl Shared {
                 stored_key: rand::random(),
                 server_key: rand::random(),
             });
+        let classifier = Arc::new(crate::router::Classifier::new(
+            crate::router::classify::Rules::from_config(&config.routing),
+        ));
         Self {
             decoy,
             registry: Registry::new(config.clone()),
@@ -77,6 +81,7 @@ impl Shared {
             users,
             clients: AtomicU32::new(0),
             stats: crate::stats::Counters::default(),
+            classifier,
             next_id: AtomicU64::new(1),
         }
     }

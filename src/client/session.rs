@@ -17,9 +17,12 @@ use super::txn::{Policy, Tracker};
 use crate::cancel::{CancelHandle, send_cancel};
 use crate::config::PoolMode;
 use crate::error::ClientError;
+use crate::health::Health;
 use crate::pool::{Pool, PooledConn, Release};
 use crate::protocol::scan::{Scanner, checked_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
+use crate::router::Class;
+use crate::router::hints::{Hint, hint};
 use crate::server::ServerError;
 use crate::server::params::{canonical, is_tracked, sync_sql};
 use crate::server::prepared::{ServerStatements, Statement};
@@ -60,6 +63,23 @@ pub struct Session {
     pinned: Option<&'static str>,
     /// Startup-packet parameters: what RESET goes back to.
     startup: BTreeMap<String, String>,
+    client_key: Option<[u8; 32]>,
+    /// Replica health of this database (None without replicas).
+    health: Option<Arc<Health>>,
+    /// Pools of the replicas, by replica index, made on first use.
+    replica_pools: Vec<Option<Arc<Pool>>>,
+    /// When this client last finished a transaction that may have written
+    /// (nanos in `health`'s clock), for read-your-writes.
+    last_write: Option<u64>,
+}
+
+/// Where a transaction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Primary,
+    Replica(usize),
+    /// A read with no usable replica and `replica_fallback = "error"`.
+    NoReplica,
 }
 
 enum Next {
@@ -100,7 +120,17 @@ impl Session {
             policy: l.policy,
             pinned: None,
             startup: l.startup,
+            client_key: l.client_key,
+            replica_pools: Vec::new(),
+            last_write: None,
+            health: None,
         }
+        .with_health()
+    }
+
+    fn with_health(mut self) -> Self {
+        self.health = self.shared.registry.health(&self.database);
+        self
     }
 
     pub async fn run(mut self) {
@@ -111,7 +141,8 @@ impl Session {
                 Ok(Next::Transaction) => {}
                 Err(e) => return self.fatal(e).await,
             }
-            let mut server = match self.acquire().await {
+            let (route, class) = self.choose_route();
+            let (mut server, route) = match self.acquire_routed(route).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::info!(error = %e, "no server for client request");
@@ -120,7 +151,11 @@ impl Session {
                 }
             };
             let mut tracker = Tracker::new(server.conn().tx, self.policy);
+            if let (Route::Replica(_), None) = (route, self.pinned) {
+                tracker.replica_guard = Some(self.shared.classifier.clone());
+            }
             let end = self.forward(&mut server, &mut tracker).await;
+            self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
             match end {
@@ -357,13 +392,173 @@ impl Session {
         true
     }
 
+    /// Decides where the transaction starting at the front of the buffer
+    /// runs: reads (and read-only transactions) to a healthy replica that has
+    /// replayed this client's writes, everything else to the primary.
+    fn choose_route(&self) -> (Route, Class) {
+        let Some(h) = &self.health else {
+            return (Route::Primary, Class::Write);
+        };
+        if h.replicas.is_empty() || self.pinned.is_some() {
+            return (Route::Primary, Class::Write);
+        }
+        let forced_primary = self
+            .params
+            .get("tidepool.route")
+            .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
+        let (class, hinted) = match self.first_statement() {
+            Some(sql) => (self.shared.classifier.classify(sql), hint(sql)),
+            None => (Class::Write, None),
+        };
+        let wants_replica = match hinted {
+            Some(Hint::Primary) => false,
+            Some(Hint::Replica) => true,
+            None => !forced_primary && matches!(class, Class::Read | Class::BeginReadOnly),
+        };
+        if !wants_replica || !h.checked.load(std::sync::atomic::Ordering::Relaxed) {
+            return (Route::Primary, class);
+        }
+        let routing = &self.shared.config.routing;
+        let since = self.last_write.filter(|_| routing.read_your_writes);
+        let best = h
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| !r.is_banned() && since.is_none_or(|t| h.replica_has_replayed(*i, t)))
+            .min_by(|(_, a), (_, b)| {
+                let load = |r: &crate::health::Backend| {
+                    (r.outstanding.load(std::sync::atomic::Ordering::Relaxed) as u64 + 1) * 1000
+                        / u64::from(r.weight)
+                };
+                load(a).cmp(&load(b))
+            })
+            .map(|(i, _)| i);
+        match (best, routing.replica_fallback) {
+            (Some(i), _) => (Route::Replica(i), class),
+            (None, _) if since.is_some() => (Route::Primary, class),
+            (None, crate::config::schema::ReplicaFallback::Primary) => (Route::Primary, class),
+            (None, crate::config::schema::ReplicaFallback::Error) => (Route::NoReplica, class),
+        }
+    }
+
+    /// The SQL of the message that starts the transaction, if it has one.
+    fn first_statement(&self) -> Option<&str> {
+        let b = &self.buf;
+        if b.len() < 5 {
+            return None;
+        }
+        let total = checked_len(b[0], &b[1..5], self.limit).ok()?;
+        let body = b.get(5..total)?;
+        let mut body = crate::protocol::messages::Body::new(body, "first message");
+        match FrontendTag::from_byte(b[0]) {
+            FrontendTag::Query => body.cstr().ok(),
+            FrontendTag::Parse => {
+                body.cstr().ok()?;
+                body.cstr().ok()
+            }
+            FrontendTag::Bind => {
+                body.cstr().ok()?;
+                let name = body.cstr().ok()?;
+                self.statements.get(name).map(|s| s.query.as_str())
+            }
+            _ => None,
+        }
+    }
+
+    /// Bookkeeping once a routed transaction is over.
+    fn after_route(&mut self, route: Route, class: Class) {
+        let Some(h) = &self.health else { return };
+        match route {
+            Route::Replica(i) => {
+                if let Some(r) = h.replicas.get(i) {
+                    r.outstanding
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            _ => {
+                if class >= Class::Begin || class == Class::Write {
+                    self.last_write = Some(h.now());
+                }
+            }
+        }
+    }
+
+    /// Checks out a server on `route`. A replica that cannot give one is
+    /// banned and the next choice is tried, before anything ran there.
+    async fn acquire_routed(
+        &mut self,
+        mut route: Route,
+    ) -> Result<(PooledConn, Route), ClientError> {
+        loop {
+            match route {
+                Route::Primary => {
+                    let pool = self.pool.clone();
+                    return Ok((self.acquire(&pool).await?, Route::Primary));
+                }
+                Route::NoReplica => {
+                    return Err(ClientError::ServerConnect {
+                        database: self.database.clone(),
+                        reason: "no healthy replica (replica_fallback = \"error\")".into(),
+                    });
+                }
+                Route::Replica(i) => {
+                    let pool = self.replica_pool(i);
+                    let h = self.health.clone();
+                    if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
+                        r.outstanding
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match self.acquire(&pool).await {
+                        Ok(s) => {
+                            if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
+                                r.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            return Ok((s, route));
+                        }
+                        Err(e) => {
+                            if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
+                                r.outstanding
+                                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                                r.ban(&format!("checkout failed: {e}"));
+                            }
+                            route = self.choose_route().0;
+                            if route == Route::Replica(i) {
+                                route = Route::Primary;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn replica_pool(&mut self, i: usize) -> Arc<Pool> {
+        if self.replica_pools.len() <= i {
+            self.replica_pools.resize(i + 1, None);
+        }
+        if let Some(p) = &self.replica_pools[i] {
+            return p.clone();
+        }
+        let shared = self.shared.clone();
+        let secret = shared.users.get(&self.user).and_then(|u| u.secret.as_ref());
+        let pool = match shared.config.databases.get(&self.database) {
+            Some(db) => shared.registry.pool_for(
+                &self.database,
+                db,
+                &self.user,
+                secret,
+                self.client_key,
+                i + 1,
+            ),
+            None => self.pool.clone(),
+        };
+        self.replica_pools[i] = Some(pool.clone());
+        pool
+    }
+
     /// Checks out a server and brings its session parameters to ours.
-    async fn acquire(&mut self) -> Result<PooledConn, ClientError> {
-        let mut pooled = self
-            .pool
-            .checkout()
-            .await
-            .map_err(|e| pool_error(&self.pool, e))?;
+    async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
+        let mut pooled = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
         let defaults = self.pool.defaults().unwrap_or_default();
         let conn = pooled.conn();
         if let Some(sql) = sync_sql(&self.params, &conn.params, &defaults) {
@@ -446,6 +641,22 @@ impl Session {
         let (mut sr, mut sw) = conn.stream.split();
         let (mut cr, mut cw) = self.stream.split();
         loop {
+            if t.reroute && t.pending == 0 && t.status != TxStatus::Idle && to_server.is_empty() {
+                // The replica transaction went on (BEGIN READ ONLY): what
+                // waited runs there and gets PostgreSQL's own answer.
+                t.reroute = false;
+                t.replica_guard = None;
+                if let Err(e) = client.scan(
+                    &mut self.buf,
+                    &mut cscan,
+                    t,
+                    &mut conn.prepared,
+                    &mut to_server,
+                    &mut to_client,
+                ) {
+                    return TxEnd::ClientFatal(e.into());
+                }
+            }
             if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
                 // The server is going away; what it said becomes the reason.
                 return lost(format!("{} ({})", f.message, f.code), &cscan);
@@ -679,7 +890,7 @@ impl ClientIn<'_> {
         loop {
             let s = cscan.scan(buf, &mut t.client_side())?;
             append(to_server, buf.split_to(s.forward));
-            if !s.stopped || t.terminated {
+            if !s.stopped || t.terminated || t.reroute {
                 break;
             }
             let total = checked_len(buf[0], &buf[1..5], usize::MAX)?;

@@ -59,6 +59,8 @@ pub struct LoggedIn {
     pub policy: super::txn::Policy,
     /// Parameters from the startup packet: what RESET returns to.
     pub startup: BTreeMap<String, String>,
+    /// The client's SCRAM ClientKey, for replica pools (passthrough).
+    pub client_key: Option<[u8; 32]>,
 }
 
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
@@ -144,6 +146,7 @@ async fn handshake(
         &user,
         auth.and_then(|a| a.secret.as_ref()),
         verified.client_key,
+        0,
     );
     let defaults = match pool.defaults() {
         Some(d) => d,
@@ -182,6 +185,7 @@ async fn handshake(
             && config.session_features(db) == crate::config::SessionFeatures::Error,
     };
     Ok(Some(LoggedIn {
+        client_key: verified.client_key,
         startup: client_params,
         policy,
         database,

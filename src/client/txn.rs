@@ -3,12 +3,16 @@
 //! state and the last transaction status. Pure state, no I/O: both scanners
 //! feed it, and it alone decides whether the server may be released.
 
+use std::sync::Arc;
+
 use super::sql::{Effects, effects};
 use crate::protocol::messages::{
     Body, ErrorFields, error_fields, parameter_status, ready_for_query,
 };
 use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
+use crate::router::hints::{Hint, hint};
+use crate::router::{Class, Classifier};
 use crate::server::expect::{Expect, Owed, Undo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +57,11 @@ pub struct Tracker {
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
     pub policy: Policy,
+    /// On a replica: statements that need the primary stop the scan.
+    pub replica_guard: Option<Arc<Classifier>>,
+    /// A statement that needs the primary waits until this replica
+    /// transaction is over.
+    pub reroute: bool,
 }
 
 impl Tracker {
@@ -69,6 +78,8 @@ impl Tracker {
             params_changed: false,
             pin: None,
             policy,
+            replica_guard: None,
+            reroute: false,
         }
     }
 
@@ -99,6 +110,20 @@ impl Tracker {
     /// query must not be forwarded as it is (a refused session feature).
     pub fn note_sql(&mut self, sql: &str) -> bool {
         self.note_effects(&effects(sql))
+    }
+
+    /// On a replica, outside a transaction: does `sql` need the primary?
+    fn needs_primary(&mut self, sql: &str) -> bool {
+        let Some(cl) = &self.replica_guard else {
+            return false;
+        };
+        if self.status != TxStatus::Idle || hint(sql) == Some(Hint::Replica) {
+            return false;
+        }
+        !matches!(
+            cl.classify(sql),
+            Class::Read | Class::BeginReadOnly | Class::Neutral
+        )
     }
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
@@ -171,6 +196,10 @@ impl Inspector for ClientSide<'_> {
         match FrontendTag::from_byte(tag) {
             FrontendTag::Query => {
                 let sql = Body::new(body, "Query").cstr()?;
+                if t.needs_primary(sql) {
+                    t.reroute = true;
+                    return Ok(Step::Stop);
+                }
                 let e = effects(sql);
                 let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
                 let prepared = e.prepared.is_some() && t.policy.named_statements;
@@ -187,10 +216,15 @@ impl Inspector for ClientSide<'_> {
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
                 let name = b.cstr()?;
+                let sql = b.cstr()?;
+                if t.needs_primary(sql) {
+                    t.reroute = true;
+                    return Ok(Step::Stop);
+                }
                 if named && !name.is_empty() {
                     return Ok(Step::Stop);
                 }
-                if t.note_sql(b.cstr()?) {
+                if t.note_sql(sql) {
                     return Ok(Step::Stop);
                 }
                 t.unsynced = true;

@@ -26,3 +26,5 @@ pub const SERVER_RESET_QUERY: &str = "DISCARD ALL";
 pub const PORT: u16 = 5432;
 /// As in PgBouncer 1.22+.
 pub const MAX_PREPARED_STATEMENTS: u32 = 200;
+pub const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(1);
+pub const MAX_REPLICA_LAG: Duration = Duration::from_secs(10);

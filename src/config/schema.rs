@@ -19,6 +19,57 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     #[serde(default)]
     pub users: BTreeMap<String, User>,
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// `[routing]`: read routing to replicas, health checks, read-your-writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// How often each backend is checked. Default `1s`.
+    #[serde(default = "d_health_period", with = "duration")]
+    pub health_check_period: Duration,
+    /// A replica further behind than this is banned. Default `10s`.
+    #[serde(default = "d_max_lag", with = "duration")]
+    pub max_replica_lag: Duration,
+    /// With no usable replica, reads go to the `primary` or fail (`error`). Default `primary`.
+    #[serde(default)]
+    pub replica_fallback: ReplicaFallback,
+    /// After a client's write, its reads use only replicas that replayed it. Default true.
+    #[serde(default = "d_true")]
+    pub read_your_writes: bool,
+    /// Only functions known to be read-only may run on replicas. Default false.
+    #[serde(default)]
+    pub strict: bool,
+    /// Extra functions that write (added to the built-in list). Default empty.
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    /// Extra functions known to be read-only (for `strict`). Default empty.
+    #[serde(default)]
+    pub read_only_functions: Vec<String>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            health_check_period: d_health_period(),
+            max_replica_lag: d_max_lag(),
+            replica_fallback: ReplicaFallback::Primary,
+            read_your_writes: true,
+            strict: false,
+            write_functions: Vec::new(),
+            read_only_functions: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaFallback {
+    #[default]
+    Primary,
+    Error,
 }
 
 /// `[tidepool]`: process-wide settings.
@@ -183,9 +234,13 @@ pub struct Database {
     pub pool_mode: Option<PoolMode>,
     /// Overrides `[pool] session_features` for this database.
     pub session_features: Option<SessionFeatures>,
-    /// Streaming replicas (used by read routing).
+    /// Streaming replicas: reads go there when healthy.
     #[serde(default)]
     pub replicas: Vec<Replica>,
+    /// User for health checks. Default: `user`, else the first user with a plain password.
+    pub health_user: Option<String>,
+    /// Password of `health_user`.
+    pub health_password: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +249,9 @@ pub struct Replica {
     pub host: String,
     #[serde(default = "default_port")]
     pub port: u16,
+    /// Share of reads relative to other replicas. Default 1.
+    #[serde(default = "d_weight")]
+    pub weight: u32,
 }
 
 /// `[users.NAME]`: a user clients may log in as.
@@ -240,6 +298,18 @@ fn d_server_idle() -> Duration {
 }
 fn d_lifetime() -> Duration {
     defaults::SERVER_LIFETIME
+}
+fn d_health_period() -> Duration {
+    defaults::HEALTH_CHECK_PERIOD
+}
+fn d_max_lag() -> Duration {
+    defaults::MAX_REPLICA_LAG
+}
+fn d_true() -> bool {
+    true
+}
+fn d_weight() -> u32 {
+    1
 }
 fn d_max_prepared() -> u32 {
     defaults::MAX_PREPARED_STATEMENTS

@@ -71,12 +71,26 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
                 "must not exceed the pool size",
             ));
         }
+        for (i, r) in db.replicas.iter().enumerate() {
+            if r.weight == 0 {
+                return Err(invalid(
+                    &["databases", name, "replicas"],
+                    format!("replica {i}: weight must be at least 1"),
+                ));
+            }
+        }
         if db.password.is_some() && db.user.is_none() {
             return Err(invalid(
                 &["databases", name, "password"],
                 "a database password needs a database user",
             ));
         }
+    }
+    if c.routing.health_check_period.is_zero() {
+        return Err(invalid(
+            &["routing", "health_check_period"],
+            "must be more than 0",
+        ));
     }
     for (name, user) in &c.users {
         let auth = c.auth_type(Some(user));

@@ -13,7 +13,7 @@ mod maintain;
 mod registry;
 
 pub use checkout::{PooledConn, Release};
-pub use registry::Registry;
+pub use registry::{BackendIndex, Registry};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

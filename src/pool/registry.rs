@@ -10,31 +10,55 @@ use crate::auth::scram::ScramKeys;
 use crate::auth::secret::Secret;
 use crate::auth::server::Credentials;
 use crate::config::{Config, Database};
+use crate::health::{Health, HealthCredentials, spawn_checker};
 use crate::server::ConnectSpec;
+
+/// Which server of a database: 0 is the primary, `i + 1` is replica `i`.
+pub type BackendIndex = usize;
 
 pub struct Registry {
     config: Arc<Config>,
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
-    db_permits: HashMap<String, Arc<Semaphore>>,
+    pools: Mutex<HashMap<(String, String, BackendIndex), Arc<Pool>>>,
+    db_permits: Mutex<HashMap<(String, BackendIndex), Arc<Semaphore>>>,
+    health: HashMap<String, Arc<Health>>,
 }
 
 impl Registry {
+    /// Must run inside a tokio runtime: starts a health checker for every
+    /// database with replicas.
     pub fn new(config: Arc<Config>) -> Self {
-        let max = config.pool.max_db_connections;
-        let db_permits = if max > 0 {
-            config
-                .databases
-                .keys()
-                .map(|k| (k.clone(), Arc::new(Semaphore::new(max as usize))))
-                .collect()
-        } else {
-            HashMap::new()
-        };
+        let mut health = HashMap::new();
+        for (name, db) in &config.databases {
+            if db.replicas.is_empty() {
+                continue;
+            }
+            let h = Arc::new(Health::new(db));
+            match health_credentials(&config, name, db) {
+                Some(creds) => spawn_checker(
+                    &h,
+                    creds,
+                    config.routing.health_check_period,
+                    config.routing.max_replica_lag,
+                    name.clone(),
+                ),
+                None => tracing::warn!(
+                    database = %name,
+                    "no credentials for health checks (set health_user/health_password): reads stay on the primary"
+                ),
+            }
+            health.insert(name.clone(), h);
+        }
         Self {
             config,
             pools: Mutex::new(HashMap::new()),
-            db_permits,
+            db_permits: Mutex::new(HashMap::new()),
+            health,
         }
+    }
+
+    /// Replica health of a database, when it has replicas.
+    pub fn health(&self, db_name: &str) -> Option<Arc<Health>> {
+        self.health.get(db_name).cloned()
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
@@ -50,9 +74,10 @@ impl Registry {
         user: &str,
         secret: Option<&Secret>,
         client_key: Option<[u8; 32]>,
+        backend: BackendIndex,
     ) -> Arc<Pool> {
         let (creds, server_user, awaiting_keys) = credentials(db, user, secret, client_key);
-        let key = (db_name.to_owned(), user.to_owned());
+        let key = (db_name.to_owned(), user.to_owned(), backend);
         let mut pools = lock(&self.pools);
         if let Some(p) = pools.get(&key) {
             if !matches!(creds, Credentials::None) {
@@ -71,9 +96,19 @@ impl Registry {
             server_lifetime: c.pool.server_lifetime,
             server_reset_query: c.pool.server_reset_query.clone(),
         };
+        let (host, port) = match backend.checked_sub(1).and_then(|i| db.replicas.get(i)) {
+            Some(r) => (r.host.clone(), r.port),
+            None => (db.host.clone(), db.port),
+        };
+        let db_permits = (c.pool.max_db_connections > 0).then(|| {
+            lock(&self.db_permits)
+                .entry((db_name.to_owned(), backend))
+                .or_insert_with(|| Arc::new(Semaphore::new(c.pool.max_db_connections as usize)))
+                .clone()
+        });
         let spec = ConnectSpec {
-            host: db.host.clone(),
-            port: db.port,
+            host,
+            port,
             dbname: db.dbname.clone().unwrap_or_else(|| db_name.to_owned()),
             user: server_user,
             creds,
@@ -84,13 +119,38 @@ impl Registry {
             user.to_owned(),
             settings,
             spec,
-            self.db_permits.get(db_name).cloned(),
+            db_permits,
             awaiting_keys,
         );
         tokio::spawn(super::maintain::run(Arc::downgrade(&pool)));
         pools.insert(key, pool.clone());
         pool
     }
+}
+
+/// Who the health checker logs in as: `health_user`, else the database's
+/// `user`, else the first configured user with a plain password.
+fn health_credentials(config: &Config, name: &str, db: &Database) -> Option<HealthCredentials> {
+    let dbname = db.dbname.clone().unwrap_or_else(|| name.to_owned());
+    if let Some(user) = db.health_user.clone().or_else(|| db.user.clone()) {
+        let password = db.health_password.clone().or_else(|| db.password.clone());
+        return Some(HealthCredentials {
+            user,
+            password,
+            dbname,
+        });
+    }
+    config
+        .users
+        .iter()
+        .find_map(|(user, u)| match u.password.as_deref().map(Secret::parse) {
+            Some(Ok(Secret::Plain(p))) => Some(HealthCredentials {
+                user: user.clone(),
+                password: Some(p),
+                dbname: dbname.clone(),
+            }),
+            _ => None,
+        })
 }
 
 /// How to log in to the server for this client: the database's own user and

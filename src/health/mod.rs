@@ -1,0 +1,191 @@
+//! Health of each backend of a database: a checker task per database keeps,
+//! for the primary, a short history of its WAL position, and for each
+//! replica whether it is reachable, still a replica, how far behind it is
+//! (bytes and seconds) and up to which primary sample it has replayed.
+//! Routing reads these atomics; nothing here is on the query path.
+//!
+//! Invariants: a replica starts banned and is used only after a successful
+//! check; it is banned when unreachable, promoted, or lagging more than
+//! `max_replica_lag`, and unbanned after `UNBAN_AFTER` healthy checks in a row.
+
+mod checker;
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+pub use checker::{HealthCredentials, spawn_checker};
+
+/// Healthy checks in a row before a banned replica is used again.
+pub const UNBAN_AFTER: u32 = 2;
+
+/// One backend (the primary or a replica) as routing sees it.
+#[derive(Debug)]
+pub struct Backend {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub banned: AtomicBool,
+    streak: AtomicU32,
+    /// Transactions running on it now (for least-outstanding balancing).
+    pub outstanding: AtomicUsize,
+    /// Replication lag in milliseconds and bytes (replicas).
+    pub lag_ms: AtomicU64,
+    pub lag_bytes: AtomicU64,
+    /// Nanoseconds since `Health::epoch` of the newest primary sample this
+    /// replica has replayed (read-your-writes); 0 = none yet.
+    pub caught_up_to: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bans: AtomicU64,
+}
+
+impl Backend {
+    fn new(host: &str, port: u16, weight: u32, banned: bool) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+            weight: weight.max(1),
+            banned: AtomicBool::new(banned),
+            streak: AtomicU32::new(0),
+            outstanding: AtomicUsize::new(0),
+            lag_ms: AtomicU64::new(0),
+            lag_bytes: AtomicU64::new(0),
+            caught_up_to: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            bans: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_banned(&self) -> bool {
+        self.banned.load(Ordering::Relaxed)
+    }
+
+    /// Bans now (failed check, failed checkout, lag).
+    pub fn ban(&self, reason: &str) {
+        self.streak.store(0, Ordering::Relaxed);
+        if !self.banned.swap(true, Ordering::Relaxed) {
+            self.bans.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(backend = %format!("{}:{}", self.host, self.port), reason, "replica banned");
+        }
+    }
+
+    /// Records a healthy check; unbans after enough in a row.
+    fn healthy(&self) {
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= UNBAN_AFTER && self.banned.swap(false, Ordering::Relaxed) {
+            tracing::info!(backend = %format!("{}:{}", self.host, self.port), "replica unbanned");
+        }
+    }
+}
+
+/// Health of one database's backends.
+#[derive(Debug)]
+pub struct Health {
+    epoch: Instant,
+    pub primary: Backend,
+    pub replicas: Vec<Backend>,
+    /// Recent primary samples: (nanos since epoch, WAL LSN).
+    history: Mutex<VecDeque<(u64, u64)>>,
+    /// False when no health check can run: replicas are then never used.
+    pub checked: AtomicBool,
+}
+
+impl Health {
+    pub fn new(db: &crate::config::Database) -> Self {
+        Self {
+            epoch: Instant::now(),
+            primary: Backend::new(&db.host, db.port, 1, false),
+            replicas: db
+                .replicas
+                .iter()
+                .map(|r| Backend::new(&r.host, r.port, r.weight, true))
+                .collect(),
+            history: Mutex::new(VecDeque::new()),
+            checked: AtomicBool::new(false),
+        }
+    }
+
+    /// Nanoseconds since this health record began.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Whether replica `i` has replayed everything the primary had at `since`
+    /// (nanos since epoch).
+    pub fn replica_has_replayed(&self, i: usize, since: u64) -> bool {
+        self.replicas
+            .get(i)
+            .is_some_and(|r| r.caught_up_to.load(Ordering::Relaxed) > since)
+    }
+
+    fn record_primary(&self, lsn: u64, keep_nanos: u64) {
+        let now = self.now();
+        let mut h = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.push_back((now, lsn));
+        while h.len() > 2 && h.front().is_some_and(|(t, _)| now - t > keep_nanos) {
+            h.pop_front();
+        }
+    }
+
+    /// From a replica's replay position: (newest primary sample time it has
+    /// replayed, lag in nanos, lag in bytes).
+    fn replica_position(&self, replay: u64) -> (u64, u64, u64) {
+        let now = self.now();
+        let h = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let caught_up = h
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replay)
+            .map_or(0, |(t, _)| *t);
+        let newest = h.back().map_or(0, |(_, l)| *l);
+        let lag_bytes = newest.saturating_sub(replay);
+        let lag = h
+            .iter()
+            .find(|(_, lsn)| *lsn > replay)
+            .map_or(0, |(t, _)| now.saturating_sub(*t));
+        (caught_up, lag, lag_bytes)
+    }
+}
+
+/// `X/Y` text LSN to a number.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_parsing() {
+        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("x"), None);
+    }
+
+    #[test]
+    fn replica_position_from_history() {
+        let db: crate::config::Database =
+            toml::from_str("host = \"h\"\nreplicas = [{ host = \"r\" }]").unwrap();
+        let h = Health::new(&db);
+        h.record_primary(100, u64::MAX);
+        let t1 = h.history.lock().unwrap().back().unwrap().0;
+        h.record_primary(200, u64::MAX);
+        let (caught, _, bytes) = h.replica_position(150);
+        assert_eq!(caught, t1);
+        assert_eq!(bytes, 50);
+        let (_, lag, bytes) = h.replica_position(200);
+        assert_eq!((lag, bytes), (0, 0));
+        assert!(h.replicas[0].is_banned(), "replicas start banned");
+    }
+}

@@ -1,0 +1,10 @@
+//! Routing: which backend (primary or which replica) runs a transaction.
+//!
+//! Decided once, at the first message of a transaction, from the statement
+//! class (`classify`), hints, the client's recent writes (read-your-writes)
+//! and each replica's health (`crate::health`). When in doubt, the primary.
+
+pub mod classify;
+pub mod hints;
+
+pub use classify::{Class, Classifier};
