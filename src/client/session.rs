@@ -420,19 +420,27 @@ impl Session {
         }
         let routing = &self.shared.config.routing;
         let since = self.last_write.filter(|_| routing.read_your_writes);
-        let best = h
+        // Least outstanding transactions per unit of weight; ties rotate.
+        let load = |r: &crate::health::Backend| {
+            (r.outstanding.load(std::sync::atomic::Ordering::Relaxed) as u64 + 1) * 1000
+                / u64::from(r.weight)
+        };
+        let usable: Vec<(usize, u64)> = h
             .replicas
             .iter()
             .enumerate()
             .filter(|(i, r)| !r.is_banned() && since.is_none_or(|t| h.replica_has_replayed(*i, t)))
-            .min_by(|(_, a), (_, b)| {
-                let load = |r: &crate::health::Backend| {
-                    (r.outstanding.load(std::sync::atomic::Ordering::Relaxed) as u64 + 1) * 1000
-                        / u64::from(r.weight)
-                };
-                load(a).cmp(&load(b))
-            })
-            .map(|(i, _)| i);
+            .map(|(i, r)| (i, load(r)))
+            .collect();
+        let best = usable.iter().map(|(_, l)| *l).min().and_then(|min| {
+            let ties: Vec<usize> = usable
+                .iter()
+                .filter(|(_, l)| *l == min)
+                .map(|(i, _)| *i)
+                .collect();
+            let turn = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ties.get(turn % ties.len().max(1)).copied()
+        });
         match (best, routing.replica_fallback) {
             (Some(i), _) => (Route::Replica(i), class),
             (None, _) if since.is_some() => (Route::Primary, class),

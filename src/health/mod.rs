@@ -91,6 +91,8 @@ pub struct Health {
     history: Mutex<VecDeque<(u64, u64)>>,
     /// False when no health check can run: replicas are then never used.
     pub checked: AtomicBool,
+    /// Rotates ties between equally loaded replicas.
+    pub next: AtomicUsize,
 }
 
 impl Health {
@@ -105,6 +107,7 @@ impl Health {
                 .collect(),
             history: Mutex::new(VecDeque::new()),
             checked: AtomicBool::new(false),
+            next: AtomicUsize::new(0),
         }
     }
 

@@ -199,6 +199,21 @@ impl Cluster {
         self.start_primary();
     }
 
+    /// Fast shutdown of replica `i`, waiting until it has exited.
+    pub fn stop_replica(&self, i: usize) {
+        self.replicas[i]
+            .stop()
+            .unwrap_or_else(|e| panic!("stop_replica: {e}"));
+    }
+
+    /// Starts replica `i` again on the same port and waits until it accepts
+    /// connections.
+    pub fn start_replica(&self, i: usize) {
+        self.replicas[i]
+            .start()
+            .unwrap_or_else(|e| panic!("start_replica: {e}"));
+    }
+
     /// Whether the primary's postmaster process is alive.
     pub fn primary_is_running(&self) -> bool {
         self.primary.is_running()

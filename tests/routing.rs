@@ -1,0 +1,316 @@
+//! Read routing against a real primary and two streaming replicas: reads
+//! spread over healthy replicas, writes never reach one, read-your-writes,
+//! and replicas that stop or lag are avoided and come back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use harness::{Cluster, TestProxy};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Setup {
+    cluster: Arc<Cluster>,
+    db: String,
+    proxy: TestProxy,
+}
+
+/// A private primary + 2 replicas, a database, and tidepool routing to them.
+async fn setup(prefix: &'static str, routing_extra: &str) -> Setup {
+    let (cluster, db) = tokio::task::spawn_blocking(move || {
+        let c = Cluster::start_new(2);
+        let db = c.create_database(prefix);
+        c.wait_for_replicas();
+        (Arc::new(c), db)
+    })
+    .await
+    .unwrap();
+    let ports = cluster.replica_ports();
+    let db_extra = format!(
+        "replicas = [{{ host = \"127.0.0.1\", port = {} }}, {{ host = \"127.0.0.1\", port = {} }}]",
+        ports[0], ports[1]
+    );
+    let toml = format!(
+        "{}\n[routing]\nhealth_check_period = \"200ms\"\n{routing_extra}\n",
+        harness::proxy::config_toml(&cluster, &db, "default_pool_size = 4", &db_extra)
+    );
+    let proxy = TestProxy::start(&toml);
+    let s = Setup { cluster, db, proxy };
+    // Replicas start banned until checked healthy.
+    let client = s.proxy.client(&s.db).await;
+    harness::wait_until_async("a read to reach a replica", DEADLINE, || async {
+        server_port(&client).await != s.cluster.primary_port()
+    })
+    .await;
+    s
+}
+
+async fn server_port(c: &tokio_postgres::Client) -> u16 {
+    let rows = c.simple_query("select inet_server_port()").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|p| p.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn replica_banned(s: &Setup, i: usize) -> bool {
+    s.proxy.shared.registry.health(&s.db).unwrap().replicas[i].is_banned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_reads_go_to_both_replicas() {
+    let s = setup("spread", "").await;
+    let mut seen = HashSet::new();
+    for _ in 0..5 {
+        let c = s.proxy.client(&s.db).await;
+        for _ in 0..10 {
+            let rows = c
+                .simple_query("select pg_is_in_recovery()::text, inet_server_port()")
+                .await
+                .unwrap();
+            for m in rows {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    assert_eq!(r.get(0), Some("true"), "a read ran on the primary");
+                    seen.insert(r.get(1).unwrap().parse::<u16>().unwrap());
+                }
+            }
+        }
+    }
+    let replicas: HashSet<u16> = s.cluster.replica_ports().into_iter().collect();
+    assert_eq!(seen, replicas, "reads spread over both replicas");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_writes_never_reach_a_replica() {
+    let s = setup("writes", "").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute(
+            "create table w(id serial primary key, v int not null default 0);
+             create sequence sq; grant all on sequence sq to public;
+             grant all on w to public; grant all on sequence w_id_seq to public;
+             create procedure bump() language sql as $$ update w set v = v + 1 $$;
+             grant all on procedure bump() to public;
+             insert into w(v) select g from generate_series(1, 10) g",
+        )
+        .await
+        .unwrap();
+    s.cluster.wait_for_replicas();
+    let c = s.proxy.client(&s.db).await;
+    let mut corpus: Vec<String> = Vec::new();
+    for i in 0..20 {
+        corpus.push(format!("insert into w(v) values ({i})"));
+        corpus.push(format!("update w set v = v + 1 where id = {}", i % 10 + 1));
+        corpus.push(format!("delete from w where v = -{i}"));
+        corpus.push(format!(
+            "merge into w using (select {} as id) s on w.id = s.id when matched then update set v = w.v + 1",
+            i % 10 + 1
+        ));
+        corpus.push(format!(
+            "select * from w where id = {} for update",
+            i % 10 + 1
+        ));
+        corpus.push(format!(
+            "select id from w where id = {} for share",
+            i % 10 + 1
+        ));
+        corpus.push(format!(
+            "with d as (update w set v = v + 1 where id = {} returning id) select * from d",
+            i % 10 + 1
+        ));
+        corpus.push("select nextval('sq')".into());
+        corpus.push(format!("create table t_{i}(a int); drop table t_{i}"));
+        corpus.push(format!(
+            "select * into temp_into_{i} from w limit 1; drop table temp_into_{i}"
+        ));
+        corpus.push("call bump()".into());
+        corpus.push(format!("select 1; insert into w(v) values ({i})"));
+        corpus.push("select setval('sq', 100)".into());
+    }
+    assert!(corpus.len() >= 200, "{}", corpus.len());
+    for sql in &corpus {
+        c.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // Prepared (extended protocol) writes and COPY FROM.
+    let stmt = c
+        .prepare("insert into w(v) values ($1) returning id")
+        .await
+        .unwrap();
+    for i in 0..20i32 {
+        c.query_one(&stmt, &[&i]).await.unwrap();
+    }
+    let sink = c.copy_in("copy w(v) from stdin").await.unwrap();
+    use futures_util::SinkExt;
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+        .await
+        .unwrap();
+    sink.as_mut().finish().await.unwrap();
+    // Explicit transaction with a read first, then a write.
+    let mut c2 = s.proxy.client(&s.db).await;
+    let tx = c2.transaction().await.unwrap();
+    tx.query("select count(*) from w", &[]).await.unwrap();
+    tx.execute("insert into w(v) values (42)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_with_replay_paused() {
+    let s = setup("ryw", "max_replica_lag = \"120s\"").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute("create table r(id int primary key); grant all on r to public")
+        .await
+        .unwrap();
+    s.cluster.wait_for_replicas();
+    for port in s.cluster.replica_ports() {
+        let rep = s.cluster.admin_client_on(port, &s.db).await;
+        rep.simple_query("select pg_wal_replay_pause()")
+            .await
+            .unwrap();
+    }
+    let writer = s.proxy.client(&s.db).await;
+    for i in 0..1000i32 {
+        writer
+            .simple_query(&format!("insert into r values ({i})"))
+            .await
+            .unwrap();
+        let rows = writer
+            .simple_query(&format!("select count(*) from r where id = {i}"))
+            .await
+            .unwrap();
+        let n = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(
+            n.as_deref(),
+            Some("1"),
+            "read after write {i} missed its row"
+        );
+    }
+    // A client that wrote nothing still reads from (paused) replicas.
+    let reader = s.proxy.client(&s.db).await;
+    assert_ne!(server_port(&reader).await, s.cluster.primary_port());
+    for port in s.cluster.replica_ports() {
+        let rep = s.cluster.admin_client_on(port, &s.db).await;
+        rep.simple_query("select pg_wal_replay_resume()")
+            .await
+            .unwrap();
+    }
+    // Once the replicas have caught up, the writer's reads use them again.
+    harness::wait_until_async("writer reads back on a replica", DEADLINE, || async {
+        server_port(&writer).await != s.cluster.primary_port()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_is_banned_reads_go_on_and_it_comes_back() {
+    let s = setup("stopped", "").await;
+    let proxy_url = s.proxy.url(&s.db);
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (ok, failed, stop, url) = (ok.clone(), failed.clone(), stop.clone(), proxy_url.clone());
+        readers.push(tokio::spawn(async move {
+            let c = harness::connect(&url).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match c.simple_query("select pg_is_in_recovery()").await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+            c
+        }));
+    }
+    let c = s.cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_replica(0))
+        .await
+        .unwrap();
+    harness::wait_until_async("replica 0 banned", DEADLINE, || async {
+        replica_banned(&s, 0)
+    })
+    .await;
+    let before = ok.load(Ordering::Relaxed);
+    harness::wait_until_async("reads keep succeeding", DEADLINE, || async {
+        ok.load(Ordering::Relaxed) > before + 100
+    })
+    .await;
+    let c = s.cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_replica(0))
+        .await
+        .unwrap();
+    harness::wait_until_async("replica 0 unbanned", DEADLINE, || async {
+        !replica_banned(&s, 0)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut clients = Vec::new();
+    for r in readers {
+        clients.push(r.await.unwrap());
+    }
+    // Only statements in flight on the stopped replica may have failed.
+    assert!(
+        failed.load(Ordering::Relaxed) <= 8,
+        "failed reads: {} of {}",
+        failed.load(Ordering::Relaxed),
+        ok.load(Ordering::Relaxed)
+    );
+    let port0 = s.cluster.replica_ports()[0];
+    let probe = s.proxy.client(&s.db).await;
+    harness::wait_until_async("reads reach replica 0 again", DEADLINE, || async {
+        server_port(&probe).await == port0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_stops_receiving_reads() {
+    let s = setup("lag", "max_replica_lag = \"1s\"").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin.batch_execute("create table l(a int)").await.unwrap();
+    let lagging = s.cluster.replica_ports()[1];
+    let rep = s.cluster.admin_client_on(lagging, &s.db).await;
+    rep.simple_query("select pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    harness::wait_until_async("lagging replica banned", DEADLINE, || async {
+        admin
+            .simple_query("insert into l values (1)")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        replica_banned(&s, 1)
+    })
+    .await;
+    let c = s.proxy.client(&s.db).await;
+    for _ in 0..20 {
+        assert_ne!(
+            server_port(&c).await,
+            lagging,
+            "read sent to the lagging replica"
+        );
+    }
+    rep.simple_query("select pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    harness::wait_until_async("replica unbanned after catching up", DEADLINE, || async {
+        !replica_banned(&s, 1)
+    })
+    .await;
+}
