@@ -314,3 +314,84 @@ async fn a_lagging_replica_stops_receiving_reads() {
     })
     .await;
 }
+
+async fn rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(c.simple_query(sql)
+        .await?
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_transactions_go_to_replicas_and_others_to_the_primary() {
+    let s = setup("rotx", "").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute("create table x(a int); grant all on x to public")
+        .await
+        .unwrap();
+    let c = s.proxy.client(&s.db).await;
+    for script in [
+        vec!["begin read only", "select pg_is_in_recovery()::text"],
+        vec![
+            "begin",
+            "set transaction read only",
+            "select pg_is_in_recovery()::text",
+        ],
+        vec!["begin; set transaction read only; select pg_is_in_recovery()::text"],
+    ] {
+        let mut last = Vec::new();
+        for sql in &script {
+            last = rows(&c, sql).await.unwrap();
+        }
+        assert_eq!(last, ["true"], "{script:?} ran on the primary");
+        rows(&c, "commit").await.unwrap();
+    }
+    // An ordinary transaction goes to the primary as a whole, reads included.
+    rows(&c, "begin").await.unwrap();
+    assert_eq!(
+        rows(&c, "select pg_is_in_recovery()::text").await.unwrap(),
+        ["false"]
+    );
+    rows(&c, "insert into x values (1)").await.unwrap();
+    rows(&c, "commit").await.unwrap();
+    assert_eq!(
+        rows(&c, "begin; commit").await.unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_statement_routing_sends_a_transaction_by_its_first_statement() {
+    let s = setup("firststmt", "transaction_routing = \"first_statement\"").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute("create table y(a int); grant all on y to public")
+        .await
+        .unwrap();
+    let cl = s.cluster.clone();
+    tokio::task::spawn_blocking(move || cl.wait_for_replicas())
+        .await
+        .unwrap();
+    let c = s.proxy.client(&s.db).await;
+    rows(&c, "begin").await.unwrap();
+    assert_eq!(
+        rows(&c, "select pg_is_in_recovery()::text").await.unwrap(),
+        ["true"]
+    );
+    // The documented risk: a write after a read in such a transaction fails.
+    let err = rows(&c, "insert into y values (1)").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("25006"));
+    rows(&c, "rollback").await.unwrap();
+    rows(&c, "begin").await.unwrap();
+    rows(&c, "insert into y values (2)").await.unwrap();
+    assert_eq!(
+        rows(&c, "select pg_is_in_recovery()::text").await.unwrap(),
+        ["false"]
+    );
+    rows(&c, "commit").await.unwrap();
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -71,6 +71,9 @@ pub struct Session {
     /// When this client last finished a transaction that may have written
     /// (nanos in `health`'s clock), for read-your-writes.
     last_write: Option<u64>,
+    /// A lone BEGIN answered by tidepool; it is sent ahead of the next
+    /// statement, on the backend that statement is routed to.
+    deferred_begin: Option<String>,
 }
 
 /// Where a transaction runs.
@@ -123,6 +126,7 @@ impl Session {
             client_key: l.client_key,
             replica_pools: Vec::new(),
             last_write: None,
+            deferred_begin: None,
             health: None,
         }
         .with_health()
@@ -141,6 +145,9 @@ impl Session {
                 Ok(Next::Transaction) => {}
                 Err(e) => return self.fatal(e).await,
             }
+            if self.defer_begin() {
+                continue;
+            }
             let (route, class) = self.choose_route();
             let (mut server, route) = match self.acquire_routed(route).await {
                 Ok(s) => s,
@@ -151,6 +158,15 @@ impl Session {
                 }
             };
             let mut tracker = Tracker::new(server.conn().tx, self.policy);
+            if let Some(begin) = self.deferred_begin.take() {
+                // The client's BEGIN, run first on the chosen backend; its
+                // answers were already given.
+                let mut out = BytesMut::new();
+                write::query(&mut out, &begin);
+                tracker.pending += 1;
+                tracker.expect.push(crate::server::expect::Owed::Internal);
+                server.conn().prepend = Some(out);
+            }
             if let (Route::Replica(_), None) = (route, self.pinned) {
                 tracker.replica_guard = Some(self.shared.classifier.clone());
             }
@@ -278,7 +294,12 @@ impl Session {
                         e.write_to(&mut self.out);
                     }
                     self.skip_until_sync = false;
-                    write::ready_for_query(&mut self.out, TxStatus::Idle);
+                    let status = if self.deferred_begin.is_some() {
+                        TxStatus::InTransaction
+                    } else {
+                        TxStatus::Idle
+                    };
+                    write::ready_for_query(&mut self.out, status);
                 }
                 _ if self.skip_until_sync => self.discard = total,
                 FrontendTag::Query | FrontendTag::FunctionCall if owes => {
@@ -410,9 +431,18 @@ impl Session {
             Some(sql) => (self.shared.classifier.classify(sql), hint(sql)),
             None => (Class::Write, None),
         };
+        let by_first = self.shared.config.routing.transaction_routing
+            == crate::config::schema::TransactionRouting::FirstStatement;
         let wants_replica = match hinted {
             Some(Hint::Primary) => false,
             Some(Hint::Replica) => true,
+            // After a deferred BEGIN: SET TRANSACTION READ ONLY makes the
+            // transaction read-only; other reads count only when routing by
+            // the first statement.
+            None if self.deferred_begin.is_some() => {
+                !forced_primary
+                    && (class == Class::BeginReadOnly || (by_first && class == Class::Read))
+            }
             None => !forced_primary && matches!(class, Class::Read | Class::BeginReadOnly),
         };
         if !wants_replica || !h.checked.load(std::sync::atomic::Ordering::Relaxed) {
@@ -447,6 +477,39 @@ impl Session {
             (None, crate::config::schema::ReplicaFallback::Primary) => (Route::Primary, class),
             (None, crate::config::schema::ReplicaFallback::Error) => (Route::NoReplica, class),
         }
+    }
+
+    /// A lone `BEGIN` as the first message, on a database with replicas, is
+    /// answered here and sent later with the transaction's first statement,
+    /// which decides the backend. Returns true when it consumed the message.
+    fn defer_begin(&mut self) -> bool {
+        let has_replicas = self.health.as_ref().is_some_and(|h| !h.replicas.is_empty());
+        if !has_replicas || self.deferred_begin.is_some() || self.pinned.is_some() {
+            return false;
+        }
+        if self.buf.first() != Some(&FrontendTag::Query.byte()) {
+            return false;
+        }
+        let Some(sql) = self.first_statement() else {
+            return false;
+        };
+        let single = !sql.trim().trim_end_matches(';').contains(';');
+        if !single || self.shared.classifier.classify(sql) != Class::Begin {
+            return false;
+        }
+        let sql = sql.to_owned();
+        let Ok(total) = checked_len(self.buf[0], &self.buf[1..5], self.limit) else {
+            return false;
+        };
+        self.buf.advance(total);
+        write::message(
+            &mut self.out,
+            crate::protocol::BackendTag::CommandComplete.byte(),
+            |b| b.put_slice(b"BEGIN\0"),
+        );
+        write::ready_for_query(&mut self.out, TxStatus::InTransaction);
+        self.deferred_begin = Some(sql);
+        true
     }
 
     /// The SQL of the message that starts the transaction, if it has one.
@@ -484,8 +547,15 @@ impl Session {
                 }
             }
             _ => {
-                if class >= Class::Begin || class == Class::Write {
+                if class >= Class::Begin {
+                    h.primary
+                        .writes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.last_write = Some(h.now());
+                } else {
+                    h.primary
+                        .reads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
@@ -635,7 +705,7 @@ impl Session {
             cap,
         };
         // Bytes already read (the message that started this transaction).
-        let mut to_server = BytesMut::new();
+        let mut to_server = conn.prepend.take().unwrap_or_default();
         if let Err(e) = client.scan(
             &mut self.buf,
             &mut cscan,

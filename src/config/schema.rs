@@ -48,6 +48,18 @@ pub struct Routing {
     /// Extra functions known to be read-only (for `strict`). Default empty.
     #[serde(default)]
     pub read_only_functions: Vec<String>,
+    /// Explicit transactions go to the `primary` as a whole (unless read-only),
+    /// or are routed by their `first_statement`. Default `primary`.
+    #[serde(default)]
+    pub transaction_routing: TransactionRouting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransactionRouting {
+    #[default]
+    Primary,
+    FirstStatement,
 }
 
 impl Default for Routing {
@@ -60,6 +72,7 @@ impl Default for Routing {
             strict: false,
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
+            transaction_routing: TransactionRouting::Primary,
         }
     }
 }

@@ -167,7 +167,13 @@ pub fn classify(sql: &str, rules: &Rules) -> Class {
             },
             Some(N::VariableSetStmt(v)) if v.name == "TRANSACTION" => {
                 read_only_tx |= read_only_option(&v.args);
-                Class::Neutral
+                // Alone, it starts the read-only part of a transaction whose
+                // BEGIN tidepool deferred.
+                if read_only_option(&v.args) {
+                    Class::BeginReadOnly
+                } else {
+                    Class::Neutral
+                }
             }
             Some(N::VariableSetStmt(_)) | Some(N::DiscardStmt(_)) | Some(N::DeallocateStmt(_)) => {
                 Class::Neutral
@@ -342,6 +348,11 @@ mod tests {
         );
         assert_eq!(c("commit"), Class::Neutral);
         assert_eq!(c("set search_path = a"), Class::Neutral);
+        assert_eq!(c("set transaction read only"), Class::BeginReadOnly);
+        assert_eq!(
+            c("set transaction isolation level serializable"),
+            Class::Neutral
+        );
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct ServerConn {
     pub buf: BytesMut,
     /// Named statements tidepool prepared on this connection.
     pub prepared: prepared::ServerStatements,
+    /// Bytes to send before the client's first message of the next
+    /// transaction (a deferred BEGIN). Taken by the session.
+    pub prepend: Option<BytesMut>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -106,6 +109,7 @@ impl ServerConn {
             last_used: now,
             buf: BytesMut::new(),
             prepared: prepared::ServerStatements::default(),
+            prepend: None,
         }
     }
 
