@@ -371,3 +371,41 @@ async fn server_lifetime_and_idle_timeout_recycle_connections() {
     // And a new one is opened on demand.
     client.simple_query("select 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_settings_follow_their_client_and_never_leak() {
+    let c = cluster();
+    let db = c.create_database("customguc");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let a = proxy.client(&db).await;
+    a.batch_execute("set app.tenant = 'tenant-a'")
+        .await
+        .unwrap();
+    let others: Vec<_> = futures_util::future::join_all((0..10).map(|_| proxy.client(&db))).await;
+    for round in 0..5 {
+        for o in &others {
+            let v: Option<String> = o
+                .query_one("select current_setting('app.tenant', true)", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(
+                v.as_deref().unwrap_or("").is_empty(),
+                "round {round}: another client saw app.tenant = {v:?}"
+            );
+        }
+        let mine: Option<String> = a
+            .query_one("select current_setting('app.tenant', true)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mine.as_deref(), Some("tenant-a"), "round {round}");
+    }
+    a.batch_execute("reset app.tenant").await.unwrap();
+    let v: Option<String> = a
+        .query_one("select current_setting('app.tenant', true)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v.as_deref().unwrap_or("").is_empty());
+}

@@ -395,3 +395,72 @@ async fn first_statement_routing_sends_a_transaction_by_its_first_statement() {
     );
     rows(&c, "commit").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_and_the_session_setting_force_the_primary() {
+    let s = setup("hints", "").await;
+    let primary = s.cluster.primary_port();
+    let c = s.proxy.client(&s.db).await;
+    assert_ne!(server_port(&c).await, primary);
+    let hinted = rows(
+        &c,
+        "/* tidepool: primary */ select inet_server_port()::text",
+    )
+    .await
+    .unwrap();
+    assert_eq!(hinted, [primary.to_string()]);
+    rows(&c, "set tidepool.route = 'primary'").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(server_port(&c).await, primary);
+    }
+    rows(&c, "reset tidepool.route").await.unwrap();
+    harness::wait_until_async("reads back on replicas", DEADLINE, || async {
+        server_port(&c).await != primary
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_usable_replica_reads_fall_back_or_fail_as_configured() {
+    let c = harness::cluster();
+    let db = c.create_database("fallback");
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db_extra = format!("replicas = [{{ host = \"127.0.0.1\", port = {dead_port} }}]");
+    for (fallback, expect_error) in [("primary", false), ("error", true)] {
+        let toml = format!(
+            "{}\n[routing]\nhealth_check_period = \"200ms\"\nreplica_fallback = \"{fallback}\"\n",
+            harness::proxy::config_toml(c, &db, "", &db_extra)
+        );
+        let proxy = TestProxy::start(&toml);
+        let client = proxy.client(&db).await;
+        harness::wait_until_async("health checked", DEADLINE, || async {
+            proxy
+                .shared
+                .registry
+                .health(&db)
+                .unwrap()
+                .checked
+                .load(Ordering::Relaxed)
+        })
+        .await;
+        let r = rows(&client, "select pg_is_in_recovery()::text").await;
+        if expect_error {
+            let e = r.unwrap_err();
+            let msg = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            assert!(msg.contains("no healthy replica"), "{msg}");
+            // Writes still work.
+            rows(&client, "select 1; create temporary sequence s")
+                .await
+                .unwrap();
+        } else {
+            assert_eq!(r.unwrap(), ["false"]);
+        }
+    }
+}

@@ -74,6 +74,8 @@ pub struct Session {
     /// A lone BEGIN answered by tidepool; it is sent ahead of the next
     /// statement, on the backend that statement is routed to.
     deferred_begin: Option<String>,
+    /// Custom (dotted) parameters this client has touched.
+    custom_params: std::collections::BTreeSet<String>,
 }
 
 /// Where a transaction runs.
@@ -127,6 +129,7 @@ impl Session {
             replica_pools: Vec::new(),
             last_write: None,
             deferred_begin: None,
+            custom_params: std::collections::BTreeSet::new(),
             health: None,
         }
         .with_health()
@@ -177,6 +180,7 @@ impl Session {
             match end {
                 TxEnd::Done => {
                     if tracker.params_changed {
+                        self.custom_params.extend(tracker.custom_params.drain(..));
                         self.refresh_params(&mut server).await;
                     }
                     server.release(Release::Reuse)
@@ -843,7 +847,7 @@ impl Session {
     async fn refresh_params(&mut self, server: &mut PooledConn) {
         let conn = server.conn();
         Counters::add(&self.shared.stats.param_refreshes);
-        match conn.session_settings().await {
+        match conn.session_settings(&self.custom_params).await {
             Ok(rows) => {
                 let defaults = self.pool.defaults().unwrap_or_default();
                 // What the server has now: its reported parameters and every

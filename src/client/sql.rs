@@ -17,6 +17,9 @@ pub struct Effects {
     pub deallocate: Option<String>,
     /// SQL-level `PREPARE` or `EXECUTE` as the only statement.
     pub prepared: Option<PreparedSql>,
+    /// Custom (dotted) parameters set or reset: `pg_settings` does not list
+    /// them, so they are read back by name.
+    pub custom_params: Vec<String>,
 }
 
 /// A single-statement SQL `PREPARE name ... AS ...` or `EXECUTE name ...`.
@@ -33,6 +36,19 @@ pub fn effects(sql: &str) -> Effects {
     let lower_has = |needle: &str| contains_ignore_case(sql, needle);
     if lower_has("set_config") {
         e.params_changed = true;
+        // set_config('app.x', ...): remember literal custom names.
+        let mut rest = sql;
+        while let Some(at) = rest.to_ascii_lowercase().find("set_config") {
+            rest = &rest[at + "set_config".len()..];
+            let args = rest.trim_start().trim_start_matches('(').trim_start();
+            if let Some(lit) = args.strip_prefix('\'') {
+                if let Some(end) = lit.find('\'') {
+                    if lit[..end].contains('.') {
+                        e.custom_params.push(lit[..end].to_ascii_lowercase());
+                    }
+                }
+            }
+        }
     }
     if lower_has("pg_advisory_lock") || lower_has("pg_try_advisory_lock") {
         e.session_feature = Some("session advisory locks (pg_advisory_lock)");
@@ -42,9 +58,17 @@ pub fn effects(sql: &str) -> Effects {
     for stmt in statements {
         let words: Vec<String> = leading_words(stmt, 4);
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+        let custom = |name: &str| name.contains('.').then(|| name.to_owned());
         match w(0) {
-            "set" if w(1) != "local" && w(1) != "transaction" => e.params_changed = true,
-            "reset" => e.params_changed = true,
+            "set" if w(1) != "local" && w(1) != "transaction" => {
+                e.params_changed = true;
+                let name = if w(1) == "session" { w(2) } else { w(1) };
+                e.custom_params.extend(custom(name));
+            }
+            "reset" => {
+                e.params_changed = true;
+                e.custom_params.extend(custom(w(1)));
+            }
             "discard" => {
                 e.params_changed = true;
                 if w(1) == "all" {
@@ -239,7 +263,9 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
             i += 2;
         } else {
             let start = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'"') {
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'"' || b[i] == b'.')
+            {
                 i += 1;
             }
             if i == start {
@@ -270,6 +296,21 @@ mod tests {
         assert!(!effects("set transaction isolation level serializable").params_changed);
         assert!(!effects("update t set a = 1").params_changed);
         assert!(!effects("select 'set x = 1; reset'").params_changed);
+    }
+
+    #[test]
+    fn custom_parameters_are_named() {
+        assert_eq!(
+            effects("SET app.tenant = 'a'").custom_params,
+            ["app.tenant"]
+        );
+        assert_eq!(effects("set session my.x to 1").custom_params, ["my.x"]);
+        assert_eq!(effects("reset app.tenant").custom_params, ["app.tenant"]);
+        assert_eq!(
+            effects("select set_config('App.User', 'x', false)").custom_params,
+            ["app.user"]
+        );
+        assert!(effects("set search_path = a").custom_params.is_empty());
     }
 
     #[test]

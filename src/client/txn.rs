@@ -56,6 +56,8 @@ pub struct Tracker {
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
+    /// Custom (dotted) parameters this transaction set or reset.
+    pub custom_params: Vec<String>,
     pub policy: Policy,
     /// On a replica: statements that need the primary stop the scan.
     pub replica_guard: Option<Arc<Classifier>>,
@@ -77,6 +79,7 @@ impl Tracker {
             client_skip: false,
             params_changed: false,
             pin: None,
+            custom_params: Vec::new(),
             policy,
             replica_guard: None,
             reroute: false,
@@ -128,6 +131,7 @@ impl Tracker {
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
         self.params_changed |= e.params_changed || e.drops_all_statements;
+        self.custom_params.extend(e.custom_params.iter().cloned());
         match e.session_feature {
             Some(_) if self.policy.refuse_session_features => true,
             Some(f) => {

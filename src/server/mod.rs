@@ -153,12 +153,29 @@ impl ServerConn {
 
     /// The settings this session changed (`pg_settings.source = 'session'`),
     /// as name → value. Reported parameters are updated in `self.params` too.
-    pub async fn session_settings(&mut self) -> Result<Vec<(String, String)>, ServerError> {
-        let mut out = BytesMut::new();
-        write::query(
-            &mut out,
+    /// Custom (dotted) parameters are not in `pg_settings`; `custom` names
+    /// those to read back by name (empty values count as unset).
+    pub async fn session_settings(
+        &mut self,
+        custom: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<(String, String)>, ServerError> {
+        let mut sql = String::from(
             "select name, setting from pg_catalog.pg_settings where source = 'session'",
         );
+        let names: Vec<String> = custom
+            .iter()
+            .filter(|n| params::valid_name(n))
+            .map(|n| format!("'{n}'"))
+            .collect();
+        if !names.is_empty() {
+            sql.push_str(&format!(
+                " union all select n, v from (select n, pg_catalog.current_setting(n, true) v \
+                 from unnest(array[{}]::text[]) n) c where coalesce(v, '') <> ''",
+                names.join(",")
+            ));
+        }
+        let mut out = BytesMut::new();
+        write::query(&mut out, &sql);
         self.stream.write_all(&out).await?;
         let mut rows = Vec::new();
         let mut failure = None;
