@@ -41,12 +41,11 @@ pub fn effects(sql: &str) -> Effects {
         while let Some(at) = rest.to_ascii_lowercase().find("set_config") {
             rest = &rest[at + "set_config".len()..];
             let args = rest.trim_start().trim_start_matches('(').trim_start();
-            if let Some(lit) = args.strip_prefix('\'') {
-                if let Some(end) = lit.find('\'') {
-                    if lit[..end].contains('.') {
-                        e.custom_params.push(lit[..end].to_ascii_lowercase());
-                    }
-                }
+            if let Some(lit) = args.strip_prefix('\'')
+                && let Some(end) = lit.find('\'')
+                && lit[..end].contains('.')
+            {
+                e.custom_params.push(lit[..end].to_ascii_lowercase());
             }
         }
     }
