@@ -708,18 +708,10 @@ impl Session {
             counters,
             cap,
         };
-        // Bytes already read (the message that started this transaction).
+        // Bytes already read (the message that started this transaction)
+        // are scanned on the first pass.
         let mut to_server = conn.prepend.take().unwrap_or_default();
-        if let Err(e) = client.scan(
-            &mut self.buf,
-            &mut cscan,
-            t,
-            &mut conn.prepared,
-            &mut to_server,
-            &mut to_client,
-        ) {
-            return TxEnd::ClientFatal(e.into());
-        }
+        let mut rescan = true;
         let (mut sr, mut sw) = conn.stream.split();
         let (mut cr, mut cw) = self.stream.split();
         loop {
@@ -728,16 +720,19 @@ impl Session {
                 // waited runs there and gets PostgreSQL's own answer.
                 t.reroute = false;
                 t.replica_guard = None;
-                if let Err(e) = client.scan(
+                rescan = true;
+            }
+            if std::mem::take(&mut rescan)
+                && let Err(e) = client.scan(
                     &mut self.buf,
                     &mut cscan,
                     t,
                     &mut conn.prepared,
                     &mut to_server,
                     &mut to_client,
-                ) {
-                    return TxEnd::ClientFatal(e.into());
-                }
+                )
+            {
+                return TxEnd::ClientFatal(e.into());
             }
             if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
                 // The server is going away; what it said becomes the reason.

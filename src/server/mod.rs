@@ -96,6 +96,29 @@ impl std::fmt::Debug for ServerConn {
     }
 }
 
+/// The answer to one internal query.
+#[derive(Default)]
+struct Exchange {
+    changed: Vec<(String, String)>,
+    rows: Vec<Vec<String>>,
+}
+
+/// A DataRow's columns as text (NULL as empty).
+fn text_row(body: &[u8]) -> Result<Vec<String>, ProtocolError> {
+    let mut b = crate::protocol::messages::Body::new(body, "DataRow");
+    let n = b.i16()?;
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = b.i32()?;
+        cols.push(if len < 0 {
+            String::new()
+        } else {
+            String::from_utf8_lossy(b.bytes(len as usize)?).into_owned()
+        });
+    }
+    Ok(cols)
+}
+
 impl ServerConn {
     fn new(stream: TcpStream, cancel_key: CancelKey, params: BTreeMap<String, String>) -> Self {
         let now = Instant::now();
@@ -123,38 +146,12 @@ impl ServerConn {
     /// Runs a query tidepool issues itself and reads its whole response.
     /// ParameterStatus changes are applied to `self.params` and returned.
     pub async fn run_internal(&mut self, sql: &str) -> Result<Vec<(String, String)>, ServerError> {
-        let mut out = BytesMut::new();
-        write::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
-        let mut changed = Vec::new();
-        let mut failure = None;
-        loop {
-            let frame = read_frame(&mut self.stream, &mut self.buf, INTERNAL_LIMIT).await?;
-            match BackendTag::from_byte(frame.tag) {
-                BackendTag::ReadyForQuery => {
-                    self.tx = ready_for_query(&frame.body)?;
-                    break;
-                }
-                BackendTag::ErrorResponse => failure = Some(error_fields(&frame.body)?),
-                BackendTag::ParameterStatus => {
-                    let (k, v) = parameter_status(&frame.body)?;
-                    self.params.insert(k.to_owned(), v.to_owned());
-                    changed.push((k.to_owned(), v.to_owned()));
-                }
-                _ => {}
-            }
-        }
-        self.last_used = Instant::now();
-        match failure {
-            Some(f) => Err(ServerError::Query(f)),
-            None => Ok(changed),
-        }
+        Ok(self.exchange(sql).await?.changed)
     }
 
     /// The settings this session changed (`pg_settings.source = 'session'`),
-    /// as name → value. Reported parameters are updated in `self.params` too.
-    /// Custom (dotted) parameters are not in `pg_settings`; `custom` names
-    /// those to read back by name (empty values count as unset).
+    /// as name → value. Custom (dotted) parameters are not in `pg_settings`;
+    /// `custom` names those to read back by name (empty values count as unset).
     pub async fn session_settings(
         &mut self,
         custom: &std::collections::BTreeSet<String>,
@@ -174,10 +171,24 @@ impl ServerConn {
                 names.join(",")
             ));
         }
+        let rows = self.exchange(&sql).await?.rows;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match <[String; 2]>::try_from(r) {
+                Ok([k, v]) => Some((k, v)),
+                Err(_) => None,
+            })
+            .collect())
+    }
+
+    /// Sends one simple query and reads its whole answer: rows as text,
+    /// ParameterStatus changes (also applied to `self.params`), the final
+    /// transaction status; an ErrorResponse becomes the error.
+    async fn exchange(&mut self, sql: &str) -> Result<Exchange, ServerError> {
         let mut out = BytesMut::new();
-        write::query(&mut out, &sql);
+        write::query(&mut out, sql);
         self.stream.write_all(&out).await?;
-        let mut rows = Vec::new();
+        let mut result = Exchange::default();
         let mut failure = None;
         loop {
             let frame = read_frame(&mut self.stream, &mut self.buf, INTERNAL_LIMIT).await?;
@@ -186,33 +197,20 @@ impl ServerConn {
                     self.tx = ready_for_query(&frame.body)?;
                     break;
                 }
-                BackendTag::DataRow => {
-                    let mut b = crate::protocol::messages::Body::new(&frame.body, "DataRow");
-                    let mut cols = Vec::with_capacity(2);
-                    for _ in 0..b.i16()? {
-                        let len = b.i32()?;
-                        let v = if len < 0 {
-                            String::new()
-                        } else {
-                            String::from_utf8_lossy(b.bytes(len as usize)?).into_owned()
-                        };
-                        cols.push(v);
-                    }
-                    if let [k, v] = &cols[..] {
-                        rows.push((k.clone(), v.clone()));
-                    }
-                }
+                BackendTag::DataRow => result.rows.push(text_row(&frame.body)?),
                 BackendTag::ErrorResponse => failure = Some(error_fields(&frame.body)?),
                 BackendTag::ParameterStatus => {
                     let (k, v) = parameter_status(&frame.body)?;
                     self.params.insert(k.to_owned(), v.to_owned());
+                    result.changed.push((k.to_owned(), v.to_owned()));
                 }
                 _ => {}
             }
         }
+        self.last_used = Instant::now();
         match failure {
             Some(f) => Err(ServerError::Query(f)),
-            None => Ok(rows),
+            None => Ok(result),
         }
     }
 
