@@ -76,6 +76,8 @@ pub struct Session {
     deferred_begin: Option<String>,
     /// Custom (dotted) parameters this client has touched.
     custom_params: std::collections::BTreeSet<String>,
+    /// What a fresh server of this pool reports (fixed after login).
+    defaults: Arc<BTreeMap<String, String>>,
 }
 
 /// Where a transaction runs.
@@ -107,6 +109,7 @@ enum TxEnd {
 
 impl Session {
     pub fn new(stream: TcpStream, shared: Arc<Shared>, l: LoggedIn) -> Self {
+        let pool_defaults = l.pool.defaults().unwrap_or_default();
         Self {
             stream,
             buf: l.buf,
@@ -130,6 +133,7 @@ impl Session {
             last_write: None,
             deferred_begin: None,
             custom_params: std::collections::BTreeSet::new(),
+            defaults: pool_defaults,
             health: None,
         }
         .with_health()
@@ -641,7 +645,7 @@ impl Session {
     /// Checks out a server and brings its session parameters to ours.
     async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
         let mut pooled = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
-        let defaults = self.pool.defaults().unwrap_or_default();
+        let defaults = self.defaults.clone();
         let conn = pooled.conn();
         if let Some(sql) = sync_sql(&self.params, &conn.params, &defaults) {
             tracing::debug!(server = conn.id, "syncing session parameters");
@@ -844,7 +848,7 @@ impl Session {
         Counters::add(&self.shared.stats.param_refreshes);
         match conn.session_settings(&self.custom_params).await {
             Ok(rows) => {
-                let defaults = self.pool.defaults().unwrap_or_default();
+                let defaults = self.defaults.clone();
                 // What the server has now: its reported parameters and every
                 // setting this session changed.
                 let mut actual: BTreeMap<String, String> = conn

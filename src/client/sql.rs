@@ -33,21 +33,24 @@ pub enum PreparedSql {
 
 pub fn effects(sql: &str) -> Effects {
     let mut e = Effects::default();
+    // Fast path, no allocation: one plain DML/query statement can only
+    // matter through the functions it calls.
+    if !sql.contains(';') && starts_with_plain_statement(sql) {
+        if contains_ignore_case(sql, "set_config") {
+            e.params_changed = true;
+            e.custom_params.extend(set_config_names(sql));
+        }
+        if contains_ignore_case(sql, "pg_advisory_lock")
+            || contains_ignore_case(sql, "pg_try_advisory_lock")
+        {
+            e.session_feature = Some("session advisory locks (pg_advisory_lock)");
+        }
+        return e;
+    }
     let lower_has = |needle: &str| contains_ignore_case(sql, needle);
     if lower_has("set_config") {
         e.params_changed = true;
-        // set_config('app.x', ...): remember literal custom names.
-        let mut rest = sql;
-        while let Some(at) = rest.to_ascii_lowercase().find("set_config") {
-            rest = &rest[at + "set_config".len()..];
-            let args = rest.trim_start().trim_start_matches('(').trim_start();
-            if let Some(lit) = args.strip_prefix('\'')
-                && let Some(end) = lit.find('\'')
-                && lit[..end].contains('.')
-            {
-                e.custom_params.push(lit[..end].to_ascii_lowercase());
-            }
-        }
+        e.custom_params.extend(set_config_names(sql));
     }
     if lower_has("pg_advisory_lock") || lower_has("pg_try_advisory_lock") {
         e.session_feature = Some("session advisory locks (pg_advisory_lock)");
@@ -101,6 +104,36 @@ pub fn effects(sql: &str) -> Effects {
         }
     }
     e
+}
+
+/// Whether the text starts with a keyword of a statement that cannot change
+/// session state by itself (SELECT, INSERT, UPDATE, DELETE, WITH, VALUES, …).
+fn starts_with_plain_statement(sql: &str) -> bool {
+    let t = sql.trim_start();
+    let word_len = t.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let word = &t[..word_len];
+    [
+        "select", "insert", "update", "delete", "with", "values", "table", "merge", "copy",
+    ]
+    .iter()
+    .any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// Literal custom (dotted) names in `set_config('app.x', ...)` calls.
+fn set_config_names(sql: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = sql;
+    while let Some(at) = rest.to_ascii_lowercase().find("set_config") {
+        rest = &rest[at + "set_config".len()..];
+        let args = rest.trim_start().trim_start_matches('(').trim_start();
+        if let Some(lit) = args.strip_prefix('\'')
+            && let Some(end) = lit.find('\'')
+            && lit[..end].contains('.')
+        {
+            names.push(lit[..end].to_ascii_lowercase());
+        }
+    }
+    names
 }
 
 /// Parses `PREPARE name [(types)] AS stmt` or `EXECUTE name [(args)]`.

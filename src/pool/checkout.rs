@@ -53,7 +53,11 @@ impl PooledConn {
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
         if how == Release::Reuse && clean && !expired {
             idle.conn.last_used = Instant::now();
-            idle.conn.buf = bytes::BytesMut::new();
+            // Few servers exist: keep a normal-sized read buffer for the
+            // next transaction instead of reallocating it; drop big ones.
+            if idle.conn.buf.capacity() > 64 * 1024 {
+                idle.conn.buf = bytes::BytesMut::new();
+            }
             lock(&pool.idle).push(idle);
         } else {
             tracing::debug!(pool = %pool.name(), server = idle.conn.id, ?how, expired, "closing server connection");
