@@ -1,0 +1,716 @@
+#!/usr/bin/env python3
+"""Writes docs/benchmarks.md and its plots from a scripts/bench run.
+
+    report.py --dir /tmp/tidepool-bench --out docs [--elapsed SECS] [--setup SECS] [--command CMD]
+
+Reads DIR/results.jsonl (one object per measured run), DIR/env.json,
+DIR/commands.txt, the pgbench per-transaction logs (DIR/raw/latlog-*) and the
+generated pooler configs. Every figure is the median over rounds; ranges are
+min-max over rounds. Nothing is asserted.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+TARGETS = ["direct", "pgbouncer", "tidepool"]
+POOLERS = ["pgbouncer", "tidepool"]
+MODES = ["simple", "extended", "prepared"]
+COLORS = {"direct": "#7f7f7f", "pgbouncer": "#1f77b4", "tidepool": "#2ca02c"}
+
+
+def load(args):
+    results = []
+    with open(os.path.join(args.dir, "results.jsonl")) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                results.append(json.loads(line))
+    with open(os.path.join(args.dir, "env.json")) as f:
+        env = json.load(f)
+    return results, env
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def rng(xs):
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else (None, None)
+
+
+def fnum(x, digits=0):
+    if x is None:
+        return "n/a"
+    if digits == 0:
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.{digits}f}×"
+
+
+def percentile(sorted_xs, p):
+    if not sorted_xs:
+        return None
+    i = max(1, min(len(sorted_xs), int(-(-p / 100.0 * len(sorted_xs) // 1))))
+    return sorted_xs[i - 1]
+
+
+# --- per-scenario aggregation -------------------------------------------------
+
+
+def pgbench_runs(results, scenario, mode, target):
+    return [r for r in results if r.get("scenario") == scenario and r.get("mode") == mode
+            and r.get("target") == target and "skipped" not in r]
+
+
+def skipped(results, scenario, mode, target):
+    for r in results:
+        if (r.get("scenario") == scenario and r.get("mode") == mode and r.get("target") == target
+                and "skipped" in r):
+            return r["skipped"]
+    return None
+
+
+def pgbench_stats(runs):
+    """Median tps, pooler CPU us/txn, machine CPU us/txn, failures over rounds."""
+    if not runs:
+        return None
+    tps = [r["tps"] for r in runs]
+    pooler = []
+    machine = []
+    for r in runs:
+        tck = r["clk_tck"]
+        if r["txns"] > 0:
+            machine.append(r["machine_busy_ticks"] / tck * 1e6 / r["txns"])
+            if r.get("pooler_cpu_ticks") is not None:
+                pooler.append(r["pooler_cpu_ticks"] / tck * 1e6 / r["txns"])
+    pooler_util = [r["pooler_cpu_ticks"] / r["clk_tck"] / r["wall_secs"] for r in runs
+                   if r.get("pooler_cpu_ticks") is not None and r["wall_secs"] > 0]
+    return {
+        "tps": med(tps), "tps_range": rng(tps),
+        "pooler_us": med(pooler), "pooler_range": rng(pooler),
+        "machine_us": med(machine),
+        "pooler_cores": med(pooler_util),
+        "failed": sum(r["failed"] for r in runs),
+        "bad_status": sum(1 for r in runs if r["status"] != 0),
+        "txns": sum(r["txns"] for r in runs),
+        "rounds": len(runs),
+        "rss_kb": med([r.get("pooler_rss_kb") for r in runs]),
+    }
+
+
+def latency_stats(args, results, target):
+    runs = pgbench_runs(results, "latency1", "simple", target)
+    lat = []
+    for r in runs:
+        for path in glob.glob(os.path.join(args.dir, "raw", f"latlog-{target}-r{r['round']}.*")):
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3:
+                        lat.append(int(parts[2]))
+    if not lat:
+        return None
+    lat.sort()
+    return {
+        "n": len(lat),
+        "mean": sum(lat) / len(lat),
+        "p50": percentile(lat, 50),
+        "p90": percentile(lat, 90),
+        "p99": percentile(lat, 99),
+        "p999": percentile(lat, 99.9),
+        "max": lat[-1],
+        "tps": med([r["tps"] for r in runs]),
+        "pooler_us": (pgbench_stats(runs) or {}).get("pooler_us"),
+    }
+
+
+def idle_stats(results, target):
+    runs = [r for r in results if r.get("scenario") == "idle" and r.get("target") == target]
+    if not runs:
+        return None
+    per = [(r["after_kb"] - r["before_kb"]) / r["clients"] for r in runs]
+    lg = [r.get("loadgen") or {} for r in runs]
+    return {
+        "clients": runs[0]["clients"],
+        "metric": runs[0]["metric"],
+        "per_client_kib": med(per), "range": rng(per),
+        "before_kb": med([r["before_kb"] for r in runs]),
+        "after_kb": med([r["after_kb"] for r in runs]),
+        "after_close_kb": med([r["after_close_kb"] for r in runs]),
+        "connected": min((x.get("connected", 0) for x in lg), default=0),
+        "errors": sum(x.get("errors", 0) for x in lg),
+        "error_kinds": [k for x in lg for k in x.get("error_kinds", [])],
+        "connect_secs": med([x.get("connect_secs") for x in lg]),
+        "rounds": len(runs),
+    }
+
+
+def many_stats(results, env, target):
+    runs = [r for r in results if r.get("scenario") == "many" and r.get("target") == target]
+    if not runs:
+        return None
+    lg = [r.get("loadgen") or {} for r in runs]
+    ok = [x for x in lg if x]
+    tck = env["clk_tck"]
+    cpu = [x["watch_cpu_ticks"] / tck * 1e6 / x["queries_in_time"] for x in ok
+           if x.get("watch_cpu_ticks") is not None and x.get("queries_in_time")]
+    return {
+        "clients": runs[0]["clients"],
+        "rounds": len(runs),
+        "failed_runs": sum(1 for r in runs if not r.get("loadgen")),
+        "connected_min": min((x.get("connected", 0) for x in ok), default=0),
+        "errors": sum(x.get("errors", 0) for x in ok),
+        "error_kinds": [k for x in ok for k in x.get("error_kinds", [])],
+        "qps": med([x.get("qps") for x in ok]), "qps_range": rng([x.get("qps") for x in ok]),
+        "p50": med([x.get("lat_p50_us") for x in ok]),
+        "p99": med([x.get("lat_p99_us") for x in ok]),
+        "p999": med([x.get("lat_p999_us") for x in ok]),
+        "max": max((x.get("lat_max_us", 0) for x in ok), default=None),
+        "mean": med([x.get("lat_mean_us") for x in ok]),
+        "per_client_min": min((x.get("per_client_min", 0) for x in ok), default=None),
+        "per_client_median": med([x.get("per_client_median") for x in ok]),
+        "connect_secs": med([x.get("connect_secs") for x in ok]),
+        "pooler_us": med(cpu),
+    }
+
+
+def routing_stats(results, variant, mode):
+    """Scenarios 6-7: one variant of the routing tidepool, medians over rounds."""
+    runs = [r for r in results if r.get("scenario") == "routing" and r.get("variant") == variant
+            and r.get("mode") == mode]
+    if not runs:
+        return None
+    pooler, server, shares = [], [], []
+    for r in runs:
+        tck = r["clk_tck"]
+        srv = r["primary_ticks"] + r["replica1_ticks"] + r["replica2_ticks"]
+        if r["txns"] > 0:
+            pooler.append(r["pooler_cpu_ticks"] / tck * 1e6 / r["txns"])
+            server.append(srv / tck * 1e6 / r["txns"])
+        if srv > 0:
+            shares.append([r["primary_ticks"] / srv, r["replica1_ticks"] / srv, r["replica2_ticks"] / srv])
+    tps = [r["tps"] for r in runs]
+    return {
+        "tps": med(tps), "tps_range": rng(tps),
+        "pooler_us": med(pooler), "pooler_range": rng(pooler),
+        "server_us": med(server),
+        "shares": [med([x[i] for x in shares]) for i in range(3)] if shares else None,
+        "failed": sum(r["failed"] for r in runs),
+        "bad_status": sum(1 for r in runs if r["status"] != 0),
+        "rounds": len(runs),
+    }
+
+
+# --- plots ----------------------------------------------------------------------
+
+
+def note_missing(ax, groups, S, targets, width, offset=-1):
+    """Writes "not run" where a target has no bar (e.g. PgBouncer < 1.21, -M prepared)."""
+    for g, (scen, mode, _) in enumerate(groups):
+        for i, t in enumerate(targets):
+            if not S.get((scen, mode, t)):
+                ax.text(g + (i + offset) * width, ax.get_ylim()[1] * 0.02, f"{t}: not run",
+                        rotation=90, ha="center", va="bottom", fontsize=8, color=COLORS[t])
+
+
+def plots(out, S, lat, many):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed: no plots this run."
+
+    files = []
+    # Throughput
+    groups = [("select50", m, f"-M {m}\n50 clients") for m in MODES] + [("select500", "simple", "-M simple\n500 clients")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [4, 1.3]})
+    width = 0.26
+    for i, t in enumerate(TARGETS):
+        xs, ys, lo, hi = [], [], [], []
+        for g, (scen, mode, _) in enumerate(groups):
+            s = S.get((scen, mode, t))
+            if s and s["tps"] is not None:
+                xs.append(g + (i - 1) * width)
+                ys.append(s["tps"])
+                lo.append(s["tps"] - s["tps_range"][0])
+                hi.append(s["tps_range"][1] - s["tps"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=t, color=COLORS[t])
+    note_missing(ax, groups, S, TARGETS, width)
+    ax.set_xticks(range(len(groups)), [g[2] for g in groups])
+    ax.set_ylabel("transactions / s (pgbench -S)")
+    ax.set_title("Throughput, pool of 20 (bars: median, whiskers: min-max)")
+    ax.legend()
+    for i, t in enumerate(POOLERS):
+        m = many.get(t)
+        if m and m["qps"] is not None:
+            lo_, hi_ = m["qps_range"]
+            ax2.bar(i, m["qps"], 0.6, yerr=[[m["qps"] - lo_], [hi_ - m["qps"]]], capsize=2, color=COLORS[t])
+    ax2.set_xticks(range(len(POOLERS)), POOLERS)
+    ax2.set_title("10,000 clients, select 1")
+    ax2.set_ylabel("queries / s")
+    fig.tight_layout()
+    path = os.path.join(out, "benchmarks-throughput.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+
+    # CPU per transaction
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, t in enumerate(POOLERS):
+        xs, ys = [], []
+        for g, (scen, mode, _) in enumerate(groups):
+            s = S.get((scen, mode, t))
+            if s and s["pooler_us"] is not None:
+                xs.append(g + (i - 0.5) * 0.36)
+                ys.append(s["pooler_us"])
+        ax.bar(xs, ys, 0.36, label=t, color=COLORS[t])
+    note_missing(ax, groups, S, POOLERS, 0.36, offset=-0.5)
+    ax.set_xticks(range(len(groups)), [g[2] for g in groups])
+    ax.set_ylabel("pooler CPU µs / transaction")
+    ax.set_title("Pooler process CPU per transaction (utime+stime)")
+    ax.legend()
+    for i, t in enumerate(TARGETS):
+        xs, ys = [], []
+        for g, (scen, mode, _) in enumerate(groups):
+            s = S.get((scen, mode, t))
+            if s and s["machine_us"] is not None:
+                xs.append(g + (i - 1) * width)
+                ys.append(s["machine_us"])
+        ax2.bar(xs, ys, width, label=t, color=COLORS[t])
+    note_missing(ax2, groups, S, TARGETS, width)
+    ax2.set_xticks(range(len(groups)), [g[2] for g in groups])
+    ax2.set_ylabel("machine CPU µs / transaction")
+    ax2.set_title("Whole machine (PostgreSQL + pgbench + pooler)")
+    ax2.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "benchmarks-cpu.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+
+    # Latency, 1 client
+    stats = ["mean", "p50", "p90", "p99", "p999"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, t in enumerate(TARGETS):
+        L = lat.get(t)
+        if not L:
+            continue
+        ax.bar([k + (i - 1) * width for k in range(len(stats))], [L[s] for s in stats], width,
+               label=t, color=COLORS[t])
+    ax.set_xticks(range(len(stats)), ["mean", "p50", "p90", "p99", "p99.9"])
+    ax.set_ylabel("latency µs")
+    ax.set_title("Latency, 1 client, pgbench -S -M simple")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "benchmarks-latency.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+    return files, None
+
+
+# --- report -----------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--elapsed", type=int, default=0)
+    ap.add_argument("--setup", type=int, default=0)
+    ap.add_argument("--command", default="./scripts/bench")
+    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    args = ap.parse_args()
+    results, env = load(args)
+    os.makedirs(args.out, exist_ok=True)
+
+    S = {}
+    for scen, modes in (("select50", MODES), ("select500", ["simple"])):
+        for mode in modes:
+            for t in TARGETS:
+                S[(scen, mode, t)] = pgbench_stats(pgbench_runs(results, scen, mode, t))
+    lat = {t: latency_stats(args, results, t) for t in TARGETS}
+    idle = {t: idle_stats(results, t) for t in TARGETS}
+    many = {t: many_stats(results, env, t) for t in POOLERS}
+    stubs = {r["scenario"]: r["skipped"] for r in results if r.get("scenario") in ("read_scaling", "classifier")}
+    R = {(v, m): routing_stats(results, v, m) for v in ("primary_only", "replicas", "classify_only")
+         for m in ("simple", "extended")}
+
+    files, plot_note = plots(args.out, S, lat, many)
+    rel = {os.path.basename(f): os.path.basename(f) for f in files}
+
+    L = []
+    w = L.append
+    w("# Benchmarks: tidepool, PgBouncer and direct PostgreSQL")
+    w("")
+    w(f"_Generated by `{args.command}` on {env['date']} — do not edit by hand; run the script again._")
+    if env["quick"]:
+        w("")
+        w(f"**Quick run** ({env['rounds']} round × {env['duration']} s per scenario): a smoke test, "
+          "not numbers to quote.")
+    w("")
+    w("Everything runs on one machine over loopback: PostgreSQL, the poolers, pgbench and the "
+      "load generator share its CPUs. Each scenario runs direct PostgreSQL, PgBouncer and tidepool "
+      "one after another in every round (the order rotates each round) so that background noise "
+      "is shared. Figures are medians over rounds; ranges are min–max. Nothing is asserted.")
+    w("")
+
+    # Summary
+    w("## Summary")
+    w("")
+    w("| measure | direct | PgBouncer | tidepool | tidepool / PgBouncer | tidepool / direct |")
+    w("|---|---:|---:|---:|---:|---:|")
+    for mode in MODES:
+        d, p, t = (S[("select50", mode, x)] for x in TARGETS)
+        w(f"| pooler CPU µs/txn, -M {mode}, 50 clients | — | {fnum(p and p['pooler_us'], 1)} | "
+          f"{fnum(t and t['pooler_us'], 1)} | {ratio(t and t['pooler_us'], p and p['pooler_us'])} | — |")
+    for mode in MODES:
+        d, p, t = (S[("select50", mode, x)] for x in TARGETS)
+        w(f"| machine CPU µs/txn, -M {mode}, 50 clients | {fnum(d and d['machine_us'], 1)} | "
+          f"{fnum(p and p['machine_us'], 1)} | {fnum(t and t['machine_us'], 1)} | "
+          f"{ratio(t and t['machine_us'], p and p['machine_us'])} | {ratio(t and t['machine_us'], d and d['machine_us'])} |")
+    for scen, mode, label in [("select50", m, f"-M {m}, 50 clients") for m in MODES] + [("select500", "simple", "-M simple, 500 clients")]:
+        d, p, t = (S[(scen, mode, x)] for x in TARGETS)
+        w(f"| throughput tps, {label} | {fnum(d and d['tps'])} | {fnum(p and p['tps'])} | "
+          f"{fnum(t and t['tps'])} | {ratio(t and t['tps'], p and p['tps'])} | {ratio(t and t['tps'], d and d['tps'])} |")
+    ld, lp, lt = (lat[x] for x in TARGETS)
+    if ld:
+        w(f"| added mean latency µs, 1 client | (base {fnum(ld['mean'], 1)}) | "
+          f"{fnum(lp and lp['mean'] - ld['mean'], 1)} | {fnum(lt and lt['mean'] - ld['mean'], 1)} | "
+          f"{ratio(lt and lt['mean'] - ld['mean'], lp and lp['mean'] - ld['mean'])} | "
+          f"{ratio(lt and lt['mean'], ld['mean'])} (mean) |")
+        w(f"| added p99 latency µs, 1 client | (base {fnum(ld['p99'])}) | "
+          f"{fnum(lp and lp['p99'] - ld['p99'])} | {fnum(lt and lt['p99'] - ld['p99'])} | "
+          f"{ratio(lt and lt['p99'] - ld['p99'], lp and lp['p99'] - ld['p99'])} | "
+          f"{ratio(lt and lt['p99'], ld['p99'])} (p99) |")
+    ip, it, idd = idle["pgbouncer"], idle["tidepool"], idle["direct"]
+    w(f"| memory KiB per idle client | {fnum(idd and idd['per_client_kib'], 1)} (PSS per backend) | "
+      f"{fnum(ip and ip['per_client_kib'], 2)} | {fnum(it and it['per_client_kib'], 2)} | "
+      f"{ratio(it and it['per_client_kib'], ip and ip['per_client_kib'])} | "
+      f"{ratio(it and it['per_client_kib'], idd and idd['per_client_kib'], 4)} |")
+    mp, mt = many["pgbouncer"], many["tidepool"]
+    w(f"| {env['many_clients']:,} clients: errors | — | {fnum(mp and mp['errors'])} | {fnum(mt and mt['errors'])} | | — |")
+    w(f"| {env['many_clients']:,} clients: queries/s | — | {fnum(mp and mp['qps'])} | {fnum(mt and mt['qps'])} | "
+      f"{ratio(mt and mt['qps'], mp and mp['qps'])} | — |")
+    w(f"| {env['many_clients']:,} clients: p99 latency ms | — | {fnum(mp and mp['p99'] / 1000, 1)} | "
+      f"{fnum(mt and mt['p99'] / 1000, 1)} | {ratio(mt and mt['p99'], mp and mp['p99'])} | — |")
+    po, rp = R[("primary_only", "extended")], R[("replicas", "extended")]
+    if po and rp:
+        w(f"| read scaling: tps, primary + 2 replicas vs primary alone (-M extended, 50 clients) | — | — | "
+          f"{fnum(rp['tps'])} vs {fnum(po['tps'])} | — | {ratio(rp['tps'], po['tps'])} (vs primary alone) |")
+    for m, what in (("simple", "every text new: parsed"), ("extended", "one text: cached")):
+        a, c = R[("primary_only", m)], R[("classify_only", m)]
+        if a and c and a["pooler_us"] is not None and c["pooler_us"] is not None:
+            w(f"| classifier cost µs/txn, -M {m} ({what}) | — | — | {fnum(c['pooler_us'] - a['pooler_us'], 1)} | — | "
+              f"{ratio(c['pooler_us'], a['pooler_us'])} (pooler CPU vs no routing) |")
+    w("")
+    w("Ratios: above 1× means tidepool has more of it (good for throughput, bad for CPU, latency "
+      "and memory). Pooler CPU is the pooler process alone; machine CPU is all CPU time on the "
+      "machine (PostgreSQL, pgbench, pooler) per transaction, which direct PostgreSQL has too. "
+      "Added latency is the pooler's latency minus direct's; its tidepool / direct column "
+      "compares whole latencies.")
+    if not env["pgbouncer_prepared"]:
+        w(f"{env['pgbouncer']} has no `max_prepared_statements` (added in 1.21), so it cannot run "
+          "`pgbench -M prepared` in transaction mode; it sits that run out.")
+    w("")
+    for f in files:
+        name = os.path.basename(f)
+        w(f"![{name}]({rel[name]})")
+        w("")
+    if plot_note:
+        w(plot_note)
+        w("")
+
+    # Environment
+    w("## Environment")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    for k, label in [("cpu", "CPU"), ("cores", "cores"), ("memory_gb", "memory GB"), ("os", "OS"),
+                     ("kernel", "kernel"), ("postgres", "PostgreSQL"), ("pgbench", "pgbench"),
+                     ("pgbouncer", "PgBouncer"), ("rustc", "rustc")]:
+        w(f"| {label} | {env.get(k, '')} |")
+    dirty = " (with uncommitted changes in src/)" if env.get("tidepool_dirty") else ""
+    w(f"| tidepool | commit `{env.get('tidepool_commit', '?')}`{dirty}, release build, default "
+      "threads (one per core) |")
+    w(f"| open files | {env.get('fd_note', '')} |")
+    bg = []
+    for name in ("background-start", "background-end"):
+        path = os.path.join(args.dir, name)
+        bg.append(open(path).read().strip() + "%" if os.path.exists(path) else "?")
+    w(f"| other work | machine busy while no benchmark load ran (3 s samples): {bg[0]} before, "
+      f"{bg[1]} after |")
+    w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario, memory {env['mem_rounds']} round(s); "
+      f"{args.elapsed} s in all, of which {args.setup} s setup and builds |")
+    w("")
+    w("PostgreSQL: a scratch cluster (`fsync = off`, `synchronous_commit = off`, "
+      "`full_page_writes = off`, `shared_buffers = 256MB`, `max_connections = 600`), pgbench "
+      "data at scale 10, run by the unprivileged `postgres` user. The benchmark user `bench` "
+      "logs in with `trust` everywhere (PostgreSQL, PgBouncer, tidepool), so no run pays for "
+      "SCRAM. Both poolers: transaction mode, pool size 20, `max_client_conn = 11000`, "
+      "no minimum pool, no per-connection log lines; PgBouncer and tidepool run as the "
+      "`postgres` user. The configurations are at the end.")
+    w("")
+
+    # Scenario 1/2
+    w("## 1. CPU per transaction and 2. throughput (pgbench -S)")
+    w("")
+    w("`pgbench -S` (one primary-key SELECT per transaction), `-j 2`, "
+      f"{env['duration']} s per run. Pooler CPU is utime+stime of the pooler process (all threads, "
+      "`/proc/PID/stat`) over the run, divided by the transactions pgbench reports; machine CPU is "
+      "all busy CPU time (`/proc/stat`) over the run, divided likewise, so direct PostgreSQL has a "
+      "figure too. “cores” is the pooler's CPU time over wall time. Direct PostgreSQL runs one "
+      "backend per client (no pool).")
+    w("")
+    w("| clients | mode | target | tps (range) | vs direct | vs PgBouncer | pooler CPU µs/txn (range) | pooler cores | machine CPU µs/txn | failed txns |")
+    w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for scen, modes, clients in (("select50", MODES, 50), ("select500", ["simple"], 500)):
+        for mode in modes:
+            d, p = S[(scen, mode, "direct")], S[(scen, mode, "pgbouncer")]
+            for t in TARGETS:
+                s = S[(scen, mode, t)]
+                if not s:
+                    why = skipped(results, scen, mode, t) or "no data"
+                    w(f"| {clients} | {mode} | {t} | skipped: {why} | | | | | | |")
+                    continue
+                lo, hi = s["tps_range"]
+                plo, phi = s["pooler_range"]
+                cpu = (f"{fnum(s['pooler_us'], 1)} ({fnum(plo, 1)}–{fnum(phi, 1)})"
+                       if s["pooler_us"] is not None else "—")
+                fails = fnum(s["failed"])
+                if s["bad_status"]:
+                    fails += f" ({s['bad_status']} run(s) exited non-zero)"
+                w(f"| {clients} | {mode} | {t} | {fnum(s['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
+                  f"{ratio(s['tps'], d and d['tps']) if t != 'direct' else '—'} | "
+                  f"{ratio(s['tps'], p and p['tps']) if t == 'tidepool' else '—'} | {cpu} | "
+                  f"{fnum(s['pooler_cores'], 2) if s['pooler_cores'] is not None else '—'} | "
+                  f"{fnum(s['machine_us'], 1)} | {fails} |")
+    w("")
+    w("Pooler CPU per transaction, tidepool / PgBouncer:")
+    w("")
+    for scen, mode, label in [("select50", m, f"-M {m}, 50 clients") for m in MODES] + [("select500", "simple", "-M simple, 500 clients")]:
+        p, t = S[(scen, mode, "pgbouncer")], S[(scen, mode, "tidepool")]
+        w(f"- {label}: {ratio(t and t['pooler_us'], p and p['pooler_us'])}"
+          + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else ""))
+    w("")
+
+    # Scenario 3
+    w("## 3. Added latency (1 client)")
+    w("")
+    w(f"`pgbench -S -M simple -c 1 -l`, {env['duration']} s per round; mean and percentiles over "
+      "every transaction in the per-transaction logs (all rounds pooled).")
+    w("")
+    w("| target | transactions | tps | mean µs | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | added mean µs | added p99 µs | pooler CPU µs/txn |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in TARGETS:
+        x = lat[t]
+        if not x:
+            w(f"| {t} | no data | | | | | | | | | | |")
+            continue
+        am = fnum(x["mean"] - ld["mean"], 1) if ld and t != "direct" else "—"
+        a99 = fnum(x["p99"] - ld["p99"]) if ld and t != "direct" else "—"
+        w(f"| {t} | {fnum(x['n'])} | {fnum(x['tps'])} | {fnum(x['mean'], 1)} | {fnum(x['p50'])} | "
+          f"{fnum(x['p90'])} | {fnum(x['p99'])} | {fnum(x['p999'])} | {fnum(x['max'])} | {am} | {a99} | "
+          f"{fnum(x['pooler_us'], 1) if x['pooler_us'] is not None else '—'} |")
+    w("")
+
+    # Scenario 4
+    w("## 4. Memory per idle client")
+    w("")
+    w(f"Each round starts the pooler afresh, fills its pool with a 1 s pgbench run of 20 "
+      f"clients, reads its RSS (`VmRSS`), opens {env['idle_clients']:,} client connections with "
+      f"`tools/loadgen` ({100} connection attempts in flight at a time; each logs in, runs one "
+      "`select 1`, then idles), waits 2 s and reads RSS again. Per client = growth / clients. "
+      f"Direct PostgreSQL cannot take {env['idle_clients']:,} connections (one process each); for "
+      f"scale it gets {env['direct_idle']} idle connections, measured as the growth of the summed "
+      "PSS of all PostgreSQL processes.")
+    w("")
+    w("| target | clients | connected | errors | connect time s | before | with clients | after they left | per client KiB (range) |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in TARGETS:
+        x = idle[t]
+        if not x:
+            continue
+        lo, hi = x["range"]
+        unit = "KiB PSS" if x["metric"] != "rss" else "KiB RSS"
+        w(f"| {t} | {fnum(x['clients'])} | {fnum(x['connected'])} | {fnum(x['errors'])} | "
+          f"{fnum(x['connect_secs'], 1)} | {fnum(x['before_kb'])} {unit} | {fnum(x['after_kb'])} | "
+          f"{fnum(x['after_close_kb'])} | {fnum(x['per_client_kib'], 2)} ({fnum(lo, 2)}–{fnum(hi, 2)}) |")
+    kinds = [k for t in TARGETS if idle[t] for k in idle[t]["error_kinds"]]
+    if kinds:
+        w("")
+        w("Errors seen: " + "; ".join(f"`{k['message']}` ×{k['count']}" for k in kinds))
+    w("")
+
+    # Scenario 5
+    w(f"## 5. {env['many_clients']:,} busy clients through a pool of 20")
+    w("")
+    w(f"`tools/loadgen run`: {env['many_clients']:,} connections (opened 100 at a time), then all "
+      f"start together and run `select 1` (simple protocol) in a loop for {env['duration']} s. "
+      "Latency is per query, from send to result, so it includes the wait for a pooled server. "
+      "Throughput counts queries finished before the deadline. Pooler CPU is over the timed part "
+      "only. Direct PostgreSQL is not run: it would need 10,000 backends.")
+    w("")
+    w("| target | connected | errors | queries/s (range) | mean ms | p50 ms | p99 ms | p99.9 ms | max ms | queries per client min / median | pooler CPU µs/query | connect time s |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in POOLERS:
+        x = many[t]
+        if not x:
+            continue
+        lo, hi = x["qps_range"]
+        ms = lambda v: fnum(v / 1000, 1) if v is not None else "n/a"  # noqa: E731
+        w(f"| {t} | {fnum(x['connected_min'])} / {fnum(x['clients'])} | {fnum(x['errors'])} | "
+          f"{fnum(x['qps'])} ({fnum(lo)}–{fnum(hi)}) | {ms(x['mean'])} | {ms(x['p50'])} | {ms(x['p99'])} | "
+          f"{ms(x['p999'])} | {ms(x['max'])} | {fnum(x['per_client_min'])} / {fnum(x['per_client_median'])} | "
+          f"{fnum(x['pooler_us'], 1)} | {fnum(x['connect_secs'], 1)} |")
+    kinds = [(t, k) for t in POOLERS if many[t] for k in many[t]["error_kinds"]]
+    w("")
+    if kinds:
+        w("Errors seen: " + "; ".join(f"{t}: `{k['message']}` ×{k['count']}" for t, k in kinds))
+    else:
+        w("No connection or query errors.")
+    w("")
+
+    # Scenarios 6 and 7
+    if stubs or not any(R.values()):
+        w("## 6. Read scaling and 7. classifier cost")
+        w("")
+        for key, label in (("read_scaling", "6. Read scaling (primary + two replicas vs primary alone)"),
+                           ("classifier", "7. Classifier cost (routing decision per query)")):
+            w(f"- {label}: **{stubs.get(key, 'not run')}** — no numbers.")
+        w("")
+    else:
+        w("## 6. Read scaling (primary + two replicas vs primary alone)")
+        w("")
+        w("A second tidepool process (scenarios 1–5 ran without replicas or health checks) with "
+          "two databases on the same primary: `bench`, the primary alone, and `bench_routed`, the "
+          "primary and two streaming replicas (`pg_basebackup -R`, same settings) with default "
+          "`[routing]` settings, so `pgbench -S` reads go to the replicas. `pgbench -S -M extended -c 50 "
+          f"-j 2`, {env['duration']} s per run. Server CPU is the CPU time of each PostgreSQL "
+          "cluster's processes (`/proc`) over the run: it shows where the reads ran.")
+        w("")
+        w("| variant | tps (range) | vs primary alone | pooler CPU µs/txn | server CPU µs/txn | server CPU: primary / replica 1 / replica 2 | failed txns |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        for v, label in (("primary_only", "primary alone (`bench`)"), ("replicas", "primary + 2 replicas (`bench_routed`)"),
+                         ("classify_only", "`bench_routed`, `tidepool.route=primary`")):
+            x = R[(v, "extended")]
+            if not x:
+                continue
+            lo, hi = x["tps_range"]
+            sh = " / ".join(f"{100 * y:.0f}%" for y in x["shares"]) if x["shares"] else "n/a"
+            fails = fnum(x["failed"]) + (f" ({x['bad_status']} run(s) exited non-zero)" if x["bad_status"] else "")
+            w(f"| {label} | {fnum(x['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
+              f"{ratio(x['tps'], R[('primary_only', 'extended')]['tps']) if R[('primary_only', 'extended')] else 'n/a'} | "
+              f"{fnum(x['pooler_us'], 1)} | {fnum(x['server_us'], 1)} | {sh} | {fails} |")
+        w("")
+        w(f"All three PostgreSQL servers, pgbench and tidepool share this machine's {env['cores']} cores, "
+          "so replicas add no CPU here: this shows that reads move to the replicas and what routing "
+          "costs, not the scaling that replicas on other hosts would give.")
+        w("")
+        w("## 7. Classifier cost")
+        w("")
+        w("The same routing tidepool: `bench` (no replicas: no statement is classified) against "
+          "`bench_routed` with `PGOPTIONS='-c tidepool.route=primary'`, where every transaction's "
+          "first statement is still classified (and checked for a routing hint) but runs on the "
+          "primary, so both do the same server work. The difference in pooler CPU per transaction is "
+          "the routing decision's cost. With `-M simple` every `pgbench -S` statement has a different "
+          "literal, so each is parsed (`pg_query`) and the cache never hits; with `-M extended` the "
+          "text is the same (`… WHERE aid = $1`) and the cache answers.")
+        w("")
+        w("| mode | pooler CPU µs/txn, no routing | with classification | cost µs/txn | ratio | tps, no routing | tps, with classification | server CPU on replicas |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for m in ("simple", "extended"):
+            a, c = R[("primary_only", m)], R[("classify_only", m)]
+            if not a or not c:
+                continue
+            cost = (c["pooler_us"] - a["pooler_us"]) if a["pooler_us"] is not None and c["pooler_us"] is not None else None
+            rep_share = f"{100 * (c['shares'][1] + c['shares'][2]):.0f}%" if c["shares"] else "n/a"
+            w(f"| {m} | {fnum(a['pooler_us'], 1)} | {fnum(c['pooler_us'], 1)} | {fnum(cost, 1)} | "
+              f"{ratio(c['pooler_us'], a['pooler_us'])} | {fnum(a['tps'])} | {fnum(c['tps'])} | {rep_share} |")
+        w("")
+
+    # Profile
+    perf = os.path.join(args.dir, "perf-top.txt")
+    if os.path.exists(perf) and os.path.getsize(perf) > 0:
+        w("## Profile (tidepool, pgbench -S -M extended, 50 clients)")
+        w("")
+        w("`perf record -F 999 -g -p PID` for the run's length (`./scripts/bench --perf`), then "
+          "`perf report --no-children`. By binary (`--sort dso`):")
+        w("")
+        w("```")
+        dso = os.path.join(args.dir, "perf-dso.txt")
+        if os.path.exists(dso):
+            with open(dso) as f:
+                w(f.read().rstrip())
+        w("```")
+        w("")
+        w("Top symbols by self time (`--sort symbol`):")
+        w("")
+        w("```")
+        with open(perf) as f:
+            w("".join(f.readlines()[:25]).rstrip())
+        w("```")
+        w("")
+        w("Without a hardware PMU (virtual machines sample on `cpu-clock`), kernel samples "
+          "gather where interrupts are re-enabled, e.g. `finish_task_switch` and "
+          "`_raw_spin_unlock_irqrestore`: read those as kernel time in general (socket I/O, "
+          "wake-ups, context switches), not as those functions alone.")
+        w("")
+
+    # Commands
+    w("## Exact commands")
+    w("")
+    w("Run from the repository root. Ports are chosen free at each run (these are this run's); "
+      "`$DIR` is the scratch dir (`/tmp/tidepool-bench`). `bench` is the database and user; "
+      "`--watch-pid` is the pooler's pid.")
+    w("")
+    w("```sh")
+    cmds = os.path.join(args.dir, "commands.txt")
+    if os.path.exists(cmds):
+        with open(cmds) as f:
+            text = f.read().replace(args.dir, "$DIR").replace(args.root + "/", "")
+        for line in text.splitlines():
+            w(line.rstrip())
+    w("```")
+    w("")
+    for name, lang in (("pgbouncer.ini", "ini"), ("tidepool.toml", "toml")):
+        path = os.path.join(args.dir, "raw", name)
+        if os.path.exists(path):
+            w(f"`{name}`:")
+            w("")
+            w(f"```{lang}")
+            with open(path) as f:
+                w(f.read().replace(args.dir, "$DIR").rstrip())
+            w("```")
+            w("")
+    w("## Caveats")
+    w("")
+    w("- One machine: pgbench and the load generator take CPU from the pooler and PostgreSQL; "
+      "throughput is of the whole system, not the pooler alone.")
+    w("- PgBouncer is single-threaded (at most one core); tidepool uses one thread per core. "
+      "The “pooler cores” column shows how much each used.")
+    w("- CPU time comes from `/proc` in clock ticks "
+      f"(1/{env['clk_tck']} s); short (`--quick`) runs are coarse.")
+    w("- Direct PostgreSQL gets one backend per client, not a pool of 20.")
+    w("")
+
+    md = os.path.join(args.out, "benchmarks.md")
+    with open(md, "w") as f:
+        f.write("\n".join(L))
+    print(f"report: {md}" + "".join(f", {os.path.basename(x)}" for x in files), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
