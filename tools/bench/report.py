@@ -450,7 +450,7 @@ def main():
     for name in ("background-start", "background-end"):
         path = os.path.join(args.dir, name)
         bg.append(open(path).read().strip() + "%" if os.path.exists(path) else "?")
-    w(f"| other work | machine busy while no benchmark load ran (3 s samples): {bg[0]} before, "
+    w(f"| other work | machine busy while no benchmark load ran (2 s samples): {bg[0]} before, "
       f"{bg[1]} after |")
     w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario, memory {env['mem_rounds']} round(s); "
       f"{args.elapsed} s in all, of which {args.setup} s setup and builds |")
@@ -532,7 +532,8 @@ def main():
     w(f"Each round starts the pooler afresh, fills its pool with a 1 s pgbench run of 20 "
       f"clients, reads its RSS (`VmRSS`), opens {env['idle_clients']:,} client connections with "
       f"`tools/loadgen` ({100} connection attempts in flight at a time; each logs in, runs one "
-      "`select 1`, then idles), waits 2 s and reads RSS again. Per client = growth / clients. "
+      f"`select 1`, then idles), waits {env.get('settle', 2)} s and reads RSS again. Per client = "
+      "growth / clients. "
       f"Direct PostgreSQL cannot take {env['idle_clients']:,} connections (one process each); for "
       f"scale it gets {env['direct_idle']} idle connections, measured as the growth of the summed "
       "PSS of all PostgreSQL processes.")
