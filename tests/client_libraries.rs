@@ -284,22 +284,8 @@ async fn pgbench_prepared_50_clients_through_a_pool_of_10() {
     // Own runner rather than harness::pgbench: a shorter deadline, since a
     // pgbench whose clients lost their statements can hang instead of exit.
     let mut cmd = Command::new(harness::pg_bin("pgbench"));
-    for var in [
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGPORT",
-        "PGUSER",
-        "PGDATABASE",
-        "PGPASSFILE",
-        "PGSERVICE",
-        "PGSERVICEFILE",
-        "PGOPTIONS",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("PGPASSWORD", harness::APP_PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .args(["-n", "-c", "50", "-j", "2", "-t", "40", "-M", "prepared"])
+    harness::client_env(&mut cmd, &target.url());
+    cmd.args(["-n", "-c", "50", "-j", "2", "-t", "40", "-M", "prepared"])
         .arg(target.url());
     let out = run_async(cmd, "pgbench -M prepared").await;
     let text = String::from_utf8_lossy(&out.stdout);

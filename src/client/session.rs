@@ -738,6 +738,9 @@ impl Session {
             {
                 return TxEnd::ClientFatal(e.into());
             }
+            if t.terminated {
+                client_closed = true;
+            }
             if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
                 // The server is going away; what it said becomes the reason.
                 return lost(format!("{} ({})", f.message, f.code), &cscan);
@@ -817,20 +820,7 @@ impl Session {
                             client_closed = true;
                             continue;
                         }
-                        Ok(_) => {}
-                    }
-                    if let Err(e) = client.scan(
-                        &mut self.buf,
-                        &mut cscan,
-                        t,
-                        &mut conn.prepared,
-                        &mut to_server,
-                        &mut to_client,
-                    ) {
-                        return TxEnd::ClientFatal(e.into());
-                    }
-                    if t.terminated {
-                        client_closed = true;
+                        Ok(_) => rescan = true,
                     }
                 }
                 _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => {

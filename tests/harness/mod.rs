@@ -47,6 +47,8 @@ use std::time::{Duration, Instant};
 
 pub use cluster::Cluster;
 #[allow(unused_imports)]
+pub use process::client_env;
+#[allow(unused_imports)]
 pub use proxy::TestProxy;
 
 /// Host every test server listens on.
