@@ -79,6 +79,10 @@ pub enum ClientError {
     IdleTransactionTimeout(Duration),
     #[error("tidepool is shutting down")]
     Shutdown,
+    #[error("connection killed by an administrator (KILL)")]
+    Killed,
+    #[error("user \"{0}\" is not allowed on the admin console (not in admin_users or stats_users)")]
+    AdminNotAllowed(String),
 }
 
 impl ClientError {
@@ -98,7 +102,8 @@ impl ClientError {
             ClientError::ServerLogin { .. } => SqlState::CONNECTION_FAILURE,
             ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
-            ClientError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+            ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
+            ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
         }
     }
 

@@ -10,12 +10,14 @@
 //! [`Proxy::bind`] opens the listeners; [`Proxy::run`] serves until the
 //! shutdown future resolves, then stops accepting and lets clients finish.
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod http;
 pub mod lifecycle;
 pub mod listener;
 pub mod pool;
@@ -26,6 +28,7 @@ pub mod stats;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,12 +39,18 @@ pub use config::Config;
 /// A bound, not yet running proxy.
 pub struct Proxy {
     listeners: Vec<TcpListener>,
+    metrics: Option<TcpListener>,
     shared: Arc<client::Shared>,
 }
 
 impl Proxy {
-    /// Binds every `listen` address of `config`.
+    /// Binds every `listen` address of `config` (and `[metrics] listen`).
     pub async fn bind(config: Config) -> std::io::Result<Proxy> {
+        Self::bind_with_path(config, None).await
+    }
+
+    /// Like [`Proxy::bind`]; RELOAD and SIGHUP re-read `path`.
+    pub async fn bind_with_path(config: Config, path: Option<PathBuf>) -> std::io::Result<Proxy> {
         let mut listeners = Vec::new();
         for addr in &config.tidepool.listen {
             let l = TcpListener::bind(addr.as_str()).await.map_err(|e| {
@@ -49,9 +58,19 @@ impl Proxy {
             })?;
             listeners.push(l);
         }
+        let metrics = match &config.metrics.listen {
+            Some(addr) => Some(TcpListener::bind(addr.as_str()).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} for metrics: {e}"),
+                )
+            })?),
+            None => None,
+        };
         Ok(Proxy {
             listeners,
-            shared: Arc::new(client::Shared::new(Arc::new(config))),
+            metrics,
+            shared: Arc::new(client::Shared::new(config, path)),
         })
     }
 
@@ -63,20 +82,39 @@ impl Proxy {
             .collect()
     }
 
+    /// The metrics endpoint's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Shared state, for in-process inspection (tests, admin).
     pub fn shared(&self) -> Arc<client::Shared> {
         self.shared.clone()
     }
 
-    /// Serves until `shutdown` resolves, then waits up to `drain` for clients.
-    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
+    /// Serves until `shutdown` resolves (or the console's SHUTDOWN), then
+    /// stops accepting and lets clients finish their transactions for up to
+    /// `drain` (default: `shutdown_timeout`).
+    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Option<Duration>) {
         let (tx, rx) = tokio::sync::watch::channel(false);
         for l in self.listeners {
             tracing::info!(addr = ?l.local_addr().ok(), "listening");
             tokio::spawn(listener::accept_loop(l, self.shared.clone(), rx.clone()));
         }
-        shutdown.await;
+        if let Some(l) = self.metrics {
+            tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
+            tokio::spawn(http::serve(l, self.shared.clone(), rx.clone()));
+        }
+        let ticker = tokio::spawn(lifecycle::stats_ticker(self.shared.clone()));
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.shared.lifecycle.shutdown_requested.notified() => {
+                tracing::info!("SHUTDOWN from the admin console");
+            }
+        }
         let _ = tx.send(true);
-        lifecycle::drain(&self.shared, drain).await;
+        let limit = drain.unwrap_or(self.shared.settings().config.tidepool.shutdown_timeout);
+        lifecycle::shut_down(&self.shared, limit).await;
+        ticker.abort();
     }
 }

@@ -1,11 +1,19 @@
-//! Process lifecycle: turning SIGINT/SIGTERM into a shutdown, and draining
-//! clients before exit.
+//! Process lifecycle: signals, reload orchestration, shutdown and drain.
+//!
+//! - SIGTERM / SIGINT / the console's SHUTDOWN start a shutdown: listeners
+//!   close, idle clients are told `57P01` and closed, clients inside a
+//!   transaction finish it first, and after `shutdown_timeout` whatever is
+//!   left is closed.
+//! - SIGHUP / the console's RELOAD re-read the config file. An invalid file
+//!   is logged and changes nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::client::Shared;
+use crate::client::list::Eviction;
+use crate::config::{Config, ConfigError};
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn signal() {
@@ -29,10 +37,99 @@ pub async fn signal() {
     }
 }
 
-/// Waits until every client has left, or `limit` passes.
-pub async fn drain(shared: &Arc<Shared>, limit: Duration) {
+/// Reloads the config on every SIGHUP, for as long as the process runs.
+pub async fn reload_on_sighup(shared: Arc<Shared>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with the console's RELOAD");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            let _ = reload(&shared);
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = shared;
+    }
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (tidepool was started from an in-memory config)")]
+    NoFile,
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// Re-reads the config file and puts it in force. On error the running
+/// config stays and the error is logged.
+pub fn reload(shared: &Shared) -> Result<(), ReloadError> {
+    let Some(path) = &shared.config_path else {
+        tracing::error!("reload: {}", ReloadError::NoFile);
+        return Err(ReloadError::NoFile);
+    };
+    match Config::load(path) {
+        Ok(config) => {
+            shared.apply(config);
+            tracing::info!(file = %path.display(), "config reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; the running config stays in force");
+            Err(e.into())
+        }
+    }
+}
+
+/// Asks every client to leave: idle ones now, busy ones after their
+/// transaction. Then waits until all have left, or `limit` passes.
+pub async fn shut_down(shared: &Arc<Shared>, limit: Duration) {
+    shared
+        .lifecycle
+        .shutting_down
+        .store(true, Ordering::Relaxed);
+    for c in shared.list.all() {
+        c.evict(Eviction::Shutdown);
+    }
     let deadline = tokio::time::Instant::now() + limit;
     while shared.clients.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.clients.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(
+            clients = left,
+            "shutdown_timeout reached; closing the remaining connections"
+        );
+    } else {
+        tracing::info!("all clients left; exiting");
+    }
+}
+
+/// Statistics upkeep: health-window samples every second, averages every
+/// `stats_period`.
+pub async fn stats_ticker(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_roll = std::time::Instant::now();
+    shared.stats.tick(
+        last_roll,
+        shared.settings().config.stats.health_window,
+        true,
+    );
+    loop {
+        tick.tick().await;
+        let cfg = shared.settings().config.stats.clone();
+        let now = std::time::Instant::now();
+        let roll = now.duration_since(last_roll) >= cfg.stats_period;
+        if roll {
+            last_roll = now;
+        }
+        shared.stats.tick(now, cfg.health_window, roll);
     }
 }

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -77,16 +76,15 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let proxy = match tidepool::Proxy::bind(config).await {
+        let proxy = match tidepool::Proxy::bind_with_path(config, Some(cli.config.clone())).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 return ExitCode::FAILURE;
             }
         };
-        proxy
-            .run(tidepool::lifecycle::signal(), Duration::from_secs(30))
-            .await;
+        tokio::spawn(tidepool::lifecycle::reload_on_sighup(proxy.shared()));
+        proxy.run(tidepool::lifecycle::signal(), None).await;
         ExitCode::SUCCESS
     })
 }

@@ -224,7 +224,15 @@ async fn the_per_server_cache_is_bounded_and_evicts_least_recently_used() {
     let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
     let n: i32 = String::from_utf8_lossy(&row.body[6..]).parse().unwrap();
     assert!(n <= 3, "server holds {n} statements");
-    assert!(proxy.shared.stats.prepare_evictions.load(Ordering::Relaxed) > 0);
+    assert!(
+        proxy
+            .shared
+            .stats
+            .counters
+            .prepare_evictions
+            .load(Ordering::Relaxed)
+            > 0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,8 +257,8 @@ async fn re_preparing_a_known_statement_costs_no_server_parse() {
         .await;
         assert_eq!(tags(&msgs), "12DCZ");
     }
-    assert_eq!(stats.prepares.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.prepare_hits.load(Ordering::Relaxed), 9);
+    assert_eq!(stats.counters.prepares.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.counters.prepare_hits.load(Ordering::Relaxed), 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,10 +327,10 @@ async fn pgbench_prepared_costs_no_extra_round_trips_once_warm() {
     );
     assert!(text.contains("number of failed transactions: 0 "), "{text}");
     let s = &proxy.shared.stats;
-    let prepares = s.prepares.load(Ordering::Relaxed);
-    let hits = s.prepare_hits.load(Ordering::Relaxed);
-    let syncs = s.param_syncs.load(Ordering::Relaxed);
-    let refreshes = s.param_refreshes.load(Ordering::Relaxed);
+    let prepares = s.counters.prepares.load(Ordering::Relaxed);
+    let hits = s.counters.prepare_hits.load(Ordering::Relaxed);
+    let syncs = s.counters.param_syncs.load(Ordering::Relaxed);
+    let refreshes = s.counters.param_refreshes.load(Ordering::Relaxed);
     eprintln!(
         "pgbench -M prepared, 20 clients x 50 tpcb transactions on 5 servers: \
          {prepares} server Parses, {hits} Parses answered without a round trip, \

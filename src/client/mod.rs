@@ -12,23 +12,30 @@
 //! a server leaves a client only through `PooledConn::release`, clean, or is
 //! closed; errors for this client go to this client only.
 
+pub mod list;
 mod prepared;
 mod session;
 pub mod sql;
-mod startup;
+pub(crate) mod startup;
+mod timing;
 pub mod txn;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::auth::secret::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::pool::Registry;
+use crate::router::Classifier;
+use crate::stats::Stats;
 
 /// A user's secret and the SCRAM verifier derived from it once at start.
 pub struct UserAuth {
@@ -36,31 +43,78 @@ pub struct UserAuth {
     pub verifier: Option<ScramVerifier>,
 }
 
-/// What every client task shares.
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub registry: Registry,
-    pub cancel: Arc<CancelRegistry>,
+/// What a reload replaces as a whole: the config and what is derived from it.
+pub struct Settings {
+    pub config: Config,
     pub users: HashMap<String, UserAuth>,
-    /// Verifier of a random password, for the exchange with unknown users.
-    pub decoy: ScramVerifier,
-    pub clients: AtomicU32,
-    pub stats: crate::stats::Counters,
-    pub classifier: Arc<crate::router::Classifier>,
-    next_id: AtomicU64,
+    pub classifier: Arc<Classifier>,
 }
 
-impl Shared {
-    pub fn new(config: Arc<Config>) -> Self {
+impl Settings {
+    /// Derives users' verifiers and the classifier; `previous` lends its
+    /// classifier (and cache) when the routing rules did not change.
+    fn new(config: Config, previous: Option<&Settings>) -> Self {
         let users = config
             .users
             .iter()
             .map(|(name, u)| {
                 let secret = u.password.as_deref().and_then(|p| Secret::parse(p).ok());
-                let verifier = secret.as_ref().and_then(Secret::scram_verifier);
+                // Verifiers cost a PBKDF2 run: reuse them when unchanged.
+                let verifier = previous
+                    .and_then(|p| p.config.users.get(name).zip(p.users.get(name)))
+                    .filter(|(old, _)| old.password == u.password)
+                    .and_then(|(_, a)| a.verifier.clone())
+                    .or_else(|| secret.as_ref().and_then(Secret::scram_verifier));
                 (name.clone(), UserAuth { secret, verifier })
             })
             .collect();
+        let classifier = match previous {
+            Some(p) if same_rules(&p.config, &config) => p.classifier.clone(),
+            _ => Arc::new(Classifier::new(
+                crate::router::classify::Rules::from_config(&config.routing),
+            )),
+        };
+        Self {
+            config,
+            users,
+            classifier,
+        }
+    }
+}
+
+fn same_rules(a: &Config, b: &Config) -> bool {
+    let (a, b) = (&a.routing, &b.routing);
+    a.strict == b.strict
+        && a.write_functions == b.write_functions
+        && a.read_only_functions == b.read_only_functions
+}
+
+/// Shutdown in progress, and how to ask for one from inside (SHUTDOWN).
+#[derive(Default)]
+pub struct Lifecycle {
+    pub shutting_down: AtomicBool,
+    pub shutdown_requested: Notify,
+}
+
+/// What every client task shares.
+pub struct Shared {
+    settings: ArcSwap<Settings>,
+    pub registry: Registry,
+    pub cancel: Arc<CancelRegistry>,
+    /// Verifier of a random password, for the exchange with unknown users.
+    pub decoy: ScramVerifier,
+    /// Connections open now, logging in or logged in.
+    pub clients: AtomicU32,
+    pub stats: Arc<Stats>,
+    pub list: Arc<list::ClientList>,
+    pub lifecycle: Lifecycle,
+    /// The file RELOAD and SIGHUP read, when the config came from one.
+    pub config_path: Option<PathBuf>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Self {
         let random: u128 = rand::random();
         let decoy = Secret::Plain(format!("{random:x}"))
             .scram_verifier()
@@ -70,20 +124,47 @@ impl Shared {
                 stored_key: rand::random(),
                 server_key: rand::random(),
             });
-        let classifier = Arc::new(crate::router::Classifier::new(
-            crate::router::classify::Rules::from_config(&config.routing),
-        ));
+        let stats = Arc::new(Stats::new(&config.stats));
         Self {
             decoy,
-            registry: Registry::new(config.clone()),
-            config,
+            registry: Registry::new(&config, stats.clone()),
+            settings: ArcSwap::from_pointee(Settings::new(config, None)),
             cancel: Arc::new(CancelRegistry::default()),
-            users,
             clients: AtomicU32::new(0),
-            stats: crate::stats::Counters::default(),
-            classifier,
+            stats,
+            list: Arc::new(list::ClientList::default()),
+            lifecycle: Lifecycle::default(),
+            config_path,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// Puts a new config in force: new logins see it at once, pools resize,
+    /// retired pools drain, and logged-in clients pick it up at their next
+    /// transaction. Connected clients are never dropped.
+    pub fn apply(&self, config: Config) {
+        let old = self.settings.load_full();
+        if old.config.tidepool.listen != config.tidepool.listen {
+            tracing::warn!("listen addresses change only on restart");
+        }
+        if old.config.metrics != config.metrics {
+            tracing::warn!("[metrics] changes only on restart");
+        }
+        let new = Arc::new(Settings::new(config, Some(&old)));
+        self.settings.store(new.clone());
+        self.registry.apply(&new.config, |user| {
+            new.users.get(user).and_then(|u| u.secret.clone())
+        });
+    }
+
+    /// Starts a shutdown (SIGTERM, SIGINT or the console's SHUTDOWN).
+    pub fn request_shutdown(&self) {
+        self.lifecycle.shutdown_requested.notify_one();
     }
 }
 
@@ -101,6 +182,9 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     shared.clients.fetch_add(1, Ordering::Relaxed);
     let _slot = ClientSlot(shared.clone());
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
+        return;
+    }
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -108,8 +192,10 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let span = tracing::info_span!("client", id, %peer);
     async move {
         let _ = stream.set_nodelay(true);
-        if let Some(session) = startup::login(stream, &shared).await {
-            session.run().await;
+        match startup::login(stream, &shared, id).await {
+            Some(startup::Login::Client(session)) => session.run().await,
+            Some(startup::Login::Admin(console)) => console.run().await,
+            None => {}
         }
         tracing::debug!("client finished");
     }

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use super::sql::{PreparedSql, effects};
-use super::txn::Tracker;
+use super::txn::{Tracker, shape_of};
 use crate::protocol::messages::Body;
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, write};
 use crate::server::expect::{Owed, Undo};
 use crate::server::prepared::{ServerStatements, Statement, server_name};
-use crate::stats::Counters;
+use crate::stats::{Counters, Fingerprints};
 
 /// SQLSTATEs of the errors PostgreSQL gives for these cases.
 const DUPLICATE_PSTATEMENT: &str = "42P05";
@@ -35,6 +35,8 @@ pub struct Handler<'a> {
     pub to_server: &'a mut BytesMut,
     pub counters: &'a Counters,
     pub cap: usize,
+    /// Fingerprints for per-query statistics (None: off).
+    pub shapes: Option<&'a Fingerprints>,
 }
 
 fn synthetic(t: &mut Tracker, bytes: BytesMut, undo: Undo) {
@@ -62,6 +64,7 @@ impl Handler<'_> {
                 t.pending += 1;
                 t.unsynced = false;
                 t.expect.push(Owed::Sync);
+                t.timing.sync(false);
                 self.to_server.extend_from_slice(msg);
             }
             return Ok(());
@@ -115,6 +118,7 @@ impl Handler<'_> {
             undo: None,
             failed: false,
         });
+        t.timing.query(shape_of(self.shapes, sql));
         self.to_server.extend_from_slice(msg);
         Ok(())
     }
@@ -170,6 +174,7 @@ impl Handler<'_> {
                     }),
                     failed: false,
                 });
+                self.t.timing.query(shape_of(self.shapes, &sql));
             }
             PreparedSql::Execute { name, rest } => {
                 let Some(stmt) = self.lookup(name) else {
@@ -179,6 +184,7 @@ impl Handler<'_> {
                         undo: None,
                         failed: false,
                     });
+                    self.t.timing.query(None);
                     self.to_server.extend_from_slice(msg);
                     return Ok(());
                 };
@@ -190,6 +196,8 @@ impl Handler<'_> {
                     undo: None,
                     failed: false,
                 });
+                let shape = self.shape(&stmt);
+                self.t.timing.query(shape);
             }
         }
         Ok(())
@@ -210,9 +218,15 @@ impl Handler<'_> {
                 swallow: false,
                 undo: Undo::default(),
             });
+            if name.is_empty() {
+                t.timing.parse_unnamed(shape_of(self.shapes, &stmt.query));
+            } else {
+                t.timing.parse_named();
+            }
             self.to_server.extend_from_slice(msg);
             return Ok(());
         }
+        t.timing.parse_named();
         if self.statements.contains_key(&name) {
             let mut out = BytesMut::new();
             write::error_response(
@@ -260,6 +274,8 @@ impl Handler<'_> {
         });
         self.t.unsynced = true;
         self.t.expect.push(Owed::Bind);
+        let shape = self.shape(&stmt);
+        self.t.timing.bind(portal, Some(shape));
         Ok(())
     }
 
@@ -291,6 +307,12 @@ impl Handler<'_> {
         self.t.unsynced = true;
         synthetic(self.t, simple(BackendTag::CloseComplete), Undo::default());
         Ok(())
+    }
+
+    /// A statement's shape, computed once per statement.
+    fn shape(&self, stmt: &Statement) -> Option<Arc<crate::stats::Shape>> {
+        let shapes = self.shapes?;
+        Some(stmt.shape.get_or_init(|| shapes.shape(&stmt.query)).clone())
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Statement>> {

@@ -10,15 +10,16 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::Shared;
+use super::list::{Eviction, Listed};
 use super::prepared::{Handler, apply_undos};
 use super::startup::{LoggedIn, pool_error};
 use super::txn::{Policy, Tracker};
+use super::{Settings, Shared};
 use crate::cancel::{CancelHandle, send_cancel};
 use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::health::Health;
-use crate::pool::{Pool, PooledConn, Release};
+use crate::pool::{DbControl, Pool, PooledConn, Release};
 use crate::protocol::scan::{Scanner, checked_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::router::Class;
@@ -26,7 +27,7 @@ use crate::router::hints::{Hint, hint};
 use crate::server::ServerError;
 use crate::server::params::{canonical, is_tracked, sync_sql};
 use crate::server::prepared::{ServerStatements, Statement};
-use crate::stats::Counters;
+use crate::stats::{Counters, Fingerprints, Role, SlowQuery};
 
 /// Read buffers grow in steps of this much while there is work.
 const READ_CHUNK: usize = 16 * 1024;
@@ -43,6 +44,15 @@ pub struct Session {
     buf: BytesMut,
     out: BytesMut,
     shared: Arc<Shared>,
+    /// The config this client runs under; refreshed after a reload.
+    settings: Arc<Settings>,
+    generation: u64,
+    /// This client in the client list (SHOW CLIENTS, KILL, shutdown).
+    listed: Listed,
+    /// PAUSE/RESUME of this client's database.
+    control: Arc<DbControl>,
+    /// The database name, shared with per-query statistics.
+    db_label: Arc<str>,
     pool: Arc<Pool>,
     params: BTreeMap<String, String>,
     cancel: CancelHandle,
@@ -105,16 +115,28 @@ enum TxEnd {
     ServerLost { reason: String, client_skip: usize },
     /// The client broke the protocol or timed out: tell it and close.
     ClientFatal(ClientError),
+    /// KILL: the client's connection ends now.
+    Killed,
 }
 
 impl Session {
-    pub fn new(stream: TcpStream, shared: Arc<Shared>, l: LoggedIn) -> Self {
+    pub fn new(stream: TcpStream, shared: Arc<Shared>, l: LoggedIn, listed: Listed) -> Self {
         let pool_defaults = l.pool.defaults().unwrap_or_default();
+        let settings = shared.settings();
+        let generation = shared.registry.generation();
+        listed
+            .info
+            .set_application_name(l.params.get("application_name").map_or("", |s| s));
         Self {
             stream,
             buf: l.buf,
             out: BytesMut::new(),
-            limit: shared.config.tidepool.max_message_size,
+            limit: settings.config.tidepool.max_message_size,
+            control: shared.registry.control(&l.database),
+            db_label: l.database.as_str().into(),
+            settings,
+            generation,
+            listed,
             shared,
             pool: l.pool,
             params: l.params,
@@ -144,20 +166,85 @@ impl Session {
         self
     }
 
+    /// After a reload: the new settings, and fresh pools and health where
+    /// the old ones were retired or replaced.
+    fn refresh(&mut self) {
+        let generation = self.shared.registry.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        self.settings = self.shared.settings();
+        self.limit = self.settings.config.tidepool.max_message_size;
+        self.health = self.shared.registry.health(&self.database);
+        self.replica_pools.clear();
+        if self.pool.is_retired()
+            && let Some(db) = self.settings.config.databases.get(&self.database)
+        {
+            let secret = self
+                .settings
+                .users
+                .get(&self.user)
+                .and_then(|u| u.secret.as_ref());
+            self.pool = self.shared.registry.pool_for(
+                &self.settings.config,
+                &self.database,
+                db,
+                &self.user,
+                secret,
+                self.client_key,
+                0,
+            );
+        }
+    }
+
+    /// Why this client must leave now, if it must.
+    fn evicted(&self, in_transaction: bool) -> Option<ClientError> {
+        match self.listed.info.eviction() {
+            Eviction::Killed => Some(ClientError::Killed),
+            Eviction::Shutdown if !in_transaction => Some(ClientError::Shutdown),
+            _ => None,
+        }
+    }
+
     pub async fn run(mut self) {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
         loop {
+            let idle_in_tx = self.deferred_begin.is_some();
+            if let Some(e) = self.evicted(idle_in_tx) {
+                return self.fatal(e).await;
+            }
             match self.wait_for_work().await {
                 Ok(Next::Exit) => return,
                 Ok(Next::Transaction) => {}
                 Err(e) => return self.fatal(e).await,
             }
+            self.refresh();
             if self.defer_begin() {
                 continue;
+            }
+            if self.control.is_paused() && self.deferred_begin.is_none() {
+                // PAUSE: hold new transactions until RESUME.
+                self.listed.info.waiting(0);
+                tokio::select! {
+                    _ = self.control.wait_resumed() => {}
+                    _ = self.listed.info.evicted.notified() => {}
+                }
+                self.listed.info.idle();
+                if let Some(e) = self.evicted(false) {
+                    return self.fatal(e).await;
+                }
+                self.refresh();
             }
             let (route, class) = self.choose_route();
             let (mut server, route) = match self.acquire_routed(route).await {
                 Ok(s) => s,
+                Err(ClientError::Killed) => {
+                    return match self.evicted(true) {
+                        Some(e) => self.fatal(e).await,
+                        None => self.fatal(ClientError::Killed).await,
+                    };
+                }
                 Err(e) => {
                     tracing::info!(error = %e, "no server for client request");
                     self.owe_error = Some(e);
@@ -175,19 +262,28 @@ impl Session {
                 server.conn().prepend = Some(out);
             }
             if let (Route::Replica(_), None) = (route, self.pinned) {
-                tracker.replica_guard = Some(self.shared.classifier.clone());
+                tracker.replica_guard = Some(self.settings.classifier.clone());
             }
             let end = self.forward(&mut server, &mut tracker).await;
             self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
+            server.pool().traffic.apply(&tracker.timing.delta);
+            self.listed.info.idle();
             match end {
                 TxEnd::Done => {
                     if tracker.params_changed {
                         self.custom_params.extend(tracker.custom_params.drain(..));
                         self.refresh_params(&mut server).await;
+                        self.listed.info.set_application_name(
+                            self.params.get("application_name").map_or("", |s| s),
+                        );
                     }
                     server.release(Release::Reuse)
+                }
+                TxEnd::Killed => {
+                    self.clean_up(server, &tracker, true).await;
+                    return self.fatal(ClientError::Killed).await;
                 }
                 TxEnd::ClientGone { mid_message } => {
                     self.clean_up(server, &tracker, mid_message).await;
@@ -276,7 +372,17 @@ impl Session {
                 if self.flush_out().await.is_err() {
                     return Ok(Next::Exit);
                 }
-                match self.read_more().await {
+                let info = self.listed.info.clone();
+                let read = tokio::select! {
+                    r = self.read_more() => r,
+                    _ = info.evicted.notified() => {
+                        match self.evicted(self.deferred_begin.is_some()) {
+                            Some(e) => return Err(e),
+                            None => continue,
+                        }
+                    }
+                };
+                match read {
                     Ok(0) | Err(_) => return Ok(Next::Exit),
                     Ok(_) => continue,
                 }
@@ -399,7 +505,7 @@ impl Session {
             match stmt {
                 Some(stmt) => {
                     self.statements.insert(name, stmt);
-                    Counters::add(&self.shared.stats.prepare_hits);
+                    Counters::add(&self.shared.stats.counters.prepare_hits);
                     write::message(
                         &mut self.out,
                         crate::protocol::BackendTag::ParseComplete.byte(),
@@ -436,10 +542,10 @@ impl Session {
             .get("tidepool.route")
             .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
         let (class, hinted) = match self.first_statement() {
-            Some(sql) => (self.shared.classifier.classify(sql), hint(sql)),
+            Some(sql) => (self.settings.classifier.classify(sql), hint(sql)),
             None => (Class::Write, None),
         };
-        let by_first = self.shared.config.routing.transaction_routing
+        let by_first = self.settings.config.routing.transaction_routing
             == crate::config::schema::TransactionRouting::FirstStatement;
         let wants_replica = match hinted {
             Some(Hint::Primary) => false,
@@ -456,7 +562,7 @@ impl Session {
         if !wants_replica || !h.checked.load(std::sync::atomic::Ordering::Relaxed) {
             return (Route::Primary, class);
         }
-        let routing = &self.shared.config.routing;
+        let routing = &self.settings.config.routing;
         let since = self.last_write.filter(|_| routing.read_your_writes);
         // Least outstanding transactions per unit of weight; ties rotate.
         let load = |r: &crate::health::Backend| {
@@ -502,7 +608,7 @@ impl Session {
             return false;
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
-        if !single || self.shared.classifier.classify(sql) != Class::Begin {
+        if !single || self.settings.classifier.classify(sql) != Class::Begin {
             return false;
         }
         let sql = sql.to_owned();
@@ -626,9 +732,14 @@ impl Session {
             return p.clone();
         }
         let shared = self.shared.clone();
-        let secret = shared.users.get(&self.user).and_then(|u| u.secret.as_ref());
-        let pool = match shared.config.databases.get(&self.database) {
+        let settings = self.settings.clone();
+        let secret = settings
+            .users
+            .get(&self.user)
+            .and_then(|u| u.secret.as_ref());
+        let pool = match settings.config.databases.get(&self.database) {
             Some(db) => shared.registry.pool_for(
+                &settings.config,
                 &self.database,
                 db,
                 &self.user,
@@ -644,14 +755,41 @@ impl Session {
 
     /// Checks out a server and brings its session parameters to ours.
     async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
-        let mut pooled = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
+        let started = std::time::Instant::now();
+        let info = self.listed.info.clone();
+        info.waiting(pool.backend);
+        let checkout = pool.checkout();
+        tokio::pin!(checkout);
+        let checkout = loop {
+            tokio::select! {
+                r = &mut checkout => break r,
+                _ = info.evicted.notified() => {
+                    if info.eviction() == Eviction::Killed {
+                        info.idle();
+                        return Err(ClientError::Killed);
+                    }
+                }
+            }
+        };
+        let mut pooled = match checkout {
+            Ok(p) => p,
+            Err(e) => {
+                info.idle();
+                return Err(pool_error(pool, e));
+            }
+        };
+        pool.traffic.assigned(started.elapsed());
+        info.active(pooled.conn().id);
+        if let Some(l) = &pooled.conn().listed {
+            l.info.lent(info.id);
+        }
         let defaults = self.defaults.clone();
         let conn = pooled.conn();
         if let Some(sql) = sync_sql(&self.params, &conn.params, &defaults) {
             tracing::debug!(server = conn.id, "syncing session parameters");
             match conn.run_internal(&sql).await {
                 Ok(changed) => {
-                    Counters::add(&self.shared.stats.param_syncs);
+                    Counters::add(&self.shared.stats.counters.param_syncs);
                     // The server now has exactly the client's values...
                     conn.params.retain(|k, _| {
                         !is_tracked(k) || self.params.contains_key(k) || defaults.contains_key(k)
@@ -696,8 +834,22 @@ impl Session {
     /// Forwards between client and server until the server can be released
     /// (transaction mode), or something ends the session.
     async fn forward(&mut self, pooled: &mut PooledConn, t: &mut Tracker) -> TxEnd {
-        let mode = self.pool.settings.mode;
-        let idle_tx_timeout = self.shared.config.pool.idle_transaction_timeout;
+        let mode = self.pool.settings().mode;
+        let idle_tx_timeout = self.settings.config.pool.idle_transaction_timeout;
+        let server_pool = pooled.pool().clone();
+        let stmt_ctx = StatementCtx {
+            database: &self.db_label,
+            user: &self.user,
+            backend: &server_pool.addr,
+            role: if server_pool.backend == 0 {
+                Role::Primary
+            } else {
+                Role::Replica
+            },
+            client: self.listed.info.addr,
+            slow_us: server_pool.settings().slow_query_threshold.as_micros() as u64,
+        };
+        let info = self.listed.info.clone();
         let conn = pooled.conn();
         let mut cscan = Scanner::new(self.limit);
         let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
@@ -705,12 +857,14 @@ impl Session {
         let mut changed = Vec::new();
         let mut client_closed = false;
 
-        let counters = &self.shared.stats;
-        let cap = self.shared.config.pool.max_prepared_statements as usize;
+        let stats = &*self.shared.stats;
+        let counters = &stats.counters;
+        let cap = self.settings.config.pool.max_prepared_statements as usize;
         let mut client = ClientIn {
             statements: &mut self.statements,
             counters,
             cap,
+            shapes: &stats.shapes,
         };
         // Bytes already read (the message that started this transaction)
         // are scanned on the first pass.
@@ -782,10 +936,13 @@ impl Session {
                     }
                 }
                 r = cw.write_buf(&mut to_client), if !to_client.is_empty() => {
-                    if r.is_err() {
-                        client_closed = true;
-                        to_client.clear();
-                        to_server.clear();
+                    match r {
+                        Ok(n) => t.timing.delta.sent += n as u64,
+                        Err(_) => {
+                            client_closed = true;
+                            to_client.clear();
+                            to_server.clear();
+                        }
                     }
                     if to_client.is_empty() {
                         to_client = BytesMut::new();
@@ -803,6 +960,9 @@ impl Session {
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
                     self.pool.confirm_statements(&t.expect.take_confirmed());
                     t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
+                    if !t.timing.done.is_empty() || !t.timing.xacts_done.is_empty() {
+                        stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
+                    }
 
                     for (k, v) in changed.drain(..) {
                         if is_tracked(&k) {
@@ -826,6 +986,11 @@ impl Session {
                 _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => {
                     return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(idle_tx_timeout));
                 }
+                _ = info.evicted.notified() => {
+                    if info.eviction() == Eviction::Killed {
+                        return TxEnd::Killed;
+                    }
+                }
             }
         }
     }
@@ -835,7 +1000,7 @@ impl Session {
     /// own) and the server's known state.
     async fn refresh_params(&mut self, server: &mut PooledConn) {
         let conn = server.conn();
-        Counters::add(&self.shared.stats.param_refreshes);
+        Counters::add(&self.shared.stats.counters.param_refreshes);
         match conn.session_settings(&self.custom_params).await {
             Ok(rows) => {
                 let defaults = self.defaults.clone();
@@ -891,8 +1056,9 @@ impl Session {
             server.release(Release::Close);
             return;
         }
-        let reset = if self.pool.settings.mode == PoolMode::Session {
-            Some(self.pool.settings.server_reset_query.clone()).filter(|q| !q.is_empty())
+        let pool_settings = self.pool.settings();
+        let reset = if pool_settings.mode == PoolMode::Session {
+            Some(pool_settings.server_reset_query.clone()).filter(|q| !q.is_empty())
         } else {
             None
         };
@@ -928,6 +1094,77 @@ impl Session {
     }
 }
 
+/// Who ran statements where, for per-query statistics and the slow log.
+struct StatementCtx<'a> {
+    database: &'a Arc<str>,
+    user: &'a str,
+    backend: &'a Arc<str>,
+    role: Role,
+    client: Option<std::net::SocketAddr>,
+    slow_us: u64,
+}
+
+impl StatementCtx<'_> {
+    /// Records finished statements and transactions: latency histograms,
+    /// per-query statistics, and slow statements (listed and logged with
+    /// their normalized text only).
+    fn record(
+        &self,
+        stats: &crate::stats::Stats,
+        traffic: &crate::stats::Traffic,
+        params: &BTreeMap<String, String>,
+        timing: &mut super::timing::Timing,
+    ) {
+        for us in timing.xacts_done.drain(..) {
+            traffic.xact_latency.record(us);
+        }
+        for f in timing.done.drain(..) {
+            traffic.query_latency.record(f.us);
+            let Some(shape) = f.shape else { continue };
+            if stats.per_query {
+                stats
+                    .queries
+                    .record(self.database, &shape, self.role, f.us, f.rows, f.error);
+            }
+            if f.us < self.slow_us {
+                continue;
+            }
+            timing.delta.slow += 1;
+            let app = params.get("application_name").map_or("", |s| s.as_str());
+            let client = self.client.map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(
+                target: "tidepool::slow_query",
+                database = &**self.database,
+                user = self.user,
+                backend = &**self.backend,
+                role = self.role.as_str(),
+                application_name = app,
+                client_addr = %client,
+                duration_ms = f.us as f64 / 1000.0,
+                rows = f.rows,
+                error = f.error,
+                fingerprint = %format_args!("{:016x}", shape.id),
+                query = &*shape.text,
+                "slow query"
+            );
+            stats.slow.push(SlowQuery {
+                at: std::time::SystemTime::now(),
+                database: self.database.clone(),
+                user: self.user.into(),
+                backend: self.backend.clone(),
+                role: self.role,
+                application_name: app.to_owned(),
+                client_addr: client,
+                duration_us: f.us,
+                rows: f.rows,
+                error: f.error,
+                fingerprint: shape.id,
+                query: shape.text.clone(),
+            });
+        }
+    }
+}
+
 /// Appends `chunk` to `out` without copying when `out` is empty.
 fn append(out: &mut BytesMut, chunk: BytesMut) {
     if out.is_empty() {
@@ -942,6 +1179,7 @@ struct ClientIn<'a> {
     statements: &'a mut HashMap<String, Arc<Statement>>,
     counters: &'a Counters,
     cap: usize,
+    shapes: &'a Fingerprints,
 }
 
 impl ClientIn<'_> {
@@ -959,13 +1197,15 @@ impl ClientIn<'_> {
         to_client: &mut BytesMut,
     ) -> Result<(), ProtocolError> {
         loop {
-            let s = cscan.scan(buf, &mut t.client_side())?;
+            let s = cscan.scan(buf, &mut t.client_side(Some(self.shapes)))?;
+            t.timing.delta.received += s.forward as u64;
             append(to_server, buf.split_to(s.forward));
             if !s.stopped || t.terminated || t.reroute {
                 break;
             }
             let total = checked_len(buf[0], &buf[1..5], usize::MAX)?;
             let msg = buf.split_to(total);
+            t.timing.delta.received += total as u64;
             Handler {
                 statements: self.statements,
                 prepared,
@@ -973,6 +1213,7 @@ impl ClientIn<'_> {
                 to_server,
                 counters: self.counters,
                 cap: self.cap,
+                shapes: Some(self.shapes),
             }
             .handle(msg[0], &msg)?;
         }

@@ -21,10 +21,16 @@ use crate::protocol::startup::{StartupError, StartupPacket, read_packet};
 use crate::protocol::write;
 use crate::server::params::{canonical, is_tracked, valid_name};
 
+/// Who logged in: a client of a database, or of the admin console.
+pub enum Login {
+    Client(Box<Session>),
+    Admin(crate::admin::Console),
+}
+
 /// Runs the startup phase. `None` when the connection ends here (cancel
 /// request, refused login, timeout); errors were already sent.
-pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>) -> Option<Session> {
-    let timeout = shared.config.pool.client_login_timeout;
+pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Login> {
+    let timeout = shared.settings().config.pool.client_login_timeout;
     let result = if timeout.is_zero() {
         handshake(&mut stream, shared).await
     } else {
@@ -33,8 +39,35 @@ pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>) -> Option<Sessio
             Err(_) => Err(Some(ClientError::LoginTimeout)),
         }
     };
+    let listed = |database: &str, user: &str, pid: i32| {
+        shared.list.add(super::list::ClientInfo::new(
+            id,
+            user,
+            database,
+            stream.peer_addr().ok(),
+            stream.local_addr().ok(),
+            pid,
+        ))
+    };
     match result {
-        Ok(Some(parts)) => Some(Session::new(stream, shared.clone(), parts)),
+        Ok(Some(Greeted::Client(parts))) => {
+            let listed = listed(&parts.database, &parts.user, parts.cancel.pid);
+            Some(Login::Client(Box::new(Session::new(
+                stream,
+                shared.clone(),
+                parts,
+                listed,
+            ))))
+        }
+        Ok(Some(Greeted::Admin(a))) => {
+            let listed = listed(&a.database, &a.user, a.pid);
+            Some(Login::Admin(crate::admin::Console::new(
+                stream,
+                shared.clone(),
+                a,
+                listed,
+            )))
+        }
         Ok(None) => None,
         Err(Some(e)) => {
             tracing::info!(error = %e, "login refused");
@@ -63,12 +96,30 @@ pub struct LoggedIn {
     pub client_key: Option<[u8; 32]>,
 }
 
+/// A console login: who, and with what rights.
+pub struct AdminLogin {
+    pub user: String,
+    pub database: String,
+    pub admin: bool,
+    pub pid: i32,
+    pub buf: BytesMut,
+}
+
+/// A finished handshake.
+pub enum Greeted {
+    Client(LoggedIn),
+    Admin(AdminLogin),
+}
+
+/// The console's database names.
+pub const ADMIN_DATABASES: [&str; 2] = ["pgbouncer", "tidepool"];
+
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
 /// before a startup packet, where an ErrorResponse would not be understood).
 async fn handshake(
     stream: &mut TcpStream,
     shared: &Arc<Shared>,
-) -> Result<Option<LoggedIn>, Option<ClientError>> {
+) -> Result<Option<Greeted>, Option<ClientError>> {
     let startup = loop {
         match read_packet(stream).await {
             Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
@@ -112,15 +163,19 @@ async fn handshake(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
 
-    let config = &shared.config;
+    let settings = shared.settings();
+    let config = &settings.config;
     let max = config.pool.max_client_conn;
     if shared.clients.load(Ordering::Relaxed) > max {
         return Err(Some(ClientError::TooManyClients(max)));
     }
     let Some(db) = config.databases.get(&database) else {
+        if ADMIN_DATABASES.contains(&database.as_str()) {
+            return admin_login(stream, shared, &settings, user, database).await;
+        }
         return Err(Some(ClientError::UnknownDatabase(database)));
     };
-    let auth = shared.users.get(&user);
+    let auth = settings.users.get(&user);
     let auth_type = config.auth_type(config.users.get(&user));
     let mut buf = BytesMut::new();
     let expected = crate::auth::client::Expected {
@@ -141,6 +196,7 @@ async fn handshake(
     tracing::debug!(%user, %database, "client authenticated");
 
     let pool = shared.registry.pool_for(
+        config,
         &database,
         db,
         &user,
@@ -184,7 +240,8 @@ async fn handshake(
         refuse_session_features: config.pool_mode(db) == crate::config::PoolMode::Transaction
             && config.session_features(db) == crate::config::SessionFeatures::Error,
     };
-    Ok(Some(LoggedIn {
+    crate::stats::Counters::add(&pool.traffic.logins);
+    Ok(Some(Greeted::Client(LoggedIn {
         client_key: verified.client_key,
         startup: client_params,
         policy,
@@ -194,7 +251,66 @@ async fn handshake(
         params,
         buf,
         cancel,
-    }))
+    })))
+}
+
+/// Logs a user in to the admin console: only `admin_users` and
+/// `stats_users`, authenticated like any client.
+async fn admin_login(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+    settings: &super::Settings,
+    user: String,
+    database: String,
+) -> Result<Option<Greeted>, Option<ClientError>> {
+    let general = &settings.config.tidepool;
+    let admin = general.admin_users.contains(&user);
+    if !admin && !general.stats_users.contains(&user) {
+        return Err(Some(ClientError::AdminNotAllowed(user)));
+    }
+    let auth = settings.users.get(&user);
+    let expected = crate::auth::client::Expected {
+        user: &user,
+        known: auth.is_some(),
+        secret: auth.and_then(|a| a.secret.as_ref()),
+        verifier: auth.and_then(|a| a.verifier.as_ref()),
+        decoy: &shared.decoy,
+        auth: settings.config.auth_type(settings.config.users.get(&user)),
+    };
+    let mut buf = BytesMut::new();
+    crate::auth::client::authenticate(stream, &mut buf, &expected)
+        .await
+        .map_err(|e| match e {
+            AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
+            AuthError::Frame(_) | AuthError::Io(_) => None,
+            other => Some(ClientError::AuthProtocol(other.to_string())),
+        })?;
+    tracing::info!(%user, admin, "admin console login");
+    let pid: i32 = rand::random::<i32>() & i32::MAX;
+    let mut out = BytesMut::with_capacity(256);
+    write::auth_ok(&mut out);
+    for (k, v) in [
+        ("server_version", crate::admin::SERVER_VERSION),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("standard_conforming_strings", "on"),
+        ("integer_datetimes", "on"),
+        ("application_name", ""),
+    ] {
+        write::parameter_status(&mut out, k, v);
+    }
+    write::backend_key_data(&mut out, pid, rand::random());
+    write::ready_for_query(&mut out, TxStatus::Idle);
+    stream.write_all(&out).await.map_err(|_| None)?;
+    Ok(Some(Greeted::Admin(AdminLogin {
+        user,
+        database,
+        admin,
+        pid,
+        buf,
+    })))
 }
 
 /// Opens the pool's first connection to learn what a server reports.

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use super::sql::{Effects, effects};
+use super::timing::Timing;
 use crate::protocol::messages::{
     Body, ErrorFields, error_fields, parameter_status, ready_for_query,
 };
@@ -14,6 +15,7 @@ use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
 use crate::router::hints::{Hint, hint};
 use crate::router::{Class, Classifier};
 use crate::server::expect::{Expect, Owed, Undo};
+use crate::stats::{Fingerprints, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Copy {
@@ -64,6 +66,8 @@ pub struct Tracker {
     /// A statement that needs the primary waits until this replica
     /// transaction is over.
     pub reroute: bool,
+    /// Statement and transaction times.
+    pub timing: Timing,
 }
 
 impl Tracker {
@@ -83,6 +87,7 @@ impl Tracker {
             policy,
             replica_guard: None,
             reroute: false,
+            timing: Timing::default(),
         }
     }
 
@@ -101,8 +106,9 @@ impl Tracker {
             && self.expect.is_empty()
     }
 
-    pub fn client_side(&mut self) -> ClientSide<'_> {
-        ClientSide(self)
+    /// `shapes` fingerprints statements for per-query statistics (None: off).
+    pub fn client_side<'a>(&'a mut self, shapes: Option<&'a Fingerprints>) -> ClientSide<'a> {
+        ClientSide { t: self, shapes }
     }
 
     pub fn server_side<'a>(&'a mut self, params: &'a mut Vec<(String, String)>) -> ServerSide<'a> {
@@ -147,11 +153,19 @@ impl Tracker {
 ///
 /// Messages it can forward unchanged pass; named-statement messages, refused
 /// features and messages to drop stop the scan for the session to handle.
-pub struct ClientSide<'a>(&'a mut Tracker);
+pub struct ClientSide<'a> {
+    t: &'a mut Tracker,
+    shapes: Option<&'a Fingerprints>,
+}
+
+/// The shape of `sql` when per-query statistics are on.
+pub fn shape_of(shapes: Option<&Fingerprints>, sql: &str) -> Option<Arc<Shape>> {
+    shapes.map(|s| s.shape(sql))
+}
 
 impl Inspector for ClientSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
-        let t = &mut *self.0;
+        let t = &mut *self.t;
         let tag = FrontendTag::from_byte(tag);
         if tag == FrontendTag::Terminate {
             t.terminated = true;
@@ -165,11 +179,13 @@ impl Inspector for ClientSide<'_> {
             | FrontendTag::Parse
             | FrontendTag::Bind
             | FrontendTag::Describe
+            | FrontendTag::Execute
             | FrontendTag::Close => return Step::Inspect,
             FrontendTag::Sync => {
                 t.pending += 1;
                 t.unsynced = false;
                 t.expect.push(Owed::Sync);
+                t.timing.sync(false);
             }
             FrontendTag::FunctionCall => {
                 t.pending += 1;
@@ -177,10 +193,7 @@ impl Inspector for ClientSide<'_> {
                     undo: None,
                     failed: false,
                 });
-            }
-            FrontendTag::Execute => {
-                t.unsynced = true;
-                t.expect.push(Owed::Execute);
+                t.timing.sync(true);
             }
             FrontendTag::Flush => t.unsynced = true,
             FrontendTag::CopyDone | FrontendTag::CopyFail if t.copy == Copy::In => {
@@ -192,7 +205,7 @@ impl Inspector for ClientSide<'_> {
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
-        let t = &mut *self.0;
+        let t = &mut *self.t;
         if t.client_skip {
             return Ok(Step::Stop);
         }
@@ -216,6 +229,7 @@ impl Inspector for ClientSide<'_> {
                     undo: None,
                     failed: false,
                 });
+                t.timing.query(shape_of(self.shapes, sql));
             }
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
@@ -236,15 +250,29 @@ impl Inspector for ClientSide<'_> {
                     swallow: false,
                     undo: Undo::default(),
                 });
+                if name.is_empty() {
+                    t.timing.parse_unnamed(shape_of(self.shapes, sql));
+                } else {
+                    t.timing.parse_named();
+                }
             }
             FrontendTag::Bind => {
                 let mut b = Body::new(body, "Bind");
-                b.cstr()?;
-                if named && !b.cstr()?.is_empty() {
+                let portal = b.cstr()?;
+                let statement = b.cstr()?;
+                if named && !statement.is_empty() {
                     return Ok(Step::Stop);
                 }
                 t.unsynced = true;
                 t.expect.push(Owed::Bind);
+                let shape = (!statement.is_empty()).then_some(None);
+                t.timing.bind(portal, shape);
+            }
+            FrontendTag::Execute => {
+                let portal = Body::new(body, "Execute").cstr()?;
+                t.unsynced = true;
+                t.expect.push(Owed::Execute);
+                t.timing.execute(portal);
             }
             FrontendTag::Describe | FrontendTag::Close => {
                 let mut b = Body::new(body, "Describe/Close");
@@ -280,13 +308,18 @@ impl Inspector for ServerSide<'_> {
             return Step::Stop;
         }
         match BackendTag::from_byte(tag) {
-            BackendTag::ReadyForQuery | BackendTag::ParameterStatus | BackendTag::ErrorResponse => {
+            BackendTag::ReadyForQuery
+            | BackendTag::ParameterStatus
+            | BackendTag::ErrorResponse
+            | BackendTag::CommandComplete => {
                 return Step::Inspect;
             }
             BackendTag::CopyInResponse => t.copy = Copy::In,
             BackendTag::CopyOutResponse => t.copy = Copy::Out,
             BackendTag::CopyBothResponse => t.copy = Copy::Both,
-            BackendTag::CommandComplete if t.copy == Copy::Out => t.copy = Copy::None,
+            BackendTag::EmptyQueryResponse | BackendTag::PortalSuspended => {
+                t.timing.statement_end();
+            }
             _ => {}
         }
         t.expect.on_message(tag);
@@ -300,6 +333,13 @@ impl Inspector for ServerSide<'_> {
                 t.status = ready_for_query(body)?;
                 t.pending = t.pending.saturating_sub(1);
                 t.copy = Copy::None;
+                t.timing.ready(t.status);
+            }
+            BackendTag::CommandComplete => {
+                if t.copy == Copy::Out {
+                    t.copy = Copy::None;
+                }
+                t.timing.command_complete(body);
             }
             BackendTag::ParameterStatus => {
                 let (k, v) = parameter_status(body)?;
@@ -314,6 +354,7 @@ impl Inspector for ServerSide<'_> {
                 if t.copy == Copy::Out {
                     t.copy = Copy::None;
                 }
+                t.timing.error();
             }
             _ => {}
         }
@@ -346,7 +387,7 @@ mod tests {
 
     fn feed_client(t: &mut Tracker, bytes: &[u8]) {
         let mut s = Scanner::new(1 << 20);
-        s.scan(bytes, &mut t.client_side()).unwrap();
+        s.scan(bytes, &mut t.client_side(None)).unwrap();
     }
 
     fn feed_server(t: &mut Tracker, bytes: &[u8]) -> Vec<(String, String)> {
@@ -450,7 +491,7 @@ mod tests {
         let r = s
             .scan(
                 &[msg(b'Q', b"x\0"), msg(b'X', b"")].concat(),
-                &mut t.client_side(),
+                &mut t.client_side(None),
             )
             .unwrap();
         assert!(r.stopped);

@@ -28,3 +28,12 @@ pub const PORT: u16 = 5432;
 pub const MAX_PREPARED_STATEMENTS: u32 = 200;
 pub const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(1);
 pub const MAX_REPLICA_LAG: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// As in PgBouncer.
+pub const STATS_PERIOD: Duration = Duration::from_secs(60);
+pub const SLOW_QUERY_THRESHOLD: Duration = Duration::from_millis(100);
+pub const SLOW_QUERY_LOG_SIZE: usize = 100;
+pub const MAX_QUERY_FINGERPRINTS: usize = 1000;
+pub const HEALTH_WINDOW: Duration = Duration::from_secs(60);
+pub const DEGRADED_SLOW_RATIO: f64 = 0.05;
+pub const UNHEALTHY_SLOW_RATIO: f64 = 0.10;

@@ -5,11 +5,13 @@
 //! the file, the line and the key. Unknown keys are errors.
 
 pub mod defaults;
+mod describe;
 pub mod schema;
 mod validate;
 
 use std::path::Path;
 
+pub use describe::describe;
 pub use schema::{AuthType, Config, Database, PoolMode, PoolSettings, SessionFeatures, User};
 
 /// A problem with the config file, located where possible.

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::defaults;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -21,10 +21,63 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     #[serde(default)]
     pub routing: Routing,
+    #[serde(default)]
+    pub stats: Stats,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// `[stats]`: traffic averages, per-query statistics, slow queries, pool health.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    /// How often `avg_*` columns are recomputed (PgBouncer's `stats_period`). Default `60s`.
+    #[serde(default = "d_stats_period", with = "duration")]
+    pub stats_period: Duration,
+    /// Statements slower than this are slow (logged, listed, counted). Default `100ms`.
+    #[serde(default = "d_slow", with = "duration")]
+    pub slow_query_threshold: Duration,
+    /// Recent slow statements kept for `SHOW SLOW_QUERIES`. Default 100.
+    #[serde(default = "d_slow_log")]
+    pub slow_query_log_size: usize,
+    /// Distinct normalized queries tracked (top-N by total time); 0 = off. Default 1000.
+    #[serde(default = "d_fingerprints")]
+    pub max_query_fingerprints: usize,
+    /// The window pool health is judged over. Default `60s`.
+    #[serde(default = "d_health_window", with = "duration")]
+    pub health_window: Duration,
+    /// Share of slow statements from which a pool is `degraded`. Default 0.05.
+    #[serde(default = "d_degraded")]
+    pub degraded_slow_ratio: f64,
+    /// Share of slow statements above which a pool is `unhealthy`. Default 0.10.
+    #[serde(default = "d_unhealthy")]
+    pub unhealthy_slow_ratio: f64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            stats_period: d_stats_period(),
+            slow_query_threshold: d_slow(),
+            slow_query_log_size: d_slow_log(),
+            max_query_fingerprints: d_fingerprints(),
+            health_window: d_health_window(),
+            degraded_slow_ratio: d_degraded(),
+            unhealthy_slow_ratio: d_unhealthy(),
+        }
+    }
+}
+
+/// `[metrics]`: the HTTP endpoint for Prometheus and probes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// IP:port serving `/metrics`, `/healthz`, `/readyz`. Default none (off).
+    pub listen: Option<String>,
 }
 
 /// `[routing]`: read routing to replicas, health checks, read-your-writes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     /// How often each backend is checked. Default `1s`.
@@ -86,7 +139,7 @@ pub enum ReplicaFallback {
 }
 
 /// `[tidepool]`: process-wide settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct General {
     /// Addresses to listen on. Default `["127.0.0.1:6432"]`.
@@ -104,6 +157,10 @@ pub struct General {
     /// Largest client message in bytes. Default 256 MiB.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// On SIGTERM/SIGINT/SHUTDOWN, how long transactions in flight may take
+    /// to finish before connections are closed. Default `30s`.
+    #[serde(default = "d_shutdown", with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for General {
@@ -114,6 +171,7 @@ impl Default for General {
             stats_users: Vec::new(),
             auth_type: default_auth_type(),
             max_message_size: defaults::MAX_MESSAGE_SIZE,
+            shutdown_timeout: d_shutdown(),
         }
     }
 }
@@ -145,7 +203,7 @@ impl PoolMode {
 }
 
 /// `[pool]`: pool limits and timeouts, with PgBouncer's names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSettings {
     /// `transaction` or `session`. Default `transaction`.
@@ -225,7 +283,7 @@ impl Default for PoolSettings {
 }
 
 /// `[databases.NAME]`: a database as clients name it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
     /// Primary host. Required.
@@ -254,9 +312,12 @@ pub struct Database {
     pub health_user: Option<String>,
     /// Password of `health_user`.
     pub health_password: Option<String>,
+    /// Overrides `[stats] slow_query_threshold` for this database.
+    #[serde(default, with = "opt_duration")]
+    pub slow_query_threshold: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Replica {
     pub host: String,
@@ -268,7 +329,7 @@ pub struct Replica {
 }
 
 /// `[users.NAME]`: a user clients may log in as.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// Plain password, `SCRAM-SHA-256$...` verifier or `md5...` hash.
@@ -327,8 +388,43 @@ fn d_weight() -> u32 {
 fn d_max_prepared() -> u32 {
     defaults::MAX_PREPARED_STATEMENTS
 }
+fn d_shutdown() -> Duration {
+    defaults::SHUTDOWN_TIMEOUT
+}
+fn d_stats_period() -> Duration {
+    defaults::STATS_PERIOD
+}
+fn d_slow() -> Duration {
+    defaults::SLOW_QUERY_THRESHOLD
+}
+fn d_slow_log() -> usize {
+    defaults::SLOW_QUERY_LOG_SIZE
+}
+fn d_fingerprints() -> usize {
+    defaults::MAX_QUERY_FINGERPRINTS
+}
+fn d_health_window() -> Duration {
+    defaults::HEALTH_WINDOW
+}
+fn d_degraded() -> f64 {
+    defaults::DEGRADED_SLOW_RATIO
+}
+fn d_unhealthy() -> f64 {
+    defaults::UNHEALTHY_SLOW_RATIO
+}
 fn d_reset_query() -> String {
     defaults::SERVER_RESET_QUERY.to_owned()
+}
+
+/// An optional duration (absent = inherit).
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
 }
 
 /// Durations are written `"30s"`, `"500ms"`, `"2m"`, or as a number of seconds.

@@ -86,6 +86,35 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             ));
         }
     }
+    let st = &c.stats;
+    if st.stats_period.is_zero() {
+        return Err(invalid(&["stats", "stats_period"], "must be more than 0"));
+    }
+    if st.health_window.is_zero() {
+        return Err(invalid(&["stats", "health_window"], "must be more than 0"));
+    }
+    for (key, v) in [
+        ("degraded_slow_ratio", st.degraded_slow_ratio),
+        ("unhealthy_slow_ratio", st.unhealthy_slow_ratio),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(invalid(&["stats", key], "must be between 0 and 1"));
+        }
+    }
+    if st.unhealthy_slow_ratio < st.degraded_slow_ratio {
+        return Err(invalid(
+            &["stats", "unhealthy_slow_ratio"],
+            "must not be below degraded_slow_ratio",
+        ));
+    }
+    if let Some(a) = &c.metrics.listen
+        && a.parse::<SocketAddr>().is_err()
+    {
+        return Err(invalid(
+            &["metrics", "listen"],
+            format!("{a:?} is not an IP:port address"),
+        ));
+    }
     if c.routing.health_check_period.is_zero() {
         return Err(invalid(
             &["routing", "health_check_period"],

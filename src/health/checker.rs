@@ -10,7 +10,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use super::{Backend, Health, parse_lsn};
 
 /// Who the checker logs in as.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct HealthCredentials {
     pub user: String,
     pub password: Option<String>,

@@ -15,7 +15,7 @@ use crate::server::ServerConn;
 pub struct PooledConn {
     idle: Option<Idle>,
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// How a connection comes back.
@@ -46,24 +46,38 @@ impl PooledConn {
             return;
         };
         let pool = self.pool.clone();
-        pool.in_use.fetch_sub(1, Ordering::Relaxed);
-        let s = &pool.settings;
+        let s = pool.settings();
         let expired =
             !s.server_lifetime.is_zero() && idle.conn.created.elapsed() >= s.server_lifetime;
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
-        if how == Release::Reuse && clean && !expired {
+        if let Some(l) = &idle.conn.listed {
+            l.info.returned(idle.conn.prepared.len());
+        }
+        let shrunk = pool.take_excess();
+        let in_use = pool
+            .in_use
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        let mut idle_list = lock(&pool.idle);
+        let fits = idle_list.len() + in_use < s.size as usize;
+        if how == Release::Reuse && clean && !expired && !shrunk && fits && !pool.is_retired() {
             idle.conn.last_used = Instant::now();
             // Few servers exist: keep a normal-sized read buffer for the
             // next transaction instead of reallocating it; drop big ones.
             if idle.conn.buf.capacity() > 64 * 1024 {
                 idle.conn.buf = bytes::BytesMut::new();
             }
-            lock(&pool.idle).push(idle);
+            idle_list.push(idle);
         } else {
-            tracing::debug!(pool = %pool.name(), server = idle.conn.id, ?how, expired, "closing server connection");
+            drop(idle_list);
+            tracing::debug!(pool = %pool.name(), server = idle.conn.id, ?how, expired, shrunk, "closing server connection");
             tokio::spawn(idle.conn.terminate());
         }
-        // The permit drops with `self`, waking the next waiter in FIFO order.
+        // The permit goes back (waking the next waiter in FIFO order), or out
+        // of circulation when the pool shrank.
+        if let (true, Some(p)) = (shrunk, self.permit.take()) {
+            p.forget();
+        }
     }
 }
 
@@ -71,6 +85,9 @@ impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(idle) = self.idle.take() {
             self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+            if let (true, Some(p)) = (self.pool.take_excess(), self.permit.take()) {
+                p.forget();
+            }
             tracing::debug!(pool = %self.pool.name(), server = idle.conn.id, "server connection dropped without release; closed");
         }
     }
@@ -80,12 +97,23 @@ impl Pool {
     /// Waits (fairly, up to `query_wait_timeout`) for a permit, then hands out
     /// an idle connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let wait = self.settings.query_wait_timeout_or_max();
-        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => return Err(PoolError::Timeout(self.settings.query_wait_timeout)),
+        let (wait, timeout, lifetime) = {
+            let s = self.settings();
+            (
+                s.query_wait_timeout_or_max(),
+                s.query_wait_timeout,
+                s.server_lifetime,
+            )
         };
-        let lifetime = self.settings.server_lifetime;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(PoolError::Timeout(timeout)),
+                }
+            }
+        };
         let reused = loop {
             let candidate = lock(&self.idle).pop();
             match candidate {
@@ -109,7 +137,7 @@ impl Pool {
         Ok(PooledConn {
             idle: Some(idle),
             pool: self.clone(),
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 }

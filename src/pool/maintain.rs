@@ -22,7 +22,11 @@ pub async fn run(pool: Weak<Pool>) {
 }
 
 fn prune(pool: &Pool) {
-    let s = &pool.settings;
+    if pool.is_retired() {
+        pool.close_idle();
+        return;
+    }
+    let s = pool.settings();
     let min = s.min_size as usize;
     let in_use = pool.in_use.load(std::sync::atomic::Ordering::Relaxed);
     let mut idle = lock(&pool.idle);
@@ -30,14 +34,17 @@ fn prune(pool: &Pool) {
     // Oldest-used first so the most recently used stay warm.
     idle.sort_by_key(|i| i.conn.last_used);
     let mut total = idle.len() + in_use;
+    let size = s.size as usize;
     for i in idle.drain(..) {
         let dead = !i.conn.looks_alive();
         let old = !s.server_lifetime.is_zero() && i.conn.created.elapsed() >= s.server_lifetime;
         let idle_too_long = !s.server_idle_timeout.is_zero()
             && i.conn.last_used.elapsed() >= s.server_idle_timeout
             && total > min;
-        if dead || old || idle_too_long {
-            tracing::debug!(pool = %pool.name(), server = i.conn.id, dead, old, idle_too_long, "closing idle server connection");
+        // After a reload shrank the pool.
+        let too_many = total > size;
+        if dead || old || idle_too_long || too_many {
+            tracing::debug!(pool = %pool.name(), server = i.conn.id, dead, old, idle_too_long, too_many, "closing idle server connection");
             total -= 1;
             tokio::spawn(i.conn.terminate());
         } else {
@@ -48,7 +55,10 @@ fn prune(pool: &Pool) {
 }
 
 async fn warm(pool: &Arc<Pool>) {
-    while pool.server_count() < pool.settings.min_size as usize && pool.can_log_in() {
+    while !pool.is_retired()
+        && pool.server_count() < pool.settings().min_size as usize
+        && pool.can_log_in()
+    {
         let Ok(permit) = pool.permits.clone().try_acquire_owned() else {
             return;
         };

@@ -13,21 +13,23 @@ mod maintain;
 mod registry;
 
 pub use checkout::{PooledConn, Release};
-pub use registry::{BackendIndex, Registry};
+pub use registry::{BackendIndex, DbControl, Registry};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::server::Credentials;
 use crate::config::PoolMode;
 use crate::server::{ConnectSpec, ServerConn, ServerError};
 
-/// Limits and timeouts of one pool, resolved from the config.
-#[derive(Debug, Clone)]
+/// Limits and timeouts of one pool, resolved from the config. A reload may
+/// replace them while the pool runs.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub mode: PoolMode,
     pub size: u32,
@@ -36,6 +38,8 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,
     pub server_reset_query: String,
+    /// Statements slower than this are slow.
+    pub slow_query_threshold: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +56,38 @@ struct Idle {
     _db_permit: Option<OwnedSemaphorePermit>,
 }
 
+/// Which pool: clients' database and user, and the backend (0 = primary,
+/// `i + 1` = replica `i`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+    pub backend: usize,
+}
+
 pub struct Pool {
     pub database: String,
     pub user: String,
-    pub settings: PoolSettings,
+    pub backend: usize,
+    settings: ArcSwap<PoolSettings>,
     spec: Mutex<ConnectSpec>,
     idle: Mutex<Vec<Idle>>,
     permits: Arc<Semaphore>,
+    /// Permits to take out of circulation as they come back (a reload
+    /// shrank the pool while they were in use).
+    excess: AtomicU32,
     db_permits: Option<Arc<Semaphore>>,
     in_use: AtomicUsize,
+    /// Connections being opened.
+    opening: AtomicUsize,
+    /// A reload removed or re-targeted this pool: clients move to the new
+    /// one at their next transaction, and its connections close as they
+    /// come back.
+    retired: AtomicBool,
+    pub traffic: Arc<crate::stats::Traffic>,
+    servers: Arc<crate::server::list::ServerList>,
+    /// `host:port` of the backend, for statistics and logs.
+    pub addr: Arc<str>,
     awaiting_keys: bool,
     defaults: Mutex<Option<Arc<BTreeMap<String, String>>>>,
     /// Statements some server of this pool has parsed without error.
@@ -71,28 +98,51 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What a pool is made from (besides its settings).
+pub struct PoolParts {
+    pub key: PoolKey,
+    pub spec: ConnectSpec,
+    pub db_permits: Option<Arc<Semaphore>>,
+    pub awaiting_keys: bool,
+    pub traffic: Arc<crate::stats::Traffic>,
+    pub servers: Arc<crate::server::list::ServerList>,
+}
+
 impl Pool {
-    pub fn new(
-        database: String,
-        user: String,
-        settings: PoolSettings,
-        spec: ConnectSpec,
-        db_permits: Option<Arc<Semaphore>>,
-        awaiting_keys: bool,
-    ) -> Arc<Self> {
+    pub fn new(parts: PoolParts, settings: PoolSettings) -> Arc<Self> {
+        let PoolParts {
+            key,
+            spec,
+            db_permits,
+            awaiting_keys,
+            traffic,
+            servers,
+        } = parts;
         Arc::new(Self {
+            addr: format!("{}:{}", spec.host, spec.port).into(),
             permits: Arc::new(Semaphore::new(settings.size as usize)),
-            database,
-            user,
-            settings,
+            excess: AtomicU32::new(0),
+            database: key.database,
+            user: key.user,
+            backend: key.backend,
+            settings: ArcSwap::from_pointee(settings),
             spec: Mutex::new(spec),
             idle: Mutex::new(Vec::new()),
             db_permits,
             in_use: AtomicUsize::new(0),
+            opening: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            traffic,
+            servers,
             awaiting_keys,
             defaults: Mutex::new(None),
             known_statements: Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// The current settings (a reload may replace them).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
+        self.settings.load()
     }
 
     /// Server connections that exist now (idle plus checked out).
@@ -102,6 +152,102 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         lock(&self.idle).len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    pub fn opening_count(&self) -> usize {
+        self.opening.load(Ordering::Relaxed)
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Takes the pool out of service: idle connections close now, busy ones
+    /// when they come back.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.close_idle();
+    }
+
+    /// Closes every idle connection (PAUSE, KILL, retirement).
+    pub fn close_idle(&self) {
+        let idle: Vec<Idle> = std::mem::take(&mut *lock(&self.idle));
+        for i in idle {
+            tokio::spawn(i.conn.terminate());
+        }
+    }
+
+    /// Applies new settings from a reload. A smaller size takes effect at
+    /// once for idle connections and permits, and as busy connections come
+    /// back for the rest.
+    pub fn update(&self, new: PoolSettings, creds: Option<Credentials>) {
+        let old = self.settings.load_full();
+        if let Some(c) = creds {
+            lock(&self.spec).creds = c;
+        }
+        if *old == new {
+            return;
+        }
+        let (from, to) = (old.size, new.size);
+        self.settings.store(Arc::new(new));
+        if to > from {
+            let mut grow = to - from;
+            // Cancel permits still owed to an earlier shrink first.
+            while grow > 0 {
+                let e = self.excess.load(Ordering::Relaxed);
+                if e == 0 {
+                    break;
+                }
+                let take = e.min(grow);
+                if self
+                    .excess
+                    .compare_exchange(e, e - take, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    grow -= take;
+                }
+            }
+            self.permits.add_permits(grow as usize);
+        } else if to < from {
+            let shrink = (from - to) as usize;
+            let gone = self.permits.forget_permits(shrink);
+            self.excess
+                .fetch_add((shrink - gone) as u32, Ordering::Relaxed);
+            self.trim_idle();
+        }
+        tracing::info!(pool = %self.name(), from, to, "pool settings reloaded");
+    }
+
+    /// Closes idle connections beyond the pool size.
+    fn trim_idle(&self) {
+        let size = self.settings.load().size as usize;
+        let in_use = self.in_use.load(Ordering::Relaxed);
+        let mut idle = lock(&self.idle);
+        while !idle.is_empty() && idle.len() + in_use > size {
+            if let Some(i) = idle.pop() {
+                tokio::spawn(i.conn.terminate());
+            }
+        }
+    }
+
+    /// True when a permit coming back must be taken out of circulation
+    /// (a reload shrank the pool while it was in use).
+    fn take_excess(&self) -> bool {
+        let mut e = self.excess.load(Ordering::Relaxed);
+        while e > 0 {
+            match self
+                .excess
+                .compare_exchange(e, e - 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(cur) => e = cur,
+            }
+        }
+        false
     }
 
     /// Supplies credentials learned from a client login (SCRAM passthrough).
@@ -125,20 +271,33 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<Idle, PoolError> {
+        let (wait, timeout) = {
+            let s = self.settings();
+            (s.query_wait_timeout_or_max(), s.query_wait_timeout)
+        };
         let db_permit = match &self.db_permits {
-            Some(s) => match tokio::time::timeout(
-                self.settings.query_wait_timeout_or_max(),
-                s.clone().acquire_owned(),
-            )
-            .await
-            {
+            Some(s) => match tokio::time::timeout(wait, s.clone().acquire_owned()).await {
                 Ok(Ok(p)) => Some(p),
-                _ => return Err(PoolError::Timeout(self.settings.query_wait_timeout)),
+                _ => return Err(PoolError::Timeout(timeout)),
             },
             None => None,
         };
         let spec = lock(&self.spec).clone();
-        let conn = crate::server::connect(&spec).await?;
+        self.opening.fetch_add(1, Ordering::Relaxed);
+        let conn = crate::server::connect(&spec).await;
+        self.opening.fetch_sub(1, Ordering::Relaxed);
+        let mut conn = conn?;
+        let addr = conn.cancel_key.addr;
+        let local = conn.stream.local_addr().ok();
+        conn.listed = Some(self.servers.add(crate::server::list::ServerInfo::new(
+            conn.id,
+            &self.database,
+            self.backend,
+            &self.user,
+            addr,
+            local,
+            conn.cancel_key.pid,
+        )));
         {
             let mut d = lock(&self.defaults);
             if d.is_none() {

@@ -1,44 +1,137 @@
-//! All pools, keyed by (database, user), created on first use from the config.
+//! All pools, keyed by (database, user, backend), created on first use from
+//! the config; replica health per database; per-database pause state. A
+//! reload re-applies the config here ([`Registry::apply`]).
+//!
+//! Invariant: a pool whose connect target changed or whose database was
+//! removed is retired, never mutated: clients notice through
+//! [`Registry::generation`] and move to a fresh pool at their next
+//! transaction.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
-use super::{Pool, PoolSettings, lock};
+use super::{Pool, PoolKey, PoolParts, PoolSettings, lock};
 use crate::auth::scram::ScramKeys;
 use crate::auth::secret::Secret;
 use crate::auth::server::Credentials;
 use crate::config::{Config, Database};
 use crate::health::{Health, HealthCredentials, spawn_checker};
 use crate::server::ConnectSpec;
+use crate::server::list::ServerList;
+use crate::stats::Stats;
 
 /// Which server of a database: 0 is the primary, `i + 1` is replica `i`.
 pub type BackendIndex = usize;
 
+/// PAUSE/RESUME state of one database.
+#[derive(Default)]
+pub struct DbControl {
+    paused: AtomicBool,
+    resumed: Notify,
+}
+
+impl DbControl {
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+        self.resumed.notify_waiters();
+    }
+
+    /// Returns once the database is not paused.
+    pub async fn wait_resumed(&self) {
+        loop {
+            let n = self.resumed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if !self.is_paused() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// What a database's health checker was started with.
+#[derive(PartialEq)]
+struct HealthSource {
+    db: Database,
+    creds: Option<HealthCredentials>,
+    period: Duration,
+    max_lag: Duration,
+}
+
 pub struct Registry {
-    config: Arc<Config>,
-    pools: Mutex<HashMap<(String, String, BackendIndex), Arc<Pool>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     db_permits: Mutex<HashMap<(String, BackendIndex), Arc<Semaphore>>>,
-    health: HashMap<String, Arc<Health>>,
+    health: Mutex<HashMap<String, (HealthSource, Arc<Health>)>>,
+    controls: Mutex<HashMap<String, Arc<DbControl>>>,
+    /// Bumped by every reload; sessions compare it once per transaction.
+    generation: AtomicU64,
+    pub servers: Arc<ServerList>,
+    stats: Arc<Stats>,
 }
 
 impl Registry {
     /// Must run inside a tokio runtime: starts a health checker for every
     /// database with replicas.
-    pub fn new(config: Arc<Config>) -> Self {
-        let mut health = HashMap::new();
+    pub fn new(config: &Config, stats: Arc<Stats>) -> Self {
+        let r = Self {
+            pools: Mutex::new(HashMap::new()),
+            db_permits: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            servers: Arc::new(ServerList::default()),
+            stats,
+        };
+        r.apply_health(config);
+        r
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Starts, keeps or replaces each database's health checker.
+    fn apply_health(&self, config: &Config) {
+        let mut health = lock(&self.health);
+        health.retain(|name, _| {
+            config
+                .databases
+                .get(name)
+                .is_some_and(|d| !d.replicas.is_empty())
+        });
         for (name, db) in &config.databases {
             if db.replicas.is_empty() {
                 continue;
             }
+            let source = HealthSource {
+                db: db.clone(),
+                creds: health_credentials(config, name, db),
+                period: config.routing.health_check_period,
+                max_lag: config.routing.max_replica_lag,
+            };
+            if health.get(name).is_some_and(|(s, _)| *s == source) {
+                continue;
+            }
             let h = Arc::new(Health::new(db));
-            match health_credentials(&config, name, db) {
+            match &source.creds {
                 Some(creds) => spawn_checker(
                     &h,
-                    creds,
-                    config.routing.health_check_period,
-                    config.routing.max_replica_lag,
+                    creds.clone(),
+                    source.period,
+                    source.max_lag,
                     name.clone(),
                 ),
                 None => tracing::warn!(
@@ -46,29 +139,35 @@ impl Registry {
                     "no credentials for health checks (set health_user/health_password): reads stay on the primary"
                 ),
             }
-            health.insert(name.clone(), h);
-        }
-        Self {
-            config,
-            pools: Mutex::new(HashMap::new()),
-            db_permits: Mutex::new(HashMap::new()),
-            health,
+            health.insert(name.clone(), (source, h));
         }
     }
 
     /// Replica health of a database, when it has replicas.
     pub fn health(&self, db_name: &str) -> Option<Arc<Health>> {
-        self.health.get(db_name).cloned()
+        lock(&self.health).get(db_name).map(|(_, h)| h.clone())
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
-        lock(&self.pools).values().cloned().collect()
+        let mut v: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        v.sort_by(|a, b| (&a.database, &a.user, a.backend).cmp(&(&b.database, &b.user, b.backend)));
+        v
+    }
+
+    /// PAUSE/RESUME state of a database.
+    pub fn control(&self, db_name: &str) -> Arc<DbControl> {
+        lock(&self.controls)
+            .entry(db_name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// The pool for a client of `user` on `db_name`. `client_key` is the
     /// client's SCRAM ClientKey, used when only a verifier is configured.
+    #[allow(clippy::too_many_arguments)]
     pub fn pool_for(
         &self,
+        config: &Config,
         db_name: &str,
         db: &Database,
         user: &str,
@@ -77,7 +176,11 @@ impl Registry {
         backend: BackendIndex,
     ) -> Arc<Pool> {
         let (creds, server_user, awaiting_keys) = credentials(db, user, secret, client_key);
-        let key = (db_name.to_owned(), user.to_owned(), backend);
+        let key = PoolKey {
+            database: db_name.to_owned(),
+            user: user.to_owned(),
+            backend,
+        };
         let mut pools = lock(&self.pools);
         if let Some(p) = pools.get(&key) {
             if !matches!(creds, Credentials::None) {
@@ -85,21 +188,9 @@ impl Registry {
             }
             return p.clone();
         }
-        let c = &self.config;
-        let user_cfg = c.users.get(user);
-        let settings = PoolSettings {
-            mode: c.pool_mode(db),
-            size: c.pool_size(db, user_cfg),
-            min_size: c.min_pool_size(db),
-            query_wait_timeout: c.pool.query_wait_timeout,
-            server_idle_timeout: c.pool.server_idle_timeout,
-            server_lifetime: c.pool.server_lifetime,
-            server_reset_query: c.pool.server_reset_query.clone(),
-        };
-        let (host, port) = match backend.checked_sub(1).and_then(|i| db.replicas.get(i)) {
-            Some(r) => (r.host.clone(), r.port),
-            None => (db.host.clone(), db.port),
-        };
+        let settings = pool_settings(config, db, user);
+        let (host, port) = target(db, backend);
+        let c = config;
         let db_permits = (c.pool.max_db_connections > 0).then(|| {
             lock(&self.db_permits)
                 .entry((db_name.to_owned(), backend))
@@ -115,16 +206,74 @@ impl Registry {
             timeout: c.pool.server_connect_timeout,
         };
         let pool = Pool::new(
-            db_name.to_owned(),
-            user.to_owned(),
+            PoolParts {
+                traffic: self.stats.traffic(db_name, backend),
+                key: key.clone(),
+                spec,
+                db_permits,
+                awaiting_keys,
+                servers: self.servers.clone(),
+            },
             settings,
-            spec,
-            db_permits,
-            awaiting_keys,
         );
         tokio::spawn(super::maintain::run(Arc::downgrade(&pool)));
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// Re-applies a (reloaded) config: pools keep running with new sizes and
+    /// timeouts; pools of removed databases or changed hosts are retired;
+    /// health checkers follow their database's replicas.
+    pub fn apply(&self, config: &Config, secret: impl Fn(&str) -> Option<Secret>) {
+        self.apply_health(config);
+        let mut pools = lock(&self.pools);
+        pools.retain(|key, pool| {
+            let Some(db) = config.databases.get(&key.database) else {
+                pool.retire();
+                return false;
+            };
+            let spec = lock(&pool.spec).clone();
+            let (host, port) = target(db, key.backend);
+            let dbname = db.dbname.clone().unwrap_or_else(|| key.database.clone());
+            let server_user = db.user.clone().unwrap_or_else(|| key.user.clone());
+            let gone = key.backend > db.replicas.len()
+                || (host, port, dbname, server_user)
+                    != (spec.host, spec.port, spec.dbname, spec.user);
+            if gone {
+                pool.retire();
+                return false;
+            }
+            let s = secret(&key.user);
+            let (creds, _, awaiting) = credentials(db, &key.user, s.as_ref(), None);
+            let creds = (!awaiting && !matches!(creds, Credentials::None)).then_some(creds);
+            pool.update(pool_settings(config, db, &key.user), creds);
+            true
+        });
+        drop(pools);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Host and port of a database's backend.
+fn target(db: &Database, backend: BackendIndex) -> (String, u16) {
+    match backend.checked_sub(1).and_then(|i| db.replicas.get(i)) {
+        Some(r) => (r.host.clone(), r.port),
+        None => (db.host.clone(), db.port),
+    }
+}
+
+fn pool_settings(c: &Config, db: &Database, user: &str) -> PoolSettings {
+    PoolSettings {
+        mode: c.pool_mode(db),
+        size: c.pool_size(db, c.users.get(user)),
+        min_size: c.min_pool_size(db),
+        query_wait_timeout: c.pool.query_wait_timeout,
+        server_idle_timeout: c.pool.server_idle_timeout,
+        server_lifetime: c.pool.server_lifetime,
+        server_reset_query: c.pool.server_reset_query.clone(),
+        slow_query_threshold: db
+            .slow_query_threshold
+            .unwrap_or(c.stats.slow_query_threshold),
     }
 }
 

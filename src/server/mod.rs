@@ -9,6 +9,7 @@
 
 mod connect;
 pub mod expect;
+pub mod list;
 pub mod params;
 pub mod prepared;
 
@@ -84,6 +85,8 @@ pub struct ServerConn {
     /// Bytes to send before the client's first message of the next
     /// transaction (a deferred BEGIN). Taken by the session.
     pub prepend: Option<BytesMut>,
+    /// Its entry in the server list (set by the pool that opened it).
+    pub listed: Option<list::ListedServer>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -133,6 +136,7 @@ impl ServerConn {
             buf: BytesMut::new(),
             prepared: prepared::ServerStatements::default(),
             prepend: None,
+            listed: None,
         }
     }
 

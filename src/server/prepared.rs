@@ -29,6 +29,8 @@ pub struct Statement {
     pub sql_prepare: Option<String>,
     /// The query text (for classification).
     pub query: String,
+    /// Its fingerprint, computed on first use.
+    pub shape: std::sync::OnceLock<Arc<crate::stats::Shape>>,
 }
 
 impl Statement {
@@ -63,6 +65,7 @@ impl Statement {
                 parse: parse.freeze(),
                 sql_prepare: None,
                 query,
+                shape: std::sync::OnceLock::new(),
             }),
         ))
     }
@@ -81,6 +84,7 @@ impl Statement {
             name,
             parse: Bytes::new(),
             query: rest.to_owned(),
+            shape: std::sync::OnceLock::new(),
         })
     }
 }

@@ -81,7 +81,7 @@ impl TestProxy {
                         async {
                             let _ = stop_rx.await;
                         },
-                        Duration::ZERO,
+                        Some(Duration::ZERO),
                     )
                     .await;
             });

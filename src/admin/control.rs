@@ -1,0 +1,114 @@
+//! PAUSE, RESUME, KILL and RELOAD, as PgBouncer documents them: PAUSE waits
+//! for running transactions to finish, then closes the database's server
+//! connections and holds new transactions until RESUME; KILL drops the
+//! database's clients and servers at once and leaves it paused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::AdminError;
+use super::output::command_complete;
+use crate::client::Shared;
+use crate::client::list::Eviction;
+
+/// The databases a command applies to: the one named (which must exist), or all.
+fn targets(shared: &Shared, db: Option<&str>) -> Result<Vec<String>, AdminError> {
+    let settings = shared.settings();
+    match db {
+        Some(d) if settings.config.databases.contains_key(d) => Ok(vec![d.to_owned()]),
+        Some(d) if crate::client::startup::ADMIN_DATABASES.contains(&d) => Err(AdminError::State(
+            format!("cannot pause or kill the admin database {d}"),
+        )),
+        Some(d) => Err(AdminError::NoDatabase(d.to_owned())),
+        None => Ok(settings.config.databases.keys().cloned().collect()),
+    }
+}
+
+pub async fn pause(
+    shared: &Arc<Shared>,
+    db: Option<&str>,
+    out: &mut BytesMut,
+) -> Result<(), AdminError> {
+    let dbs = targets(shared, db)?;
+    if let Some(d) = db
+        && shared.registry.control(d).is_paused()
+    {
+        return Err(AdminError::State(format!("database {d} is already paused")));
+    }
+    for d in &dbs {
+        shared.registry.control(d).pause();
+    }
+    tracing::info!(databases = ?dbs, "PAUSE: waiting for running transactions to finish");
+    // New transactions wait; running ones finish and give their server back.
+    loop {
+        let busy: usize = shared
+            .registry
+            .pools()
+            .iter()
+            .filter(|p| dbs.contains(&p.database))
+            .map(|p| p.active_count())
+            .sum();
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in shared.registry.pools() {
+        if dbs.contains(&p.database) {
+            p.close_idle();
+        }
+    }
+    tracing::info!(databases = ?dbs, "paused");
+    command_complete(out, "PAUSE");
+    Ok(())
+}
+
+pub fn resume(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), AdminError> {
+    let dbs = targets(shared, db)?;
+    let paused: Vec<&String> = dbs
+        .iter()
+        .filter(|d| shared.registry.control(d).is_paused())
+        .collect();
+    if paused.is_empty() {
+        return Err(AdminError::State(match db {
+            Some(d) => format!("database {d} is not paused"),
+            None => "pooler is not paused".into(),
+        }));
+    }
+    for d in paused {
+        shared.registry.control(d).resume();
+    }
+    tracing::info!(databases = ?dbs, "resumed");
+    command_complete(out, "RESUME");
+    Ok(())
+}
+
+pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), AdminError> {
+    let dbs = targets(shared, db)?;
+    for d in &dbs {
+        shared.registry.control(d).pause();
+    }
+    let mut killed = 0;
+    for c in shared.list.all() {
+        if dbs.contains(&c.database) {
+            c.evict(Eviction::Killed);
+            killed += 1;
+        }
+    }
+    for p in shared.registry.pools() {
+        if dbs.contains(&p.database) {
+            p.close_idle();
+        }
+    }
+    tracing::warn!(databases = ?dbs, clients = killed, "KILL: clients and server connections dropped; paused until RESUME");
+    command_complete(out, "KILL");
+    Ok(())
+}
+
+pub fn reload(shared: &Shared, out: &mut BytesMut) -> Result<(), AdminError> {
+    crate::lifecycle::reload(shared).map_err(|e| AdminError::Reload(e.to_string()))?;
+    command_complete(out, "RELOAD");
+    Ok(())
+}

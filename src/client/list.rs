@@ -1,0 +1,269 @@
+//! Every logged-in client, for `SHOW CLIENTS`, `SHOW POOLS`, `KILL` and
+//! shutdown. Each client task owns one [`ClientInfo`] and updates its
+//! atomics as it moves between idle, waiting and active; the list only holds
+//! a shared reference, removed when the task's [`Listed`] guard drops.
+//!
+//! Invariant: the hot path writes only its own client's fields (relaxed
+//! atomics, no lock); the list's shard locks are taken at login, logout and
+//! by readers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+
+const SHARDS: usize = 16;
+
+/// Where a client is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    /// Logged in, no request outstanding.
+    Idle = 0,
+    /// Waiting for a server (or for RESUME).
+    Waiting = 1,
+    /// Holding a server.
+    Active = 2,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Waiting => "waiting",
+            Self::Active => "active",
+        }
+    }
+}
+
+/// Why a client is asked to leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Eviction {
+    None = 0,
+    /// The process is shutting down: leave once the transaction is over.
+    Shutdown = 1,
+    /// `KILL`: leave now.
+    Killed = 2,
+}
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    /// The proxy-issued process id the client knows (cancel key).
+    pub pid: i32,
+    state: AtomicU8,
+    /// Backend index of the server held or waited for (0 = primary).
+    backend: AtomicU8,
+    /// Microseconds since the epoch of the last request / wait start.
+    request_time: AtomicU64,
+    wait_start: AtomicU64,
+    /// Server id while active, else 0.
+    link: AtomicU64,
+    pub prepared: AtomicU32,
+    application_name: Mutex<String>,
+    eviction: AtomicU8,
+    /// Wakes the client task when it is asked to leave.
+    pub evicted: Notify,
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A copy of one client's state.
+#[derive(Debug, Clone)]
+pub struct ClientRow {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    pub pid: i32,
+    pub state: ClientState,
+    pub backend: usize,
+    pub request_time_us: u64,
+    pub wait_us: u64,
+    pub link: u64,
+    pub prepared: u32,
+    pub application_name: String,
+}
+
+impl ClientInfo {
+    pub fn new(
+        id: u64,
+        user: &str,
+        database: &str,
+        addr: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        pid: i32,
+    ) -> Self {
+        Self {
+            id,
+            user: user.to_owned(),
+            database: database.to_owned(),
+            addr,
+            local,
+            connect_time: SystemTime::now(),
+            pid,
+            state: AtomicU8::new(ClientState::Idle as u8),
+            backend: AtomicU8::new(0),
+            request_time: AtomicU64::new(now_us()),
+            wait_start: AtomicU64::new(0),
+            link: AtomicU64::new(0),
+            prepared: AtomicU32::new(0),
+            application_name: Mutex::new(String::new()),
+            eviction: AtomicU8::new(Eviction::None as u8),
+            evicted: Notify::new(),
+        }
+    }
+
+    pub fn waiting(&self, backend: usize) {
+        let now = now_us();
+        self.backend.store(backend as u8, Ordering::Relaxed);
+        self.wait_start.store(now, Ordering::Relaxed);
+        self.request_time.store(now, Ordering::Relaxed);
+        self.state
+            .store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    pub fn active(&self, server: u64) {
+        self.link.store(server, Ordering::Relaxed);
+        self.state
+            .store(ClientState::Active as u8, Ordering::Relaxed);
+    }
+
+    pub fn idle(&self) {
+        self.link.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_application_name(&self, name: &str) {
+        let mut a = self
+            .application_name
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *a != name {
+            name.clone_into(&mut a);
+        }
+    }
+
+    pub fn evict(&self, why: Eviction) {
+        // A kill outranks a shutdown.
+        self.eviction.fetch_max(why as u8, Ordering::Relaxed);
+        self.evicted.notify_one();
+    }
+
+    pub fn eviction(&self) -> Eviction {
+        match self.eviction.load(Ordering::Relaxed) {
+            0 => Eviction::None,
+            1 => Eviction::Shutdown,
+            _ => Eviction::Killed,
+        }
+    }
+
+    pub fn row(&self) -> ClientRow {
+        let state = match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        };
+        let wait_us = if state == ClientState::Waiting {
+            now_us().saturating_sub(self.wait_start.load(Ordering::Relaxed))
+        } else {
+            0
+        };
+        ClientRow {
+            id: self.id,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            addr: self.addr,
+            local: self.local,
+            connect_time: self.connect_time,
+            pid: self.pid,
+            state,
+            backend: self.backend.load(Ordering::Relaxed) as usize,
+            request_time_us: self.request_time.load(Ordering::Relaxed),
+            wait_us,
+            link: self.link.load(Ordering::Relaxed),
+            prepared: self.prepared.load(Ordering::Relaxed),
+            application_name: self
+                .application_name
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ClientList {
+    shards: [Mutex<HashMap<u64, Arc<ClientInfo>>>; SHARDS],
+}
+
+/// Removes its client from the list when dropped.
+pub struct Listed {
+    list: Arc<ClientList>,
+    pub info: Arc<ClientInfo>,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.list.shard(self.info.id).remove(&self.info.id);
+    }
+}
+
+impl ClientList {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientInfo>>> {
+        self.shards[id as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn add(self: &Arc<Self>, info: ClientInfo) -> Listed {
+        let info = Arc::new(info);
+        self.shard(info.id).insert(info.id, info.clone());
+        Listed {
+            list: self.clone(),
+            info,
+        }
+    }
+
+    /// Every listed client.
+    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<Arc<ClientInfo>> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,314 @@
+//! Statement and transaction timing for one client, fed by both scanners.
+//!
+//! Each statement the server runs for the client — a simple-protocol Query,
+//! or an extended-protocol Execute — is queued when it is forwarded and
+//! finished by its answer (CommandComplete, EmptyQueryResponse,
+//! PortalSuspended, ErrorResponse, or for a Query its ReadyForQuery).
+//! Answers arrive in order, so the queue's head is always the statement
+//! being answered. A ReadyForQuery also ends a "query" in PgBouncer's sense,
+//! and with status `I` a transaction.
+//!
+//! Invariant: only messages the client sent and the server answers are
+//! queued; what tidepool sends or answers itself never is. No raw query text
+//! is kept: statements carry their [`Shape`] (literals masked).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::protocol::TxStatus;
+use crate::stats::{Delta, Shape};
+
+/// A statement the server answered.
+#[derive(Debug)]
+pub struct Finished {
+    pub shape: Option<Arc<Shape>>,
+    pub us: u64,
+    pub rows: u64,
+    pub error: bool,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Statement {
+        shape: Option<Arc<Shape>>,
+        start: Instant,
+        rows: u64,
+        error: bool,
+        /// A simple-protocol Query: it ends at its ReadyForQuery.
+        simple: bool,
+    },
+    /// A Sync or FunctionCall: its ReadyForQuery ends a query.
+    Ready { start: Instant },
+}
+
+#[derive(Debug, Default)]
+pub struct Timing {
+    queue: VecDeque<Pending>,
+    /// Shape of the unnamed prepared statement.
+    unnamed: Option<Arc<Shape>>,
+    /// Portals bound in this batch (few; the unnamed one is "").
+    portals: Vec<(String, Option<Arc<Shape>>)>,
+    xact_start: Option<Instant>,
+    /// Start of the query (in PgBouncer's sense) being answered.
+    query_start: Option<Instant>,
+    /// Statements finished since the session last looked.
+    pub done: Vec<Finished>,
+    /// Transactions finished since the session last looked (microseconds).
+    pub xacts_done: Vec<u64>,
+    /// Totals to add to the pool's traffic counters.
+    pub delta: Delta,
+}
+
+/// The row count at the end of a CommandComplete tag ("SELECT 5", "INSERT 0 5").
+pub fn tag_rows(tag: &[u8]) -> u64 {
+    let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
+    let last = tag.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    if last.is_empty() || last.len() == tag.len() {
+        return 0;
+    }
+    std::str::from_utf8(last)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Timing {
+    fn started(&mut self, now: Instant) {
+        self.xact_start.get_or_insert(now);
+        self.query_start.get_or_insert(now);
+    }
+
+    /// A simple-protocol Query was forwarded.
+    pub fn query(&mut self, shape: Option<Arc<Shape>>) {
+        let now = Instant::now();
+        self.started(now);
+        self.queue.push_back(Pending::Statement {
+            shape,
+            start: now,
+            rows: 0,
+            error: false,
+            simple: true,
+        });
+    }
+
+    /// An unnamed statement was parsed (forwarded as is).
+    pub fn parse_unnamed(&mut self, shape: Option<Arc<Shape>>) {
+        self.delta.client_parses += 1;
+        self.unnamed = shape;
+    }
+
+    /// A named statement was parsed (or answered from the pool's cache).
+    pub fn parse_named(&mut self) {
+        self.delta.client_parses += 1;
+    }
+
+    /// A portal was bound: to `shape`, or with `None` to the unnamed statement.
+    pub fn bind(&mut self, portal: &str, shape: Option<Option<Arc<Shape>>>) {
+        self.delta.binds += 1;
+        let shape = shape.unwrap_or_else(|| self.unnamed.clone());
+        match self.portals.iter_mut().find(|(p, _)| p == portal) {
+            Some(slot) => slot.1 = shape,
+            None => self.portals.push((portal.to_owned(), shape)),
+        }
+    }
+
+    pub fn execute(&mut self, portal: &str) {
+        let now = Instant::now();
+        self.started(now);
+        let shape = self
+            .portals
+            .iter()
+            .find(|(p, _)| p == portal)
+            .and_then(|(_, s)| s.clone());
+        self.queue.push_back(Pending::Statement {
+            shape,
+            start: now,
+            rows: 0,
+            error: false,
+            simple: false,
+        });
+    }
+
+    /// A Sync or FunctionCall was forwarded.
+    pub fn sync(&mut self, function_call: bool) {
+        let now = Instant::now();
+        if function_call {
+            self.started(now);
+        }
+        self.queue.push_back(Pending::Ready { start: now });
+        // Unnamed portals end with the batch's transaction step; keep the
+        // list from growing across batches.
+        self.portals.retain(|(p, _)| !p.is_empty());
+    }
+
+    fn finish_head(&mut self) {
+        if let Some(Pending::Statement {
+            shape,
+            start,
+            rows,
+            error,
+            ..
+        }) = self.queue.pop_front()
+        {
+            self.record(shape, start, rows, error);
+        }
+    }
+
+    fn record(&mut self, shape: Option<Arc<Shape>>, start: Instant, rows: u64, error: bool) {
+        self.delta.statements += 1;
+        if error {
+            self.delta.errors += 1;
+        }
+        self.done.push(Finished {
+            shape,
+            us: start.elapsed().as_micros() as u64,
+            rows,
+            error,
+        });
+    }
+
+    pub fn command_complete(&mut self, tag: &[u8]) {
+        let n = tag_rows(tag);
+        match self.queue.front_mut() {
+            Some(Pending::Statement {
+                simple: false,
+                rows,
+                ..
+            }) => {
+                *rows += n;
+                self.finish_head();
+            }
+            Some(Pending::Statement { rows, .. }) => *rows += n,
+            _ => {}
+        }
+    }
+
+    /// EmptyQueryResponse or PortalSuspended.
+    pub fn statement_end(&mut self) {
+        if let Some(Pending::Statement { simple: false, .. }) = self.queue.front() {
+            self.finish_head();
+        }
+    }
+
+    pub fn error(&mut self) {
+        match self.queue.front_mut() {
+            Some(Pending::Statement {
+                simple: false,
+                error,
+                ..
+            }) => {
+                *error = true;
+                self.finish_head();
+            }
+            Some(Pending::Statement { error, .. }) => *error = true,
+            _ => {}
+        }
+    }
+
+    pub fn ready(&mut self, status: TxStatus) {
+        let now = Instant::now();
+        // Executes skipped after an error never ran.
+        while let Some(Pending::Statement { simple: false, .. }) = self.queue.front() {
+            self.queue.pop_front();
+        }
+        match self.queue.pop_front() {
+            Some(Pending::Statement {
+                shape,
+                start,
+                rows,
+                error,
+                ..
+            }) => self.record(shape, start, rows, error),
+            Some(Pending::Ready { .. }) | None => {}
+        }
+        self.delta.queries += 1;
+        if let Some(q) = self.query_start.take() {
+            self.delta.query_us += now.duration_since(q).as_micros() as u64;
+        }
+        if !self.queue.is_empty() {
+            // Pipelined requests: the next query started when it was sent.
+            self.query_start = match self.queue.front() {
+                Some(Pending::Statement { start, .. }) | Some(Pending::Ready { start }) => {
+                    Some(*start)
+                }
+                None => None,
+            };
+        }
+        if status == TxStatus::Idle {
+            if let Some(x) = self.xact_start.take() {
+                let us = now.duration_since(x).as_micros() as u64;
+                self.delta.xacts += 1;
+                self.delta.xact_us += us;
+                self.xacts_done.push(us);
+            }
+        } else if self.xact_start.is_none() {
+            self.xact_start = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(id: u64) -> Option<Arc<Shape>> {
+        Some(Arc::new(Shape {
+            id,
+            text: "select $1".into(),
+        }))
+    }
+
+    #[test]
+    fn rows_come_from_the_tag() {
+        assert_eq!(tag_rows(b"SELECT 5\0"), 5);
+        assert_eq!(tag_rows(b"INSERT 0 12\0"), 12);
+        assert_eq!(tag_rows(b"BEGIN\0"), 0);
+        assert_eq!(tag_rows(b"CREATE TABLE\0"), 0);
+    }
+
+    #[test]
+    fn simple_queries_and_transactions() {
+        let mut t = Timing::default();
+        t.query(shape(1));
+        t.command_complete(b"BEGIN\0");
+        t.ready(TxStatus::InTransaction);
+        t.query(shape(2));
+        t.command_complete(b"SELECT 3\0");
+        t.ready(TxStatus::InTransaction);
+        t.query(shape(3));
+        t.command_complete(b"COMMIT\0");
+        t.ready(TxStatus::Idle);
+        assert_eq!(t.delta.queries, 3);
+        assert_eq!(t.delta.xacts, 1);
+        assert_eq!(t.delta.statements, 3);
+        assert_eq!(t.done[1].rows, 3);
+        assert_eq!(t.done[1].shape.as_ref().map(|s| s.id), Some(2));
+    }
+
+    #[test]
+    fn extended_batches_and_skipped_executes() {
+        let mut t = Timing::default();
+        t.parse_unnamed(shape(7));
+        t.bind("", None);
+        t.execute("");
+        t.sync(false);
+        t.command_complete(b"SELECT 1\0");
+        t.ready(TxStatus::Idle);
+        assert_eq!(t.done.len(), 1);
+        assert_eq!(t.done[0].shape.as_ref().map(|s| s.id), Some(7));
+        assert_eq!(t.delta.xacts, 1);
+        // An error at the first Execute: the second never runs.
+        t.bind("", None);
+        t.execute("");
+        t.execute("");
+        t.sync(false);
+        t.error();
+        t.ready(TxStatus::Idle);
+        assert_eq!(t.done.len(), 2);
+        assert!(t.done[1].error);
+        assert_eq!(t.delta.errors, 1);
+        assert_eq!(t.delta.xacts, 2);
+        assert_eq!(t.delta.queries, 2);
+    }
+}

@@ -1,0 +1,287 @@
+//! The config as `(key, value, default, changeable)` rows for the console's
+//! `SHOW CONFIG`. Keys are written `section.key`; values as in `proxy.toml`.
+
+use std::time::Duration;
+
+use super::schema::{Config, General, Metrics, PoolSettings, Routing, Stats};
+
+fn d(v: Duration) -> String {
+    humantime::format_duration(v).to_string()
+}
+
+fn list(v: &[String]) -> String {
+    v.join(",")
+}
+
+fn routing(t: super::schema::TransactionRouting) -> &'static str {
+    match t {
+        super::schema::TransactionRouting::Primary => "primary",
+        super::schema::TransactionRouting::FirstStatement => "first_statement",
+    }
+}
+
+type Row = (String, String, String, bool);
+
+fn row(section: &str, key: &str, value: String, default: String, changeable: bool) -> Row {
+    (format!("{section}.{key}"), value, default, changeable)
+}
+
+/// Every process-wide setting (databases and users are shown by
+/// `SHOW DATABASES` and `SHOW USERS`). `changeable` means RELOAD applies it.
+pub fn describe(c: &Config) -> Vec<Row> {
+    let (g, gd) = (&c.tidepool, General::default());
+    let (p, pd) = (&c.pool, PoolSettings::default());
+    let (r, rd) = (&c.routing, Routing::default());
+    let (s, sd) = (&c.stats, Stats::default());
+    let (m, md) = (&c.metrics, Metrics::default());
+    let auth = |a: super::AuthType| format!("{a:?}");
+    let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+    vec![
+        row(
+            "tidepool",
+            "listen",
+            list(&g.listen),
+            list(&gd.listen),
+            false,
+        ),
+        row(
+            "tidepool",
+            "admin_users",
+            list(&g.admin_users),
+            list(&gd.admin_users),
+            true,
+        ),
+        row(
+            "tidepool",
+            "stats_users",
+            list(&g.stats_users),
+            list(&gd.stats_users),
+            true,
+        ),
+        row(
+            "tidepool",
+            "auth_type",
+            auth(g.auth_type),
+            auth(gd.auth_type),
+            true,
+        ),
+        row(
+            "tidepool",
+            "max_message_size",
+            g.max_message_size.to_string(),
+            gd.max_message_size.to_string(),
+            true,
+        ),
+        row(
+            "tidepool",
+            "shutdown_timeout",
+            d(g.shutdown_timeout),
+            d(gd.shutdown_timeout),
+            true,
+        ),
+        row(
+            "pool",
+            "pool_mode",
+            p.pool_mode.as_str().into(),
+            pd.pool_mode.as_str().into(),
+            true,
+        ),
+        row(
+            "pool",
+            "default_pool_size",
+            p.default_pool_size.to_string(),
+            pd.default_pool_size.to_string(),
+            true,
+        ),
+        row(
+            "pool",
+            "min_pool_size",
+            p.min_pool_size.to_string(),
+            pd.min_pool_size.to_string(),
+            true,
+        ),
+        row(
+            "pool",
+            "max_client_conn",
+            p.max_client_conn.to_string(),
+            pd.max_client_conn.to_string(),
+            true,
+        ),
+        row(
+            "pool",
+            "max_db_connections",
+            p.max_db_connections.to_string(),
+            pd.max_db_connections.to_string(),
+            false,
+        ),
+        row(
+            "pool",
+            "query_wait_timeout",
+            d(p.query_wait_timeout),
+            d(pd.query_wait_timeout),
+            true,
+        ),
+        row(
+            "pool",
+            "client_login_timeout",
+            d(p.client_login_timeout),
+            d(pd.client_login_timeout),
+            true,
+        ),
+        row(
+            "pool",
+            "server_connect_timeout",
+            d(p.server_connect_timeout),
+            d(pd.server_connect_timeout),
+            false,
+        ),
+        row(
+            "pool",
+            "server_idle_timeout",
+            d(p.server_idle_timeout),
+            d(pd.server_idle_timeout),
+            true,
+        ),
+        row(
+            "pool",
+            "server_lifetime",
+            d(p.server_lifetime),
+            d(pd.server_lifetime),
+            true,
+        ),
+        row(
+            "pool",
+            "idle_transaction_timeout",
+            d(p.idle_transaction_timeout),
+            d(pd.idle_transaction_timeout),
+            true,
+        ),
+        row(
+            "pool",
+            "server_reset_query",
+            p.server_reset_query.clone(),
+            pd.server_reset_query.clone(),
+            true,
+        ),
+        row(
+            "pool",
+            "max_prepared_statements",
+            p.max_prepared_statements.to_string(),
+            pd.max_prepared_statements.to_string(),
+            true,
+        ),
+        row(
+            "pool",
+            "session_features",
+            format!("{:?}", p.session_features).to_lowercase(),
+            format!("{:?}", pd.session_features).to_lowercase(),
+            true,
+        ),
+        row(
+            "routing",
+            "health_check_period",
+            d(r.health_check_period),
+            d(rd.health_check_period),
+            true,
+        ),
+        row(
+            "routing",
+            "max_replica_lag",
+            d(r.max_replica_lag),
+            d(rd.max_replica_lag),
+            true,
+        ),
+        row(
+            "routing",
+            "replica_fallback",
+            format!("{:?}", r.replica_fallback).to_lowercase(),
+            format!("{:?}", rd.replica_fallback).to_lowercase(),
+            true,
+        ),
+        row(
+            "routing",
+            "read_your_writes",
+            r.read_your_writes.to_string(),
+            rd.read_your_writes.to_string(),
+            true,
+        ),
+        row(
+            "routing",
+            "strict",
+            r.strict.to_string(),
+            rd.strict.to_string(),
+            true,
+        ),
+        row(
+            "routing",
+            "write_functions",
+            list(&r.write_functions),
+            list(&rd.write_functions),
+            true,
+        ),
+        row(
+            "routing",
+            "read_only_functions",
+            list(&r.read_only_functions),
+            list(&rd.read_only_functions),
+            true,
+        ),
+        row(
+            "routing",
+            "transaction_routing",
+            routing(r.transaction_routing).into(),
+            routing(rd.transaction_routing).into(),
+            true,
+        ),
+        row(
+            "stats",
+            "stats_period",
+            d(s.stats_period),
+            d(sd.stats_period),
+            true,
+        ),
+        row(
+            "stats",
+            "slow_query_threshold",
+            d(s.slow_query_threshold),
+            d(sd.slow_query_threshold),
+            true,
+        ),
+        row(
+            "stats",
+            "slow_query_log_size",
+            s.slow_query_log_size.to_string(),
+            sd.slow_query_log_size.to_string(),
+            false,
+        ),
+        row(
+            "stats",
+            "max_query_fingerprints",
+            s.max_query_fingerprints.to_string(),
+            sd.max_query_fingerprints.to_string(),
+            false,
+        ),
+        row(
+            "stats",
+            "health_window",
+            d(s.health_window),
+            d(sd.health_window),
+            true,
+        ),
+        row(
+            "stats",
+            "degraded_slow_ratio",
+            s.degraded_slow_ratio.to_string(),
+            sd.degraded_slow_ratio.to_string(),
+            true,
+        ),
+        row(
+            "stats",
+            "unhealthy_slow_ratio",
+            s.unhealthy_slow_ratio.to_string(),
+            sd.unhealthy_slow_ratio.to_string(),
+            true,
+        ),
+        row("metrics", "listen", opt(&m.listen), opt(&md.listen), false),
+    ]
+}

@@ -1,0 +1,189 @@
+//! The HTTP endpoint for operators: `/metrics` (Prometheus / OpenMetrics
+//! text, encoded by `prometheus-client` from live state at each scrape),
+//! `/healthz` (the process is alive) and `/readyz` (every database's primary
+//! accepts connections).
+//!
+//! Deliberately small: HTTP/1.x `GET`/`HEAD`, one request per connection,
+//! bounded request size and time. Nothing here touches the data path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::client::Shared;
+
+mod metrics;
+
+/// Largest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/readyz` waits for a primary to accept a connection.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(stream, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Reads a request head: the method and path of its first line.
+async fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > MAX_REQUEST {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = std::str::from_utf8(&buf).ok()?;
+    let mut parts = head.lines().next()?.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?;
+    let path = target.split('?').next().unwrap_or(target).to_owned();
+    Some((method, path))
+}
+
+async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
+    let Ok(Some((method, path))) =
+        tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await
+    else {
+        let _ = respond(&mut stream, 400, "text/plain", "bad request\n", false).await;
+        return;
+    };
+    let head = method == "HEAD";
+    if method != "GET" && !head {
+        let _ = respond(&mut stream, 405, "text/plain", "only GET and HEAD\n", head).await;
+        return;
+    }
+    let _ = match path.as_str() {
+        "/metrics" => match metrics::render(&shared) {
+            Ok(body) => {
+                respond(
+                    &mut stream,
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    &body,
+                    head,
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "encoding metrics failed");
+                respond(&mut stream, 500, "text/plain", "encoding failed\n", head).await
+            }
+        },
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", head).await,
+        "/readyz" => {
+            let (ok, body) = ready(&shared).await;
+            respond(
+                &mut stream,
+                if ok { 200 } else { 503 },
+                "text/plain",
+                &body,
+                head,
+            )
+            .await
+        }
+        _ => respond(&mut stream, 404, "text/plain", "not found\n", head).await,
+    };
+}
+
+/// Whether every configured database's primary accepts a TCP connection.
+async fn ready(shared: &Shared) -> (bool, String) {
+    let settings = shared.settings();
+    let targets: Vec<(String, String)> = settings
+        .config
+        .databases
+        .iter()
+        .map(|(name, db)| (name.clone(), format!("{}:{}", db.host, db.port)))
+        .collect();
+    let checks = targets.into_iter().map(|(name, addr)| async move {
+        let r = tokio::time::timeout(READY_TIMEOUT, TcpStream::connect(&addr)).await;
+        let ok = matches!(r, Ok(Ok(_)));
+        (name, addr, ok)
+    });
+    let results = futures_join(checks).await;
+    let mut body = String::new();
+    let mut all = true;
+    for (name, addr, ok) in results {
+        all &= ok;
+        body.push_str(&format!(
+            "{name}: primary {addr} {}\n",
+            if ok { "reachable" } else { "unreachable" }
+        ));
+    }
+    if shared
+        .lifecycle
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        all = false;
+        body.push_str("shutting down\n");
+    }
+    (all, body)
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
+}

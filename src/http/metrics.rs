@@ -1,0 +1,545 @@
+//! `/metrics`: live state as Prometheus metrics, built at scrape time by a
+//! `prometheus-client` collector (no second set of counters is kept).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::admin::show::backend_name;
+use crate::client::Shared;
+use crate::client::list::ClientState;
+use crate::stats::HealthStatus;
+use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
+
+/// Per-query series exported (the top N by total time).
+const TOP_QUERIES: usize = 20;
+/// Query text in labels is cut to this many bytes.
+const LABEL_TEXT: usize = 200;
+
+type Labels = Vec<(String, String)>;
+/// Families built side by side: (name, help, samples).
+type Families<'a, V> = Vec<(&'a str, &'a str, Vec<(Labels, V)>)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+struct Snapshot(Arc<Shared>);
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tidepool metrics")
+    }
+}
+
+pub fn render(shared: &Arc<Shared>) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(shared.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Writes one family: a descriptor and a sample per label set.
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, V)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (l, v) in samples {
+        m.encode_family(l)?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
+fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, V)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, v) in samples {
+        m.encode_family(l)?
+            .encode_counter::<NoLabelSet, _, f64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, BucketsSnapshot)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (l, h) in samples {
+        // The encoder wants per-bucket counts and adds them up itself.
+        let mut buckets = Vec::with_capacity(BOUNDS_US.len() + 1);
+        let mut prev = 0;
+        for (i, bound) in BOUNDS_US.iter().enumerate() {
+            let c = h.cumulative[i];
+            buckets.push((*bound as f64 / 1e6, c.saturating_sub(prev)));
+            prev = c;
+        }
+        buckets.push((f64::INFINITY, h.count.saturating_sub(prev)));
+        m.encode_family(l)?.encode_histogram::<NoLabelSet>(
+            h.sum_us as f64 / 1e6,
+            h.count,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+fn cut(s: &str) -> String {
+    if s.len() <= LABEL_TEXT {
+        return s.to_owned();
+    }
+    let mut end = LABEL_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let shared = &self.0;
+        let settings = shared.settings();
+        let cfg = &settings.config;
+
+        gauge(
+            &mut enc,
+            "tidepool_info",
+            "tidepool's version",
+            &[(labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1u32)],
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_client_connections",
+            "Client connections open now (logging in or logged in)",
+            &[(Labels::new(), shared.clients.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_max_client_conn",
+            "max_client_conn",
+            &[(Labels::new(), cfg.pool.max_client_conn)],
+        )?;
+
+        // Clients by database, user and state.
+        let mut clients: HashMap<(String, String, &'static str), u64> = HashMap::new();
+        for c in shared.list.all() {
+            let r = c.row();
+            *clients
+                .entry((r.database, r.user, r.state.as_str()))
+                .or_default() += 1;
+        }
+        let mut samples: Vec<(Labels, u64)> = clients
+            .into_iter()
+            .map(|((db, user, state), n)| {
+                (
+                    labels(&[("database", &db), ("user", &user), ("state", state)]),
+                    n,
+                )
+            })
+            .collect();
+        samples.sort_by(|a, b| a.0.cmp(&b.0));
+        gauge(
+            &mut enc,
+            "tidepool_clients",
+            "Logged-in clients by state (idle, waiting for a server, active)",
+            &samples,
+        )?;
+
+        // Pools.
+        let pools = shared.registry.pools();
+        let counts = {
+            let mut m: HashMap<(String, String, usize), (u64, u64)> = HashMap::new();
+            for c in shared.list.all() {
+                let r = c.row();
+                if r.state == ClientState::Waiting {
+                    let e = m.entry((r.database, r.user, r.backend)).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.max(r.wait_us);
+                }
+            }
+            m
+        };
+        let mut servers = Vec::new();
+        let mut sizes = Vec::new();
+        let mut waiting = Vec::new();
+        let mut maxwait = Vec::new();
+        for p in &pools {
+            let name = backend_name(&p.database, p.backend);
+            let role = if p.backend == 0 { "primary" } else { "replica" };
+            let base = [
+                ("database", name.as_str()),
+                ("user", p.user.as_str()),
+                ("backend", &*p.addr),
+                ("role", role),
+            ];
+            for (state, n) in [
+                ("active", p.active_count()),
+                ("idle", p.idle_count()),
+                ("login", p.opening_count()),
+            ] {
+                let mut l = base.to_vec();
+                l.push(("state", state));
+                servers.push((labels(&l), n as u64));
+            }
+            sizes.push((labels(&base), u64::from(p.settings().size)));
+            let (w, mw) = counts
+                .get(&(p.database.clone(), p.user.clone(), p.backend))
+                .copied()
+                .unwrap_or_default();
+            waiting.push((labels(&base), w));
+            maxwait.push((labels(&base), secs(mw)));
+        }
+        gauge(
+            &mut enc,
+            "tidepool_servers",
+            "Server connections by pool and state",
+            &servers,
+        )?;
+        gauge(&mut enc, "tidepool_pool_size", "Pool size", &sizes)?;
+        gauge(
+            &mut enc,
+            "tidepool_pool_waiting_clients",
+            "Clients waiting for a server of this pool",
+            &waiting,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_pool_maxwait_seconds",
+            "How long the oldest waiting client has waited",
+            &maxwait,
+        )?;
+
+        // Traffic per database backend.
+        for (name, db) in &cfg.databases {
+            for b in 0..=db.replicas.len() {
+                shared.stats.traffic(name, b);
+            }
+        }
+        let rows = shared.stats.traffic_rows();
+        let mut traffic: Families<u64> = vec![
+            ("tidepool_transactions", "Transactions completed", vec![]),
+            (
+                "tidepool_queries",
+                "Queries (requests up to ReadyForQuery) completed",
+                vec![],
+            ),
+            (
+                "tidepool_statements",
+                "Statements run (simple queries and Executes)",
+                vec![],
+            ),
+            (
+                "tidepool_statement_errors",
+                "Statements that failed",
+                vec![],
+            ),
+            (
+                "tidepool_slow_statements",
+                "Statements over slow_query_threshold",
+                vec![],
+            ),
+            (
+                "tidepool_received_bytes",
+                "Bytes received from clients",
+                vec![],
+            ),
+            ("tidepool_sent_bytes", "Bytes sent to clients", vec![]),
+            (
+                "tidepool_server_assignments",
+                "Times a server was assigned to a client",
+                vec![],
+            ),
+            ("tidepool_client_logins", "Client logins", vec![]),
+            (
+                "tidepool_client_parses",
+                "Parse messages from clients",
+                vec![],
+            ),
+            ("tidepool_binds", "Bind messages from clients", vec![]),
+        ];
+        let mut times: Families<f64> = vec![
+            (
+                "tidepool_transaction_seconds",
+                "Time spent in transactions",
+                vec![],
+            ),
+            ("tidepool_query_seconds", "Time spent in queries", vec![]),
+            (
+                "tidepool_wait_seconds",
+                "Time clients waited for a server",
+                vec![],
+            ),
+        ];
+        let mut hists: Families<BucketsSnapshot> = vec![
+            (
+                "tidepool_statement_duration_seconds",
+                "Statement latency",
+                vec![],
+            ),
+            (
+                "tidepool_transaction_duration_seconds",
+                "Transaction latency",
+                vec![],
+            ),
+            (
+                "tidepool_wait_duration_seconds",
+                "Time to get a server",
+                vec![],
+            ),
+        ];
+        for ((db, b), t) in &rows {
+            let name = backend_name(db, *b);
+            let l = labels(&[
+                ("database", &name),
+                ("role", if *b == 0 { "primary" } else { "replica" }),
+            ]);
+            let tot = t.totals();
+            for (i, v) in [
+                tot.xacts,
+                tot.queries,
+                tot.statements,
+                tot.errors,
+                tot.slow,
+                tot.received,
+                tot.sent,
+                tot.server_assignments,
+                tot.logins,
+                tot.client_parses,
+                tot.binds,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                traffic[i].2.push((l.clone(), v));
+            }
+            for (i, v) in [tot.xact_us, tot.query_us, tot.wait_us]
+                .into_iter()
+                .enumerate()
+            {
+                times[i].2.push((l.clone(), secs(v)));
+            }
+            hists[0].2.push((l.clone(), t.query_latency.snapshot()));
+            hists[1].2.push((l.clone(), t.xact_latency.snapshot()));
+            hists[2].2.push((l.clone(), t.wait_latency.snapshot()));
+        }
+        for (name, help, s) in &traffic {
+            counter(&mut enc, name, help, s)?;
+        }
+        for (name, help, s) in &times {
+            counter(&mut enc, name, help, s)?;
+        }
+        for (name, help, s) in &hists {
+            histogram(&mut enc, name, help, s)?;
+        }
+
+        // Pool health per database.
+        let mut status = Vec::new();
+        let mut ratio = Vec::new();
+        for name in cfg.databases.keys() {
+            let h = shared.stats.health(name, &cfg.stats);
+            for s in [
+                HealthStatus::Healthy,
+                HealthStatus::Degraded,
+                HealthStatus::Unhealthy,
+            ] {
+                status.push((
+                    labels(&[("database", name), ("status", s.as_str())]),
+                    u32::from(h.status == s),
+                ));
+            }
+            ratio.push((labels(&[("database", name)]), h.ratio));
+        }
+        gauge(
+            &mut enc,
+            "tidepool_pool_health",
+            "1 for the database's current health status (by share of slow statements)",
+            &status,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_pool_slow_ratio",
+            "Share of slow statements in the last health_window",
+            &ratio,
+        )?;
+
+        // Backends: health and lag.
+        let mut up = Vec::new();
+        let mut lag_s = Vec::new();
+        let mut lag_b = Vec::new();
+        let mut bans = Vec::new();
+        for name in cfg.databases.keys() {
+            let Some(h) = shared.registry.health(name) else {
+                continue;
+            };
+            for (b, r) in std::iter::once(&h.primary)
+                .chain(h.replicas.iter())
+                .enumerate()
+            {
+                let addr = format!("{}:{}", r.host, r.port);
+                let l = labels(&[
+                    ("database", &backend_name(name, b)),
+                    ("role", if b == 0 { "primary" } else { "replica" }),
+                    ("backend", &addr),
+                ]);
+                up.push((l.clone(), u32::from(!r.is_banned())));
+                if b > 0 {
+                    lag_s.push((l.clone(), r.lag_ms.load(Relaxed) as f64 / 1000.0));
+                    lag_b.push((l.clone(), r.lag_bytes.load(Relaxed)));
+                    bans.push((l, r.bans.load(Relaxed)));
+                }
+            }
+        }
+        gauge(
+            &mut enc,
+            "tidepool_backend_up",
+            "1 when the backend is healthy and used for routing",
+            &up,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_replica_lag_seconds",
+            "Replication lag of a replica",
+            &lag_s,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_replica_lag_bytes",
+            "Replication lag of a replica in WAL bytes",
+            &lag_b,
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_replica_bans",
+            "Times a replica was banned",
+            &bans,
+        )?;
+
+        // Per-query top N.
+        let top: Vec<_> = shared
+            .stats
+            .queries
+            .snapshot()
+            .into_iter()
+            .take(TOP_QUERIES)
+            .collect();
+        let mut calls = Vec::new();
+        let mut errors = Vec::new();
+        let mut qrows = Vec::new();
+        let mut qtime = Vec::new();
+        let mut quantiles = Vec::new();
+        for q in &top {
+            let fp = format!("{:016x}", q.fingerprint);
+            let text = cut(&q.query);
+            let l = labels(&[
+                ("database", &q.database),
+                ("fingerprint", &fp),
+                ("query", &text),
+            ]);
+            calls.push((l.clone(), q.calls));
+            errors.push((l.clone(), q.errors));
+            qrows.push((l.clone(), q.rows));
+            qtime.push((l.clone(), secs(q.total_us)));
+            for (pct, v) in [
+                ("50", q.p50_us),
+                ("90", q.p90_us),
+                ("95", q.p95_us),
+                ("99", q.p99_us),
+            ] {
+                let mut lq = l.clone();
+                lq.push(("percentile".into(), pct.into()));
+                quantiles.push((lq, secs(v)));
+            }
+        }
+        counter(
+            &mut enc,
+            "tidepool_query_calls",
+            "Calls of a normalized query (top by total time)",
+            &calls,
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_query_errors",
+            "Failed calls of a normalized query",
+            &errors,
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_query_rows",
+            "Rows returned or affected by a normalized query",
+            &qrows,
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_query_time_seconds",
+            "Total time of a normalized query",
+            &qtime,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_query_latency_seconds",
+            "Latency percentiles of a normalized query",
+            &quantiles,
+        )?;
+
+        // Process-wide events.
+        let c = &shared.stats.counters;
+        for (name, help, v) in [
+            (
+                "tidepool_server_prepares",
+                "Parse messages sent to servers for named statements",
+                &c.prepares,
+            ),
+            (
+                "tidepool_prepare_hits",
+                "Client Parses answered without a server round trip",
+                &c.prepare_hits,
+            ),
+            (
+                "tidepool_prepare_evictions",
+                "Statements closed to respect max_prepared_statements",
+                &c.prepare_evictions,
+            ),
+            (
+                "tidepool_param_syncs",
+                "Checkouts that set session parameters",
+                &c.param_syncs,
+            ),
+            (
+                "tidepool_param_refreshes",
+                "Reads of session settings after a client changed them",
+                &c.param_refreshes,
+            ),
+            (
+                "tidepool_pins",
+                "Clients pinned to their server by a session feature",
+                &c.pins,
+            ),
+        ] {
+            counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
+        }
+        Ok(())
+    }
+}

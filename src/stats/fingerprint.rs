@@ -1,0 +1,264 @@
+//! Query shapes: statement text with every literal masked, and a cache of them.
+//!
+//! [`masked_hash`] and [`mask`] share one lexer that follows PostgreSQL's
+//! scanner closely enough to find every literal: quoted strings (`'…'` with
+//! `''`, `E'…'` with backslash escapes, `U&'…'`, `B'…'`, `X'…'`, `N'…'`),
+//! dollar quotes (`$tag$…$tag$`), and numbers (`42`, `1.5`, `.5`, `1e-3`,
+//! `0x1F`, `1_000`). Parameters (`$1`), identifiers (`t1`, `col_2`) and
+//! double-quoted identifiers are kept verbatim; comments are dropped and runs of
+//! whitespace collapse to one space. Strings follow
+//! `standard_conforming_strings = on`, PostgreSQL's default. Anything left open
+//! at the end (a string, a dollar quote, a quoted identifier) is masked up to
+//! the end, so a malformed statement cannot leak what follows its opening
+//! quote.
+//!
+//! [`Fingerprints`] maps a statement to its [`Shape`]. The shape's text never
+//! holds a raw literal: PostgreSQL's own normalizer (`pg_query`) runs first and
+//! [`mask`] always runs over its output, because the normalizer keeps comments
+//! and leaves literals in many utility statements (`ALTER SYSTEM SET`,
+//! `ALTER ROLE … SET`, `PREPARE … AS`, `COPY … FROM 'file'`, `FETCH n`,
+//! `COMMENT ON`, DDL defaults and `CHECK`s, `OPTIONS (…)`, `UESCAPE`). The
+//! cache never holds a lock while parsing.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lexer::{Sink, lex};
+
+mod lexer;
+
+/// Longest shape text kept, in bytes, including the trailing `…`.
+pub const MAX_TEXT_BYTES: usize = 2048;
+/// Statements longer than this skip `pg_query` and go straight to [`mask`].
+pub const MAX_PG_QUERY_BYTES: usize = 64 * 1024;
+/// Number of independently locked cache shards.
+const SHARDS: usize = 16;
+/// Marks where a literal was in the byte stream [`masked_hash`] hashes; not
+/// valid UTF-8, so no text token can produce it.
+const LITERAL_MARK: u8 = 0xFF;
+
+/// A statement's shape: its fingerprint and its text with literals masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// `pg_query`'s fingerprint, or [`masked_hash`] when the statement does not
+    /// parse or is longer than [`MAX_PG_QUERY_BYTES`].
+    pub id: u64,
+    /// Normalized text: literals are `$n`, no comments, at most
+    /// [`MAX_TEXT_BYTES`] bytes (cut on a char boundary and ended with `…`).
+    pub text: Arc<str>,
+}
+
+/// Hash of `sql` with literals masked, comments skipped and whitespace runs
+/// collapsed. One pass, no allocation. Statements that differ only in their
+/// literals, comments or spacing hash the same; `$n` parameters count as
+/// written, so `id = $1` and `id = 1` hash differently.
+pub fn masked_hash(sql: &str) -> u64 {
+    let mut sink = HashSink(DefaultHasher::new());
+    lex(sql, &mut sink);
+    sink.0.finish()
+}
+
+/// `sql` with each literal replaced by `$n`, comments removed and whitespace
+/// collapsed. Existing `$n` parameters are kept, and literals are numbered in
+/// order after the highest of them, so the result reads like PostgreSQL's
+/// normalized text, and masking it again changes nothing (for statements
+/// that lex as SQL; stray `$` signs may merge with a placeholder).
+pub fn mask(sql: &str) -> String {
+    mask_limited(sql, usize::MAX)
+}
+
+/// Like [`mask`], but stops once the text passes `limit` bytes.
+fn mask_limited(sql: &str, limit: usize) -> String {
+    let mut params = MaxParam(0);
+    if sql.contains('$') {
+        lex(sql, &mut params);
+    }
+    let mut sink = MaskSink {
+        out: String::with_capacity(sql.len().min(limit.saturating_add(16))),
+        next: params.0.saturating_add(1),
+        limit,
+    };
+    lex(sql, &mut sink);
+    sink.out
+}
+
+/// The text a [`Shape`] keeps: masked, then cut to [`MAX_TEXT_BYTES`].
+fn shape_text(sql: &str) -> Arc<str> {
+    let mut text = mask_limited(sql, MAX_TEXT_BYTES);
+    if text.len() > MAX_TEXT_BYTES {
+        let mut cut = MAX_TEXT_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    Arc::from(text)
+}
+
+/// Computes a shape from scratch (the cache's miss path).
+fn compute_shape(sql: &str, masked: u64) -> Shape {
+    if sql.len() <= MAX_PG_QUERY_BYTES
+        && let Ok(normalized) = pg_query::normalize(sql)
+        && let Ok(fingerprint) = pg_query::fingerprint(sql, 0, 0)
+    {
+        // The normalizer leaves some literals and all comments: mask its
+        // output too (it keeps the normalizer's `$n` as they are).
+        return Shape {
+            id: fingerprint.value,
+            text: shape_text(&normalized),
+        };
+    }
+    Shape {
+        id: masked,
+        text: shape_text(sql),
+    }
+}
+
+/// Hasher for keys that already are 64-bit hashes: passes them through.
+#[derive(Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+}
+
+/// A map keyed by a 64-bit hash.
+pub(crate) type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+/// Shard of a hashed key. Uses the middle bits: the map inside the shard uses
+/// the low bits for its buckets and the top ones for its tags.
+pub(crate) fn shard_of(key: u64) -> usize {
+    ((key >> 32) as usize) % SHARDS
+}
+
+/// A bounded cache from statement text (by [`masked_hash`]) to its [`Shape`].
+///
+/// Statements with the same masked hash share the shape computed for the
+/// first of them seen, so its id stays the same while it is cached.
+///
+/// A hit costs one lexer pass, one short lock and an `Arc` clone. A shard that
+/// is full is cleared before the next insert: it is only a cache.
+pub struct Fingerprints {
+    shards: [Mutex<KeyMap<Arc<Shape>>>; SHARDS],
+    per_shard: usize,
+}
+
+impl Fingerprints {
+    /// A cache of about `cap` shapes (at least one per shard).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::new(KeyMap::default())),
+            per_shard: (cap / SHARDS).max(1),
+        }
+    }
+
+    /// The shape of `sql`; statements that differ only in literals, comments
+    /// or spacing share one `Arc`.
+    pub fn shape(&self, sql: &str) -> Arc<Shape> {
+        let key = masked_hash(sql);
+        let shard = &self.shards[shard_of(key)];
+        if let Some(hit) = shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Arc::clone(hit);
+        }
+        let shape = Arc::new(compute_shape(sql, key));
+        let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.per_shard && !map.contains_key(&key) {
+            map.clear();
+        }
+        Arc::clone(map.entry(key).or_insert(shape))
+    }
+
+    /// Shapes cached now.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Feeds [`masked_hash`]: the masked text as bytes, a literal as one byte
+/// that no text can contain.
+struct HashSink(DefaultHasher);
+
+impl Sink for HashSink {
+    fn text(&mut self, token: &str) {
+        self.0.write(token.as_bytes());
+    }
+    fn literal(&mut self) {
+        self.0.write_u8(LITERAL_MARK);
+    }
+    fn param(&mut self, token: &str, _n: u64) {
+        self.0.write(token.as_bytes());
+    }
+    fn space(&mut self) {
+        self.0.write_u8(b' ');
+    }
+}
+
+/// Finds the highest `$n` parameter.
+struct MaxParam(u64);
+
+impl Sink for MaxParam {
+    fn text(&mut self, _token: &str) {}
+    fn literal(&mut self) {}
+    fn param(&mut self, _token: &str, n: u64) {
+        self.0 = self.0.max(n);
+    }
+    fn space(&mut self) {}
+}
+
+/// Builds [`mask`]'s text, numbering literals from `next`.
+struct MaskSink {
+    out: String,
+    /// Number of the next literal's placeholder.
+    next: u64,
+    limit: usize,
+}
+
+impl Sink for MaskSink {
+    fn text(&mut self, token: &str) {
+        self.out.push_str(token);
+    }
+    fn literal(&mut self) {
+        // Writing to a String cannot fail.
+        let _ = write!(self.out, "${}", self.next);
+        self.next = self.next.saturating_add(1);
+    }
+    fn param(&mut self, token: &str, _n: u64) {
+        self.out.push_str(token);
+    }
+    fn space(&mut self) {
+        self.out.push(' ');
+    }
+    fn done(&self) -> bool {
+        self.out.len() > self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests;

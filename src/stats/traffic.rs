@@ -1,0 +1,257 @@
+//! Traffic totals of one backend of one database (what `SHOW STATS` shows),
+//! and their averages over the last `stats_period`.
+//!
+//! Invariant: totals only grow (atomics, updated once per transaction by the
+//! session that ran it); averages are recomputed by the stats ticker alone.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::histogram::AtomicBuckets;
+
+/// Counters of one (database, backend). Times are microseconds.
+#[derive(Default)]
+pub struct Traffic {
+    pub server_assignments: AtomicU64,
+    pub xacts: AtomicU64,
+    pub queries: AtomicU64,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub xact_us: AtomicU64,
+    pub query_us: AtomicU64,
+    pub wait_us: AtomicU64,
+    pub client_parses: AtomicU64,
+    pub server_parses: AtomicU64,
+    pub binds: AtomicU64,
+    pub logins: AtomicU64,
+    /// Statements (simple-protocol queries and Executes) and how many of them
+    /// failed or were slow.
+    pub statements: AtomicU64,
+    pub errors: AtomicU64,
+    pub slow: AtomicU64,
+    pub query_latency: AtomicBuckets,
+    pub xact_latency: AtomicBuckets,
+    pub wait_latency: AtomicBuckets,
+    averages: Mutex<Averages>,
+}
+
+/// A plain copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    pub server_assignments: u64,
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+    pub client_parses: u64,
+    pub server_parses: u64,
+    pub binds: u64,
+    pub logins: u64,
+    pub statements: u64,
+    pub errors: u64,
+    pub slow: u64,
+}
+
+/// PgBouncer's `avg_*`: counts and bytes per second over the last period,
+/// times per transaction / query / assignment in that period.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Averages {
+    pub server_assignments: u64,
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+    pub client_parses: u64,
+    pub server_parses: u64,
+    pub binds: u64,
+    pub logins: u64,
+    last: Option<(Instant, Totals)>,
+}
+
+/// What one transaction adds, summed locally and applied once.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Delta {
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_us: u64,
+    pub query_us: u64,
+    pub client_parses: u64,
+    pub server_parses: u64,
+    pub binds: u64,
+    pub statements: u64,
+    pub errors: u64,
+    pub slow: u64,
+}
+
+fn add(a: &AtomicU64, v: u64) {
+    if v > 0 {
+        a.fetch_add(v, Ordering::Relaxed);
+    }
+}
+
+impl Traffic {
+    pub fn apply(&self, d: &Delta) {
+        add(&self.xacts, d.xacts);
+        add(&self.queries, d.queries);
+        add(&self.received, d.received);
+        add(&self.sent, d.sent);
+        add(&self.xact_us, d.xact_us);
+        add(&self.query_us, d.query_us);
+        add(&self.client_parses, d.client_parses);
+        add(&self.server_parses, d.server_parses);
+        add(&self.binds, d.binds);
+        add(&self.statements, d.statements);
+        add(&self.errors, d.errors);
+        add(&self.slow, d.slow);
+    }
+
+    /// A server was handed to a client after `wait`.
+    pub fn assigned(&self, wait: Duration) {
+        let us = wait.as_micros() as u64;
+        add(&self.server_assignments, 1);
+        add(&self.wait_us, us);
+        self.wait_latency.record(us);
+    }
+
+    pub fn totals(&self) -> Totals {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            server_assignments: g(&self.server_assignments),
+            xacts: g(&self.xacts),
+            queries: g(&self.queries),
+            received: g(&self.received),
+            sent: g(&self.sent),
+            xact_us: g(&self.xact_us),
+            query_us: g(&self.query_us),
+            wait_us: g(&self.wait_us),
+            client_parses: g(&self.client_parses),
+            server_parses: g(&self.server_parses),
+            binds: g(&self.binds),
+            logins: g(&self.logins),
+            statements: g(&self.statements),
+            errors: g(&self.errors),
+            slow: g(&self.slow),
+        }
+    }
+
+    pub fn averages(&self) -> Averages {
+        *self.averages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Recomputes the averages from the change since the last call.
+    pub fn roll(&self, now: Instant) {
+        let cur = self.totals();
+        let mut avg = self.averages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((then, prev)) = avg.last {
+            let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs).round() as u64;
+            let per = |t: u64, pt: u64, n: u64, pn: u64| {
+                let n = n.saturating_sub(pn);
+                t.saturating_sub(pt).checked_div(n).unwrap_or(0)
+            };
+            *avg = Averages {
+                server_assignments: rate(cur.server_assignments, prev.server_assignments),
+                xacts: rate(cur.xacts, prev.xacts),
+                queries: rate(cur.queries, prev.queries),
+                received: rate(cur.received, prev.received),
+                sent: rate(cur.sent, prev.sent),
+                xact_us: per(cur.xact_us, prev.xact_us, cur.xacts, prev.xacts),
+                query_us: per(cur.query_us, prev.query_us, cur.queries, prev.queries),
+                wait_us: per(
+                    cur.wait_us,
+                    prev.wait_us,
+                    cur.server_assignments,
+                    prev.server_assignments,
+                ),
+                client_parses: rate(cur.client_parses, prev.client_parses),
+                server_parses: rate(cur.server_parses, prev.server_parses),
+                binds: rate(cur.binds, prev.binds),
+                logins: rate(cur.logins, prev.logins),
+                last: None,
+            };
+        }
+        avg.last = Some((now, cur));
+    }
+}
+
+impl Totals {
+    pub fn add(&mut self, o: &Totals) {
+        self.server_assignments += o.server_assignments;
+        self.xacts += o.xacts;
+        self.queries += o.queries;
+        self.received += o.received;
+        self.sent += o.sent;
+        self.xact_us += o.xact_us;
+        self.query_us += o.query_us;
+        self.wait_us += o.wait_us;
+        self.client_parses += o.client_parses;
+        self.server_parses += o.server_parses;
+        self.binds += o.binds;
+        self.logins += o.logins;
+        self.statements += o.statements;
+        self.errors += o.errors;
+        self.slow += o.slow;
+    }
+}
+
+impl Averages {
+    /// Sums rates; per-unit times are weighted by the rate they belong to.
+    pub fn add(&mut self, o: &Averages) {
+        let weigh =
+            |a: u64, an: u64, b: u64, bn: u64| (a * an + b * bn).checked_div(an + bn).unwrap_or(0);
+        self.xact_us = weigh(self.xact_us, self.xacts, o.xact_us, o.xacts);
+        self.query_us = weigh(self.query_us, self.queries, o.query_us, o.queries);
+        self.wait_us = weigh(
+            self.wait_us,
+            self.server_assignments,
+            o.wait_us,
+            o.server_assignments,
+        );
+        self.server_assignments += o.server_assignments;
+        self.xacts += o.xacts;
+        self.queries += o.queries;
+        self.received += o.received;
+        self.sent += o.sent;
+        self.client_parses += o.client_parses;
+        self.server_parses += o.server_parses;
+        self.binds += o.binds;
+        self.logins += o.logins;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn averages_are_rates_and_per_unit_times() {
+        let t = Traffic::default();
+        let start = Instant::now();
+        t.roll(start);
+        t.apply(&Delta {
+            xacts: 10,
+            queries: 20,
+            xact_us: 1000,
+            query_us: 400,
+            received: 500,
+            ..Delta::default()
+        });
+        t.roll(start + Duration::from_secs(2));
+        let a = t.averages();
+        assert_eq!(a.xacts, 5);
+        assert_eq!(a.queries, 10);
+        assert_eq!(a.received, 250);
+        assert_eq!(a.xact_us, 100);
+        assert_eq!(a.query_us, 20);
+        assert_eq!(t.totals().xacts, 10);
+    }
+}
