@@ -32,10 +32,11 @@ pub async fn pause(
     out: &mut BytesMut,
 ) -> Result<(), AdminError> {
     let dbs = targets(shared, db)?;
-    if let Some(d) = db
-        && shared.registry.control(d).is_paused()
-    {
-        return Err(AdminError::State(format!("database {d} is already paused")));
+    if dbs.iter().all(|d| shared.registry.control(d).is_paused()) {
+        return Err(AdminError::State(match db {
+            Some(d) => format!("database {d} is already paused"),
+            None => "already paused".into(),
+        }));
     }
     for d in &dbs {
         shared.registry.control(d).pause();

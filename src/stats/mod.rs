@@ -156,6 +156,10 @@ impl Stats {
         let mut w = lock(&self.windows);
         for (db, (n, slow)) in totals {
             let q = w.entry(db).or_default();
+            if q.is_empty() {
+                // A database's first sample: everything so far is recent.
+                q.push_back((now, 0, 0));
+            }
             q.push_back((now, n, slow));
             // Keep one sample at or before the window's start.
             while q.len() > 2 && q.get(1).is_some_and(|s| now.duration_since(s.0) >= window) {

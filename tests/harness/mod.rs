@@ -30,6 +30,8 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod cluster;
+/// Running the tidepool binary as a child process.
+pub mod daemon;
 mod keeper;
 mod os;
 mod process;

@@ -1,0 +1,436 @@
+//! The admin console: access rules, PgBouncer's columns, exact transaction
+//! counts after pgbench, slow statements with literals masked, per-query
+//! percentiles, PAUSE/RESUME and KILL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use harness::daemon::Daemon;
+use harness::{TestProxy, cluster};
+use tokio_postgres::SimpleQueryMessage;
+
+const ADMIN_PW: &str = "adminpw";
+const STATS_PW: &str = "statspw";
+
+/// A config with an admin and a stats user, for `db` on the shared cluster.
+fn config(db: &str, listen: &str, extra: &str) -> String {
+    let c = cluster();
+    format!(
+        r#"
+[tidepool]
+listen = ["{listen}"]
+admin_users = ["admin"]
+stats_users = ["stats"]
+
+[pool]
+default_pool_size = 5
+client_login_timeout = "5s"
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+
+[users.app]
+password = "{app_pw}"
+
+[users.admin]
+password = "{ADMIN_PW}"
+
+[users.stats]
+password = "{STATS_PW}"
+{extra}
+"#,
+        port = c.primary_port(),
+        app_pw = harness::APP_PASSWORD,
+    )
+}
+
+fn proxy(db: &str, extra: &str) -> TestProxy {
+    TestProxy::start(&config(db, "127.0.0.1:0", extra))
+}
+
+/// Runs a console command; rows as column → value maps.
+async fn show(url: &str, cmd: &str) -> Vec<HashMap<String, String>> {
+    let client = harness::connect(url).await.expect("console login");
+    let msgs = client.simple_query(cmd).await.expect(cmd);
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The header line of `psql --csv -c cmd`: the column names in order.
+fn header(url: &str, cmd: &str) -> Vec<String> {
+    let out = harness::psql(url, &["--csv", "-c", cmd], None);
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+fn num(row: &HashMap<String, String>, col: &str) -> u64 {
+    row.get(col)
+        .unwrap_or_else(|| panic!("no column {col} in {row:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{col} is not a number in {row:?}"))
+}
+
+fn row_for<'a>(rows: &'a [HashMap<String, String>], key: &str, value: &str) -> &'a HashMap<String, String> {
+    rows.iter()
+        .find(|r| r.get(key).map(String::as_str) == Some(value))
+        .unwrap_or_else(|| panic!("no row with {key} = {value}: {rows:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_access_follows_admin_and_stats_users() {
+    let c = cluster();
+    let db = c.create_database("console");
+    let p = proxy(&db, "");
+    let admin = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let stats = p.url_as("stats", Some(STATS_PW), "pgbouncer");
+
+    // Both may SHOW, through either name of the console.
+    assert!(!show(&admin, "SHOW STATS").await.is_empty());
+    let alias = show(&p.url_as("stats", Some(STATS_PW), "tidepool"), "SHOW LISTS").await;
+    assert!(!alias.is_empty());
+    let v = show(&stats, "SHOW VERSION").await;
+    assert!(v[0]["version"].contains("tidepool"), "{v:?}");
+
+    // A stats user may not control anything; the session goes on.
+    let client = harness::connect(&stats).await.unwrap();
+    let err = client.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err:?}");
+    assert!(client.simple_query("SHOW LISTS").await.is_ok());
+    // Unknown commands are errors, not disconnects.
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42601"), "{err:?}");
+    assert!(client.simple_query("SHOW STATE").await.is_ok());
+
+    // Users outside admin_users/stats_users, and wrong passwords, are refused.
+    let err = harness::connect(&p.url("pgbouncer")).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
+    let err = harness::connect(&p.url_as("admin", Some("wrong"), "pgbouncer"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err:?}");
+
+    // The extended protocol is refused with a clear error.
+    let client = harness::connect(&admin).await.unwrap();
+    let err = client.query("SHOW STATS", &[]).await.unwrap_err();
+    assert!(format!("{err:?}").contains("extended query protocol"), "{err:?}");
+
+    // psql works, including SHOW HELP's notice.
+    let out = harness::psql_async(&admin, &["-c", "SHOW HELP"], None).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHOW"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_commands_have_pgbouncers_columns_in_order() {
+    let c = cluster();
+    let db = c.create_database("columns");
+    let p = proxy(&db, "");
+    let client = p.client(&db).await;
+    client.simple_query("select 1").await.unwrap();
+    let admin = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let expect: &[(&str, &[&str])] = &[
+        (
+            "SHOW STATS",
+            &[
+                "database", "total_xact_count", "total_query_count", "total_received", "total_sent",
+                "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count",
+                "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
+                "avg_wait_time",
+            ],
+        ),
+        (
+            "SHOW STATS_TOTALS",
+            &["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time"],
+        ),
+        (
+            "SHOW STATS_AVERAGES",
+            &["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time"],
+        ),
+        ("SHOW TOTALS", &["name", "value"]),
+        (
+            "SHOW POOLS",
+            &[
+                "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
+                "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
+                "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us", "pool_mode",
+            ],
+        ),
+        (
+            "SHOW CLIENTS",
+            &[
+                "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
+                "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed",
+                "ptr", "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+            ],
+        ),
+        (
+            "SHOW SERVERS",
+            &[
+                "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
+                "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed",
+                "ptr", "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+            ],
+        ),
+        (
+            "SHOW DATABASES",
+            &[
+                "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
+                "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts",
+                "max_connections", "current_connections", "max_client_connections",
+                "current_client_connections", "paused", "disabled",
+            ],
+        ),
+        (
+            "SHOW USERS",
+            &[
+                "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
+                "current_connections", "max_user_client_connections", "current_client_connections",
+            ],
+        ),
+        ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
+        ("SHOW LISTS", &["list", "items"]),
+        ("SHOW VERSION", &["version"]),
+        ("SHOW STATE", &["key", "value"]),
+    ];
+    for (cmd, cols) in expect {
+        let admin = admin.clone();
+        let cmd2 = cmd.to_string();
+        let got = tokio::task::spawn_blocking(move || header(&admin, &cmd2)).await.unwrap();
+        assert!(got.len() >= cols.len(), "{cmd}: {got:?}");
+        assert_eq!(&got[..cols.len()], *cols, "{cmd}");
+    }
+    // Legacy names old exporters read are still there, at the end.
+    let stats = show(&admin, "SHOW STATS").await;
+    assert!(stats[0].contains_key("total_requests"));
+    let dbs = show(&admin, "SHOW DATABASES").await;
+    assert!(dbs[0].contains_key("reserve_pool"));
+    let lists = show(&admin, "SHOW LISTS").await;
+    let names: Vec<&str> = lists.iter().map(|r| r["list"].as_str()).collect();
+    for l in [
+        "databases", "users", "pools", "free_clients", "used_clients", "login_clients",
+        "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
+    ] {
+        assert!(names.contains(&l), "SHOW LISTS lacks {l}: {names:?}");
+    }
+    // Live state: our client is listed, and its server.
+    let clients = show(&admin, "SHOW CLIENTS").await;
+    assert!(clients.iter().any(|r| r["database"] == db && r["user"] == "app"), "{clients:?}");
+    let servers = show(&admin, "SHOW SERVERS").await;
+    assert!(servers.iter().any(|r| r["database"] == db), "{servers:?}");
+    let pools = show(&admin, "SHOW POOLS").await;
+    let pool = row_for(&pools, "database", &db);
+    assert_eq!(num(pool, "cl_active"), 1);
+    assert_eq!(num(pool, "sv_idle") + num(pool, "sv_active"), 1);
+    assert_eq!(pool["pool_mode"], "transaction");
+    drop(client);
+}
+
+/// pgbench without its setup queries: a script file, no vacuum, no scale check.
+fn write_script(dir: &std::path::Path) -> String {
+    let path = dir.join("select.sql");
+    std::fs::write(&path, "SELECT 1 AS one;\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_transactions_are_counted_exactly() {
+    let c = cluster();
+    let db = c.create_database("count");
+    let p = proxy(&db, "");
+    let admin = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let dir = std::env::temp_dir().join(format!("tidepool-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = write_script(&dir);
+    let mut expected = 0;
+    for mode in ["simple", "extended", "prepared"] {
+        let before = num(row_for(&show(&admin, "SHOW STATS").await, "database", &db), "total_xact_count");
+        let out = harness::pgbench_async(
+            &p.url(&db),
+            &["-n", "-c", "4", "-j", "2", "-t", "250", "-M", mode, "-f", &script],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{mode}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("number of transactions actually processed: 1000/1000"), "{text}");
+        let after = num(row_for(&show(&admin, "SHOW STATS").await, "database", &db), "total_xact_count");
+        // -M prepared also prepares once per connection (a Parse/Sync of its
+        // own, i.e. one more transaction per client) unless the pool already
+        // knew the statement and answered it without a server.
+        let extra = after - before - 1000;
+        if mode == "prepared" {
+            assert!(extra <= 4, "{mode}: {after} - {before}");
+        } else {
+            assert_eq!(after - before, 1000, "{mode}: total_xact_count must equal pgbench's count");
+        }
+        expected += 1000;
+    }
+    let stats = show(&admin, "SHOW STATS").await;
+    let row = row_for(&stats, "database", &db);
+    assert!(num(row, "total_query_count") >= expected);
+    assert!(num(row, "total_received") > 0 && num(row, "total_sent") > 0);
+    assert!(num(row, "total_xact_time") > 0 && num(row, "total_query_time") > 0);
+    assert!(num(row, "total_server_assignment_count") >= expected);
+    assert_eq!(row["backend_role"], "primary");
+    let totals = show(&admin, "SHOW TOTALS").await;
+    assert!(num(row_for(&totals, "name", "total_xact_count"), "value") >= expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn slow_statements_are_listed_and_logged_without_literals() {
+    let c = cluster();
+    let db = c.create_database("slow");
+    let d = Daemon::start(&config(&db, "127.0.0.1:{port}", "[stats]\nslow_query_threshold = \"150ms\""));
+    let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    for _ in 0..2 {
+        let out = harness::psql(&app, &["-c", "SELECT pg_sleep(0.2), 'secret-literal'"], None);
+        assert!(out.status.success(), "{out:?}");
+    }
+    for i in 0..10 {
+        let out = harness::psql(&app, &["-c", &format!("SELECT {i} + 1")], None);
+        assert!(out.status.success());
+    }
+    let admin = d.url("admin", ADMIN_PW, "pgbouncer");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let slow = rt.block_on(show(&admin, "SHOW SLOW_QUERIES"));
+    assert_eq!(slow.len(), 2, "{slow:?}");
+    for s in &slow {
+        assert!(s["query"].contains("pg_sleep"), "{s:?}");
+        assert!(!s["query"].contains("secret-literal"), "literal leaked: {s:?}");
+        assert!(num(s, "duration") >= 150_000, "{s:?}");
+        assert_eq!(s["user"], "app");
+        assert_eq!(s["database"], db);
+        assert_eq!(s["application_name"], "psql");
+        assert!(s["client_addr"].starts_with("127.0.0.1:"), "{s:?}");
+        assert_eq!(s["backend"], format!("127.0.0.1:{}", c.primary_port()));
+    }
+    let queries = rt.block_on(show(&admin, "SHOW QUERIES"));
+    assert!(queries.iter().all(|q| !q["query"].contains("secret-literal")));
+    let q = queries
+        .iter()
+        .find(|q| q["query"].contains("pg_sleep"))
+        .unwrap_or_else(|| panic!("{queries:?}"));
+    assert_eq!(num(q, "calls"), 2);
+    for col in ["p50_time", "p90_time", "p95_time", "p99_time"] {
+        // Within the histogram's precision (1/16 of the value).
+        assert!(num(q, col) >= 180_000, "{col}: {q:?}");
+    }
+    // The 10 `SELECT n + 1` share one normalized shape.
+    let sum = queries
+        .iter()
+        .find(|q| q["query"].contains('+') && num(q, "calls") == 10)
+        .unwrap_or_else(|| panic!("no shared shape: {queries:?}"));
+    assert!(!sum["query"].contains('9'), "{sum:?}");
+    // 2 of 12 statements were slow: over 10 %.
+    let health = rt.block_on(show(&admin, "SHOW HEALTH"));
+    assert_eq!(row_for(&health, "database", &db)["status"], "unhealthy", "{health:?}");
+    // And each was logged once, as one structured line, masked.
+    let log = d.log();
+    assert!(!log.contains("secret-literal"), "literal in the log:\n{log}");
+    let lines: Vec<_> = d
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["fields"]["message"] == "slow query")
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    let f = &lines[0]["fields"];
+    assert!(f["query"].as_str().unwrap().contains("pg_sleep"), "{f}");
+    assert_eq!(f["database"], db.as_str());
+    assert_eq!(f["user"], "app");
+    assert_eq!(f["application_name"], "psql");
+    assert!(f["duration_ms"].as_f64().unwrap() >= 150.0, "{f}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_waits_for_transactions_and_holds_new_ones_until_resume() {
+    let c = cluster();
+    let db = c.create_database("pause");
+    let p = proxy(&db, "");
+    let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let a = p.client(&db).await;
+    a.simple_query("create table t (x int)").await.unwrap();
+    a.simple_query("begin; insert into t values (1)").await.unwrap();
+
+    // PAUSE waits for A's transaction.
+    let admin = harness::connect(&admin_url).await.unwrap();
+    let pause = tokio::spawn(async move {
+        admin.simple_query("PAUSE").await.map(|_| admin)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished(), "PAUSE returned while a transaction was running");
+    a.simple_query("commit").await.unwrap();
+    let admin = tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .expect("PAUSE returned after the commit")
+        .unwrap()
+        .expect("PAUSE succeeded");
+    // Servers were closed; new transactions wait.
+    let state = show(&admin_url, "SHOW DATABASES").await;
+    assert_eq!(row_for(&state, "name", &db)["paused"], "1");
+    let b = p.client(&db).await;
+    let held = tokio::spawn(async move { b.simple_query("select count(*) from t").await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a query ran while paused");
+    let err = admin.simple_query("PAUSE").await.unwrap_err();
+    assert!(format!("{err:?}").contains("already paused"), "{err:?}");
+    admin.simple_query("RESUME").await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(10), held).await.unwrap().unwrap());
+    let err = admin.simple_query(&format!("RESUME {db}")).await.unwrap_err();
+    assert!(format!("{err:?}").contains("not paused"), "{err:?}");
+    let err = admin.simple_query("PAUSE nosuchdb").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("3D000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_drops_the_databases_clients_and_pauses_it() {
+    let c = cluster();
+    let db = c.create_database("kill");
+    let other = c.create_database("survivor");
+    let p = TestProxy::start(&config(
+        &db,
+        "127.0.0.1:0",
+        &format!("[databases.{other}]\nhost = \"127.0.0.1\"\nport = {}\n", c.primary_port()),
+    ));
+    let victim = p.client(&db).await;
+    victim.simple_query("select 1").await.unwrap();
+    let survivor = p.client(&other).await;
+    let admin = harness::connect(&p.url_as("admin", Some(ADMIN_PW), "pgbouncer"))
+        .await
+        .unwrap();
+    admin.simple_query(&format!("KILL {db}")).await.unwrap();
+    harness::wait_until_async("the killed client to be closed", Duration::from_secs(10), || {
+        let closed = victim.is_closed();
+        async move { closed }
+    })
+    .await;
+    // Other databases are untouched.
+    survivor.simple_query("select 1").await.unwrap();
+    // The database stays paused until RESUME.
+    let late = p.client(&db).await;
+    let held = tokio::spawn(async move { late.simple_query("select 1").await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished());
+    admin.simple_query(&format!("RESUME {db}")).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(10), held).await.unwrap().unwrap());
+}

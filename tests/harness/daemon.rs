@@ -1,0 +1,162 @@
+//! Runs the real `tidepool` binary as a child process, with its config in a
+//! file, for tests of what only a process has: signals (SIGHUP, SIGTERM),
+//! the config file reload, its log output and its exit.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub config_path: PathBuf,
+    dir: PathBuf,
+    log: Arc<Mutex<Vec<u8>>>,
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Daemon {
+    /// Starts tidepool with `toml`, in which `{port}` and `{metrics_port}`
+    /// are replaced by free ports. Logs are JSON lines, kept in memory.
+    pub fn start(toml: &str) -> Daemon {
+        let port = free_port();
+        let metrics_port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tidepool-daemon-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("daemon dir");
+        let config_path = dir.join("proxy.toml");
+        let toml = toml
+            .replace("{port}", &port.to_string())
+            .replace("{metrics_port}", &metrics_port.to_string());
+        std::fs::write(&config_path, toml).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--log-format", "json", "--threads", "2"])
+            .env("TIDEPOOL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tidepool");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let d = Daemon {
+            child,
+            port,
+            metrics_port,
+            config_path,
+            dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tidepool did not start listening; log:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    /// Log lines parsed as JSON (lines that are not JSON are skipped).
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({sig}) failed");
+    }
+
+    /// Replaces the config file (same `{port}` substitution as `start`).
+    pub fn write_config(&self, toml: &str) {
+        let toml = toml
+            .replace("{port}", &self.port.to_string())
+            .replace("{metrics_port}", &self.metrics_port.to_string());
+        std::fs::write(&self.config_path, toml).expect("write config");
+    }
+
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        super::url(self.port, user, Some(password), db)
+    }
+
+    /// Waits for the process to exit; its status, or None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read http");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,253 @@
+//! The process lifecycle, on the real binary: config reload by SIGHUP and
+//! RELOAD (pool shrinks under load without dropping clients; a broken file
+//! changes nothing), and graceful shutdown by SHUTDOWN and SIGTERM (no
+//! transaction in flight is cut off).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::cluster;
+use harness::daemon::Daemon;
+use tokio_postgres::SimpleQueryMessage;
+
+fn config(db: &str, pool_size: u32, extra: &str) -> String {
+    format!(
+        r#"
+[tidepool]
+listen = ["127.0.0.1:{{port}}"]
+admin_users = ["admin"]
+shutdown_timeout = "20s"
+
+[pool]
+default_pool_size = {pool_size}
+max_client_conn = 200
+client_login_timeout = "5s"
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+
+[users.app]
+password = "{app_pw}"
+
+[users.admin]
+password = "adminpw"
+{extra}
+"#,
+        port = cluster().primary_port(),
+        app_pw = harness::APP_PASSWORD,
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Console rows as column → value maps.
+fn console(d: &Daemon, cmd: &str) -> Result<Vec<std::collections::HashMap<String, String>>, String> {
+    let url = d.url("admin", "adminpw", "pgbouncer");
+    rt().block_on(async {
+        let c = harness::connect(&url).await.map_err(|e| format!("{e:?}"))?;
+        let msgs = c.simple_query(cmd).await.map_err(|e| format!("{e:?}"))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(
+                    r.columns()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect())
+    })
+}
+
+fn servers_of(d: &Daemon, db: &str) -> u64 {
+    console(d, "SHOW POOLS")
+        .unwrap()
+        .iter()
+        .filter(|r| r["database"] == db)
+        .map(|r| {
+            ["sv_active", "sv_idle", "sv_login"]
+                .iter()
+                .map(|c| r[*c].parse::<u64>().unwrap())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn backends_in_postgres(db: &str) -> i64 {
+    let out = harness::psql(
+        &cluster().superuser_url("postgres"),
+        &[
+            "-At",
+            "-c",
+            &format!("select count(*) from pg_stat_activity where datname = '{db}' and backend_type = 'client backend'"),
+        ],
+        None,
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn pgbench_init(db: &str) {
+    let out = harness::pgbench(&cluster().app_url(db), &["-i", "-q", "-s", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn balances_match(db: &str) -> bool {
+    let out = harness::psql(
+        &cluster().app_url(db),
+        &[
+            "-At",
+            "-c",
+            "select (select sum(abalance) from pgbench_accounts) = (select coalesce(sum(delta), 0) from pgbench_history)",
+        ],
+        None,
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "t"
+}
+
+#[test]
+fn sighup_shrinks_the_pool_under_load_without_dropping_clients() {
+    let db = cluster().create_database("shrink");
+    pgbench_init(&db);
+    let d = Daemon::start(&config(&db, 8, ""));
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let bench = std::thread::spawn(move || {
+        harness::pgbench(&url, &["-n", "-c", "16", "-j", "2", "-T", "6", "-M", "simple"])
+    });
+    harness::wait_until("the pool to fill", Duration::from_secs(10), || servers_of(&d, &db) >= 8);
+    d.write_config(&config(&db, 2, ""));
+    d.signal(libc::SIGHUP);
+    let out = bench.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+    assert!(!err.contains("aborted"), "a client was dropped:\n{err}");
+    // The pool converged to the new size, as PostgreSQL sees it too.
+    harness::wait_until("the pool to shrink to 2", Duration::from_secs(15), || {
+        servers_of(&d, &db) <= 2 && backends_in_postgres(&db) <= 2
+    });
+    let pools = console(&d, "SHOW POOLS").unwrap();
+    assert!(pools.iter().any(|r| r["database"] == db && r["pool_size"] == "2"), "{pools:?}");
+    assert!(d.log().contains("config reloaded"), "{}", d.log());
+    assert!(balances_match(&db));
+}
+
+#[test]
+fn a_broken_config_changes_nothing_and_a_good_one_adds_a_database() {
+    let c = cluster();
+    let db = c.create_database("reload");
+    let added = c.create_database("added");
+    let d = Daemon::start(&config(&db, 4, ""));
+    let app = |name: &str| d.url(harness::APP_USER, harness::APP_PASSWORD, name);
+    let default_pool_size = |d: &Daemon| {
+        console(d, "SHOW CONFIG")
+            .unwrap()
+            .into_iter()
+            .find(|r| r["key"] == "pool.default_pool_size")
+            .map(|r| r["value"].clone())
+            .unwrap()
+    };
+    // A connected client across every reload below.
+    let rt = rt();
+    let client = rt.block_on(harness::connect(&app(&db))).unwrap();
+    rt.block_on(client.simple_query("select 1")).unwrap();
+
+    // SIGHUP with a broken file: logged, nothing changes.
+    d.write_config(&config(&db, 4, "").replace("default_pool_size = 4", "default_pool_size = \"many\""));
+    d.signal(libc::SIGHUP);
+    harness::wait_until("the reload error in the log", Duration::from_secs(10), || {
+        d.log().contains("reload failed")
+    });
+    assert_eq!(default_pool_size(&d), "4");
+    // RELOAD says why.
+    let err = console(&d, "RELOAD").unwrap_err();
+    assert!(err.contains("F0000") && err.contains("default_pool_size"), "{err}");
+    rt.block_on(client.simple_query("select 1")).unwrap();
+
+    // A good file: a new database and a new size, the client unaffected.
+    let extra = format!("[databases.{added}]\nhost = \"127.0.0.1\"\nport = {}\n", c.primary_port());
+    d.write_config(&config(&db, 6, &extra));
+    console(&d, "RELOAD").unwrap();
+    assert_eq!(default_pool_size(&d), "6");
+    rt.block_on(client.simple_query("select 1")).unwrap();
+    let other = rt.block_on(harness::connect(&app(&added))).unwrap();
+    rt.block_on(other.simple_query("select 1")).unwrap();
+    // Removing it again refuses new clients of it; connected ones stay.
+    d.write_config(&config(&db, 6, ""));
+    console(&d, "RELOAD").unwrap();
+    let err = rt.block_on(harness::connect(&app(&added))).unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("3D000"), "{err:?}");
+    rt.block_on(other.simple_query("select 1")).unwrap();
+    rt.block_on(client.simple_query("select 1")).unwrap();
+}
+
+#[test]
+fn shutdown_during_pgbench_cuts_off_no_transaction() {
+    let db = cluster().create_database("shutdown");
+    pgbench_init(&db);
+    let mut d = Daemon::start(&config(&db, 4, ""));
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let bench = std::thread::spawn(move || {
+        harness::pgbench(&url, &["-n", "-c", "12", "-j", "2", "-T", "60", "-M", "extended"])
+    });
+    harness::wait_until("transactions to run", Duration::from_secs(20), || {
+        console(&d, "SHOW STATS")
+            .map(|rows| rows.iter().any(|r| r["database"] == db && r["total_xact_count"].parse::<u64>().unwrap_or(0) > 200))
+            .unwrap_or(false)
+    });
+    console(&d, "SHUTDOWN").unwrap();
+    let status = d.wait_exit(Duration::from_secs(30)).expect("tidepool exits after SHUTDOWN");
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    let out = bench.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Every client stopped when it tried to start its next transaction (the
+    // BEGIN, command 4 of pgbench's tpcb-like script), never inside one.
+    let aborted: Vec<&str> = err.lines().filter(|l| l.contains("aborted in command")).collect();
+    assert!(!aborted.is_empty(), "pgbench saw no shutdown?\n{err}");
+    for line in &aborted {
+        assert!(
+            line.contains("aborted in command 4 "),
+            "a transaction was cut off: {line}\n{err}"
+        );
+    }
+    assert!(err.contains("FATAL:  tidepool is shutting down"), "{err}");
+    assert!(!err.contains("08006") && !err.contains("server connection lost"), "{err}");
+    assert!(balances_match(&db));
+    // After shutdown began, new connections are refused.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", d.port)).is_err());
+}
+
+#[test]
+fn sigterm_lets_an_open_transaction_commit_then_closes() {
+    let db = cluster().create_database("sigterm");
+    let mut d = Daemon::start(&config(&db, 4, ""));
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let rt = rt();
+    let busy = rt.block_on(harness::connect(&url)).unwrap();
+    let idle = rt.block_on(harness::connect(&url)).unwrap();
+    rt.block_on(busy.simple_query("create table t (x int); begin; insert into t values (42)"))
+        .unwrap();
+    rt.block_on(idle.simple_query("select 1")).unwrap();
+    d.signal(libc::SIGTERM);
+    // The idle client is told and closed; the busy one may finish.
+    harness::wait_until("the idle client to be closed", Duration::from_secs(10), || idle.is_closed());
+    assert!(d.is_running(), "exited while a transaction was open");
+    rt.block_on(busy.simple_query("insert into t values (43); commit")).unwrap();
+    let status = d.wait_exit(Duration::from_secs(15)).expect("exits once the transaction is done");
+    assert!(status.success(), "{status:?}");
+    let out = harness::psql(&cluster().app_url(&db), &["-At", "-c", "select sum(x) from t"], None);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "85");
+}
