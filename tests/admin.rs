@@ -74,7 +74,11 @@ async fn show(url: &str, cmd: &str) -> Vec<HashMap<String, String>> {
 /// The header line of `psql --csv -c cmd`: the column names in order.
 fn header(url: &str, cmd: &str) -> Vec<String> {
     let out = harness::psql(url, &["--csv", "-c", cmd], None);
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -91,7 +95,11 @@ fn num(row: &HashMap<String, String>, col: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{col} is not a number in {row:?}"))
 }
 
-fn row_for<'a>(rows: &'a [HashMap<String, String>], key: &str, value: &str) -> &'a HashMap<String, String> {
+fn row_for<'a>(
+    rows: &'a [HashMap<String, String>],
+    key: &str,
+    value: &str,
+) -> &'a HashMap<String, String> {
     rows.iter()
         .find(|r| r.get(key).map(String::as_str) == Some(value))
         .unwrap_or_else(|| panic!("no row with {key} = {value}: {rows:?}"))
@@ -133,12 +141,18 @@ async fn console_access_follows_admin_and_stats_users() {
     // The extended protocol is refused with a clear error.
     let client = harness::connect(&admin).await.unwrap();
     let err = client.query("SHOW STATS", &[]).await.unwrap_err();
-    assert!(format!("{err:?}").contains("extended query protocol"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("extended query protocol"),
+        "{err:?}"
+    );
 
     // psql works, including SHOW HELP's notice.
     let out = harness::psql_async(&admin, &["-c", "SHOW HELP"], None).await;
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SHOW"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SHOW"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,59 +167,156 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
         (
             "SHOW STATS",
             &[
-                "database", "total_xact_count", "total_query_count", "total_received", "total_sent",
-                "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count",
-                "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
+                "database",
+                "total_xact_count",
+                "total_query_count",
+                "total_received",
+                "total_sent",
+                "total_xact_time",
+                "total_query_time",
+                "total_wait_time",
+                "avg_xact_count",
+                "avg_query_count",
+                "avg_recv",
+                "avg_sent",
+                "avg_xact_time",
+                "avg_query_time",
                 "avg_wait_time",
             ],
         ),
         (
             "SHOW STATS_TOTALS",
-            &["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time"],
+            &[
+                "database",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+            ],
         ),
         (
             "SHOW STATS_AVERAGES",
-            &["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time"],
+            &[
+                "database",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+            ],
         ),
         ("SHOW TOTALS", &["name", "value"]),
         (
             "SHOW POOLS",
             &[
-                "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
-                "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
-                "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us", "pool_mode",
+                "database",
+                "user",
+                "cl_active",
+                "cl_waiting",
+                "cl_active_cancel_req",
+                "cl_waiting_cancel_req",
+                "sv_active",
+                "sv_active_cancel",
+                "sv_being_canceled",
+                "sv_idle",
+                "sv_used",
+                "sv_tested",
+                "sv_login",
+                "maxwait",
+                "maxwait_us",
+                "pool_mode",
             ],
         ),
         (
             "SHOW CLIENTS",
             &[
-                "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
-                "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed",
-                "ptr", "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
             ],
         ),
         (
             "SHOW SERVERS",
             &[
-                "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
-                "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed",
-                "ptr", "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
             ],
         ),
         (
             "SHOW DATABASES",
             &[
-                "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
-                "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts",
-                "max_connections", "current_connections", "max_client_connections",
-                "current_client_connections", "paused", "disabled",
+                "name",
+                "host",
+                "port",
+                "database",
+                "force_user",
+                "pool_size",
+                "min_pool_size",
+                "reserve_pool_size",
+                "server_lifetime",
+                "pool_mode",
+                "load_balance_hosts",
+                "max_connections",
+                "current_connections",
+                "max_client_connections",
+                "current_client_connections",
+                "paused",
+                "disabled",
             ],
         ),
         (
             "SHOW USERS",
             &[
-                "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
-                "current_connections", "max_user_client_connections", "current_client_connections",
+                "name",
+                "pool_size",
+                "reserve_pool_size",
+                "pool_mode",
+                "max_user_connections",
+                "current_connections",
+                "max_user_client_connections",
+                "current_client_connections",
             ],
         ),
         ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
@@ -216,7 +327,9 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
     for (cmd, cols) in expect {
         let admin = admin.clone();
         let cmd2 = cmd.to_string();
-        let got = tokio::task::spawn_blocking(move || header(&admin, &cmd2)).await.unwrap();
+        let got = tokio::task::spawn_blocking(move || header(&admin, &cmd2))
+            .await
+            .unwrap();
         assert!(got.len() >= cols.len(), "{cmd}: {got:?}");
         assert_eq!(&got[..cols.len()], *cols, "{cmd}");
     }
@@ -228,14 +341,29 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
     let lists = show(&admin, "SHOW LISTS").await;
     let names: Vec<&str> = lists.iter().map(|r| r["list"].as_str()).collect();
     for l in [
-        "databases", "users", "pools", "free_clients", "used_clients", "login_clients",
-        "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
+        "databases",
+        "users",
+        "pools",
+        "free_clients",
+        "used_clients",
+        "login_clients",
+        "free_servers",
+        "used_servers",
+        "dns_names",
+        "dns_zones",
+        "dns_queries",
+        "dns_pending",
     ] {
         assert!(names.contains(&l), "SHOW LISTS lacks {l}: {names:?}");
     }
     // Live state: our client is listed, and its server.
     let clients = show(&admin, "SHOW CLIENTS").await;
-    assert!(clients.iter().any(|r| r["database"] == db && r["user"] == "app"), "{clients:?}");
+    assert!(
+        clients
+            .iter()
+            .any(|r| r["database"] == db && r["user"] == "app"),
+        "{clients:?}"
+    );
     let servers = show(&admin, "SHOW SERVERS").await;
     assert!(servers.iter().any(|r| r["database"] == db), "{servers:?}");
     let pools = show(&admin, "SHOW POOLS").await;
@@ -264,16 +392,31 @@ async fn pgbench_transactions_are_counted_exactly() {
     let script = write_script(&dir);
     let mut expected = 0;
     for mode in ["simple", "extended", "prepared"] {
-        let before = num(row_for(&show(&admin, "SHOW STATS").await, "database", &db), "total_xact_count");
+        let before = num(
+            row_for(&show(&admin, "SHOW STATS").await, "database", &db),
+            "total_xact_count",
+        );
         let out = harness::pgbench_async(
             &p.url(&db),
-            &["-n", "-c", "4", "-j", "2", "-t", "250", "-M", mode, "-f", &script],
+            &[
+                "-n", "-c", "4", "-j", "2", "-t", "250", "-M", mode, "-f", &script,
+            ],
         )
         .await;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{mode}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("number of transactions actually processed: 1000/1000"), "{text}");
-        let after = num(row_for(&show(&admin, "SHOW STATS").await, "database", &db), "total_xact_count");
+        assert!(
+            out.status.success(),
+            "{mode}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("number of transactions actually processed: 1000/1000"),
+            "{text}"
+        );
+        let after = num(
+            row_for(&show(&admin, "SHOW STATS").await, "database", &db),
+            "total_xact_count",
+        );
         // -M prepared also prepares once per connection (a Parse/Sync of its
         // own, i.e. one more transaction per client) unless the pool already
         // knew the statement and answered it without a server.
@@ -281,7 +424,11 @@ async fn pgbench_transactions_are_counted_exactly() {
         if mode == "prepared" {
             assert!(extra <= 4, "{mode}: {after} - {before}");
         } else {
-            assert_eq!(after - before, 1000, "{mode}: total_xact_count must equal pgbench's count");
+            assert_eq!(
+                after - before,
+                1000,
+                "{mode}: total_xact_count must equal pgbench's count"
+            );
         }
         expected += 1000;
     }
@@ -301,10 +448,18 @@ async fn pgbench_transactions_are_counted_exactly() {
 fn slow_statements_are_listed_and_logged_without_literals() {
     let c = cluster();
     let db = c.create_database("slow");
-    let d = Daemon::start(&config(&db, "127.0.0.1:{port}", "[stats]\nslow_query_threshold = \"150ms\""));
+    let d = Daemon::start(&config(
+        &db,
+        "127.0.0.1:{port}",
+        "[stats]\nslow_query_threshold = \"150ms\"",
+    ));
     let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     for _ in 0..2 {
-        let out = harness::psql(&app, &["-c", "SELECT pg_sleep(0.2), 'secret-literal'"], None);
+        let out = harness::psql(
+            &app,
+            &["-c", "SELECT pg_sleep(0.2), 'secret-literal'"],
+            None,
+        );
         assert!(out.status.success(), "{out:?}");
     }
     for i in 0..10 {
@@ -317,7 +472,10 @@ fn slow_statements_are_listed_and_logged_without_literals() {
     assert_eq!(slow.len(), 2, "{slow:?}");
     for s in &slow {
         assert!(s["query"].contains("pg_sleep"), "{s:?}");
-        assert!(!s["query"].contains("secret-literal"), "literal leaked: {s:?}");
+        assert!(
+            !s["query"].contains("secret-literal"),
+            "literal leaked: {s:?}"
+        );
         assert!(num(s, "duration") >= 150_000, "{s:?}");
         assert_eq!(s["user"], "app");
         assert_eq!(s["database"], db);
@@ -326,7 +484,11 @@ fn slow_statements_are_listed_and_logged_without_literals() {
         assert_eq!(s["backend"], format!("127.0.0.1:{}", c.primary_port()));
     }
     let queries = rt.block_on(show(&admin, "SHOW QUERIES"));
-    assert!(queries.iter().all(|q| !q["query"].contains("secret-literal")));
+    assert!(
+        queries
+            .iter()
+            .all(|q| !q["query"].contains("secret-literal"))
+    );
     let q = queries
         .iter()
         .find(|q| q["query"].contains("pg_sleep"))
@@ -344,10 +506,17 @@ fn slow_statements_are_listed_and_logged_without_literals() {
     assert!(!sum["query"].contains('9'), "{sum:?}");
     // 2 of 12 statements were slow: over 10 %.
     let health = rt.block_on(show(&admin, "SHOW HEALTH"));
-    assert_eq!(row_for(&health, "database", &db)["status"], "unhealthy", "{health:?}");
+    assert_eq!(
+        row_for(&health, "database", &db)["status"],
+        "unhealthy",
+        "{health:?}"
+    );
     // And each was logged once, as one structured line, masked.
     let log = d.log();
-    assert!(!log.contains("secret-literal"), "literal in the log:\n{log}");
+    assert!(
+        !log.contains("secret-literal"),
+        "literal in the log:\n{log}"
+    );
     let lines: Vec<_> = d
         .log_lines()
         .into_iter()
@@ -370,15 +539,18 @@ async fn pause_waits_for_transactions_and_holds_new_ones_until_resume() {
     let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
     let a = p.client(&db).await;
     a.simple_query("create table t (x int)").await.unwrap();
-    a.simple_query("begin; insert into t values (1)").await.unwrap();
+    a.simple_query("begin; insert into t values (1)")
+        .await
+        .unwrap();
 
     // PAUSE waits for A's transaction.
     let admin = harness::connect(&admin_url).await.unwrap();
-    let pause = tokio::spawn(async move {
-        admin.simple_query("PAUSE").await.map(|_| admin)
-    });
+    let pause = tokio::spawn(async move { admin.simple_query("PAUSE").await.map(|_| admin) });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pause.is_finished(), "PAUSE returned while a transaction was running");
+    assert!(
+        !pause.is_finished(),
+        "PAUSE returned while a transaction was running"
+    );
     a.simple_query("commit").await.unwrap();
     let admin = tokio::time::timeout(Duration::from_secs(10), pause)
         .await
@@ -395,8 +567,16 @@ async fn pause_waits_for_transactions_and_holds_new_ones_until_resume() {
     let err = admin.simple_query("PAUSE").await.unwrap_err();
     assert!(format!("{err:?}").contains("already paused"), "{err:?}");
     admin.simple_query("RESUME").await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(10), held).await.unwrap().unwrap());
-    let err = admin.simple_query(&format!("RESUME {db}")).await.unwrap_err();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    let err = admin
+        .simple_query(&format!("RESUME {db}"))
+        .await
+        .unwrap_err();
     assert!(format!("{err:?}").contains("not paused"), "{err:?}");
     let err = admin.simple_query("PAUSE nosuchdb").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("3D000"));
@@ -410,7 +590,10 @@ async fn kill_drops_the_databases_clients_and_pauses_it() {
     let p = TestProxy::start(&config(
         &db,
         "127.0.0.1:0",
-        &format!("[databases.{other}]\nhost = \"127.0.0.1\"\nport = {}\n", c.primary_port()),
+        &format!(
+            "[databases.{other}]\nhost = \"127.0.0.1\"\nport = {}\n",
+            c.primary_port()
+        ),
     ));
     let victim = p.client(&db).await;
     victim.simple_query("select 1").await.unwrap();
@@ -419,10 +602,14 @@ async fn kill_drops_the_databases_clients_and_pauses_it() {
         .await
         .unwrap();
     admin.simple_query(&format!("KILL {db}")).await.unwrap();
-    harness::wait_until_async("the killed client to be closed", Duration::from_secs(10), || {
-        let closed = victim.is_closed();
-        async move { closed }
-    })
+    harness::wait_until_async(
+        "the killed client to be closed",
+        Duration::from_secs(10),
+        || {
+            let closed = victim.is_closed();
+            async move { closed }
+        },
+    )
     .await;
     // Other databases are untouched.
     survivor.simple_query("select 1").await.unwrap();
@@ -432,5 +619,10 @@ async fn kill_drops_the_databases_clients_and_pauses_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished());
     admin.simple_query(&format!("RESUME {db}")).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(10), held).await.unwrap().unwrap());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .unwrap()
+            .unwrap()
+    );
 }

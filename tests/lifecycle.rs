@@ -51,7 +51,10 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Console rows as column → value maps.
-fn console(d: &Daemon, cmd: &str) -> Result<Vec<std::collections::HashMap<String, String>>, String> {
+fn console(
+    d: &Daemon,
+    cmd: &str,
+) -> Result<Vec<std::collections::HashMap<String, String>>, String> {
     let url = d.url("admin", "adminpw", "pgbouncer");
     rt().block_on(async {
         let c = harness::connect(&url).await.map_err(|e| format!("{e:?}"))?;
@@ -92,7 +95,9 @@ fn backends_in_postgres(db: &str) -> i64 {
         &[
             "-At",
             "-c",
-            &format!("select count(*) from pg_stat_activity where datname = '{db}' and backend_type = 'client backend'"),
+            &format!(
+                "select count(*) from pg_stat_activity where datname = '{db}' and backend_type = 'client backend'"
+            ),
         ],
         None,
     );
@@ -101,7 +106,11 @@ fn backends_in_postgres(db: &str) -> i64 {
 
 fn pgbench_init(db: &str) {
     let out = harness::pgbench(&cluster().app_url(db), &["-i", "-q", "-s", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn balances_match(db: &str) -> bool {
@@ -124,9 +133,14 @@ fn sighup_shrinks_the_pool_under_load_without_dropping_clients() {
     let d = Daemon::start(&config(&db, 8, ""));
     let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let bench = std::thread::spawn(move || {
-        harness::pgbench(&url, &["-n", "-c", "16", "-j", "2", "-T", "6", "-M", "simple"])
+        harness::pgbench(
+            &url,
+            &["-n", "-c", "16", "-j", "2", "-T", "6", "-M", "simple"],
+        )
     });
-    harness::wait_until("the pool to fill", Duration::from_secs(10), || servers_of(&d, &db) >= 8);
+    harness::wait_until("the pool to fill", Duration::from_secs(10), || {
+        servers_of(&d, &db) >= 8
+    });
     d.write_config(&config(&db, 2, ""));
     d.signal(libc::SIGHUP);
     let out = bench.join().unwrap();
@@ -140,7 +154,12 @@ fn sighup_shrinks_the_pool_under_load_without_dropping_clients() {
         servers_of(&d, &db) <= 2 && backends_in_postgres(&db) <= 2
     });
     let pools = console(&d, "SHOW POOLS").unwrap();
-    assert!(pools.iter().any(|r| r["database"] == db && r["pool_size"] == "2"), "{pools:?}");
+    assert!(
+        pools
+            .iter()
+            .any(|r| r["database"] == db && r["pool_size"] == "2"),
+        "{pools:?}"
+    );
     assert!(d.log().contains("config reloaded"), "{}", d.log());
     assert!(balances_match(&db));
 }
@@ -166,19 +185,29 @@ fn a_broken_config_changes_nothing_and_a_good_one_adds_a_database() {
     rt.block_on(client.simple_query("select 1")).unwrap();
 
     // SIGHUP with a broken file: logged, nothing changes.
-    d.write_config(&config(&db, 4, "").replace("default_pool_size = 4", "default_pool_size = \"many\""));
+    d.write_config(
+        &config(&db, 4, "").replace("default_pool_size = 4", "default_pool_size = \"many\""),
+    );
     d.signal(libc::SIGHUP);
-    harness::wait_until("the reload error in the log", Duration::from_secs(10), || {
-        d.log().contains("reload failed")
-    });
+    harness::wait_until(
+        "the reload error in the log",
+        Duration::from_secs(10),
+        || d.log().contains("reload failed"),
+    );
     assert_eq!(default_pool_size(&d), "4");
     // RELOAD says why.
     let err = console(&d, "RELOAD").unwrap_err();
-    assert!(err.contains("F0000") && err.contains("default_pool_size"), "{err}");
+    assert!(
+        err.contains("F0000") && err.contains("default_pool_size"),
+        "{err}"
+    );
     rt.block_on(client.simple_query("select 1")).unwrap();
 
     // A good file: a new database and a new size, the client unaffected.
-    let extra = format!("[databases.{added}]\nhost = \"127.0.0.1\"\nport = {}\n", c.primary_port());
+    let extra = format!(
+        "[databases.{added}]\nhost = \"127.0.0.1\"\nport = {}\n",
+        c.primary_port()
+    );
     d.write_config(&config(&db, 6, &extra));
     console(&d, "RELOAD").unwrap();
     assert_eq!(default_pool_size(&d), "6");
@@ -201,21 +230,33 @@ fn shutdown_during_pgbench_cuts_off_no_transaction() {
     let mut d = Daemon::start(&config(&db, 4, ""));
     let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let bench = std::thread::spawn(move || {
-        harness::pgbench(&url, &["-n", "-c", "12", "-j", "2", "-T", "60", "-M", "extended"])
+        harness::pgbench(
+            &url,
+            &["-n", "-c", "12", "-j", "2", "-T", "60", "-M", "extended"],
+        )
     });
     harness::wait_until("transactions to run", Duration::from_secs(20), || {
         console(&d, "SHOW STATS")
-            .map(|rows| rows.iter().any(|r| r["database"] == db && r["total_xact_count"].parse::<u64>().unwrap_or(0) > 200))
+            .map(|rows| {
+                rows.iter().any(|r| {
+                    r["database"] == db && r["total_xact_count"].parse::<u64>().unwrap_or(0) > 200
+                })
+            })
             .unwrap_or(false)
     });
     console(&d, "SHUTDOWN").unwrap();
-    let status = d.wait_exit(Duration::from_secs(30)).expect("tidepool exits after SHUTDOWN");
+    let status = d
+        .wait_exit(Duration::from_secs(30))
+        .expect("tidepool exits after SHUTDOWN");
     assert!(status.success(), "{status:?}\n{}", d.log());
     let out = bench.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     // Every client stopped when it tried to start its next transaction (the
     // BEGIN, command 4 of pgbench's tpcb-like script), never inside one.
-    let aborted: Vec<&str> = err.lines().filter(|l| l.contains("aborted in command")).collect();
+    let aborted: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("aborted in command"))
+        .collect();
     assert!(!aborted.is_empty(), "pgbench saw no shutdown?\n{err}");
     for line in &aborted {
         assert!(
@@ -224,7 +265,10 @@ fn shutdown_during_pgbench_cuts_off_no_transaction() {
         );
     }
     assert!(err.contains("FATAL:  tidepool is shutting down"), "{err}");
-    assert!(!err.contains("08006") && !err.contains("server connection lost"), "{err}");
+    assert!(
+        !err.contains("08006") && !err.contains("server connection lost"),
+        "{err}"
+    );
     assert!(balances_match(&db));
     // After shutdown began, new connections are refused.
     assert!(std::net::TcpStream::connect(("127.0.0.1", d.port)).is_err());
@@ -243,11 +287,22 @@ fn sigterm_lets_an_open_transaction_commit_then_closes() {
     rt.block_on(idle.simple_query("select 1")).unwrap();
     d.signal(libc::SIGTERM);
     // The idle client is told and closed; the busy one may finish.
-    harness::wait_until("the idle client to be closed", Duration::from_secs(10), || idle.is_closed());
+    harness::wait_until(
+        "the idle client to be closed",
+        Duration::from_secs(10),
+        || idle.is_closed(),
+    );
     assert!(d.is_running(), "exited while a transaction was open");
-    rt.block_on(busy.simple_query("insert into t values (43); commit")).unwrap();
-    let status = d.wait_exit(Duration::from_secs(15)).expect("exits once the transaction is done");
+    rt.block_on(busy.simple_query("insert into t values (43); commit"))
+        .unwrap();
+    let status = d
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits once the transaction is done");
     assert!(status.success(), "{status:?}");
-    let out = harness::psql(&cluster().app_url(&db), &["-At", "-c", "select sum(x) from t"], None);
+    let out = harness::psql(
+        &cluster().app_url(&db),
+        &["-At", "-c", "select sum(x) from t"],
+        None,
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "85");
 }

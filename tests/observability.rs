@@ -229,10 +229,8 @@ impl Exporter {
              (scripts/test installs it: apt-get install prometheus-pgbouncer-exporter python3-prometheus-client)"
         );
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "tidepool-exporter-{}-{port}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tidepool-exporter-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("exporter dir");
         let stderr = std::fs::File::create(dir.join("stderr")).expect("exporter stderr file");
         let mut cmd = Command::new(EXPORTER);
@@ -418,7 +416,7 @@ fn parse_with_prometheus_client(body: &str) -> (Vec<Family>, Vec<Family>) {
     cmd.args(["-c", PARSE_SCRIPT])
         .env_remove("PYTHONPATH")
         .env_remove("PYTHONHOME");
-    let out = harness_run(cmd, body);
+    let out = run_with_stdin(cmd, body);
     assert!(
         out.status.success(),
         "prometheus_client could not parse /metrics: {}\nbody:\n{body}",
@@ -451,8 +449,8 @@ fn parse_with_prometheus_client(body: &str) -> (Vec<Family>, Vec<Family>) {
     (families("openmetrics"), families("classic"))
 }
 
-/// Runs `cmd` with `stdin`, at most two minutes.
-fn harness_run(mut cmd: Command, stdin: &str) -> std::process::Output {
+/// Runs `cmd` to completion with `stdin` fed to it, capturing its output.
+fn run_with_stdin(mut cmd: Command, stdin: &str) -> std::process::Output {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -570,7 +568,11 @@ select x from "odd""name";
         "the failed statement is counted: {errors:?}"
     );
     let latency = family(&om, "tidepool_statement_duration_seconds");
-    let count = values(latency, "tidepool_statement_duration_seconds_count", &primary);
+    let count = values(
+        latency,
+        "tidepool_statement_duration_seconds_count",
+        &primary,
+    );
     assert!(
         count.first().is_some_and(|n| *n >= 7.0),
         "every statement is in the histogram: {count:?}"
@@ -659,9 +661,7 @@ fn readyz_flips_when_the_primary_stops() {
     assert_eq!(status, 200, "liveness does not depend on the primary");
 
     c.start_primary();
-    let body = poll_http(&d, "/readyz", "200 with the primary back", |s, _| {
-        s == 200
-    });
+    let body = poll_http(&d, "/readyz", "200 with the primary back", |s, _| s == 200);
     assert!(body.contains(&format!("{target} reachable")), "{body}");
     // And clients get through again.
     assert!(app_script(&d, &db, "select 42;\n").contains("42"));
@@ -713,7 +713,12 @@ fn replica_health_and_lag_are_exported() {
         "replica lag bytes series:\n{body}"
     );
     assert!(
-        samples(&body, "tidepool_replica_lag_seconds", &[("role", "primary")]).is_empty(),
+        samples(
+            &body,
+            "tidepool_replica_lag_seconds",
+            &[("role", "primary")]
+        )
+        .is_empty(),
         "no lag series for a primary:\n{body}"
     );
 
@@ -731,6 +736,29 @@ fn replica_health_and_lag_are_exported() {
         .unwrap_or_else(|| panic!("SHOW REPLICAS has no {db}: {replicas:?}"));
     assert_eq!(col(primary_row, "backend_role"), "primary");
 
+    // Reads routed to the replica are counted on its own rows.
+    let app = harness::url(d.port, APP_USER, Some(APP_PASSWORD), &db);
+    for _ in 0..10 {
+        let out = harness::psql(&app, &["-c", "select count(*) from pg_class"], None);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let stats = console_rows(&d, "SHOW STATS");
+    let row = stats
+        .iter()
+        .find(|r| col(r, "database") == replica_name)
+        .unwrap_or_else(|| panic!("SHOW STATS has no {replica_name}: {stats:?}"));
+    assert_eq!(col(row, "backend_role"), "replica");
+    assert!(
+        col(row, "total_xact_count").parse::<u64>().unwrap() >= 10,
+        "{row:?}"
+    );
+    let queries = console_rows(&d, "SHOW QUERIES");
+    let q = queries
+        .iter()
+        .find(|r| col(r, "query").contains("pg_class"))
+        .unwrap_or_else(|| panic!("{queries:?}"));
+    assert_eq!(col(q, "backend_role"), "replica", "{q:?}");
+
     let databases = console_rows(&d, "SHOW DATABASES");
     let row = databases
         .iter()
@@ -738,5 +766,16 @@ fn replica_health_and_lag_are_exported() {
         .unwrap_or_else(|| panic!("SHOW DATABASES has no {replica_name}: {databases:?}"));
     assert_eq!(col(row, "backend_role"), "replica");
     assert_eq!(col(row, "port"), replica_port.to_string());
-    assert_eq!(col(row, "database"), db, "the server-side dbname");
+    // Exporters that label by `database` (Debian's) must see distinct rows:
+    // a replica's server-side name carries its `@replicaN` suffix.
+    assert_eq!(col(row, "database"), replica_name);
+    let mut names: Vec<&str> = databases.iter().map(|r| col(r, "database")).collect();
+    let n = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        n,
+        "duplicate database column values: {databases:?}"
+    );
 }

@@ -625,7 +625,9 @@ fn databases(shared: &Shared) -> ResultSet {
                 backend_name(name, b).into(),
                 host.into(),
                 port.into(),
-                db.dbname.clone().unwrap_or_else(|| name.clone()).into(),
+                // Exporters label rows by this column (Debian's by this one
+                // alone), so a replica's carries its `@replicaN` suffix.
+                backend_name(&db.dbname.clone().unwrap_or_else(|| name.clone()), b).into(),
                 db.user.clone().into(),
                 c.pool_size(db, None).into(),
                 c.min_pool_size(db).into(),

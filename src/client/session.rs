@@ -872,6 +872,9 @@ impl Session {
         let mut rescan = true;
         let (mut sr, mut sw) = conn.stream.split();
         let (mut cr, mut cw) = self.stream.split();
+        // KILL wakes this; a shutdown does not interrupt a transaction.
+        let evicted = info.evicted.notified();
+        tokio::pin!(evicted);
         loop {
             if t.reroute && t.pending == 0 && t.status != TxStatus::Idle && to_server.is_empty() {
                 // The replica transaction went on (BEGIN READ ONLY): what
@@ -986,10 +989,11 @@ impl Session {
                 _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => {
                     return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(idle_tx_timeout));
                 }
-                _ = info.evicted.notified() => {
+                _ = &mut evicted => {
                     if info.eviction() == Eviction::Killed {
                         return TxEnd::Killed;
                     }
+                    evicted.set(info.evicted.notified());
                 }
             }
         }
@@ -1116,10 +1120,10 @@ impl StatementCtx<'_> {
         timing: &mut super::timing::Timing,
     ) {
         for us in timing.xacts_done.drain(..) {
-            traffic.xact_latency.record(us);
+            traffic.transaction_latency(us);
         }
         for f in timing.done.drain(..) {
-            traffic.query_latency.record(f.us);
+            traffic.statement_latency(f.us);
             let Some(shape) = f.shape else { continue };
             if stats.per_query {
                 stats

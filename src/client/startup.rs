@@ -240,7 +240,7 @@ async fn handshake(
         refuse_session_features: config.pool_mode(db) == crate::config::PoolMode::Transaction
             && config.session_features(db) == crate::config::SessionFeatures::Error,
     };
-    crate::stats::Counters::add(&pool.traffic.logins);
+    pool.traffic.login();
     Ok(Some(Greeted::Client(LoggedIn {
         client_key: verified.client_key,
         startup: client_params,

@@ -341,9 +341,10 @@ impl Collector for Snapshot {
             {
                 times[i].2.push((l.clone(), secs(v)));
             }
-            hists[0].2.push((l.clone(), t.query_latency.snapshot()));
-            hists[1].2.push((l.clone(), t.xact_latency.snapshot()));
-            hists[2].2.push((l.clone(), t.wait_latency.snapshot()));
+            let lat = t.latencies();
+            hists[0].2.push((l.clone(), lat.statement));
+            hists[1].2.push((l.clone(), lat.transaction));
+            hists[2].2.push((l.clone(), lat.wait));
         }
         for (name, help, s) in &traffic {
             counter(&mut enc, name, help, s)?;

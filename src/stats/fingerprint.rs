@@ -141,12 +141,6 @@ impl Hasher for KeyHasher {
 /// A map keyed by a 64-bit hash.
 pub(crate) type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 
-/// Shard of a hashed key. Uses the middle bits: the map inside the shard uses
-/// the low bits for its buckets and the top ones for its tags.
-pub(crate) fn shard_of(key: u64) -> usize {
-    ((key >> 32) as usize) % SHARDS
-}
-
 /// A bounded cache from statement text (by [`masked_hash`]) to its [`Shape`].
 ///
 /// Statements with the same masked hash share the shape computed for the
@@ -164,7 +158,7 @@ impl Fingerprints {
     pub fn new(cap: usize) -> Self {
         Self {
             shards: std::array::from_fn(|_| Mutex::new(KeyMap::default())),
-            per_shard: (cap / SHARDS).max(1),
+            per_shard: cap.max(1),
         }
     }
 
@@ -172,7 +166,8 @@ impl Fingerprints {
     /// or spacing share one `Arc`.
     pub fn shape(&self, sql: &str) -> Arc<Shape> {
         let key = masked_hash(sql);
-        let shard = &self.shards[shard_of(key)];
+        // One cache per worker thread: a hot query never contends for a lock.
+        let shard = &self.shards[super::thread_shard() % SHARDS];
         if let Some(hit) = shard
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -196,6 +196,27 @@ pub struct BucketsSnapshot {
     pub count: u64,
 }
 
+impl BucketsSnapshot {
+    /// Adds another snapshot (e.g. of another stripe) to this one.
+    pub fn merge(&mut self, other: &BucketsSnapshot) {
+        for (a, b) in self.cumulative.iter_mut().zip(other.cumulative.iter()) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+        self.count += other.count;
+    }
+}
+
+impl Default for BucketsSnapshot {
+    fn default() -> Self {
+        Self {
+            cumulative: [0; ATOMIC_BUCKETS],
+            sum_us: 0,
+            count: 0,
+        }
+    }
+}
+
 impl AtomicBuckets {
     pub fn new() -> Self {
         Self::default()

@@ -28,9 +28,21 @@ pub use counters::Counters;
 pub use fingerprint::{Fingerprints, Shape};
 pub use queries::{QueryStats, Role};
 pub use slow::{SlowLog, SlowQuery};
-pub use traffic::{Averages, Delta, Totals, Traffic};
+pub use traffic::{Averages, Delta, Latencies, Totals, Traffic};
 
 use crate::config::schema::Stats as StatsConfig;
+
+/// A small number for the current thread, distinct per thread (assigned on
+/// first use). Hot-path statistics index their stripes with it so that each
+/// worker thread writes its own cache lines.
+pub fn thread_shard() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SHARD.with(|s| *s)
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

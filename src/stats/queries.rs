@@ -8,13 +8,14 @@
 //! [`Shape`], so they never keep query text of their own (and so never a raw
 //! literal).
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use super::fingerprint::{KeyMap, Shape, shard_of};
+use super::fingerprint::{KeyMap, Shape};
 use super::histogram::Histogram;
 
 /// Number of independently locked shards.
@@ -28,6 +29,7 @@ pub enum Role {
 }
 
 /// Statistics of one (database, shape) pair.
+#[derive(Clone)]
 struct Entry {
     database: Arc<str>,
     shape: Arc<Shape>,
@@ -75,6 +77,18 @@ impl Entry {
         }
         self.histogram.record(us);
         self.last_seen = now;
+    }
+
+    /// Adds another thread's counts for the same pair.
+    fn merge(&mut self, o: &Entry) {
+        self.calls = self.calls.saturating_add(o.calls);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.rows = self.rows.saturating_add(o.rows);
+        self.total_us = self.total_us.saturating_add(o.total_us);
+        self.primary_calls = self.primary_calls.saturating_add(o.primary_calls);
+        self.replica_calls = self.replica_calls.saturating_add(o.replica_calls);
+        self.histogram.merge(&o.histogram);
+        self.last_seen = self.last_seen.max(o.last_seen);
     }
 
     fn row(&self) -> QueryRow {
@@ -125,18 +139,25 @@ pub struct QueryRow {
 }
 
 /// Per-query statistics (see the module docs).
+///
+/// Each worker thread records into its own shard (see
+/// [`super::thread_shard`]), so the same hot query run on every core never
+/// contends for one lock; readers merge the shards by (database, query).
 pub struct QueryStats {
     shards: [Mutex<KeyMap<Entry>>; SHARDS],
     per_shard: usize,
+    max_entries: usize,
     evictions: AtomicU64,
 }
 
 impl QueryStats {
-    /// Room for about `max_entries` pairs (at least one per shard).
+    /// Room for `max_entries` pairs (per recording thread; a snapshot lists
+    /// at most `max_entries`).
     pub fn new(max_entries: usize) -> Self {
         Self {
             shards: std::array::from_fn(|_| Mutex::new(KeyMap::default())),
-            per_shard: (max_entries / SHARDS).max(1),
+            per_shard: max_entries.max(1),
+            max_entries: max_entries.max(1),
             evictions: AtomicU64::new(0),
         }
     }
@@ -154,7 +175,7 @@ impl QueryStats {
     ) {
         let key = shape.id ^ database_hash(database);
         let now = SystemTime::now();
-        let mut map = self.lock(key);
+        let mut map = self.lock();
         if let Some(entry) = map.get_mut(&key) {
             if entry.is_for(database, shape) {
                 entry.add(role, us, rows, error, now);
@@ -183,12 +204,20 @@ impl QueryStats {
 
     /// Every entry, largest `total_us` first.
     pub fn snapshot(&self) -> Vec<QueryRow> {
-        let mut rows = Vec::new();
+        // Merge the threads' entries of each (database, query) first.
+        let mut merged: HashMap<(Arc<str>, u64), Entry> = HashMap::new();
         for shard in &self.shards {
             let map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            rows.reserve(map.len());
-            rows.extend(map.values().map(Entry::row));
+            for e in map.values() {
+                match merged.entry((Arc::clone(&e.database), e.shape.id)) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(e),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(e.clone());
+                    }
+                }
+            }
         }
+        let mut rows: Vec<QueryRow> = merged.values().map(Entry::row).collect();
         rows.sort_unstable_by(|a, b| {
             b.total_us
                 .cmp(&a.total_us)
@@ -196,6 +225,7 @@ impl QueryStats {
                 .then(a.database.cmp(&b.database))
                 .then(a.fingerprint.cmp(&b.fingerprint))
         });
+        rows.truncate(self.max_entries);
         rows
     }
 
@@ -223,8 +253,8 @@ impl QueryStats {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    fn lock(&self, key: u64) -> MutexGuard<'_, KeyMap<Entry>> {
-        self.shards[shard_of(key)]
+    fn lock(&self) -> MutexGuard<'_, KeyMap<Entry>> {
+        self.shards[super::thread_shard() % SHARDS]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -314,12 +344,9 @@ mod tests {
 
     #[test]
     fn full_shard_evicts_the_smallest_total() {
-        let stats = QueryStats::new(32); // two entries per shard
+        let stats = QueryStats::new(2); // two entries per recording thread
         let db: Arc<str> = Arc::from("app");
-        let db_hash = database_hash(&db);
-        // Shapes whose keys (id ^ database hash) are small numbers all land
-        // in the same shard.
-        let same_shard = |k: u64, text: &str| shape(k ^ db_hash, text);
+        let same_shard = |k: u64, text: &str| shape(k, text);
         stats.record(&db, &same_shard(1, "big"), Role::Primary, 1_000, 0, false);
         stats.record(&db, &same_shard(2, "small"), Role::Primary, 1, 0, false);
         stats.record(&db, &same_shard(3, "third"), Role::Primary, 10, 0, false);

@@ -8,32 +8,50 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::histogram::AtomicBuckets;
+use super::histogram::{AtomicBuckets, BucketsSnapshot};
 
-/// Counters of one (database, backend). Times are microseconds.
+/// Stripes per counter set: each worker thread writes its own (see
+/// [`super::thread_shard`]), so the hot path does not bounce cache lines
+/// between cores; readers add the stripes up.
+const STRIPES: usize = 8;
+
+/// One thread's share of the counters. Times are microseconds.
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe {
+    server_assignments: AtomicU64,
+    xacts: AtomicU64,
+    queries: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+    xact_us: AtomicU64,
+    query_us: AtomicU64,
+    wait_us: AtomicU64,
+    client_parses: AtomicU64,
+    server_parses: AtomicU64,
+    binds: AtomicU64,
+    logins: AtomicU64,
+    statements: AtomicU64,
+    errors: AtomicU64,
+    slow: AtomicU64,
+    query_latency: AtomicBuckets,
+    xact_latency: AtomicBuckets,
+    wait_latency: AtomicBuckets,
+}
+
+/// Counters of one (database, backend).
 #[derive(Default)]
 pub struct Traffic {
-    pub server_assignments: AtomicU64,
-    pub xacts: AtomicU64,
-    pub queries: AtomicU64,
-    pub received: AtomicU64,
-    pub sent: AtomicU64,
-    pub xact_us: AtomicU64,
-    pub query_us: AtomicU64,
-    pub wait_us: AtomicU64,
-    pub client_parses: AtomicU64,
-    pub server_parses: AtomicU64,
-    pub binds: AtomicU64,
-    pub logins: AtomicU64,
-    /// Statements (simple-protocol queries and Executes) and how many of them
-    /// failed or were slow.
-    pub statements: AtomicU64,
-    pub errors: AtomicU64,
-    pub slow: AtomicU64,
-    pub query_latency: AtomicBuckets,
-    pub xact_latency: AtomicBuckets,
-    pub wait_latency: AtomicBuckets,
+    stripes: [Stripe; STRIPES],
     averages: Mutex<Averages>,
+}
+
+/// Latency histograms of one (database, backend).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Latencies {
+    pub statement: BucketsSnapshot,
+    pub transaction: BucketsSnapshot,
+    pub wait: BucketsSnapshot,
 }
 
 /// A plain copy of the counters.
@@ -99,48 +117,80 @@ fn add(a: &AtomicU64, v: u64) {
 }
 
 impl Traffic {
+    fn stripe(&self) -> &Stripe {
+        &self.stripes[super::thread_shard() % STRIPES]
+    }
+
     pub fn apply(&self, d: &Delta) {
-        add(&self.xacts, d.xacts);
-        add(&self.queries, d.queries);
-        add(&self.received, d.received);
-        add(&self.sent, d.sent);
-        add(&self.xact_us, d.xact_us);
-        add(&self.query_us, d.query_us);
-        add(&self.client_parses, d.client_parses);
-        add(&self.server_parses, d.server_parses);
-        add(&self.binds, d.binds);
-        add(&self.statements, d.statements);
-        add(&self.errors, d.errors);
-        add(&self.slow, d.slow);
+        let s = self.stripe();
+        add(&s.xacts, d.xacts);
+        add(&s.queries, d.queries);
+        add(&s.received, d.received);
+        add(&s.sent, d.sent);
+        add(&s.xact_us, d.xact_us);
+        add(&s.query_us, d.query_us);
+        add(&s.client_parses, d.client_parses);
+        add(&s.server_parses, d.server_parses);
+        add(&s.binds, d.binds);
+        add(&s.statements, d.statements);
+        add(&s.errors, d.errors);
+        add(&s.slow, d.slow);
     }
 
     /// A server was handed to a client after `wait`.
     pub fn assigned(&self, wait: Duration) {
         let us = wait.as_micros() as u64;
-        add(&self.server_assignments, 1);
-        add(&self.wait_us, us);
-        self.wait_latency.record(us);
+        let s = self.stripe();
+        add(&s.server_assignments, 1);
+        add(&s.wait_us, us);
+        s.wait_latency.record(us);
+    }
+
+    pub fn login(&self) {
+        add(&self.stripe().logins, 1);
+    }
+
+    pub fn statement_latency(&self, us: u64) {
+        self.stripe().query_latency.record(us);
+    }
+
+    pub fn transaction_latency(&self, us: u64) {
+        self.stripe().xact_latency.record(us);
+    }
+
+    pub fn latencies(&self) -> Latencies {
+        let mut l = Latencies::default();
+        for s in &self.stripes {
+            l.statement.merge(&s.query_latency.snapshot());
+            l.transaction.merge(&s.xact_latency.snapshot());
+            l.wait.merge(&s.wait_latency.snapshot());
+        }
+        l
     }
 
     pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Totals {
-            server_assignments: g(&self.server_assignments),
-            xacts: g(&self.xacts),
-            queries: g(&self.queries),
-            received: g(&self.received),
-            sent: g(&self.sent),
-            xact_us: g(&self.xact_us),
-            query_us: g(&self.query_us),
-            wait_us: g(&self.wait_us),
-            client_parses: g(&self.client_parses),
-            server_parses: g(&self.server_parses),
-            binds: g(&self.binds),
-            logins: g(&self.logins),
-            statements: g(&self.statements),
-            errors: g(&self.errors),
-            slow: g(&self.slow),
+        for s in &self.stripes {
+            t.add(&Totals {
+                server_assignments: g(&s.server_assignments),
+                xacts: g(&s.xacts),
+                queries: g(&s.queries),
+                received: g(&s.received),
+                sent: g(&s.sent),
+                xact_us: g(&s.xact_us),
+                query_us: g(&s.query_us),
+                wait_us: g(&s.wait_us),
+                client_parses: g(&s.client_parses),
+                server_parses: g(&s.server_parses),
+                binds: g(&s.binds),
+                logins: g(&s.logins),
+                statements: g(&s.statements),
+                errors: g(&s.errors),
+                slow: g(&s.slow),
+            });
         }
+        t
     }
 
     pub fn averages(&self) -> Averages {

@@ -32,10 +32,8 @@ impl Daemon {
     pub fn start(toml: &str) -> Daemon {
         let port = free_port();
         let metrics_port = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "tidepool-daemon-{}-{port}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tidepool-daemon-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("daemon dir");
         let config_path = dir.join("proxy.toml");
         let toml = toml
@@ -149,7 +147,11 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read http");
     let status = resp
@@ -157,6 +159,9 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }

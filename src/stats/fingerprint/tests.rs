@@ -438,7 +438,7 @@ fn full_shard_is_cleared_not_grown() {
 }
 
 #[test]
-fn shapes_are_shared_across_threads() {
+fn threads_agree_on_shapes() {
     let cache = Fingerprints::new(256);
     let shapes: Vec<Arc<Shape>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..4)
@@ -457,8 +457,10 @@ fn shapes_are_shared_across_threads() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(shapes.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
-    assert_eq!(cache.len(), 1);
+    // Each thread caches its own copy (no shared lock on the hot path); all
+    // agree on the shape.
+    assert!(shapes.windows(2).all(|w| w[0] == w[1]));
+    assert!((1..=4).contains(&cache.len()));
 }
 
 /// Deterministic pseudo-random statements from tricky pieces (no `"`, so
