@@ -101,9 +101,12 @@ impl Proxy {
             tracing::info!(addr = ?l.local_addr().ok(), "listening");
             tokio::spawn(listener::accept_loop(l, self.shared.clone(), rx.clone()));
         }
+        // The HTTP endpoint outlives the listeners: during the drain /readyz
+        // answers 503 and /metrics still shows the clients finishing.
+        let (http_tx, http_rx) = tokio::sync::watch::channel(false);
         if let Some(l) = self.metrics {
             tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
-            tokio::spawn(http::serve(l, self.shared.clone(), rx.clone()));
+            tokio::spawn(http::serve(l, self.shared.clone(), http_rx));
         }
         let ticker = tokio::spawn(lifecycle::stats_ticker(self.shared.clone()));
         tokio::select! {
@@ -112,9 +115,14 @@ impl Proxy {
                 tracing::info!("SHUTDOWN from the admin console");
             }
         }
+        self.shared
+            .lifecycle
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send(true);
         let limit = drain.unwrap_or(self.shared.settings().config.tidepool.shutdown_timeout);
         lifecycle::shut_down(&self.shared, limit).await;
+        let _ = http_tx.send(true);
         ticker.abort();
     }
 }

@@ -111,7 +111,7 @@ pub async fn shut_down(shared: &Arc<Shared>, limit: Duration) {
     }
 }
 
-/// Statistics upkeep: health-window samples every second, averages every
+/// Statistics upkeep: health-window samples twice a second, averages every
 /// `stats_period`.
 pub async fn stats_ticker(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -175,7 +175,7 @@ fn a_broken_config_changes_nothing_and_a_good_one_adds_a_database() {
         console(d, "SHOW CONFIG")
             .unwrap()
             .into_iter()
-            .find(|r| r["key"] == "pool.default_pool_size")
+            .find(|r| r["key"] == "default_pool_size")
             .map(|r| r["value"].clone())
             .unwrap()
     };
@@ -277,7 +277,12 @@ fn shutdown_during_pgbench_cuts_off_no_transaction() {
 #[test]
 fn sigterm_lets_an_open_transaction_commit_then_closes() {
     let db = cluster().create_database("sigterm");
-    let mut d = Daemon::start(&config(&db, 4, ""));
+    let mut d = Daemon::start(&config(
+        &db,
+        4,
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+    ));
+    assert_eq!(harness::daemon::http_get(d.metrics_port, "/readyz").0, 200);
     let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let rt = rt();
     let busy = rt.block_on(harness::connect(&url)).unwrap();
@@ -293,6 +298,11 @@ fn sigterm_lets_an_open_transaction_commit_then_closes() {
         || idle.is_closed(),
     );
     assert!(d.is_running(), "exited while a transaction was open");
+    // Draining: not ready, but still observable.
+    let (status, body) = harness::daemon::http_get(d.metrics_port, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    assert_eq!(harness::daemon::http_get(d.metrics_port, "/metrics").0, 200);
     rt.block_on(busy.simple_query("insert into t values (43); commit"))
         .unwrap();
     let status = d

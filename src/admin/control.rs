@@ -19,7 +19,7 @@ fn targets(shared: &Shared, db: Option<&str>) -> Result<Vec<String>, AdminError>
     match db {
         Some(d) if settings.config.databases.contains_key(d) => Ok(vec![d.to_owned()]),
         Some(d) if crate::client::startup::ADMIN_DATABASES.contains(&d) => Err(AdminError::State(
-            format!("cannot pause or kill the admin database {d}"),
+            format!("the admin database {d} cannot be paused, resumed or killed"),
         )),
         Some(d) => Err(AdminError::NoDatabase(d.to_owned())),
         None => Ok(settings.config.databases.keys().cloned().collect()),

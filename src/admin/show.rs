@@ -1,7 +1,8 @@
 //! `SHOW ...`: every result set of the console, built from live state.
-//! Columns are PgBouncer's, in PgBouncer's order and types; tidepool's own
-//! columns come after them, and legacy names old exporters still read
-//! (`total_requests`, `reserve_pool`) come last.
+//! Columns are PgBouncer's with PgBouncer's types; `SHOW STATS` keeps
+//! PgBouncer 1.18's 15 columns first, in order, then the newer PgBouncer
+//! columns. tidepool's own columns come after them, and legacy names old
+//! exporters still read (`total_requests`, `requests`, `reserve_pool`) last.
 //!
 //! A database with replicas has one row per backend: the primary under the
 //! database's name, replica `i` (from 1) as `NAME@replicaI`, with
@@ -242,6 +243,7 @@ fn stats_totals(shared: &Shared) -> ResultSet {
         ("statement_count", Numeric),
         ("error_count", Numeric),
         ("slow_count", Numeric),
+        ("requests", Numeric),
     ]);
     for (db, b, t, _) in traffic(shared) {
         rs.push(vec![
@@ -262,6 +264,7 @@ fn stats_totals(shared: &Shared) -> ResultSet {
             t.statements.into(),
             t.errors.into(),
             t.slow.into(),
+            t.queries.into(),
         ]);
     }
     rs
@@ -317,8 +320,8 @@ fn totals(shared: &Shared) -> ResultSet {
         ("total_server_assignment_count", t.server_assignments),
         ("total_xact_count", t.xacts),
         ("total_query_count", t.queries),
-        ("total_received", t.received),
-        ("total_sent", t.sent),
+        ("total_client_bytes", t.received),
+        ("total_server_bytes", t.sent),
         ("total_xact_time", t.xact_us),
         ("total_query_time", t.query_us),
         ("total_wait_time", t.wait_us),
@@ -329,8 +332,8 @@ fn totals(shared: &Shared) -> ResultSet {
         ("avg_server_assignment_count", a.server_assignments),
         ("avg_xact_count", a.xacts),
         ("avg_query_count", a.queries),
-        ("avg_recv", a.received),
-        ("avg_sent", a.sent),
+        ("avg_client_bytes", a.received),
+        ("avg_server_bytes", a.sent),
         ("avg_xact_time", a.xact_us),
         ("avg_query_time", a.query_us),
         ("avg_wait_time", a.wait_us),
@@ -874,7 +877,7 @@ fn health(shared: &Shared) -> ResultSet {
         ("slow_query_threshold", Numeric),
         ("window", Numeric),
         ("cl_waiting", Int4),
-        ("maxwait_us", Numeric),
+        ("longest_wait_us", Numeric),
         ("recommendation", Text),
     ]);
     let settings = shared.settings();

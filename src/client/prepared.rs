@@ -164,6 +164,7 @@ impl Handler<'_> {
                 }
                 self.evict_for(stmt.hash);
                 Counters::add(&self.counters.prepares);
+                self.t.timing.delta.server_parses += 1;
                 let sql = stmt.sql_prepare.clone().unwrap_or_default();
                 write::query(self.to_server, &sql);
                 self.t.pending += 1;
@@ -352,6 +353,7 @@ impl Handler<'_> {
         client_name: Option<String>,
     ) {
         self.evict_for(stmt.hash);
+        self.t.timing.delta.server_parses += 1;
         if let Some(sql) = &stmt.sql_prepare {
             write::query(self.to_server, sql);
             self.t.pending += 1;

@@ -282,7 +282,12 @@ impl Session {
                     server.release(Release::Reuse)
                 }
                 TxEnd::Killed => {
-                    self.clean_up(server, &tracker, true).await;
+                    // KILL drops the server connection too, after stopping
+                    // whatever runs on it.
+                    if tracker.pending > 0 {
+                        let _ = send_cancel(server.conn().cancel_key).await;
+                    }
+                    server.release(Release::Close);
                     return self.fatal(ClientError::Killed).await;
                 }
                 TxEnd::ClientGone { mid_message } => {
@@ -1130,7 +1135,7 @@ impl StatementCtx<'_> {
                     .queries
                     .record(self.database, &shape, self.role, f.us, f.rows, f.error);
             }
-            if f.us < self.slow_us {
+            if f.us <= self.slow_us && self.slow_us > 0 {
                 continue;
             }
             timing.delta.slow += 1;

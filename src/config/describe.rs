@@ -1,5 +1,5 @@
 //! The config as `(key, value, default, changeable)` rows for the console's
-//! `SHOW CONFIG`. Keys are written `section.key`; values as in `proxy.toml`.
+//! `SHOW CONFIG`. Values as in `proxy.toml`.
 
 use std::time::Duration;
 
@@ -22,8 +22,15 @@ fn routing(t: super::schema::TransactionRouting) -> &'static str {
 
 type Row = (String, String, String, bool);
 
+/// Keys are bare, as in PgBouncer (exporters look them up by name); the
+/// one name two sections share is `metrics_listen`.
 fn row(section: &str, key: &str, value: String, default: String, changeable: bool) -> Row {
-    (format!("{section}.{key}"), value, default, changeable)
+    let key = if section == "metrics" {
+        format!("metrics_{key}")
+    } else {
+        key.to_owned()
+    };
+    (key, value, default, changeable)
 }
 
 /// Every process-wide setting (databases and users are shown by

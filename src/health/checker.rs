@@ -50,9 +50,12 @@ pub fn spawn_checker(
                         tracing::error!(database = %name, "the primary is in recovery: it was demoted or is a standby; check the configuration");
                     }
                     h.record_primary(lsn, keep);
+                    // Shown as up/down (the primary is never avoided).
+                    h.primary.banned.store(false, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(database = %name, error = %e, "primary health check failed");
+                    h.primary.banned.store(true, Ordering::Relaxed);
                     primary = None;
                 }
             }

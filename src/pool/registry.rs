@@ -73,6 +73,8 @@ struct HealthSource {
 
 pub struct Registry {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Pools a reload retired, listed while their connections drain.
+    retired: Mutex<Vec<std::sync::Weak<Pool>>>,
     db_permits: Mutex<HashMap<(String, BackendIndex), Arc<Semaphore>>>,
     health: Mutex<HashMap<String, (HealthSource, Arc<Health>)>>,
     controls: Mutex<HashMap<String, Arc<DbControl>>>,
@@ -88,6 +90,7 @@ impl Registry {
     pub fn new(config: &Config, stats: Arc<Stats>) -> Self {
         let r = Self {
             pools: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             db_permits: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             controls: Mutex::new(HashMap::new()),
@@ -148,8 +151,17 @@ impl Registry {
         lock(&self.health).get(db_name).map(|(_, h)| h.clone())
     }
 
+    /// Every pool in service, and retired ones until their last connection
+    /// is gone.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         let mut v: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        lock(&self.retired).retain(|w| match w.upgrade() {
+            Some(p) if p.server_count() > 0 => {
+                v.push(p);
+                true
+            }
+            _ => false,
+        });
         v.sort_by(|a, b| (&a.database, &a.user, a.backend).cmp(&(&b.database, &b.user, b.backend)));
         v
     }
@@ -227,9 +239,11 @@ impl Registry {
     pub fn apply(&self, config: &Config, secret: impl Fn(&str) -> Option<Secret>) {
         self.apply_health(config);
         let mut pools = lock(&self.pools);
+        let mut retired = Vec::new();
         pools.retain(|key, pool| {
             let Some(db) = config.databases.get(&key.database) else {
                 pool.retire();
+                retired.push(Arc::downgrade(pool));
                 return false;
             };
             let spec = lock(&pool.spec).clone();
@@ -241,6 +255,7 @@ impl Registry {
                     != (spec.host, spec.port, spec.dbname, spec.user);
             if gone {
                 pool.retire();
+                retired.push(Arc::downgrade(pool));
                 return false;
             }
             let s = secret(&key.user);
@@ -250,6 +265,7 @@ impl Registry {
             true
         });
         drop(pools);
+        lock(&self.retired).extend(retired);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }

@@ -1,10 +1,11 @@
 //! Per-query statistics in bounded memory, keyed by (database, query shape).
 //!
-//! [`QueryStats`] holds at most about `max_entries` entries, in 16 shards each
+//! [`QueryStats`] has one shard per recording worker thread (up to 16), each
 //! behind its own short `std::sync::Mutex` (never held across an `.await`,
-//! never held while doing anything but updating one map). A shard that is full
-//! evicts its entry with the smallest `total_us` to make room, and counts the
-//! eviction. Entries hold the shared `Arc`s of the database name and the
+//! never held while doing anything but updating one map) and holding at most
+//! `max_entries` entries. A shard that is full evicts its entry with the
+//! smallest `total_us` to make room, and counts the eviction. A snapshot
+//! merges the shards and lists at most `max_entries`. Entries hold the shared `Arc`s of the database name and the
 //! [`Shape`], so they never keep query text of their own (and so never a raw
 //! literal).
 
