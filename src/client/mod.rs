@@ -192,9 +192,9 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let span = tracing::info_span!("client", id, %peer);
     async move {
         let _ = stream.set_nodelay(true);
-        match startup::login(stream, &shared, id).await {
+        match Box::pin(startup::login(stream, &shared, id)).await {
             Some(startup::Login::Client(session)) => session.run().await,
-            Some(startup::Login::Admin(console)) => console.run().await,
+            Some(startup::Login::Admin(console)) => Box::pin(console.run()).await,
             None => {}
         }
         tracing::debug!("client finished");

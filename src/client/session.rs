@@ -54,7 +54,9 @@ pub struct Session {
     /// The database name, shared with per-query statistics.
     db_label: Arc<str>,
     pool: Arc<Pool>,
-    params: BTreeMap<String, String>,
+    /// Session parameters as the client sees them; shared (copy on write)
+    /// between clients whose parameters are the same.
+    params: Arc<BTreeMap<String, String>>,
     cancel: CancelHandle,
     /// An error owed to the client's next request (server lost while idle in
     /// a transaction, or no server could be had).
@@ -72,7 +74,7 @@ pub struct Session {
     /// Set once a session feature tied the client to its server.
     pinned: Option<&'static str>,
     /// Startup-packet parameters: what RESET goes back to.
-    startup: BTreeMap<String, String>,
+    startup: Arc<BTreeMap<String, String>>,
     client_key: Option<[u8; 32]>,
     /// Replica health of this database (None without replicas).
     health: Option<Arc<Health>>,
@@ -207,17 +209,17 @@ impl Session {
         }
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(mut self: Box<Self>) {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
         loop {
             let idle_in_tx = self.deferred_begin.is_some();
             if let Some(e) = self.evicted(idle_in_tx) {
-                return self.fatal(e).await;
+                return Box::pin(self.fatal(e)).await;
             }
             match self.wait_for_work().await {
                 Ok(Next::Exit) => return,
                 Ok(Next::Transaction) => {}
-                Err(e) => return self.fatal(e).await,
+                Err(e) => return Box::pin(self.fatal(e)).await,
             }
             self.refresh();
             if self.defer_begin() {
@@ -226,24 +228,30 @@ impl Session {
             if self.control.is_paused() && self.deferred_begin.is_none() {
                 // PAUSE: hold new transactions until RESUME.
                 self.listed.info.waiting(0);
-                tokio::select! {
-                    _ = self.control.wait_resumed() => {}
-                    _ = self.listed.info.evicted.notified() => {}
-                }
+                let (control, info) = (self.control.clone(), self.listed.info.clone());
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = control.wait_resumed() => {}
+                        _ = info.evicted.notified() => {}
+                    }
+                })
+                .await;
                 self.listed.info.idle();
                 if let Some(e) = self.evicted(false) {
-                    return self.fatal(e).await;
+                    return Box::pin(self.fatal(e)).await;
                 }
                 self.refresh();
             }
             let (route, class) = self.choose_route();
-            let (mut server, route) = match self.acquire_routed(route).await {
+            // Transient work is boxed: an idle client's task then only holds
+            // the session itself (a few hundred bytes), not the largest state
+            // of every phase.
+            let acquiring = Box::pin(self.acquire_routed(route));
+            let (mut server, route) = match acquiring.await {
                 Ok(s) => s,
                 Err(ClientError::Killed) => {
-                    return match self.evicted(true) {
-                        Some(e) => self.fatal(e).await,
-                        None => self.fatal(ClientError::Killed).await,
-                    };
+                    let e = self.evicted(true).unwrap_or(ClientError::Killed);
+                    return Box::pin(self.fatal(e)).await;
                 }
                 Err(e) => {
                     tracing::info!(error = %e, "no server for client request");
@@ -251,7 +259,7 @@ impl Session {
                     continue;
                 }
             };
-            let mut tracker = Tracker::new(server.conn().tx, self.policy);
+            let mut tracker = Box::new(Tracker::new(server.conn().tx, self.policy));
             if let Some(begin) = self.deferred_begin.take() {
                 // The client's BEGIN, run first on the chosen backend; its
                 // answers were already given.
@@ -264,7 +272,8 @@ impl Session {
             if let (Route::Replica(_), None) = (route, self.pinned) {
                 tracker.replica_guard = Some(self.settings.classifier.clone());
             }
-            let end = self.forward(&mut server, &mut tracker).await;
+            let forwarding = Box::pin(self.forward(&mut server, &mut tracker));
+            let end = forwarding.await;
             self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
@@ -274,7 +283,8 @@ impl Session {
                 TxEnd::Done => {
                     if tracker.params_changed {
                         self.custom_params.extend(tracker.custom_params.drain(..));
-                        self.refresh_params(&mut server).await;
+                        let refreshing = Box::pin(self.refresh_params(&mut server));
+                        refreshing.await;
                         self.listed.info.set_application_name(
                             self.params.get("application_name").map_or("", |s| s),
                         );
@@ -285,13 +295,13 @@ impl Session {
                     // KILL drops the server connection too, after stopping
                     // whatever runs on it.
                     if tracker.pending > 0 {
-                        let _ = send_cancel(server.conn().cancel_key).await;
+                        let _ = Box::pin(send_cancel(server.conn().cancel_key)).await;
                     }
                     server.release(Release::Close);
-                    return self.fatal(ClientError::Killed).await;
+                    return Box::pin(self.fatal(ClientError::Killed)).await;
                 }
                 TxEnd::ClientGone { mid_message } => {
-                    self.clean_up(server, &tracker, mid_message).await;
+                    Box::pin(self.clean_up(server, &tracker, mid_message)).await;
                     return;
                 }
                 TxEnd::ServerLost {
@@ -306,8 +316,8 @@ impl Session {
                     self.server_lost(&tracker, reason);
                 }
                 TxEnd::ClientFatal(e) => {
-                    self.clean_up(server, &tracker, true).await;
-                    return self.fatal(e).await;
+                    Box::pin(self.clean_up(server, &tracker, true)).await;
+                    return Box::pin(self.fatal(e)).await;
                 }
             }
         }
@@ -790,6 +800,16 @@ impl Session {
         }
         let defaults = self.defaults.clone();
         let conn = pooled.conn();
+        // Fast path: this server was last brought to this very (shared)
+        // parameter set and nothing changed it since.
+        let in_sync = conn
+            .synced_to
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, &self.params));
+        if in_sync {
+            self.cancel.point_at(Some(conn.cancel_key));
+            return Ok(pooled);
+        }
         if let Some(sql) = sync_sql(&self.params, &conn.params, &defaults) {
             tracing::debug!(server = conn.id, "syncing session parameters");
             match conn.run_internal(&sql).await {
@@ -799,14 +819,14 @@ impl Session {
                     conn.params.retain(|k, _| {
                         !is_tracked(k) || self.params.contains_key(k) || defaults.contains_key(k)
                     });
-                    for (k, v) in &self.params {
+                    for (k, v) in self.params.iter() {
                         conn.params.insert(k.clone(), v.clone());
                     }
                     // ...in the server's spelling (e.g. `UTF8` for `utf8`), so
                     // the next comparison matches.
                     for (k, v) in changed {
-                        if let Some(mine) = self.params.get_mut(&k) {
-                            *mine = v.clone();
+                        if self.params.get(&k).is_some_and(|mine| *mine != v) {
+                            Arc::make_mut(&mut self.params).insert(k.clone(), v.clone());
                         }
                         conn.params.insert(k, v);
                     }
@@ -832,7 +852,9 @@ impl Session {
                 }
             }
         }
-        self.cancel.point_at(Some(pooled.conn().cancel_key));
+        let conn = pooled.conn();
+        conn.synced_to = Some(self.params.clone());
+        self.cancel.point_at(Some(conn.cancel_key));
         Ok(pooled)
     }
 
@@ -973,10 +995,11 @@ impl Session {
                     }
 
                     for (k, v) in changed.drain(..) {
-                        if is_tracked(&k) {
-                            self.params.insert(k.clone(), v.clone());
+                        if is_tracked(&k) && self.params.get(&k) != Some(&v) {
+                            Arc::make_mut(&mut self.params).insert(k.clone(), v.clone());
                         }
                         conn.params.insert(k, v);
+                        conn.synced_to = None;
                     }
                     if client_closed {
                         to_client.clear();
@@ -1032,14 +1055,15 @@ impl Session {
                 // What the client has: the same, except that parameters it
                 // did not change (or RESET) are its startup values.
                 let mut mine = actual.clone();
-                for (k, v) in &self.startup {
+                for (k, v) in self.startup.iter() {
                     if !changed.contains(k) {
                         mine.insert(k.clone(), v.clone());
                     }
                 }
                 conn.params.retain(|k, _| !is_tracked(k));
                 conn.params.extend(actual);
-                self.params = mine;
+                conn.synced_to = None;
+                self.params = Arc::new(mine);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read session settings; closing that server");

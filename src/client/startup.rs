@@ -86,12 +86,12 @@ pub struct LoggedIn {
     pub database: String,
     pub user: String,
     pub pool: Arc<Pool>,
-    pub params: BTreeMap<String, String>,
+    pub params: Arc<BTreeMap<String, String>>,
     pub buf: BytesMut,
     pub cancel: crate::cancel::CancelHandle,
     pub policy: super::txn::Policy,
     /// Parameters from the startup packet: what RESET returns to.
-    pub startup: BTreeMap<String, String>,
+    pub startup: Arc<BTreeMap<String, String>>,
     /// The client's SCRAM ClientKey, for replica pools (passthrough).
     pub client_key: Option<[u8; 32]>,
 }
@@ -243,12 +243,12 @@ async fn handshake(
     pool.traffic.login();
     Ok(Some(Greeted::Client(LoggedIn {
         client_key: verified.client_key,
-        startup: client_params,
+        startup: pool.intern(client_params),
+        params: pool.intern(params),
         policy,
         database,
         user,
         pool,
-        params,
         buf,
         cancel,
     })))

@@ -42,6 +42,9 @@ pub struct PoolSettings {
     pub slow_query_threshold: Duration,
 }
 
+/// Parameter sets a pool remembers for sharing.
+const INTERNED: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("timed out after {0:?} waiting for a server connection")]
@@ -52,7 +55,9 @@ pub enum PoolError {
 
 /// An idle connection and the database-wide permit it holds.
 struct Idle {
-    conn: ServerConn,
+    /// Boxed: a checked-out connection then costs its client's task one
+    /// pointer, not the whole connection state.
+    conn: Box<ServerConn>,
     _db_permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -90,6 +95,8 @@ pub struct Pool {
     pub addr: Arc<str>,
     awaiting_keys: bool,
     defaults: Mutex<Option<Arc<BTreeMap<String, String>>>>,
+    /// Recently seen client parameter sets (see [`Pool::intern`]).
+    interned: Mutex<Vec<Arc<BTreeMap<String, String>>>>,
     /// Statements some server of this pool has parsed without error.
     known_statements: Mutex<std::collections::HashSet<u64>>,
 }
@@ -137,6 +144,7 @@ impl Pool {
             awaiting_keys,
             defaults: Mutex::new(None),
             known_statements: Mutex::new(std::collections::HashSet::new()),
+            interned: Mutex::new(Vec::new()),
         })
     }
 
@@ -306,9 +314,25 @@ impl Pool {
         }
         tracing::debug!(pool = %self.name(), server = conn.id, pid = conn.cancel_key.pid, "server connection opened");
         Ok(Idle {
-            conn,
+            conn: Box::new(conn),
             _db_permit: db_permit,
         })
+    }
+
+    /// A shared copy of `params`: clients of this pool with the same
+    /// parameters share one map (less memory per client, and a checkout can
+    /// see by pointer that a server already has them).
+    pub fn intern(&self, params: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        let mut seen = lock(&self.interned);
+        if let Some(p) = seen.iter().find(|p| ***p == params) {
+            return p.clone();
+        }
+        let p = Arc::new(params);
+        if seen.len() >= INTERNED {
+            seen.remove(0);
+        }
+        seen.push(p.clone());
+        p
     }
 
     /// Records statements a server parsed successfully.

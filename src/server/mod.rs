@@ -87,6 +87,10 @@ pub struct ServerConn {
     pub prepend: Option<BytesMut>,
     /// Its entry in the server list (set by the pool that opened it).
     pub listed: Option<list::ListedServer>,
+    /// The client parameter set this connection was last brought to, while
+    /// nothing has changed its parameters since: a client holding the same
+    /// (shared) set needs no comparison at checkout.
+    pub synced_to: Option<std::sync::Arc<BTreeMap<String, String>>>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -137,6 +141,7 @@ impl ServerConn {
             prepared: prepared::ServerStatements::default(),
             prepend: None,
             listed: None,
+            synced_to: None,
         }
     }
 
@@ -206,6 +211,7 @@ impl ServerConn {
                 BackendTag::ParameterStatus => {
                     let (k, v) = parameter_status(&frame.body)?;
                     self.params.insert(k.to_owned(), v.to_owned());
+                    self.synced_to = None;
                     result.changed.push((k.to_owned(), v.to_owned()));
                 }
                 _ => {}
