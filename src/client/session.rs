@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::list::{Eviction, Listed};
@@ -341,7 +341,7 @@ impl Session {
             loop {
                 self.stream.readable().await?;
                 let mut chunk = BytesMut::with_capacity(IDLE_KEEP);
-                match self.stream.try_read_buf(&mut chunk) {
+                match crate::protocol::io::try_read(&self.stream, &mut chunk) {
                     Ok(n) => {
                         self.buf = chunk;
                         return Ok(n);
@@ -354,7 +354,7 @@ impl Session {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
-        self.stream.read_buf(&mut self.buf).await
+        crate::protocol::io::read(&self.stream, &mut self.buf).await
     }
 
     async fn flush_out(&mut self) -> std::io::Result<()> {
@@ -897,8 +897,8 @@ impl Session {
         // are scanned on the first pass.
         let mut to_server = conn.prepend.take().unwrap_or_default();
         let mut rescan = true;
-        let (mut sr, mut sw) = conn.stream.split();
-        let (mut cr, mut cw) = self.stream.split();
+        let (sr, mut sw) = conn.stream.split();
+        let (cr, mut cw) = self.stream.split();
         // KILL wakes this; a shutdown does not interrupt a transaction.
         let evicted = info.evicted.notified();
         tokio::pin!(evicted);
@@ -978,7 +978,7 @@ impl Session {
                         to_client = BytesMut::new();
                     }
                 }
-                r = read_into(&mut sr, &mut conn.buf), if to_client.is_empty() => {
+                r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() => {
                     match r {
                         Ok(0) => return lost("server closed the connection".into(), &cscan),
                         Err(e) => return lost(e.to_string(), &cscan),
@@ -1005,7 +1005,7 @@ impl Session {
                         to_client.clear();
                     }
                 }
-                r = read_into(&mut cr, &mut self.buf), if to_server.is_empty() && !client_closed && !t.terminated => {
+                r = read_into(cr.as_ref(), &mut self.buf), if to_server.is_empty() && !client_closed && !t.terminated => {
                     match r {
                         Ok(0) | Err(_) => {
                             client_closed = true;
@@ -1315,12 +1315,9 @@ fn lost(reason: String, cscan: &Scanner) -> TxEnd {
     }
 }
 
-async fn read_into<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
+async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
-    r.read_buf(buf).await
+    crate::protocol::io::read(stream, buf).await
 }

@@ -8,6 +8,7 @@
 //! before any memory is reserved for it.
 
 pub mod frame;
+pub mod io;
 pub mod messages;
 pub mod scan;
 pub mod startup;

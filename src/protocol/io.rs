@@ -1,0 +1,47 @@
+//! Socket reads that cost one system call per burst of data.
+//!
+//! tokio keeps a socket marked readable after a read until a read fails
+//! with `WouldBlock`, so reading everything that arrived usually costs a
+//! second, failing `recv`. A read that returns less than the space offered
+//! has drained the socket: these helpers then clear the readiness at once
+//! (through `try_io`, which does not clear it if a new readiness event came
+//! in meanwhile), so the next read waits for the reactor instead of asking
+//! the kernel. This also makes the idle-server liveness probe free.
+
+use std::io::{self, ErrorKind};
+
+use bytes::BytesMut;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Reads what is available into `buf`'s spare capacity without waiting.
+/// `Err(WouldBlock)` when nothing is; `Ok(0)` at end of stream.
+pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let offered = buf.capacity() - buf.len();
+    let mut got = 0;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        got = n;
+        if n > 0 && n < offered {
+            // Drained: clear the readiness now rather than by a failing recv.
+            Err(ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+/// Waits until `stream` is readable and reads what is available.
+pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match try_read(stream, buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
