@@ -359,7 +359,7 @@ impl Session {
 
     async fn flush_out(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
+            crate::protocol::io::send_all(&self.stream, &mut self.out).await?;
             self.out.clear();
             if self.out.capacity() > IDLE_KEEP {
                 self.out = BytesMut::new();
@@ -897,8 +897,8 @@ impl Session {
         // are scanned on the first pass.
         let mut to_server = conn.prepend.take().unwrap_or_default();
         let mut rescan = true;
-        let (sr, mut sw) = conn.stream.split();
-        let (cr, mut cw) = self.stream.split();
+        let (sr, sw) = conn.stream.split();
+        let (cr, cw) = self.stream.split();
         // KILL wakes this; a shutdown does not interrupt a transaction.
         let evicted = info.evicted.notified();
         tokio::pin!(evicted);
@@ -957,7 +957,7 @@ impl Session {
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
             tokio::select! {
-                r = sw.write_buf(&mut to_server), if !to_server.is_empty() => {
+                r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => {
                     if let Err(e) = r {
                         return lost(e.to_string(), &cscan);
                     }
@@ -965,7 +965,7 @@ impl Session {
                         to_server = BytesMut::new();
                     }
                 }
-                r = cw.write_buf(&mut to_client), if !to_client.is_empty() => {
+                r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() => {
                     match r {
                         Ok(n) => t.timing.delta.sent += n as u64,
                         Err(_) => {

@@ -45,3 +45,34 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
         }
     }
 }
+
+/// Sends as much of `buf` as the socket takes now (one `send`, not a
+/// vectored `writev` through the VFS layer) and drops what was sent.
+/// `Err(WouldBlock)` when the socket is full.
+pub fn try_send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let n = stream.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(stream).send(buf)
+    })?;
+    bytes::Buf::advance(buf, n);
+    Ok(n)
+}
+
+/// Waits until `stream` is writable and sends part of `buf` (see [`try_send`]).
+pub async fn send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        match try_send(stream, buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => stream.writable().await?,
+            other => return other,
+        }
+    }
+}
+
+/// Sends all of `buf`.
+pub async fn send_all(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        if send(stream, buf).await? == 0 {
+            return Err(ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
+}
