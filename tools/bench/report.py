@@ -443,8 +443,10 @@ def main():
                      ("pgbouncer", "PgBouncer"), ("rustc", "rustc")]:
         w(f"| {label} | {env.get(k, '')} |")
     dirty = " (with uncommitted changes in src/)" if env.get("tidepool_dirty") else ""
-    w(f"| tidepool | commit `{env.get('tidepool_commit', '?')}`{dirty}, release build, default "
-      "threads (one per core) |")
+    threads = env.get("tidepool_threads") or ""
+    threads = (f"`--threads {threads}`" + (" (single-threaded runtime)" if threads == "1" else "")
+               if threads else "default threads (one per core)")
+    w(f"| tidepool | commit `{env.get('tidepool_commit', '?')}`{dirty}, release build, {threads} |")
     w(f"| open files | {env.get('fd_note', '')} |")
     bg = []
     for name in ("background-start", "background-end"):
