@@ -626,3 +626,47 @@ async fn kill_drops_the_databases_clients_and_pauses_it() {
             .unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_gets_a_recommendation() {
+    let c = cluster();
+    let db = c.create_database("saturated");
+    let p = TestProxy::start(
+        &config(&db, "127.0.0.1:0", "").replace("default_pool_size = 5", "default_pool_size = 1"),
+    );
+    let admin = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let holder = p.client(&db).await;
+    holder.simple_query("begin; select 1").await.unwrap();
+    let waiter = p.client(&db).await;
+    let waiting = tokio::spawn(async move { waiter.simple_query("select 2").await.is_ok() });
+    let mut pools = Vec::new();
+    for _ in 0..250 {
+        pools = show(&admin, "SHOW POOLS").await;
+        if pools
+            .iter()
+            .any(|r| r["database"] == db && r["cl_waiting"] == "1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pool = row_for(&pools, "database", &db);
+    assert_eq!(pool["cl_waiting"], "1", "{pool:?}");
+    assert_eq!(pool["sv_active"], "1");
+    assert!(pool["recommendation"].contains("saturated"), "{pool:?}");
+    assert!(pool["recommendation"].contains("pool_size"), "{pool:?}");
+    let health = show(&admin, "SHOW HEALTH").await;
+    let h = row_for(&health, "database", &db);
+    assert!(h["recommendation"].contains("saturated"), "{h:?}");
+    assert_eq!(h["cl_waiting"], "1");
+    // Once the holder commits, the waiter runs and the advice goes away.
+    holder.simple_query("commit").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    let pools = show(&admin, "SHOW POOLS").await;
+    assert_eq!(row_for(&pools, "database", &db)["recommendation"], "");
+}

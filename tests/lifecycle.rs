@@ -316,3 +316,93 @@ fn sigterm_lets_an_open_transaction_commit_then_closes() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "85");
 }
+
+#[test]
+fn a_reload_adds_users_and_replicas_without_dropping_clients() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("grow");
+    c.wait_for_replicas();
+    let primary_only = format!(
+        r#"
+[tidepool]
+listen = ["127.0.0.1:{{port}}"]
+admin_users = ["admin"]
+
+[pool]
+default_pool_size = 4
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+health_user = "{app}"
+health_password = "{pw}"
+
+[users.app]
+password = "{pw}"
+
+[users.admin]
+password = "adminpw"
+"#,
+        port = c.primary_port(),
+        app = harness::APP_USER,
+        pw = harness::APP_PASSWORD,
+    );
+    let d = Daemon::start(&primary_only);
+    let rt = rt();
+    let client = rt
+        .block_on(harness::connect(&d.url(
+            harness::APP_USER,
+            harness::APP_PASSWORD,
+            &db,
+        )))
+        .unwrap();
+    rt.block_on(client.simple_query("select 1")).unwrap();
+    // trustuser is not configured yet.
+    let trust_url = harness::url(d.port, harness::TRUST_USER, None, &db);
+    assert!(rt.block_on(harness::connect(&trust_url)).is_err());
+    assert!(console(&d, "SHOW REPLICAS").unwrap().is_empty());
+
+    let grown = primary_only
+        .replace(
+            &format!("port = {}\nhealth_user", c.primary_port()),
+            &format!(
+                "port = {}\nreplicas = [{{ host = \"127.0.0.1\", port = {} }}]\nhealth_user",
+                c.primary_port(),
+                c.replica_ports()[0]
+            ),
+        )
+        .replace(
+            "[users.admin]",
+            &format!(
+                "[users.{}]\nauth_type = \"trust\"\n\n[users.admin]",
+                harness::TRUST_USER
+            ),
+        );
+    d.write_config(&grown);
+    d.signal(libc::SIGHUP);
+    harness::wait_until(
+        "the replica to be checked and healthy",
+        Duration::from_secs(30),
+        || {
+            console(&d, "SHOW REPLICAS")
+                .map(|rows| {
+                    rows.iter()
+                        .any(|r| r["backend_role"] == "replica" && r["healthy"] == "1")
+                })
+                .unwrap_or(false)
+        },
+    );
+    // The connected client kept its connection, and its reads may now go to the replica.
+    harness::wait_until("a read on the replica", Duration::from_secs(30), || {
+        let rows = rt
+            .block_on(client.simple_query("select pg_is_in_recovery()"))
+            .unwrap();
+        rows.iter().any(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+            _ => false,
+        })
+    });
+    // And the new user can log in.
+    let trust = rt.block_on(harness::connect(&trust_url)).unwrap();
+    rt.block_on(trust.simple_query("select 1")).unwrap();
+}
