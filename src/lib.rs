@@ -20,6 +20,7 @@ pub mod health;
 pub mod http;
 pub mod lifecycle;
 pub mod listener;
+pub mod listing;
 pub mod pool;
 pub mod protocol;
 pub mod router;

@@ -550,7 +550,7 @@ fn servers(shared: &Shared) -> ResultSet {
     let mut cols = CONNECTION_COLUMNS.to_vec();
     cols.push(("backend_role", Text));
     let mut rs = ResultSet::new(&cols);
-    for s in shared.registry.servers.rows() {
+    for s in crate::server::list::rows(&shared.registry.servers) {
         let (addr, port) = addr_parts(Some(s.addr));
         let (laddr, lport) = addr_parts(s.local);
         rs.push(vec![

@@ -1,21 +1,18 @@
-//! Every logged-in client, for `SHOW CLIENTS`, `SHOW POOLS`, `KILL` and
-//! shutdown. Each client task owns one [`ClientInfo`] and updates its
-//! atomics as it moves between idle, waiting and active; the list only holds
-//! a shared reference, removed when the task's [`Listed`] guard drops.
+//! What the process knows about each logged-in client, for `SHOW CLIENTS`,
+//! `SHOW POOLS`, `KILL` and shutdown. Each client task owns one
+//! [`ClientInfo`] and updates its atomics as it moves between idle, waiting
+//! and active; the [`ClientList`] holds a shared reference while the task's
+//! [`Listed`] guard lives.
 //!
 //! Invariant: the hot path writes only its own client's fields (relaxed
-//! atomics, no lock); the list's shard locks are taken at login, logout and
-//! by readers.
+//! atomics, no lock).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
 use tokio::sync::Notify;
-
-const SHARDS: usize = 16;
 
 /// Where a client is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,64 +203,13 @@ impl ClientInfo {
     }
 }
 
-#[derive(Default)]
-pub struct ClientList {
-    shards: [Mutex<HashMap<u64, Arc<ClientInfo>>>; SHARDS],
-}
-
-/// Removes its client from the list when dropped.
-pub struct Listed {
-    list: Arc<ClientList>,
-    pub info: Arc<ClientInfo>,
-}
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        self.list.shard(self.info.id).remove(&self.info.id);
+impl crate::listing::Listable for ClientInfo {
+    fn id(&self) -> u64 {
+        self.id
     }
 }
 
-impl ClientList {
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientInfo>>> {
-        self.shards[id as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn add(self: &Arc<Self>, info: ClientInfo) -> Listed {
-        let info = Arc::new(info);
-        self.shard(info.id).insert(info.id, info.clone());
-        Listed {
-            list: self.clone(),
-            info,
-        }
-    }
-
-    /// Every listed client.
-    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
-        let mut v: Vec<Arc<ClientInfo>> = self
-            .shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .values()
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        v.sort_by_key(|c| c.id);
-        v
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+/// Every logged-in client.
+pub type ClientList = crate::listing::Listing<ClientInfo>;
+/// Keeps a client listed while its task lives.
+pub type Listed = crate::listing::Entry<ClientInfo>;

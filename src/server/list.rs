@@ -4,15 +4,11 @@
 //! dropped (its [`ListedServer`] guard removes it). Its state atomics are
 //! written by whoever holds the connection.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::client::list::now_us;
-
-const SHARDS: usize = 16;
 
 pub struct ServerInfo {
     pub id: u64,
@@ -103,52 +99,18 @@ impl ServerInfo {
     }
 }
 
-#[derive(Default)]
-pub struct ServerList {
-    shards: [Mutex<HashMap<u64, Arc<ServerInfo>>>; SHARDS],
+impl crate::listing::Listable for ServerInfo {
+    fn id(&self) -> u64 {
+        self.id
+    }
 }
 
+/// Every open server connection.
+pub type ServerList = crate::listing::Listing<ServerInfo>;
 /// Keeps a connection listed while it exists.
-pub struct ListedServer {
-    list: Arc<ServerList>,
-    pub info: Arc<ServerInfo>,
-}
+pub type ListedServer = crate::listing::Entry<ServerInfo>;
 
-impl Drop for ListedServer {
-    fn drop(&mut self) {
-        self.list.shard(self.info.id).remove(&self.info.id);
-    }
-}
-
-impl ServerList {
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ServerInfo>>> {
-        self.shards[id as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn add(self: &Arc<Self>, info: ServerInfo) -> ListedServer {
-        let info = Arc::new(info);
-        self.shard(info.id).insert(info.id, info.clone());
-        ListedServer {
-            list: self.clone(),
-            info,
-        }
-    }
-
-    pub fn rows(&self) -> Vec<ServerRow> {
-        let mut v: Vec<ServerRow> = self
-            .shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .values()
-                    .map(|i| i.row())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        v.sort_by_key(|r| r.id);
-        v
-    }
+/// Every open server connection's state, by id.
+pub fn rows(list: &ServerList) -> Vec<ServerRow> {
+    list.all().iter().map(|i| i.row()).collect()
 }
