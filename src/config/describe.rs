@@ -41,7 +41,11 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let (r, rd) = (&c.routing, Routing::default());
     let (s, sd) = (&c.stats, Stats::default());
     let (m, md) = (&c.metrics, Metrics::default());
-    let auth = |a: super::AuthType| format!("{a:?}");
+    let auth = |a: super::AuthType| match a {
+        super::AuthType::ScramSha256 => "scram-sha-256".to_owned(),
+        super::AuthType::Md5 => "md5".to_owned(),
+        super::AuthType::Trust => "trust".to_owned(),
+    };
     let opt = |o: &Option<String>| o.clone().unwrap_or_default();
     vec![
         row(
