@@ -185,11 +185,13 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
         return;
     }
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let span = tracing::info_span!("client", id, %peer);
+    // A debug-level span: at the default level it costs nothing per client
+    // (no registry entry, no enter/exit per poll); info and warn lines of a
+    // client carry `client` (its id) themselves.
+    let span = {
+        let peer = stream.peer_addr().ok();
+        tracing::debug_span!("client", id, peer = ?peer)
+    };
     async move {
         let _ = stream.set_nodelay(true);
         match Box::pin(startup::login(stream, &shared, id)).await {

@@ -254,7 +254,7 @@ impl Session {
                     return Box::pin(self.fatal(e)).await;
                 }
                 Err(e) => {
-                    tracing::info!(error = %e, "no server for client request");
+                    tracing::info!(client = self.listed.info.id, error = %e, "no server for client request");
                     self.owe_error = Some(e);
                     continue;
                 }
@@ -308,7 +308,7 @@ impl Session {
                     reason,
                     client_skip,
                 } => {
-                    tracing::warn!(%reason, "server connection lost mid-transaction");
+                    tracing::warn!(client = self.listed.info.id, %reason, "server connection lost mid-transaction");
                     server.release(Release::Close);
                     // The session state a pin was for is gone with the server.
                     self.pinned = None;
@@ -325,7 +325,7 @@ impl Session {
 
     /// Sends a FATAL error and closes the connection.
     async fn fatal(&mut self, e: ClientError) {
-        tracing::info!(error = %e, "closing client");
+        tracing::info!(client = self.listed.info.id, peer = ?self.listed.info.addr, error = %e, "closing client");
         e.write_to(&mut self.out);
         let _ = self.stream.write_all(&self.out).await;
         let _ = self.stream.shutdown().await;
@@ -939,6 +939,7 @@ impl Session {
                     self.pinned = Some(reason);
                     Counters::add(&counters.pins);
                     tracing::info!(
+                        client = info.id,
                         reason,
                         "client pinned to its server for the rest of its session"
                     );

@@ -70,7 +70,7 @@ pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Opti
         }
         Ok(None) => None,
         Err(Some(e)) => {
-            tracing::info!(error = %e, "login refused");
+            tracing::info!(client = id, peer = ?stream.peer_addr().ok(), error = %e, "login refused");
             let mut out = BytesMut::new();
             e.write_to(&mut out);
             let _ = stream.write_all(&out).await;
