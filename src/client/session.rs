@@ -798,18 +798,25 @@ impl Session {
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);
         }
-        let defaults = self.defaults.clone();
-        let conn = pooled.conn();
         // Fast path: this server was last brought to this very (shared)
         // parameter set and nothing changed it since.
-        let in_sync = conn
+        let in_sync = pooled
+            .conn()
             .synced_to
             .as_ref()
             .is_some_and(|p| Arc::ptr_eq(p, &self.params));
-        if in_sync {
-            self.cancel.point_at(Some(conn.cancel_key));
-            return Ok(pooled);
+        if !in_sync {
+            pooled = self.sync_params(pooled).await?;
         }
+        self.cancel.point_at(Some(pooled.conn().cancel_key));
+        Ok(pooled)
+    }
+
+    /// Brings a server's session parameters to the client's (one round trip,
+    /// only when they differ) and remembers which set it now has.
+    async fn sync_params(&mut self, mut pooled: PooledConn) -> Result<PooledConn, ClientError> {
+        let defaults = self.defaults.clone();
+        let conn = pooled.conn();
         if let Some(sql) = sync_sql(&self.params, &conn.params, &defaults) {
             tracing::debug!(server = conn.id, "syncing session parameters");
             match conn.run_internal(&sql).await {
@@ -852,9 +859,7 @@ impl Session {
                 }
             }
         }
-        let conn = pooled.conn();
-        conn.synced_to = Some(self.params.clone());
-        self.cancel.point_at(Some(conn.cancel_key));
+        pooled.conn().synced_to = Some(self.params.clone());
         Ok(pooled)
     }
 
@@ -863,7 +868,7 @@ impl Session {
     async fn forward(&mut self, pooled: &mut PooledConn, t: &mut Tracker) -> TxEnd {
         let mode = self.pool.settings().mode;
         let idle_tx_timeout = self.settings.config.pool.idle_transaction_timeout;
-        let server_pool = pooled.pool().clone();
+        let (server_pool, conn) = pooled.parts();
         let stmt_ctx = StatementCtx {
             database: &self.db_label,
             user: &self.user,
@@ -877,7 +882,6 @@ impl Session {
             slow_us: server_pool.settings().slow_query_threshold.as_micros() as u64,
         };
         let info = self.listed.info.clone();
-        let conn = pooled.conn();
         let mut cscan = Scanner::new(self.limit);
         let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
         let mut to_client = BytesMut::new();

@@ -29,16 +29,23 @@ pub enum Release {
 
 impl PooledConn {
     pub fn conn(&mut self) -> &mut ServerConn {
-        #[allow(clippy::expect_used)] // `idle` is only None inside release/drop.
-        &mut self
-            .idle
-            .as_mut()
-            .expect("checked-out connection present")
-            .conn
+        self.parts().1
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// The pool and the connection at once (e.g. to account traffic to the
+    /// pool while forwarding on the connection).
+    pub fn parts(&mut self) -> (&Pool, &mut ServerConn) {
+        #[allow(clippy::expect_used)] // `idle` is only None inside release/drop.
+        let conn = &mut self
+            .idle
+            .as_mut()
+            .expect("checked-out connection present")
+            .conn;
+        (&self.pool, conn)
     }
 
     pub fn release(mut self, how: Release) {
