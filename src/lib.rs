@@ -21,6 +21,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod listener;
 pub mod listing;
+pub mod memory;
 pub mod pool;
 pub mod protocol;
 pub mod router;
@@ -110,6 +111,7 @@ impl Proxy {
             tokio::spawn(http::serve(l, self.shared.clone(), http_rx));
         }
         let ticker = tokio::spawn(lifecycle::stats_ticker(self.shared.clone()));
+        let lot = tokio::spawn(client::park::run(self.shared.clone()));
         tokio::select! {
             _ = shutdown => {}
             _ = self.shared.lifecycle.shutdown_requested.notified() => {
@@ -125,5 +127,6 @@ impl Proxy {
         lifecycle::shut_down(&self.shared, limit).await;
         let _ = http_tx.send(true);
         ticker.abort();
+        lot.abort();
     }
 }

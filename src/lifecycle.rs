@@ -96,6 +96,7 @@ pub async fn shut_down(shared: &Arc<Shared>, limit: Duration) {
     for c in shared.list.all() {
         c.evict(Eviction::Shutdown);
     }
+    shared.lot.wake_evicted();
     let deadline = tokio::time::Instant::now() + limit;
     while shared.clients.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -73,6 +73,16 @@ impl<T: Listable> Listing<T> {
         v
     }
 
+    /// Calls `f` on every listed item, one shard locked at a time, in no
+    /// particular order (no copy of the list is made).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<T>)) {
+        for s in &self.shards {
+            for item in s.lock().unwrap_or_else(PoisonError::into_inner).values() {
+                f(item);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()

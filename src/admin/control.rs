@@ -93,11 +93,12 @@ pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(),
     }
     let mut killed = 0;
     for c in shared.list.all() {
-        if dbs.contains(&c.database) {
+        if dbs.iter().any(|d| **d == *c.database) {
             c.evict(Eviction::Killed);
             killed += 1;
         }
     }
+    shared.lot.wake_evicted();
     for p in shared.registry.pools() {
         if dbs.contains(&p.database) {
             p.close_idle();

@@ -87,10 +87,13 @@ impl Console {
             let info = self.listed.info.clone();
             let frame = tokio::select! {
                 f = read_frame(&mut self.stream, &mut buf, QUERY_LIMIT) => f,
-                _ = info.evicted.notified() => {
+                _ = info.nudge.notified() => {
+                    // Nudges also ask idle clients to park; consoles never do
+                    // (reading a frame is cancel-safe: bytes stay in `buf`).
                     let e = match info.eviction() {
+                        Eviction::None => continue,
                         Eviction::Killed => ClientError::Killed,
-                        _ => ClientError::Shutdown,
+                        Eviction::Shutdown => ClientError::Shutdown,
                     };
                     return self.close_with(e).await;
                 }

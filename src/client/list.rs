@@ -47,13 +47,17 @@ pub enum Eviction {
     Killed = 2,
 }
 
+/// Kept small (it outlives parking, see `client::park`): 208 bytes, so that
+/// with its reference counts it fills a 224-byte allocator class of its own
+/// rather than sharing one with per-socket runtime state.
 pub struct ClientInfo {
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    pub user: Box<str>,
+    pub database: Box<str>,
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
-    pub connect_time: SystemTime,
+    /// Microseconds since the epoch.
+    connect_us: u64,
     /// The proxy-issued process id the client knows (cancel key).
     pub pid: i32,
     state: AtomicU8,
@@ -65,10 +69,13 @@ pub struct ClientInfo {
     /// Server id while active, else 0.
     link: AtomicU64,
     pub prepared: AtomicU32,
-    application_name: Mutex<String>,
+    application_name: Mutex<Box<str>>,
     eviction: AtomicU8,
-    /// Wakes the client task when it is asked to leave.
-    pub evicted: Notify,
+    /// Parking: 0 = busy since the last sweep, 1 = seen idle by one sweep,
+    /// 2 = asked to park.
+    park: AtomicU8,
+    /// Wakes the client task: it is asked to leave, or to park.
+    pub nudge: Notify,
 }
 
 pub fn now_us() -> u64 {
@@ -107,11 +114,11 @@ impl ClientInfo {
     ) -> Self {
         Self {
             id,
-            user: user.to_owned(),
-            database: database.to_owned(),
+            user: user.into(),
+            database: database.into(),
             addr,
             local,
-            connect_time: SystemTime::now(),
+            connect_us: now_us(),
             pid,
             state: AtomicU8::new(ClientState::Idle as u8),
             backend: AtomicU8::new(0),
@@ -119,9 +126,10 @@ impl ClientInfo {
             wait_start: AtomicU64::new(0),
             link: AtomicU64::new(0),
             prepared: AtomicU32::new(0),
-            application_name: Mutex::new(String::new()),
+            application_name: Mutex::new(Box::default()),
             eviction: AtomicU8::new(Eviction::None as u8),
-            evicted: Notify::new(),
+            park: AtomicU8::new(0),
+            nudge: Notify::new(),
         }
     }
 
@@ -143,6 +151,35 @@ impl ClientInfo {
     pub fn idle(&self) {
         self.link.store(0, Ordering::Relaxed);
         self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
+        self.park.store(0, Ordering::Relaxed);
+    }
+
+    /// The parking sweep: a client seen idle by two sweeps in a row (no
+    /// transaction in between) is asked to park. True when it was asked now.
+    pub fn sweep_idle(&self) -> bool {
+        if self.state.load(Ordering::Relaxed) != ClientState::Idle as u8 {
+            return false;
+        }
+        match self
+            .park
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Err(1) => {
+                self.park.store(2, Ordering::Relaxed);
+                self.nudge.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn park_requested(&self) -> bool {
+        self.park.load(Ordering::Relaxed) == 2
+    }
+
+    /// Back from the parking lot: the idle clock starts again.
+    pub fn unparked(&self) {
+        self.park.store(0, Ordering::Relaxed);
     }
 
     pub fn set_application_name(&self, name: &str) {
@@ -150,15 +187,15 @@ impl ClientInfo {
             .application_name
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if *a != name {
-            name.clone_into(&mut a);
+        if **a != *name {
+            *a = name.into();
         }
     }
 
     pub fn evict(&self, why: Eviction) {
         // A kill outranks a shutdown.
         self.eviction.fetch_max(why as u8, Ordering::Relaxed);
-        self.evicted.notify_one();
+        self.nudge.notify_one();
     }
 
     pub fn eviction(&self) -> Eviction {
@@ -182,11 +219,12 @@ impl ClientInfo {
         };
         ClientRow {
             id: self.id,
-            user: self.user.clone(),
-            database: self.database.clone(),
+            user: self.user.to_string(),
+            database: self.database.to_string(),
             addr: self.addr,
             local: self.local,
-            connect_time: self.connect_time,
+            connect_time: SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_micros(self.connect_us),
             pid: self.pid,
             state,
             backend: self.backend.load(Ordering::Relaxed) as usize,
@@ -198,7 +236,7 @@ impl ClientInfo {
                 .application_name
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+                .to_string(),
         }
     }
 }
@@ -213,3 +251,13 @@ impl crate::listing::Listable for ClientInfo {
 pub type ClientList = crate::listing::Listing<ClientInfo>;
 /// Keeps a client listed while its task lives.
 pub type Listed = crate::listing::Entry<ClientInfo>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn client_info_fits_its_allocator_class() {
+        // See the note on `ClientInfo`: with the two reference counts of its
+        // `Arc` it must stay within 224 bytes.
+        assert!(std::mem::size_of::<super::ClientInfo>() + 16 <= 224);
+    }
+}

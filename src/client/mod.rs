@@ -13,8 +13,9 @@
 //! closed; errors for this client go to this client only.
 
 pub mod list;
+pub mod park;
 mod prepared;
-mod session;
+pub(crate) mod session;
 pub mod sql;
 pub(crate) mod startup;
 mod timing;
@@ -107,6 +108,8 @@ pub struct Shared {
     pub clients: AtomicU32,
     pub stats: Arc<Stats>,
     pub list: Arc<list::ClientList>,
+    /// Idle clients without a task.
+    pub lot: Arc<park::Lot>,
     pub lifecycle: Lifecycle,
     /// The file RELOAD and SIGHUP read, when the config came from one.
     pub config_path: Option<PathBuf>,
@@ -133,6 +136,7 @@ impl Shared {
             clients: AtomicU32::new(0),
             stats,
             list: Arc::new(list::ClientList::default()),
+            lot: Arc::new(park::Lot::default()),
             lifecycle: Lifecycle::default(),
             config_path,
             next_id: AtomicU64::new(1),
@@ -169,7 +173,18 @@ impl Shared {
 }
 
 /// Counts a client for `max_client_conn` while it lives.
-struct ClientSlot(Arc<Shared>);
+pub(crate) struct ClientSlot(Arc<Shared>);
+
+impl ClientSlot {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.clients.fetch_add(1, Ordering::Relaxed);
+        Self(shared.clone())
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
@@ -179,8 +194,7 @@ impl Drop for ClientSlot {
 
 /// Serves one accepted connection until it ends.
 pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    shared.clients.fetch_add(1, Ordering::Relaxed);
-    let _slot = ClientSlot(shared.clone());
+    let _slot = ClientSlot::new(&shared);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
         return;

@@ -22,6 +22,8 @@ pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
 /// 0 = disabled, as in PgBouncer.
 pub const IDLE_TRANSACTION_TIMEOUT: Duration = Duration::ZERO;
+/// tidepool's own: idle clients leave their task after this (0 = never).
+pub const PARK_IDLE_CLIENTS_AFTER: Duration = Duration::from_secs(1);
 pub const SERVER_RESET_QUERY: &str = "DISCARD ALL";
 pub const PORT: u16 = 5432;
 /// As in PgBouncer 1.22+.

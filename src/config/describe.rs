@@ -169,6 +169,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "park_idle_clients_after",
+            d(p.park_idle_clients_after),
+            d(pd.park_idle_clients_after),
+            true,
+        ),
+        row(
+            "pool",
             "server_reset_query",
             p.server_reset_query.clone(),
             pd.server_reset_query.clone(),

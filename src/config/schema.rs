@@ -239,6 +239,11 @@ pub struct PoolSettings {
     /// A client idle inside a transaction this long is disconnected. Default `0` (off).
     #[serde(default, with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// A client idle (between transactions) this long is parked: it gives up
+    /// its task and runtime registration until it sends something. Default
+    /// `1s`; `0` never parks.
+    #[serde(default = "d_park", with = "duration")]
+    pub park_idle_clients_after: Duration,
     /// Run on a server when a session-mode client leaves. Default `DISCARD ALL`; empty = none.
     #[serde(default = "d_reset_query")]
     pub server_reset_query: String,
@@ -275,6 +280,7 @@ impl Default for PoolSettings {
             server_idle_timeout: defaults::SERVER_IDLE_TIMEOUT,
             server_lifetime: defaults::SERVER_LIFETIME,
             idle_transaction_timeout: defaults::IDLE_TRANSACTION_TIMEOUT,
+            park_idle_clients_after: defaults::PARK_IDLE_CLIENTS_AFTER,
             server_reset_query: d_reset_query(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
@@ -372,6 +378,9 @@ fn d_server_idle() -> Duration {
 }
 fn d_lifetime() -> Duration {
     defaults::SERVER_LIFETIME
+}
+fn d_park() -> Duration {
+    defaults::PARK_IDLE_CLIENTS_AFTER
 }
 fn d_health_period() -> Duration {
     defaults::HEALTH_CHECK_PERIOD

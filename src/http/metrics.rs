@@ -143,6 +143,27 @@ impl Collector for Snapshot {
             &[(Labels::new(), cfg.pool.max_client_conn)],
         )?;
 
+        gauge(
+            &mut enc,
+            "tidepool_clients_parked",
+            "Idle clients parked without a task (park_idle_clients_after)",
+            &[(Labels::new(), shared.lot.len() as u64)],
+        )?;
+        if let Some(m) = crate::memory::usage() {
+            gauge(
+                &mut enc,
+                "tidepool_memory_allocated_bytes",
+                "Bytes the allocator has handed out to tidepool",
+                &[(Labels::new(), m.allocated)],
+            )?;
+            gauge(
+                &mut enc,
+                "tidepool_memory_resident_bytes",
+                "Bytes in pages the allocator keeps resident",
+                &[(Labels::new(), m.resident)],
+            )?;
+        }
+
         // Clients by database, user and state.
         let mut clients: HashMap<(String, String, &'static str), u64> = HashMap::new();
         for c in shared.list.all() {

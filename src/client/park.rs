@@ -1,0 +1,209 @@
+//! The parking lot for idle clients.
+//!
+//! A client idle between transactions for `park_idle_clients_after` gives up
+//! its task, its buffers and its registration with the runtime: its socket
+//! waits in the lot's own epoll set (one registration with the runtime for
+//! all of them) and its session shrinks to a [`Parked`] record of what
+//! cannot be derived again. When the socket turns readable (a request, or
+//! the client leaving), or the client is asked to leave (KILL, shutdown), it
+//! is taken out and resumes as a new task with a full session.
+//!
+//! Who parks is decided by a sweep over the client list every half period:
+//! a client seen idle by two sweeps in a row with no transaction in between
+//! is nudged, and parks itself if it can (see `Session::parkable`). The hot
+//! path pays one relaxed store per transaction for this.
+//!
+//! Invariants: a parked client holds no server, no buffered bytes and owes
+//! nothing; it stays listed and counted (`max_client_conn`, SHOW CLIENTS) as
+//! an idle client; a record is in the map exactly while its socket is
+//! registered in the lot's epoll set.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use super::Shared;
+use super::list::Eviction;
+use super::session::Parked;
+
+/// Readiness events taken from the lot's epoll set per system call.
+const EVENTS: usize = 256;
+
+pub struct Lot {
+    /// Adds and removes sockets; `None` when no epoll set could be made
+    /// (then nobody parks).
+    registry: Option<mio::Registry>,
+    /// Taken by the lot's task when it starts.
+    poll: Mutex<Option<Poll>>,
+    parked: Mutex<HashMap<u64, Parked>>,
+    /// Wakes the lot's task to let evicted clients out.
+    kick: Notify,
+}
+
+impl Default for Lot {
+    fn default() -> Self {
+        let made = Poll::new().and_then(|p| Ok((p.registry().try_clone()?, p)));
+        match made {
+            Ok((registry, poll)) => Self {
+                registry: Some(registry),
+                poll: Mutex::new(Some(poll)),
+                parked: Mutex::default(),
+                kick: Notify::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no epoll set for the parking lot; idle clients will not be parked");
+                Self {
+                    registry: None,
+                    poll: Mutex::new(None),
+                    parked: Mutex::default(),
+                    kick: Notify::new(),
+                }
+            }
+        }
+    }
+}
+
+impl Lot {
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Parked>> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Clients parked now.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a client's record; gives it back if its socket could not be
+    /// registered (the client then stays in its task).
+    pub fn park(&self, p: Parked) -> Result<(), Parked> {
+        let Some(registry) = &self.registry else {
+            return Err(p);
+        };
+        let id = p.info().id;
+        let Ok(token) = usize::try_from(id) else {
+            return Err(p);
+        };
+        let mut map = self.map();
+        // Registered under the lock: an event for this token finds the record.
+        // Registering reports readiness that is already there, so nothing
+        // that arrived since the client's last read is missed.
+        let fd: RawFd = p.socket().as_raw_fd();
+        if let Err(e) = registry.register(&mut SourceFd(&fd), Token(token), Interest::READABLE) {
+            tracing::debug!(client = id, error = %e, "could not park client");
+            return Err(p);
+        }
+        map.insert(id, p);
+        Ok(())
+    }
+
+    /// Takes a client out of the lot, its socket out of the epoll set.
+    fn take(&self, id: u64) -> Option<Parked> {
+        let p = self.map().remove(&id)?;
+        if let Some(registry) = &self.registry {
+            let fd: RawFd = p.socket().as_raw_fd();
+            let _ = registry.deregister(&mut SourceFd(&fd));
+        }
+        Some(p)
+    }
+
+    /// Lets parked clients that were asked to leave (KILL, shutdown) out,
+    /// so that their tasks say goodbye.
+    pub fn wake_evicted(&self) {
+        self.kick.notify_one();
+    }
+
+    fn evicted(&self) -> Vec<u64> {
+        self.map()
+            .iter()
+            .filter(|(_, p)| p.info().eviction() != Eviction::None)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Resumes a parked client as a task of its own.
+fn resume(lot: &Lot, id: u64) {
+    if let Some(p) = lot.take(id) {
+        p.info().unparked();
+        tokio::spawn(p.resume());
+    }
+}
+
+/// The lot's task: lets clients out when their sockets turn readable or
+/// they are evicted, and runs the sweep that asks idle clients to park.
+pub async fn run(shared: Arc<Shared>) {
+    let lot = shared.lot.clone();
+    let poll = lot
+        .poll
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    let Some(poll) = poll else { return };
+    // SAFETY: the `Poll` owns its epoll descriptor for its whole life and
+    // `as_raw_fd` always returns that one; the `AsyncFd` owns the `Poll`, so
+    // the descriptor stays open exactly while it is registered.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) };
+    let mut afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "parking lot unavailable; idle clients will not be parked");
+            return;
+        }
+    };
+    let mut events = Events::with_capacity(EVENTS);
+    let mut next_sweep = tokio::time::Instant::now();
+    loop {
+        let period = shared.settings().config.pool.park_idle_clients_after / 2;
+        // A period of zero turns parking off; the sweep then only looks
+        // again after a second (a reload may turn it on).
+        let sweep_every = if period.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            period.max(Duration::from_millis(5))
+        };
+        tokio::select! {
+            biased;
+            ready = afd.readable_mut() => {
+                let Ok(mut guard) = ready else { return };
+                events.clear();
+                if let Err(e) = guard.get_inner_mut().poll(&mut events, Some(Duration::ZERO))
+                    && e.kind() != std::io::ErrorKind::Interrupted
+                {
+                    tracing::warn!(error = %e, "parking lot poll failed");
+                }
+                let mut n = 0;
+                for ev in events.iter() {
+                    n += 1;
+                    resume(&lot, ev.token().0 as u64);
+                }
+                if n < EVENTS {
+                    guard.clear_ready();
+                }
+            }
+            _ = lot.kick.notified() => {
+                for id in lot.evicted() {
+                    resume(&lot, id);
+                }
+            }
+            _ = tokio::time::sleep_until(next_sweep) => {
+                next_sweep = tokio::time::Instant::now() + sweep_every;
+                if !period.is_zero() {
+                    shared.list.for_each(|c| {
+                        c.sweep_idle();
+                    });
+                }
+            }
+        }
+    }
+}
