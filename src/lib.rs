@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod health;

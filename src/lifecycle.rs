@@ -125,6 +125,7 @@ pub async fn stats_ticker(shared: Arc<Shared>) {
     );
     loop {
         tick.tick().await;
+        crate::clock::refresh();
         let cfg = shared.settings().config.stats.clone();
         let now = std::time::Instant::now();
         let roll = now.duration_since(last_roll) >= cfg.stats_period;

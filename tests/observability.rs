@@ -534,6 +534,9 @@ select x from "odd""name";
             "tidepool_servers",
             "tidepool_clients",
             "tidepool_pool_health",
+            "tidepool_clients_parked",
+            "tidepool_memory_allocated_bytes",
+            "tidepool_memory_resident_bytes",
         ] {
             assert_eq!(family(families, name).kind, "gauge", "{name}");
         }
@@ -545,6 +548,15 @@ select x from "odd""name";
             "histogram"
         );
     }
+
+    // The allocator's figures are live: something is allocated, and kept
+    // resident.
+    let allocated = family(&om, "tidepool_memory_allocated_bytes").samples[0].2;
+    let resident = family(&om, "tidepool_memory_resident_bytes").samples[0].2;
+    assert!(
+        allocated > 0.0 && resident >= allocated,
+        "{allocated} {resident}"
+    );
 
     let primary = [("database", db.as_str()), ("role", "primary")];
     let xacts = values(

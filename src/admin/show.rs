@@ -753,6 +753,8 @@ fn lists(shared: &Shared) -> ResultSet {
         ("dns_zones", 0),
         ("dns_queries", 0),
         ("dns_pending", 0),
+        // tidepool's own: idle clients without a task (also in used_clients).
+        ("parked_clients", shared.lot.len()),
     ] {
         rs.push(vec![k.into(), v.into()]);
     }

@@ -12,7 +12,11 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
 
 /// Where a client is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +37,39 @@ impl ClientState {
             Self::Waiting => "waiting",
             Self::Active => "active",
         }
+    }
+}
+
+/// A wake-up call for one task (the client's own): a flag and a waker. It is
+/// awaited on every idle wait, checkout and transaction, so it costs a swap
+/// and a waker comparison there, not a lock as `tokio::sync::Notify` would.
+#[derive(Default)]
+pub struct Nudge {
+    nudged: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Nudge {
+    /// Wakes the waiting task, or the next one to wait.
+    pub fn notify(&self) {
+        self.nudged.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once nudged since it last resolved. Meant for one task at a
+    /// time (a second waiter would take the first one's place).
+    pub fn nudged(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.nudged.swap(false, Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 }
 
@@ -66,6 +103,9 @@ pub struct ClientInfo {
     /// Microseconds since the epoch of the last request / wait start.
     request_time: AtomicU64,
     wait_start: AtomicU64,
+    /// How long a wait for a server may last, in ms from `wait_start`
+    /// (MAX = no limit).
+    wait_limit_ms: AtomicU32,
     /// Server id while active, else 0.
     link: AtomicU64,
     pub prepared: AtomicU32,
@@ -75,7 +115,7 @@ pub struct ClientInfo {
     /// 2 = asked to park.
     park: AtomicU8,
     /// Wakes the client task: it is asked to leave, or to park.
-    pub nudge: Notify,
+    pub nudge: Nudge,
 }
 
 pub fn now_us() -> u64 {
@@ -124,17 +164,69 @@ impl ClientInfo {
             backend: AtomicU8::new(0),
             request_time: AtomicU64::new(now_us()),
             wait_start: AtomicU64::new(0),
+            wait_limit_ms: AtomicU32::new(u32::MAX),
             link: AtomicU64::new(0),
             prepared: AtomicU32::new(0),
             application_name: Mutex::new(Box::default()),
             eviction: AtomicU8::new(Eviction::None as u8),
             park: AtomicU8::new(0),
-            nudge: Notify::new(),
+            nudge: Nudge::default(),
         }
     }
 
+    /// A request found a server at once (no wait): only the request time,
+    /// from the coarse clock (shown to the second).
+    pub fn requested(&self, backend: usize) {
+        self.backend.store(backend as u8, Ordering::Relaxed);
+        self.request_time
+            .store(crate::clock::coarse_us(), Ordering::Relaxed);
+    }
+
+    /// Waiting for a server, for at most `limit` (zero: no limit). The client
+    /// sweep nudges the client once the limit passes.
+    pub fn waiting_at_most(&self, backend: usize, limit: std::time::Duration) {
+        let ms = if limit.is_zero() {
+            u32::MAX
+        } else {
+            u32::try_from(limit.as_millis()).unwrap_or(u32::MAX - 1)
+        };
+        self.wait_limit_ms.store(ms, Ordering::Relaxed);
+        self.wait_started(backend, now_us());
+    }
+
+    fn deadline(&self) -> u64 {
+        match self.wait_limit_ms.load(Ordering::Relaxed) {
+            u32::MAX => u64::MAX,
+            ms => self
+                .wait_start
+                .load(Ordering::Relaxed)
+                .saturating_add(u64::from(ms) * 1000),
+        }
+    }
+
+    /// The wait's limit has passed.
+    pub fn wait_expired(&self) -> bool {
+        now_us() >= self.deadline()
+    }
+
+    /// The client sweep: nudges a client whose wait passed its limit (`now`
+    /// from one clock read per sweep). True when it did.
+    pub fn sweep_wait(&self, now: u64) -> bool {
+        let late = self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8
+            && now >= self.deadline();
+        if late {
+            self.nudge.notify();
+        }
+        late
+    }
+
+    /// Waiting with no limit (PAUSE).
     pub fn waiting(&self, backend: usize) {
-        let now = now_us();
+        self.wait_limit_ms.store(u32::MAX, Ordering::Relaxed);
+        self.wait_started(backend, now_us());
+    }
+
+    fn wait_started(&self, backend: usize, now: u64) {
         self.backend.store(backend as u8, Ordering::Relaxed);
         self.wait_start.store(now, Ordering::Relaxed);
         self.request_time.store(now, Ordering::Relaxed);
@@ -166,7 +258,7 @@ impl ClientInfo {
         {
             Err(1) => {
                 self.park.store(2, Ordering::Relaxed);
-                self.nudge.notify_one();
+                self.nudge.notify();
                 true
             }
             _ => false,
@@ -195,7 +287,7 @@ impl ClientInfo {
     pub fn evict(&self, why: Eviction) {
         // A kill outranks a shutdown.
         self.eviction.fetch_max(why as u8, Ordering::Relaxed);
-        self.nudge.notify_one();
+        self.nudge.notify();
     }
 
     pub fn eviction(&self) -> Eviction {

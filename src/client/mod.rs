@@ -199,14 +199,12 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
         return;
     }
-    // A debug-level span: at the default level it costs nothing per client
-    // (no registry entry, no enter/exit per poll); info and warn lines of a
-    // client carry `client` (its id) themselves.
-    let span = {
-        let peer = stream.peer_addr().ok();
-        tracing::debug_span!("client", id, peer = ?peer)
-    };
-    async move {
+    // A debug-level span, and only when debug logging is on: otherwise the
+    // task is not wrapped at all (nothing to enter and exit on every poll).
+    // Info and warn lines of a client carry `client` (its id) themselves.
+    let debug = tracing::enabled!(tracing::Level::DEBUG);
+    let peer = if debug { stream.peer_addr().ok() } else { None };
+    let work = async move {
         let _ = stream.set_nodelay(true);
         match Box::pin(startup::login(stream, &shared, id)).await {
             Some(startup::Login::Client(session)) => session.run().await,
@@ -214,7 +212,11 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             None => {}
         }
         tracing::debug!("client finished");
+    };
+    if debug {
+        work.instrument(tracing::debug_span!("client", id, peer = ?peer))
+            .await;
+    } else {
+        work.await;
     }
-    .instrument(span)
-    .await;
 }

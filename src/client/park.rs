@@ -139,8 +139,14 @@ fn resume(lot: &Lot, id: u64) {
     }
 }
 
+/// How often waits for a server are checked against `query_wait_timeout`.
+const WAIT_SWEEP: Duration = Duration::from_millis(100);
+
 /// The lot's task: lets clients out when their sockets turn readable or
-/// they are evicted, and runs the sweep that asks idle clients to park.
+/// they are evicted, and runs the client sweep: every 100 ms, clients
+/// waiting for a server past `query_wait_timeout` are nudged (so a wait
+/// needs no timer of its own); every half `park_idle_clients_after`, idle
+/// clients are marked and asked to park.
 pub async fn run(shared: Arc<Shared>) {
     let lot = shared.lot.clone();
     let poll = lot
@@ -148,34 +154,30 @@ pub async fn run(shared: Arc<Shared>) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    let Some(poll) = poll else { return };
     // SAFETY: the `Poll` owns its epoll descriptor for its whole life and
     // `as_raw_fd` always returns that one; the `AsyncFd` owns the `Poll`, so
     // the descriptor stays open exactly while it is registered.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) };
-    let mut afd = match registered {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "parking lot unavailable; idle clients will not be parked");
-            return;
+    let mut afd = poll.and_then(|poll| {
+        match unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) } {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "parking lot unavailable; idle clients will not be parked");
+                None
+            }
         }
-    };
+    });
     let mut events = Events::with_capacity(EVENTS);
-    let mut next_sweep = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(WAIT_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_park_sweep = tokio::time::Instant::now();
     loop {
-        let period = shared.settings().config.pool.park_idle_clients_after / 2;
-        // A period of zero turns parking off; the sweep then only looks
-        // again after a second (a reload may turn it on).
-        let sweep_every = if period.is_zero() {
-            Duration::from_secs(1)
-        } else {
-            period.max(Duration::from_millis(5))
-        };
         tokio::select! {
             biased;
-            ready = afd.readable_mut() => {
-                let Ok(mut guard) = ready else { return };
+            ready = readable(&mut afd) => {
+                let Some(mut guard) = ready else {
+                    afd = None;
+                    continue;
+                };
                 events.clear();
                 if let Err(e) = guard.get_inner_mut().poll(&mut events, Some(Duration::ZERO))
                     && e.kind() != std::io::ErrorKind::Interrupted
@@ -196,14 +198,30 @@ pub async fn run(shared: Arc<Shared>) {
                     resume(&lot, id);
                 }
             }
-            _ = tokio::time::sleep_until(next_sweep) => {
-                next_sweep = tokio::time::Instant::now() + sweep_every;
-                if !period.is_zero() {
-                    shared.list.for_each(|c| {
-                        c.sweep_idle();
-                    });
+            now = tick.tick() => {
+                let wall = crate::clock::precise_us();
+                let period = shared.settings().config.pool.park_idle_clients_after / 2;
+                let park = lot.registry.is_some() && !period.is_zero() && now >= next_park_sweep;
+                if park {
+                    next_park_sweep = now + period;
                 }
+                shared.list.for_each(|c| {
+                    c.sweep_wait(wall);
+                    if park {
+                        c.sweep_idle();
+                    }
+                });
             }
         }
+    }
+}
+
+/// The lot's epoll set turning readable; never, without one.
+async fn readable(
+    afd: &mut Option<AsyncFd<Poll>>,
+) -> Option<tokio::io::unix::AsyncFdReadyMutGuard<'_, Poll>> {
+    match afd {
+        Some(a) => a.readable_mut().await.ok(),
+        None => std::future::pending().await,
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -317,7 +318,7 @@ impl Session {
                 Box::pin(async move {
                     tokio::select! {
                         _ = control.wait_resumed() => {}
-                        _ = info.nudge.notified() => {}
+                        _ = info.nudge.nudged() => {}
                     }
                 })
                 .await;
@@ -364,6 +365,11 @@ impl Session {
             server.conn().tx = tracker.status;
             server.pool().traffic.apply(&tracker.timing.delta);
             self.listed.info.idle();
+            // SHOW CLIENTS' prepared_statements: this client's named ones.
+            self.listed.info.prepared.store(
+                self.statements.len() as u32,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             match end {
                 TxEnd::Done => {
                     if tracker.params_changed {
@@ -541,8 +547,9 @@ impl Session {
                 }
                 let info = self.listed.info.clone();
                 let read = tokio::select! {
+                    biased;
                     r = self.read_more() => r,
-                    _ = info.nudge.notified() => {
+                    _ = info.nudge.nudged() => {
                         match self.evicted(self.deferred_begin.is_some()) {
                             Some(e) => return Err(e),
                             None if info.park_requested() && self.parkable() => {
@@ -925,18 +932,39 @@ impl Session {
 
     /// Checks out a server and brings its session parameters to ours.
     async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
-        let started = std::time::Instant::now();
         let info = self.listed.info.clone();
-        info.waiting(pool.backend);
-        let checkout = pool.checkout();
+        // No timer per wait: the client sweep nudges this task once
+        // `query_wait_timeout` has passed (see `client::park`).
+        let checkout = pool.checkout_untimed();
         tokio::pin!(checkout);
-        let checkout = loop {
-            tokio::select! {
-                r = &mut checkout => break r,
-                _ = info.nudge.notified() => {
-                    if info.eviction() == Eviction::Killed {
-                        info.idle();
-                        return Err(ClientError::Killed);
+        // Most checkouts find a server at once: then there is no wait to
+        // time and no waiting state to show.
+        let first = std::future::poll_fn(|cx| Poll::Ready(checkout.as_mut().poll(cx))).await;
+        let started = match first {
+            Poll::Ready(_) => None,
+            Poll::Pending => {
+                info.waiting_at_most(pool.backend, pool.settings().query_wait_timeout);
+                Some(std::time::Instant::now())
+            }
+        };
+        let checkout = if let Poll::Ready(r) = first {
+            info.requested(pool.backend);
+            r
+        } else {
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut checkout => break r,
+                    _ = info.nudge.nudged() => {
+                        if info.eviction() == Eviction::Killed {
+                            info.idle();
+                            return Err(ClientError::Killed);
+                        }
+                        if info.wait_expired() {
+                            info.idle();
+                            let limit = pool.settings().query_wait_timeout;
+                            return Err(pool_error(pool, crate::pool::PoolError::Timeout(limit)));
+                        }
                     }
                 }
             }
@@ -948,7 +976,8 @@ impl Session {
                 return Err(pool_error(pool, e));
             }
         };
-        pool.traffic.assigned(started.elapsed());
+        pool.traffic
+            .assigned(started.map_or(Duration::ZERO, |s| s.elapsed()));
         info.active(pooled.conn().id);
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);
@@ -1058,9 +1087,6 @@ impl Session {
         let mut rescan = true;
         let (sr, sw) = conn.stream.split();
         let (cr, cw) = self.stream.split();
-        // KILL wakes this; a shutdown does not interrupt a transaction.
-        let evicted = info.nudge.notified();
-        tokio::pin!(evicted);
         loop {
             if t.reroute && t.pending == 0 && t.status != TxStatus::Idle && to_server.is_empty() {
                 // The replica transaction went on (BEGIN READ ONLY): what
@@ -1116,7 +1142,12 @@ impl Session {
             }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
+            // `biased`: the branches are tried in order, without drawing a
+            // random number per poll; none starves, as each one drains what
+            // enables it (a send empties its buffer; reads stop while
+            // what they brought waits to be sent).
             tokio::select! {
+                biased;
                 r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => {
                     if let Err(e) = r {
                         return lost(e.to_string(), &cscan);
@@ -1174,14 +1205,17 @@ impl Session {
                         Ok(_) => rescan = true,
                     }
                 }
-                _ = tokio::time::sleep(idle_tx_timeout), if idle_in_tx => {
+                // Made on first poll (the timer and its clock read cost
+                // nothing while the branch is off), afresh each time round.
+                _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => {
                     return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(idle_tx_timeout));
                 }
-                _ = &mut evicted => {
+                // KILL wakes this; a shutdown (or a parking sweep) does not
+                // interrupt a transaction.
+                _ = info.nudge.nudged() => {
                     if info.eviction() == Eviction::Killed {
                         return TxEnd::Killed;
                     }
-                    evicted.set(info.nudge.notified());
                 }
             }
         }

@@ -35,14 +35,16 @@ pub fn effects(sql: &str) -> Effects {
     let mut e = Effects::default();
     // Fast path, no allocation: one plain DML/query statement can only
     // matter through the functions it calls.
-    if !sql.contains(';') && starts_with_plain_statement(sql) {
-        if contains_ignore_case(sql, "set_config") {
+    // A trailing `;` (as pgbench and many drivers send) still makes one
+    // statement; a `;` anywhere else (even quoted) takes the full scan.
+    let body = sql.trim_end().strip_suffix(';').unwrap_or(sql);
+    if !body.contains(';') && starts_with_plain_statement(body) {
+        let (set_config, advisory) = session_functions(sql);
+        if set_config {
             e.params_changed = true;
             e.custom_params.extend(set_config_names(sql));
         }
-        if contains_ignore_case(sql, "pg_advisory_lock")
-            || contains_ignore_case(sql, "pg_try_advisory_lock")
-        {
+        if advisory {
             e.session_feature = Some("session advisory locks (pg_advisory_lock)");
         }
         return e;
@@ -214,11 +216,40 @@ fn identifier(s: &str, i: usize) -> Option<(String, usize)> {
     (len > 0).then(|| (s[i..i + len].to_ascii_lowercase(), i + len))
 }
 
+/// Whether `sql` calls `set_config`, and a session-level advisory lock
+/// function: one pass over the text's underscores (all three names have one).
+fn session_functions(sql: &str) -> (bool, bool) {
+    let h = sql.as_bytes();
+    let at = |i: usize, back: usize, name: &[u8]| {
+        i >= back
+            && h.get(i - back..i - back + name.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+    };
+    let (mut set_config, mut advisory) = (false, false);
+    for (i, _) in h.iter().enumerate().filter(|(_, b)| **b == b'_') {
+        set_config |= at(i, 3, b"set_config");
+        advisory |= at(i, 2, b"pg_advisory_lock") || at(i, 2, b"pg_try_advisory_lock");
+    }
+    (set_config, advisory)
+}
+
+/// Case-insensitive substring test for ASCII needles. The needles here all
+/// hold a `_`, rare in SQL text, so only the text's underscores are tried as
+/// anchors; a needle without one falls back to trying every position.
 fn contains_ignore_case(hay: &str, needle: &str) -> bool {
-    let n = needle.as_bytes();
-    hay.as_bytes()
-        .windows(n.len())
-        .any(|w| w.eq_ignore_ascii_case(n))
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() {
+        return true;
+    }
+    let Some(anchor) = n.iter().position(|&b| b == b'_') else {
+        return h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    };
+    h.iter().enumerate().any(|(i, &b)| {
+        b == b'_'
+            && i >= anchor
+            && h.get(i - anchor..i - anchor + n.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(n))
+    })
 }
 
 /// Splits on `;` outside quotes and comments.
@@ -317,6 +348,45 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn substring_search_ignores_case_with_or_without_an_anchor() {
+        assert!(contains_ignore_case(
+            "select PG_Advisory_Lock(1)",
+            "pg_advisory_lock"
+        ));
+        assert!(contains_ignore_case(
+            "pg_try_advisory_lock",
+            "pg_try_advisory_lock"
+        ));
+        assert!(contains_ignore_case("x _set_config", "set_config"));
+        assert!(!contains_ignore_case("set_confi", "set_config"));
+        assert!(!contains_ignore_case("_", "set_config"));
+        assert!(!contains_ignore_case(
+            "pg_advisory_xact_lock(1)",
+            "pg_advisory_lock"
+        ));
+        assert!(contains_ignore_case(
+            "declare c cursor WITH HOLD for",
+            "with hold"
+        ));
+        assert!(!contains_ignore_case("with  hold", "with hold"));
+    }
+
+    #[test]
+    fn a_trailing_semicolon_keeps_the_fast_path_right() {
+        assert_eq!(
+            effects("SELECT abalance FROM t WHERE aid = 1;"),
+            Effects::default()
+        );
+        assert!(
+            effects("select pg_advisory_lock(1);  ")
+                .session_feature
+                .is_some()
+        );
+        assert!(effects("select 1; set a = 1;").params_changed);
+        assert!(effects("select ';'; set a = 1").params_changed);
+    }
 
     #[test]
     fn session_changes_are_seen_and_local_ones_ignored() {

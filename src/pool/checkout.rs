@@ -104,6 +104,17 @@ impl Pool {
     /// Waits (fairly, up to `query_wait_timeout`) for a permit, then hands out
     /// an idle connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        self.checkout_with(true).await
+    }
+
+    /// Like [`Pool::checkout`], but waits for a permit without a timer: the
+    /// caller enforces `query_wait_timeout` itself (clients do, through the
+    /// client sweep, so that a wait costs no timer registration).
+    pub async fn checkout_untimed(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
+        self.checkout_with(false).await
+    }
+
+    async fn checkout_with(self: &Arc<Self>, timed: bool) -> Result<PooledConn, PoolError> {
         let (wait, timeout, lifetime) = {
             let s = self.settings();
             (
@@ -114,6 +125,10 @@ impl Pool {
         };
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
+            Err(_) if !timed => match self.permits.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return Err(PoolError::Timeout(timeout)),
+            },
             Err(_) => {
                 match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
                     Ok(Ok(p)) => p,

@@ -21,12 +21,14 @@
 //! cache never holds a lock while parsing.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lexer::{Sink, lex};
+// A fast hash: this runs over every statement's tokens. Shapes that collide
+// (64 bits) would share statistics; nothing depends on it beyond that.
+use rustc_hash::FxHasher;
 
 mod lexer;
 
@@ -56,7 +58,7 @@ pub struct Shape {
 /// literals, comments or spacing hash the same; `$n` parameters count as
 /// written, so `id = $1` and `id = 1` hash differently.
 pub fn masked_hash(sql: &str) -> u64 {
-    let mut sink = HashSink(DefaultHasher::new());
+    let mut sink = HashSink(FxHasher::default());
     lex(sql, &mut sink);
     sink.0.finish()
 }
@@ -198,7 +200,7 @@ impl Fingerprints {
 
 /// Feeds [`masked_hash`]: the masked text as bytes, a literal as one byte
 /// that no text can contain.
-struct HashSink(DefaultHasher);
+struct HashSink(FxHasher);
 
 impl Sink for HashSink {
     fn text(&mut self, token: &str) {

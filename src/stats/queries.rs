@@ -10,7 +10,6 @@
 //! literal).
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -175,7 +174,8 @@ impl QueryStats {
         error: bool,
     ) {
         let key = shape.id ^ database_hash(database);
-        let now = SystemTime::now();
+        // `last_seen` is shown to the second: the coarse clock will do.
+        let now = crate::clock::coarse();
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&key) {
             if entry.is_for(database, shape) {
@@ -262,7 +262,7 @@ impl QueryStats {
 }
 
 fn database_hash(database: &str) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut hasher = rustc_hash::FxHasher::default();
     hasher.write(database.as_bytes());
     hasher.finish()
 }
@@ -284,7 +284,9 @@ mod tests {
         let stats = QueryStats::new(64);
         let db: Arc<str> = Arc::from("app");
         let s = shape(7, "select $1");
-        let before = SystemTime::now();
+        // `last_seen` comes from the coarse clock.
+        crate::clock::refresh();
+        let before = crate::clock::coarse();
         for us in 1..=100 {
             let role = if us % 4 == 0 {
                 Role::Replica
