@@ -497,7 +497,7 @@ impl Session {
         }
         if self.buf.capacity() == 0 {
             loop {
-                self.stream.readable().await?;
+                crate::protocol::io::readable(&self.stream).await?;
                 let mut chunk = BytesMut::with_capacity(IDLE_KEEP);
                 match crate::protocol::io::try_read(&self.stream, &mut chunk) {
                     Ok(n) => {

@@ -9,6 +9,7 @@
 //! the kernel. This also makes the idle-server liveness probe free.
 
 use std::io::{self, ErrorKind};
+use std::task::Poll;
 
 use bytes::BytesMut;
 use tokio::io::Interest;
@@ -36,14 +37,34 @@ pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Waits until `stream` is readable and reads what is available.
+///
+/// The wait uses the socket's single reader slot (`poll_read_ready`), not
+/// a waiter queued under the socket's lock (`readable()`) and unlinked again
+/// when the future is dropped, which `select!` does every time round. So
+/// only one task may read a given socket this way at a time, as here: a
+/// socket belongs to one client task while it is in use.
 pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match try_read(stream, buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            other => return other,
+    std::future::poll_fn(|cx| {
+        loop {
+            // Free when the socket is not known to be readable: tokio
+            // answers WouldBlock without a system call.
+            match try_read(stream, buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                other => return Poll::Ready(other),
+            }
         }
-    }
+    })
+    .await
+}
+
+/// Waits until `stream` is readable, through its single reader slot (see
+/// [`read`]).
+pub async fn readable(stream: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
 }
 
 /// Sends as much of `buf` as the socket takes now (one `send`, not a
@@ -57,14 +78,23 @@ pub fn try_send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Waits until `stream` is writable and sends part of `buf` (see [`try_send`]).
+/// Waits until `stream` is writable and sends part of `buf` (see
+/// [`try_send`]); the wait uses the socket's single writer slot (see
+/// [`read`]).
 pub async fn send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        match try_send(stream, buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => stream.writable().await?,
-            other => return other,
+    std::future::poll_fn(|cx| {
+        loop {
+            match try_send(stream, buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                other => return Poll::Ready(other),
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Sends all of `buf`.
