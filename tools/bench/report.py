@@ -536,6 +536,9 @@ def main():
       f"`tools/loadgen` ({100} connection attempts in flight at a time; each logs in, runs one "
       f"`select 1`, then idles), waits {env.get('settle', 2)} s and reads RSS again. Per client = "
       "growth / clients. "
+      "tidepool runs with its default `park_idle_clients_after = \"1s\"`: a client idle for "
+      "a second gives up its task and buffers and waits in a shared epoll set, so the reading "
+      "is of parked clients. "
       f"Direct PostgreSQL cannot take {env['idle_clients']:,} connections (one process each); for "
       f"scale it gets {env['direct_idle']} idle connections, measured as the growth of the summed "
       "PSS of all PostgreSQL processes.")
