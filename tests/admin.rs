@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use harness::daemon::Daemon;
 use harness::{TestProxy, cluster};
-use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN_PW: &str = "adminpw";
 const STATS_PW: &str = "statspw";
@@ -53,22 +52,8 @@ fn proxy(db: &str, extra: &str) -> TestProxy {
     TestProxy::start(&config(db, "127.0.0.1:0", extra))
 }
 
-/// Runs a console command; rows as column → value maps.
 async fn show(url: &str, cmd: &str) -> Vec<HashMap<String, String>> {
-    let client = harness::connect(url).await.expect("console login");
-    let msgs = client.simple_query(cmd).await.expect(cmd);
-    msgs.into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    harness::console(url, cmd).await
 }
 
 /// The header line of `psql --csv -c cmd`: the column names in order.

@@ -47,20 +47,7 @@ password = "{ADMIN_PW}"
 }
 
 async fn show(url: &str, cmd: &str) -> Vec<HashMap<String, String>> {
-    let client = harness::connect(url).await.expect("console login");
-    let msgs = client.simple_query(cmd).await.expect(cmd);
-    msgs.into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    harness::console(url, cmd).await
 }
 
 /// SHOW LISTS as list → items.

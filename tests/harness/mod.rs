@@ -123,6 +123,25 @@ pub async fn connect(config: &str) -> Result<tokio_postgres::Client, tokio_postg
     Ok(client)
 }
 
+/// Runs a command on the admin console at `url` (a fresh connection) and
+/// returns its rows as column → value maps.
+pub async fn console(url: &str, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let client = connect(url).await.expect("console login");
+    let msgs = client.simple_query(cmd).await.expect(cmd);
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Runs `psql -X -v ON_ERROR_STOP=1 -d <url> <args...>`, feeding `stdin` if
 /// given. The password in the URL is also exported as `PGPASSWORD`; PG*
 /// variables from the environment that could redirect the connection are
