@@ -59,19 +59,7 @@ fn console(
     rt().block_on(async {
         let c = harness::connect(&url).await.map_err(|e| format!("{e:?}"))?;
         let msgs = c.simple_query(cmd).await.map_err(|e| format!("{e:?}"))?;
-        Ok(msgs
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(r) => Some(
-                    r.columns()
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect())
+        Ok(harness::rows(msgs))
     })
 }
 

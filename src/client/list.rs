@@ -7,16 +7,16 @@
 //! Invariant: the hot path writes only its own client's fields (relaxed
 //! atomics, no lock).
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::task::Poll;
 use std::time::SystemTime;
 
-use std::future::Future;
-use std::sync::atomic::AtomicBool;
-use std::task::Poll;
-
 use futures_util::task::AtomicWaker;
+
+use crate::clock::precise_us as now_us;
 
 /// Where a client is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,12 +118,6 @@ pub struct ClientInfo {
     pub nudge: Nudge,
 }
 
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 /// A copy of one client's state.
 #[derive(Debug, Clone)]
 pub struct ClientRow {
@@ -210,14 +204,13 @@ impl ClientInfo {
     }
 
     /// The client sweep: nudges a client whose wait passed its limit (`now`
-    /// from one clock read per sweep). True when it did.
-    pub fn sweep_wait(&self, now: u64) -> bool {
-        let late = self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8
-            && now >= self.deadline();
-        if late {
+    /// from one clock read per sweep).
+    pub fn sweep_wait(&self, now: u64) {
+        if self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8
+            && now >= self.deadline()
+        {
             self.nudge.notify();
         }
-        late
     }
 
     /// Waiting with no limit (PAUSE).
@@ -247,21 +240,18 @@ impl ClientInfo {
     }
 
     /// The parking sweep: a client seen idle by two sweeps in a row (no
-    /// transaction in between) is asked to park. True when it was asked now.
-    pub fn sweep_idle(&self) -> bool {
+    /// transaction in between) is asked to park.
+    pub fn sweep_idle(&self) {
         if self.state.load(Ordering::Relaxed) != ClientState::Idle as u8 {
-            return false;
+            return;
         }
-        match self
+        if self
             .park
             .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+            == Err(1)
         {
-            Err(1) => {
-                self.park.store(2, Ordering::Relaxed);
-                self.nudge.notify();
-                true
-            }
-            _ => false,
+            self.park.store(2, Ordering::Relaxed);
+            self.nudge.notify();
         }
     }
 

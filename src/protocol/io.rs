@@ -9,7 +9,7 @@
 //! the kernel. This also makes the idle-server liveness probe free.
 
 use std::io::{self, ErrorKind};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::Interest;
@@ -37,19 +37,26 @@ pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Waits until `stream` is readable and reads what is available.
-///
-/// The wait uses the socket's single reader slot (`poll_read_ready`), not
-/// a waiter queued under the socket's lock (`readable()`) and unlinked again
-/// when the future is dropped, which `select!` does every time round. So
-/// only one task may read a given socket this way at a time, as here: a
-/// socket belongs to one client task while it is in use.
 pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    when_ready(|| try_read(stream, buf), |cx| stream.poll_read_ready(cx)).await
+}
+
+/// Runs `attempt` until it does not say `WouldBlock`, waiting in between
+/// through `ready`: the socket's single reader or writer slot
+/// (`poll_read_ready`/`poll_write_ready`), not a waiter queued under the
+/// socket's lock (`readable()`) and unlinked again when the future is
+/// dropped, which `select!` does every time round. So only one task may wait
+/// on a given socket this way at a time, as here: a socket belongs to one
+/// client task while it is in use. An attempt while the socket is not known
+/// to be ready is free: tokio answers `WouldBlock` without a system call.
+async fn when_ready<T>(
+    mut attempt: impl FnMut() -> io::Result<T>,
+    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
+) -> io::Result<T> {
     std::future::poll_fn(|cx| {
         loop {
-            // Free when the socket is not known to be readable: tokio
-            // answers WouldBlock without a system call.
-            match try_read(stream, buf) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => match stream.poll_read_ready(cx) {
+            match attempt() {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match ready(cx) {
                     Poll::Ready(Ok(())) => continue,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
@@ -62,7 +69,7 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Waits until `stream` is readable, through its single reader slot (see
-/// [`read`]).
+/// [`when_ready`]).
 pub async fn readable(stream: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
 }
@@ -79,22 +86,9 @@ pub fn try_send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Waits until `stream` is writable and sends part of `buf` (see
-/// [`try_send`]); the wait uses the socket's single writer slot (see
-/// [`read`]).
+/// [`try_send`]); the wait uses the socket's writer slot (see [`when_ready`]).
 pub async fn send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        loop {
-            match try_send(stream, buf) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => match stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                },
-                other => return Poll::Ready(other),
-            }
-        }
-    })
-    .await
+    when_ready(|| try_send(stream, buf), |cx| stream.poll_write_ready(cx)).await
 }
 
 /// Sends all of `buf`.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use crate::client::list::now_us;
+use crate::clock::precise_us as now_us;
 
 pub struct ServerInfo {
     pub id: u64,

@@ -127,7 +127,13 @@ pub async fn connect(config: &str) -> Result<tokio_postgres::Client, tokio_postg
 /// returns its rows as column → value maps.
 pub async fn console(url: &str, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
     let client = connect(url).await.expect("console login");
-    let msgs = client.simple_query(cmd).await.expect(cmd);
+    rows(client.simple_query(cmd).await.expect(cmd))
+}
+
+/// The rows of a simple-query answer as column → value maps (NULL as "").
+pub fn rows(
+    msgs: Vec<tokio_postgres::SimpleQueryMessage>,
+) -> Vec<std::collections::HashMap<String, String>> {
     msgs.into_iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(
