@@ -1,16 +1,26 @@
-//! Wall-clock time for timestamps people read at second resolution (a
-//! client's last request, a query's last call): one atomic load instead of
-//! a clock read on the hot path. The stats ticker refreshes it twice a
-//! second; before its first refresh it reads the real clock.
+//! Coarse clocks for times people read at second resolution (a client's
+//! last request, a query's last call) and for limits counted in seconds (a
+//! server connection's lifetime and idle time): one atomic load instead of a
+//! clock read on the hot path. The client sweep (every 100 ms) and the stats
+//! ticker refresh them; before the first refresh they read the real clocks.
 //!
-//! Invariant: never ahead of the real clock, and behind it by at most the
-//! ticker's period while the ticker runs.
+//! Invariant: never ahead of the real clocks, and behind them by at most the
+//! refresh period while the refreshing tasks run.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Microseconds since the Unix epoch at the last refresh; 0 = never.
 static NOW_US: AtomicU64 = AtomicU64::new(0);
+/// Microseconds since [`BASE`] at the last refresh.
+static MONO_US: AtomicU64 = AtomicU64::new(0);
+/// The origin of the coarse monotonic clock.
+static BASE: OnceLock<Instant> = OnceLock::new();
+
+fn base() -> Instant {
+    *BASE.get_or_init(Instant::now)
+}
 
 /// Microseconds since the Unix epoch, read from the real clock.
 pub fn precise_us() -> u64 {
@@ -19,9 +29,25 @@ pub fn precise_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Reads the real clock into the coarse one.
+/// Reads the real clocks into the coarse ones.
 pub fn refresh() {
     NOW_US.store(precise_us(), Ordering::Relaxed);
+    let since = base().elapsed().as_micros() as u64;
+    MONO_US.fetch_max(since, Ordering::Relaxed);
+}
+
+/// A monotonic instant as of the last refresh (for limits in seconds).
+pub fn coarse_instant() -> Instant {
+    let base = base();
+    match MONO_US.load(Ordering::Relaxed) {
+        0 => Instant::now(),
+        us => base + Duration::from_micros(us),
+    }
+}
+
+/// Time from `then` to the coarse now; zero when `then` is later.
+pub fn coarse_since(then: Instant) -> Duration {
+    coarse_instant().saturating_duration_since(then)
 }
 
 /// Microseconds since the Unix epoch, as of the last refresh.
@@ -51,5 +77,16 @@ mod tests {
         refresh();
         let b = coarse_us();
         assert!(b >= a + 5_000 && b <= precise_us());
+    }
+
+    #[test]
+    fn coarse_instant_follows_refreshes_and_is_never_ahead() {
+        refresh();
+        let a = coarse_instant();
+        assert!(a <= Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        refresh();
+        assert!(coarse_since(a) >= Duration::from_millis(5));
+        assert!(coarse_instant() <= Instant::now());
     }
 }

@@ -18,9 +18,11 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, global = true, default_value = "human")]
     log_format: LogFormat,
-    /// Worker threads (default: one per core).
-    #[arg(long, global = true)]
-    threads: Option<usize>,
+    /// Worker threads. Default 1: one event loop, PgBouncer's model and the
+    /// least CPU per transaction. More (e.g. the number of cores) gives a
+    /// multi-threaded runtime, for when one core is not enough.
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -67,13 +69,12 @@ fn main() -> ExitCode {
     // One thread: a single-threaded runtime (no work stealing, no waking of
     // idle workers), like PgBouncer's event loop. More: a multi-threaded one.
     let mut rt = match cli.threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+        0 | 1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
+            b.worker_threads(n);
             b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     rt.enable_all();
     let rt = match rt.build() {

@@ -199,7 +199,8 @@ pub async fn run(shared: Arc<Shared>) {
                 }
             }
             now = tick.tick() => {
-                let wall = crate::clock::precise_us();
+                crate::clock::refresh();
+                let wall = crate::clock::coarse_us();
                 let period = shared.settings().config.pool.park_idle_clients_after / 2;
                 let park = lot.registry.is_some() && !period.is_zero() && now >= next_park_sweep;
                 if park {

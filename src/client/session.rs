@@ -32,8 +32,9 @@ use crate::stats::{Counters, Fingerprints, Role, SlowQuery};
 
 /// Read buffers grow in steps of this much while there is work.
 const READ_CHUNK: usize = 16 * 1024;
-/// First read buffer when an idle client becomes readable; an idle client
-/// itself holds no read buffer at all.
+/// Read buffer of a client between transactions. It is kept (and reused in
+/// place) while the client is active; a parked client holds none, and
+/// neither does an idle one when parking is off.
 const IDLE_KEEP: usize = 4 * 1024;
 /// Server messages can be as large as PostgreSQL allows (1 GiB fields).
 const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
@@ -91,6 +92,8 @@ pub struct Session {
     custom_params: std::collections::BTreeSet<String>,
     /// What a fresh server of this pool reports (fixed after login).
     defaults: Arc<BTreeMap<String, String>>,
+    /// The last transaction's tracker, kept for its allocations.
+    spare_tracker: Option<Box<Tracker>>,
 }
 
 /// A parked client (see `client::park`): only what [`Session`] cannot
@@ -238,6 +241,7 @@ impl Session {
             custom_params: std::collections::BTreeSet::new(),
             defaults: pool_defaults,
             health: None,
+            spare_tracker: None,
         }
         .with_health()
     }
@@ -329,11 +333,11 @@ impl Session {
                 self.refresh();
             }
             let (route, class) = self.choose_route();
-            // Transient work is boxed: an idle client's task then only holds
-            // the session itself (a few hundred bytes), not the largest state
-            // of every phase.
-            let acquiring = Box::pin(self.acquire_routed(route));
-            let (mut server, route) = match acquiring.await {
+            // Checkout and forwarding run inline: boxing them would cost two
+            // allocations per transaction. Rare phases (fatal errors, clean-up,
+            // parameter refresh) are boxed so the task does not carry their
+            // state; an idle client gives its whole task up by parking.
+            let (mut server, route) = match self.acquire_routed(route).await {
                 Ok(s) => s,
                 Err(ClientError::Killed) => {
                     let e = self.evicted(true).unwrap_or(ClientError::Killed);
@@ -345,7 +349,15 @@ impl Session {
                     continue;
                 }
             };
-            let mut tracker = Box::new(Tracker::new(server.conn().tx, self.policy));
+            // The last transaction's tracker, emptied: its queues keep their
+            // allocations.
+            let mut tracker = match self.spare_tracker.take() {
+                Some(mut t) => {
+                    t.reset(server.conn().tx, self.policy);
+                    t
+                }
+                None => Box::new(Tracker::new(server.conn().tx, self.policy)),
+            };
             if let Some(begin) = self.deferred_begin.take() {
                 // The client's BEGIN, run first on the chosen backend; its
                 // answers were already given.
@@ -358,8 +370,7 @@ impl Session {
             if let (Route::Replica(_), None) = (route, self.pinned) {
                 tracker.replica_guard = Some(self.settings.classifier.clone());
             }
-            let forwarding = Box::pin(self.forward(&mut server, &mut tracker));
-            let end = forwarding.await;
+            let end = self.forward(&mut server, &mut tracker).await;
             self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
@@ -380,7 +391,8 @@ impl Session {
                             self.params.get("application_name").map_or("", |s| s),
                         );
                     }
-                    server.release(Release::Reuse)
+                    server.release(Release::Reuse);
+                    self.spare_tracker = Some(tracker);
                 }
                 TxEnd::Killed => {
                     // KILL drops the server connection too, after stopping
@@ -493,7 +505,14 @@ impl Session {
     /// waits for readability so that it holds no buffer while waiting.
     async fn read_more(&mut self) -> std::io::Result<usize> {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+            let parks = !self.settings.config.pool.park_idle_clients_after.is_zero();
+            if self.buf.capacity() > IDLE_KEEP || !parks {
+                self.buf = BytesMut::new();
+            } else {
+                // Reclaims the whole allocation in place once the bytes
+                // forwarded from it are gone (no allocation).
+                self.buf.reserve(IDLE_KEEP);
+            }
         }
         if self.buf.capacity() == 0 {
             loop {
@@ -651,6 +670,8 @@ impl Session {
             }
             let body = &rest[5..total];
             match FrontendTag::from_byte(rest[0]) {
+                // The unnamed statement always needs a server.
+                FrontendTag::Parse if body.first() == Some(&0) => return false,
                 FrontendTag::Parse => {
                     let Ok((name, stmt)) = Statement::from_parse(body) else {
                         return false;

@@ -111,14 +111,29 @@ pub fn effects(sql: &str) -> Effects {
 /// Whether the text starts with a keyword of a statement that cannot change
 /// session state by itself (SELECT, INSERT, UPDATE, DELETE, WITH, VALUES, …).
 fn starts_with_plain_statement(sql: &str) -> bool {
-    let t = sql.trim_start();
-    let word_len = t.bytes().take_while(u8::is_ascii_alphabetic).count();
-    let word = &t[..word_len];
-    [
-        "select", "insert", "update", "delete", "with", "values", "table", "merge", "copy",
-    ]
-    .iter()
-    .any(|k| word.eq_ignore_ascii_case(k))
+    let t = sql.trim_start().as_bytes();
+    let word_len = t.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    // Lower-cased into a stack buffer: one comparison per keyword of that
+    // length, no case-folding per keyword.
+    let mut w = [0u8; 6];
+    let Some(word) = t.get(..word_len).filter(|w| w.len() <= 6) else {
+        return false;
+    };
+    for (d, s) in w.iter_mut().zip(word) {
+        *d = s.to_ascii_lowercase();
+    }
+    matches!(
+        &w[..word_len],
+        b"select"
+            | b"insert"
+            | b"update"
+            | b"delete"
+            | b"with"
+            | b"values"
+            | b"table"
+            | b"merge"
+            | b"copy"
+    )
 }
 
 /// Literal custom (dotted) names in `set_config('app.x', ...)` calls.
@@ -226,7 +241,7 @@ fn session_functions(sql: &str) -> (bool, bool) {
                 .is_some_and(|w| w.eq_ignore_ascii_case(name))
     };
     let (mut set_config, mut advisory) = (false, false);
-    for (i, _) in h.iter().enumerate().filter(|(_, b)| **b == b'_') {
+    for i in memchr::memchr_iter(b'_', h) {
         set_config |= at(i, 3, b"set_config");
         advisory |= at(i, 2, b"pg_advisory_lock") || at(i, 2, b"pg_try_advisory_lock");
     }

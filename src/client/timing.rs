@@ -47,7 +47,9 @@ pub struct Timing {
     queue: VecDeque<Pending>,
     /// Shape of the unnamed prepared statement.
     unnamed: Option<Arc<Shape>>,
-    /// Portals bound in this batch (few; the unnamed one is "").
+    /// Shape of the unnamed portal, bound in this batch.
+    unnamed_portal: Option<Arc<Shape>>,
+    /// Named portals bound (few).
     portals: Vec<(String, Option<Arc<Shape>>)>,
     xact_start: Option<Instant>,
     /// Start of the query (in PgBouncer's sense) being answered.
@@ -74,6 +76,19 @@ pub fn tag_rows(tag: &[u8]) -> u64 {
 }
 
 impl Timing {
+    /// Empty again, keeping the allocations for the next transaction.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.unnamed = None;
+        self.unnamed_portal = None;
+        self.portals.clear();
+        self.xact_start = None;
+        self.query_start = None;
+        self.done.clear();
+        self.xacts_done.clear();
+        self.delta = Delta::default();
+    }
+
     fn started(&mut self, now: Instant) {
         self.xact_start.get_or_insert(now);
         self.query_start.get_or_insert(now);
@@ -107,6 +122,10 @@ impl Timing {
     pub fn bind(&mut self, portal: &str, shape: Option<Option<Arc<Shape>>>) {
         self.delta.binds += 1;
         let shape = shape.unwrap_or_else(|| self.unnamed.clone());
+        if portal.is_empty() {
+            self.unnamed_portal = shape;
+            return;
+        }
         match self.portals.iter_mut().find(|(p, _)| p == portal) {
             Some(slot) => slot.1 = shape,
             None => self.portals.push((portal.to_owned(), shape)),
@@ -116,11 +135,14 @@ impl Timing {
     pub fn execute(&mut self, portal: &str) {
         let now = Instant::now();
         self.started(now);
-        let shape = self
-            .portals
-            .iter()
-            .find(|(p, _)| p == portal)
-            .and_then(|(_, s)| s.clone());
+        let shape = if portal.is_empty() {
+            self.unnamed_portal.clone()
+        } else {
+            self.portals
+                .iter()
+                .find(|(p, _)| p == portal)
+                .and_then(|(_, s)| s.clone())
+        };
         self.queue.push_back(Pending::Statement {
             shape,
             start: now,
@@ -137,9 +159,8 @@ impl Timing {
             self.started(now);
         }
         self.queue.push_back(Pending::Ready { start: now });
-        // Unnamed portals end with the batch's transaction step; keep the
-        // list from growing across batches.
-        self.portals.retain(|(p, _)| !p.is_empty());
+        // The unnamed portal ends with the batch's transaction step.
+        self.unnamed_portal = None;
     }
 
     fn finish_head(&mut self) {
@@ -151,18 +172,25 @@ impl Timing {
             ..
         }) = self.queue.pop_front()
         {
-            self.record(shape, start, rows, error);
+            self.record(shape, start, Instant::now(), rows, error);
         }
     }
 
-    fn record(&mut self, shape: Option<Arc<Shape>>, start: Instant, rows: u64, error: bool) {
+    fn record(
+        &mut self,
+        shape: Option<Arc<Shape>>,
+        start: Instant,
+        now: Instant,
+        rows: u64,
+        error: bool,
+    ) {
         self.delta.statements += 1;
         if error {
             self.delta.errors += 1;
         }
         self.done.push(Finished {
             shape,
-            us: start.elapsed().as_micros() as u64,
+            us: now.saturating_duration_since(start).as_micros() as u64,
             rows,
             error,
         });
@@ -219,7 +247,7 @@ impl Timing {
                 rows,
                 error,
                 ..
-            }) => self.record(shape, start, rows, error),
+            }) => self.record(shape, start, now, rows, error),
             Some(Pending::Ready { .. }) | None => {}
         }
         self.delta.queries += 1;

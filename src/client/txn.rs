@@ -68,7 +68,22 @@ pub struct Tracker {
     pub reroute: bool,
     /// Statement and transaction times.
     pub timing: Timing,
+    /// Kept across [`Tracker::reset`]: see [`RecentParse`].
+    recent_parse: RecentParse,
 }
+
+/// The last unnamed statement parsed that has no effect on the session, and
+/// its shape. Drivers parse the same text again for every execution (pgbench
+/// `-M extended`, JDBC before its prepare threshold); comparing the bytes is
+/// cheaper than lexing the text twice more (effects and fingerprint).
+#[derive(Debug, Default)]
+struct RecentParse {
+    sql: Vec<u8>,
+    shape: Option<Arc<Shape>>,
+}
+
+/// Texts longer than this are not kept in [`RecentParse`].
+const RECENT_PARSE_MAX: usize = 4096;
 
 impl Tracker {
     pub fn new(status: TxStatus, policy: Policy) -> Self {
@@ -88,7 +103,28 @@ impl Tracker {
             replica_guard: None,
             reroute: false,
             timing: Timing::default(),
+            recent_parse: RecentParse::default(),
         }
+    }
+
+    /// Starts afresh for the next transaction, keeping the allocations (the
+    /// queues of owed answers and statement timings) of the last one.
+    pub fn reset(&mut self, status: TxStatus, policy: Policy) {
+        self.pending = 0;
+        self.unsynced = false;
+        self.status = status;
+        self.copy = Copy::None;
+        self.terminated = false;
+        self.server_fatal = None;
+        self.expect.clear();
+        self.client_skip = false;
+        self.params_changed = false;
+        self.pin = None;
+        self.custom_params.clear();
+        self.policy = policy;
+        self.replica_guard = None;
+        self.reroute = false;
+        self.timing.clear();
     }
 
     /// Nothing is owed, nothing is half-sent, and the server is outside a
@@ -242,16 +278,31 @@ impl Inspector for ClientSide<'_> {
                 if named && !name.is_empty() {
                     return Ok(Step::Stop);
                 }
-                if t.note_sql(sql) {
-                    return Ok(Step::Stop);
-                }
+                let recent = !t.recent_parse.sql.is_empty()
+                    && t.recent_parse.sql == sql.as_bytes()
+                    && (t.recent_parse.shape.is_some() || self.shapes.is_none());
+                let shape = if recent {
+                    t.recent_parse.shape.clone()
+                } else {
+                    let e = effects(sql);
+                    if t.note_effects(&e) {
+                        return Ok(Step::Stop);
+                    }
+                    let shape = shape_of(self.shapes, sql);
+                    if e == Effects::default() && sql.len() <= RECENT_PARSE_MAX {
+                        t.recent_parse.sql.clear();
+                        t.recent_parse.sql.extend_from_slice(sql.as_bytes());
+                        t.recent_parse.shape = shape.clone();
+                    }
+                    shape
+                };
                 t.unsynced = true;
                 t.expect.push(Owed::Parse {
                     swallow: false,
                     undo: Undo::default(),
                 });
                 if name.is_empty() {
-                    t.timing.parse_unnamed(shape_of(self.shapes, sql));
+                    t.timing.parse_unnamed(shape);
                 } else {
                     t.timing.parse_named();
                 }

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -54,8 +53,8 @@ impl PooledConn {
         };
         let pool = self.pool.clone();
         let s = pool.settings();
-        let expired =
-            !s.server_lifetime.is_zero() && idle.conn.created.elapsed() >= s.server_lifetime;
+        let expired = !s.server_lifetime.is_zero()
+            && crate::clock::coarse_since(idle.conn.created) >= s.server_lifetime;
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
         if let Some(l) = &idle.conn.listed {
             l.info.returned(idle.conn.prepared.len());
@@ -68,7 +67,7 @@ impl PooledConn {
         let mut idle_list = lock(&pool.idle);
         let fits = idle_list.len() + in_use < s.size as usize;
         if how == Release::Reuse && clean && !expired && !shrunk && fits && !pool.is_retired() {
-            idle.conn.last_used = Instant::now();
+            idle.conn.last_used = crate::clock::coarse_instant();
             // Few servers exist: keep a normal-sized read buffer for the
             // next transaction instead of reallocating it; drop big ones.
             if idle.conn.buf.capacity() > 64 * 1024 {
@@ -142,7 +141,8 @@ impl Pool {
                 None => break None,
                 Some(idle)
                     if idle.conn.looks_alive()
-                        && (lifetime.is_zero() || idle.conn.created.elapsed() < lifetime) =>
+                        && (lifetime.is_zero()
+                            || crate::clock::coarse_since(idle.conn.created) < lifetime) =>
                 {
                     break Some(idle);
                 }

@@ -37,9 +37,10 @@ fn prune(pool: &Pool) {
     let size = s.size as usize;
     for i in idle.drain(..) {
         let dead = !i.conn.looks_alive();
-        let old = !s.server_lifetime.is_zero() && i.conn.created.elapsed() >= s.server_lifetime;
+        let old = !s.server_lifetime.is_zero()
+            && crate::clock::coarse_since(i.conn.created) >= s.server_lifetime;
         let idle_too_long = !s.server_idle_timeout.is_zero()
-            && i.conn.last_used.elapsed() >= s.server_idle_timeout
+            && crate::clock::coarse_since(i.conn.last_used) >= s.server_idle_timeout
             && total > min;
         // After a reload shrank the pool.
         let too_many = total > size;

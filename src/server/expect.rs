@@ -71,6 +71,15 @@ impl Expect {
         self.queue.is_empty()
     }
 
+    /// Empty again, keeping the allocations for the next transaction.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.skipping = false;
+        self.undos.clear();
+        self.confirmed.clear();
+        self.skipped_ready = 0;
+    }
+
     /// True while messages sent now would be skipped by the server.
     pub fn skipping(&self) -> bool {
         self.skipping

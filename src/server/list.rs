@@ -72,7 +72,8 @@ impl ServerInfo {
     pub fn lent(&self, client: u64) {
         self.link.store(client, Ordering::Relaxed);
         self.active.store(1, Ordering::Relaxed);
-        self.request_time.store(now_us(), Ordering::Relaxed);
+        self.request_time
+            .store(crate::clock::coarse_us(), Ordering::Relaxed);
     }
 
     pub fn returned(&self, prepared: usize) {

@@ -222,14 +222,15 @@ impl AtomicBuckets {
         Self::default()
     }
 
-    /// Counts one value (relaxed atomics, no lock).
-    pub fn record(&self, us: u64) {
+    /// Counts one value (relaxed atomics, no lock); `owned`: only this
+    /// thread writes these buckets (see [`super::bump`]).
+    pub fn record(&self, us: u64, owned: bool) {
         let index = BOUNDS_US.partition_point(|&bound| bound < us);
         if let Some(slot) = self.counts.get(index) {
-            slot.fetch_add(1, Ordering::Relaxed);
+            super::bump(slot, 1, owned);
         }
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        super::bump(&self.sum_us, us, owned);
+        super::bump(&self.count, 1, owned);
     }
 
     /// Values recorded so far.
@@ -383,11 +384,11 @@ mod tests {
     #[test]
     fn atomic_buckets_are_cumulative_and_inclusive() {
         let b = AtomicBuckets::default();
-        b.record(0);
-        b.record(500); // le=500 is inclusive
-        b.record(501);
-        b.record(10_000_000);
-        b.record(10_000_001); // +Inf
+        b.record(0, true);
+        b.record(500, true); // le=500 is inclusive
+        b.record(501, true);
+        b.record(10_000_000, true);
+        b.record(10_000_001, true); // +Inf
         let s = b.snapshot();
         assert_eq!(s.cumulative[0], 2);
         assert_eq!(s.cumulative[1], 3);
@@ -408,7 +409,7 @@ mod tests {
                 let b = &b;
                 scope.spawn(move || {
                     for i in 0..1_000u64 {
-                        b.record(i * 1_000 + t);
+                        b.record(i * 1_000 + t, false);
                     }
                 });
             }

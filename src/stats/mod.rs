@@ -44,6 +44,32 @@ pub fn thread_shard() -> usize {
     SHARD.with(|s| *s)
 }
 
+/// Which of `n` stripes the current thread writes, and whether it writes it
+/// alone: the first `n - 1` threads (in order of first use) own one each,
+/// later threads share the last one.
+pub fn stripe_of(n: usize) -> (usize, bool) {
+    let s = thread_shard();
+    if s + 1 < n {
+        (s, true)
+    } else {
+        (n.saturating_sub(1), false)
+    }
+}
+
+/// Adds `v` to a striped counter: a plain load and store (no locked
+/// instruction) when this thread alone writes it (`owned`, see
+/// [`stripe_of`]), an atomic add otherwise. Readers only load, so they see
+/// every completed add either way.
+#[inline]
+pub fn bump(a: &std::sync::atomic::AtomicU64, v: u64, owned: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if owned {
+        a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
+    } else {
+        a.fetch_add(v, Relaxed);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use super::histogram::{AtomicBuckets, BucketsSnapshot};
 
 /// Stripes per counter set: each worker thread writes its own (see
-/// [`super::thread_shard`]), so the hot path does not bounce cache lines
-/// between cores; readers add the stripes up.
+/// [`super::stripe_of`]), so the hot path does not bounce cache lines
+/// between cores and adds without locked instructions; readers add the
+/// stripes up.
 const STRIPES: usize = 8;
 
 /// One thread's share of the counters. Times are microseconds.
@@ -110,52 +111,66 @@ pub struct Delta {
     pub slow: u64,
 }
 
-fn add(a: &AtomicU64, v: u64) {
-    if v > 0 {
-        a.fetch_add(v, Ordering::Relaxed);
+/// This thread's stripe and whether it writes it alone.
+struct Writer<'a> {
+    s: &'a Stripe,
+    owned: bool,
+}
+
+impl Writer<'_> {
+    fn add(&self, a: impl Fn(&Stripe) -> &AtomicU64, v: u64) {
+        if v > 0 {
+            super::bump(a(self.s), v, self.owned);
+        }
     }
 }
 
 impl Traffic {
-    fn stripe(&self) -> &Stripe {
-        &self.stripes[super::thread_shard() % STRIPES]
+    fn stripe(&self) -> Writer<'_> {
+        let (i, owned) = super::stripe_of(STRIPES);
+        Writer {
+            s: &self.stripes[i],
+            owned,
+        }
     }
 
     pub fn apply(&self, d: &Delta) {
         let s = self.stripe();
-        add(&s.xacts, d.xacts);
-        add(&s.queries, d.queries);
-        add(&s.received, d.received);
-        add(&s.sent, d.sent);
-        add(&s.xact_us, d.xact_us);
-        add(&s.query_us, d.query_us);
-        add(&s.client_parses, d.client_parses);
-        add(&s.server_parses, d.server_parses);
-        add(&s.binds, d.binds);
-        add(&s.statements, d.statements);
-        add(&s.errors, d.errors);
-        add(&s.slow, d.slow);
+        s.add(|s| &s.xacts, d.xacts);
+        s.add(|s| &s.queries, d.queries);
+        s.add(|s| &s.received, d.received);
+        s.add(|s| &s.sent, d.sent);
+        s.add(|s| &s.xact_us, d.xact_us);
+        s.add(|s| &s.query_us, d.query_us);
+        s.add(|s| &s.client_parses, d.client_parses);
+        s.add(|s| &s.server_parses, d.server_parses);
+        s.add(|s| &s.binds, d.binds);
+        s.add(|s| &s.statements, d.statements);
+        s.add(|s| &s.errors, d.errors);
+        s.add(|s| &s.slow, d.slow);
     }
 
     /// A server was handed to a client after `wait`.
     pub fn assigned(&self, wait: Duration) {
         let us = wait.as_micros() as u64;
         let s = self.stripe();
-        add(&s.server_assignments, 1);
-        add(&s.wait_us, us);
-        s.wait_latency.record(us);
+        s.add(|s| &s.server_assignments, 1);
+        s.add(|s| &s.wait_us, us);
+        s.s.wait_latency.record(us, s.owned);
     }
 
     pub fn login(&self) {
-        add(&self.stripe().logins, 1);
+        self.stripe().add(|s| &s.logins, 1);
     }
 
     pub fn statement_latency(&self, us: u64) {
-        self.stripe().query_latency.record(us);
+        let s = self.stripe();
+        s.s.query_latency.record(us, s.owned);
     }
 
     pub fn transaction_latency(&self, us: u64) {
-        self.stripe().xact_latency.record(us);
+        let s = self.stripe();
+        s.s.xact_latency.record(us, s.owned);
     }
 
     pub fn latencies(&self) -> Latencies {
@@ -303,5 +318,34 @@ mod tests {
         assert_eq!(a.xact_us, 100);
         assert_eq!(a.query_us, 20);
         assert_eq!(t.totals().xacts, 10);
+    }
+
+    #[test]
+    fn more_threads_than_stripes_lose_no_count() {
+        // Threads that own a stripe add without locked instructions; the
+        // rest share the last stripe atomically. Totals must be exact.
+        let t = Traffic::default();
+        let threads = STRIPES as u64 * 2;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for _ in 0..2_000 {
+                        t.apply(&Delta {
+                            xacts: 1,
+                            sent: 3,
+                            ..Delta::default()
+                        });
+                        t.transaction_latency(7);
+                        t.assigned(Duration::from_micros(2));
+                    }
+                });
+            }
+        });
+        let totals = t.totals();
+        assert_eq!(totals.xacts, threads * 2_000);
+        assert_eq!(totals.sent, threads * 6_000);
+        assert_eq!(totals.server_assignments, threads * 2_000);
+        assert_eq!(totals.wait_us, threads * 4_000);
+        assert_eq!(t.latencies().transaction.count, threads * 2_000);
     }
 }
