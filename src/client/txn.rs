@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::memo::Memo;
 use super::sql::{Effects, effects};
 use super::timing::Timing;
 use crate::protocol::messages::{
@@ -15,6 +16,7 @@ use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
 use crate::router::hints::{Hint, hint};
 use crate::router::{Class, Classifier};
 use crate::server::expect::{Expect, Owed, Undo};
+use crate::stats::fingerprint::hash_and_template;
 use crate::stats::{Fingerprints, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,22 +70,9 @@ pub struct Tracker {
     pub reroute: bool,
     /// Statement and transaction times.
     pub timing: Timing,
-    /// Kept across [`Tracker::reset`]: see [`RecentParse`].
-    recent_parse: RecentParse,
+    /// Statements this client sent lately; kept across [`Tracker::reset`].
+    memo: Memo,
 }
-
-/// The last unnamed statement parsed that has no effect on the session, and
-/// its shape. Drivers parse the same text again for every execution (pgbench
-/// `-M extended`, JDBC before its prepare threshold); comparing the bytes is
-/// cheaper than lexing the text twice more (effects and fingerprint).
-#[derive(Debug, Default)]
-struct RecentParse {
-    sql: Vec<u8>,
-    shape: Option<Arc<Shape>>,
-}
-
-/// Texts longer than this are not kept in [`RecentParse`].
-const RECENT_PARSE_MAX: usize = 4096;
 
 impl Tracker {
     pub fn new(status: TxStatus, policy: Policy) -> Self {
@@ -103,7 +92,7 @@ impl Tracker {
             replica_guard: None,
             reroute: false,
             timing: Timing::default(),
-            recent_parse: RecentParse::default(),
+            memo: Memo::default(),
         }
     }
 
@@ -199,6 +188,36 @@ pub fn shape_of(shapes: Option<&Fingerprints>, sql: &str) -> Option<Arc<Shape>> 
     shapes.map(|s| s.shape(sql))
 }
 
+impl ClientSide<'_> {
+    /// What `sql` is: its shape (when per-query statistics are on) and its
+    /// effects on the session (`None`: it has none). A statement like one
+    /// this client sent lately is known from the memo without lexing it.
+    fn look(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
+        let t = &mut *self.t;
+        if let Some(hit) = t.memo.find(sql, self.shapes.is_some()) {
+            let shape = if self.shapes.is_some() {
+                hit.shape.clone()
+            } else {
+                None
+            };
+            return (shape, (!hit.plain).then(|| effects(sql)));
+        }
+        let e = effects(sql);
+        let (shape, template) = match self.shapes {
+            Some(s) => {
+                let (shape, template) = s.shape_and_template(sql);
+                (Some(shape), template)
+            }
+            None => (None, hash_and_template(sql).1),
+        };
+        let plain = e == Effects::default();
+        if let Some(template) = template {
+            t.memo.remember(template, shape.clone(), plain);
+        }
+        (shape, (!plain).then_some(e))
+    }
+}
+
 impl Inspector for ClientSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
         let t = &mut *self.t;
@@ -253,19 +272,22 @@ impl Inspector for ClientSide<'_> {
                     t.reroute = true;
                     return Ok(Step::Stop);
                 }
-                let e = effects(sql);
-                let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
-                let prepared = e.prepared.is_some() && t.policy.named_statements;
-                if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
-                    return Ok(Step::Stop);
+                let (shape, e) = self.look(sql);
+                let t = &mut *self.t;
+                if let Some(e) = e {
+                    let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
+                    let prepared = e.prepared.is_some() && t.policy.named_statements;
+                    if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
+                        return Ok(Step::Stop);
+                    }
+                    t.note_effects(&e);
                 }
-                t.note_effects(&e);
                 t.pending += 1;
                 t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
                 });
-                t.timing.query(shape_of(self.shapes, sql));
+                t.timing.query(shape);
             }
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
@@ -278,24 +300,13 @@ impl Inspector for ClientSide<'_> {
                 if named && !name.is_empty() {
                     return Ok(Step::Stop);
                 }
-                let recent = !t.recent_parse.sql.is_empty()
-                    && t.recent_parse.sql == sql.as_bytes()
-                    && (t.recent_parse.shape.is_some() || self.shapes.is_none());
-                let shape = if recent {
-                    t.recent_parse.shape.clone()
-                } else {
-                    let e = effects(sql);
-                    if t.note_effects(&e) {
-                        return Ok(Step::Stop);
-                    }
-                    let shape = shape_of(self.shapes, sql);
-                    if e == Effects::default() && sql.len() <= RECENT_PARSE_MAX {
-                        t.recent_parse.sql.clear();
-                        t.recent_parse.sql.extend_from_slice(sql.as_bytes());
-                        t.recent_parse.shape = shape.clone();
-                    }
-                    shape
-                };
+                let (shape, e) = self.look(sql);
+                let t = &mut *self.t;
+                if let Some(e) = e
+                    && t.note_effects(&e)
+                {
+                    return Ok(Step::Stop);
+                }
                 t.unsynced = true;
                 t.expect.push(Owed::Parse {
                     swallow: false,

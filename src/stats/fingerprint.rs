@@ -25,12 +25,15 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lexer::{Sink, lex};
+use lexer::{Literal, Sink, lex};
+pub use template::Template;
+use template::{MAX_TEMPLATE_BYTES, TemplateSink};
 // A fast hash: this runs over every statement's tokens. Shapes that collide
 // (64 bits) would share statistics; nothing depends on it beyond that.
 use rustc_hash::FxHasher;
 
 mod lexer;
+mod template;
 
 /// Longest shape text kept, in bytes, including the trailing `…`.
 pub const MAX_TEXT_BYTES: usize = 2048;
@@ -61,6 +64,16 @@ pub fn masked_hash(sql: &str) -> u64 {
     let mut sink = HashSink(FxHasher::default());
     lex(sql, &mut sink);
     sink.0.finish()
+}
+
+/// [`masked_hash`] and the [`Template`] of `sql` (when it can have one).
+pub fn hash_and_template(sql: &str) -> (u64, Option<Template>) {
+    if sql.len() > MAX_TEMPLATE_BYTES {
+        return (masked_hash(sql), None);
+    }
+    let mut sink = (HashSink(FxHasher::default()), TemplateSink::default());
+    lex(sql, &mut sink);
+    (sink.0.0.finish(), sink.1.finish(sql))
 }
 
 /// `sql` with each literal replaced by `$n`, comments removed and whitespace
@@ -167,7 +180,18 @@ impl Fingerprints {
     /// The shape of `sql`; statements that differ only in literals, comments
     /// or spacing share one `Arc`.
     pub fn shape(&self, sql: &str) -> Arc<Shape> {
-        let key = masked_hash(sql);
+        self.lookup(sql, masked_hash(sql))
+    }
+
+    /// Like [`Fingerprints::shape`], and the statement's [`Template`] (none
+    /// for statements with dollar quotes, or longer than 2 KiB), from one
+    /// pass of the lexer.
+    pub fn shape_and_template(&self, sql: &str) -> (Arc<Shape>, Option<Template>) {
+        let (key, template) = hash_and_template(sql);
+        (self.lookup(sql, key), template)
+    }
+
+    fn lookup(&self, sql: &str, key: u64) -> Arc<Shape> {
         // One cache per worker thread: a hot query never contends for a lock.
         let shard = &self.shards[super::thread_shard() % SHARDS];
         if let Some(hit) = shard
@@ -206,7 +230,7 @@ impl Sink for HashSink {
     fn text(&mut self, token: &str) {
         self.0.write(token.as_bytes());
     }
-    fn literal(&mut self) {
+    fn literal(&mut self, _kind: Literal, _start: usize, _end: usize) {
         self.0.write_u8(LITERAL_MARK);
     }
     fn param(&mut self, token: &str, _n: u64) {
@@ -222,7 +246,7 @@ struct MaxParam(u64);
 
 impl Sink for MaxParam {
     fn text(&mut self, _token: &str) {}
-    fn literal(&mut self) {}
+    fn literal(&mut self, _kind: Literal, _start: usize, _end: usize) {}
     fn param(&mut self, _token: &str, n: u64) {
         self.0 = self.0.max(n);
     }
@@ -241,7 +265,7 @@ impl Sink for MaskSink {
     fn text(&mut self, token: &str) {
         self.out.push_str(token);
     }
-    fn literal(&mut self) {
+    fn literal(&mut self, _kind: Literal, _start: usize, _end: usize) {
         // Writing to a String cannot fail.
         let _ = write!(self.out, "${}", self.next);
         self.next = self.next.saturating_add(1);

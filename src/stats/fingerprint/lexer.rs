@@ -10,12 +10,32 @@
 //! quote, quoted identifier) is reported as one literal, so nothing after an
 //! opening quote is ever passed on as text.
 
+/// What kind of literal the lexer found: enough to find the end of another
+/// literal of the same kind at the same place in another text
+/// ([`literal_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Literal {
+    /// A number: a digit, or `.` and a digit, up to [`number_end`].
+    Number,
+    /// `'…'`.
+    Plain,
+    /// `E'…'` (backslash escapes).
+    Escaped,
+    /// `B'…'`, `X'…'` or `N'…'`.
+    Prefixed,
+    /// `U&'…'`.
+    Unicode,
+    /// A dollar quote, or something left open at the end.
+    Other,
+}
+
 /// Receives the tokens of one statement from [`lex`].
 pub(super) trait Sink {
     /// A token kept verbatim: keyword, identifier, operator, quoted identifier.
     fn text(&mut self, token: &str);
-    /// A literal, masked.
-    fn literal(&mut self);
+    /// A literal, masked: its kind and where it is (`start..end` of the
+    /// input, prefix and quotes included).
+    fn literal(&mut self, kind: Literal, start: usize, end: usize);
     /// A `$n` parameter, kept verbatim; `n` is its number.
     fn param(&mut self, token: &str, n: u64);
     /// One separator standing for a run of whitespace and comments.
@@ -23,6 +43,29 @@ pub(super) trait Sink {
     /// True once the sink wants no more tokens.
     fn done(&self) -> bool {
         false
+    }
+}
+
+/// Two sinks fed at once (one lexer pass).
+impl<A: Sink, B: Sink> Sink for (A, B) {
+    fn text(&mut self, token: &str) {
+        self.0.text(token);
+        self.1.text(token);
+    }
+    fn literal(&mut self, kind: Literal, start: usize, end: usize) {
+        self.0.literal(kind, start, end);
+        self.1.literal(kind, start, end);
+    }
+    fn param(&mut self, token: &str, n: u64) {
+        self.0.param(token, n);
+        self.1.param(token, n);
+    }
+    fn space(&mut self) {
+        self.0.space();
+        self.1.space();
+    }
+    fn done(&self) -> bool {
+        self.0.done() && self.1.done()
     }
 }
 
@@ -78,18 +121,21 @@ pub(super) fn lex(sql: &str, sink: &mut impl Sink) {
         started = true;
         i = match c {
             b'\'' => {
-                sink.literal();
-                string_end(b, i + 1, false)
+                let end = string_end(b, i + 1, false);
+                sink.literal(Literal::Plain, i, end);
+                end
             }
             b'"' => quoted_ident(sql, i, sink),
             b'$' => dollar(sql, i, sink),
             b'0'..=b'9' => {
-                sink.literal();
-                number_end(b, i)
+                let end = number_end(b, i);
+                sink.literal(Literal::Number, i, end);
+                end
             }
             b'.' if next.is_some_and(|n| n.is_ascii_digit()) => {
-                sink.literal();
-                number_end(b, i)
+                let end = number_end(b, i);
+                sink.literal(Literal::Number, i, end);
+                end
             }
             c if is_ident_start(c) => word(sql, i, sink),
             _ => {
@@ -161,7 +207,7 @@ fn quoted_ident(sql: &str, start: usize, sink: &mut impl Sink) -> usize {
         }
         j += 1;
     }
-    sink.literal();
+    sink.literal(Literal::Other, start, b.len());
     b.len()
 }
 
@@ -191,14 +237,15 @@ fn dollar(sql: &str, start: usize, sink: &mut impl Sink) -> usize {
         sink.text("$");
         return start + 1;
     }
-    sink.literal();
     let body = j + 1;
-    match (sql.get(start..body), sql.get(body..)) {
+    let end = match (sql.get(start..body), sql.get(body..)) {
         (Some(delimiter), Some(rest)) => rest
             .find(delimiter)
             .map_or(b.len(), |p| body + p + delimiter.len()),
         _ => b.len(),
-    }
+    };
+    sink.literal(Literal::Other, start, end);
+    end
 }
 
 /// End of a numeric literal starting at `start` (a digit, or `.` then a digit).
@@ -254,12 +301,14 @@ fn word(sql: &str, start: usize, sink: &mut impl Sink) -> usize {
     if j == start + 1 && after == Some(b'\'') {
         match b[start] {
             b'e' | b'E' => {
-                sink.literal();
-                return string_end(b, j + 1, true);
+                let end = string_end(b, j + 1, true);
+                sink.literal(Literal::Escaped, start, end);
+                return end;
             }
             b'b' | b'B' | b'x' | b'X' | b'n' | b'N' => {
-                sink.literal();
-                return string_end(b, j + 1, false);
+                let end = string_end(b, j + 1, false);
+                sink.literal(Literal::Prefixed, start, end);
+                return end;
             }
             _ => {}
         }
@@ -269,9 +318,35 @@ fn word(sql: &str, start: usize, sink: &mut impl Sink) -> usize {
         && after == Some(b'&')
         && b.get(j + 1) == Some(&b'\'')
     {
-        sink.literal();
-        return string_end(b, j + 2, false);
+        let end = string_end(b, j + 2, false);
+        sink.literal(Literal::Unicode, start, end);
+        return end;
     }
     sink.text(sql.get(start..j).unwrap_or(""));
     j
+}
+
+/// End of a literal of `kind` starting at `start` of `b`, if one starts
+/// there: the same end [`lex`] finds when it meets that literal at a token
+/// boundary. `None` for [`Literal::Other`], which is never matched.
+pub(super) fn literal_end(b: &[u8], start: usize, kind: Literal) -> Option<usize> {
+    let at = |k: usize| b.get(start + k).copied();
+    match kind {
+        Literal::Number => {
+            let first = at(0)?;
+            (first.is_ascii_digit() || (first == b'.' && at(1).is_some_and(|n| n.is_ascii_digit())))
+                .then(|| number_end(b, start))
+        }
+        Literal::Plain => (at(0) == Some(b'\'')).then(|| string_end(b, start + 1, false)),
+        Literal::Escaped => (matches!(at(0), Some(b'e' | b'E')) && at(1) == Some(b'\''))
+            .then(|| string_end(b, start + 2, true)),
+        Literal::Prefixed => (matches!(at(0), Some(b'b' | b'B' | b'x' | b'X' | b'n' | b'N'))
+            && at(1) == Some(b'\''))
+        .then(|| string_end(b, start + 2, false)),
+        Literal::Unicode => {
+            (matches!(at(0), Some(b'u' | b'U')) && at(1) == Some(b'&') && at(2) == Some(b'\''))
+                .then(|| string_end(b, start + 3, false))
+        }
+        Literal::Other => None,
+    }
 }

@@ -498,3 +498,125 @@ fn random_input_never_panics_and_never_leaks_a_quote() {
         assert!(!shape.text.contains('\''), "{sql:?} -> {:?}", shape.text);
     }
 }
+
+/// Where the lexer finds literals.
+#[derive(Default)]
+struct Spans(Vec<(lexer::Literal, usize, usize)>);
+
+impl lexer::Sink for Spans {
+    fn text(&mut self, _token: &str) {}
+    fn literal(&mut self, kind: lexer::Literal, start: usize, end: usize) {
+        self.0.push((kind, start, end));
+    }
+    fn param(&mut self, _token: &str, _n: u64) {}
+    fn space(&mut self) {}
+}
+
+/// `sql` with other literals: digits and letters inside each literal
+/// changed, everything else kept.
+fn other_literals(sql: &str) -> String {
+    let mut spans = Spans::default();
+    lex(sql, &mut spans);
+    let mut out = sql.as_bytes().to_vec();
+    for (kind, start, end) in spans.0 {
+        let skip = match kind {
+            lexer::Literal::Number => 0,
+            lexer::Literal::Plain => 1,
+            lexer::Literal::Escaped | lexer::Literal::Prefixed => 2,
+            lexer::Literal::Unicode => 3,
+            lexer::Literal::Other => continue,
+        };
+        for b in out.iter_mut().take(end).skip(start + skip) {
+            *b = match *b {
+                b'0'..=b'8' => *b + 1,
+                b'9' => b'0',
+                b'a'..=b'y' if kind != lexer::Literal::Number => *b + 1,
+                other => other,
+            };
+        }
+    }
+    String::from_utf8(out).expect("only ASCII bytes changed")
+}
+
+#[test]
+fn a_template_matches_the_same_statement_with_other_literals() {
+    let cases = [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+        "select * from t where a = 'x' and b in (1, 2.5, .5, 1e3) and c = E'\\'q' and d = B'101'",
+        "update t set v = U&'d\\0061t' where id = 0x1F -- comment 42\n",
+        "insert into t1 values ($1, 'it''s', 7)",
+    ];
+    for sql in cases {
+        let (key, template) = hash_and_template(sql);
+        let template = template.expect("templated");
+        assert_eq!(key, masked_hash(sql));
+        assert!(template.matches(sql.as_bytes()), "{sql}");
+        for other in [
+            other_literals(sql),
+            sql.replace("12345", "7"),
+            sql.replace("'x'", "'a much longer string'"),
+        ] {
+            assert!(template.matches(other.as_bytes()), "{sql} vs {other}");
+            assert_eq!(masked_hash(&other), key, "{other}");
+        }
+        // Not the same statement: other identifiers, spacing or keywords.
+        for other in [
+            sql.replace("FROM", "from"),
+            sql.replacen(' ', "  ", 1),
+            format!("{sql} "),
+            sql.replace("t ", "u "),
+        ] {
+            if other != sql {
+                assert!(!template.matches(other.as_bytes()), "{sql} vs {other}");
+            }
+        }
+    }
+    // A number where the template had a string is another statement.
+    let (_, t) = hash_and_template("select 'a'");
+    assert!(!t.expect("templated").matches(b"select 1"));
+}
+
+#[test]
+fn dollar_quotes_and_long_statements_have_no_template() {
+    assert!(hash_and_template("select $$x$$").1.is_none());
+    assert!(hash_and_template("select $a$ x $a$").1.is_none());
+    let long = format!("select {}", "1, ".repeat(1000));
+    assert!(hash_and_template(&long).1.is_none());
+    // Parameters are text, not literals.
+    assert!(hash_and_template("select $1").1.is_some());
+}
+
+#[test]
+fn a_template_matches_only_statements_with_its_masked_text() {
+    // The invariant, over tricky random input: whatever a template
+    // matches masks to the same text (so it has the same shape).
+    let statements = random_statements(3_000);
+    let templates: Vec<_> = statements
+        .iter()
+        .filter_map(|s| hash_and_template(s).1.map(|t| (s, t)))
+        .collect();
+    assert!(
+        templates.len() > 1_000,
+        "most random statements are templated"
+    );
+    let mut matched = 0;
+    for (i, (sql, template)) in templates.iter().enumerate() {
+        let candidates = [
+            other_literals(sql),
+            statements[(i * 7 + 1) % statements.len()].clone(),
+            statements[(i * 13 + 5) % statements.len()].clone(),
+        ];
+        for other in candidates {
+            if template.matches(other.as_bytes()) {
+                matched += 1;
+                assert_eq!(mask(&other), mask(sql), "{sql:?} vs {other:?}");
+                assert_eq!(
+                    masked_hash(&other),
+                    masked_hash(sql),
+                    "{sql:?} vs {other:?}"
+                );
+            }
+        }
+    }
+    assert!(matched > 1_000, "the literal variants match ({matched})");
+}
