@@ -177,15 +177,18 @@ impl ClientInfo {
     }
 
     /// Waiting for a server, for at most `limit` (zero: no limit). The client
-    /// sweep nudges the client once the limit passes.
-    pub fn waiting_at_most(&self, backend: usize, limit: std::time::Duration) {
+    /// sweep nudges the client once the limit passes. Returns when the wait
+    /// started (µs since the Unix epoch).
+    pub fn waiting_at_most(&self, backend: usize, limit: std::time::Duration) -> u64 {
         let ms = if limit.is_zero() {
             u32::MAX
         } else {
             u32::try_from(limit.as_millis()).unwrap_or(u32::MAX - 1)
         };
         self.wait_limit_ms.store(ms, Ordering::Relaxed);
-        self.wait_started(backend, now_us());
+        let now = now_us();
+        self.wait_started(backend, now);
+        now
     }
 
     fn deadline(&self) -> u64 {

@@ -964,8 +964,7 @@ impl Session {
         let started = match first {
             Poll::Ready(_) => None,
             Poll::Pending => {
-                info.waiting_at_most(pool.backend, pool.settings().query_wait_timeout);
-                Some(std::time::Instant::now())
+                Some(info.waiting_at_most(pool.backend, pool.settings().query_wait_timeout))
             }
         };
         let checkout = if let Poll::Ready(r) = first {
@@ -997,8 +996,9 @@ impl Session {
                 return Err(pool_error(pool, e));
             }
         };
-        pool.traffic
-            .assigned(started.map_or(Duration::ZERO, |s| s.elapsed()));
+        pool.traffic.assigned(started.map_or(Duration::ZERO, |s| {
+            Duration::from_micros(crate::clock::precise_us().saturating_sub(s))
+        }));
         info.active(pooled.conn().id);
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);
@@ -1071,7 +1071,7 @@ impl Session {
     /// Forwards between client and server until the server can be released
     /// (transaction mode), or something ends the session.
     async fn forward(&mut self, pooled: &mut PooledConn, t: &mut Tracker) -> TxEnd {
-        let mode = self.pool.settings().mode;
+        let mode = self.pool.hot.mode();
         let idle_tx_timeout = self.settings.config.pool.idle_transaction_timeout;
         let (server_pool, conn) = pooled.parts();
         let stmt_ctx = StatementCtx {
@@ -1084,7 +1084,7 @@ impl Session {
                 Role::Replica
             },
             client: self.listed.info.addr,
-            slow_us: server_pool.settings().slow_query_threshold.as_micros() as u64,
+            slow_us: server_pool.hot.slow_query_us(),
         };
         let info = self.listed.info.clone();
         let mut cscan = Scanner::new(self.limit);

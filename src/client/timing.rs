@@ -14,7 +14,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::protocol::TxStatus;
 use crate::stats::{Delta, Shape};
@@ -32,14 +31,14 @@ pub struct Finished {
 enum Pending {
     Statement {
         shape: Option<Arc<Shape>>,
-        start: Instant,
+        start: u64,
         rows: u64,
         error: bool,
         /// A simple-protocol Query: it ends at its ReadyForQuery.
         simple: bool,
     },
     /// A Sync or FunctionCall: its ReadyForQuery ends a query.
-    Ready { start: Instant },
+    Ready { start: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -51,9 +50,9 @@ pub struct Timing {
     unnamed_portal: Option<Arc<Shape>>,
     /// Named portals bound (few).
     portals: Vec<(String, Option<Arc<Shape>>)>,
-    xact_start: Option<Instant>,
+    xact_start: Option<u64>,
     /// Start of the query (in PgBouncer's sense) being answered.
-    query_start: Option<Instant>,
+    query_start: Option<u64>,
     /// Statements finished since the session last looked.
     pub done: Vec<Finished>,
     /// Transactions finished since the session last looked (microseconds).
@@ -89,14 +88,14 @@ impl Timing {
         self.delta = Delta::default();
     }
 
-    fn started(&mut self, now: Instant) {
+    fn started(&mut self, now: u64) {
         self.xact_start.get_or_insert(now);
         self.query_start.get_or_insert(now);
     }
 
     /// A simple-protocol Query was forwarded.
     pub fn query(&mut self, shape: Option<Arc<Shape>>) {
-        let now = Instant::now();
+        let now = crate::clock::mono_ns();
         self.started(now);
         self.queue.push_back(Pending::Statement {
             shape,
@@ -133,7 +132,7 @@ impl Timing {
     }
 
     pub fn execute(&mut self, portal: &str) {
-        let now = Instant::now();
+        let now = crate::clock::mono_ns();
         self.started(now);
         let shape = if portal.is_empty() {
             self.unnamed_portal.clone()
@@ -154,7 +153,7 @@ impl Timing {
 
     /// A Sync or FunctionCall was forwarded.
     pub fn sync(&mut self, function_call: bool) {
-        let now = Instant::now();
+        let now = crate::clock::mono_ns();
         if function_call {
             self.started(now);
         }
@@ -172,25 +171,18 @@ impl Timing {
             ..
         }) = self.queue.pop_front()
         {
-            self.record(shape, start, Instant::now(), rows, error);
+            self.record(shape, start, crate::clock::mono_ns(), rows, error);
         }
     }
 
-    fn record(
-        &mut self,
-        shape: Option<Arc<Shape>>,
-        start: Instant,
-        now: Instant,
-        rows: u64,
-        error: bool,
-    ) {
+    fn record(&mut self, shape: Option<Arc<Shape>>, start: u64, now: u64, rows: u64, error: bool) {
         self.delta.statements += 1;
         if error {
             self.delta.errors += 1;
         }
         self.done.push(Finished {
             shape,
-            us: now.saturating_duration_since(start).as_micros() as u64,
+            us: now.saturating_sub(start) / 1000,
             rows,
             error,
         });
@@ -235,7 +227,7 @@ impl Timing {
     }
 
     pub fn ready(&mut self, status: TxStatus) {
-        let now = Instant::now();
+        let now = crate::clock::mono_ns();
         // Executes skipped after an error never ran.
         while let Some(Pending::Statement { simple: false, .. }) = self.queue.front() {
             self.queue.pop_front();
@@ -252,7 +244,7 @@ impl Timing {
         }
         self.delta.queries += 1;
         if let Some(q) = self.query_start.take() {
-            self.delta.query_us += now.duration_since(q).as_micros() as u64;
+            self.delta.query_us += now.saturating_sub(q) / 1000;
         }
         if !self.queue.is_empty() {
             // Pipelined requests: the next query started when it was sent.
@@ -265,7 +257,7 @@ impl Timing {
         }
         if status == TxStatus::Idle {
             if let Some(x) = self.xact_start.take() {
-                let us = now.duration_since(x).as_micros() as u64;
+                let us = now.saturating_sub(x) / 1000;
                 self.delta.xacts += 1;
                 self.delta.xact_us += us;
                 self.xacts_done.push(us);

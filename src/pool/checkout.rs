@@ -1,20 +1,70 @@
 //! Checking a server connection out of a pool and giving it back.
+//!
+//! A pool has `size` permits. A checkout takes one (or waits for one, first
+//! come first served), then an idle connection or a new one; the permit is
+//! held while the connection is lent, and comes back with it. A permit that
+//! comes back while clients wait goes straight to the first of them, with
+//! its connection when that may serve again: no idle list round trip, no
+//! second wake-up. All of it happens under the pool's one lock ([`Core`]),
+//! never held across an `.await`.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-
-use tokio::sync::OwnedSemaphorePermit;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use super::{Idle, Pool, PoolError, lock};
 use crate::protocol::TxStatus;
 use crate::server::ServerConn;
+
+/// The pool's one critical section: idle connections, free permits and the
+/// queue of waiting checkouts.
+#[derive(Default)]
+pub(super) struct Core {
+    pub(super) idle: Vec<Idle>,
+    /// Permits no checkout holds. Idle connections hold none.
+    pub(super) free: usize,
+    /// Permits to take out of circulation as they come back (a reload
+    /// shrank the pool while they were in use).
+    pub(super) excess: usize,
+    /// Checkouts waiting for a permit, oldest first. Every waiter here is
+    /// still waiting: one that gives up removes itself under this lock.
+    waiters: VecDeque<Arc<Waiter>>,
+}
+
+impl Core {
+    pub(super) fn new(size: usize) -> Self {
+        Self {
+            free: size,
+            ..Self::default()
+        }
+    }
+}
+
+/// One waiting checkout's mailbox.
+struct Waiter {
+    state: Mutex<Grant>,
+}
+
+enum Grant {
+    Waiting(Option<Waker>),
+    /// A permit, with a connection when the last holder's may serve again.
+    Granted(Option<Idle>),
+    Taken,
+}
+
+enum Taken {
+    Now(Option<Idle>),
+    Queued(Arc<Waiter>),
+}
 
 /// A server connection lent to one client. Give it back with
 /// [`PooledConn::release`]; dropping it closes the connection.
 pub struct PooledConn {
     idle: Option<Idle>,
     pool: Arc<Pool>,
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// How a connection comes back.
@@ -51,38 +101,31 @@ impl PooledConn {
         let Some(mut idle) = self.idle.take() else {
             return;
         };
-        let pool = self.pool.clone();
-        let s = pool.settings();
-        let expired = !s.server_lifetime.is_zero()
-            && crate::clock::coarse_since(idle.conn.created) >= s.server_lifetime;
+        let pool = &*self.pool;
+        let lifetime = pool.hot.server_lifetime();
+        let expired =
+            !lifetime.is_zero() && crate::clock::coarse_since(idle.conn.created) >= lifetime;
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
         if let Some(l) = &idle.conn.listed {
             l.info.returned(idle.conn.prepared.len());
         }
-        let shrunk = pool.take_excess();
-        let in_use = pool
-            .in_use
-            .fetch_sub(1, Ordering::Relaxed)
-            .saturating_sub(1);
-        let mut idle_list = lock(&pool.idle);
-        let fits = idle_list.len() + in_use < s.size as usize;
-        if how == Release::Reuse && clean && !expired && !shrunk && fits && !pool.is_retired() {
-            idle.conn.last_used = crate::clock::coarse_instant();
+        pool.in_use.fetch_sub(1, Ordering::Relaxed);
+        let reuse = how == Release::Reuse && clean && !expired && !pool.is_retired();
+        if reuse {
+            idle.conn.last_used = crate::clock::coarse_mono_us();
             // Few servers exist: keep a normal-sized read buffer for the
             // next transaction instead of reallocating it; drop big ones.
             if idle.conn.buf.capacity() > 64 * 1024 {
                 idle.conn.buf = bytes::BytesMut::new();
             }
-            idle_list.push(idle);
-        } else {
-            drop(idle_list);
-            tracing::debug!(pool = %pool.name(), server = idle.conn.id, ?how, expired, shrunk, "closing server connection");
-            tokio::spawn(idle.conn.terminate());
         }
-        // The permit goes back (waking the next waiter in FIFO order), or out
-        // of circulation when the pool shrank.
-        if let (true, Some(p)) = (shrunk, self.permit.take()) {
-            p.forget();
+        let (id, back) = (idle.conn.id, reuse.then_some(idle));
+        let refused = pool.give_back(&mut lock(&pool.core), back);
+        if let Some(idle) = refused {
+            tracing::debug!(pool = %pool.name(), server = id, ?how, "closing server connection");
+            tokio::spawn(idle.conn.terminate());
+        } else if !reuse {
+            tracing::debug!(pool = %pool.name(), server = id, ?how, expired, "server connection closed");
         }
     }
 }
@@ -91,10 +134,94 @@ impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(idle) = self.idle.take() {
             self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
-            if let (true, Some(p)) = (self.pool.take_excess(), self.permit.take()) {
-                p.forget();
-            }
+            let _ = self.pool.give_back(&mut lock(&self.pool.core), None);
             tracing::debug!(pool = %self.pool.name(), server = idle.conn.id, "server connection dropped without release; closed");
+        }
+    }
+}
+
+/// A permit a checkout (or warm-up) holds while it finds a connection;
+/// given back if that is abandoned.
+pub(super) struct Held<'a> {
+    pool: &'a Pool,
+    armed: bool,
+}
+
+impl Held<'_> {
+    /// Gives the permit back with a fresh idle connection (warm-up).
+    pub(super) fn give_back(mut self, idle: Idle) {
+        self.armed = false;
+        if let Some(refused) = self.pool.give_back(&mut lock(&self.pool.core), Some(idle)) {
+            tokio::spawn(refused.conn.terminate());
+        }
+    }
+
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.pool.give_back(&mut lock(&self.pool.core), None);
+        }
+    }
+}
+
+/// Waits for a permit (see [`Waiter`]); gives it on if dropped after it
+/// came.
+struct Wait<'a> {
+    pool: &'a Pool,
+    waiter: Option<Arc<Waiter>>,
+}
+
+impl Future for Wait<'_> {
+    type Output = Option<Idle>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Idle>> {
+        let Some(w) = &self.waiter else {
+            return Poll::Pending;
+        };
+        let mut state = lock(&w.state);
+        match &mut *state {
+            Grant::Waiting(waker) => {
+                if !waker.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Grant::Granted(conn) => {
+                let conn = conn.take();
+                *state = Grant::Taken;
+                drop(state);
+                self.waiter = None;
+                Poll::Ready(conn)
+            }
+            Grant::Taken => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        let Some(w) = self.waiter.take() else { return };
+        let mut core = lock(&self.pool.core);
+        let granted = match std::mem::replace(&mut *lock(&w.state), Grant::Taken) {
+            Grant::Granted(conn) => Some(conn),
+            _ => None,
+        };
+        let refused = match granted {
+            // The permit came but nobody took it: pass it on.
+            Some(conn) => self.pool.give_back(&mut core, conn),
+            None => {
+                core.waiters.retain(|x| !Arc::ptr_eq(x, &w));
+                None
+            }
+        };
+        drop(core);
+        if let Some(idle) = refused {
+            tokio::spawn(idle.conn.terminate());
         }
     }
 }
@@ -103,63 +230,144 @@ impl Pool {
     /// Waits (fairly, up to `query_wait_timeout`) for a permit, then hands out
     /// an idle connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(true).await
+        let wait = self.settings().query_wait_timeout_or_max();
+        let timeout = self.settings().query_wait_timeout;
+        match tokio::time::timeout(wait, self.checkout_untimed()).await {
+            Ok(r) => r,
+            Err(_) => Err(PoolError::Timeout(timeout)),
+        }
     }
 
     /// Like [`Pool::checkout`], but waits for a permit without a timer: the
     /// caller enforces `query_wait_timeout` itself (clients do, through the
     /// client sweep, so that a wait costs no timer registration).
     pub async fn checkout_untimed(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        self.checkout_with(false).await
-    }
-
-    async fn checkout_with(self: &Arc<Self>, timed: bool) -> Result<PooledConn, PoolError> {
-        let (wait, timeout, lifetime) = {
-            let s = self.settings();
-            (
-                s.query_wait_timeout_or_max(),
-                s.query_wait_timeout,
-                s.server_lifetime,
-            )
-        };
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) if !timed => match self.permits.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => return Err(PoolError::Timeout(timeout)),
-            },
-            Err(_) => {
-                match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(PoolError::Timeout(timeout)),
+        let found = match self.take_permit() {
+            Taken::Now(found) => found,
+            Taken::Queued(w) => {
+                let granted = Wait {
+                    pool: self,
+                    waiter: Some(w),
+                }
+                .await;
+                match granted.filter(|i| self.usable(i)) {
+                    Some(i) => Some(i),
+                    None => self.pop_idle(&mut lock(&self.core)),
                 }
             }
         };
-        let reused = loop {
-            let candidate = lock(&self.idle).pop();
-            match candidate {
-                None => break None,
-                Some(idle)
-                    if idle.conn.looks_alive()
-                        && (lifetime.is_zero()
-                            || crate::clock::coarse_since(idle.conn.created) < lifetime) =>
-                {
-                    break Some(idle);
-                }
-                Some(dead) => {
-                    tracing::debug!(pool = %self.name(), server = dead.conn.id, "discarding dead or expired idle connection");
-                }
-            }
-        };
-        let idle = match reused {
+        // The permit is ours from here; `held` gives it back if opening a
+        // connection fails or is abandoned.
+        let held = self.held();
+        let idle = match found {
             Some(i) => i,
             None => self.open().await?,
         };
+        held.keep();
         self.in_use.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             idle: Some(idle),
             pool: self.clone(),
-            permit: Some(permit),
         })
+    }
+
+    /// A permit now (with an idle connection if one is usable), or a place
+    /// in the queue.
+    fn take_permit(&self) -> Taken {
+        let mut core = lock(&self.core);
+        if core.free > 0 {
+            core.free -= 1;
+            return Taken::Now(self.pop_idle(&mut core));
+        }
+        let w = Arc::new(Waiter {
+            state: Mutex::new(Grant::Waiting(None)),
+        });
+        core.waiters.push_back(w.clone());
+        Taken::Queued(w)
+    }
+
+    /// A free permit, if one is free now (warm-up).
+    pub(super) fn try_permit(&self) -> Option<Held<'_>> {
+        let mut core = lock(&self.core);
+        if core.free == 0 {
+            return None;
+        }
+        core.free -= 1;
+        Some(self.held())
+    }
+
+    fn held(&self) -> Held<'_> {
+        Held {
+            pool: self,
+            armed: true,
+        }
+    }
+
+    /// An idle connection fit to serve; dead or expired ones are dropped.
+    fn pop_idle(&self, core: &mut Core) -> Option<Idle> {
+        while let Some(idle) = core.idle.pop() {
+            if self.usable(&idle) {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
+    fn usable(&self, idle: &Idle) -> bool {
+        let lifetime = self.hot.server_lifetime();
+        let ok = idle.conn.looks_alive()
+            && (lifetime.is_zero() || crate::clock::coarse_since(idle.conn.created) < lifetime);
+        if !ok {
+            tracing::debug!(pool = %self.name(), server = idle.conn.id, "discarding dead or expired idle connection");
+        }
+        ok
+    }
+
+    /// A permit comes back, with its connection when that may serve again:
+    /// to the first waiter, else to the free permits and the idle list.
+    /// Returns a connection the pool will not keep (to close).
+    pub(super) fn give_back(&self, core: &mut Core, conn: Option<Idle>) -> Option<Idle> {
+        if core.excess > 0 {
+            core.excess -= 1;
+            return conn;
+        }
+        if let Some(w) = core.waiters.pop_front() {
+            let mut state = lock(&w.state);
+            if let Grant::Waiting(waker) = std::mem::replace(&mut *state, Grant::Granted(conn)) {
+                drop(state);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+            return None;
+        }
+        core.free += 1;
+        let conn = conn?;
+        let size = self.hot.size();
+        if core.idle.len() + self.in_use.load(Ordering::Relaxed) < size {
+            core.idle.push(conn);
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// A reload changed the size: permits added serve waiters first; permits
+    /// removed come out of the free ones now and the rest as they return.
+    pub(super) fn resize(&self, from: u32, to: u32) {
+        let mut core = lock(&self.core);
+        if to > from {
+            let mut grow = (to - from) as usize;
+            let cancel = core.excess.min(grow);
+            core.excess -= cancel;
+            grow -= cancel;
+            for _ in 0..grow {
+                let _ = self.give_back(&mut core, None);
+            }
+        } else {
+            let shrink = (from - to) as usize;
+            let gone = core.free.min(shrink);
+            core.free -= gone;
+            core.excess += shrink - gone;
+        }
     }
 }

@@ -29,7 +29,8 @@ fn prune(pool: &Pool) {
     let s = pool.settings();
     let min = s.min_size as usize;
     let in_use = pool.in_use.load(std::sync::atomic::Ordering::Relaxed);
-    let mut idle = lock(&pool.idle);
+    let mut core = lock(&pool.core);
+    let idle = &mut core.idle;
     let mut keep = Vec::with_capacity(idle.len());
     // Oldest-used first so the most recently used stay warm.
     idle.sort_by_key(|i| i.conn.last_used);
@@ -60,16 +61,15 @@ async fn warm(pool: &Arc<Pool>) {
         && pool.server_count() < pool.settings().min_size as usize
         && pool.can_log_in()
     {
-        let Ok(permit) = pool.permits.clone().try_acquire_owned() else {
+        let Some(permit) = pool.try_permit() else {
             return;
         };
         match pool.open().await {
-            Ok(idle) => lock(&pool.idle).push(idle),
+            Ok(idle) => permit.give_back(idle),
             Err(e) => {
                 tracing::warn!(pool = %pool.name(), error = %e, "could not open warm server connection");
                 return;
             }
         }
-        drop(permit);
     }
 }

@@ -1,7 +1,8 @@
 //! Bounded pools of server connections, one per (database, user).
 //!
 //! Owns: idle server connections, the permits that bound how many exist, the
-//! fair (FIFO) queue of clients waiting for one, warm-up and idle pruning.
+//! fair (FIFO) queue of clients waiting for one (all three under one lock,
+//! see `checkout`), warm-up and idle pruning.
 //!
 //! Invariants: at most `pool_size` connections exist per pool (a permit is
 //! held while a connection is checked out or being created; a new connection
@@ -16,11 +17,12 @@ pub use checkout::{PooledConn, Release};
 pub use registry::{BackendIndex, DbControl, Registry};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use checkout::Core;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::server::Credentials;
@@ -75,12 +77,11 @@ pub struct Pool {
     pub user: String,
     pub backend: usize,
     settings: ArcSwap<PoolSettings>,
+    /// The settings the hot path reads, as plain atomics.
+    pub hot: HotSettings,
     spec: Mutex<ConnectSpec>,
-    idle: Mutex<Vec<Idle>>,
-    permits: Arc<Semaphore>,
-    /// Permits to take out of circulation as they come back (a reload
-    /// shrank the pool while they were in use).
-    excess: AtomicU32,
+    /// Idle connections, permits and waiting checkouts.
+    core: Mutex<Core>,
     db_permits: Option<Arc<Semaphore>>,
     in_use: AtomicUsize,
     /// Connections being opened.
@@ -99,6 +100,50 @@ pub struct Pool {
     interned: Mutex<Vec<Arc<BTreeMap<String, String>>>>,
     /// Statements some server of this pool has parsed without error.
     known_statements: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// The few settings read on every transaction (checkout, forwarding,
+/// release), kept beside the `ArcSwap` so that reading them costs a plain
+/// load. Written only by [`Pool::new`] and [`Pool::update`].
+#[derive(Debug, Default)]
+pub struct HotSettings {
+    size: AtomicUsize,
+    server_lifetime_ms: AtomicU64,
+    slow_query_us: AtomicU64,
+    session_mode: AtomicBool,
+}
+
+impl HotSettings {
+    fn set(&self, s: &PoolSettings) {
+        self.size.store(s.size as usize, Ordering::Relaxed);
+        self.server_lifetime_ms
+            .store(s.server_lifetime.as_millis() as u64, Ordering::Relaxed);
+        self.slow_query_us
+            .store(s.slow_query_threshold.as_micros() as u64, Ordering::Relaxed);
+        self.session_mode
+            .store(s.mode == PoolMode::Session, Ordering::Relaxed);
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn server_lifetime(&self) -> Duration {
+        Duration::from_millis(self.server_lifetime_ms.load(Ordering::Relaxed))
+    }
+
+    /// `slow_query_threshold` in microseconds.
+    pub fn slow_query_us(&self) -> u64 {
+        self.slow_query_us.load(Ordering::Relaxed)
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        if self.session_mode.load(Ordering::Relaxed) {
+            PoolMode::Session
+        } else {
+            PoolMode::Transaction
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,16 +170,17 @@ impl Pool {
             traffic,
             servers,
         } = parts;
+        let hot = HotSettings::default();
+        hot.set(&settings);
         Arc::new(Self {
             addr: format!("{}:{}", spec.host, spec.port).into(),
-            permits: Arc::new(Semaphore::new(settings.size as usize)),
-            excess: AtomicU32::new(0),
+            core: Mutex::new(Core::new(settings.size as usize)),
             database: key.database,
             user: key.user,
             backend: key.backend,
             settings: ArcSwap::from_pointee(settings),
+            hot,
             spec: Mutex::new(spec),
-            idle: Mutex::new(Vec::new()),
             db_permits,
             in_use: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
@@ -155,11 +201,11 @@ impl Pool {
 
     /// Server connections that exist now (idle plus checked out).
     pub fn server_count(&self) -> usize {
-        lock(&self.idle).len() + self.in_use.load(Ordering::Relaxed)
+        lock(&self.core).idle.len() + self.in_use.load(Ordering::Relaxed)
     }
 
     pub fn idle_count(&self) -> usize {
-        lock(&self.idle).len()
+        lock(&self.core).idle.len()
     }
 
     pub fn active_count(&self) -> usize {
@@ -183,7 +229,7 @@ impl Pool {
 
     /// Closes every idle connection (PAUSE, KILL, retirement).
     pub fn close_idle(&self) {
-        let idle: Vec<Idle> = std::mem::take(&mut *lock(&self.idle));
+        let idle: Vec<Idle> = std::mem::take(&mut lock(&self.core).idle);
         for i in idle {
             tokio::spawn(i.conn.terminate());
         }
@@ -201,30 +247,12 @@ impl Pool {
             return;
         }
         let (from, to) = (old.size, new.size);
+        self.hot.set(&new);
         self.settings.store(Arc::new(new));
-        if to > from {
-            let mut grow = to - from;
-            // Cancel permits still owed to an earlier shrink first.
-            while grow > 0 {
-                let e = self.excess.load(Ordering::Relaxed);
-                if e == 0 {
-                    break;
-                }
-                let take = e.min(grow);
-                if self
-                    .excess
-                    .compare_exchange(e, e - take, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    grow -= take;
-                }
-            }
-            self.permits.add_permits(grow as usize);
-        } else if to < from {
-            let shrink = (from - to) as usize;
-            let gone = self.permits.forget_permits(shrink);
-            self.excess
-                .fetch_add((shrink - gone) as u32, Ordering::Relaxed);
+        if to != from {
+            self.resize(from, to);
+        }
+        if to < from {
             self.trim_idle();
         }
         tracing::info!(pool = %self.name(), from, to, "pool settings reloaded");
@@ -232,30 +260,14 @@ impl Pool {
 
     /// Closes idle connections beyond the pool size.
     fn trim_idle(&self) {
-        let size = self.settings.load().size as usize;
+        let size = self.hot.size();
         let in_use = self.in_use.load(Ordering::Relaxed);
-        let mut idle = lock(&self.idle);
-        while !idle.is_empty() && idle.len() + in_use > size {
-            if let Some(i) = idle.pop() {
+        let mut core = lock(&self.core);
+        while !core.idle.is_empty() && core.idle.len() + in_use > size {
+            if let Some(i) = core.idle.pop() {
                 tokio::spawn(i.conn.terminate());
             }
         }
-    }
-
-    /// True when a permit coming back must be taken out of circulation
-    /// (a reload shrank the pool while it was in use).
-    fn take_excess(&self) -> bool {
-        let mut e = self.excess.load(Ordering::Relaxed);
-        while e > 0 {
-            match self
-                .excess
-                .compare_exchange(e, e - 1, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(cur) => e = cur,
-            }
-        }
-        false
     }
 
     /// Supplies credentials learned from a client login (SCRAM passthrough).

@@ -16,7 +16,6 @@ pub mod prepared;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -76,8 +75,10 @@ pub struct ServerConn {
     /// Current session parameters: reported by the server or set by tidepool.
     pub params: BTreeMap<String, String>,
     pub tx: TxStatus,
-    pub created: Instant,
-    pub last_used: Instant,
+    /// When opened and last used, on the coarse monotonic clock
+    /// ([`crate::clock::coarse_mono_us`]).
+    pub created: u64,
+    pub last_used: u64,
     /// Bytes read from the server not yet handled. Empty while idle.
     pub buf: BytesMut,
     /// Named statements tidepool prepared on this connection.
@@ -128,7 +129,7 @@ fn text_row(body: &[u8]) -> Result<Vec<String>, ProtocolError> {
 
 impl ServerConn {
     fn new(stream: TcpStream, cancel_key: CancelKey, params: BTreeMap<String, String>) -> Self {
-        let now = Instant::now();
+        let now = crate::clock::coarse_mono_us();
         Self {
             stream,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -217,7 +218,7 @@ impl ServerConn {
                 _ => {}
             }
         }
-        self.last_used = Instant::now();
+        self.last_used = crate::clock::coarse_mono_us();
         match failure {
             Some(f) => Err(ServerError::Query(f)),
             None => Ok(result),
