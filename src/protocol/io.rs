@@ -41,26 +41,29 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     when_ready(|| try_read(stream, buf), |cx| stream.poll_read_ready(cx)).await
 }
 
-/// Runs `attempt` until it does not say `WouldBlock`, waiting in between
-/// through `ready`: the socket's single reader or writer slot
-/// (`poll_read_ready`/`poll_write_ready`), not a waiter queued under the
-/// socket's lock (`readable()`) and unlinked again when the future is
-/// dropped, which `select!` does every time round. So only one task may wait
-/// on a given socket this way at a time, as here: a socket belongs to one
-/// client task while it is in use. An attempt while the socket is not known
-/// to be ready is free: tokio answers `WouldBlock` without a system call.
+/// Runs `attempt` once the socket is ready, until it does not say
+/// `WouldBlock`, waiting in between through `ready`: the socket's single
+/// reader or writer slot (`poll_read_ready`/`poll_write_ready`), not a waiter
+/// queued under the socket's lock (`readable()`) and unlinked again when the
+/// future is dropped, which `select!` does every time round. So only one
+/// task may wait on a given socket this way at a time, as here: a socket
+/// belongs to one client task while it is in use. Asking for readiness first
+/// makes the common case of a socket with nothing new (each `select!` turn
+/// polls every open branch) cost one flag check, with no attempt and no
+/// error value.
 async fn when_ready<T>(
     mut attempt: impl FnMut() -> io::Result<T>,
     ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
 ) -> io::Result<T> {
     std::future::poll_fn(|cx| {
         loop {
+            match ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
             match attempt() {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => match ready(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
             }
         }

@@ -22,7 +22,7 @@ pub enum FrontendTag {
 }
 
 impl FrontendTag {
-    pub fn from_byte(b: u8) -> Self {
+    const fn decode(b: u8) -> Self {
         match b {
             b'Q' => Self::Query,
             b'P' => Self::Parse,
@@ -40,6 +40,21 @@ impl FrontendTag {
             b'p' => Self::Password,
             other => Self::Other(other),
         }
+    }
+
+    /// Every byte's tag, so that decoding one is a single load.
+    const TABLE: [Self; 256] = {
+        let mut t = [Self::Other(0); 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = Self::decode(i as u8);
+            i += 1;
+        }
+        t
+    };
+
+    pub fn from_byte(b: u8) -> Self {
+        Self::TABLE[b as usize]
     }
 
     pub fn byte(self) -> u8 {
@@ -102,7 +117,7 @@ pub enum BackendTag {
 }
 
 impl BackendTag {
-    pub fn from_byte(b: u8) -> Self {
+    const fn decode(b: u8) -> Self {
         match b {
             b'R' => Self::Authentication,
             b'K' => Self::BackendKeyData,
@@ -130,6 +145,21 @@ impl BackendTag {
             b'v' => Self::NegotiateProtocolVersion,
             other => Self::Other(other),
         }
+    }
+
+    /// Every byte's tag, so that decoding one is a single load.
+    const TABLE: [Self; 256] = {
+        let mut t = [Self::Other(0); 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = Self::decode(i as u8);
+            i += 1;
+        }
+        t
+    };
+
+    pub fn from_byte(b: u8) -> Self {
+        Self::TABLE[b as usize]
     }
 
     pub fn byte(self) -> u8 {
