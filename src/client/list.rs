@@ -14,8 +14,6 @@ use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
 use std::time::SystemTime;
 
-use futures_util::task::AtomicWaker;
-
 use crate::clock::precise_us as now_us;
 
 /// Where a client is in its cycle.
@@ -41,35 +39,53 @@ impl ClientState {
 }
 
 /// A wake-up call for one task (the client's own): a flag and a waker. It is
-/// awaited on every idle wait, checkout and transaction, so it costs a swap
-/// and a waker comparison there, not a lock as `tokio::sync::Notify` would.
+/// awaited on every idle wait, checkout and transaction, so it costs a flag
+/// load there: the task's waker is kept from its first wait (the same task
+/// waits every time) instead of being registered on every poll.
 #[derive(Default)]
 pub struct Nudge {
     nudged: AtomicBool,
-    waker: AtomicWaker,
+    /// `waker` holds the current task's waker.
+    has_waker: AtomicBool,
+    waker: Mutex<Option<std::task::Waker>>,
 }
 
 impl Nudge {
     /// Wakes the waiting task, or the next one to wait.
     pub fn notify(&self) {
-        self.nudged.store(true, Ordering::Release);
-        self.waker.wake();
+        self.nudged.store(true, Ordering::SeqCst);
+        if let Some(w) = &*self.waker.lock().unwrap_or_else(PoisonError::into_inner) {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Another task serves the client from now on (it resumed after
+    /// parking): the kept waker is stale.
+    pub fn new_task(&self) {
+        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.has_waker.store(false, Ordering::SeqCst);
     }
 
     /// Resolves once nudged since it last resolved. Meant for one task at a
     /// time (a second waiter would take the first one's place).
     pub fn nudged(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::Acquire) {
+        std::future::poll_fn(move |cx| self.poll_nudged(cx))
+    }
+
+    /// [`Nudge::nudged`] for hand-written polls.
+    pub fn poll_nudged(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if !self.has_waker.load(Ordering::Relaxed) {
+            *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+            self.has_waker.store(true, Ordering::SeqCst);
+            // A notify that came before the waker was kept.
+            if self.nudged.swap(false, Ordering::SeqCst) {
                 return Poll::Ready(());
             }
-            self.waker.register(cx.waker());
-            if self.nudged.swap(false, Ordering::Acquire) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        }
+        Poll::Pending
     }
 }
 

@@ -193,9 +193,11 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Serves one accepted connection until it ends.
+/// Serves one accepted connection: logs it in, then runs its session as a
+/// task of its own (so that each poll of a busy client starts at the
+/// session's own loop, not down through the login's futures).
 pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    let _slot = ClientSlot::new(&shared);
+    let slot = ClientSlot::new(&shared);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
         return;
@@ -208,11 +210,21 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let work = async move {
         let _ = stream.set_nodelay(true);
         match Box::pin(startup::login(stream, &shared, id)).await {
-            Some(startup::Login::Client(session)) => session.run().await,
-            Some(startup::Login::Admin(console)) => Box::pin(console.run()).await,
-            None => {}
+            Some(startup::Login::Client(session)) => {
+                let run = session.run(slot);
+                if debug {
+                    tokio::spawn(run.instrument(tracing::Span::current()));
+                } else {
+                    tokio::spawn(run);
+                }
+            }
+            Some(startup::Login::Admin(console)) => {
+                Box::pin(console.run()).await;
+                drop(slot);
+                tracing::debug!("client finished");
+            }
+            None => tracing::debug!("client finished"),
         }
-        tracing::debug!("client finished");
     };
     if debug {
         work.instrument(tracing::debug_span!("client", id, peer = ?peer))

@@ -135,7 +135,7 @@ impl Lot {
 fn resume(lot: &Lot, id: u64) {
     if let Some(p) = lot.take(id) {
         p.info().unparked();
-        tokio::spawn(p.resume());
+        p.resume();
     }
 }
 

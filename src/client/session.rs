@@ -20,7 +20,7 @@ use crate::cancel::{CancelHandle, send_cancel};
 use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::health::Health;
-use crate::pool::{DbControl, Pool, PooledConn, Release};
+use crate::pool::{DbControl, Pool, PooledConn, Release, Waiter};
 use crate::protocol::scan::{Scanner, checked_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::router::Class;
@@ -94,6 +94,8 @@ pub struct Session {
     defaults: Arc<BTreeMap<String, String>>,
     /// The last transaction's tracker, kept for its allocations.
     spare_tracker: Option<Box<Tracker>>,
+    /// This client's mailbox while it waits for a server.
+    waiter: Arc<Waiter>,
 }
 
 /// A parked client (see `client::park`): only what [`Session`] cannot
@@ -129,12 +131,12 @@ impl Parked {
     }
 
     /// Runs the client again in a task of its own.
-    pub async fn resume(self) {
+    pub fn resume(self) {
         let id = self.listed.info.id;
         match self.into_session() {
-            Ok((session, _slot)) => {
+            Ok((session, slot)) => {
                 tracing::debug!(client = id, "client resumed");
-                session.run().await;
+                tokio::spawn(session.run(slot));
             }
             Err(e) => {
                 tracing::warn!(client = id, error = %e, "could not resume client; closing it")
@@ -242,6 +244,7 @@ impl Session {
             defaults: pool_defaults,
             health: None,
             spare_tracker: None,
+            waiter: Waiter::new(),
         }
         .with_health()
     }
@@ -292,8 +295,11 @@ impl Session {
         }
     }
 
-    pub async fn run(mut self: Box<Self>) {
+    /// Serves the client until it leaves (or parks); `_slot` counts it
+    /// meanwhile.
+    pub async fn run(mut self: Box<Self>, _slot: super::ClientSlot) {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
+        self.listed.info.nudge.new_task();
         loop {
             let idle_in_tx = self.deferred_begin.is_some();
             if let Some(e) = self.evicted(idle_in_tx) {
@@ -504,6 +510,12 @@ impl Session {
     /// Reads more client bytes; an idle client with an empty buffer first
     /// waits for readability so that it holds no buffer while waiting.
     async fn read_more(&mut self) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_more(cx)).await
+    }
+
+    /// [`Session::read_more`] for hand-written polls (each step may repeat:
+    /// the buffer preparation is idempotent).
+    fn poll_read_more(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             let parks = !self.settings.config.pool.park_idle_clients_after.is_zero();
             if self.buf.capacity() > IDLE_KEEP || !parks {
@@ -516,22 +528,23 @@ impl Session {
         }
         if self.buf.capacity() == 0 {
             loop {
-                crate::protocol::io::readable(&self.stream).await?;
+                match self.stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
                 let mut chunk = BytesMut::with_capacity(IDLE_KEEP);
                 match crate::protocol::io::try_read(&self.stream, &mut chunk) {
                     Ok(n) => {
                         self.buf = chunk;
-                        return Ok(n);
+                        return Poll::Ready(Ok(n));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
         }
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        crate::protocol::io::read(&self.stream, &mut self.buf).await
+        poll_read_into(&self.stream, &mut self.buf, cx)
     }
 
     async fn flush_out(&mut self) -> std::io::Result<()> {
@@ -565,17 +578,20 @@ impl Session {
                     return Ok(Next::Exit);
                 }
                 let info = self.listed.info.clone();
-                let read = tokio::select! {
-                    biased;
-                    r = self.read_more() => r,
-                    _ = info.nudge.nudged() => {
-                        match self.evicted(self.deferred_begin.is_some()) {
-                            Some(e) => return Err(e),
-                            None if info.park_requested() && self.parkable() => {
-                                return Ok(Next::Park);
-                            }
-                            None => continue,
+                let read = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = self.poll_read_more(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    info.nudge.poll_nudged(cx).map(|()| None)
+                })
+                .await;
+                let Some(read) = read else {
+                    match self.evicted(self.deferred_begin.is_some()) {
+                        Some(e) => return Err(e),
+                        None if info.park_requested() && self.parkable() => {
+                            return Ok(Next::Park);
                         }
+                        None => continue,
                     }
                 };
                 match read {
@@ -956,7 +972,8 @@ impl Session {
         let info = self.listed.info.clone();
         // No timer per wait: the client sweep nudges this task once
         // `query_wait_timeout` has passed (see `client::park`).
-        let checkout = pool.checkout_untimed();
+        let waiter = self.waiter.clone();
+        let checkout = pool.checkout_untimed(&waiter);
         tokio::pin!(checkout);
         // Most checkouts find a server at once: then there is no wait to
         // time and no waiting state to show.
@@ -972,20 +989,24 @@ impl Session {
             r
         } else {
             loop {
-                tokio::select! {
-                    biased;
-                    r = &mut checkout => break r,
-                    _ = info.nudge.nudged() => {
-                        if info.eviction() == Eviction::Killed {
-                            info.idle();
-                            return Err(ClientError::Killed);
-                        }
-                        if info.wait_expired() {
-                            info.idle();
-                            let limit = pool.settings().query_wait_timeout;
-                            return Err(pool_error(pool, crate::pool::PoolError::Timeout(limit)));
-                        }
+                let done = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
                     }
+                    info.nudge.poll_nudged(cx).map(|()| None)
+                })
+                .await;
+                if let Some(r) = done {
+                    break r;
+                }
+                if info.eviction() == Eviction::Killed {
+                    info.idle();
+                    return Err(ClientError::Killed);
+                }
+                if info.wait_expired() {
+                    info.idle();
+                    let limit = pool.settings().query_wait_timeout;
+                    return Err(pool_error(pool, crate::pool::PoolError::Timeout(limit)));
                 }
             }
         };
@@ -1161,15 +1182,72 @@ impl Session {
                     return TxEnd::Done;
                 }
             }
+            // Sends first, without a select! turn: a socket is nearly always
+            // writable, and most turns only send what was just scanned.
+            if !to_server.is_empty() {
+                match crate::protocol::io::try_send(sw.as_ref(), &mut to_server) {
+                    Ok(_) => {
+                        if to_server.is_empty() {
+                            to_server = BytesMut::new();
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return lost(e.to_string(), &cscan),
+                }
+            }
+            if !to_client.is_empty() {
+                match crate::protocol::io::try_send(cw.as_ref(), &mut to_client) {
+                    Ok(n) => t.timing.delta.sent += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        client_closed = true;
+                        to_client.clear();
+                        to_server.clear();
+                    }
+                }
+                if to_client.is_empty() {
+                    to_client = BytesMut::new();
+                    continue;
+                }
+            }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
-            // `biased`: the branches are tried in order, without drawing a
-            // random number per poll; none starves, as each one drains what
-            // enables it (a send empties its buffer; reads stop while
-            // what they brought waits to be sent).
-            tokio::select! {
-                biased;
-                r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => {
+            let read_client = to_server.is_empty() && !client_closed && !t.terminated;
+            let event = if to_server.is_empty() && to_client.is_empty() && !idle_in_tx {
+                // The usual wait, between a request sent and its answer:
+                // polled by hand, without building a select! of futures.
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = poll_read_into(sr.as_ref(), &mut conn.buf, cx) {
+                        return Poll::Ready(Event::ServerRead(r));
+                    }
+                    if read_client
+                        && let Poll::Ready(r) = poll_read_into(cr.as_ref(), &mut self.buf, cx)
+                    {
+                        return Poll::Ready(Event::ClientRead(r));
+                    }
+                    info.nudge.poll_nudged(cx).map(|()| Event::Nudged)
+                })
+                .await
+            } else {
+                // `biased`: the branches are tried in order, without drawing
+                // a random number per poll; none starves, as each one drains
+                // what enables it (a send empties its buffer; reads stop
+                // while what they brought waits to be sent).
+                tokio::select! {
+                    biased;
+                    r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => Event::SentServer(r),
+                    r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() => Event::SentClient(r),
+                    r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() => Event::ServerRead(r),
+                    r = read_into(cr.as_ref(), &mut self.buf), if read_client => Event::ClientRead(r),
+                    // Made on first poll (the timer and its clock read cost
+                    // nothing while the branch is off), afresh each time round.
+                    _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
+                    _ = info.nudge.nudged() => Event::Nudged,
+                }
+            };
+            match event {
+                Event::SentServer(r) => {
                     if let Err(e) = r {
                         return lost(e.to_string(), &cscan);
                     }
@@ -1177,7 +1255,7 @@ impl Session {
                         to_server = BytesMut::new();
                     }
                 }
-                r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() => {
+                Event::SentClient(r) => {
                     match r {
                         Ok(n) => t.timing.delta.sent += n as u64,
                         Err(_) => {
@@ -1190,13 +1268,15 @@ impl Session {
                         to_client = BytesMut::new();
                     }
                 }
-                r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() => {
+                Event::ServerRead(r) => {
                     match r {
                         Ok(0) => return lost("server closed the connection".into(), &cscan),
                         Err(e) => return lost(e.to_string(), &cscan),
                         Ok(_) => {}
                     }
-                    if let Err(e) = scan_server(&mut conn.buf, &mut sscan, t, &mut changed, &mut to_client) {
+                    if let Err(e) =
+                        scan_server(&mut conn.buf, &mut sscan, t, &mut changed, &mut to_client)
+                    {
                         return lost(e.to_string(), &cscan);
                     }
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
@@ -1217,23 +1297,18 @@ impl Session {
                         to_client.clear();
                     }
                 }
-                r = read_into(cr.as_ref(), &mut self.buf), if to_server.is_empty() && !client_closed && !t.terminated => {
-                    match r {
-                        Ok(0) | Err(_) => {
-                            client_closed = true;
-                            continue;
-                        }
-                        Ok(_) => rescan = true,
-                    }
-                }
-                // Made on first poll (the timer and its clock read cost
-                // nothing while the branch is off), afresh each time round.
-                _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => {
-                    return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(idle_tx_timeout));
+                Event::ClientRead(r) => match r {
+                    Ok(0) | Err(_) => client_closed = true,
+                    Ok(_) => rescan = true,
+                },
+                Event::IdleTimeout => {
+                    return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(
+                        idle_tx_timeout,
+                    ));
                 }
                 // KILL wakes this; a shutdown (or a parking sweep) does not
                 // interrupt a transaction.
-                _ = info.nudge.nudged() => {
+                Event::Nudged => {
                     if info.eviction() == Eviction::Killed {
                         return TxEnd::Killed;
                     }
@@ -1531,8 +1606,28 @@ fn lost(reason: String, cscan: &Scanner) -> TxEnd {
 }
 
 async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_into(stream, buf, cx)).await
+}
+
+/// Reads what `stream` has into `buf` (growing it when nearly full), or
+/// registers for readability.
+fn poll_read_into(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
-    crate::protocol::io::read(stream, buf).await
+    crate::protocol::io::poll_read(stream, buf, cx)
+}
+
+/// What ended one wait of [`Session::forward`].
+enum Event {
+    SentServer(std::io::Result<usize>),
+    SentClient(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ClientRead(std::io::Result<usize>),
+    IdleTimeout,
+    Nudged,
 }

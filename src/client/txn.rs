@@ -366,10 +366,15 @@ pub struct ServerSide<'a> {
 impl Inspector for ServerSide<'_> {
     fn classify(&mut self, tag: u8) -> Step {
         let t = &mut *self.t;
-        if t.expect.head_is_synthetic() || t.expect.head_is_internal() || t.expect.swallows(tag) {
+        if t.expect.head_is_tidepools() || t.expect.swallows(tag) {
             return Step::Stop;
         }
-        match BackendTag::from_byte(tag) {
+        let tag_kind = BackendTag::from_byte(tag);
+        if tag_kind == BackendTag::DataRow {
+            // Rows pass untouched (and change nothing owed).
+            return Step::Pass;
+        }
+        match tag_kind {
             BackendTag::ReadyForQuery
             | BackendTag::ParameterStatus
             | BackendTag::ErrorResponse

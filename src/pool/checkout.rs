@@ -43,21 +43,36 @@ impl Core {
     }
 }
 
-/// One waiting checkout's mailbox.
-struct Waiter {
-    state: Mutex<Grant>,
+/// A checkout's mailbox while it waits for a permit. A client keeps one for
+/// all its checkouts (one at a time), so waiting allocates nothing.
+pub struct Waiter {
+    state: Mutex<Mailbox>,
+}
+
+struct Mailbox {
+    /// The waiting task's waker (kept between waits: the same task waits).
+    waker: Option<Waker>,
+    grant: Grant,
 }
 
 enum Grant {
-    Waiting(Option<Waker>),
+    /// Not waiting.
+    Idle,
+    /// In a pool's queue.
+    Waiting,
     /// A permit, with a connection when the last holder's may serve again.
     Granted(Option<Idle>),
-    Taken,
 }
 
-enum Taken {
-    Now(Option<Idle>),
-    Queued(Arc<Waiter>),
+impl Waiter {
+    pub fn new() -> Arc<Waiter> {
+        Arc::new(Waiter {
+            state: Mutex::new(Mailbox {
+                waker: None,
+                grant: Grant::Idle,
+            }),
+        })
+    }
 }
 
 /// A server connection lent to one client. Give it back with
@@ -183,22 +198,24 @@ impl Future for Wait<'_> {
         let Some(w) = &self.waiter else {
             return Poll::Pending;
         };
-        let mut state = lock(&w.state);
-        match &mut *state {
-            Grant::Waiting(waker) => {
-                if !waker.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
+        let mut mailbox = lock(&w.state);
+        match std::mem::replace(&mut mailbox.grant, Grant::Idle) {
             Grant::Granted(conn) => {
-                let conn = conn.take();
-                *state = Grant::Taken;
-                drop(state);
+                drop(mailbox);
                 self.waiter = None;
                 Poll::Ready(conn)
             }
-            Grant::Taken => Poll::Pending,
+            other => {
+                mailbox.grant = other;
+                if !mailbox
+                    .waker
+                    .as_ref()
+                    .is_some_and(|k| k.will_wake(cx.waker()))
+                {
+                    mailbox.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -207,17 +224,15 @@ impl Drop for Wait<'_> {
     fn drop(&mut self) {
         let Some(w) = self.waiter.take() else { return };
         let mut core = lock(&self.pool.core);
-        let granted = match std::mem::replace(&mut *lock(&w.state), Grant::Taken) {
-            Grant::Granted(conn) => Some(conn),
-            _ => None,
-        };
-        let refused = match granted {
+        let grant = std::mem::replace(&mut lock(&w.state).grant, Grant::Idle);
+        let refused = match grant {
             // The permit came but nobody took it: pass it on.
-            Some(conn) => self.pool.give_back(&mut core, conn),
-            None => {
+            Grant::Granted(conn) => self.pool.give_back(&mut core, conn),
+            Grant::Waiting => {
                 core.waiters.retain(|x| !Arc::ptr_eq(x, &w));
                 None
             }
+            Grant::Idle => None,
         };
         drop(core);
         if let Some(idle) = refused {
@@ -232,7 +247,8 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
         let wait = self.settings().query_wait_timeout_or_max();
         let timeout = self.settings().query_wait_timeout;
-        match tokio::time::timeout(wait, self.checkout_untimed()).await {
+        let waiter = Waiter::new();
+        match tokio::time::timeout(wait, self.checkout_untimed(&waiter)).await {
             Ok(r) => r,
             Err(_) => Err(PoolError::Timeout(timeout)),
         }
@@ -240,20 +256,25 @@ impl Pool {
 
     /// Like [`Pool::checkout`], but waits for a permit without a timer: the
     /// caller enforces `query_wait_timeout` itself (clients do, through the
-    /// client sweep, so that a wait costs no timer registration).
-    pub async fn checkout_untimed(self: &Arc<Self>) -> Result<PooledConn, PoolError> {
-        let found = match self.take_permit() {
-            Taken::Now(found) => found,
-            Taken::Queued(w) => {
-                let granted = Wait {
-                    pool: self,
-                    waiter: Some(w),
-                }
-                .await;
-                match granted.filter(|i| self.usable(i)) {
-                    Some(i) => Some(i),
-                    None => self.pop_idle(&mut lock(&self.core)),
-                }
+    /// client sweep, so that a wait costs no timer registration). `waiter`
+    /// is the caller's mailbox, used by one checkout at a time.
+    pub async fn checkout_untimed(
+        self: &Arc<Self>,
+        waiter: &Arc<Waiter>,
+    ) -> Result<PooledConn, PoolError> {
+        let found = if self.take_permit(waiter) {
+            self.pop_idle(&mut lock(&self.core))
+        } else {
+            let granted = Wait {
+                pool: self,
+                waiter: Some(waiter.clone()),
+            }
+            .await;
+            // A connection handed over by the client that released it was
+            // clean, alive and within its lifetime a moment ago.
+            match granted {
+                Some(i) => Some(i),
+                None => self.pop_idle(&mut lock(&self.core)),
             }
         };
         // The permit is ours from here; `held` gives it back if opening a
@@ -271,19 +292,16 @@ impl Pool {
         })
     }
 
-    /// A permit now (with an idle connection if one is usable), or a place
-    /// in the queue.
-    fn take_permit(&self) -> Taken {
+    /// A permit now (true), or a place in the queue for `waiter`.
+    fn take_permit(&self, waiter: &Arc<Waiter>) -> bool {
         let mut core = lock(&self.core);
         if core.free > 0 {
             core.free -= 1;
-            return Taken::Now(self.pop_idle(&mut core));
+            return true;
         }
-        let w = Arc::new(Waiter {
-            state: Mutex::new(Grant::Waiting(None)),
-        });
-        core.waiters.push_back(w.clone());
-        Taken::Queued(w)
+        lock(&waiter.state).grant = Grant::Waiting;
+        core.waiters.push_back(waiter.clone());
+        false
     }
 
     /// A free permit, if one is free now (warm-up).
@@ -332,12 +350,10 @@ impl Pool {
             return conn;
         }
         if let Some(w) = core.waiters.pop_front() {
-            let mut state = lock(&w.state);
-            if let Grant::Waiting(waker) = std::mem::replace(&mut *state, Grant::Granted(conn)) {
-                drop(state);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
+            let mut mailbox = lock(&w.state);
+            mailbox.grant = Grant::Granted(conn);
+            if let Some(waker) = &mailbox.waker {
+                waker.wake_by_ref();
             }
             return None;
         }

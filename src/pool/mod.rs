@@ -13,7 +13,7 @@ mod checkout;
 mod maintain;
 mod registry;
 
-pub use checkout::{PooledConn, Release};
+pub use checkout::{PooledConn, Release, Waiter};
 pub use registry::{BackendIndex, DbControl, Registry};
 
 use std::collections::BTreeMap;

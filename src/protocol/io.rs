@@ -9,6 +9,7 @@
 //! the kernel. This also makes the idle-server liveness probe free.
 
 use std::io::{self, ErrorKind};
+use std::os::fd::{AsRawFd, RawFd};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
@@ -18,10 +19,14 @@ use tokio::net::TcpStream;
 /// Reads what is available into `buf`'s spare capacity without waiting.
 /// `Err(WouldBlock)` when nothing is; `Ok(0)` at end of stream.
 pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(64);
+    }
     let offered = buf.capacity() - buf.len();
+    let fd = stream.as_raw_fd();
     let mut got = 0;
     let r = stream.try_io(Interest::READABLE, || {
-        let n = stream.try_read_buf(buf)?;
+        let n = recv_into(fd, buf)?;
         got = n;
         if n > 0 && n < offered {
             // Drained: clear the readiness now rather than by a failing recv.
@@ -38,7 +43,28 @@ pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 
 /// Waits until `stream` is readable and reads what is available.
 pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    when_ready(|| try_read(stream, buf), |cx| stream.poll_read_ready(cx)).await
+    std::future::poll_fn(|cx| poll_read(stream, buf, cx)).await
+}
+
+/// Reads what is available once `stream` is readable; otherwise registers
+/// for readability through the socket's single reader slot (see
+/// [`when_ready`]). For hand-written polls that wait on several sockets.
+pub fn poll_read(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        match stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        match try_read(stream, buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
 }
 
 /// Runs `attempt` once the socket is ready, until it does not say
@@ -81,11 +107,68 @@ pub async fn readable(stream: &TcpStream) -> io::Result<()> {
 /// vectored `writev` through the VFS layer) and drops what was sent.
 /// `Err(WouldBlock)` when the socket is full.
 pub fn try_send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let n = stream.try_io(Interest::WRITABLE, || {
-        socket2::SockRef::from(stream).send(buf)
-    })?;
+    let fd = stream.as_raw_fd();
+    let n = stream.try_io(Interest::WRITABLE, || send_from(fd, buf))?;
     bytes::Buf::advance(buf, n);
     Ok(n)
+}
+
+/// `recv(2)` into `buf`'s spare capacity, as one plain system call: glibc's
+/// `recv` wrapper, being a cancellation point, adds bookkeeping around it
+/// that costs about as much as the rest of a read's user-space work.
+fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    loop {
+        // SAFETY: the kernel writes at most `spare.len()` bytes at
+        // `spare`, memory `buf` owns and does not read before `set_len`.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd,
+                spare.as_mut_ptr(),
+                spare.len(),
+                0,
+                std::ptr::null_mut::<libc::sockaddr>(),
+                std::ptr::null_mut::<libc::socklen_t>(),
+            )
+        };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialized the first `n` spare bytes.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `send(2)` of `buf` (no SIGPIPE), as one plain system call (see
+/// [`recv_into`]).
+fn send_from(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel reads at most `buf.len()` bytes at `buf`.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                fd,
+                buf.as_ptr(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+                std::ptr::null::<libc::sockaddr>(),
+                0 as libc::socklen_t,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Waits until `stream` is writable and sends part of `buf` (see
