@@ -50,11 +50,11 @@ impl<'a> Body<'a> {
 
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(ProtocolError::Malformed(self.what))?;
+        // Names are mostly empty ("" is the unnamed statement or portal).
+        let end = match self.buf.first() {
+            Some(0) => 0,
+            _ => memchr::memchr(0, self.buf).ok_or(ProtocolError::Malformed(self.what))?,
+        };
         let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
         self.buf = &self.buf[end + 1..];
         Ok(s)

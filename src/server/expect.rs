@@ -100,6 +100,15 @@ impl Expect {
         matches!(self.queue.front(), Some(Owed::Internal))
     }
 
+    /// The head is tidepool's own: an answer it gives itself, or a query it
+    /// sent (either stops forwarding).
+    pub fn head_is_tidepools(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Owed::Synthetic { .. } | Owed::Internal)
+        )
+    }
+
     pub fn head_is_synthetic(&self) -> bool {
         matches!(self.queue.front(), Some(Owed::Synthetic { .. }))
     }
@@ -137,6 +146,10 @@ impl Expect {
     pub fn on_message(&mut self, tag: u8) {
         use BackendTag as T;
         let tag = T::from_byte(tag);
+        if tag == T::DataRow {
+            // The most common message, and never the end of an answer.
+            return;
+        }
         let head = self.queue.front_mut();
         let done = match (head, tag) {
             (_, T::NoticeResponse | T::NotificationResponse | T::ParameterStatus) => false,

@@ -40,11 +40,12 @@ struct Entry {
     primary_calls: u64,
     replica_calls: u64,
     histogram: Histogram,
-    last_seen: SystemTime,
+    /// µs since the Unix epoch (coarse clock).
+    last_seen_us: u64,
 }
 
 impl Entry {
-    fn new(database: &Arc<str>, shape: &Arc<Shape>, now: SystemTime) -> Self {
+    fn new(database: &Arc<str>, shape: &Arc<Shape>, now: u64) -> Self {
         Self {
             database: Arc::clone(database),
             shape: Arc::clone(shape),
@@ -55,7 +56,7 @@ impl Entry {
             primary_calls: 0,
             replica_calls: 0,
             histogram: Histogram::new(),
-            last_seen: now,
+            last_seen_us: now,
         }
     }
 
@@ -66,7 +67,7 @@ impl Entry {
             && (Arc::ptr_eq(&self.database, database) || *self.database == **database)
     }
 
-    fn add(&mut self, role: Role, us: u64, rows: u64, error: bool, now: SystemTime) {
+    fn add(&mut self, role: Role, us: u64, rows: u64, error: bool, now: u64) {
         self.calls = self.calls.saturating_add(1);
         self.errors = self.errors.saturating_add(u64::from(error));
         self.rows = self.rows.saturating_add(rows);
@@ -76,7 +77,7 @@ impl Entry {
             Role::Replica => self.replica_calls = self.replica_calls.saturating_add(1),
         }
         self.histogram.record(us);
-        self.last_seen = now;
+        self.last_seen_us = now;
     }
 
     /// Adds another thread's counts for the same pair.
@@ -88,7 +89,7 @@ impl Entry {
         self.primary_calls = self.primary_calls.saturating_add(o.primary_calls);
         self.replica_calls = self.replica_calls.saturating_add(o.replica_calls);
         self.histogram.merge(&o.histogram);
-        self.last_seen = self.last_seen.max(o.last_seen);
+        self.last_seen_us = self.last_seen_us.max(o.last_seen_us);
     }
 
     fn row(&self) -> QueryRow {
@@ -110,7 +111,7 @@ impl Entry {
             max_us: h.max_us(),
             primary_calls: self.primary_calls,
             replica_calls: self.replica_calls,
-            last_seen: self.last_seen,
+            last_seen: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(self.last_seen_us),
         }
     }
 }
@@ -175,7 +176,7 @@ impl QueryStats {
     ) {
         let key = shape.id ^ database_hash(database);
         // `last_seen` is shown to the second: the coarse clock will do.
-        let now = crate::clock::coarse();
+        let now = crate::clock::coarse_us();
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&key) {
             if entry.is_for(database, shape) {
