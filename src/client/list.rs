@@ -59,9 +59,10 @@ impl Nudge {
         }
     }
 
-    /// Another task serves the client from now on (it resumed after
-    /// parking): the kept waker is stale.
-    pub fn new_task(&self) {
+    /// The client's task ends (it parks) or another one takes over (it
+    /// resumed): the kept waker is stale, and must not keep the finished
+    /// task's memory alive.
+    pub fn forget_waker(&self) {
         *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.has_waker.store(false, Ordering::SeqCst);
     }
@@ -360,5 +361,38 @@ mod tests {
         // See the note on `ClientInfo`: with the two reference counts of its
         // `Arc` it must stay within 224 bytes.
         assert!(std::mem::size_of::<super::ClientInfo>() + 16 <= 224);
+    }
+
+    /// Counts the wakers alive for one pretend task (its reference count).
+    struct Task(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Task {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_nudge_wakes_the_kept_waker_and_forgets_it_on_request() {
+        use std::sync::Arc;
+        use std::task::{Context, Poll, Waker};
+        let nudge = super::Nudge::default();
+        let task = Arc::new(Task(Default::default()));
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(nudge.poll_nudged(&mut cx), Poll::Pending);
+        assert_eq!(nudge.poll_nudged(&mut cx), Poll::Pending);
+        // One kept, not one per poll.
+        assert_eq!(Arc::strong_count(&task), 3);
+        nudge.notify();
+        assert_eq!(task.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(nudge.poll_nudged(&mut cx), Poll::Ready(()));
+        assert_eq!(nudge.poll_nudged(&mut cx), Poll::Pending);
+        // A task that ends (parks) must not be kept alive by its waker.
+        nudge.forget_waker();
+        assert_eq!(Arc::strong_count(&task), 2);
+        // A nudge before the next task waits is not lost.
+        nudge.notify();
+        assert_eq!(nudge.poll_nudged(&mut cx), Poll::Ready(()));
     }
 }

@@ -10,12 +10,16 @@
 //! Invariant: an entry says "no effects" only when the template's own text
 //! has none ([`super::sql::effects`] is the default) — and effects come from
 //! keywords and function names, which a match keeps byte for byte; literals
-//! never call anything.
+//! never call anything. For the same reason a statement's routing class
+//! (read or write) is the same for every text that matches: the entry keeps
+//! the class of the first one classified, so a client that sends one kind of
+//! statement with new literals each time is parsed once, not every time.
 
 use std::sync::Arc;
 
+use crate::router::{Class, Classifier};
 use crate::stats::Shape;
-use crate::stats::fingerprint::Template;
+use crate::stats::fingerprint::{Template, hash_and_template};
 
 /// Templates kept per client (the oldest is replaced).
 const ENTRIES: usize = 8;
@@ -27,6 +31,8 @@ pub struct Entry {
     pub shape: Option<Arc<Shape>>,
     /// The statement changes no session state and needs no special handling.
     pub plain: bool,
+    /// Its routing class, once asked for.
+    class: Option<Class>,
 }
 
 #[derive(Debug, Default)]
@@ -37,26 +43,49 @@ pub struct Memo {
 }
 
 impl Memo {
-    /// The entry whose template `sql` matches; with `need_shape`, only one
-    /// that has a shape.
-    pub fn find(&self, sql: &str, need_shape: bool) -> Option<&Entry> {
+    /// The entry whose template `sql` matches.
+    pub fn find(&mut self, sql: &str) -> Option<&mut Entry> {
         self.entries
-            .iter()
-            .find(|e| (!need_shape || e.shape.is_some()) && e.template.matches(sql.as_bytes()))
+            .iter_mut()
+            .find(|e| e.template.matches(sql.as_bytes()))
     }
 
-    pub fn remember(&mut self, template: Template, shape: Option<Arc<Shape>>, plain: bool) {
+    /// The routing class of `sql`: from the entry it matches (classified
+    /// once per entry), else from the classifier (and remembered).
+    pub fn class(&mut self, sql: &str, classifier: &Classifier) -> Class {
+        if let Some(e) = self.find(sql) {
+            return *e.class.get_or_insert_with(|| classifier.classify(sql));
+        }
+        let class = classifier.classify(sql);
+        if let Some(template) = hash_and_template(sql).1 {
+            let plain = super::sql::effects(sql).is_plain();
+            self.remember(template, None, plain).class = Some(class);
+        }
+        class
+    }
+
+    pub fn remember(
+        &mut self,
+        template: Template,
+        shape: Option<Arc<Shape>>,
+        plain: bool,
+    ) -> &mut Entry {
         let entry = Entry {
             template,
             shape,
             plain,
+            class: None,
         };
-        if self.entries.len() < ENTRIES {
+        let i = if self.entries.len() < ENTRIES {
             self.entries.push(entry);
+            self.entries.len() - 1
         } else {
-            self.entries[self.next] = entry;
-            self.next = (self.next + 1) % ENTRIES;
-        }
+            let i = self.next;
+            self.entries[i] = entry;
+            self.next = (i + 1) % ENTRIES;
+            i
+        };
+        &mut self.entries[i]
     }
 }
 
@@ -82,12 +111,43 @@ mod tests {
             Some(shape.clone()),
             true,
         );
-        let hit = m.find("select * from t where id = 42", true).expect("hit");
+        let hit = m.find("select * from t where id = 42").expect("hit");
         assert_eq!(hit.shape.as_deref(), Some(&*shape));
-        assert!(m.find("select 2", false).is_some_and(|e| e.plain));
-        // Remembered without a shape: no hit when one is needed.
-        assert!(m.find("select 2", true).is_none());
-        assert!(m.find("select * from u where id = 42", false).is_none());
+        assert!(
+            m.find("select 2")
+                .is_some_and(|e| e.plain && e.shape.is_none())
+        );
+        assert!(m.find("select * from u where id = 42").is_none());
+    }
+
+    #[test]
+    fn classifies_a_statement_once_whatever_its_literals() {
+        let classifier = Classifier::new(crate::router::classify::Rules::default());
+        let mut m = Memo::default();
+        assert_eq!(
+            m.class("select * from t where id = 1", &classifier),
+            Class::Read
+        );
+        assert_eq!(
+            m.class("insert into t values (1)", &classifier),
+            Class::Write
+        );
+        assert_eq!(m.entries.len(), 2);
+        for i in 2..50 {
+            assert_eq!(
+                m.class(&format!("select * from t where id = {i}"), &classifier),
+                Class::Read
+            );
+            assert_eq!(
+                m.class(&format!("insert into t values ({i})"), &classifier),
+                Class::Write
+            );
+        }
+        assert_eq!(m.entries.len(), 2, "matched, not added");
+        // A hint is a comment, kept byte for byte: another entry.
+        let hinted = "/* tidepool:primary */ select * from t where id = 3";
+        assert_eq!(m.class(hinted, &classifier), Class::Read);
+        assert_eq!(m.entries.len(), 3);
     }
 
     #[test]
@@ -101,9 +161,9 @@ mod tests {
             );
         }
         assert_eq!(m.entries.len(), ENTRIES);
-        assert!(m.find("select c0 from t where a = 9", false).is_none());
+        assert!(m.find("select c0 from t where a = 9").is_none());
         let newest = ENTRIES + 2;
-        let hit = m.find(&format!("select c{newest} from t where a = 9"), false);
+        let hit = m.find(&format!("select c{newest} from t where a = 9"));
         assert_eq!(hit.map(|e| e.plain), Some(newest.is_multiple_of(2)));
     }
 }

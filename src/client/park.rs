@@ -170,6 +170,8 @@ pub async fn run(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(WAIT_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_park_sweep = tokio::time::Instant::now();
+    // Clients parked at the last look: more since means sessions were freed.
+    let mut parked_before = 0;
     loop {
         tokio::select! {
             biased;
@@ -205,6 +207,13 @@ pub async fn run(shared: Arc<Shared>) {
                 let park = lot.registry.is_some() && !period.is_zero() && now >= next_park_sweep;
                 if park {
                     next_park_sweep = now + period;
+                    let parked = lot.len();
+                    if parked > parked_before {
+                        // The freed sessions wait in this thread's allocator
+                        // cache, keeping their pages: give them back.
+                        crate::memory::flush_thread_cache();
+                    }
+                    parked_before = parked;
                 }
                 shared.list.for_each(|c| {
                     c.sweep_wait(wall);

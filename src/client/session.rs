@@ -30,11 +30,15 @@ use crate::server::params::{canonical, is_tracked, sync_sql};
 use crate::server::prepared::{ServerStatements, Statement};
 use crate::stats::{Counters, Fingerprints, Role, SlowQuery};
 
-/// Read buffers grow in steps of this much while there is work.
+/// Read buffers start this small and double (up to steps of
+/// [`READ_CHUNK`]) when a read would find less than [`READ_ROOM`] free.
+const READ_START: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
-/// Read buffer of a client between transactions. It is kept (and reused in
-/// place) while the client is active; a parked client holds none, and
-/// neither does an idle one when parking is off.
+const READ_ROOM: usize = 256;
+/// Largest read buffer a client keeps between transactions (reused in place
+/// while it is active; a parked client holds none, and neither does an idle
+/// one when parking is off). Most clients' requests fit [`READ_START`]: an
+/// idle client waiting to park then holds 1 KiB, not the most it ever needed.
 const IDLE_KEEP: usize = 4 * 1024;
 /// Server messages can be as large as PostgreSQL allows (1 GiB fields).
 const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
@@ -299,7 +303,7 @@ impl Session {
     /// meanwhile.
     pub async fn run(mut self: Box<Self>, _slot: super::ClientSlot) {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
-        self.listed.info.nudge.new_task();
+        self.listed.info.nudge.forget_waker();
         loop {
             let idle_in_tx = self.deferred_begin.is_some();
             if let Some(e) = self.evicted(idle_in_tx) {
@@ -476,6 +480,8 @@ impl Session {
     /// Keeps what cannot be derived again; the socket leaves the runtime.
     fn into_parked(self: Box<Self>) -> std::io::Result<Parked> {
         let s = *self;
+        // A waker kept for this task would keep the task's memory.
+        s.listed.info.nudge.forget_waker();
         let rare =
             (!s.statements.is_empty() || !s.custom_params.is_empty() || s.client_key.is_some())
                 .then(|| {
@@ -522,8 +528,9 @@ impl Session {
                 self.buf = BytesMut::new();
             } else {
                 // Reclaims the whole allocation in place once the bytes
-                // forwarded from it are gone (no allocation).
-                self.buf.reserve(IDLE_KEEP);
+                // forwarded from it are gone (no allocation, no growth:
+                // every buffer is at least this big).
+                self.buf.reserve(READ_START);
             }
         }
         if self.buf.capacity() == 0 {
@@ -533,7 +540,7 @@ impl Session {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 }
-                let mut chunk = BytesMut::with_capacity(IDLE_KEEP);
+                let mut chunk = BytesMut::with_capacity(READ_START);
                 match crate::protocol::io::try_read(&self.stream, &mut chunk) {
                     Ok(n) => {
                         self.buf = chunk;
@@ -744,7 +751,7 @@ impl Session {
     /// Decides where the transaction starting at the front of the buffer
     /// runs: reads (and read-only transactions) to a healthy replica that has
     /// replayed this client's writes, everything else to the primary.
-    fn choose_route(&self) -> (Route, Class) {
+    fn choose_route(&mut self) -> (Route, Class) {
         let Some(h) = &self.health else {
             return (Route::Primary, Class::Write);
         };
@@ -755,8 +762,12 @@ impl Session {
             .params
             .get("tidepool.route")
             .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
-        let (class, hinted) = match self.first_statement() {
-            Some(sql) => (self.settings.classifier.classify(sql), hint(sql)),
+        let policy = self.policy;
+        let memo = self
+            .spare_tracker
+            .get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)));
+        let (class, hinted) = match first_statement(&self.buf, self.limit, &self.statements) {
+            Some(sql) => (memo.classify(sql, &self.settings.classifier), hint(sql)),
             None => (Class::Write, None),
         };
         let by_first = self.settings.config.routing.transaction_routing
@@ -818,11 +829,15 @@ impl Session {
         if self.buf.first() != Some(&FrontendTag::Query.byte()) {
             return false;
         }
-        let Some(sql) = self.first_statement() else {
+        let Some(sql) = first_statement(&self.buf, self.limit, &self.statements) else {
             return false;
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
-        if !single || self.settings.classifier.classify(sql) != Class::Begin {
+        let policy = self.policy;
+        let memo = self
+            .spare_tracker
+            .get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)));
+        if !single || memo.classify(sql, &self.settings.classifier) != Class::Begin {
             return false;
         }
         let sql = sql.to_owned();
@@ -838,30 +853,6 @@ impl Session {
         write::ready_for_query(&mut self.out, TxStatus::InTransaction);
         self.deferred_begin = Some(sql);
         true
-    }
-
-    /// The SQL of the message that starts the transaction, if it has one.
-    fn first_statement(&self) -> Option<&str> {
-        let b = &self.buf;
-        if b.len() < 5 {
-            return None;
-        }
-        let total = checked_len(b[0], &b[1..5], self.limit).ok()?;
-        let body = b.get(5..total)?;
-        let mut body = crate::protocol::messages::Body::new(body, "first message");
-        match FrontendTag::from_byte(b[0]) {
-            FrontendTag::Query => body.cstr().ok(),
-            FrontendTag::Parse => {
-                body.cstr().ok()?;
-                body.cstr().ok()
-            }
-            FrontendTag::Bind => {
-                body.cstr().ok()?;
-                let name = body.cstr().ok()?;
-                self.statements.get(name).map(|s| s.query.as_str())
-            }
-            _ => None,
-        }
     }
 
     /// Bookkeeping once a routed transaction is over.
@@ -1488,6 +1479,34 @@ impl StatementCtx<'_> {
     }
 }
 
+/// The SQL of the message at the head of `b` that starts a transaction, if
+/// it has one (`statements`: the client's named statements).
+fn first_statement<'a>(
+    b: &'a [u8],
+    limit: usize,
+    statements: &'a HashMap<String, Arc<Statement>>,
+) -> Option<&'a str> {
+    if b.len() < 5 {
+        return None;
+    }
+    let total = checked_len(b[0], &b[1..5], limit).ok()?;
+    let body = b.get(5..total)?;
+    let mut body = crate::protocol::messages::Body::new(body, "first message");
+    match FrontendTag::from_byte(b[0]) {
+        FrontendTag::Query => body.cstr().ok(),
+        FrontendTag::Parse => {
+            body.cstr().ok()?;
+            body.cstr().ok()
+        }
+        FrontendTag::Bind => {
+            body.cstr().ok()?;
+            let name = body.cstr().ok()?;
+            statements.get(name).map(|s| s.query.as_str())
+        }
+        _ => None,
+    }
+}
+
 /// Appends `chunk` to `out` without copying when `out` is empty.
 fn append(out: &mut BytesMut, chunk: BytesMut) {
     if out.is_empty() {
@@ -1616,8 +1635,8 @@ fn poll_read_into(
     buf: &mut BytesMut,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(buf.capacity().clamp(READ_START, READ_CHUNK));
     }
     crate::protocol::io::poll_read(stream, buf, cx)
 }

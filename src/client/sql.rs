@@ -22,6 +22,13 @@ pub struct Effects {
     pub custom_params: Vec<String>,
 }
 
+impl Effects {
+    /// Nothing to note: the statement leaves the session as it was.
+    pub fn is_plain(&self) -> bool {
+        *self == Effects::default()
+    }
+}
+
 /// A single-statement SQL `PREPARE name ... AS ...` or `EXECUTE name ...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PreparedSql {

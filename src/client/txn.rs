@@ -155,9 +155,14 @@ impl Tracker {
             return false;
         }
         !matches!(
-            cl.classify(sql),
+            self.memo.class(sql, cl),
             Class::Read | Class::BeginReadOnly | Class::Neutral
         )
+    }
+
+    /// The routing class of `sql`, through this client's memo.
+    pub fn classify(&mut self, sql: &str, classifier: &Classifier) -> Class {
+        self.memo.class(sql, classifier)
     }
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
@@ -194,11 +199,11 @@ impl ClientSide<'_> {
     /// this client sent lately is known from the memo without lexing it.
     fn look(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
         let t = &mut *self.t;
-        if let Some(hit) = t.memo.find(sql, self.shapes.is_some()) {
-            let shape = if self.shapes.is_some() {
-                hit.shape.clone()
-            } else {
-                None
+        if let Some(hit) = t.memo.find(sql) {
+            let shape = match self.shapes {
+                // Remembered for routing, before statistics wanted its shape.
+                Some(s) => Some(hit.shape.get_or_insert_with(|| s.shape(sql)).clone()),
+                None => None,
             };
             return (shape, (!hit.plain).then(|| effects(sql)));
         }
@@ -210,7 +215,7 @@ impl ClientSide<'_> {
             }
             None => (None, hash_and_template(sql).1),
         };
-        let plain = e == Effects::default();
+        let plain = e.is_plain();
         if let Some(template) = template {
             t.memo.remember(template, shape.clone(), plain);
         }
