@@ -13,7 +13,10 @@ import argparse
 import glob
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 
 TARGETS = ["direct", "pgbouncer", "tidepool"]
@@ -96,17 +99,103 @@ def pgbench_stats(runs):
                 pooler.append(r["pooler_cpu_ticks"] / tck * 1e6 / r["txns"])
     pooler_util = [r["pooler_cpu_ticks"] / r["clk_tck"] / r["wall_secs"] for r in runs
                    if r.get("pooler_cpu_ticks") is not None and r["wall_secs"] > 0]
+    split = [r for r in runs if r.get("pooler_cpu_ticks") is not None and r["txns"] > 0
+             and r.get("pooler_user_ticks") is not None]
+    user = [r["pooler_user_ticks"] / r["clk_tck"] * 1e6 / r["txns"] for r in split]
+    system = [r["pooler_sys_ticks"] / r["clk_tck"] * 1e6 / r["txns"] for r in split]
+    vol = [r["pooler_voluntary_switches"] / r["txns"] for r in split]
+    invol = [r["pooler_involuntary_switches"] / r["txns"] for r in split]
     return {
         "tps": med(tps), "tps_range": rng(tps),
         "pooler_us": med(pooler), "pooler_range": rng(pooler),
         "machine_us": med(machine),
         "pooler_cores": med(pooler_util),
+        "user_us": med(user), "sys_us": med(system),
+        "vol_per_txn": med(vol), "invol_per_txn": med(invol),
         "failed": sum(r["failed"] for r in runs),
         "bad_status": sum(1 for r in runs if r["status"] != 0),
         "txns": sum(r["txns"] for r in runs),
         "rounds": len(runs),
         "rss_kb": med([r.get("pooler_rss_kb") for r in runs]),
     }
+
+
+def instruction_stats(results):
+    """User-space instructions per transaction from the callgrind runs: the
+    difference between the two run lengths, per (target, mode)."""
+    out = {}
+    for t in POOLERS:
+        for m in ("simple", "extended"):
+            rs = [r for r in results if r.get("scenario") == "instructions" and r["target"] == t
+                  and r["mode"] == m and isinstance(r.get("instructions"), (int, float))]
+            if len(rs) < 2:
+                continue
+            rs.sort(key=lambda r: r["txns_per_client"])
+            a, b = rs[0], rs[-1]
+            txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
+            if txns > 0:
+                out[(t, m)] = (b["instructions"] - a["instructions"]) / txns
+    return out
+
+
+def steal_percent(d):
+    """Share of all CPU time the hypervisor took (steal) during the run."""
+    try:
+        a = [int(x) for x in open(os.path.join(d, "stat-start")).read().split()[1:]]
+        b = [int(x) for x in open(os.path.join(d, "stat-end")).read().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    delta = [y - x for x, y in zip(a, b)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal
+    if total <= 0 or len(delta) < 8:
+        return None
+    return round(100 * delta[7] / total, 1)
+
+
+def callgrind_top(results, target, mode, n=15):
+    """The functions that take the most of `target`'s instructions per
+    transaction (self cost, difference of the two callgrind runs)."""
+    rs = [r for r in results if r.get("scenario") == "instructions" and r["target"] == target
+          and r["mode"] == mode and isinstance(r.get("instructions"), (int, float))]
+    if len(rs) < 2 or not shutil.which("callgrind_annotate"):
+        return []
+    rs.sort(key=lambda r: r["txns_per_client"])
+    a, b = rs[0], rs[-1]
+    txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
+
+    def load(path):
+        try:
+            text = subprocess.run(["callgrind_annotate", "--auto=no", "--inclusive=no", "--threshold=100", path],
+                                  capture_output=True, text=True, timeout=120).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        costs = {}
+        for line in text.splitlines():
+            m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(\S.*)", line)
+            if not m or "PROGRAM TOTALS" in line:
+                continue
+            name = re.sub(r" \[.*\]$", "", m.group(2))
+            name = name.split(":", 1)[1] if ":" in name else name
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+        return costs
+
+    lo, hi = load(a["raw"]), load(b["raw"])
+    if txns <= 0 or not hi:
+        return []
+    per = {k: (v - lo.get(k, 0)) / txns for k, v in hi.items()}
+    return sorted(per.items(), key=lambda kv: -kv[1])[:n]
+
+
+def split_cell(s):
+    if s.get("user_us") is None or s.get("pooler_us") is None:
+        return "—"
+    return f"{fnum(s['user_us'], 1)} / {fnum(s['sys_us'], 1)}"
+
+
+def switch_cell(s):
+    if s.get("vol_per_txn") is None or s.get("pooler_us") is None:
+        return "—"
+    return f"{s['vol_per_txn']:.2f} / {s['invol_per_txn']:.2f}"
 
 
 def latency_stats(args, results, target):
@@ -334,6 +423,7 @@ def main():
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     args = ap.parse_args()
     results, env = load(args)
+    env["steal_percent"] = steal_percent(args.dir)
     os.makedirs(args.out, exist_ok=True)
 
     S = {}
@@ -347,6 +437,7 @@ def main():
     stubs = {r["scenario"]: r["skipped"] for r in results if r.get("scenario") in ("read_scaling", "classifier")}
     R = {(v, m): routing_stats(results, v, m) for v in ("primary_only", "replicas", "classify_only")
          for m in ("simple", "extended")}
+    I = instruction_stats(results)
 
     files, plot_note = plots(args.out, S, lat, many)
     rel = {os.path.basename(f): os.path.basename(f) for f in files}
@@ -376,6 +467,11 @@ def main():
         d, p, t = (S[("select50", mode, x)] for x in TARGETS)
         w(f"| pooler CPU µs/txn, -M {mode}, 50 clients | — | {fnum(p and p['pooler_us'], 1)} | "
           f"{fnum(t and t['pooler_us'], 1)} | {ratio(t and t['pooler_us'], p and p['pooler_us'])} | — |")
+    for mode in ("simple", "extended"):
+        p, t = I.get(("pgbouncer", mode)), I.get(("tidepool", mode))
+        if p or t:
+            w(f"| pooler user-space instructions/txn, -M {mode} (callgrind) | — | {fnum(p)} | {fnum(t)} | "
+              f"{ratio(t, p)} | — |")
     for mode in MODES:
         d, p, t = (S[("select50", mode, x)] for x in TARGETS)
         w(f"| machine CPU µs/txn, -M {mode}, 50 clients | {fnum(d and d['machine_us'], 1)} | "
@@ -445,7 +541,7 @@ def main():
     dirty = " (with uncommitted changes in src/)" if env.get("tidepool_dirty") else ""
     threads = env.get("tidepool_threads") or ""
     threads = (f"`--threads {threads}`" + (" (single-threaded runtime)" if threads == "1" else "")
-               if threads else "default threads (one per core)")
+               if threads else "default threads (one: a single-threaded runtime)")
     w(f"| tidepool | commit `{env.get('tidepool_commit', '?')}`{dirty}, release build, {threads} |")
     w(f"| open files | {env.get('fd_note', '')} |")
     bg = []
@@ -454,6 +550,10 @@ def main():
         bg.append(open(path).read().strip() + "%" if os.path.exists(path) else "?")
     w(f"| other work | machine busy while no benchmark load ran (2 s samples): {bg[0]} before, "
       f"{bg[1]} after |")
+    steal = env.get("steal_percent")
+    if steal is not None:
+        w(f"| hypervisor steal | {steal}% of all CPU time during the run was taken by the host "
+          "(other virtual machines): CPU-time figures move with it, instruction counts do not |")
     w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario, memory {env['mem_rounds']} round(s); "
       f"{args.elapsed} s in all, of which {args.setup} s setup and builds |")
     w("")
@@ -472,12 +572,12 @@ def main():
     w("`pgbench -S` (one primary-key SELECT per transaction), `-j 2`, "
       f"{env['duration']} s per run. Pooler CPU is utime+stime of the pooler process (all threads, "
       "`/proc/PID/stat`) over the run, divided by the transactions pgbench reports; machine CPU is "
-      "all busy CPU time (`/proc/stat`) over the run, divided likewise, so direct PostgreSQL has a "
+      "all busy CPU time (`/proc/stat`, without the hypervisor's steal) over the run, divided likewise, so direct PostgreSQL has a "
       "figure too. “cores” is the pooler's CPU time over wall time. Direct PostgreSQL runs one "
       "backend per client (no pool).")
     w("")
-    w("| clients | mode | target | tps (range) | vs direct | vs PgBouncer | pooler CPU µs/txn (range) | pooler cores | machine CPU µs/txn | failed txns |")
-    w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    w("| clients | mode | target | tps (range) | vs direct | vs PgBouncer | pooler CPU µs/txn (range) | user / system µs/txn | pooler cores | switches/txn (voluntary / involuntary) | machine CPU µs/txn | failed txns |")
+    w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scen, modes, clients in (("select50", MODES, 50), ("select500", ["simple"], 500)):
         for mode in modes:
             d, p = S[(scen, mode, "direct")], S[(scen, mode, "pgbouncer")]
@@ -485,7 +585,7 @@ def main():
                 s = S[(scen, mode, t)]
                 if not s:
                     why = skipped(results, scen, mode, t) or "no data"
-                    w(f"| {clients} | {mode} | {t} | skipped: {why} | | | | | | |")
+                    w(f"| {clients} | {mode} | {t} | skipped: {why} | | | | | | | | |")
                     continue
                 lo, hi = s["tps_range"]
                 plo, phi = s["pooler_range"]
@@ -497,7 +597,9 @@ def main():
                 w(f"| {clients} | {mode} | {t} | {fnum(s['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
                   f"{ratio(s['tps'], d and d['tps']) if t != 'direct' else '—'} | "
                   f"{ratio(s['tps'], p and p['tps']) if t == 'tidepool' else '—'} | {cpu} | "
+                  f"{split_cell(s)} | "
                   f"{fnum(s['pooler_cores'], 2) if s['pooler_cores'] is not None else '—'} | "
+                  f"{switch_cell(s)} | "
                   f"{fnum(s['machine_us'], 1)} | {fails} |")
     w("")
     w("Pooler CPU per transaction, tidepool / PgBouncer:")
@@ -506,6 +608,45 @@ def main():
         p, t = S[(scen, mode, "pgbouncer")], S[(scen, mode, "tidepool")]
         w(f"- {label}: {ratio(t and t['pooler_us'], p and p['pooler_us'])}"
           + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else ""))
+    w("")
+
+    w("The pooler's CPU time is mostly system time: the kernel's work for its `send`/`recv` "
+      "calls (TCP over loopback, waking the process at the other end) and for switching to "
+      "and from it. Switches: voluntary ones are the pooler going to sleep with nothing to do "
+      "(then woken: the costly path), involuntary ones are the scheduler preempting it, mostly "
+      "when a `send` wakes a process that takes the CPU. On a virtual machine whose neighbours "
+      "take CPU time (see hypervisor steal under Environment) these vary from run to run by "
+      "more than the poolers differ; the instruction counts below do not.")
+    w("")
+
+    # Scenario 1b
+    w("## 1b. User-space instructions per transaction (callgrind)")
+    w("")
+    if I:
+        w("Each pooler runs afresh under `valgrind --tool=callgrind` while `pgbench -S -c 50` runs "
+          "40 and then 160 transactions per client; the difference in counted instructions over "
+          "the difference in transactions (6,000) is the pooler's own user-space work per "
+          "transaction, start-up and pool warm-up cancelled out. Exact and repeatable (the same "
+          "count for the same binaries and inputs, whatever else the machine does), but blind "
+          "to the kernel: system calls and their cost are not in it.")
+        w("")
+        w("| mode | PgBouncer | tidepool | tidepool / PgBouncer |")
+        w("|---|---:|---:|---:|")
+        for m in ("simple", "extended"):
+            p, t = I.get(("pgbouncer", m)), I.get(("tidepool", m))
+            w(f"| -M {m} | {fnum(p)} | {fnum(t)} | {ratio(t, p)} |")
+        top = callgrind_top(results, "tidepool", "simple")
+        if top:
+            w("")
+            w("Where tidepool's instructions go (`-M simple`, self cost per transaction, top "
+              f"{len(top)} functions; async functions include what the compiler inlined into them):")
+            w("")
+            w("| instructions/txn | function |")
+            w("|---:|---|")
+            for name, cost in top:
+                w(f"| {cost:,.0f} | `{name[:110]}` |")
+    else:
+        w("Not measured in this run (`--callgrind`; off in quick runs, or valgrind missing).")
     w("")
 
     # Scenario 3
