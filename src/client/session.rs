@@ -972,7 +972,7 @@ impl Session {
         let started = match first {
             Poll::Ready(_) => None,
             Poll::Pending => {
-                Some(info.waiting_at_most(pool.backend, pool.settings().query_wait_timeout))
+                Some(info.waiting_at_most(pool.backend, pool.hot.query_wait_timeout()))
             }
         };
         let checkout = if let Poll::Ready(r) = first {
@@ -1023,7 +1023,7 @@ impl Session {
             .as_ref()
             .is_some_and(|p| Arc::ptr_eq(p, &self.params));
         if !in_sync {
-            pooled = self.sync_params(pooled).await?;
+            pooled = Box::pin(self.sync_params(pooled)).await?;
         }
         self.cancel.point_at(Some(pooled.conn().cancel_key));
         Ok(pooled)

@@ -282,7 +282,9 @@ impl Pool {
         let held = self.held();
         let idle = match found {
             Some(i) => i,
-            None => self.open().await?,
+            // Rare (the pool grows): boxed, so that every waiting client's
+            // task does not carry the connection set-up's state.
+            None => Box::pin(self.open()).await?,
         };
         held.keep();
         self.in_use.fetch_add(1, Ordering::Relaxed);

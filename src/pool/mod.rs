@@ -110,6 +110,7 @@ pub struct HotSettings {
     size: AtomicUsize,
     server_lifetime_ms: AtomicU64,
     slow_query_us: AtomicU64,
+    query_wait_timeout_ms: AtomicU64,
     session_mode: AtomicBool,
 }
 
@@ -122,6 +123,13 @@ impl HotSettings {
             .store(s.slow_query_threshold.as_micros() as u64, Ordering::Relaxed);
         self.session_mode
             .store(s.mode == PoolMode::Session, Ordering::Relaxed);
+        self.query_wait_timeout_ms
+            .store(s.query_wait_timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// `query_wait_timeout` (zero: wait forever).
+    pub fn query_wait_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_wait_timeout_ms.load(Ordering::Relaxed))
     }
 
     pub fn size(&self) -> usize {
