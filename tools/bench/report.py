@@ -623,9 +623,11 @@ def main():
     w("## 1b. User-space instructions per transaction (callgrind)")
     w("")
     if I:
+        runs = sorted({r["txns_per_client"] for r in results if r.get("scenario") == "instructions"})
+        lo, hi = (runs[0], runs[-1]) if runs else (0, 0)
         w("Each pooler runs afresh under `valgrind --tool=callgrind` while `pgbench -S -c 50` runs "
-          "40 and then 160 transactions per client; the difference in counted instructions over "
-          "the difference in transactions (6,000) is the pooler's own user-space work per "
+          f"{lo} and then {hi} transactions per client; the difference in counted instructions over "
+          f"the difference in transactions ({(hi - lo) * 50:,}) is the pooler's own user-space work per "
           "transaction, start-up and pool warm-up cancelled out. Exact and repeatable (the same "
           "count for the same binaries and inputs, whatever else the machine does), but blind "
           "to the kernel: system calls and their cost are not in it.")
