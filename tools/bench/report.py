@@ -554,7 +554,8 @@ def main():
     if steal is not None:
         w(f"| hypervisor steal | {steal}% of all CPU time during the run was taken by the host "
           "(other virtual machines): CPU-time figures move with it, instruction counts do not |")
-    w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario, memory {env['mem_rounds']} round(s); "
+    w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario (scenario 1 at 50 clients: "
+      f"{env.get('cpu_rounds', env['rounds'])} × {env.get('cpu_duration', env['duration'])} s), memory {env['mem_rounds']} round(s); "
       f"{args.elapsed} s in all, of which {args.setup} s setup and builds |")
     w("")
     w("PostgreSQL: a scratch cluster (`fsync = off`, `synchronous_commit = off`, "
@@ -569,8 +570,9 @@ def main():
     # Scenario 1/2
     w("## 1. CPU per transaction and 2. throughput (pgbench -S)")
     w("")
-    w("`pgbench -S` (one primary-key SELECT per transaction), `-j 2`, "
-      f"{env['duration']} s per run. Pooler CPU is utime+stime of the pooler process (all threads, "
+    w("`pgbench -S` (one primary-key SELECT per transaction), `-j 2`; 50 clients: "
+      f"{env.get('cpu_rounds', env['rounds'])} rounds of {env.get('cpu_duration', env['duration'])} s, "
+      f"500 clients: {env['rounds']} rounds of {env['duration']} s. Pooler CPU is utime+stime of the pooler process (all threads, "
       "`/proc/PID/stat`) over the run, divided by the transactions pgbench reports; machine CPU is "
       "all busy CPU time (`/proc/stat`, without the hypervisor's steal) over the run, divided likewise, so direct PostgreSQL has a "
       "figure too. “cores” is the pooler's CPU time over wall time. Direct PostgreSQL runs one "
