@@ -1173,39 +1173,23 @@ impl Session {
                     return TxEnd::Done;
                 }
             }
-            // Sends first, without a select! turn: a socket is nearly always
-            // writable, and most turns only send what was just scanned.
-            if !to_server.is_empty() {
-                match crate::protocol::io::try_send(sw.as_ref(), &mut to_server) {
-                    Ok(_) => {
-                        if to_server.is_empty() {
-                            to_server = BytesMut::new();
-                        }
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return lost(e.to_string(), &cscan),
-                }
-            }
-            if !to_client.is_empty() {
-                match crate::protocol::io::try_send(cw.as_ref(), &mut to_client) {
-                    Ok(n) => t.timing.delta.sent += n as u64,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        client_closed = true;
-                        to_client.clear();
-                        to_server.clear();
-                    }
-                }
-                if to_client.is_empty() {
-                    to_client = BytesMut::new();
-                    continue;
-                }
-            }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
             let read_client = to_server.is_empty() && !client_closed && !t.terminated;
-            let event = if to_server.is_empty() && to_client.is_empty() && !idle_in_tx {
+            // Sends first, without a wait: a socket is nearly always writable,
+            // and most turns only send what was just scanned.
+            let sent = if !to_server.is_empty() {
+                unless_would_block(crate::protocol::io::try_send(sw.as_ref(), &mut to_server))
+                    .map(Event::SentServer)
+            } else if !to_client.is_empty() {
+                unless_would_block(crate::protocol::io::try_send(cw.as_ref(), &mut to_client))
+                    .map(Event::SentClient)
+            } else {
+                None
+            };
+            let event = if let Some(sent) = sent {
+                sent
+            } else if to_server.is_empty() && to_client.is_empty() && !idle_in_tx {
                 // The usual wait, between a request sent and its answer:
                 // polled by hand, without building a select! of futures.
                 std::future::poll_fn(|cx| {
@@ -1641,7 +1625,15 @@ fn poll_read_into(
     crate::protocol::io::poll_read(stream, buf, cx)
 }
 
-/// What ended one wait of [`Session::forward`].
+/// `None` for a send that found the socket full (wait for it instead).
+fn unless_would_block(r: std::io::Result<usize>) -> Option<std::io::Result<usize>> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
+    }
+}
+
+/// What ended one turn of [`Session::forward`].
 enum Event {
     SentServer(std::io::Result<usize>),
     SentClient(std::io::Result<usize>),

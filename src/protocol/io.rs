@@ -118,10 +118,10 @@ pub fn try_send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 /// that costs about as much as the rest of a read's user-space work.
 fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    loop {
+    let n = retrying(|| {
         // SAFETY: the kernel writes at most `spare.len()` bytes at
         // `spare`, memory `buf` owns and does not read before `set_len`.
-        let n = unsafe {
+        unsafe {
             libc::syscall(
                 libc::SYS_recvfrom,
                 fd,
@@ -131,26 +131,19 @@ fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
                 std::ptr::null_mut::<libc::sockaddr>(),
                 std::ptr::null_mut::<libc::socklen_t>(),
             )
-        };
-        if n >= 0 {
-            let n = n as usize;
-            // SAFETY: the kernel initialized the first `n` spare bytes.
-            unsafe { buf.set_len(buf.len() + n) };
-            return Ok(n);
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    })?;
+    // SAFETY: the kernel initialized the first `n` spare bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// `send(2)` of `buf` (no SIGPIPE), as one plain system call (see
 /// [`recv_into`]).
 fn send_from(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
+    retrying(|| {
         // SAFETY: the kernel reads at most `buf.len()` bytes at `buf`.
-        let n = unsafe {
+        unsafe {
             libc::syscall(
                 libc::SYS_sendto,
                 fd,
@@ -160,7 +153,15 @@ fn send_from(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
                 std::ptr::null::<libc::sockaddr>(),
                 0 as libc::socklen_t,
             )
-        };
+        }
+    })
+}
+
+/// A system call's result as a byte count, made again when a signal
+/// interrupted it.
+fn retrying(mut call: impl FnMut() -> libc::c_long) -> io::Result<usize> {
+    loop {
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }

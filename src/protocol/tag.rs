@@ -1,5 +1,25 @@
 //! Message tags as enums: the only place where wire tag bytes are spelled out.
 
+/// `from_byte` through a table of every byte's tag (a single load), built
+/// at compile time from the type's `decode`.
+macro_rules! decode_by_table {
+    () => {
+        const TABLE: [Self; 256] = {
+            let mut t = [Self::Other(0); 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = Self::decode(i as u8);
+                i += 1;
+            }
+            t
+        };
+
+        pub fn from_byte(b: u8) -> Self {
+            Self::TABLE[b as usize]
+        }
+    };
+}
+
 /// The first byte of a message sent by a client (frontend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrontendTag {
@@ -42,20 +62,7 @@ impl FrontendTag {
         }
     }
 
-    /// Every byte's tag, so that decoding one is a single load.
-    const TABLE: [Self; 256] = {
-        let mut t = [Self::Other(0); 256];
-        let mut i = 0;
-        while i < 256 {
-            t[i] = Self::decode(i as u8);
-            i += 1;
-        }
-        t
-    };
-
-    pub fn from_byte(b: u8) -> Self {
-        Self::TABLE[b as usize]
-    }
+    decode_by_table!();
 
     pub fn byte(self) -> u8 {
         match self {
@@ -147,20 +154,7 @@ impl BackendTag {
         }
     }
 
-    /// Every byte's tag, so that decoding one is a single load.
-    const TABLE: [Self; 256] = {
-        let mut t = [Self::Other(0); 256];
-        let mut i = 0;
-        while i < 256 {
-            t[i] = Self::decode(i as u8);
-            i += 1;
-        }
-        t
-    };
-
-    pub fn from_byte(b: u8) -> Self {
-        Self::TABLE[b as usize]
-    }
+    decode_by_table!();
 
     pub fn byte(self) -> u8 {
         match self {
