@@ -31,6 +31,20 @@ struct Cli {
 enum Command {
     /// Validate the config file and exit.
     Check,
+    /// Print where each statement would be routed (its class under the
+    /// config's `[routing]` rules); with --bench, also what classifying it
+    /// costs: parsed, from the shared text cache, from a client's memo.
+    Classify {
+        /// Measure the cost of classification (the defaults: pgbench's
+        /// statements and a few typical ones, when no statement is given).
+        #[arg(long)]
+        bench: bool,
+        /// Milliseconds per measured batch (seven batches per figure).
+        #[arg(long, default_value_t = 40)]
+        batch_ms: u64,
+        /// SQL statements.
+        statements: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,9 +75,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Check) = cli.command {
-        println!("{}: OK", cli.config.display());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Check) => {
+            println!("{}: OK", cli.config.display());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Classify {
+            bench,
+            batch_ms,
+            statements,
+        }) => {
+            classify_command(&config, bench, batch_ms, statements);
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     init_logging(cli.log_format);
     // One thread: a single-threaded runtime (no work stealing, no waking of
@@ -96,4 +121,38 @@ fn main() -> ExitCode {
         proxy.run(tidepool::lifecycle::signal(), None).await;
         ExitCode::SUCCESS
     })
+}
+
+/// `tidepool classify`: one tab-separated line per statement.
+fn classify_command(
+    config: &tidepool::Config,
+    bench: bool,
+    batch_ms: u64,
+    statements: Vec<String>,
+) {
+    use tidepool::router::{classify, measure};
+    let rules = classify::Rules::from_config(&config.routing);
+    let statements = if statements.is_empty() && bench {
+        measure::DEFAULT_STATEMENTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        statements
+    };
+    if !bench {
+        for sql in &statements {
+            println!("{:?}\t{sql}", classify::classify(sql, &rules));
+        }
+        return;
+    }
+    println!("class\tparsed_ns\ttext_cache_ns\ttemplate_memo_ns\tstatement");
+    let batch = std::time::Duration::from_millis(batch_ms.max(1));
+    for sql in &statements {
+        let c = measure::measure(sql, &rules, batch);
+        println!(
+            "{:?}\t{:.0}\t{:.0}\t{:.0}\t{}",
+            c.class, c.parsed_ns, c.text_cache_ns, c.template_memo_ns, c.statement
+        );
+    }
 }

@@ -84,3 +84,16 @@ fn check_rejects_a_bad_config_naming_line_and_key() {
     assert!(err.contains("max_client_con"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn classify_prints_each_statements_class_under_the_configs_rules() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["classify", "--config", "proxy.toml"])
+        .args(["select 1", "insert into t values (1)", "select nextval('s')"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let classes: Vec<&str> = text.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(classes, ["Read", "Write", "Write"], "{text}");
+}

@@ -13,7 +13,7 @@
 //! closed; errors for this client go to this client only.
 
 pub mod list;
-mod memo;
+pub mod memo;
 pub mod park;
 mod prepared;
 pub(crate) mod session;

@@ -6,5 +6,6 @@
 
 pub mod classify;
 pub mod hints;
+pub mod measure;
 
 pub use classify::{Class, Classifier};

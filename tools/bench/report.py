@@ -120,6 +120,30 @@ def pgbench_stats(runs):
     }
 
 
+def paired_ratio(results, scenario, mode):
+    """tidepool / PgBouncer per round (the two ran back to back in that
+    round, so they shared its background noise): median and range."""
+    def per_txn(r):
+        if r.get("pooler_cpu_ticks") is None or r["txns"] <= 0:
+            return None
+        return r["pooler_cpu_ticks"] / r["clk_tck"] * 1e6 / r["txns"]
+    by_round = {}
+    for t in POOLERS:
+        for r in pgbench_runs(results, scenario, mode, t):
+            by_round.setdefault(r["round"], {})[t] = per_txn(r)
+    xs = [v["tidepool"] / v["pgbouncer"] for v in by_round.values()
+          if v.get("tidepool") is not None and v.get("pgbouncer")]
+    if not xs:
+        return None
+    lo, hi = rng(xs)
+    return {"median": med(xs), "lo": lo, "hi": hi, "n": len(xs),
+            "below": sum(1 for x in xs if x < 1)}
+
+
+def micro_stats(results):
+    return [r for r in results if r.get("scenario") == "classifier_micro"]
+
+
 def instruction_stats(results):
     """User-space instructions per transaction from the callgrind runs: the
     difference between the two run lengths, per (target, mode)."""
@@ -413,6 +437,28 @@ def plots(out, S, lat, many):
 # --- report -----------------------------------------------------------------------
 
 
+def micro_table(w, results):
+    micro = micro_stats(results)
+    if not micro:
+        return
+    w("In-process micro-benchmark, `tidepool classify --bench` (the release binary; each figure the "
+      "median of 7 batches of 40 ms): what classifying one statement costs when it is **parsed** "
+      "(no cache knows the text: PostgreSQL's grammar through `pg_query`, then a walk of the tree), "
+      "found in the shared **text cache** (the same text seen before: hash, shard lock, lookup), "
+      "or matched by the client's **template memo** (the same statement sent lately, with any "
+      "literals: a byte comparison). A `pgbench -S -M simple` client pays the memo's cost.")
+    w("")
+    w("| statement | class | parsed ns | text cache ns | template memo ns | parsed / memo |")
+    w("|---|---|---:|---:|---:|---:|")
+    for x in micro:
+        sql = x["statement"] if len(x["statement"]) <= 70 else x["statement"][:67] + "…"
+        w(f"| `{sql}` | {x['class']} | {fnum(x['parsed_ns'])} | {fnum(x['text_cache_ns'])} | "
+          f"{fnum(x['template_memo_ns'])} | {ratio(x['parsed_ns'], x['template_memo_ns'], 0)} |")
+    w("")
+    w("In the proxy (pooler CPU per transaction with and without routing):")
+    w("")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -467,6 +513,11 @@ def main():
         d, p, t = (S[("select50", mode, x)] for x in TARGETS)
         w(f"| pooler CPU µs/txn, -M {mode}, 50 clients | — | {fnum(p and p['pooler_us'], 1)} | "
           f"{fnum(t and t['pooler_us'], 1)} | {ratio(t and t['pooler_us'], p and p['pooler_us'])} | — |")
+    for mode in MODES:
+        pr = paired_ratio(results, "select50", mode)
+        if pr:
+            w(f"| pooler CPU, tidepool / PgBouncer in the same round (paired), -M {mode}: median (range) | — | — | "
+              f"lower in {pr['below']} of {pr['n']} rounds | {pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×) | — |")
     for mode in ("simple", "extended"):
         p, t = I.get(("pgbouncer", mode)), I.get(("tidepool", mode))
         if p or t:
@@ -506,7 +557,13 @@ def main():
     if po and rp:
         w(f"| read scaling: tps, primary + 2 replicas vs primary alone (-M extended, 50 clients) | — | — | "
           f"{fnum(rp['tps'])} vs {fnum(po['tps'])} | — | {ratio(rp['tps'], po['tps'])} (vs primary alone) |")
-    for m, what in (("simple", "every text new: parsed"), ("extended", "one text: cached")):
+    micro = micro_stats(results)
+    if micro:
+        x = micro[0]
+        w(f"| classifier ns/statement, `{x['statement'][:40]}…`: parsed / text cache / template memo "
+          f"(micro-benchmark) | — | — | {fnum(x['parsed_ns'])} / {fnum(x['text_cache_ns'])} / "
+          f"{fnum(x['template_memo_ns'])} | — | — |")
+    for m, what in (("simple", "new literals each time: the client's template memo"), ("extended", "one text: cached")):
         a, c = R[("primary_only", m)], R[("classify_only", m)]
         if a and c and a["pooler_us"] is not None and c["pooler_us"] is not None:
             w(f"| classifier cost µs/txn, -M {m} ({what}) | — | — | {fnum(c['pooler_us'] - a['pooler_us'], 1)} | — | "
@@ -555,7 +612,8 @@ def main():
         w(f"| hypervisor steal | {steal}% of all CPU time during the run was taken by the host "
           "(other virtual machines): CPU-time figures move with it, instruction counts do not |")
     w(f"| run | {env['rounds']} round(s) × {env['duration']} s per scenario (scenario 1 at 50 clients: "
-      f"{env.get('cpu_rounds', env['rounds'])} × {env.get('cpu_duration', env['duration'])} s), memory {env['mem_rounds']} round(s); "
+      f"{env.get('cpu_rounds', env['rounds'])} × {env.get('cpu_duration', env['duration'])} s; scenarios 6–7: "
+      f"{env.get('routing_duration', env['duration'])} s runs), memory {env['mem_rounds']} round(s); "
       f"{args.elapsed} s in all, of which {args.setup} s setup and builds |")
     w("")
     w("PostgreSQL: a scratch cluster (`fsync = off`, `synchronous_commit = off`, "
@@ -604,12 +662,17 @@ def main():
                   f"{switch_cell(s)} | "
                   f"{fnum(s['machine_us'], 1)} | {fails} |")
     w("")
-    w("Pooler CPU per transaction, tidepool / PgBouncer:")
+    w("Pooler CPU per transaction, tidepool / PgBouncer: the ratio of the medians, then the "
+      "median of the per-round ratios (the two poolers ran back to back in each round, so a "
+      "round's ratio cancels most of the noise the rounds do not share):")
     w("")
     for scen, mode, label in [("select50", m, f"-M {m}, 50 clients") for m in MODES] + [("select500", "simple", "-M simple, 500 clients")]:
         p, t = S[(scen, mode, "pgbouncer")], S[(scen, mode, "tidepool")]
+        pr = paired_ratio(results, scen, mode)
         w(f"- {label}: {ratio(t and t['pooler_us'], p and p['pooler_us'])}"
-          + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else ""))
+          + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else "")
+          + (f"; per round {pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×), tidepool lower in "
+             f"{pr['below']} of {pr['n']}" if pr else ""))
     w("")
 
     w("The pooler's CPU time is mostly system time: the kernel's work for its `send`/`recv` "
@@ -742,6 +805,7 @@ def main():
                            ("classifier", "7. Classifier cost (routing decision per query)")):
             w(f"- {label}: **{stubs.get(key, 'not run')}** — no numbers.")
         w("")
+        micro_table(w, results)
     else:
         w("## 6. Read scaling (primary + two replicas vs primary alone)")
         w("")
@@ -749,7 +813,7 @@ def main():
           "two databases on the same primary: `bench`, the primary alone, and `bench_routed`, the "
           "primary and two streaming replicas (`pg_basebackup -R`, same settings) with default "
           "`[routing]` settings, so `pgbench -S` reads go to the replicas. `pgbench -S -M extended -c 50 "
-          f"-j 2`, {env['duration']} s per run. Server CPU is the CPU time of each PostgreSQL "
+          f"-j 2`, {env.get('routing_duration', env['duration'])} s per run. Server CPU is the CPU time of each PostgreSQL "
           "cluster's processes (`/proc`) over the run: it shows where the reads ran.")
         w("")
         w("| variant | tps (range) | vs primary alone | pooler CPU µs/txn | server CPU µs/txn | server CPU: primary / replica 1 / replica 2 | failed txns |")
@@ -772,13 +836,16 @@ def main():
         w("")
         w("## 7. Classifier cost")
         w("")
+        micro_table(w, results)
         w("The same routing tidepool: `bench` (no replicas: no statement is classified) against "
           "`bench_routed` with `PGOPTIONS='-c tidepool.route=primary'`, where every transaction's "
           "first statement is still classified (and checked for a routing hint) but runs on the "
           "primary, so both do the same server work. The difference in pooler CPU per transaction is "
           "the routing decision's cost. With `-M simple` every `pgbench -S` statement has a different "
-          "literal, so each is parsed (`pg_query`) and the cache never hits; with `-M extended` the "
-          "text is the same (`… WHERE aid = $1`) and the cache answers.")
+          "literal: the shared text cache misses, and the client's template memo (which matches the "
+          "same statement with other literals) answers after the first; with `-M extended` the "
+          "text is the same (`… WHERE aid = $1`). This difference of two noisy figures is coarse; "
+          "the micro-benchmark above is exact to a few nanoseconds.")
         w("")
         w("| mode | pooler CPU µs/txn, no routing | with classification | cost µs/txn | ratio | tps, no routing | tps, with classification | server CPU on replicas |")
         w("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -850,8 +917,8 @@ def main():
     w("")
     w("- One machine: pgbench and the load generator take CPU from the pooler and PostgreSQL; "
       "throughput is of the whole system, not the pooler alone.")
-    w("- PgBouncer is single-threaded (at most one core); tidepool uses one thread per core. "
-      "The “pooler cores” column shows how much each used.")
+    w("- PgBouncer is single-threaded (at most one core); tidepool runs one thread by default too "
+      "(`--threads N` for more). The “pooler cores” column shows how much each used.")
     w("- CPU time comes from `/proc` in clock ticks "
       f"(1/{env['clk_tck']} s); short (`--quick`) runs are coarse.")
     w("- Direct PostgreSQL gets one backend per client, not a pool of 20.")
