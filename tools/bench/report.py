@@ -248,6 +248,28 @@ def latency_stats(args, results, target):
     }
 
 
+def latency_rounds(args, results):
+    """Per round and target: mean, p50 and p99 of that round's transactions,
+    and the pooler's figure minus direct's in the same round."""
+    out = {}
+    for t in TARGETS:
+        for r in pgbench_runs(results, "latency1", "simple", t):
+            lat = []
+            for path in glob.glob(os.path.join(args.dir, "raw", f"latlog-{t}-r{r['round']}.*")):
+                with open(path) as f:
+                    lat += [int(x.split()[2]) for x in f if len(x.split()) >= 3]
+            if lat:
+                lat.sort()
+                out.setdefault(r["round"], {})[t] = {
+                    "mean": sum(lat) / len(lat), "p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+    added = {}
+    for t in POOLERS:
+        for k in ("mean", "p50", "p99"):
+            xs = [v[t][k] - v["direct"][k] for v in out.values() if t in v and "direct" in v]
+            added[(t, k)] = (med(xs), rng(xs))
+    return out, added
+
+
 def idle_stats(results, target):
     runs = [r for r in results if r.get("scenario") == "idle" and r.get("target") == target]
     if not runs:
@@ -478,6 +500,7 @@ def main():
             for t in TARGETS:
                 S[(scen, mode, t)] = pgbench_stats(pgbench_runs(results, scen, mode, t))
     lat = {t: latency_stats(args, results, t) for t in TARGETS}
+    lat_rounds, lat_added = latency_rounds(args, results)
     idle = {t: idle_stats(results, t) for t in TARGETS}
     many = {t: many_stats(results, env, t) for t in POOLERS}
     stubs = {r["scenario"]: r["skipped"] for r in results if r.get("scenario") in ("read_scaling", "classifier")}
@@ -542,6 +565,11 @@ def main():
           f"{fnum(lp and lp['p99'] - ld['p99'])} | {fnum(lt and lt['p99'] - ld['p99'])} | "
           f"{ratio(lt and lt['p99'] - ld['p99'], lp and lp['p99'] - ld['p99'])} | "
           f"{ratio(lt and lt['p99'], ld['p99'])} (p99) |")
+    if lat_rounds:
+        for k in ("mean", "p50"):
+            (p, _), (t, _) = lat_added[("pgbouncer", k)], lat_added[("tidepool", k)]
+            w(f"| added {k} latency µs, 1 client: median of per-round differences | — | {fnum(p, 1)} | "
+              f"{fnum(t, 1)} | {ratio(t, p)} | — |")
     ip, it, idd = idle["pgbouncer"], idle["tidepool"], idle["direct"]
     w(f"| memory KiB per idle client | {fnum(idd and idd['per_client_kib'], 1)} (PSS per backend) | "
       f"{fnum(ip and ip['per_client_kib'], 2)} | {fnum(it and it['per_client_kib'], 2)} | "
@@ -735,6 +763,26 @@ def main():
           f"{fnum(x['p90'])} | {fnum(x['p99'])} | {fnum(x['p999'])} | {fnum(x['max'])} | {am} | {a99} | "
           f"{fnum(x['pooler_us'], 1) if x['pooler_us'] is not None else '—'} |")
     w("")
+    if lat_rounds:
+        w("Per round (each round runs the three back to back, so a disturbance that hits one round "
+          "shows here instead of swamping the pooled figures): mean / p50 / p99 µs.")
+        w("")
+        w("| round | direct | pgbouncer | tidepool | added mean, pgbouncer | added mean, tidepool |")
+        w("|---:|---:|---:|---:|---:|---:|")
+        for rnd in sorted(lat_rounds):
+            v = lat_rounds[rnd]
+            cell = lambda t: (f"{fnum(v[t]['mean'], 1)} / {fnum(v[t]['p50'])} / {fnum(v[t]['p99'])}"
+                              if t in v else "—")
+            add = lambda t: fnum(v[t]["mean"] - v["direct"]["mean"], 1) if t in v and "direct" in v else "—"
+            w(f"| {rnd} | {cell('direct')} | {cell('pgbouncer')} | {cell('tidepool')} | {add('pgbouncer')} | {add('tidepool')} |")
+        w("")
+        for k in ("mean", "p50", "p99"):
+            parts = []
+            for t in POOLERS:
+                m, (lo, hi) = lat_added[(t, k)]
+                parts.append(f"{t} {fnum(m, 1)} ({fnum(lo, 1)} to {fnum(hi, 1)})")
+            w(f"- added {k} µs, median of the per-round differences (range): " + "; ".join(parts))
+        w("")
 
     # Scenario 4
     w("## 4. Memory per idle client")
