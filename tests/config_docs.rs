@@ -89,11 +89,18 @@ fn check_rejects_a_bad_config_naming_line_and_key() {
 fn classify_prints_each_statements_class_under_the_configs_rules() {
     let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .args(["classify", "--config", "proxy.toml"])
-        .args(["select 1", "insert into t values (1)", "select nextval('s')"])
+        .args([
+            "select 1",
+            "insert into t values (1)",
+            "select nextval('s')",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    let classes: Vec<&str> = text.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    let classes: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
     assert_eq!(classes, ["Read", "Write", "Write"], "{text}");
 }
