@@ -534,22 +534,14 @@ impl Session {
             }
         }
         if self.buf.capacity() == 0 {
-            loop {
-                match self.stream.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-                let mut chunk = BytesMut::with_capacity(READ_START);
-                match crate::protocol::io::try_read(&self.stream, &mut chunk) {
-                    Ok(n) => {
-                        self.buf = chunk;
-                        return Poll::Ready(Ok(n));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            // The buffer is made only once there is something to read.
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            let mut chunk = BytesMut::with_capacity(READ_START);
+            let r = std::task::ready!(crate::protocol::io::poll_read(&self.stream, &mut chunk, cx));
+            if r.is_ok() {
+                self.buf = chunk;
             }
+            return Poll::Ready(r);
         }
         poll_read_into(&self.stream, &mut self.buf, cx)
     }
@@ -762,10 +754,7 @@ impl Session {
             .params
             .get("tidepool.route")
             .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
-        let policy = self.policy;
-        let memo = self
-            .spare_tracker
-            .get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)));
+        let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         let (class, hinted) = match first_statement(&self.buf, self.limit, &self.statements) {
             Some(sql) => (memo.classify(sql, &self.settings.classifier), hint(sql)),
             None => (Class::Write, None),
@@ -833,10 +822,7 @@ impl Session {
             return false;
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
-        let policy = self.policy;
-        let memo = self
-            .spare_tracker
-            .get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)));
+        let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         if !single || memo.classify(sql, &self.settings.classifier) != Class::Begin {
             return false;
         }
@@ -1461,6 +1447,12 @@ impl StatementCtx<'_> {
             });
         }
     }
+}
+
+/// The kept tracker (made when there is none yet), for its statement memo
+/// before a transaction has a server.
+fn spare_tracker(spare: &mut Option<Box<Tracker>>, policy: Policy) -> &mut Tracker {
+    spare.get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)))
 }
 
 /// The SQL of the message at the head of `b` that starts a transaction, if

@@ -41,30 +41,19 @@ pub fn try_read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     }
 }
 
-/// Waits until `stream` is readable and reads what is available.
-pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read(stream, buf, cx)).await
-}
-
 /// Reads what is available once `stream` is readable; otherwise registers
 /// for readability through the socket's single reader slot (see
-/// [`when_ready`]). For hand-written polls that wait on several sockets.
+/// [`poll_when_ready`]). For hand-written polls that wait on several sockets.
 pub fn poll_read(
     stream: &TcpStream,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    loop {
-        match stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-        match try_read(stream, buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            other => return Poll::Ready(other),
-        }
-    }
+    poll_when_ready(
+        cx,
+        |cx| stream.poll_read_ready(cx),
+        || try_read(stream, buf),
+    )
 }
 
 /// Runs `attempt` once the socket is ready, until it does not say
@@ -77,30 +66,22 @@ pub fn poll_read(
 /// makes the common case of a socket with nothing new (each `select!` turn
 /// polls every open branch) cost one flag check, with no attempt and no
 /// error value.
-async fn when_ready<T>(
-    mut attempt: impl FnMut() -> io::Result<T>,
+fn poll_when_ready<T>(
+    cx: &mut Context<'_>,
     ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
-) -> io::Result<T> {
-    std::future::poll_fn(|cx| {
-        loop {
-            match ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-            match attempt() {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        match ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
         }
-    })
-    .await
-}
-
-/// Waits until `stream` is readable, through its single reader slot (see
-/// [`when_ready`]).
-pub async fn readable(stream: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
+        match attempt() {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
 }
 
 /// Sends as much of `buf` as the socket takes now (one `send`, not a
@@ -173,9 +154,17 @@ fn retrying(mut call: impl FnMut() -> libc::c_long) -> io::Result<usize> {
 }
 
 /// Waits until `stream` is writable and sends part of `buf` (see
-/// [`try_send`]); the wait uses the socket's writer slot (see [`when_ready`]).
+/// [`try_send`]); the wait uses the socket's writer slot (see
+/// [`poll_when_ready`]).
 pub async fn send(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    when_ready(|| try_send(stream, buf), |cx| stream.poll_write_ready(cx)).await
+    std::future::poll_fn(|cx| {
+        poll_when_ready(
+            cx,
+            |cx| stream.poll_write_ready(cx),
+            || try_send(stream, buf),
+        )
+    })
+    .await
 }
 
 /// Sends all of `buf`.
