@@ -222,16 +222,21 @@ def switch_cell(s):
     return f"{s['vol_per_txn']:.2f} / {s['invol_per_txn']:.2f}"
 
 
+def latlog(args, target, rnd):
+    """Per-transaction latencies (µs) of one round's pgbench -l logs."""
+    lat = []
+    for path in glob.glob(os.path.join(args.dir, "raw", f"latlog-{target}-r{rnd}.*")):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    lat.append(int(parts[2]))
+    return lat
+
+
 def latency_stats(args, results, target):
     runs = pgbench_runs(results, "latency1", "simple", target)
-    lat = []
-    for r in runs:
-        for path in glob.glob(os.path.join(args.dir, "raw", f"latlog-{target}-r{r['round']}.*")):
-            with open(path) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 3:
-                        lat.append(int(parts[2]))
+    lat = [x for r in runs for x in latlog(args, target, r["round"])]
     if not lat:
         return None
     lat.sort()
@@ -254,10 +259,7 @@ def latency_rounds(args, results):
     out = {}
     for t in TARGETS:
         for r in pgbench_runs(results, "latency1", "simple", t):
-            lat = []
-            for path in glob.glob(os.path.join(args.dir, "raw", f"latlog-{t}-r{r['round']}.*")):
-                with open(path) as f:
-                    lat += [int(x.split()[2]) for x in f if len(x.split()) >= 3]
+            lat = latlog(args, t, r["round"])
             if lat:
                 lat.sort()
                 out.setdefault(r["round"], {})[t] = {
