@@ -45,7 +45,7 @@ impl Severity {
 /// Everything that can go wrong for one client, as the client will see it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("protocol violation: {0}")]
+    #[error("protocol violation: {}", client_protocol_text(.0))]
     Protocol(#[from] ProtocolError),
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
@@ -83,6 +83,19 @@ pub enum ClientError {
     Killed,
     #[error("user \"{0}\" is not allowed on the admin console (not in admin_users or stats_users)")]
     AdminNotAllowed(String),
+    #[error("internal error in tidepool: {0}")]
+    Internal(String),
+}
+
+/// A client's protocol error in its words; a message over the size limit
+/// names the setting that sets it.
+fn client_protocol_text(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::TooLarge { tag, len, limit } => {
+            format!("message of type '{tag}' is {len} bytes, over max_message_size ({limit} bytes)")
+        }
+        e => e.to_string(),
+    }
 }
 
 impl ClientError {
@@ -104,6 +117,7 @@ impl ClientError {
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
+            ClientError::Internal(_) => SqlState::INTERNAL,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod stats;
+pub mod watchdog;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -112,6 +113,13 @@ impl Proxy {
             tokio::spawn(http::serve(l, self.shared.clone(), http_rx));
         }
         let ticker = tokio::spawn(lifecycle::stats_ticker(self.shared.clone()));
+        // The watchdog's thread (stall reports, the shutdown deadline) lives
+        // as long as this call; its heartbeat runs on the event loop.
+        let watchdog = self.shared.watchdog.start();
+        if let Err(e) = &watchdog {
+            tracing::warn!(error = %e, "cannot start the event-loop watchdog");
+        }
+        let heartbeat = tokio::spawn(self.shared.watchdog.clone().heartbeat());
         let lot = tokio::spawn(client::park::run(self.shared.clone()));
         tokio::select! {
             _ = shutdown => {}
@@ -125,9 +133,12 @@ impl Proxy {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send(true);
         let limit = drain.unwrap_or(self.shared.settings().config.tidepool.shutdown_timeout);
+        self.shared.watchdog.shutdown_started(limit);
         lifecycle::shut_down(&self.shared, limit).await;
         let _ = http_tx.send(true);
         ticker.abort();
         lot.abort();
+        heartbeat.abort();
+        drop(watchdog);
     }
 }

@@ -18,7 +18,10 @@ pub async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    tokio::spawn(client::serve(stream, shared.clone()));
+                    tokio::spawn(crate::watchdog::Watched::new(
+                        0,
+                        client::serve(stream, shared.clone()),
+                    ));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -109,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let proxy = match tidepool::Proxy::bind_with_path(config, Some(cli.config.clone())).await {
             Ok(p) => p,
             Err(e) => {
@@ -117,10 +117,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // A shutdown ends the process within shutdown_timeout (plus a short
+        // grace), whatever a task is doing.
+        let limit = proxy.shared().settings().config.tidepool.shutdown_timeout;
+        proxy.shared().watchdog.enforce_shutdown(limit);
         tokio::spawn(tidepool::lifecycle::reload_on_sighup(proxy.shared()));
         proxy.run(tidepool::lifecycle::signal(), None).await;
         ExitCode::SUCCESS
-    })
+    });
+    // Tasks still running (clients closed at the deadline, blocking work)
+    // are dropped, not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 /// `tidepool classify`: one tab-separated line per statement.

@@ -540,7 +540,11 @@ select x from "odd""name";
         ] {
             assert_eq!(family(families, name).kind, "gauge", "{name}");
         }
-        for name in ["tidepool_transactions", "tidepool_query_calls"] {
+        for name in [
+            "tidepool_transactions",
+            "tidepool_query_calls",
+            "tidepool_event_loop_stalls",
+        ] {
             assert_eq!(family(families, name).kind, "counter", "{name}");
         }
         assert_eq!(

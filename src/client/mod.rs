@@ -112,6 +112,8 @@ pub struct Shared {
     /// Idle clients without a task.
     pub lot: Arc<park::Lot>,
     pub lifecycle: Lifecycle,
+    /// Event-loop stalls and the shutdown deadline.
+    pub watchdog: Arc<crate::watchdog::Watchdog>,
     /// The file RELOAD and SIGHUP read, when the config came from one.
     pub config_path: Option<PathBuf>,
     next_id: AtomicU64,
@@ -139,6 +141,7 @@ impl Shared {
             list: Arc::new(list::ClientList::default()),
             lot: Arc::new(park::Lot::default()),
             lifecycle: Lifecycle::default(),
+            watchdog: Arc::default(),
             config_path,
             next_id: AtomicU64::new(1),
         }
@@ -211,7 +214,7 @@ pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         match Box::pin(startup::login(stream, &shared, id)).await {
             Some(startup::Login::Client(session)) => {
-                let run = session.run(slot);
+                let run = crate::watchdog::Watched::new(id, session.run(slot));
                 if debug {
                     tokio::spawn(run.instrument(tracing::Span::current()));
                 } else {

@@ -29,6 +29,7 @@ use crate::server::ServerError;
 use crate::server::params::{canonical, is_tracked, sync_sql};
 use crate::server::prepared::{ServerStatements, Statement};
 use crate::stats::{Counters, Fingerprints, Role, SlowQuery};
+use crate::watchdog::{self, Phase};
 
 /// Read buffers start this small and double (up to steps of
 /// [`READ_CHUNK`]) when a read would find less than [`READ_ROOM`] free.
@@ -140,7 +141,7 @@ impl Parked {
         match self.into_session() {
             Ok((session, slot)) => {
                 tracing::debug!(client = id, "client resumed");
-                tokio::spawn(session.run(slot));
+                tokio::spawn(crate::watchdog::Watched::new(id, session.run(slot)));
             }
             Err(e) => {
                 tracing::warn!(client = id, error = %e, "could not resume client; closing it")
@@ -305,6 +306,11 @@ impl Session {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
         self.listed.info.nudge.forget_waker();
         loop {
+            // Liveness: each transaction spends from the task's cooperative
+            // budget, so a client whose transactions never wait (a server
+            // free at once, answers already buffered) still lets the others
+            // run after a bounded amount of work.
+            tokio::task::coop::consume_budget().await;
             let idle_in_tx = self.deferred_begin.is_some();
             if let Some(e) = self.evicted(idle_in_tx) {
                 return Box::pin(self.fatal(e)).await;
@@ -342,6 +348,7 @@ impl Session {
                 }
                 self.refresh();
             }
+            watchdog::phase(Phase::Route);
             let (route, class) = self.choose_route();
             // Checkout and forwarding run inline: boxing them would cost two
             // allocations per transaction. Rare phases (fatal errors, clean-up,
@@ -368,6 +375,7 @@ impl Session {
                 }
                 None => Box::new(Tracker::new(server.conn().tx, self.policy)),
             };
+            let had_prepend = self.deferred_begin.is_some();
             if let Some(begin) = self.deferred_begin.take() {
                 // The client's BEGIN, run first on the chosen backend; its
                 // answers were already given.
@@ -380,7 +388,9 @@ impl Session {
             if let (Route::Replica(_), None) = (route, self.pinned) {
                 tracker.replica_guard = Some(self.settings.classifier.clone());
             }
+            watchdog::phase(Phase::Forward);
             let end = self.forward(&mut server, &mut tracker).await;
+            watchdog::phase(Phase::Release);
             self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
@@ -391,7 +401,22 @@ impl Session {
                 self.statements.len() as u32,
                 std::sync::atomic::Ordering::Relaxed,
             );
+            let progressed = tracker.timing.delta.received > 0 || had_prepend;
             match end {
+                TxEnd::Done if !progressed => {
+                    // A transaction that consumed nothing would start again at
+                    // once, forever: a bug, made loud and ended here instead
+                    // of a spinning task.
+                    tracing::error!(
+                        client = self.listed.info.id,
+                        "transaction ended without consuming a client message; closing the client"
+                    );
+                    server.release(Release::Reuse);
+                    return Box::pin(
+                        self.fatal(ClientError::Internal("no progress in a transaction".into())),
+                    )
+                    .await;
+                }
                 TxEnd::Done => {
                     if tracker.params_changed {
                         self.custom_params.extend(tracker.custom_params.drain(..));
@@ -560,6 +585,7 @@ impl Session {
     /// Idle phase: answers what needs no server (Sync, Flush, stray COPY
     /// messages, owed errors) and returns when a transaction starts.
     async fn wait_for_work(&mut self) -> Result<Next, ClientError> {
+        watchdog::phase(Phase::Idle);
         loop {
             if self.discard > 0 {
                 let n = self.discard.min(self.buf.len());
@@ -572,9 +598,18 @@ impl Session {
                     continue;
                 }
             }
-            if self.buf.len() < 5 {
+            // A transaction starts only once its first message is whole: the
+            // routing decision and the tracker need it, and a message that
+            // is still arriving must be read here, not spun on.
+            let wanted = self.head_shortfall()?;
+            if wanted > 0 {
                 if self.flush_out().await.is_err() {
                     return Ok(Next::Exit);
+                }
+                // Room for the whole message at once (bounded by
+                // `max_message_size`), not a doubling per read.
+                if self.buf.len() >= 5 {
+                    self.buf.reserve(wanted);
                 }
                 let info = self.listed.info.clone();
                 let read = std::future::poll_fn(|cx| {
@@ -659,6 +694,34 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Bytes still missing before the message at the head of the buffer can
+    /// be acted on while idle: its header, or (for a message that starts a
+    /// transaction) its whole body. 0 when it can be acted on now.
+    fn head_shortfall(&self) -> Result<usize, ClientError> {
+        if self.buf.len() < 5 {
+            return Ok(5 - self.buf.len());
+        }
+        let total = checked_len(self.buf[0], &self.buf[1..5], self.limit)?;
+        let starts_transaction = matches!(
+            FrontendTag::from_byte(self.buf[0]),
+            FrontendTag::Query
+                | FrontendTag::FunctionCall
+                | FrontendTag::Parse
+                | FrontendTag::Bind
+                | FrontendTag::Describe
+                | FrontendTag::Execute
+                | FrontendTag::Close
+        );
+        // Messages dropped while an error is owed or a batch is skipped are
+        // discarded as they stream in, whatever their size.
+        let dropped = self.owe_error.is_some() || self.skip_until_sync;
+        Ok(if starts_transaction && !dropped {
+            total.saturating_sub(self.buf.len())
+        } else {
+            0
+        })
     }
 
     /// A batch of only Parse (of statements this pool's servers already
@@ -946,6 +1009,7 @@ impl Session {
 
     /// Checks out a server and brings its session parameters to ours.
     async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
+        watchdog::phase(Phase::Checkout);
         let info = self.listed.info.clone();
         // No timer per wait: the client sweep nudges this task once
         // `query_wait_timeout` has passed (see `client::park`).
@@ -1126,6 +1190,9 @@ impl Session {
             {
                 return TxEnd::ClientFatal(e.into());
             }
+            // What the scan left starts at a message boundary: a message
+            // that must be seen whole gets room for all of it at once.
+            reserve_head(&mut self.buf, self.limit);
             if t.terminated {
                 client_closed = true;
             }
@@ -1326,6 +1393,7 @@ impl Session {
     /// The client left (or must be closed) while holding `server`: make the
     /// server clean for the next client, or close it.
     async fn clean_up(&mut self, mut server: PooledConn, t: &Tracker, mid_message: bool) {
+        watchdog::phase(Phase::CleanUp);
         let conn = server.conn();
         if self.pinned.is_some() {
             // Its session state (listeners, locks, temp tables) dies with it.
@@ -1480,6 +1548,17 @@ fn first_statement<'a>(
             statements.get(name).map(|s| s.query.as_str())
         }
         _ => None,
+    }
+}
+
+/// Makes room for the rest of the message whose header starts `buf` (its
+/// length already checked against `limit` by the scan that left it there).
+fn reserve_head(buf: &mut BytesMut, limit: usize) {
+    if buf.len() >= 5
+        && let Ok(total) = checked_len(buf[0], &buf[1..5], limit)
+        && total > buf.len()
+    {
+        buf.reserve(total - buf.len());
     }
 }
 

@@ -149,6 +149,12 @@ impl Collector for Snapshot {
             "Idle clients parked without a task (park_idle_clients_after)",
             &[(Labels::new(), shared.lot.len() as u64)],
         )?;
+        counter(
+            &mut enc,
+            "tidepool_event_loop_stalls",
+            "Times a runtime thread ran one task, or no task ran, for over 100 ms (each is logged)",
+            &[(Labels::new(), shared.watchdog.stalls())],
+        )?;
         if let Some(m) = crate::memory::usage() {
             gauge(
                 &mut enc,

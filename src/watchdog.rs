@@ -1,0 +1,348 @@
+//! The event-loop watchdog: makes a blocked or spinning runtime thread loud.
+//!
+//! Owns two observations, read by one OS thread outside the runtime:
+//!
+//! - a **heartbeat** that a task on the runtime renews every few
+//!   milliseconds: when it goes stale, something kept the event loop from
+//!   running tasks;
+//! - a **slot per runtime thread** saying which client task that thread is
+//!   polling right now, since when, and in which phase ([`Watched`] fills it
+//!   around every poll of a client task; [`phase`] updates the phase).
+//!
+//! A poll or a heartbeat gap longer than [`STALL`] is one stall: logged once
+//! at error level (the client and what its task was doing, when a client
+//! task was being polled) and counted (`tidepool_event_loop_stalls_total`).
+//!
+//! It also owns the last resort of a shutdown: once a shutdown has begun
+//! ([`Watchdog::shutdown_started`], or SIGTERM/SIGINT seen by a signal
+//! handler that needs no event loop), a process still alive after
+//! `shutdown_timeout` plus [`SHUTDOWN_GRACE`] exits, whatever a task does.
+//!
+//! Never takes a lock on the hot path: a poll costs a thread-local lookup,
+//! one clock read and a few relaxed loads and stores.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// A poll (or a gap between heartbeats) longer than this is a stall.
+pub const STALL: Duration = Duration::from_millis(100);
+/// How often the runtime renews the heartbeat and the watchdog looks.
+const TICK: Duration = Duration::from_millis(10);
+/// Time past `shutdown_timeout` before a shutdown is forced.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What a client task is doing, for the stall report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Other = 0,
+    Login,
+    Idle,
+    Route,
+    Checkout,
+    Forward,
+    Release,
+    CleanUp,
+}
+
+impl Phase {
+    const ALL: [Phase; 8] = [
+        Phase::Other,
+        Phase::Login,
+        Phase::Idle,
+        Phase::Route,
+        Phase::Checkout,
+        Phase::Forward,
+        Phase::Release,
+        Phase::CleanUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Other => "other",
+            Phase::Login => "logging in",
+            Phase::Idle => "waiting for the client's next request",
+            Phase::Route => "choosing a backend",
+            Phase::Checkout => "checking out a server",
+            Phase::Forward => "forwarding a transaction",
+            Phase::Release => "releasing its server",
+            Phase::CleanUp => "cleaning up its server",
+        }
+    }
+
+    fn from_u8(v: u8) -> Phase {
+        Phase::ALL.get(v as usize).copied().unwrap_or(Phase::Other)
+    }
+}
+
+/// What one runtime thread is polling.
+#[derive(Default)]
+struct Slot {
+    /// Client id being polled (0: none).
+    client: AtomicU64,
+    /// Monotonic µs when that poll began (0: not polling a client task).
+    since: AtomicU64,
+    phase: AtomicU8,
+    thread: Mutex<String>,
+}
+
+thread_local! {
+    /// This thread's slot, once it polled a watched task.
+    static SLOT: Cell<Option<&'static Slot>> = const { Cell::new(None) };
+}
+
+/// Slots live as long as the process (one per runtime thread ever seen:
+/// a handful), so a thread-local can point at them without a count.
+static SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+
+fn slot() -> &'static Slot {
+    SLOT.with(|s| match s.get() {
+        Some(slot) => slot,
+        None => {
+            let slot: &'static Slot = Box::leak(Box::default());
+            if let Ok(mut name) = slot.thread.lock() {
+                *name = std::thread::current()
+                    .name()
+                    .unwrap_or("unnamed")
+                    .to_owned();
+            }
+            if let Ok(mut all) = SLOTS.lock() {
+                all.push(slot);
+            }
+            s.set(Some(slot));
+            slot
+        }
+    })
+}
+
+fn now_us() -> u64 {
+    // Never 0, which means "not polling".
+    crate::clock::mono_ns() / 1000 + 1
+}
+
+/// Notes the phase of the client task this thread is polling.
+pub fn phase(p: Phase) {
+    slot().phase.store(p as u8, Ordering::Relaxed);
+}
+
+/// A client task, with its polls recorded in this thread's slot.
+pub struct Watched<F> {
+    client: u64,
+    /// The task's phase between polls (the slot holds it during one).
+    phase: u8,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Watched<F> {
+    pub fn new(client: u64, inner: F) -> Self {
+        let phase = if client == 0 {
+            Phase::Login
+        } else {
+            Phase::Other
+        };
+        Self {
+            client,
+            phase: phase as u8,
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let s = slot();
+        s.client.store(self.client, Ordering::Relaxed);
+        s.phase.store(self.phase, Ordering::Relaxed);
+        s.since.store(now_us(), Ordering::Relaxed);
+        let r = self.inner.as_mut().poll(cx);
+        s.since.store(0, Ordering::Relaxed);
+        self.phase = s.phase.load(Ordering::Relaxed);
+        r
+    }
+}
+
+/// Stall detection and the shutdown deadline of one proxy.
+#[derive(Default)]
+pub struct Watchdog {
+    beat: AtomicU64,
+    stalls: AtomicU64,
+    /// Monotonic µs when a shutdown began (0: none), and how long it may take.
+    shutdown_at: AtomicU64,
+    shutdown_limit_us: AtomicU64,
+    /// Exit the process when a shutdown overruns (the binary; not tests).
+    enforce: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Watchdog {
+    /// Stalls seen since start.
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+
+    /// Renews the heartbeat from the runtime, for as long as it runs.
+    pub async fn heartbeat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.beat.store(now_us(), Ordering::Relaxed);
+        }
+    }
+
+    /// A shutdown began and may take `limit`.
+    pub fn shutdown_started(&self, limit: Duration) {
+        self.shutdown_limit_us
+            .store(limit.as_micros() as u64, Ordering::Relaxed);
+        let _ =
+            self.shutdown_at
+                .compare_exchange(0, now_us(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Makes an overrunning shutdown end the process, and lets SIGTERM and
+    /// SIGINT start the deadline even when no event loop runs to see them.
+    /// For the binary only: a test process must not exit.
+    pub fn enforce_shutdown(self: &Arc<Self>, limit: Duration) {
+        self.enforce.store(true, Ordering::Relaxed);
+        self.shutdown_limit_us
+            .store(limit.as_micros() as u64, Ordering::Relaxed);
+        #[cfg(unix)]
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            let me = self.clone();
+            // SAFETY: the action only does relaxed atomic operations and a
+            // vDSO clock read, which are async-signal-safe.
+            let r = unsafe {
+                signal_hook_registry::register(sig, move || {
+                    let now = crate::clock::mono_ns() / 1000 + 1;
+                    let _ = me.shutdown_at.compare_exchange(
+                        0,
+                        now,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                })
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM/SIGINT outside the event loop");
+            }
+        }
+    }
+
+    /// Starts the watching thread; it ends when the returned guard drops.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<WatchGuard> {
+        self.beat.store(now_us(), Ordering::Relaxed);
+        self.stop.store(false, Ordering::Relaxed);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("tidepool-watchdog".into())
+            .spawn(move || me.watch())?;
+        Ok(WatchGuard(self.clone()))
+    }
+
+    fn watch(&self) {
+        let stall_us = STALL.as_micros() as u64;
+        // Poll starts (per slot) and heartbeat readings already reported.
+        let mut reported: Vec<u64> = Vec::new();
+        let mut beat_reported = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(TICK);
+            let now = now_us();
+            let slots: Vec<&'static Slot> = SLOTS.lock().map(|s| s.clone()).unwrap_or_default();
+            reported.resize(slots.len(), 0);
+            let beat = self.beat.load(Ordering::Relaxed);
+            let beat_stale = now.saturating_sub(beat) > stall_us;
+            for (i, s) in slots.iter().enumerate() {
+                let since = s.since.load(Ordering::Relaxed);
+                if since == 0 || reported[i] == since || now.saturating_sub(since) <= stall_us {
+                    continue;
+                }
+                reported[i] = since;
+                self.stalls.fetch_add(1, Ordering::Relaxed);
+                if beat_stale {
+                    // The same stall: count it once.
+                    beat_reported = beat;
+                }
+                let thread = s.thread.lock().map(|t| t.clone()).unwrap_or_default();
+                // Client 0: a connection still logging in.
+                tracing::error!(
+                    client = s.client.load(Ordering::Relaxed),
+                    doing = Phase::from_u8(s.phase.load(Ordering::Relaxed)).as_str(),
+                    blocked_ms = now.saturating_sub(since) / 1000,
+                    thread,
+                    "event loop blocked: one client task has run for over {} ms without yielding",
+                    STALL.as_millis()
+                );
+            }
+            if beat_stale && beat_reported != beat {
+                beat_reported = beat;
+                self.stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    blocked_ms = now.saturating_sub(beat) / 1000,
+                    "event loop blocked: no task ran for over {} ms",
+                    STALL.as_millis()
+                );
+            }
+            self.check_shutdown(now);
+        }
+    }
+
+    fn check_shutdown(&self, now: u64) {
+        let at = self.shutdown_at.load(Ordering::Relaxed);
+        if at == 0 || !self.enforce.load(Ordering::Relaxed) {
+            return;
+        }
+        let limit =
+            self.shutdown_limit_us.load(Ordering::Relaxed) + SHUTDOWN_GRACE.as_micros() as u64;
+        if now.saturating_sub(at) > limit {
+            tracing::error!(
+                "shutdown overran shutdown_timeout by {} s; exiting now",
+                SHUTDOWN_GRACE.as_secs()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Stops the watching thread when dropped.
+pub struct WatchGuard(Arc<Watchdog>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_poll_is_one_stall_and_names_the_client() {
+        let w = Arc::new(Watchdog::default());
+        let _guard = w.start().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::spawn(w.clone().heartbeat());
+            // A task that blocks its thread for 3 × STALL in one poll.
+            Watched::new(42, async {
+                phase(Phase::Forward);
+                std::thread::sleep(STALL * 3);
+            })
+            .await;
+            // Let the watchdog look again with the loop running.
+            tokio::time::sleep(STALL).await;
+        });
+        // At least this one (a loaded machine may add heartbeat gaps).
+        assert!(w.stalls() >= 1, "a blocked poll is a stall");
+    }
+}
