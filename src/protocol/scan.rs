@@ -288,3 +288,176 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LIMIT: usize = 1024;
+
+    /// Inspects `Q` and `P`, stops at `stop_at`, passes the rest; records
+    /// every message it sees whole and counts tag-only decisions.
+    #[derive(Default)]
+    struct Recorder {
+        stop_at: Option<u8>,
+        inspected: Vec<(u8, Vec<u8>)>,
+        passed: usize,
+    }
+
+    impl Inspector for Recorder {
+        fn classify(&mut self, tag: u8) -> Step {
+            if Some(tag) == self.stop_at {
+                Step::Stop
+            } else if tag == b'Q' || tag == b'P' {
+                Step::Inspect
+            } else {
+                self.passed += 1;
+                Step::Pass
+            }
+        }
+        fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
+            self.inspected.push((tag, body.to_vec()));
+            Ok(Step::Pass)
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Well-formed messages (tag, body) that fit the limit.
+    fn messages() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        let tag = prop::sample::select(&b"QPBDESXdcHCZT"[..]);
+        prop::collection::vec((tag, prop::collection::vec(any::<u8>(), 0..200)), 0..12)
+    }
+
+    /// Feeds `stream` cut at `cuts` the way the session does: each read is
+    /// appended to what was not forwarded, and the forwarded prefix leaves.
+    /// Returns the bytes forwarded in total and where it stopped, if it did.
+    fn feed(stream: &[u8], cuts: &[usize], r: &mut Recorder) -> (usize, Option<usize>) {
+        let mut s = Scanner::new(LIMIT);
+        let mut buf = Vec::new();
+        let mut forwarded = 0;
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.push(stream.len());
+        for cut in cuts {
+            buf.extend_from_slice(&stream[at..cut]);
+            at = cut;
+            let res = s.scan(&buf, r).expect("valid stream");
+            assert!(res.forward <= buf.len());
+            buf.drain(..res.forward);
+            forwarded += res.forward;
+            if res.stopped {
+                return (forwarded, Some(forwarded));
+            }
+        }
+        assert!(buf.is_empty(), "a whole stream leaves nothing behind");
+        assert!(!s.mid_message());
+        (forwarded, None)
+    }
+
+    proptest! {
+        /// Any split of a valid stream forwards all of it, decides each
+        /// passing message once, and shows each inspected message exactly
+        /// once and whole.
+        #[test]
+        fn any_split_forwards_everything_and_inspects_whole_messages(
+            msgs in messages(),
+            cuts in prop::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let stream: Vec<u8> = msgs.iter().flat_map(|(t, b)| msg(*t, b)).collect();
+            let mut r = Recorder::default();
+            let (forwarded, stopped) = feed(&stream, &cuts, &mut r);
+            prop_assert_eq!(forwarded, stream.len());
+            prop_assert_eq!(stopped, None);
+            let want: Vec<(u8, Vec<u8>)> = msgs
+                .iter()
+                .filter(|(t, _)| *t == b'Q' || *t == b'P')
+                .cloned()
+                .collect();
+            prop_assert_eq!(&r.inspected, &want);
+            prop_assert_eq!(r.passed, msgs.len() - want.len());
+        }
+
+        /// Wherever the stream is cut, forwarding stops right before the
+        /// first message the inspector stops at.
+        #[test]
+        fn any_split_stops_at_the_same_message(
+            msgs in messages(),
+            cuts in prop::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let stream: Vec<u8> = msgs.iter().flat_map(|(t, b)| msg(*t, b)).collect();
+            let first_x = msgs.iter().position(|(t, _)| *t == b'X');
+            let want = first_x.map(|i| msgs[..i].iter().map(|(_, b)| b.len() + 5).sum::<usize>());
+            let mut r = Recorder { stop_at: Some(b'X'), ..Recorder::default() };
+            let (forwarded, stopped) = feed(&stream, &cuts, &mut r);
+            prop_assert_eq!(stopped, want);
+            prop_assert_eq!(forwarded, want.unwrap_or(stream.len()));
+        }
+
+        /// A declared length under 4 (negative ones included) or over the
+        /// limit is refused as soon as its header is whole, after the valid
+        /// messages before it, whatever the tag (so nothing is ever buffered
+        /// for it), and `checked_len` agrees.
+        #[test]
+        fn bad_lengths_are_refused(
+            msgs in messages(),
+            tag in any::<u8>(),
+            len in prop_oneof![
+                i32::MIN..4,
+                (LIMIT as i32)..=i32::MAX,
+                Just(3),
+                Just(LIMIT as i32),
+                Just(-1),
+            ],
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut stream: Vec<u8> = msgs.iter().flat_map(|(t, b)| msg(*t, b)).collect();
+            let valid = stream.len();
+            stream.push(tag);
+            stream.extend_from_slice(&len.to_be_bytes());
+            stream.extend_from_slice(&tail);
+            let expected = || if len < 4 {
+                ProtocolError::BadLength { tag: tag as char, len: i64::from(len) }
+            } else {
+                ProtocolError::TooLarge { tag: tag as char, len: len as usize + 1, limit: LIMIT }
+            };
+            prop_assert_eq!(checked_len(tag, &len.to_be_bytes(), LIMIT), Err(expected()));
+            // Whole, and with the valid part forwarded first.
+            let mut r = Recorder::default();
+            prop_assert_eq!(Scanner::new(LIMIT).scan(&stream, &mut r), Err(expected()));
+            let mut s = Scanner::new(LIMIT);
+            let first = s.scan(&stream[..valid], &mut r);
+            prop_assert_eq!(first, Ok(Scanned { forward: valid, stopped: false }));
+            prop_assert_eq!(s.scan(&stream[valid..], &mut r), Err(expected()));
+        }
+
+        /// Lengths in range are accepted: a passing message's bytes all go
+        /// (its unseen rest is remembered), an inspected one waits whole.
+        #[test]
+        fn lengths_in_range_are_accepted(len in 4..(LIMIT as i32), inspect in any::<bool>()) {
+            let tag = if inspect { b'Q' } else { b'd' };
+            let mut header = vec![tag];
+            header.extend_from_slice(&len.to_be_bytes());
+            prop_assert_eq!(checked_len(tag, &header[1..], LIMIT), Ok(len as usize + 1));
+            let mut s = Scanner::new(LIMIT);
+            let r = s.scan(&header, &mut Recorder::default());
+            if inspect || len == 4 {
+                // An empty body is whole with its header.
+                let forward = if len == 4 { 5 } else { 0 };
+                prop_assert_eq!(r, Ok(Scanned { forward, stopped: false }));
+                prop_assert!(!s.mid_message());
+            } else {
+                prop_assert_eq!(r, Ok(Scanned { forward: 5, stopped: false }));
+                prop_assert_eq!(s.remaining(), len as usize - 4);
+            }
+        }
+    }
+}

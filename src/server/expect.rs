@@ -348,3 +348,183 @@ mod tests {
         assert!(e.is_empty());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What may be pushed; each push gets a unique id, carried in its undo
+    /// (and a Parse's statement hash, and a synthetic answer's bytes).
+    #[derive(Debug, Clone, Copy)]
+    enum Push {
+        Parse { swallow: bool },
+        Bind,
+        DescribeStatement,
+        DescribePortal,
+        Execute,
+        Close { swallow: bool },
+        Sync,
+        UntilReady,
+        Internal,
+        Synthetic,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Push(Push),
+        /// A server message with this tag.
+        Server(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let push = prop_oneof![
+            any::<bool>().prop_map(|swallow| Push::Parse { swallow }),
+            Just(Push::Bind),
+            Just(Push::DescribeStatement),
+            Just(Push::DescribePortal),
+            Just(Push::Execute),
+            any::<bool>().prop_map(|swallow| Push::Close { swallow }),
+            Just(Push::Sync),
+            Just(Push::UntilReady),
+            Just(Push::Internal),
+            Just(Push::Synthetic),
+        ];
+        // Every backend tag `on_message` tells apart, and one it does not.
+        let tag = prop::sample::select(&b"123tnTDCIsEZNSAGHWcdx"[..]);
+        prop_oneof![push.prop_map(Op::Push), tag.prop_map(Op::Server)]
+    }
+
+    fn undo(id: u64) -> Undo {
+        Undo {
+            server_stmt: Some(id),
+            client_name: Some(id.to_string()),
+        }
+    }
+
+    fn is_boundary(o: &Owed) -> bool {
+        matches!(o, Owed::Sync | Owed::UntilReady { .. } | Owed::Internal)
+    }
+
+    /// Ids of the pushes still owed.
+    fn queued_ids(e: &Expect) -> Vec<u64> {
+        e.queue
+            .iter()
+            .filter_map(|o| match o {
+                Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } => undo.server_stmt,
+                Owed::UntilReady { undo, .. } => undo.as_ref().and_then(|u| u.server_stmt),
+                _ => None,
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Random pushes and server messages, handled the way the session
+        /// and `Tracker` do (tidepool's own answers taken out before the
+        /// server's next message, every answer to an internal query but its
+        /// ReadyForQuery dropped, swallowed completions passed to
+        /// `on_message`, one ReadyForQuery owed per Sync, query and internal
+        /// query, skipped ones given back), never panic and keep:
+        /// - the ReadyForQuery count owed equal to the boundaries queued;
+        /// - `skipping` only with an empty queue;
+        /// - every Parse and synthetic answer accounted for exactly once:
+        ///   still queued, confirmed, answered or undone;
+        /// - a query's undo reported at most once;
+        /// - synthetic answers in the order they were pushed.
+        #[test]
+        fn owed_answers_stay_consistent(ops in prop::collection::vec(op(), 0..64)) {
+            let mut e = Expect::default();
+            let mut pending: u32 = 0;
+            let mut next_id = 0u64;
+            // Ids of Parse and Synthetic pushes, and of queries, by outcome.
+            let mut tracked: Vec<u64> = Vec::new();
+            let mut queries: Vec<u64> = Vec::new();
+            let mut undone: Vec<u64> = Vec::new();
+            let mut confirmed: Vec<u64> = Vec::new();
+            let mut answered: Vec<u64> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Push(p) => {
+                        next_id += 1;
+                        let id = next_id;
+                        let owed = match p {
+                            Push::Parse { swallow } => {
+                                tracked.push(id);
+                                Owed::Parse { swallow, undo: undo(id) }
+                            }
+                            Push::Bind => Owed::Bind,
+                            Push::DescribeStatement => Owed::DescribeStatement,
+                            Push::DescribePortal => Owed::DescribePortal,
+                            Push::Execute => Owed::Execute,
+                            Push::Close { swallow } => Owed::Close { swallow },
+                            Push::Sync => Owed::Sync,
+                            Push::UntilReady => {
+                                queries.push(id);
+                                Owed::UntilReady { undo: Some(undo(id)), failed: false }
+                            }
+                            Push::Internal => Owed::Internal,
+                            Push::Synthetic => {
+                                tracked.push(id);
+                                Owed::Synthetic {
+                                    bytes: Bytes::from(id.to_be_bytes().to_vec()),
+                                    undo: undo(id),
+                                }
+                            }
+                        };
+                        if is_boundary(&owed) {
+                            pending += 1;
+                        }
+                        e.push(owed);
+                    }
+                    Op::Server(tag) => {
+                        let mut out = BytesMut::new();
+                        e.take_synthetic(&mut out);
+                        for id in out.chunks(8) {
+                            answered.push(u64::from_be_bytes(id.try_into().expect("8 bytes")));
+                        }
+                        prop_assert!(!e.head_is_synthetic());
+                        let ready = tag == b'Z';
+                        if e.head_is_internal() {
+                            if ready {
+                                e.on_message(tag);
+                                pending = pending.saturating_sub(1);
+                            }
+                        } else {
+                            e.on_message(tag);
+                            if ready {
+                                pending = pending.saturating_sub(1);
+                            }
+                        }
+                    }
+                }
+                pending = pending.saturating_sub(e.take_skipped_ready());
+                confirmed.extend(e.take_confirmed());
+                undone.extend(e.take_undos().into_iter().filter_map(|u| {
+                    // Both halves of an undo name the same push.
+                    assert_eq!(u.client_name, u.server_stmt.map(|s| s.to_string()));
+                    u.server_stmt
+                }));
+
+                let boundaries = e.queue.iter().filter(|o| is_boundary(o)).count();
+                prop_assert_eq!(pending as usize, boundaries, "ReadyForQuery owed vs queue {:?}", e.queue);
+                prop_assert!(!e.skipping() || e.is_empty(), "skipping with {:?} queued", e.queue);
+                let mut seen: Vec<u64> = queued_ids(&e)
+                    .into_iter()
+                    .filter(|id| tracked.contains(id))
+                    .chain(confirmed.iter().copied())
+                    .chain(answered.iter().copied())
+                    .chain(undone.iter().copied().filter(|id| tracked.contains(id)))
+                    .collect();
+                seen.sort_unstable();
+                prop_assert_eq!(&seen, &tracked, "Parse/synthetic ids lost or doubled");
+                let mut q: Vec<u64> = undone.iter().copied().filter(|id| queries.contains(id)).collect();
+                let n = q.len();
+                q.sort_unstable();
+                q.dedup();
+                prop_assert_eq!(q.len(), n, "a query undone twice");
+                prop_assert!(answered.windows(2).all(|w| w[0] < w[1]), "synthetic answers out of order");
+            }
+        }
+    }
+}

@@ -514,7 +514,7 @@ impl lexer::Sink for Spans {
 
 /// `sql` with other literals: digits and letters inside each literal
 /// changed, everything else kept.
-fn other_literals(sql: &str) -> String {
+pub(super) fn other_literals(sql: &str) -> String {
     let mut spans = Spans::default();
     lex(sql, &mut spans);
     let mut out = sql.as_bytes().to_vec();
