@@ -73,5 +73,8 @@ fuzz_target!(|data: &[u8]| {
     let (pieces, pieces_t, pieces_p) = run(&input.chunks());
     whole.assert_agrees(&pieces);
     assert_eq!(whole_t, pieces_t, "reading in pieces changed the tracker");
-    assert_eq!(whole_p, pieces_p, "reading in pieces changed the parameters");
+    assert_eq!(
+        whole_p, pieces_p,
+        "reading in pieces changed the parameters"
+    );
 });

@@ -34,12 +34,18 @@ fuzz_target!(|data: &[u8]| {
 
     let class = classify(a, &RULES);
     let strict = classify(a, &STRICT);
-    assert!(strict >= class, "strict rules made {a:?} less demanding: {strict:?} < {class:?}");
+    assert!(
+        strict >= class,
+        "strict rules made {a:?} less demanding: {strict:?} < {class:?}"
+    );
 
     let (hash, template) = hash_and_template(a);
     assert_eq!(hash, masked_hash(a));
     if let Some(t) = &template {
-        assert!(t.matches(a.as_bytes()), "{a:?} does not match its own template");
+        assert!(
+            t.matches(a.as_bytes()),
+            "{a:?} does not match its own template"
+        );
         if t.matches(b.as_bytes()) {
             assert_eq!(masked_hash(b), hash, "{b:?} matches the template of {a:?}");
         }

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     match &e.prepared {
         Some(PreparedSql::Prepare { name, rest } | PreparedSql::Execute { name, rest }) => {
             assert!(!name.is_empty());
-            assert!(sql.contains(rest.as_str()), "rest {rest:?} is not from the text");
+            assert!(
+                sql.contains(rest.as_str()),
+                "rest {rest:?} is not from the text"
+            );
         }
         None => {}
     }

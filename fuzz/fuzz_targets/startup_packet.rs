@@ -9,7 +9,9 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
-use tidepool::protocol::startup::{MAX_STARTUP_PACKET, StartupError, StartupPacket, parse, read_packet};
+use tidepool::protocol::startup::{
+    MAX_STARTUP_PACKET, StartupError, StartupPacket, parse, read_packet,
+};
 
 fn read(data: &[u8]) -> Result<StartupPacket, StartupError> {
     let mut r = data;

@@ -145,11 +145,24 @@ impl Outcome {
             assert_eq!(self, other, "reading in pieces changed the outcome");
             return;
         }
-        assert_eq!(self.error, other.error, "reading in pieces changed the error");
-        assert_eq!(self.stops, other.stops, "reading in pieces changed the stops");
-        assert_eq!(self.inspected, other.inspected, "reading in pieces changed what was inspected");
+        assert_eq!(
+            self.error, other.error,
+            "reading in pieces changed the error"
+        );
+        assert_eq!(
+            self.stops, other.stops,
+            "reading in pieces changed the stops"
+        );
+        assert_eq!(
+            self.inspected, other.inspected,
+            "reading in pieces changed what was inspected"
+        );
         let n = self.out.len().min(other.out.len());
-        assert_eq!(self.out[..n], other.out[..n], "forwarded bytes differ before an error");
+        assert_eq!(
+            self.out[..n],
+            other.out[..n],
+            "forwarded bytes differ before an error"
+        );
     }
 }
 
@@ -244,7 +257,10 @@ fn check_scanned(scanner: &Scanner, buf: &[u8], r: Scanned, was_mid: usize, limi
         let rest = &buf[r.forward..];
         assert!(rest.len() >= 5, "stopped without a whole header");
         let total = checked_len(rest[0], &rest[1..5], limit);
-        assert!(total.is_ok(), "stopped at a header the scanner should have refused");
+        assert!(
+            total.is_ok(),
+            "stopped at a header the scanner should have refused"
+        );
         return;
     }
     if scanner.mid_message() {
@@ -296,8 +312,7 @@ impl Side for Client<'_> {
             t.client_skip = false;
             t.pending += 1;
             t.unsynced = false;
-            t.expect
-                .push(tidepool::server::expect::Owed::Sync);
+            t.expect.push(tidepool::server::expect::Owed::Sync);
         }
         Ok(())
     }
