@@ -16,8 +16,10 @@ use crate::protocol::messages::Body;
 use crate::protocol::tag::auth_code;
 use crate::protocol::write;
 
-/// Authentication messages are small; anything larger is a protocol violation.
-const AUTH_MESSAGE_LIMIT: usize = 8 * 1024;
+/// PostgreSQL's limit for a password, SASLInitialResponse or SASLResponse
+/// message: a length word of at most 1,024 (so 1,025 bytes with the tag).
+/// PostgreSQL answers a longer one with "password authentication failed".
+const AUTH_MESSAGE_LIMIT: usize = 1024 + 1;
 
 /// What a successful login proved.
 #[derive(Debug, Default)]
@@ -64,8 +66,15 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
+    user: &str,
 ) -> Result<BytesMut, AuthError> {
-    let frame = read_frame(stream, buf, AUTH_MESSAGE_LIMIT).await?;
+    use crate::protocol::frame::FrameError;
+    let frame = match read_frame(stream, buf, AUTH_MESSAGE_LIMIT).await {
+        Ok(f) => f,
+        // A length PostgreSQL refuses fails the login, in its words.
+        Err(FrameError::Protocol(_)) => return Err(AuthError::Failed(user.to_owned())),
+        Err(e) => return Err(e.into()),
+    };
     if FrontendTag::from_byte(frame.tag) != FrontendTag::Password {
         return Err(AuthError::Protocol(format!(
             "expected password response, got message type '{}'",
@@ -85,7 +94,7 @@ async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     write::auth_request(&mut out, auth_code::MD5, &salt);
     stream.write_all(&out).await?;
-    let body = read_password(stream, buf).await?;
+    let body = read_password(stream, buf, user).await?;
     let mut b = Body::new(&body, "PasswordMessage");
     let sent = b.cstr().map_err(|e| AuthError::Protocol(e.to_string()))?;
     let Some(stored) = secret.and_then(|s| s.md5_hash(user)) else {
@@ -132,7 +141,7 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     write::auth_sasl_mechanisms(&mut out, &[MECHANISM]);
     stream.write_all(&out).await?;
 
-    let body = read_password(stream, buf).await?;
+    let body = read_password(stream, buf, user).await?;
     let mut b = Body::new(&body, "SASLInitialResponse");
     let proto = |e: crate::protocol::ProtocolError| AuthError::Protocol(e.to_string());
     let mechanism = b.cstr().map_err(proto)?;
@@ -169,7 +178,7 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     write::auth_request(&mut out, auth_code::SASL_CONTINUE, server_first.as_bytes());
     stream.write_all(&out).await?;
 
-    let body = read_password(stream, buf).await?;
+    let body = read_password(stream, buf, user).await?;
     match exchange.finish(&body) {
         Ok((server_final, client_key)) if known => {
             out.clear();

@@ -77,10 +77,9 @@ impl ServerExchange {
             Some(b'p') => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed),
         };
+        // An empty client nonce is PostgreSQL's to accept too: the server's
+        // own random part makes the combined nonce unique.
         let client_nonce = attr(bare, 'r').ok_or(ScramError::Malformed)?;
-        if client_nonce.is_empty() {
-            return Err(ScramError::Malformed);
-        }
         let nonce = format!("{client_nonce}{}", self::nonce());
         let server_first = format!(
             "r={nonce},s={},i={}",

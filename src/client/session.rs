@@ -21,7 +21,7 @@ use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::health::Health;
 use crate::pool::{DbControl, Pool, PooledConn, Release, Waiter};
-use crate::protocol::scan::{Scanner, checked_len};
+use crate::protocol::scan::{Scanner, checked_len, frontend_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::router::Class;
 use crate::router::hints::{Hint, hint};
@@ -634,7 +634,7 @@ impl Session {
                 }
             }
             let tag = FrontendTag::from_byte(self.buf[0]);
-            let total = checked_len(self.buf[0], &self.buf[1..5], self.limit)?;
+            let total = frontend_len(self.buf[0], &self.buf[1..5], self.limit)?;
             let owes = self.owe_error.is_some();
             match tag {
                 FrontendTag::Terminate => {
@@ -703,7 +703,7 @@ impl Session {
         if self.buf.len() < 5 {
             return Ok(5 - self.buf.len());
         }
-        let total = checked_len(self.buf[0], &self.buf[1..5], self.limit)?;
+        let total = frontend_len(self.buf[0], &self.buf[1..5], self.limit)?;
         let starts_transaction = matches!(
             FrontendTag::from_byte(self.buf[0]),
             FrontendTag::Query
@@ -1149,7 +1149,7 @@ impl Session {
             slow_us: server_pool.hot.slow_query_us(),
         };
         let info = self.listed.info.clone();
-        let mut cscan = Scanner::new(self.limit);
+        let mut cscan = Scanner::frontend(self.limit);
         let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
         let mut to_client = BytesMut::new();
         let mut changed = Vec::new();

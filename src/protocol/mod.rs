@@ -24,6 +24,11 @@ pub enum ProtocolError {
     BadLength { tag: char, len: i64 },
     #[error("message of type '{tag}' is {len} bytes, over the limit of {limit}")]
     TooLarge { tag: char, len: usize, limit: usize },
+    #[error(
+        "invalid message length: message of type '{tag}' is {len} bytes, over PostgreSQL's limit of {} for this type",
+        tag::SMALL_MESSAGE_LIMIT + 1
+    )]
+    SmallTooLarge { tag: char, len: usize },
     #[error("unexpected message type '{0}'")]
     UnexpectedTag(char),
     #[error("malformed {0} message")]

@@ -46,11 +46,27 @@ pub struct Scanned {
 pub struct Scanner {
     skip: usize,
     limit: usize,
+    /// Client → server: PostgreSQL's per-type limits apply too.
+    frontend: bool,
 }
 
 impl Scanner {
+    /// For server → client bytes.
     pub fn new(limit: usize) -> Self {
-        Self { skip: 0, limit }
+        Self {
+            skip: 0,
+            limit,
+            frontend: false,
+        }
+    }
+
+    /// For client → server bytes (see [`frontend_len`]).
+    pub fn frontend(limit: usize) -> Self {
+        Self {
+            skip: 0,
+            limit,
+            frontend: true,
+        }
     }
 
     /// True while a passing message has been partly forwarded.
@@ -77,7 +93,12 @@ impl Scanner {
         }
         while buf.len() - pos >= 5 {
             let tag = buf[pos];
-            let total = checked_len(tag, &buf[pos + 1..pos + 5], self.limit)?;
+            let len_bytes = &buf[pos + 1..pos + 5];
+            let total = if self.frontend {
+                frontend_len(tag, len_bytes, self.limit)?
+            } else {
+                checked_len(tag, len_bytes, self.limit)?
+            };
             match inspector.classify(tag) {
                 Step::Stop => {
                     return Ok(Scanned {
@@ -117,6 +138,22 @@ impl Scanner {
             stopped: false,
         })
     }
+}
+
+/// [`checked_len`] for a client's message: also within PostgreSQL's own
+/// limit for message types that carry no client data (Sync, Execute, ...),
+/// which PostgreSQL answers by closing the connection.
+pub fn frontend_len(tag: u8, len_bytes: &[u8], limit: usize) -> Result<usize, ProtocolError> {
+    if !super::FrontendTag::from_byte(tag).is_small() {
+        return checked_len(tag, len_bytes, limit);
+    }
+    let small = limit.min(super::tag::SMALL_MESSAGE_LIMIT + 1);
+    checked_len(tag, len_bytes, small).map_err(|e| match e {
+        ProtocolError::TooLarge { tag, len, .. } if small < limit => {
+            ProtocolError::SmallTooLarge { tag, len }
+        }
+        e => e,
+    })
 }
 
 /// Total message size (tag byte included) from the 4-byte big-endian length,

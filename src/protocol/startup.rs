@@ -8,7 +8,8 @@ use super::ProtocolError;
 use super::messages::Body;
 use super::tag::{CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
 
-/// PostgreSQL's own limit for a startup packet.
+/// PostgreSQL's own limit for a startup packet's body (after the length
+/// word): the whole packet may be 4 bytes longer.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ impl From<std::io::Error> for StartupError {
 
 pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
     let len = r.read_i32().await?;
-    if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
+    if !(8..=MAX_STARTUP_PACKET as i32 + 4).contains(&len) {
         return Err(ProtocolError::BadLength {
             tag: '\0',
             len: i64::from(len),

@@ -20,6 +20,10 @@ macro_rules! decode_by_table {
     };
 }
 
+/// PostgreSQL's largest length word for [`FrontendTag::is_small`] messages
+/// (`PQ_SMALL_MESSAGE_LIMIT`).
+pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+
 /// The first byte of a message sent by a client (frontend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrontendTag {
@@ -42,6 +46,23 @@ pub enum FrontendTag {
 }
 
 impl FrontendTag {
+    /// Message types that carry no client data, whose length word
+    /// PostgreSQL limits to [`SMALL_MESSAGE_LIMIT`] (and closes the
+    /// connection past it).
+    pub fn is_small(self) -> bool {
+        matches!(
+            self,
+            Self::Describe
+                | Self::Execute
+                | Self::Close
+                | Self::Sync
+                | Self::Flush
+                | Self::CopyDone
+                | Self::CopyFail
+                | Self::Terminate
+        )
+    }
+
     const fn decode(b: u8) -> Self {
         match b {
             b'Q' => Self::Query,
