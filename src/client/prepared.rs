@@ -24,6 +24,13 @@ use crate::stats::{Counters, Fingerprints};
 
 /// SQLSTATEs of the errors PostgreSQL gives for these cases.
 const DUPLICATE_PSTATEMENT: &str = "42P05";
+const IN_FAILED_TRANSACTION: &str = "25P02";
+/// A statement name no client or tidepool uses (tidepool's own are
+/// `tidepool_` and 16 hex digits): describing it fails without side effects.
+const ABORT_PROBE: &str = "tidepool_abort_here";
+/// A query that fails to parse, without side effects.
+const ABORT_QUERY: &str =
+    "tidepool: abort the transaction, as the error answered for the client did";
 const UNDEFINED_PSTATEMENT: &str = "26000";
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
 
@@ -88,10 +95,16 @@ impl Handler<'_> {
         let sql = Body::new(body, "Query").cstr()?;
         let e = effects(sql);
         let t = &mut *self.t;
+        let answered_here = (e.session_feature.is_some() && t.policy.refuse_session_features)
+            || e.deallocate.is_some()
+            || (e.prepared.is_some() && t.policy.named_statements);
+        if answered_here && t.status == crate::protocol::TxStatus::Failed {
+            // PostgreSQL runs none of these in a failed transaction.
+            self.fail_query(aborted());
+            return Ok(());
+        }
         if let (Some(feature), true) = (e.session_feature, t.policy.refuse_session_features) {
-            let mut out = refused(feature);
-            write::ready_for_query(&mut out, t.status);
-            synthetic(t, out, Undo::default());
+            self.fail_query(refused(feature));
             return Ok(());
         }
         if let Some(name) = &e.deallocate
@@ -137,8 +150,7 @@ impl Handler<'_> {
                         DUPLICATE_PSTATEMENT,
                         &format!("prepared statement \"{name}\" already exists"),
                     );
-                    write::ready_for_query(&mut out, status);
-                    synthetic(self.t, out, Undo::default());
+                    self.fail_query(out);
                     return Ok(());
                 }
                 let stmt = Statement::from_sql_prepare(rest);
@@ -228,6 +240,14 @@ impl Handler<'_> {
             return Ok(());
         }
         t.timing.parse_named();
+        if t.status == crate::protocol::TxStatus::Failed
+            && !super::sql::exits_transaction(&stmt.query)
+        {
+            // PostgreSQL refuses to parse anything but COMMIT/ROLLBACK in a
+            // failed transaction, before it looks at the name; a statement
+            // the server already has must not be answered as parsed.
+            return self.fail(aborted());
+        }
         if self.statements.contains_key(&name) {
             let mut out = BytesMut::new();
             write::error_response(
@@ -373,13 +393,54 @@ impl Handler<'_> {
     }
 
     /// Answers the current message with an error and drops the client's
-    /// messages until its Sync, as PostgreSQL does after an error.
+    /// messages until its Sync, as PostgreSQL does after an error. The
+    /// server is made to fail at the same point (a Describe of a statement
+    /// that cannot exist), so that it too aborts the transaction (or the
+    /// implicit one of this batch) and skips to the Sync.
     fn fail(&mut self, error: BytesMut) -> Result<(), ProtocolError> {
         synthetic(self.t, error, Undo::default());
+        write::message(self.to_server, FrontendTag::Describe.byte(), |b| {
+            b.put_u8(b'S');
+            b.put_slice(ABORT_PROBE.as_bytes());
+            b.put_u8(0);
+        });
+        self.t.expect.push(Owed::Abort);
         self.t.client_skip = true;
         self.t.unsynced = true;
         Ok(())
     }
+
+    /// Answers the current simple query with an error and ReadyForQuery,
+    /// as PostgreSQL would: inside a transaction block the transaction is
+    /// aborted, on the server too (a query that fails to parse).
+    fn fail_query(&mut self, mut error: BytesMut) {
+        let t = &mut *self.t;
+        let in_block = t.status != crate::protocol::TxStatus::Idle;
+        let status = if in_block {
+            crate::protocol::TxStatus::Failed
+        } else {
+            crate::protocol::TxStatus::Idle
+        };
+        write::ready_for_query(&mut error, status);
+        synthetic(t, error, Undo::default());
+        if in_block {
+            write::query(self.to_server, ABORT_QUERY);
+            t.pending += 1;
+            t.expect.push(Owed::Internal);
+        }
+    }
+}
+
+/// PostgreSQL's answer to a statement in a failed transaction.
+fn aborted() -> BytesMut {
+    let mut out = BytesMut::new();
+    write::error_response(
+        &mut out,
+        "ERROR",
+        IN_FAILED_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    );
+    out
 }
 
 fn undefined(name: &str) -> BytesMut {

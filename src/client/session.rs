@@ -1660,11 +1660,21 @@ fn scan_server(
             continue;
         }
         if sbuf.len() >= 5 && t.expect.swallows(sbuf[0]) {
-            if checked_len(sbuf[0], &sbuf[1..5], 5)? != 5 {
-                return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
-            }
             let tag = sbuf[0];
-            sbuf.advance(5);
+            let total = if crate::protocol::BackendTag::from_byte(tag)
+                == crate::protocol::BackendTag::ErrorResponse
+            {
+                // The server failing where tidepool made it fail.
+                checked_len(tag, &sbuf[1..5], SERVER_MESSAGE_LIMIT)?
+            } else if checked_len(tag, &sbuf[1..5], 5)? != 5 {
+                return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
+            } else {
+                5
+            };
+            if sbuf.len() < total {
+                return Ok(());
+            }
+            sbuf.advance(total);
             t.expect.on_message(tag);
             continue;
         }

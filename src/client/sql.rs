@@ -115,6 +115,18 @@ pub fn effects(sql: &str) -> Effects {
     e
 }
 
+/// Whether `sql` ends a transaction (COMMIT, END, ROLLBACK [TO], ABORT,
+/// PREPARE TRANSACTION): the only statements PostgreSQL parses in a
+/// failed transaction.
+pub fn exits_transaction(sql: &str) -> bool {
+    let words = leading_words(sql, 2);
+    match words.first().map(String::as_str) {
+        Some("commit" | "end" | "rollback" | "abort") => true,
+        Some("prepare") => words.get(1).is_some_and(|w| w == "transaction"),
+        _ => false,
+    }
+}
+
 /// Whether the text starts with a keyword of a statement that cannot change
 /// session state by itself (SELECT, INSERT, UPDATE, DELETE, WITH, VALUES, …).
 fn starts_with_plain_statement(sql: &str) -> bool {
@@ -370,6 +382,29 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transaction_exits_are_the_statements_a_failed_transaction_parses() {
+        for sql in [
+            "ROLLBACK",
+            " /* c */ rollback to s1",
+            "commit",
+            "END",
+            "abort",
+            "prepare transaction 'x'",
+        ] {
+            assert!(exits_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "select 1",
+            "prepare p as select 1",
+            "begin",
+            "rollbacks",
+            "",
+        ] {
+            assert!(!exits_transaction(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn substring_search_ignores_case_with_or_without_an_anchor() {

@@ -47,6 +47,11 @@ pub enum Owed {
     /// A simple query tidepool sent itself: every answer, ReadyForQuery
     /// included, is dropped.
     Internal,
+    /// A message tidepool sent so that the server fails at this point, as
+    /// PostgreSQL would have on the client's message that tidepool answered
+    /// with an error itself (the transaction aborts, the server skips to
+    /// Sync). Its ErrorResponse is dropped.
+    Abort,
     /// An answer tidepool gives itself when this point of the stream is reached.
     Synthetic {
         bytes: Bytes,
@@ -128,6 +133,7 @@ impl Expect {
         match (self.queue.front(), BackendTag::from_byte(tag)) {
             (Some(Owed::Parse { swallow, .. }), BackendTag::ParseComplete) => *swallow,
             (Some(Owed::Close { swallow }), BackendTag::CloseComplete) => *swallow,
+            (Some(Owed::Abort), BackendTag::ErrorResponse) => true,
             _ => false,
         }
     }
@@ -271,6 +277,30 @@ mod tests {
         e.on_message(b'Z');
         assert!(e.is_empty());
         assert!(e.take_undos().is_empty());
+    }
+
+    #[test]
+    fn the_error_tidepool_provoked_is_swallowed_and_skips_to_sync() {
+        let mut e = Expect::default();
+        e.push(Owed::Execute);
+        e.push(Owed::Synthetic {
+            bytes: Bytes::from_static(b"E"),
+            undo: Undo::default(),
+        });
+        e.push(Owed::Abort);
+        e.push(Owed::Sync);
+        e.on_message(b'C');
+        let mut out = BytesMut::new();
+        e.take_synthetic(&mut out);
+        assert_eq!(&out[..], b"E");
+        // The server's own error for the probe does not reach the client...
+        assert!(e.swallows(b'E'));
+        e.on_message(b'E');
+        // ...and only the Sync is owed now (the server skips to it).
+        assert!(!e.swallows(b'Z'));
+        assert!(!e.head_is_tidepools());
+        e.on_message(b'Z');
+        assert!(e.is_empty());
     }
 
     #[test]

@@ -40,6 +40,8 @@ mod process;
 pub mod proxy;
 /// A byte-level protocol client.
 pub mod raw;
+/// Split writes and comparable answers, for differential tests.
+pub mod wire;
 
 use std::future::Future;
 use std::path::PathBuf;
