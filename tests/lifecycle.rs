@@ -394,3 +394,55 @@ password = "adminpw"
     let trust = rt.block_on(harness::connect(&trust_url)).unwrap();
     rt.block_on(trust.simple_query("select 1")).unwrap();
 }
+
+/// Whatever clients are doing (a query that runs for minutes, a transaction
+/// left open, a message half sent), SIGTERM ends the process once
+/// `shutdown_timeout` has passed.
+#[test]
+fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
+    use std::io::Write;
+    let db = cluster().create_database("sigterm_stuck");
+    let toml = config(&db, 4, "[users.trustuser]\nauth_type = \"trust\"\n")
+        .replace("shutdown_timeout = \"20s\"", "shutdown_timeout = \"2s\"");
+    let mut d = Daemon::start(&toml);
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let rt = rt();
+    let sleeper = rt.block_on(harness::connect(&url)).unwrap();
+    let holder = rt.block_on(harness::connect(&url)).unwrap();
+    rt.block_on(holder.simple_query("begin; select 1")).unwrap();
+    let sleeping = rt.spawn(async move { sleeper.simple_query("select pg_sleep(600)").await });
+    // A client that logged in and then sent 10 bytes of a 100 kB query.
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    rt.block_on(async {
+        let c = harness::connect(&url).await.unwrap();
+        harness::wait_until_async("the sleep to start", Duration::from_secs(30), || async {
+            let n: i64 = c
+                .query_one(
+                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(600)' and state = 'active'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            n > 0
+        })
+        .await;
+    });
+    let mut startup = Vec::new();
+    let body = format!("\0\x03\0\0user\0trustuser\0database\0{db}\0\0");
+    startup.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    startup.extend_from_slice(body.as_bytes());
+    half.write_all(&startup).unwrap();
+    let mut head = vec![b'Q'];
+    head.extend_from_slice(&100_000i32.to_be_bytes());
+    head.extend_from_slice(b"select 1 ");
+    half.write_all(&head).unwrap();
+
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some(),
+        "still running 30 s after SIGTERM with shutdown_timeout = 2s"
+    );
+    drop(sleeping);
+}
