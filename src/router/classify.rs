@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::hash::BuildHasher;
+use std::hash::Hasher;
 use std::sync::{Mutex, PoisonError};
 
 use pg_query::NodeRef;
@@ -143,8 +143,16 @@ impl Rules {
     }
 }
 
+/// Statements longer than this are not parsed: they go to the primary.
+/// Parsing is proportional to the text (a 100 MB multi-row INSERT would hold
+/// the event loop for seconds), and when in doubt, the primary.
+pub const MAX_CLASSIFIED_BYTES: usize = 256 * 1024;
+
 /// Classifies one query string (uncached).
 pub fn classify(sql: &str, rules: &Rules) -> Class {
+    if sql.len() > MAX_CLASSIFIED_BYTES {
+        return Class::Write;
+    }
     let Ok(parsed) = pg_query::parse(sql, 0) else {
         return Class::Write;
     };
@@ -231,11 +239,14 @@ fn read_only_option(options: &[pg_query::protobuf::Node]) -> bool {
 const SHARDS: usize = 16;
 const SHARD_CAPACITY: usize = 4096;
 
-/// A classifier with a sharded cache by query text.
+/// A classifier with a sharded cache keyed by a 128-bit keyed hash of the
+/// query text (SipHash-1-3 with random keys): a cache entry costs a few
+/// bytes whatever the statement's size, and two texts that share a key would
+/// take 2^64 tries to find even for someone who could see the hashes.
 pub struct Classifier {
     rules: Rules,
-    shards: Vec<Mutex<HashMap<String, Class>>>,
-    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<u128, Class>>>,
+    keys: (u64, u64),
 }
 
 impl std::fmt::Debug for Classifier {
@@ -249,16 +260,24 @@ impl Classifier {
         Self {
             rules,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            keys: (rand::random(), rand::random()),
         }
     }
 
+    fn key(&self, sql: &str) -> u128 {
+        use siphasher::sip128::Hasher128;
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write(sql.as_bytes());
+        h.finish128().as_u128()
+    }
+
     pub fn classify(&self, sql: &str) -> Class {
-        let shard = &self.shards[(self.hasher.hash_one(sql) as usize) % SHARDS];
+        let key = self.key(sql);
+        let shard = &self.shards[(key as usize) % SHARDS];
         if let Some(c) = shard
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(sql)
+            .get(&key)
         {
             return *c;
         }
@@ -267,7 +286,7 @@ impl Classifier {
         if map.len() >= SHARD_CAPACITY {
             map.clear();
         }
-        map.insert(sql.to_owned(), class);
+        map.insert(key, class);
         class
     }
 }
@@ -278,6 +297,23 @@ mod tests {
 
     fn c(sql: &str) -> Class {
         classify(sql, &Rules::default())
+    }
+
+    #[test]
+    fn statements_over_the_parse_limit_go_to_the_primary() {
+        let just = format!("select '{}'", "x".repeat(MAX_CLASSIFIED_BYTES - 9));
+        assert_eq!(just.len(), MAX_CLASSIFIED_BYTES);
+        assert_eq!(c(&just), Class::Read);
+        let over = format!("select '{}'", "x".repeat(MAX_CLASSIFIED_BYTES - 8));
+        assert_eq!(c(&over), Class::Write);
+        // The cache answers the same as the parser, for both.
+        let cached = Classifier::new(Rules::default());
+        for _ in 0..2 {
+            assert_eq!(cached.classify(&just), Class::Read);
+            assert_eq!(cached.classify(&over), Class::Write);
+            assert_eq!(cached.classify("select 1"), Class::Read);
+            assert_eq!(cached.classify("insert into t values (1)"), Class::Write);
+        }
     }
 
     #[test]
