@@ -70,6 +70,27 @@ pub fn effects(sql: &str) -> Effects {
         let words: Vec<String> = leading_words(stmt, 4);
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let custom = |name: &str| name.contains('.').then(|| name.to_owned());
+        // PREPARE, EXECUTE and DEALLOCATE by their leading keyword alone: a
+        // name may follow it without a space (`EXECUTE"s1"`).
+        match first_keyword(stmt).as_str() {
+            "prepare" | "execute" if single => {
+                e.prepared = prepared_sql(stmt);
+                continue;
+            }
+            "prepare" => {
+                e.session_feature = Some("PREPARE in a multi-statement query");
+                continue;
+            }
+            "deallocate" => {
+                match deallocate_name(stmt) {
+                    Some(None) => e.drops_all_statements = true,
+                    Some(Some(name)) if single => e.deallocate = Some(name),
+                    _ => {}
+                }
+                continue;
+            }
+            _ => {}
+        }
         match w(0) {
             "set" if w(1) != "local" && w(1) != "transaction" => {
                 e.params_changed = true;
@@ -86,17 +107,7 @@ pub fn effects(sql: &str) -> Effects {
                     e.drops_all_statements = true;
                 }
             }
-            "deallocate" => {
-                let name = if w(1) == "prepare" { w(2) } else { w(1) };
-                if name == "all" {
-                    e.drops_all_statements = true;
-                } else if single && !name.is_empty() {
-                    e.deallocate = Some(name.to_owned());
-                }
-            }
             "listen" => e.session_feature = Some("LISTEN"),
-            "prepare" | "execute" if single => e.prepared = prepared_sql(stmt),
-            "prepare" => e.session_feature = Some("PREPARE in a multi-statement query"),
             "declare" if contains_ignore_case(stmt, "with hold") => {
                 e.session_feature = Some("WITH HOLD cursors")
             }
@@ -172,16 +183,44 @@ fn set_config_names(sql: &str) -> Vec<String> {
     names
 }
 
+/// The bare word after `from` (comments and spaces skipped), lowercased,
+/// and where it ends; empty if none starts there.
+fn keyword_at(stmt: &str, from: usize) -> (String, usize) {
+    let i = skip_space(stmt, from);
+    let end = i + stmt.as_bytes()[i..]
+        .iter()
+        .take_while(|c| is_ident_byte(**c))
+        .count();
+    (stmt[i..end].to_ascii_lowercase(), end)
+}
+
+fn first_keyword(stmt: &str) -> String {
+    keyword_at(stmt, 0).0
+}
+
+/// The statement `DEALLOCATE [PREPARE] name` drops: `Some(None)` for ALL,
+/// `None` when no name can be read (the server will answer with an error).
+fn deallocate_name(stmt: &str) -> Option<Option<String>> {
+    let (_, mut i) = keyword_at(stmt, 0);
+    let (word, after) = keyword_at(stmt, i);
+    if word == "prepare" && identifier(stmt, skip_space(stmt, after)).is_some() {
+        // `DEALLOCATE PREPARE x`; alone, `prepare` is the name itself.
+        i = after;
+    }
+    let at = skip_space(stmt, i);
+    let (name, end) = identifier(stmt, at)?;
+    if name == "all" && stmt.as_bytes()[at] != b'"' {
+        return Some(None);
+    }
+    // Only the name may follow.
+    (skip_space(stmt, end) == stmt.len()).then_some(Some(name))
+}
+
 /// Parses `PREPARE name [(types)] AS stmt` or `EXECUTE name [(args)]`.
 fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
     let b = stmt.as_bytes();
-    let mut i = skip_space(stmt, 0);
-    let kw_end = i + b[i..]
-        .iter()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .count();
-    let keyword = stmt[i..kw_end].to_ascii_lowercase();
-    i = skip_space(stmt, kw_end);
+    let (keyword, kw_end) = keyword_at(stmt, 0);
+    let i = skip_space(stmt, kw_end);
     let (name, after) = identifier(stmt, i)?;
     let rest = stmt[after..].trim_end().to_owned();
     match keyword.as_str() {
@@ -207,8 +246,9 @@ fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
                 j = skip_space(stmt, j);
             }
             let as_kw = stmt.get(j..j + 2)?;
+            // AS ends where a word would: at a space, `(`, a comment, …
             let next = b.get(j + 2).copied().unwrap_or(b' ');
-            if !as_kw.eq_ignore_ascii_case("as") || !(next.is_ascii_whitespace() || next == b'(') {
+            if !as_kw.eq_ignore_ascii_case("as") || is_ident_byte(next) {
                 return None;
             }
             Some(PreparedSql::Prepare { name, rest })
@@ -236,18 +276,52 @@ fn skip_space(s: &str, mut i: usize) -> usize {
     }
 }
 
-/// An SQL identifier at `i`: quoted (kept as is) or bare (lowercased).
+/// PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1).
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// A byte of a bare identifier after its first (multi-byte characters are
+/// letters to PostgreSQL's scanner).
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+/// An SQL identifier at `i` and where it ends, read as PostgreSQL's scanner
+/// does: quoted (case kept, `""` is a `"`, never empty) or bare (starting
+/// with a letter, `_` or a multi-byte character; ASCII lowercased), cut to
+/// 63 bytes on a character boundary.
 fn identifier(s: &str, i: usize) -> Option<(String, usize)> {
     let b = s.as_bytes();
-    if b.get(i) == Some(&b'"') {
-        let end = s[i + 1..].find('"')? + i + 1;
-        return Some((s[i + 1..end].to_owned(), end + 1));
+    let (mut name, end) = if b.get(i) == Some(&b'"') {
+        let mut name = String::new();
+        let mut j = i + 1;
+        loop {
+            let close = j + s.get(j..)?.find('"')?;
+            name.push_str(&s[j..close]);
+            if b.get(close + 1) == Some(&b'"') {
+                name.push('"');
+                j = close + 2;
+            } else if name.is_empty() {
+                return None;
+            } else {
+                break (name, close + 1);
+            }
+        }
+    } else {
+        let first = *b.get(i)?;
+        if !(first.is_ascii_alphabetic() || first == b'_' || first >= 0x80) {
+            return None;
+        }
+        let len = b[i..].iter().take_while(|c| is_ident_byte(**c)).count();
+        (s[i..i + len].to_ascii_lowercase(), i + len)
+    };
+    if name.len() > MAX_IDENTIFIER_BYTES {
+        let mut cut = MAX_IDENTIFIER_BYTES;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
     }
-    let len = b[i..]
-        .iter()
-        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_' || **c == b'$')
-        .count();
-    (len > 0).then(|| (s[i..i + len].to_ascii_lowercase(), i + len))
+    Some((name, end))
 }
 
 /// Whether `sql` calls `set_config`, and a session-level advisory lock
@@ -554,6 +628,53 @@ mod tests {
             Some("S1")
         );
         assert_eq!(effects("deallocate s1; select 1").deallocate, None);
+    }
+
+    /// Names read as PostgreSQL's scanner reads them (fuzzing found
+    /// `EXECUTE ""` taken as a statement named ""; PostgreSQL refuses a
+    /// zero-length quoted name, and the other spellings below went to the
+    /// server unmapped, or under another name).
+    #[test]
+    fn statement_names_are_read_like_postgres() {
+        let name = |sql: &str| match effects(sql).prepared {
+            Some(PreparedSql::Prepare { name, .. } | PreparedSql::Execute { name, .. }) => {
+                Some(name)
+            }
+            None => None,
+        };
+        assert_eq!(name("EXECUTE \"\""), None);
+        assert_eq!(name("PREPARE \"\" AS select 1"), None);
+        assert_eq!(name("PREPARE 1x AS select 1"), None);
+        assert_eq!(name("prepare_x AS select 1"), None);
+        assert_eq!(
+            effects("PREPARE \"a\"\"b\" AS select 1").prepared,
+            Some(PreparedSql::Prepare {
+                name: "a\"b".into(),
+                rest: " AS select 1".into()
+            })
+        );
+        assert_eq!(name("PREPARE Été AS select 1").as_deref(), Some("Été"));
+        assert_eq!(name("EXECUTE Été(1)").as_deref(), Some("Été"));
+        assert_eq!(name("EXECUTE\"S1\"").as_deref(), Some("S1"));
+        assert_eq!(name("PREPARE x AS--c\nselect 1").as_deref(), Some("x"));
+        assert_eq!(name("PREPARE x AS/*c*/select 1").as_deref(), Some("x"));
+        assert_eq!(name("PREPARE x ASselect 1"), None);
+        let long = "a".repeat(70);
+        assert_eq!(
+            name(&format!("EXECUTE {long}")).as_deref(),
+            Some(&long[..63])
+        );
+        let dealloc = |sql: &str| effects(sql).deallocate;
+        assert_eq!(dealloc("DEALLOCATE Été").as_deref(), Some("Été"));
+        assert_eq!(dealloc("DEALLOCATE \"a b\"").as_deref(), Some("a b"));
+        assert_eq!(dealloc("deallocate prepare").as_deref(), Some("prepare"));
+        assert_eq!(
+            dealloc("deallocate prepare_x").as_deref(),
+            Some("prepare_x")
+        );
+        assert_eq!(dealloc("DEALLOCATE \"all\"").as_deref(), Some("all"));
+        assert!(!effects("DEALLOCATE \"all\"").drops_all_statements);
+        assert_eq!(dealloc("DEALLOCATE \"\""), None);
     }
 }
 
