@@ -1,8 +1,8 @@
 //! Server → client bytes through `Scanner` and `Tracker::server_side`, with
 //! a queue of owed responses chosen by the fuzzer (tidepool's own answers,
-//! swallowed ParseComplete/CloseComplete, internal queries), read in pieces
-//! and whole: no panic, the scanner's promises hold after every call (see
-//! `tidepool_fuzz::drive`), and both runs agree.
+//! swallowed ParseComplete/CloseComplete/provoked errors, internal queries),
+//! read in pieces and whole: no panic, the scanner's promises hold after
+//! every call (see `tidepool_fuzz::drive`), and both runs agree.
 #![no_main]
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ fn owed(b: u8) -> Owed {
         server_stmt: (b & 0x10 != 0).then_some(u64::from(b)),
         client_name: (b & 0x20 != 0).then(|| format!("s{b}")),
     };
-    match b % 11 {
+    match b % 12 {
         0 => Owed::Parse {
             swallow: b & 0x40 != 0,
             undo,
@@ -39,6 +39,7 @@ fn owed(b: u8) -> Owed {
             bytes: Bytes::from_static(b"1\0\0\0\x04"),
             undo,
         },
+        10 => Owed::Abort,
         _ => Owed::Synthetic {
             bytes: Bytes::from_static(b"E\0\0\0\x0eSERROR\0M?\0\0"),
             undo,
@@ -54,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
         let mut s = Server {
             t: tracker(input.flags),
             params: Vec::new(),
+            swallowing_error: false,
         };
         for &b in input.setup {
             let o = owed(b);

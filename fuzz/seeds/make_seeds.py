@@ -143,6 +143,8 @@ write("backend_scan", "status", scan_input(msg(b"S", cstr("TimeZone") + cstr("UT
 write("backend_scan", "copy", scan_input(msg(b"H", b"\0\0\x01\0\0") + msg(b"d", b"1\t2\n") + msg(b"c")
                                          + cc("COPY 1") + msg(b"G", b"\0\0\0") + z(),
                                          setup=bytes([UNTIL_READY])))
+write("backend_scan", "abort", scan_input(msg(b"1") + err("ERROR", "26000", "prepared statement does not exist")
+                                          + z(b"E"), setup=bytes([PARSE, 10, BIND, EXEC, SYNC]), cuts=(9,)))
 write("backend_scan", "fatal", scan_input(err("FATAL", "57P01", "terminating connection") + z(),
                                           setup=bytes([UNTIL_READY])))
 

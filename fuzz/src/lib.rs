@@ -322,6 +322,8 @@ impl Side for Client<'_> {
 pub struct Server {
     pub t: Tracker,
     pub params: Vec<(String, String)>,
+    /// The message being consumed is an ErrorResponse tidepool provoked.
+    pub swallowing_error: bool,
 }
 
 impl Side for Server {
@@ -353,6 +355,11 @@ impl Side for Server {
             return Ok(OnStop::Consume);
         }
         if t.expect.swallows(buf[0]) {
+            if buf[0] == BackendTag::ErrorResponse.byte() {
+                // The error tidepool made the server give: dropped whole.
+                self.swallowing_error = true;
+                return Ok(OnStop::Consume);
+            }
             if checked_len(buf[0], &buf[1..5], 5)? != 5 {
                 return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
             }
@@ -364,6 +371,10 @@ impl Side for Server {
 
     fn consumed(&mut self, msg: &[u8]) -> Result<(), ProtocolError> {
         let t = &mut self.t;
+        if std::mem::take(&mut self.swallowing_error) {
+            t.expect.on_message(msg[0]);
+            return Ok(());
+        }
         if msg[0] == BackendTag::ReadyForQuery.byte() {
             t.status = ready_for_query(&msg[5..])?;
             t.pending = t.pending.saturating_sub(1);

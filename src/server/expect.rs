@@ -398,6 +398,7 @@ mod proptests {
         Sync,
         UntilReady,
         Internal,
+        Abort,
         Synthetic,
     }
 
@@ -419,6 +420,7 @@ mod proptests {
             Just(Push::Sync),
             Just(Push::UntilReady),
             Just(Push::Internal),
+            Just(Push::Abort),
             Just(Push::Synthetic),
         ];
         // Every backend tag `on_message` tells apart, and one it does not.
@@ -494,6 +496,7 @@ mod proptests {
                                 Owed::UntilReady { undo: Some(undo(id)), failed: false }
                             }
                             Push::Internal => Owed::Internal,
+                            Push::Abort => Owed::Abort,
                             Push::Synthetic => {
                                 tracked.push(id);
                                 Owed::Synthetic {
