@@ -917,3 +917,40 @@ async fn bad_inputs_in_sequence_leave_one_long_lived_client_undisturbed() {
     bystander.finish().await;
     wait_no_idle_in_transaction(&admin, &db).await;
 }
+
+/// A client in the middle of a message tidepool drops (CopyData outside a
+/// COPY: PostgreSQL ignores it) still hears a KILL: the rest of the message
+/// is read with the same wait as any idle read, not one that only ends when
+/// the bytes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_half_way_through_a_dropped_message_can_be_killed() {
+    let cluster = harness::cluster();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("kill_discard"))
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(cluster, &db, "park_idle_clients_after = \"0s\"");
+    let mut r = Raw::login_trust(proxy.port(), &db).await;
+    // A 1 MB CopyData of which 100 bytes arrive.
+    let mut head = vec![b'd'];
+    head.extend_from_slice(&1_000_000i32.to_be_bytes());
+    head.extend_from_slice(&[b'x'; 100]);
+    r.send(&head).await;
+    harness::wait_until_async("the client to be listed", DEADLINE, || async {
+        !proxy.shared.list.all().is_empty()
+    })
+    .await;
+    // Give the proxy time to read what was sent (the assertion holds
+    // either way; this makes the test exercise the half-read message),
+    // then KILL every client.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for c in proxy.shared.list.all() {
+        c.evict(tidepool::client::list::Eviction::Killed);
+    }
+    let msgs = r.read_to_close().await;
+    assert!(
+        msgs.iter()
+            .any(|m| m.tag == b'E' && m.code().as_deref() == Some("57P01")),
+        "{}",
+        describe(&msgs)
+    );
+}

@@ -539,13 +539,9 @@ impl Session {
     }
 
     /// Reads more client bytes; an idle client with an empty buffer first
-    /// waits for readability so that it holds no buffer while waiting.
-    async fn read_more(&mut self) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_read_more(cx)).await
-    }
-
-    /// [`Session::read_more`] for hand-written polls (each step may repeat:
-    /// the buffer preparation is idempotent).
+    /// waits for readability so that it holds no buffer while waiting. For
+    /// hand-written polls (each step may repeat: the buffer preparation is
+    /// idempotent).
     fn poll_read_more(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             let parks = !self.settings.config.pool.park_idle_clients_after.is_zero();
@@ -591,24 +587,24 @@ impl Session {
                 let n = self.discard.min(self.buf.len());
                 self.buf.advance(n);
                 self.discard -= n;
-                if self.discard > 0 {
-                    if self.read_more().await.unwrap_or(0) == 0 {
-                        return Ok(Next::Exit);
-                    }
-                    continue;
-                }
             }
             // A transaction starts only once its first message is whole: the
             // routing decision and the tracker need it, and a message that
-            // is still arriving must be read here, not spun on.
-            let wanted = self.head_shortfall()?;
+            // is still arriving must be read here, not spun on. The rest of
+            // a dropped message is read (and thrown away) the same way,
+            // with KILL and shutdown heard meanwhile.
+            let wanted = if self.discard > 0 {
+                self.discard
+            } else {
+                self.head_shortfall()?
+            };
             if wanted > 0 {
                 if self.flush_out().await.is_err() {
                     return Ok(Next::Exit);
                 }
                 // Room for the whole message at once (bounded by
                 // `max_message_size`), not a doubling per read.
-                if self.buf.len() >= 5 {
+                if self.buf.len() >= 5 && self.discard == 0 {
                     self.buf.reserve(wanted);
                 }
                 let info = self.listed.info.clone();
