@@ -57,53 +57,6 @@ fn pad(rng: &mut Rng) -> String {
     c.to_string().repeat(n)
 }
 
-fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_slice(name.as_bytes());
-    b.put_u8(0);
-    b.put_slice(sql.as_bytes());
-    b.put_u8(0);
-    b.put_i16(types.len() as i16);
-    for t in types {
-        b.put_u32(*t);
-    }
-    raw::msg(b'P', &b)
-}
-
-fn bind(stmt: &str, params: &[Option<&str>]) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    b.put_u8(0);
-    b.put_slice(stmt.as_bytes());
-    b.put_u8(0);
-    b.put_i16(0);
-    b.put_i16(params.len() as i16);
-    for p in params {
-        match p {
-            Some(p) => {
-                b.put_i32(p.len() as i32);
-                b.put_slice(p.as_bytes());
-            }
-            None => b.put_i32(-1),
-        }
-    }
-    b.put_i16(0);
-    raw::msg(b'B', &b)
-}
-
-fn describe_statement(name: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'D', &b)
-}
-
-fn close_statement(name: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'C', &b)
-}
-
 fn copy_data(row: &str) -> Vec<u8> {
     raw::msg(b'd', row.as_bytes())
 }
@@ -153,13 +106,9 @@ fn workload(seed: u64, steps: usize) -> Vec<Request> {
             6 => {
                 // An unnamed extended-query statement with parameters.
                 let p = pad(&mut rng);
-                let mut b = parse(
-                    "",
-                    "select $1::text || $2::text as joined, $3::int + 1",
-                    &[],
-                );
+                let mut b = raw::parse("", "select $1::text || $2::text as joined, $3::int + 1");
                 let n = step.to_string();
-                b.extend(bind("", &[Some(&p), None, Some(&n)]));
+                b.extend(raw::bind_nullable("", &[Some(&p), None, Some(&n)]));
                 b.extend(raw::describe_portal());
                 b.extend(raw::execute());
                 b.extend(raw::sync());
@@ -174,14 +123,14 @@ fn workload(seed: u64, steps: usize) -> Vec<Request> {
                     let sql = format!(
                         "select id, v = '{p}' from items where id > $1 order by id limit 3"
                     );
-                    let mut b = parse(&name, &sql, &[23]);
-                    b.extend(describe_statement(&name));
+                    let mut b = raw::parse_typed(&name, &sql, &[23]);
+                    b.extend(raw::describe_statement(&name));
                     b.extend(raw::sync());
                     mine.push(name.clone());
                     (b, 1, format!("prepare {name}"))
                 } else {
                     let name = mine[rng.below(mine.len() as u64) as usize].clone();
-                    let mut b = bind(&name, &[Some(&(step % 7).to_string())]);
+                    let mut b = raw::bind(&name, &[&(step % 7).to_string()]);
                     b.extend(raw::execute());
                     b.extend(raw::sync());
                     (b, 1, format!("execute {name}"))
@@ -197,8 +146,8 @@ fn workload(seed: u64, steps: usize) -> Vec<Request> {
                     } else {
                         format!("select {i}, {step}")
                     };
-                    b.extend(parse("", &sql, &[]));
-                    b.extend(bind("", &[]));
+                    b.extend(raw::parse("", &sql));
+                    b.extend(raw::bind("", &[]));
                     b.extend(raw::execute());
                     b.extend(raw::sync());
                 }
@@ -232,8 +181,8 @@ fn workload(seed: u64, steps: usize) -> Vec<Request> {
                 let mine = &mut named[client];
                 match mine.pop() {
                     Some(name) => {
-                        let mut b = close_statement(&name);
-                        b.extend(describe_statement(&name));
+                        let mut b = raw::close_statement(&name);
+                        b.extend(raw::describe_statement(&name));
                         b.extend(raw::sync());
                         (b, 1, format!("close {name}"))
                     }

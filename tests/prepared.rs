@@ -14,20 +14,6 @@ fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
 
-fn describe_statement(name: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'D', &b)
-}
-
-fn close_statement(name: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'C', &b)
-}
-
 /// Runs `bytes` and returns the messages up to the ReadyForQuery.
 async fn round(r: &mut Raw, bytes: Vec<u8>) -> Vec<Msg> {
     r.send(&bytes).await;
@@ -91,7 +77,7 @@ async fn describe_close_and_errors_behave_like_postgres() {
         &mut r,
         [
             raw::parse("q", "select $1::text as t, 2 as n"),
-            describe_statement("q"),
+            raw::describe_statement("q"),
             raw::sync(),
         ]
         .concat(),
@@ -142,14 +128,18 @@ async fn describe_close_and_errors_behave_like_postgres() {
     // Duplicate names are refused; Close of an unknown name is fine.
     let msgs = round(&mut r, [raw::parse("q", "select 3"), raw::sync()].concat()).await;
     assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
-    let msgs = round(&mut r, [close_statement("never"), raw::sync()].concat()).await;
+    let msgs = round(
+        &mut r,
+        [raw::close_statement("never"), raw::sync()].concat(),
+    )
+    .await;
     assert_eq!(tags(&msgs), "3Z");
 
     // Close, then the name is free again with a new text.
     let msgs = round(
         &mut r,
         [
-            close_statement("q"),
+            raw::close_statement("q"),
             raw::parse("q", "select 'again'"),
             raw::bind("q", &[]),
             raw::execute(),

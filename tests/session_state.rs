@@ -1054,20 +1054,6 @@ async fn statement_reused_after_many_other_statements() {
 
 // --- raw protocol: statement names are per client ---------------------------------------
 
-fn close_statement(name: &str) -> Vec<u8> {
-    let mut body = vec![b'S'];
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    harness::raw::msg(b'C', &body)
-}
-
-fn describe_statement(name: &str) -> Vec<u8> {
-    let mut body = vec![b'S'];
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    harness::raw::msg(b'D', &body)
-}
-
 /// Text of the first column of each DataRow.
 fn data_rows(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()
@@ -1113,7 +1099,7 @@ async fn the_same_statement_name_means_different_things_to_different_clients() {
     assert_eq!(tags(&msgs), "1Z", "{msgs:?}");
 
     // Describe statement: b's has one int4 parameter and one column.
-    b.send(&[describe_statement("stmt"), raw::sync()].concat())
+    b.send(&[raw::describe_statement("stmt"), raw::sync()].concat())
         .await;
     let msgs = b.read_until_ready().await;
     assert_eq!(tags(&msgs), "tTZ", "{msgs:?}");
@@ -1159,7 +1145,7 @@ async fn the_same_statement_name_means_different_things_to_different_clients() {
     assert_eq!(data_rows(&a.read_until_ready().await), ["A:x"]);
 
     // Close on a: gone for a (26000), still there for b.
-    a.send(&[close_statement("stmt"), raw::sync()].concat())
+    a.send(&[raw::close_statement("stmt"), raw::sync()].concat())
         .await;
     let msgs = a.read_until_ready().await;
     assert_eq!(tags(&msgs), "3Z", "{msgs:?}");

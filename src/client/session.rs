@@ -673,19 +673,14 @@ impl Session {
                     self.skip_until_sync = true;
                 }
                 FrontendTag::Parse | FrontendTag::Close if self.answer_without_server() => {}
-                FrontendTag::Query
-                | FrontendTag::FunctionCall
-                | FrontendTag::Parse
-                | FrontendTag::Bind
-                | FrontendTag::Describe
-                | FrontendTag::Execute
-                | FrontendTag::Close => {
+                t if t.starts_transaction() => {
                     if self.flush_out().await.is_err() {
                         return Ok(Next::Exit);
                     }
                     return Ok(Next::Transaction);
                 }
-                FrontendTag::Password | FrontendTag::Other(_) => {
+                // Password and unknown types (every other type is matched above).
+                _ => {
                     return Err(ProtocolError::UnexpectedTag(self.buf[0] as char).into());
                 }
             }
@@ -700,16 +695,7 @@ impl Session {
             return Ok(5 - self.buf.len());
         }
         let total = frontend_len(self.buf[0], &self.buf[1..5], self.limit)?;
-        let starts_transaction = matches!(
-            FrontendTag::from_byte(self.buf[0]),
-            FrontendTag::Query
-                | FrontendTag::FunctionCall
-                | FrontendTag::Parse
-                | FrontendTag::Bind
-                | FrontendTag::Describe
-                | FrontendTag::Execute
-                | FrontendTag::Close
-        );
+        let starts_transaction = FrontendTag::from_byte(self.buf[0]).starts_transaction();
         // Messages dropped while an error is owed or a batch is skipped are
         // discarded as they stream in, whatever their size.
         let dropped = self.owe_error.is_some() || self.skip_until_sync;

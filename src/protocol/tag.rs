@@ -46,6 +46,21 @@ pub enum FrontendTag {
 }
 
 impl FrontendTag {
+    /// Message types that start a transaction when one arrives while the
+    /// client has no server.
+    pub fn starts_transaction(self) -> bool {
+        matches!(
+            self,
+            Self::Query
+                | Self::FunctionCall
+                | Self::Parse
+                | Self::Bind
+                | Self::Describe
+                | Self::Execute
+                | Self::Close
+        )
+    }
+
     /// Message types that carry no client data, whose length word
     /// PostgreSQL limits to [`SMALL_MESSAGE_LIMIT`] (and closes the
     /// connection past it).

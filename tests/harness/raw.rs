@@ -56,17 +56,31 @@ pub fn query(sql: &str) -> Vec<u8> {
 }
 
 pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    parse_typed(name, sql, &[])
+}
+
+/// Parse with parameter type OIDs.
+pub fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
     let mut b = BytesMut::new();
     b.put_slice(name.as_bytes());
     b.put_u8(0);
     b.put_slice(sql.as_bytes());
     b.put_u8(0);
-    b.put_i16(0);
+    b.put_i16(types.len() as i16);
+    for t in types {
+        b.put_u32(*t);
+    }
     msg(b'P', &b)
 }
 
 /// Bind unnamed portal to `stmt` with text parameters.
 pub fn bind(stmt: &str, params: &[&str]) -> Vec<u8> {
+    let params: Vec<Option<&str>> = params.iter().copied().map(Some).collect();
+    bind_nullable(stmt, &params)
+}
+
+/// Bind unnamed portal to `stmt` with text parameters, `None` as NULL.
+pub fn bind_nullable(stmt: &str, params: &[Option<&str>]) -> Vec<u8> {
     let mut b = BytesMut::new();
     b.put_u8(0);
     b.put_slice(stmt.as_bytes());
@@ -74,11 +88,33 @@ pub fn bind(stmt: &str, params: &[&str]) -> Vec<u8> {
     b.put_i16(0);
     b.put_i16(params.len() as i16);
     for p in params {
-        b.put_i32(p.len() as i32);
-        b.put_slice(p.as_bytes());
+        match p {
+            Some(p) => {
+                b.put_i32(p.len() as i32);
+                b.put_slice(p.as_bytes());
+            }
+            None => b.put_i32(-1),
+        }
     }
     b.put_i16(0);
     msg(b'B', &b)
+}
+
+/// Describe of a named statement.
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    statement_message(b'D', name)
+}
+
+/// Close of a named statement.
+pub fn close_statement(name: &str) -> Vec<u8> {
+    statement_message(b'C', name)
+}
+
+fn statement_message(tag: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    msg(tag, &b)
 }
 
 pub fn execute() -> Vec<u8> {
