@@ -67,7 +67,15 @@ pub fn effects(sql: &str) -> Effects {
     let statements: Vec<&str> = split_statements(sql);
     let single = statements.len() == 1;
     for stmt in statements {
-        let words: Vec<String> = leading_words(stmt, 4);
+        // The first word ends where a quoted name may start (`LISTEN"x"`).
+        let (kw, kw_end) = keyword_at(stmt, 0);
+        let words: Vec<String> = if kw.is_empty() {
+            leading_words(stmt, 4)
+        } else {
+            std::iter::once(kw)
+                .chain(leading_words(&stmt[kw_end..], 3))
+                .collect()
+        };
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let custom = |name: &str| name.contains('.').then(|| name.to_owned());
         // PREPARE, EXECUTE and DEALLOCATE by their leading keyword alone: a
@@ -94,12 +102,18 @@ pub fn effects(sql: &str) -> Effects {
         match w(0) {
             "set" if w(1) != "local" && w(1) != "transaction" => {
                 e.params_changed = true;
-                let name = if w(1) == "session" { w(2) } else { w(1) };
-                e.custom_params.extend(custom(name));
+                let at = if w(1) == "session" {
+                    keyword_at(stmt, kw_end).1
+                } else {
+                    kw_end
+                };
+                e.custom_params
+                    .extend(setting_name(stmt, at).as_deref().and_then(custom));
             }
             "reset" => {
                 e.params_changed = true;
-                e.custom_params.extend(custom(w(1)));
+                e.custom_params
+                    .extend(setting_name(stmt, kw_end).as_deref().and_then(custom));
             }
             "discard" => {
                 e.params_changed = true;
@@ -261,18 +275,112 @@ fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
 fn skip_space(s: &str, mut i: usize) -> usize {
     let b = s.as_bytes();
     loop {
-        while i < b.len() && b[i].is_ascii_whitespace() {
+        while i < b.len() && is_space(b[i]) {
             i += 1;
         }
         if b[i..].starts_with(b"--") {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
+            i = line_comment_end(b, i);
         } else if b[i..].starts_with(b"/*") {
-            i = s[i..].find("*/").map_or(b.len(), |e| i + e + 2);
+            i = block_comment_end(b, i);
         } else {
             return i;
         }
+    }
+}
+
+/// PostgreSQL's whitespace (its scanner's `space`).
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// End of a `--` comment starting at `i` (after its newline).
+fn line_comment_end(b: &[u8], i: usize) -> usize {
+    b[i..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| i + p + 1)
+}
+
+/// End of a `/* */` comment starting at `i`; they nest, and an open one
+/// runs to the end.
+fn block_comment_end(b: &[u8], i: usize) -> usize {
+    let mut depth = 0usize;
+    let mut j = i;
+    while j + 1 < b.len() {
+        match (b[j], b[j + 1]) {
+            (b'/', b'*') => {
+                depth += 1;
+                j += 2;
+            }
+            (b'*', b'/') => {
+                depth = depth.saturating_sub(1);
+                j += 2;
+                if depth == 0 {
+                    return j;
+                }
+            }
+            _ => j += 1,
+        }
+    }
+    b.len()
+}
+
+/// End of a quoted string whose body starts at `from`: `''` is a quote, and
+/// with `backslash` (`E'…'`) a backslash escapes the next byte. An open one
+/// runs to the end.
+fn string_end(b: &[u8], from: usize, backslash: bool) -> usize {
+    let mut j = from;
+    while j < b.len() {
+        match b[j] {
+            b'\\' if backslash => j += 2,
+            b'\'' if b.get(j + 1) == Some(&b'\'') => j += 2,
+            b'\'' => return j + 1,
+            _ => j += 1,
+        }
+    }
+    b.len()
+}
+
+/// End of a dollar quote (`$tag$…$tag$`) starting at `i`, if one starts
+/// there (an open one runs to the end).
+fn dollar_quote_end(s: &str, i: usize) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut j = i + 1;
+    if b.get(j)
+        .is_some_and(|&c| c.is_ascii_alphabetic() || c == b'_' || c >= 0x80)
+    {
+        while b
+            .get(j)
+            .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)
+        {
+            j += 1;
+        }
+    }
+    if b.get(j) != Some(&b'$') {
+        return None;
+    }
+    let tag = &s[i..=j];
+    Some(
+        s[j + 1..]
+            .find(tag)
+            .map_or(b.len(), |p| j + 1 + p + tag.len()),
+    )
+}
+
+/// A setting's name at `i` (after spaces and comments), as PostgreSQL reads
+/// it: identifiers joined by `.` (`app."Tenant"` is `app.Tenant`).
+fn setting_name(stmt: &str, i: usize) -> Option<String> {
+    let mut at = skip_space(stmt, i);
+    let mut name = String::new();
+    loop {
+        let (part, end) = identifier(stmt, at)?;
+        name.push_str(&part);
+        let dot = skip_space(stmt, end);
+        if stmt.as_bytes().get(dot) != Some(&b'.') {
+            return Some(name);
+        }
+        name.push('.');
+        at = skip_space(stmt, dot + 1);
     }
 }
 
@@ -360,53 +468,35 @@ fn contains_ignore_case(hay: &str, needle: &str) -> bool {
     })
 }
 
-/// Splits on `;` outside quotes and comments.
+/// Splits on `;` outside quotes and comments, which are read as PostgreSQL's
+/// scanner reads them: `E'…'` strings with backslash escapes, nested
+/// `/* */` comments, `$tag$` quotes (a `$` inside an identifier is not one).
 fn split_statements(sql: &str) -> Vec<&str> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
-            b'\'' | b'"' => {
-                let q = b[i];
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += 1;
-                }
+        i = match b[i] {
+            b'\'' => {
+                let escapes =
+                    i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !is_ident_byte(b[i - 2]));
+                string_end(b, i + 1, escapes)
             }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'$' => {
-                // Dollar quoting: $tag$ ... $tag$
-                if let Some(end) = b[i + 1..].iter().position(|&c| c == b'$') {
-                    let tag = &sql[i..i + end + 2];
-                    if tag[1..tag.len() - 1]
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || c == b'_')
-                        && let Some(close) = sql[i + tag.len()..].find(tag)
-                    {
-                        i += tag.len() + close + tag.len() - 1;
-                    }
-                }
-            }
+            b'"' => b[i + 1..]
+                .iter()
+                .position(|&c| c == b'"')
+                .map_or(b.len(), |p| i + p + 2),
+            b'-' if b.get(i + 1) == Some(&b'-') => line_comment_end(b, i),
+            b'/' if b.get(i + 1) == Some(&b'*') => block_comment_end(b, i),
+            b'$' if i == 0 || !is_ident_byte(b[i - 1]) => dollar_quote_end(sql, i).unwrap_or(i + 1),
             b';' => {
                 out.push(&sql[start..i]);
                 start = i + 1;
+                i + 1
             }
-            _ => {}
-        }
-        i += 1;
+            _ => i + 1,
+        };
     }
     out.push(&sql[start.min(sql.len())..]);
     out.retain(|s| !leading_words(s, 1).is_empty());
@@ -420,18 +510,12 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
     let mut i = 0;
     while i < b.len() && words.len() < n {
         let c = b[i];
-        if c.is_ascii_whitespace() || c == b'(' {
+        if is_space(c) || c == b'(' {
             i += 1;
         } else if c == b'-' && b.get(i + 1) == Some(&b'-') {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
+            i = line_comment_end(b, i);
         } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                i += 1;
-            }
-            i += 2;
+            i = block_comment_end(b, i);
         } else {
             let start = i;
             while i < b.len()
@@ -675,6 +759,34 @@ mod tests {
         assert_eq!(dealloc("DEALLOCATE \"all\"").as_deref(), Some("all"));
         assert!(!effects("DEALLOCATE \"all\"").drops_all_statements);
         assert_eq!(dealloc("DEALLOCATE \"\""), None);
+    }
+
+    /// Statements PostgreSQL's parser reads but the first reading missed
+    /// (found by the sql_effects fuzzer's pg_query oracle): a quoted name
+    /// right after the keyword, vertical tab as space, nested comments,
+    /// backslash-escaped quotes in `E''`, `$` inside identifiers.
+    #[test]
+    fn statements_are_found_where_postgres_finds_them() {
+        let e = effects("SET\"a\".b = 1");
+        assert!(e.params_changed);
+        assert_eq!(e.custom_params, ["a.b"]);
+        assert_eq!(effects("RESET\"a\".b").custom_params, ["a.b"]);
+        assert_eq!(
+            effects("SET app.\"Tenant\" = 1").custom_params,
+            ["app.Tenant"]
+        );
+        assert_eq!(effects("LISTEN\"x\"").session_feature, Some("LISTEN"));
+        assert!(effects("\x0bSET x = 1").params_changed);
+        assert!(effects("/* /* */ */ SET x = 1").params_changed);
+        assert!(effects("select E'\\';'; SET x = 1").params_changed);
+        assert!(effects("select e'\\'' ; reset all").params_changed);
+        assert!(effects("select x$a$; set y = 1; select $a$").params_changed);
+        assert!(!effects("select $a$; set y = 1; $a$").params_changed);
+        assert!(!effects("select 'it''s; set y = 1'").params_changed);
+        assert!(
+            effects("PREPARE\x0bx AS select 1").prepared.is_some(),
+            "vertical tab after PREPARE"
+        );
     }
 }
 
