@@ -293,11 +293,12 @@ fn is_space(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
-/// End of a `--` comment starting at `i` (after its newline).
+/// End of a `--` comment starting at `i` (after its newline: `\n` or `\r`
+/// for PostgreSQL's scanner).
 fn line_comment_end(b: &[u8], i: usize) -> usize {
     b[i..]
         .iter()
-        .position(|&c| c == b'\n')
+        .position(|&c| c == b'\n' || c == b'\r')
         .map_or(b.len(), |p| i + p + 1)
 }
 
@@ -787,6 +788,9 @@ mod tests {
             effects("PREPARE\x0bx AS select 1").prepared.is_some(),
             "vertical tab after PREPARE"
         );
+        // A carriage return ends a -- comment.
+        assert!(effects("EXECUTE --c\rx").prepared.is_some());
+        assert!(effects("select 1; --c\rset x = 1").params_changed);
     }
 }
 
