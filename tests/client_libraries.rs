@@ -180,6 +180,27 @@ async fn python_asyncpg_pool_with_statement_cache() {
     target.assert_pool_respected();
 }
 
+/// Issue 24's report: after `ALTER TABLE … ADD COLUMN` (run elsewhere),
+/// asyncpg's cached statements fail once with PostgreSQL's 0A000, asyncpg
+/// re-prepares, and every connection (and a new one) gets the new row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_asyncpg_statements_heal_after_a_migration() {
+    require(
+        "python3 with asyncpg",
+        Command::new("python3").args(["-c", "import asyncpg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("asyncpg_heal");
+    let target = Target::new(c, &db, 5, "");
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("python/asyncpg_heal.py"))
+        .arg(target.url())
+        .arg(c.app_url(&db));
+    let out = run_async(cmd, "asyncpg_heal.py").await;
+    assert_ok("asyncpg_heal.py", &out, "asyncpg heal: OK");
+    target.assert_pool_respected();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_psycopg3_prepared_threads_and_pipeline() {
     require(

@@ -185,6 +185,8 @@ fn stats(shared: &Shared) -> ResultSet {
         ("total_error_count", Numeric),
         ("total_slow_count", Numeric),
         ("total_requests", Numeric),
+        ("prepared_invalidations", Numeric),
+        ("prepared_reprepares", Numeric),
     ]);
     for (db, b, t, a) in traffic(shared) {
         rs.push(vec![
@@ -219,6 +221,8 @@ fn stats(shared: &Shared) -> ResultSet {
             t.errors.into(),
             t.slow.into(),
             t.queries.into(),
+            t.prepared_invalidations.into(),
+            t.prepared_reprepares.into(),
         ]);
     }
     rs
@@ -244,6 +248,8 @@ fn stats_totals(shared: &Shared) -> ResultSet {
         ("error_count", Numeric),
         ("slow_count", Numeric),
         ("requests", Numeric),
+        ("prepared_invalidations", Numeric),
+        ("prepared_reprepares", Numeric),
     ]);
     for (db, b, t, _) in traffic(shared) {
         rs.push(vec![
@@ -265,6 +271,8 @@ fn stats_totals(shared: &Shared) -> ResultSet {
             t.errors.into(),
             t.slow.into(),
             t.queries.into(),
+            t.prepared_invalidations.into(),
+            t.prepared_reprepares.into(),
         ]);
     }
     rs

@@ -16,6 +16,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::sql::{PreparedSql, effects};
 use super::txn::{Tracker, shape_of};
+use crate::pool::Catalog;
 use crate::protocol::messages::Body;
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, write};
 use crate::server::expect::{Owed, Undo};
@@ -41,6 +42,8 @@ pub struct Handler<'a> {
     pub t: &'a mut Tracker,
     pub to_server: &'a mut BytesMut,
     pub counters: &'a Counters,
+    /// The database's statement generations.
+    pub catalog: &'a Catalog,
     pub cap: usize,
     /// Fingerprints for per-query statistics (None: off).
     pub shapes: Option<&'a Fingerprints>,
@@ -154,9 +157,11 @@ impl Handler<'_> {
                     return Ok(());
                 }
                 let stmt = Statement::from_sql_prepare(rest);
+                let generation = self.catalog.generation(stmt.hash);
+                let stmt = Statement::in_generation(stmt, generation);
                 self.t.note_sql(&stmt.query);
                 self.statements.insert(name.clone(), stmt.clone());
-                if self.prepared.contains(stmt.hash) {
+                if self.prepared.has(&stmt) {
                     self.prepared.touch(stmt.hash);
                     Counters::add(&self.counters.prepare_hits);
                     let mut out = BytesMut::new();
@@ -174,7 +179,7 @@ impl Handler<'_> {
                     );
                     return Ok(());
                 }
-                self.evict_for(stmt.hash);
+                self.evict_for(&stmt);
                 Counters::add(&self.counters.prepares);
                 self.t.timing.delta.server_parses += 1;
                 let sql = stmt.sql_prepare.clone().unwrap_or_default();
@@ -218,6 +223,8 @@ impl Handler<'_> {
 
     fn parse(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
         let (name, stmt) = Statement::from_parse(body)?;
+        let generation = self.catalog.generation(stmt.hash);
+        let stmt = Statement::in_generation(stmt, generation);
         let t = &mut *self.t;
         t.unsynced = true;
         if t.note_sql(&stmt.query) {
@@ -260,7 +267,7 @@ impl Handler<'_> {
         }
         self.statements.insert(name.clone(), stmt.clone());
         let undo_client = Some(name);
-        if self.prepared.contains(stmt.hash) {
+        if self.prepared.has(&stmt) {
             self.prepared.touch(stmt.hash);
             Counters::add(&self.counters.prepare_hits);
             synthetic(
@@ -285,6 +292,12 @@ impl Handler<'_> {
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
+        if self.catalog.generation(stmt.hash) != stmt.generation {
+            // A migration changed this statement's result since the client
+            // prepared it: PostgreSQL's answer to that client, until it
+            // prepares the statement again.
+            return self.fail(plan_changed(self.catalog));
+        }
         self.ensure(&stmt);
         write::message(self.to_server, FrontendTag::Bind.byte(), |m| {
             m.put_slice(portal.as_bytes());
@@ -294,7 +307,10 @@ impl Handler<'_> {
             m.put_slice(rest);
         });
         self.t.unsynced = true;
-        self.t.expect.push(Owed::Bind);
+        self.t.expect.push(Owed::BindNamed {
+            hash: stmt.hash,
+            generation: stmt.generation,
+        });
         let shape = self.shape(&stmt);
         self.t.timing.bind(portal, Some(shape));
         Ok(())
@@ -342,7 +358,7 @@ impl Handler<'_> {
 
     /// Makes sure the server has `stmt` by the time the next message runs.
     fn ensure(&mut self, stmt: &Arc<Statement>) {
-        if self.prepared.contains(stmt.hash) {
+        if self.prepared.has(stmt) {
             self.prepared.touch(stmt.hash);
         } else {
             self.prepare_on_server(stmt, true, None);
@@ -351,16 +367,30 @@ impl Handler<'_> {
 
     /// Records `hash` on the server; past the limit, queues a Close of the
     /// least recently used statement.
-    fn evict_for(&mut self, hash: u64) {
-        if let Some(victim) = self.prepared.insert(hash, self.cap) {
-            write::message(self.to_server, FrontendTag::Close.byte(), |m| {
-                m.put_u8(b'S');
-                m.put_slice(server_name(victim).as_bytes());
-                m.put_u8(0);
-            });
-            self.t.expect.push(Owed::Close { swallow: true });
+    fn evict_for(&mut self, stmt: &Statement) {
+        let hash = stmt.hash;
+        if self.prepared.contains(hash) && !self.prepared.has(stmt) {
+            // The server has this text from an older generation: close it
+            // first (its plan no longer fits the catalog).
+            self.close_on_server(hash);
+            self.prepared.remove(hash);
+            self.t.timing.delta.prepared_reprepares += 1;
+        }
+        if let Some(victim) = self.prepared.insert(hash, stmt.generation, self.cap) {
+            self.close_on_server(victim);
             Counters::add(&self.counters.prepare_evictions);
         }
+    }
+
+    /// Queues a Close of tidepool's statement `hash` on the server; its
+    /// CloseComplete is dropped.
+    fn close_on_server(&mut self, hash: u64) {
+        write::message(self.to_server, FrontendTag::Close.byte(), |m| {
+            m.put_u8(b'S');
+            m.put_slice(server_name(hash).as_bytes());
+            m.put_u8(0);
+        });
+        self.t.expect.push(Owed::Close { swallow: true });
     }
 
     /// Queues what prepares `stmt` on the server ahead of the client's next
@@ -372,7 +402,7 @@ impl Handler<'_> {
         swallow: bool,
         client_name: Option<String>,
     ) {
-        self.evict_for(stmt.hash);
+        self.evict_for(stmt);
         self.t.timing.delta.server_parses += 1;
         if let Some(sql) = &stmt.sql_prepare {
             write::query(self.to_server, sql);
@@ -440,6 +470,34 @@ fn aborted() -> BytesMut {
         IN_FAILED_TRANSACTION,
         "current transaction is aborted, commands ignored until end of transaction block",
     );
+    out
+}
+
+/// PostgreSQL's answer to a use of a statement whose result changed: the
+/// server's own ErrorResponse when one was seen (drivers recognise it by
+/// its fields, asyncpg by the routine), else one with the same fields.
+fn plan_changed(catalog: &Catalog) -> BytesMut {
+    let mut out = BytesMut::new();
+    match catalog.plan_changed_error() {
+        Some(body) => write::message(&mut out, BackendTag::ErrorResponse.byte(), |b| {
+            b.put_slice(&body)
+        }),
+        None => write::message(&mut out, BackendTag::ErrorResponse.byte(), |b| {
+            for (field, value) in [
+                (b'S', "ERROR"),
+                (b'V', "ERROR"),
+                (b'C', FEATURE_NOT_SUPPORTED),
+                (b'M', super::txn::PLAN_CHANGED),
+                (b'F', "plancache.c"),
+                (b'R', "RevalidateCachedQuery"),
+            ] {
+                b.put_u8(field);
+                b.put_slice(value.as_bytes());
+                b.put_u8(0);
+            }
+            b.put_u8(0);
+        }),
+    }
     out
 }
 

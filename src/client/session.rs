@@ -736,6 +736,8 @@ impl Session {
                     let Ok((name, stmt)) = Statement::from_parse(body) else {
                         return false;
                     };
+                    let generation = self.pool.catalog.generation(stmt.hash);
+                    let stmt = Statement::in_generation(stmt, generation);
                     let taken = self.statements.contains_key(&name)
                         || plan.iter().any(|(n, s)| n == &name && s.is_some());
                     if name.is_empty() || taken || !self.pool.knows_statement(stmt.hash) {
@@ -1143,6 +1145,7 @@ impl Session {
         let mut client = ClientIn {
             statements: &mut self.statements,
             counters,
+            catalog: &server_pool.catalog,
             cap,
             shapes: &stats.shapes,
         };
@@ -1291,6 +1294,18 @@ impl Session {
                     }
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
                     self.pool.confirm_statements(&t.expect.take_confirmed());
+                    for (hash, generation, error) in t.stale.drain(..) {
+                        // Every server of the database closes this text's
+                        // statement before preparing it again; clients
+                        // that prepared it before get PostgreSQL's 0A000.
+                        if server_pool.catalog.mark_stale(hash, generation, &error) {
+                            t.timing.delta.prepared_invalidations += 1;
+                            tracing::info!(
+                                statement = %crate::server::prepared::server_name(hash),
+                                "a statement's result changed (a migration?): prepared afresh at its next use"
+                            );
+                        }
+                    }
                     t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
                     if !t.timing.done.is_empty() || !t.timing.xacts_done.is_empty() {
                         stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
@@ -1557,6 +1572,7 @@ fn append(out: &mut BytesMut, chunk: BytesMut) {
 struct ClientIn<'a> {
     statements: &'a mut HashMap<String, Arc<Statement>>,
     counters: &'a Counters,
+    catalog: &'a crate::pool::Catalog,
     cap: usize,
     shapes: &'a Fingerprints,
 }
@@ -1591,6 +1607,7 @@ impl ClientIn<'_> {
                 t,
                 to_server,
                 counters: self.counters,
+                catalog: self.catalog,
                 cap: self.cap,
                 shapes: Some(self.shapes),
             }

@@ -60,6 +60,10 @@ pub struct Tracker {
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
+    /// Statements (hash, generation) a server said no longer fit the
+    /// catalog, with the body of its ErrorResponse, for the session to mark
+    /// stale.
+    pub stale: Vec<(u64, u64, Vec<u8>)>,
     /// Custom (dotted) parameters this transaction set or reset.
     pub custom_params: Vec<String>,
     pub policy: Policy,
@@ -87,6 +91,7 @@ impl Tracker {
             client_skip: false,
             params_changed: false,
             pin: None,
+            stale: Vec::new(),
             custom_params: Vec::new(),
             policy,
             replica_guard: None,
@@ -109,6 +114,7 @@ impl Tracker {
         self.client_skip = false;
         self.params_changed = false;
         self.pin = None;
+        self.stale.clear();
         self.custom_params.clear();
         self.policy = policy;
         self.replica_guard = None;
@@ -360,6 +366,15 @@ impl Inspector for ClientSide<'_> {
     }
 }
 
+/// Whether a server error says a statement's result no longer fits the
+/// catalog (a migration changed it).
+fn plan_changed(e: &ErrorFields) -> bool {
+    e.code == "0A000" && e.message == PLAN_CHANGED
+}
+
+/// PostgreSQL's words for a prepared statement whose result type changed.
+pub const PLAN_CHANGED: &str = "cached plan must not change result type";
+
 /// Inspector for server → client bytes. ParameterStatus values are collected
 /// into `params` for the session to apply. It stops where tidepool must
 /// insert an answer of its own or drop one the client did not ask for.
@@ -425,6 +440,11 @@ impl Inspector for ServerSide<'_> {
                 }
                 if t.copy == Copy::Out {
                     t.copy = Copy::None;
+                }
+                if plan_changed(&fields)
+                    && let Some((hash, generation)) = t.expect.head_bound_statement()
+                {
+                    t.stale.push((hash, generation, body.to_vec()));
                 }
                 t.timing.error();
             }

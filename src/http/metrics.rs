@@ -306,6 +306,16 @@ impl Collector for Snapshot {
                 vec![],
             ),
             ("tidepool_binds", "Bind messages from clients", vec![]),
+            (
+                "tidepool_prepared_invalidations",
+                "Shared server-side statements found stale (a migration changed their result)",
+                vec![],
+            ),
+            (
+                "tidepool_prepared_reprepares",
+                "Stale statements closed and prepared afresh on a server",
+                vec![],
+            ),
         ];
         let mut times: Families<f64> = vec![
             (
@@ -356,6 +366,8 @@ impl Collector for Snapshot {
                 tot.logins,
                 tot.client_parses,
                 tot.binds,
+                tot.prepared_invalidations,
+                tot.prepared_reprepares,
             ]
             .into_iter()
             .enumerate()

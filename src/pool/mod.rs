@@ -9,10 +9,12 @@
 //! is only opened when no idle one is left). A `PooledConn` dropped without
 //! `release` closes its connection. Locks are never held across `.await`.
 
+mod catalog;
 mod checkout;
 mod maintain;
 mod registry;
 
+pub use catalog::Catalog;
 pub use checkout::{PooledConn, Release, Waiter};
 pub use registry::{BackendIndex, DbControl, Registry};
 
@@ -100,6 +102,8 @@ pub struct Pool {
     interned: Mutex<Vec<Arc<BTreeMap<String, String>>>>,
     /// Statements some server of this pool has parsed without error.
     known_statements: Mutex<std::collections::HashSet<u64>>,
+    /// The database's statement generations (see [`Catalog`]).
+    pub catalog: Arc<Catalog>,
 }
 
 /// The few settings read on every transaction (checkout, forwarding,
@@ -166,6 +170,8 @@ pub struct PoolParts {
     pub awaiting_keys: bool,
     pub traffic: Arc<crate::stats::Traffic>,
     pub servers: Arc<crate::server::list::ServerList>,
+    /// The database's statement generations, shared by all its pools.
+    pub catalog: Arc<Catalog>,
 }
 
 impl Pool {
@@ -177,6 +183,7 @@ impl Pool {
             awaiting_keys,
             traffic,
             servers,
+            catalog,
         } = parts;
         let hot = HotSettings::default();
         hot.set(&settings);
@@ -198,6 +205,7 @@ impl Pool {
             awaiting_keys,
             defaults: Mutex::new(None),
             known_statements: Mutex::new(std::collections::HashSet::new()),
+            catalog,
             interned: Mutex::new(Vec::new()),
         })
     }

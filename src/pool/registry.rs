@@ -78,6 +78,7 @@ pub struct Registry {
     db_permits: Mutex<HashMap<(String, BackendIndex), Arc<Semaphore>>>,
     health: Mutex<HashMap<String, (HealthSource, Arc<Health>)>>,
     controls: Mutex<HashMap<String, Arc<DbControl>>>,
+    catalogs: Mutex<HashMap<String, Arc<super::Catalog>>>,
     /// Bumped by every reload; sessions compare it once per transaction.
     generation: AtomicU64,
     pub servers: Arc<ServerList>,
@@ -94,6 +95,7 @@ impl Registry {
             db_permits: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             controls: Mutex::new(HashMap::new()),
+            catalogs: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             servers: Arc::new(ServerList::default()),
             stats,
@@ -167,6 +169,14 @@ impl Registry {
     }
 
     /// PAUSE/RESUME state of a database.
+    /// The catalog epoch of `db_name`, shared by all its pools.
+    pub fn catalog(&self, db_name: &str) -> Arc<super::Catalog> {
+        lock(&self.catalogs)
+            .entry(db_name.to_owned())
+            .or_default()
+            .clone()
+    }
+
     pub fn control(&self, db_name: &str) -> Arc<DbControl> {
         lock(&self.controls)
             .entry(db_name.to_owned())
@@ -225,6 +235,7 @@ impl Registry {
                 db_permits,
                 awaiting_keys,
                 servers: self.servers.clone(),
+                catalog: self.catalog(db_name),
             },
             settings,
         );

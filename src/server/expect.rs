@@ -31,6 +31,12 @@ pub enum Owed {
         undo: Undo,
     },
     Bind,
+    /// A Bind of a statement tidepool prepared (hash, generation of its
+    /// text), so that an error saying it went stale can name it.
+    BindNamed {
+        hash: u64,
+        generation: u64,
+    },
     DescribeStatement,
     DescribePortal,
     Execute,
@@ -99,6 +105,14 @@ impl Expect {
             return;
         }
         self.queue.push_back(owed);
+    }
+
+    /// The statement (hash, generation) whose Bind the server answers next.
+    pub fn head_bound_statement(&self) -> Option<(u64, u64)> {
+        match self.queue.front() {
+            Some(Owed::BindNamed { hash, generation }) => Some((*hash, *generation)),
+            _ => None,
+        }
     }
 
     pub fn head_is_internal(&self) -> bool {
@@ -173,7 +187,7 @@ impl Expect {
                 return;
             }
             (Some(Owed::Parse { .. }), T::ParseComplete)
-            | (Some(Owed::Bind), T::BindComplete)
+            | (Some(Owed::Bind | Owed::BindNamed { .. }), T::BindComplete)
             | (Some(Owed::Close { .. }), T::CloseComplete)
             | (
                 Some(Owed::DescribeStatement | Owed::DescribePortal),

@@ -17,7 +17,7 @@ use crate::protocol::messages::Body;
 use crate::protocol::write;
 
 /// One statement, shared by every client that prepared the same text/types.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Statement {
     pub hash: u64,
     /// The name tidepool gives it on servers.
@@ -31,6 +31,9 @@ pub struct Statement {
     pub query: String,
     /// Its fingerprint, computed on first use.
     pub shape: std::sync::OnceLock<Arc<crate::stats::Shape>>,
+    /// The generation of its text (`pool::Catalog`) when it was prepared:
+    /// the client was told the row shape of that generation.
+    pub generation: u64,
 }
 
 impl Statement {
@@ -66,6 +69,7 @@ impl Statement {
                 sql_prepare: None,
                 query,
                 shape: std::sync::OnceLock::new(),
+                generation: 0,
             }),
         ))
     }
@@ -85,34 +89,55 @@ impl Statement {
             parse: Bytes::new(),
             query: rest.to_owned(),
             shape: std::sync::OnceLock::new(),
+            generation: 0,
         })
     }
 }
 
-/// The statements one server connection has, least recently used first out.
+/// The statements one server connection has, least recently used first out,
+/// each with the generation of its text it was prepared in.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<u64, u64>,
+    /// Hash → (last use, generation).
+    used: HashMap<u64, (u64, u64)>,
     tick: u64,
 }
 
+impl Statement {
+    /// This statement as prepared in `generation` of its text.
+    pub fn in_generation(mut stmt: Arc<Statement>, generation: u64) -> Arc<Statement> {
+        if stmt.generation != generation {
+            Arc::make_mut(&mut stmt).generation = generation;
+        }
+        stmt
+    }
+}
+
 impl ServerStatements {
+    /// Whether the server has this statement, in any generation.
     pub fn contains(&self, hash: u64) -> bool {
         self.used.contains_key(&hash)
     }
 
+    /// Whether the server has `stmt` as prepared in its generation.
+    pub fn has(&self, stmt: &Statement) -> bool {
+        self.used
+            .get(&stmt.hash)
+            .is_some_and(|(_, g)| *g == stmt.generation)
+    }
+
     pub fn touch(&mut self, hash: u64) {
         self.tick += 1;
-        if let Some(t) = self.used.get_mut(&hash) {
+        if let Some((t, _)) = self.used.get_mut(&hash) {
             *t = self.tick;
         }
     }
 
-    /// Records `hash`; returns the least recently used statement to close
-    /// when more than `cap` would be kept.
-    pub fn insert(&mut self, hash: u64, cap: usize) -> Option<u64> {
+    /// Records `hash` (prepared in `generation`); returns the least recently
+    /// used statement to close when more than `cap` would be kept.
+    pub fn insert(&mut self, hash: u64, generation: u64, cap: usize) -> Option<u64> {
         self.tick += 1;
-        self.used.insert(hash, self.tick);
+        self.used.insert(hash, (self.tick, generation));
         if self.used.len() <= cap.max(1) {
             return None;
         }
@@ -120,7 +145,7 @@ impl ServerStatements {
             .used
             .iter()
             .filter(|(h, _)| **h != hash)
-            .min_by_key(|(_, t)| **t)
+            .min_by_key(|(_, (t, _))| *t)
             .map(|(h, _)| *h)?;
         self.used.remove(&victim);
         Some(victim)
@@ -178,10 +203,10 @@ mod tests {
     #[test]
     fn lru_evicts_the_least_recently_used() {
         let mut s = ServerStatements::default();
-        assert_eq!(s.insert(1, 2), None);
-        assert_eq!(s.insert(2, 2), None);
+        assert_eq!(s.insert(1, 0, 2), None);
+        assert_eq!(s.insert(2, 0, 2), None);
         s.touch(1);
-        assert_eq!(s.insert(3, 2), Some(2));
+        assert_eq!(s.insert(3, 0, 2), Some(2));
         assert!(s.contains(1) && s.contains(3) && !s.contains(2));
     }
 }

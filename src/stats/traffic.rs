@@ -35,6 +35,8 @@ struct Stripe {
     statements: AtomicU64,
     errors: AtomicU64,
     slow: AtomicU64,
+    prepared_invalidations: AtomicU64,
+    prepared_reprepares: AtomicU64,
     query_latency: AtomicBuckets,
     xact_latency: AtomicBuckets,
     wait_latency: AtomicBuckets,
@@ -73,6 +75,11 @@ pub struct Totals {
     pub statements: u64,
     pub errors: u64,
     pub slow: u64,
+    /// Shared server-side statements found stale (a server answered one with
+    /// `cached plan must not change result type`).
+    pub prepared_invalidations: u64,
+    /// Stale statements closed and prepared afresh on a server.
+    pub prepared_reprepares: u64,
 }
 
 /// PgBouncer's `avg_*`: counts and bytes per second over the last period,
@@ -109,6 +116,8 @@ pub struct Delta {
     pub statements: u64,
     pub errors: u64,
     pub slow: u64,
+    pub prepared_invalidations: u64,
+    pub prepared_reprepares: u64,
 }
 
 /// This thread's stripe and whether it writes it alone.
@@ -148,6 +157,8 @@ impl Traffic {
         s.add(|s| &s.statements, d.statements);
         s.add(|s| &s.errors, d.errors);
         s.add(|s| &s.slow, d.slow);
+        s.add(|s| &s.prepared_invalidations, d.prepared_invalidations);
+        s.add(|s| &s.prepared_reprepares, d.prepared_reprepares);
     }
 
     /// A server was handed to a client after `wait`.
@@ -203,6 +214,8 @@ impl Traffic {
                 statements: g(&s.statements),
                 errors: g(&s.errors),
                 slow: g(&s.slow),
+                prepared_invalidations: g(&s.prepared_invalidations),
+                prepared_reprepares: g(&s.prepared_reprepares),
             });
         }
         t
@@ -265,6 +278,8 @@ impl Totals {
         self.statements += o.statements;
         self.errors += o.errors;
         self.slow += o.slow;
+        self.prepared_invalidations += o.prepared_invalidations;
+        self.prepared_reprepares += o.prepared_reprepares;
     }
 }
 
