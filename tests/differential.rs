@@ -438,3 +438,54 @@ async fn randomized_workload_answers_like_postgres() {
         one_seed(seed, steps).await;
     }
 }
+
+/// A client whose `client_encoding` is LATIN9 gets the server's messages in
+/// LATIN9, byte for byte, as it would directly (an error text with `é`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_messages_in_the_clients_encoding_pass_byte_for_byte() {
+    let cluster = harness::cluster();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("latin9"))
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(cluster, &db, "");
+    let mut answers = Vec::new();
+    for port in [cluster.primary_port(), proxy.port()] {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut body = BytesMut::new();
+        body.put_i32(196_608);
+        for (k, v) in [
+            ("user", harness::TRUST_USER),
+            ("database", db.as_str()),
+            ("client_encoding", "LATIN9"),
+        ] {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        stream
+            .write_all(&((body.len() + 4) as i32).to_be_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&body).await.unwrap();
+        let mut c = Client {
+            stream,
+            buf: BytesMut::new(),
+            key: (0, 0),
+        };
+        read_readies(&mut c, 1).await;
+        let mut answer = Vec::new();
+        for sql in ["select chr(233)::int", "select chr(233) as e", "select 1"] {
+            c.stream.write_all(&raw::query(sql)).await.unwrap();
+            answer.push(normalize(&read_readies(&mut c, 1).await));
+        }
+        answers.push(answer);
+    }
+    assert_eq!(answers[1], answers[0], "through tidepool vs PostgreSQL");
+    assert!(
+        answers[0][0].iter().any(|m| m.contains("C=22P02")),
+        "{:?}",
+        answers[0]
+    );
+}

@@ -60,6 +60,14 @@ impl<'a> Body<'a> {
         Ok(s)
     }
 
+    /// A NUL-terminated field as bytes, in whatever encoding.
+    pub fn cbytes(&mut self) -> Result<&'a [u8], ProtocolError> {
+        let end = memchr::memchr(0, self.buf).ok_or(ProtocolError::Malformed(self.what))?;
+        let s = &self.buf[..end];
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.buf.len() < n {
             return Err(self.err());
@@ -103,6 +111,9 @@ pub struct ErrorFields {
     pub message: String,
 }
 
+/// The fields tidepool reads. Texts are in the client's encoding, which may
+/// not be UTF-8 (a LATIN9 client gets LATIN9 messages): they are read
+/// lossily here, and the message itself is forwarded byte for byte.
 pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
     let mut b = Body::new(body, "ErrorResponse");
     let mut out = ErrorFields::default();
@@ -111,12 +122,12 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
         if field == 0 {
             return Ok(out);
         }
-        let value = b.cstr()?;
+        let value = String::from_utf8_lossy(b.cbytes()?).into_owned();
         match field {
-            b'V' => out.severity = value.to_owned(),
-            b'S' if out.severity.is_empty() => out.severity = value.to_owned(),
-            b'C' => out.code = value.to_owned(),
-            b'M' => out.message = value.to_owned(),
+            b'V' => out.severity = value,
+            b'S' if out.severity.is_empty() => out.severity = value,
+            b'C' => out.code = value,
+            b'M' => out.message = value,
             _ => {}
         }
     }
@@ -133,6 +144,16 @@ mod tests {
         assert_eq!(e.code, "42601");
         assert_eq!(e.message, "syntax error");
         assert_eq!(e.severity, "ERROR");
+    }
+
+    #[test]
+    fn error_texts_in_other_encodings_are_read_not_refused() {
+        // "é" in LATIN9 is the single byte 0xE9.
+        let body = b"SERROR\0VERROR\0C22P02\0Mcaf\xe9 invalide\0\0";
+        let e = error_fields(body).unwrap();
+        assert_eq!(e.code, "22P02");
+        assert_eq!(e.severity, "ERROR");
+        assert!(e.message.starts_with("caf"));
     }
 
     #[test]
