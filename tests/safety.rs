@@ -417,154 +417,68 @@ async fn killed_client_mid_query_gets_its_query_cancelled_and_frees_the_server()
 // Backends terminated under a client.
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_mid_transaction_errors_then_recovers() {
-    let c = cluster();
-    let db = c.create_database("term_mid_tx");
-    let proxy = TestProxy::for_db(c, &db, "");
-    let admin = c.admin_client(&db).await;
-    create_table(&admin).await;
-
-    let client = proxy.client(&db).await;
-    client
-        .batch_execute("begin; insert into t values (1, 'lost')")
+/// What a raw client sees when its backend is terminated: directly, and
+/// through tidepool. `mid_query`: terminated while running a query, else
+/// idle in a transaction (then the client's next request is sent after).
+async fn terminated_under_raw_client(
+    port: u16,
+    db: &str,
+    admin: &Client,
+    mid_query: bool,
+) -> String {
+    let mut r = Raw::login_trust(port, db).await;
+    if mid_query {
+        r.send(&raw::query("select pg_sleep(301)")).await;
+        let pid = wait_running(admin, db, "select pg_sleep(301)").await;
+        terminate(admin, pid).await;
+    } else {
+        r.send(&raw::query(
+            "begin; insert into t values (1, 'lost'); select pg_backend_pid()",
+        ))
+        .await;
+        let msgs = r.read_until_ready().await;
+        let pid: i32 = msgs
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(&m.body[6..]).parse().expect("pid"))
+            .expect("DataRow");
+        terminate(admin, pid).await;
+        // Sent after the server said goodbye; whether it is refused or read
+        // makes no difference to what comes back.
+        let _ = r.stream.write_all(&raw::query("select 'next'")).await;
+    }
+    let msgs = tokio::time::timeout(DEADLINE, r.read_to_close())
         .await
-        .expect("insert");
-    let pid: i32 = value(&client, "select pg_backend_pid()")
-        .await
-        .parse()
-        .expect("pid");
-    let before = proxy.server_count();
-    terminate(&admin, pid).await;
-    harness::wait_until_async("tidepool to drop the dead server", DEADLINE, || async {
-        proxy.server_count() < before
-    })
-    .await;
-
-    let err = client
-        .batch_execute("insert into t values (2, 'after kill')")
-        .await
-        .expect_err("statement on a terminated backend must fail");
-    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
-    assert!(!client.is_closed(), "client connection must survive");
-
-    // A new transaction on the same client connection works, on a new server.
-    client.batch_execute("begin").await.expect("begin");
-    assert_eq!(value(&client, "select count(*) from t").await, "0");
-    let new_pid: i32 = value(&client, "select pg_backend_pid()")
-        .await
-        .parse()
-        .expect("pid");
-    assert_ne!(new_pid, pid);
-    client
-        .batch_execute("insert into t values (3, 'new'); commit")
-        .await
-        .expect("new transaction");
-    let v: String = admin
-        .query_one("select string_agg(v, ',') from t", &[])
-        .await
-        .expect("read t")
-        .get(0);
-    assert_eq!(v, "new");
+        .expect("the connection ends");
+    describe(&msgs)
 }
 
+/// PostgreSQL ends the session of a terminated backend with its FATAL
+/// (57P01) and closes the connection; through tidepool the client sees the
+/// same, whether it was idle in its transaction or running a query, and
+/// nothing of the transaction is committed; other clients go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_idle_in_transaction_sends_nothing_until_next_request_then_08006() {
+async fn terminated_backend_ends_the_client_as_postgres_does() {
     let c = cluster();
     let db = c.create_database("term_raw");
     let proxy = TestProxy::for_db(c, &db, "");
     let admin = c.admin_client(&db).await;
     create_table(&admin).await;
-
-    let mut r = Raw::login_trust(proxy.port(), &db).await;
-    r.send(&raw::query(
-        "begin; insert into t values (1, 'lost'); select pg_backend_pid()",
-    ))
-    .await;
-    let msgs = r.read_until_ready().await;
-    let pid: i32 = msgs
-        .iter()
-        .find(|m| m.tag == b'D')
-        .map(|m| String::from_utf8_lossy(&m.body[6..]).parse().expect("pid"))
-        .expect("DataRow");
-    let before = proxy.server_count();
-    terminate(&admin, pid).await;
-    harness::wait_until_async("tidepool to drop the dead server", DEADLINE, || async {
-        proxy.server_count() < before
-    })
-    .await;
-
-    // Tidepool has read the server's goodbye and dropped it; the client has
-    // asked nothing, so it must have been sent nothing (loopback delivers a
-    // write before the writer continues, so anything sent is here by now).
-    let mut probe = [0u8; 64];
-    match r.stream.try_read(&mut probe) {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        Ok(n) => panic!(
-            "unsolicited bytes sent to a client idle in transaction: {:?}",
-            String::from_utf8_lossy(&probe[..n])
-        ),
-        Err(e) => panic!("client connection broken: {e}"),
+    for mid_query in [false, true] {
+        let direct = terminated_under_raw_client(c.primary_port(), &db, &admin, mid_query).await;
+        let through = terminated_under_raw_client(proxy.port(), &db, &admin, mid_query).await;
+        assert_eq!(
+            through, direct,
+            "mid_query = {mid_query}: through tidepool vs PostgreSQL"
+        );
+        assert!(direct.contains("FATAL 57P01"), "{direct}");
     }
-
-    r.send(&raw::query("select 'next'")).await;
-    let msgs = r.read_until_ready().await;
-    let first = &msgs[0];
     assert_eq!(
-        (
-            first.tag,
-            first.code().as_deref(),
-            field(first, b'S').as_deref()
-        ),
-        (b'E', Some("08006"), Some("ERROR")),
-        "reply to the first request after the backend died: {}",
-        describe(&msgs)
+        count(&admin, "select count(*) from t where $1 <> ''", &db).await,
+        0
     );
-    assert_eq!(describe(&msgs[1..]), "Z(I)");
-
-    r.send(&raw::query("select count(*) from t")).await;
-    let msgs = r.read_until_ready().await;
-    let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
-    assert_eq!(&row.body[6..], b"0");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_mid_query_errors_that_query_then_recovers() {
-    let c = cluster();
-    let db = c.create_database("term_mid_query");
-    let proxy = TestProxy::for_db(c, &db, "");
-    let admin = c.admin_client(&db).await;
-
-    let client = std::sync::Arc::new(proxy.client(&db).await);
-    let sleeper = client.clone();
-    let running = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(300)").await });
-    let pid = wait_running(&admin, &db, "select pg_sleep(300)").await;
-    let before = proxy.server_count();
-    terminate(&admin, pid).await;
-
-    let err = tokio::time::timeout(DEADLINE, running)
-        .await
-        .expect("the running query must end when its backend dies")
-        .expect("task")
-        .expect_err("the running query must fail");
-    let code = sqlstate(&err);
-    assert!(
-        code.as_deref() == Some("08006"),
-        "the server's FATAL becomes an ERROR 08006 for the running query: {err:?}"
-    );
-    assert!(
-        err.as_db_error()
-            .is_some_and(|e| e.message().contains("terminating connection")),
-        "the reason is passed on: {err}"
-    );
-    assert!(!client.is_closed(), "client connection must survive");
-    // The backend leaves pg_stat_activity before its socket closes; a next
-    // query sent in between would still go to the dying server. Wait until
-    // tidepool has seen it die.
-    harness::wait_until_async("tidepool to drop the dead server", DEADLINE, || async {
-        proxy.server_count() < before
-    })
-    .await;
+    // The pool serves the next client on a clean server.
+    let client = proxy.client(&db).await;
     assert_eq!(value(&client, "select 'next works'").await, "next works");
     client.batch_execute("begin").await.expect("begin");
     assert_eq!(
@@ -574,32 +488,33 @@ async fn terminated_backend_mid_query_errors_that_query_then_recovers() {
     client.batch_execute("commit").await.expect("commit");
 }
 
+/// A driver's view: the running query fails with the server's own FATAL
+/// 57P01 (not a relabelled 08006) and the connection ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_mid_query_answers_the_raw_request_with_08006_and_ready() {
+async fn terminated_backend_mid_query_fails_with_the_servers_fatal() {
     let c = cluster();
-    let db = c.create_database("term_mid_query_raw");
+    let db = c.create_database("term_mid_query");
     let proxy = TestProxy::for_db(c, &db, "");
     let admin = c.admin_client(&db).await;
 
-    let mut r = Raw::login_trust(proxy.port(), &db).await;
-    r.send(&raw::query("select pg_sleep(301)")).await;
-    let pid = wait_running(&admin, &db, "select pg_sleep(301)").await;
+    let client = std::sync::Arc::new(proxy.client(&db).await);
+    let sleeper = client.clone();
+    let running = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(300)").await });
+    let pid = wait_running(&admin, &db, "select pg_sleep(300)").await;
     terminate(&admin, pid).await;
-    let msgs = tokio::time::timeout(DEADLINE, r.read_until_ready())
-        .await
-        .expect("an answer for the pending query");
-    assert!(
-        msgs.iter()
-            .any(|m| m.tag == b'E' && m.code().as_deref() == Some("08006")),
-        "no 08006 for the pending query: {}",
-        describe(&msgs)
-    );
-    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"I".to_vec()));
 
-    r.send(&raw::query("select 'alive'")).await;
-    let msgs = r.read_until_ready().await;
-    let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
-    assert_eq!(&row.body[6..], b"alive");
+    let err = tokio::time::timeout(DEADLINE, running)
+        .await
+        .expect("the running query must end when its backend dies")
+        .expect("task")
+        .expect_err("the running query must fail");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    harness::wait_until_async("the client connection to end", DEADLINE, || async {
+        client.is_closed()
+    })
+    .await;
+    let next = proxy.client(&db).await;
+    assert_eq!(value(&next, "select 'next works'").await, "next works");
 }
 
 // ---------------------------------------------------------------------------

@@ -204,6 +204,8 @@ enum TxEnd {
     /// The server connection failed. `client_skip` bytes of a client message
     /// that was being streamed to it are still to come and must be dropped.
     ServerLost { reason: String, client_skip: usize },
+    /// The server ended the session with this FATAL ErrorResponse.
+    ServerFatal { reason: String, fatal: BytesMut },
     /// The client broke the protocol or timed out: tell it and close.
     ClientFatal(ClientError),
     /// KILL: the client's connection ends now.
@@ -452,6 +454,14 @@ impl Session {
                     self.pinned = None;
                     self.discard = client_skip;
                     self.server_lost(&tracker, reason);
+                }
+                TxEnd::ServerFatal { reason, fatal } => {
+                    tracing::warn!(client = self.listed.info.id, %reason, "server ended the session under a client; closing the client as PostgreSQL would");
+                    server.release(Release::Close);
+                    self.out.extend_from_slice(&fatal);
+                    let _ = self.flush_out().await;
+                    let _ = self.stream.shutdown().await;
+                    return;
                 }
                 TxEnd::ClientFatal(e) => {
                     Box::pin(self.clean_up(server, &tracker, true)).await;
@@ -1182,8 +1192,21 @@ impl Session {
                 client_closed = true;
             }
             if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
-                // The server is going away; what it said becomes the reason.
-                return lost(format!("{} ({})", f.message, f.code), &cscan);
+                // The server ends the session under the client's
+                // transaction (pg_terminate_backend, a timeout, a shutdown):
+                // the client gets its FATAL, as it would directly, and then
+                // its connection ends, as it would directly.
+                let reason = format!("{} ({})", f.message, f.code);
+                // The scan stopped at the (whole) FATAL message.
+                let whole = (conn.buf.len() >= 5)
+                    .then(|| checked_len(conn.buf[0], &conn.buf[1..5], SERVER_MESSAGE_LIMIT).ok())
+                    .flatten()
+                    .filter(|total| conn.buf.len() >= *total);
+                let Some(total) = whole else {
+                    return lost(reason, &cscan);
+                };
+                let fatal = conn.buf.split_to(total);
+                return TxEnd::ServerFatal { reason, fatal };
             }
             if to_client.is_empty() && to_server.is_empty() {
                 if client_closed {
