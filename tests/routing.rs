@@ -228,8 +228,14 @@ async fn a_stopped_replica_is_banned_reads_go_on_and_it_comes_back() {
     for _ in 0..4 {
         let (ok, failed, stop, url) = (ok.clone(), failed.clone(), stop.clone(), proxy_url.clone());
         readers.push(tokio::spawn(async move {
-            let c = harness::connect(&url).await.unwrap();
+            let mut c = harness::connect(&url).await.unwrap();
             while !stop.load(Ordering::Relaxed) {
+                if c.is_closed() {
+                    // A read in flight on the replica as it stopped ends
+                    // that session with the server's FATAL, as it would
+                    // directly; the application connects again.
+                    c = harness::connect(&url).await.unwrap();
+                }
                 match c.simple_query("select pg_is_in_recovery()").await {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(_) => failed.fetch_add(1, Ordering::Relaxed),
