@@ -24,6 +24,7 @@ impl SqlState {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: Self = Self("25P03");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
+    pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
 }
 
 /// ERROR ends the current request; FATAL ends the client's connection.
@@ -85,6 +86,9 @@ pub enum ClientError {
     AdminNotAllowed(String),
     #[error("internal error in tidepool: {0}")]
     Internal(String),
+    /// PostgreSQL refused a startup parameter's value (its code and words).
+    #[error("{}", .0.message)]
+    ParameterRefused(crate::protocol::messages::ErrorFields),
 }
 
 /// A client's protocol error in its words; a message over the size limit
@@ -118,6 +122,7 @@ impl ClientError {
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,
+            ClientError::ParameterRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
         }
     }
 
@@ -134,12 +139,18 @@ impl ClientError {
 
     /// Appends the ErrorResponse for this error.
     pub fn write_to(&self, buf: &mut BytesMut) {
-        write::error_response(
-            buf,
-            self.severity().as_str(),
-            self.sqlstate().0,
-            &self.to_string(),
-        );
+        let severity = self.severity().as_str();
+        match self {
+            // PostgreSQL's own words, as it refuses a login.
+            ClientError::ParameterRefused(f) => write::error_response_with(
+                buf,
+                severity,
+                &f.code,
+                &f.message,
+                &[(b'D', &f.detail), (b'H', &f.hint)],
+            ),
+            e => write::error_response(buf, severity, e.sqlstate().0, &e.to_string()),
+        }
     }
 }
 

@@ -489,3 +489,100 @@ async fn server_messages_in_the_clients_encoding_pass_byte_for_byte() {
         answers[0]
     );
 }
+
+/// Logs in with `params` (besides user and database); the ParameterStatus
+/// values for `keys`, or the error that refused the login.
+async fn reported(port: u16, db: &str, params: &[(&str, &str)], keys: &[&str]) -> Vec<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut body = BytesMut::new();
+    body.put_i32(196_608);
+    let mut all = vec![("user", harness::TRUST_USER), ("database", db)];
+    all.extend_from_slice(params);
+    for (k, v) in all {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    stream
+        .write_all(&((body.len() + 4) as i32).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut c = Client {
+        stream,
+        buf: BytesMut::new(),
+        key: (0, 0),
+    };
+    let msgs = read_readies(&mut c, 1).await;
+    let mut out: Vec<String> = msgs
+        .iter()
+        .filter(|m| m.tag == b'S')
+        .filter_map(|m| {
+            let mut parts = m.body.split(|&b| b == 0);
+            let k = String::from_utf8_lossy(parts.next()?).into_owned();
+            let v = String::from_utf8_lossy(parts.next()?).into_owned();
+            keys.contains(&k.as_str()).then(|| format!("{k}={v}"))
+        })
+        .collect();
+    out.sort();
+    out.extend(normalize(&msgs).into_iter().filter(|m| m.starts_with("E(")));
+    if out.iter().all(|m| !m.starts_with("E(")) {
+        // What the session itself says.
+        c.stream
+            .write_all(&raw::query(
+                "show datestyle; show timezone; show application_name",
+            ))
+            .await
+            .unwrap();
+        out.extend(
+            normalize(&read_readies(&mut c, 1).await)
+                .into_iter()
+                .filter(|m| m.starts_with("D(")),
+        );
+    }
+    out
+}
+
+/// Startup parameters come back in PostgreSQL's own spelling (`ISO, MDY`,
+/// `UTF8`, `Europe/Rome`), `application_name` is the client's own (empty
+/// when it set none), and a value PostgreSQL refuses refuses the login with
+/// PostgreSQL's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_parameters_come_back_as_postgres_reports_them() {
+    let cluster = harness::cluster();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("startup_params"))
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(cluster, &db, "");
+    let keys = [
+        "DateStyle",
+        "client_encoding",
+        "TimeZone",
+        "application_name",
+        "IntervalStyle",
+    ];
+    let cases: &[&[(&str, &str)]] = &[
+        &[],
+        &[
+            ("options", "-c datestyle=iso,mdy"),
+            ("client_encoding", "utf8"),
+        ],
+        &[("TimeZone", "europe/rome"), ("application_name", "billing")],
+        &[(
+            "options",
+            "-c intervalstyle=SQL_STANDARD -c DateStyle=german",
+        )],
+        &[("options", "-c datestyle=nonsense")],
+        &[("timezone", "Mars/Olympus")],
+    ];
+    for params in cases {
+        let direct = reported(cluster.primary_port(), &db, params, &keys).await;
+        let through = reported(proxy.port(), &db, params, &keys).await;
+        assert_eq!(
+            through, direct,
+            "{params:?}: through tidepool vs PostgreSQL"
+        );
+    }
+}

@@ -15,11 +15,13 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Server connections to `db` (a database of the test's own that only
+/// tidepool connects to; they carry their clients' application names).
 async fn tidepool_servers(c: &harness::Cluster, db: &str) -> i64 {
     let admin = c.admin_client("postgres").await;
     admin
         .query_one(
-            "select count(*) from pg_stat_activity where datname = $1 and application_name = 'tidepool'",
+            "select count(*) from pg_stat_activity where datname = $1 and backend_type = 'client backend'",
             &[&db],
         )
         .await

@@ -214,10 +214,14 @@ async fn handshake(
         .filter(|(k, _)| is_tracked(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // A client that names no application has none, as directly (the
+    // server connection's own name is tidepool's business).
+    params.insert("application_name".into(), String::new());
     let client_params: BTreeMap<String, String> = client_params
         .into_iter()
         .map(|(k, v)| (canonical(&k, &defaults), v))
         .collect();
+    let client_params = Box::pin(canonical_values(&pool, &defaults, client_params)).await?;
     params.extend(client_params.clone());
 
     let cancel = shared.cancel.register();
@@ -314,6 +318,61 @@ async fn admin_login(
 }
 
 /// Opens the pool's first connection to learn what a server reports.
+/// The client's startup parameters in PostgreSQL's own spelling (what
+/// PostgreSQL would report back: `ISO, MDY` for `iso,mdy`), learnt from a
+/// server once per distinct value; a value PostgreSQL refuses refuses the
+/// login with PostgreSQL's error, as directly.
+async fn canonical_values(
+    pool: &Arc<Pool>,
+    defaults: &BTreeMap<String, String>,
+    mut params: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, Option<ClientError>> {
+    let unknown: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, v)| {
+            is_tracked(k) && defaults.get(*k) != Some(*v) && pool.canonical_value(k, v).is_none()
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !unknown.is_empty() {
+        let mut conn = pool
+            .checkout()
+            .await
+            .map_err(|e| Some(pool_error(pool, e)))?;
+        let answer = conn.conn().canonical_values(&unknown).await;
+        let clean = conn.conn().tx == TxStatus::Idle;
+        conn.release(if clean {
+            Release::Reuse
+        } else {
+            Release::Close
+        });
+        match answer {
+            Ok(rows) => {
+                let by_name: BTreeMap<String, String> = rows.into_iter().collect();
+                pool.learn_canonical(unknown.into_iter().filter_map(|(k, v)| {
+                    let c = by_name.get(&k)?.clone();
+                    Some(((k, v), c))
+                }));
+            }
+            Err(crate::server::ServerError::Query(f)) => {
+                return Err(Some(ClientError::ParameterRefused(f)));
+            }
+            Err(e) => {
+                return Err(Some(ClientError::ServerConnect {
+                    database: pool.database.clone(),
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+    for (k, v) in params.iter_mut() {
+        if let Some(c) = pool.canonical_value(k, v) {
+            *v = c;
+        }
+    }
+    Ok(params)
+}
+
 async fn learn_defaults(pool: &Arc<Pool>) -> Result<Arc<BTreeMap<String, String>>, ClientError> {
     let conn = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
     conn.release(Release::Reuse);

@@ -102,6 +102,9 @@ pub struct Pool {
     interned: Mutex<Vec<Arc<BTreeMap<String, String>>>>,
     /// Statements some server of this pool has parsed without error.
     known_statements: Mutex<std::collections::HashSet<u64>>,
+    /// Startup parameter values as clients wrote them → PostgreSQL's own
+    /// spelling (learnt from a server once per distinct value; bounded).
+    canonical: Mutex<std::collections::HashMap<(String, String), String>>,
     /// The database's statement generations (see [`Catalog`]).
     pub catalog: Arc<Catalog>,
 }
@@ -205,6 +208,7 @@ impl Pool {
             awaiting_keys,
             defaults: Mutex::new(None),
             known_statements: Mutex::new(std::collections::HashSet::new()),
+            canonical: Mutex::new(std::collections::HashMap::new()),
             catalog,
             interned: Mutex::new(Vec::new()),
         })
@@ -304,6 +308,23 @@ impl Pool {
     /// first connection this pool opened.
     pub fn defaults(&self) -> Option<Arc<BTreeMap<String, String>>> {
         lock(&self.defaults).clone()
+    }
+
+    /// PostgreSQL's spelling of `value` for parameter `name`, if learnt.
+    pub fn canonical_value(&self, name: &str, value: &str) -> Option<String> {
+        lock(&self.canonical)
+            .get(&(name.to_owned(), value.to_owned()))
+            .cloned()
+    }
+
+    /// Remembers spellings learnt from a server.
+    pub fn learn_canonical(&self, learnt: impl IntoIterator<Item = ((String, String), String)>) {
+        let mut map = lock(&self.canonical);
+        if map.len() > 4096 {
+            // Only a cache: distinct startup values are few in practice.
+            map.clear();
+        }
+        map.extend(learnt);
     }
 
     async fn open(&self) -> Result<Idle, PoolError> {

@@ -109,6 +109,9 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    /// `D` and `H`, empty when absent.
+    pub detail: String,
+    pub hint: String,
 }
 
 /// The fields tidepool reads. Texts are in the client's encoding, which may
@@ -128,6 +131,8 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
             b'S' if out.severity.is_empty() => out.severity = value,
             b'C' => out.code = value,
             b'M' => out.message = value,
+            b'D' => out.detail = value,
+            b'H' => out.hint = value,
             _ => {}
         }
     }

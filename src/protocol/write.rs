@@ -21,6 +21,18 @@ fn cstr(buf: &mut BytesMut, s: &str) {
 }
 
 pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, msg: &str) {
+    error_response_with(buf, severity, code, msg, &[]);
+}
+
+/// An ErrorResponse with more fields (`(b'D', detail)`, `(b'H', hint)`, …);
+/// empty values are left out.
+pub fn error_response_with(
+    buf: &mut BytesMut,
+    severity: &str,
+    code: &str,
+    msg: &str,
+    more: &[(u8, &str)],
+) {
     message(buf, BackendTag::ErrorResponse.byte(), |b| {
         b.put_u8(b'S');
         cstr(b, severity);
@@ -30,6 +42,10 @@ pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, msg: &str)
         cstr(b, code);
         b.put_u8(b'M');
         cstr(b, msg);
+        for (field, value) in more.iter().filter(|(_, v)| !v.is_empty()) {
+            b.put_u8(*field);
+            cstr(b, value);
+        }
         b.put_u8(0);
     });
 }

@@ -159,6 +159,22 @@ impl ServerConn {
         Ok(self.exchange(sql).await?.changed)
     }
 
+    /// PostgreSQL's own spelling of each (name, value) (see
+    /// [`params::canonical_sql`]); the server's settings stay as they were.
+    pub async fn canonical_values(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, ServerError> {
+        let rows = self.exchange(&params::canonical_sql(pairs)).await?.rows;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match <[String; 2]>::try_from(r) {
+                Ok([k, v]) => Some((k, v)),
+                Err(_) => None,
+            })
+            .collect())
+    }
+
     /// The settings this session changed (`pg_settings.source = 'session'`),
     /// as name → value. Custom (dotted) parameters are not in `pg_settings`;
     /// `custom` names those to read back by name (empty values count as unset).

@@ -49,6 +49,22 @@ fn quote_literal(v: &str) -> String {
     }
 }
 
+/// One query that returns, for each (name, value), PostgreSQL's own
+/// spelling of the value (`ISO, MDY` for `iso,mdy`, `UTF8` for `utf8`,
+/// `Europe/Rome` for `europe/rome`), and changes nothing: the values are
+/// set locally to the statement's own transaction. Fails, with PostgreSQL's
+/// error, on a value PostgreSQL refuses.
+pub fn canonical_sql(pairs: &[(String, String)]) -> String {
+    let values: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("({}, {})", quote_literal(k), quote_literal(v)))
+        .collect();
+    format!(
+        "SELECT n, pg_catalog.set_config(n, v, true) FROM (VALUES {}) s(n, v)",
+        values.join(", ")
+    )
+}
+
 /// SQL that makes a server with `server` parameters match `client`, or `None`
 /// when they already match. Keys the server has but the client does not (set
 /// for an earlier client, never reported by default) are RESET.
