@@ -586,3 +586,43 @@ async fn startup_parameters_come_back_as_postgres_reports_them() {
         );
     }
 }
+
+/// Errors about a client's prepared statement name the client's statement,
+/// as PostgreSQL would, never tidepool's shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_clients_own_statements() {
+    let cluster = harness::cluster();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("stmt_names"))
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(cluster, &db, "");
+    let requests: Vec<Vec<u8>> = vec![
+        [raw::parse("q3", "select $1::int"), raw::sync()].concat(),
+        // Two parameters for a statement that takes one.
+        [raw::bind("q3", &["1", "2"]), raw::execute(), raw::sync()].concat(),
+        raw::query("prepare p(int) as select $1 + 1"),
+        raw::query("execute p(1, 2)"),
+        [raw::bind("q3", &["41"]), raw::execute(), raw::sync()].concat(),
+    ];
+    let mut answers = Vec::new();
+    for port in [cluster.primary_port(), proxy.port()] {
+        let mut c = login(port, &db).await;
+        let mut answer = Vec::new();
+        for r in &requests {
+            c.stream.write_all(r).await.unwrap();
+            answer.push(normalize(&read_readies(&mut c, 1).await));
+        }
+        answers.push(answer);
+    }
+    for (i, (d, t)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(t, d, "request {i}: through tidepool vs PostgreSQL");
+    }
+    assert!(
+        answers[1]
+            .iter()
+            .flatten()
+            .all(|m| !m.contains("tidepool_")),
+        "{:?}",
+        answers[1]
+    );
+}

@@ -1310,9 +1310,14 @@ impl Session {
                         Err(e) => return lost(e.to_string(), &cscan),
                         Ok(_) => {}
                     }
-                    if let Err(e) =
-                        scan_server(&mut conn.buf, &mut sscan, t, &mut changed, &mut to_client)
-                    {
+                    if let Err(e) = scan_server(
+                        &mut conn.buf,
+                        &mut sscan,
+                        t,
+                        &mut changed,
+                        &mut to_client,
+                        client.statements,
+                    ) {
                         return lost(e.to_string(), &cscan);
                     }
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
@@ -1651,12 +1656,27 @@ fn scan_server(
     t: &mut Tracker,
     changed: &mut Vec<(String, String)>,
     to_client: &mut BytesMut,
+    statements: &HashMap<String, Arc<Statement>>,
 ) -> Result<(), ProtocolError> {
     loop {
         let s = sscan.scan(sbuf, &mut t.server_side(changed))?;
         append(to_client, sbuf.split_to(s.forward));
         if !s.stopped || t.server_fatal.is_some() {
             return Ok(());
+        }
+        if std::mem::take(&mut t.rename_error) {
+            // An error naming tidepool's statement: the client's own name
+            // goes in, and the message is scanned again as it now reads.
+            let total = checked_len(sbuf[0], &sbuf[1..5], SERVER_MESSAGE_LIMIT)?;
+            let msg = sbuf.split_to(total);
+            let mut renamed = BytesMut::with_capacity(total + sbuf.len());
+            write::message(&mut renamed, msg[0], |b| {
+                b.put_slice(&rename_statements(&msg[5..], statements))
+            });
+            renamed.extend_from_slice(sbuf);
+            *sbuf = renamed;
+            t.error_renamed = true;
+            continue;
         }
         if t.expect.head_is_synthetic() {
             t.expect.take_synthetic(to_client);
@@ -1702,6 +1722,41 @@ fn scan_server(
         }
         return Ok(());
     }
+}
+
+/// `body` with each `"tidepool_<hash>"` replaced by the client's name for
+/// that statement (the first in name order when it gave it several).
+fn rename_statements(body: &[u8], statements: &HashMap<String, Arc<Statement>>) -> Vec<u8> {
+    let mark = crate::client::txn::INTERNAL_NAME_MARK;
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = memchr::memmem::find(rest, mark) {
+        let hex_start = at + mark.len();
+        let hash = rest
+            .get(hex_start..hex_start + 16)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        let name = hash.and_then(|h| {
+            statements
+                .iter()
+                .filter(|(_, s)| s.hash == h)
+                .map(|(n, _)| n)
+                .min()
+        });
+        match name {
+            Some(name) => {
+                out.extend_from_slice(&rest[..at + 1]);
+                out.extend_from_slice(name.as_bytes());
+                rest = &rest[hex_start + 16..];
+            }
+            None => {
+                out.extend_from_slice(&rest[..hex_start]);
+                rest = &rest[hex_start..];
+            }
+        }
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 fn lost(reason: String, cscan: &Scanner) -> TxEnd {

@@ -60,6 +60,11 @@ pub struct Tracker {
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
+    /// The ErrorResponse at the head of the server's bytes names one of
+    /// tidepool's statements: the session renames it before it passes.
+    pub rename_error: bool,
+    /// That ErrorResponse was renamed: let it pass this time.
+    pub error_renamed: bool,
     /// Statements (hash, generation) a server said no longer fit the
     /// catalog, with the body of its ErrorResponse, for the session to mark
     /// stale.
@@ -92,6 +97,8 @@ impl Tracker {
             params_changed: false,
             pin: None,
             stale: Vec::new(),
+            rename_error: false,
+            error_renamed: false,
             custom_params: Vec::new(),
             policy,
             replica_guard: None,
@@ -115,6 +122,8 @@ impl Tracker {
         self.params_changed = false;
         self.pin = None;
         self.stale.clear();
+        self.rename_error = false;
+        self.error_renamed = false;
         self.custom_params.clear();
         self.policy = policy;
         self.replica_guard = None;
@@ -372,6 +381,10 @@ fn plan_changed(e: &ErrorFields) -> bool {
     e.code == "0A000" && e.message == PLAN_CHANGED
 }
 
+/// How an error text names one of tidepool's statements (`"tidepool_` and
+/// its hash in hex).
+pub const INTERNAL_NAME_MARK: &[u8] = b"\"tidepool_";
+
 /// PostgreSQL's words for a prepared statement whose result type changed.
 pub const PLAN_CHANGED: &str = "cached plan must not change result type";
 
@@ -436,6 +449,14 @@ impl Inspector for ServerSide<'_> {
                 let fields = error_fields(body)?;
                 if fields.severity == "FATAL" || fields.severity == "PANIC" {
                     t.server_fatal = Some(fields);
+                    return Ok(Step::Stop);
+                }
+                if !std::mem::take(&mut t.error_renamed)
+                    && memchr::memmem::find(body, INTERNAL_NAME_MARK).is_some()
+                {
+                    // It names one of tidepool's statements: the session
+                    // puts the client's name in and scans it again.
+                    t.rename_error = true;
                     return Ok(Step::Stop);
                 }
                 if t.copy == Copy::Out {
