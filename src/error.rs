@@ -88,7 +88,7 @@ pub enum ClientError {
     Internal(String),
     /// PostgreSQL refused a startup parameter's value (its code and words).
     #[error("{}", .0.message)]
-    ParameterRefused(crate::protocol::messages::ErrorFields),
+    ParameterRefused(Box<crate::protocol::messages::ErrorFields>),
 }
 
 /// A client's protocol error in its words; a message over the size limit

@@ -602,6 +602,10 @@ async fn errors_name_the_clients_own_statements() {
         [raw::bind("q3", &["1", "2"]), raw::execute(), raw::sync()].concat(),
         raw::query("prepare p(int) as select $1 + 1"),
         raw::query("execute p(1, 2)"),
+        raw::query("execute p('x')"),
+        raw::query("  /* a comment */ EXECUTE   p ('y')"),
+        raw::query("prepare r as select $1a"),
+        raw::query("prepare q(nonexistenttype) as select $1"),
         [raw::bind("q3", &["41"]), raw::execute(), raw::sync()].concat(),
     ];
     let mut answers = Vec::new();

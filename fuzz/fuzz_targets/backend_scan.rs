@@ -32,6 +32,7 @@ fn owed(b: u8) -> Owed {
         7 => Owed::UntilReady {
             undo: (b & 0x40 != 0).then_some(undo),
             failed: false,
+            position_shift: 0,
         },
         8 => Owed::Internal,
         // A synthetic answer: a ParseComplete, or an ErrorResponse.

@@ -21,7 +21,7 @@ pub enum AuthError {
     #[error("no password available to log in to the server as \"{0}\"")]
     NoPassword(String),
     #[error("server rejected login: {} ({})", .0.message, .0.code)]
-    Server(crate::protocol::messages::ErrorFields),
+    Server(Box<crate::protocol::messages::ErrorFields>),
     #[error(transparent)]
     Frame(#[from] crate::protocol::frame::FrameError),
     #[error(transparent)]

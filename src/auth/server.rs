@@ -42,7 +42,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             BackendTag::ErrorResponse => {
                 let fields =
                     error_fields(&frame.body).map_err(|e| AuthError::Protocol(e.to_string()))?;
-                return Err(AuthError::Server(fields));
+                return Err(AuthError::Server(Box::new(fields)));
             }
             BackendTag::Authentication => {}
             BackendTag::NegotiateProtocolVersion => continue,

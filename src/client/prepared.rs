@@ -122,7 +122,7 @@ impl Handler<'_> {
             return Ok(());
         }
         if let (Some(p), true) = (&e.prepared, t.policy.named_statements) {
-            return self.sql_prepared(msg, p);
+            return self.sql_prepared(msg, sql, p);
         }
         if e.drops_all_statements {
             self.statements.clear();
@@ -133,6 +133,7 @@ impl Handler<'_> {
         t.expect.push(Owed::UntilReady {
             undo: None,
             failed: false,
+            position_shift: 0,
         });
         t.timing.query(shape_of(self.shapes, sql));
         self.to_server.extend_from_slice(msg);
@@ -141,7 +142,12 @@ impl Handler<'_> {
 
     /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared
     /// server statement, exactly like a protocol-level Parse.
-    fn sql_prepared(&mut self, msg: &[u8], p: &PreparedSql) -> Result<(), ProtocolError> {
+    fn sql_prepared(
+        &mut self,
+        msg: &[u8],
+        client_sql: &str,
+        p: &PreparedSql,
+    ) -> Result<(), ProtocolError> {
         let status = self.t.status;
         match p {
             PreparedSql::Prepare { name, rest } => {
@@ -191,6 +197,11 @@ impl Handler<'_> {
                         client_name: Some(name.clone()),
                     }),
                     failed: false,
+                    position_shift: position_shift(
+                        client_sql,
+                        rest,
+                        "PREPARE ".len() + stmt.name.len(),
+                    ),
                 });
                 self.t.timing.query(shape_of(self.shapes, &sql));
             }
@@ -201,6 +212,7 @@ impl Handler<'_> {
                     self.t.expect.push(Owed::UntilReady {
                         undo: None,
                         failed: false,
+                        position_shift: 0,
                     });
                     self.t.timing.query(None);
                     self.to_server.extend_from_slice(msg);
@@ -213,6 +225,11 @@ impl Handler<'_> {
                 self.t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
+                    position_shift: position_shift(
+                        client_sql,
+                        rest,
+                        "EXECUTE ".len() + stmt.name.len(),
+                    ),
                 });
                 let shape = self.shape(&stmt);
                 self.t.timing.query(shape);
@@ -459,6 +476,16 @@ impl Handler<'_> {
             t.expect.push(Owed::Internal);
         }
     }
+}
+
+/// How many more characters tidepool's rewrite of `client_sql` puts before
+/// `rest` (the text after the statement's name, kept as it is) than the
+/// client's own text does: error positions come back moved by this much.
+fn position_shift(client_sql: &str, rest: &str, rewritten_prefix: usize) -> i32 {
+    let client_prefix = client_sql
+        .rfind(rest)
+        .map_or(0, |at| client_sql[..at].chars().count());
+    rewritten_prefix as i32 - client_prefix as i32
 }
 
 /// PostgreSQL's answer to a statement in a failed transaction.

@@ -1671,7 +1671,11 @@ fn scan_server(
             let msg = sbuf.split_to(total);
             let mut renamed = BytesMut::with_capacity(total + sbuf.len());
             write::message(&mut renamed, msg[0], |b| {
-                b.put_slice(&rename_statements(&msg[5..], statements))
+                b.put_slice(&rewrite_error(
+                    &msg[5..],
+                    statements,
+                    t.expect.head_position_shift(),
+                ))
             });
             renamed.extend_from_slice(sbuf);
             *sbuf = renamed;
@@ -1724,7 +1728,35 @@ fn scan_server(
     }
 }
 
-/// `body` with each `"tidepool_<hash>"` replaced by the client's name for
+/// An ErrorResponse body as the client would have had it: statement names
+/// its own, the position (`P`) in its own text (`shift` characters back).
+fn rewrite_error(body: &[u8], statements: &HashMap<String, Arc<Statement>>, shift: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut fields = body;
+    while let [tag, rest @ ..] = fields {
+        if *tag == 0 {
+            break;
+        }
+        let end = memchr::memchr(0, rest).unwrap_or(rest.len());
+        let value = &rest[..end];
+        out.push(*tag);
+        match std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            Some(p) if *tag == b'P' && shift != 0 && p - shift >= 1 => {
+                out.extend_from_slice((p - shift).to_string().as_bytes());
+            }
+            _ => out.extend_from_slice(&rename_statements(value, statements)),
+        }
+        out.push(0);
+        fields = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    out.push(0);
+    out
+}
+
+/// `text` with each `"tidepool_<hash>"` replaced by the client's name for
 /// that statement (the first in name order when it gave it several).
 fn rename_statements(body: &[u8], statements: &HashMap<String, Arc<Statement>>) -> Vec<u8> {
     let mark = crate::client::txn::INTERNAL_NAME_MARK;

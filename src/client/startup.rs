@@ -355,7 +355,7 @@ async fn canonical_values(
                 }));
             }
             Err(crate::server::ServerError::Query(f)) => {
-                return Err(Some(ClientError::ParameterRefused(f)));
+                return Err(Some(ClientError::ParameterRefused(Box::new(f))));
             }
             Err(e) => {
                 return Err(Some(ClientError::ServerConnect {
@@ -391,13 +391,14 @@ pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
             user: pool.user.clone(),
             waited,
         },
-        PoolError::Connect(ServerError::Query(f))
-        | PoolError::Connect(ServerError::Login(AuthError::Server(f))) => {
-            ClientError::ServerLogin {
-                code: f.code,
-                message: f.message,
-            }
-        }
+        PoolError::Connect(ServerError::Query(f)) => ClientError::ServerLogin {
+            code: f.code,
+            message: f.message,
+        },
+        PoolError::Connect(ServerError::Login(AuthError::Server(f))) => ClientError::ServerLogin {
+            code: f.code,
+            message: f.message,
+        },
         PoolError::Connect(other) => ClientError::ServerConnect {
             database: pool.database.clone(),
             reason: other.to_string(),

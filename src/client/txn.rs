@@ -267,6 +267,7 @@ impl Inspector for ClientSide<'_> {
                 t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
+                    position_shift: 0,
                 });
                 t.timing.sync(true);
             }
@@ -306,6 +307,7 @@ impl Inspector for ClientSide<'_> {
                 t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
+                    position_shift: 0,
                 });
                 t.timing.query(shape);
             }
@@ -451,11 +453,12 @@ impl Inspector for ServerSide<'_> {
                     t.server_fatal = Some(fields);
                     return Ok(Step::Stop);
                 }
-                if !std::mem::take(&mut t.error_renamed)
-                    && memchr::memmem::find(body, INTERNAL_NAME_MARK).is_some()
-                {
-                    // It names one of tidepool's statements: the session
-                    // puts the client's name in and scans it again.
+                let rewrite = memchr::memmem::find(body, INTERNAL_NAME_MARK).is_some()
+                    || (t.expect.head_position_shift() != 0 && !fields.position.is_empty());
+                if !std::mem::take(&mut t.error_renamed) && rewrite {
+                    // It names one of tidepool's statements, or points into
+                    // tidepool's rewrite of the query: the session puts the
+                    // client's name and position in and scans it again.
                     t.rename_error = true;
                     return Ok(Step::Stop);
                 }

@@ -109,9 +109,10 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
-    /// `D` and `H`, empty when absent.
+    /// `D`, `H` and `P`, empty when absent.
     pub detail: String,
     pub hint: String,
+    pub position: String,
 }
 
 /// The fields tidepool reads. Texts are in the client's encoding, which may
@@ -133,6 +134,7 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
             b'M' => out.message = value,
             b'D' => out.detail = value,
             b'H' => out.hint = value,
+            b'P' => out.position = value,
             _ => {}
         }
     }

@@ -49,6 +49,10 @@ pub enum Owed {
     UntilReady {
         undo: Option<Undo>,
         failed: bool,
+        /// Characters tidepool's rewrite of the query added before the
+        /// client's text (`EXECUTE tidepool_…` for `execute p`): error
+        /// positions are moved back by this much.
+        position_shift: i32,
     },
     /// A simple query tidepool sent itself: every answer, ReadyForQuery
     /// included, is dropped.
@@ -105,6 +109,14 @@ impl Expect {
             return;
         }
         self.queue.push_back(owed);
+    }
+
+    /// How far error positions of the query answered next are off.
+    pub fn head_position_shift(&self) -> i32 {
+        match self.queue.front() {
+            Some(Owed::UntilReady { position_shift, .. }) => *position_shift,
+            _ => 0,
+        }
     }
 
     /// The statement (hash, generation) whose Bind the server answers next.
@@ -249,7 +261,7 @@ impl Expect {
         while let Some(item) = self.queue.pop_front() {
             match item {
                 Owed::Sync | Owed::Internal => return,
-                Owed::UntilReady { undo, failed } => {
+                Owed::UntilReady { undo, failed, .. } => {
                     if let (Some(undo), true) = (undo, failed) {
                         self.undos.push(undo);
                     }
@@ -374,6 +386,7 @@ mod tests {
         e.push(Owed::UntilReady {
             undo: None,
             failed: false,
+            position_shift: 0,
         });
         e.on_message(b'T');
         e.on_message(b'E');
@@ -507,7 +520,7 @@ mod proptests {
                             Push::Sync => Owed::Sync,
                             Push::UntilReady => {
                                 queries.push(id);
-                                Owed::UntilReady { undo: Some(undo(id)), failed: false }
+                                Owed::UntilReady { undo: Some(undo(id)), failed: false, position_shift: 0 }
                             }
                             Push::Internal => Owed::Internal,
                             Push::Abort => Owed::Abort,
