@@ -124,10 +124,35 @@ impl Handler<'_> {
         if let (Some(p), true) = (&e.prepared, t.policy.named_statements) {
             return self.sql_prepared(msg, sql, p);
         }
+        let named = t.policy.named_statements;
+        if let (Some(n), true) = (&e.nested_execute, named)
+            && let Some(stmt) = self.lookup(&n.name)
+        {
+            // EXPLAIN EXECUTE p, CREATE TABLE … AS EXECUTE p: p is the
+            // client's name for tidepool's statement.
+            if self.catalog.generation(stmt.hash) != stmt.generation {
+                self.fail_query(plan_changed(self.catalog));
+                return Ok(());
+            }
+            self.ensure(&stmt);
+            let t = &mut *self.t;
+            t.note_effects(&e);
+            let rewritten = format!("{}{}{}", &sql[..n.start], stmt.name, &sql[n.end..]);
+            write::query(self.to_server, &rewritten);
+            t.pending += 1;
+            t.expect.push(Owed::UntilReady {
+                undo: None,
+                failed: false,
+                position_shift: stmt.name.len() as i32 - (n.end - n.start) as i32,
+            });
+            t.timing.query(shape_of(self.shapes, sql));
+            return Ok(());
+        }
         if e.drops_all_statements {
             self.statements.clear();
             self.prepared.clear();
         }
+        let t = &mut *self.t;
         t.note_effects(&e);
         t.pending += 1;
         t.expect.push(Owed::UntilReady {
@@ -218,6 +243,10 @@ impl Handler<'_> {
                     self.to_server.extend_from_slice(msg);
                     return Ok(());
                 };
+                if self.catalog.generation(stmt.hash) != stmt.generation {
+                    self.fail_query(plan_changed(self.catalog));
+                    return Ok(());
+                }
                 self.ensure(&stmt);
                 self.t.note_sql(&stmt.query);
                 write::query(self.to_server, &format!("EXECUTE {}{rest}", stmt.name));

@@ -17,6 +17,9 @@ pub struct Effects {
     pub deallocate: Option<String>,
     /// SQL-level `PREPARE` or `EXECUTE` as the only statement.
     pub prepared: Option<PreparedSql>,
+    /// A prepared statement run inside another one (`EXPLAIN [ANALYZE]
+    /// EXECUTE p`, `CREATE TABLE t AS EXECUTE p`), as the only statement.
+    pub nested_execute: Option<NestedExecute>,
     /// Custom (dotted) parameters set or reset: `pg_settings` does not list
     /// them, so they are read back by name.
     pub custom_params: Vec<String>,
@@ -27,6 +30,15 @@ impl Effects {
     pub fn is_plain(&self) -> bool {
         *self == Effects::default()
     }
+}
+
+/// Where a nested `EXECUTE` names its statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestedExecute {
+    pub name: String,
+    /// Byte range of the name in the query text.
+    pub start: usize,
+    pub end: usize,
 }
 
 /// A single-statement SQL `PREPARE name ... AS ...` or `EXECUTE name ...`.
@@ -78,6 +90,15 @@ pub fn effects(sql: &str) -> Effects {
         };
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let custom = |name: &str| name.contains('.').then(|| name.to_owned());
+        if single && matches!(w(0), "explain" | "create") {
+            // `stmt` lies within `sql`: positions are made the query's.
+            let offset = stmt.as_ptr() as usize - sql.as_ptr() as usize;
+            e.nested_execute = nested_execute(stmt).map(|n| NestedExecute {
+                start: n.start + offset,
+                end: n.end + offset,
+                ..n
+            });
+        }
         // PREPARE, EXECUTE and DEALLOCATE by their leading keyword alone: a
         // name may follow it without a space (`EXECUTE"s1"`).
         match first_keyword(stmt).as_str() {
@@ -138,6 +159,52 @@ pub fn effects(sql: &str) -> Effects {
         }
     }
     e
+}
+
+/// `EXPLAIN [options] EXECUTE name …` or `CREATE … AS EXECUTE name …` (a
+/// single statement): the name and where it stands in `stmt`.
+fn nested_execute(stmt: &str) -> Option<NestedExecute> {
+    let b = stmt.as_bytes();
+    let (first, mut i) = keyword_at(stmt, 0);
+    let mut last_word = first.clone();
+    loop {
+        i = skip_space(stmt, i);
+        match *b.get(i)? {
+            b'(' => {
+                // Options, column lists: balanced, with no quotes inside.
+                let mut depth = 0usize;
+                while let Some(&c) = b.get(i) {
+                    match c {
+                        b'(' => depth += 1,
+                        b')' => depth = depth.saturating_sub(1),
+                        b'\'' | b'"' | b'$' => return None,
+                        _ => {}
+                    }
+                    i += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            }
+            b'.' | b',' | b'=' => i += 1,
+            b'"' => i = identifier(stmt, i)?.1,
+            c if is_ident_byte(c) => {
+                let (word, end) = keyword_at(stmt, i);
+                if word == "execute" && (last_word == "as" || first == "explain") {
+                    let at = skip_space(stmt, end);
+                    let (name, name_end) = identifier(stmt, at)?;
+                    return Some(NestedExecute {
+                        name,
+                        start: at,
+                        end: name_end,
+                    });
+                }
+                last_word = word;
+                i = end;
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Whether `sql` ends a transaction (COMMIT, END, ROLLBACK [TO], ABORT,
@@ -541,6 +608,42 @@ fn leading_words(stmt: &str, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_executes_are_found_where_they_stand() {
+        // The name, and the text it stands as.
+        let at = |sql: &str| {
+            effects(sql)
+                .nested_execute
+                .map(|n| (n.name.clone(), sql[n.start..n.end].to_owned()))
+        };
+        assert_eq!(at("explain execute p(1)"), Some(("p".into(), "p".into())));
+        assert_eq!(
+            at("EXPLAIN (ANALYZE, COSTS OFF) EXECUTE Q3 (1)"),
+            Some(("q3".into(), "Q3".into()))
+        );
+        assert_eq!(
+            at("explain analyze verbose execute \"P\"(1)"),
+            Some(("P".into(), "\"P\"".into()))
+        );
+        assert_eq!(
+            at("create temp table t (a, b) as execute p(1)"),
+            Some(("p".into(), "p".into()))
+        );
+        assert_eq!(
+            at("create table s.t as execute p"),
+            Some(("p".into(), "p".into()))
+        );
+        for sql in [
+            "explain select 1",
+            "create table t as select 1",
+            "create table execute (a int)",
+            "explain execute p(1); select 1",
+            "select 'explain execute p'",
+        ] {
+            assert_eq!(effects(sql).nested_execute, None, "{sql}");
+        }
+    }
 
     #[test]
     fn transaction_exits_are_the_statements_a_failed_transaction_parses() {

@@ -297,7 +297,8 @@ impl Inspector for ClientSide<'_> {
                 let t = &mut *self.t;
                 if let Some(e) = e {
                     let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
-                    let prepared = e.prepared.is_some() && t.policy.named_statements;
+                    let prepared = (e.prepared.is_some() || e.nested_execute.is_some())
+                        && t.policy.named_statements;
                     if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
                         return Ok(Step::Stop);
                     }
