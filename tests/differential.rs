@@ -236,24 +236,41 @@ struct Client {
 }
 
 async fn login(port: u16, db: &str) -> Client {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .write_all(&raw::startup(harness::TRUST_USER, db))
-        .await
-        .unwrap();
-    let mut c = Client {
-        stream,
-        buf: BytesMut::new(),
-        key: (0, 0),
-    };
-    let msgs = read_readies(&mut c, 1).await;
+    let (mut c, msgs) = login_with(port, db, &[]).await;
     let k = msgs.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
     c.key = (
         i32::from_be_bytes(k.body[0..4].try_into().unwrap()),
         i32::from_be_bytes(k.body[4..8].try_into().unwrap()),
     );
     c
+}
+
+/// Logs in as the trust user with `params` besides user and database; the
+/// client and what the login answered (to ReadyForQuery or the end).
+async fn login_with(port: u16, db: &str, params: &[(&str, &str)]) -> (Client, Vec<Msg>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut body = BytesMut::new();
+    body.put_i32(196_608);
+    let mut all = vec![("user", harness::TRUST_USER), ("database", db)];
+    all.extend_from_slice(params);
+    for (k, v) in all {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    stream.write_all(&packet).await.unwrap();
+    let mut c = Client {
+        stream,
+        buf: BytesMut::new(),
+        key: (0, 0),
+    };
+    let msgs = read_readies(&mut c, 1).await;
+    (c, msgs)
 }
 
 async fn read_readies(c: &mut Client, mut readies: usize) -> Vec<Msg> {
@@ -450,31 +467,7 @@ async fn server_messages_in_the_clients_encoding_pass_byte_for_byte() {
     let proxy = TestProxy::for_db(cluster, &db, "");
     let mut answers = Vec::new();
     for port in [cluster.primary_port(), proxy.port()] {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut body = BytesMut::new();
-        body.put_i32(196_608);
-        for (k, v) in [
-            ("user", harness::TRUST_USER),
-            ("database", db.as_str()),
-            ("client_encoding", "LATIN9"),
-        ] {
-            body.put_slice(k.as_bytes());
-            body.put_u8(0);
-            body.put_slice(v.as_bytes());
-            body.put_u8(0);
-        }
-        body.put_u8(0);
-        stream
-            .write_all(&((body.len() + 4) as i32).to_be_bytes())
-            .await
-            .unwrap();
-        stream.write_all(&body).await.unwrap();
-        let mut c = Client {
-            stream,
-            buf: BytesMut::new(),
-            key: (0, 0),
-        };
-        read_readies(&mut c, 1).await;
+        let (mut c, _) = login_with(port, &db, &[("client_encoding", "LATIN9")]).await;
         let mut answer = Vec::new();
         for sql in ["select chr(233)::int", "select chr(233) as e", "select 1"] {
             c.stream.write_all(&raw::query(sql)).await.unwrap();
@@ -493,29 +486,7 @@ async fn server_messages_in_the_clients_encoding_pass_byte_for_byte() {
 /// Logs in with `params` (besides user and database); the ParameterStatus
 /// values for `keys`, or the error that refused the login.
 async fn reported(port: u16, db: &str, params: &[(&str, &str)], keys: &[&str]) -> Vec<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut body = BytesMut::new();
-    body.put_i32(196_608);
-    let mut all = vec![("user", harness::TRUST_USER), ("database", db)];
-    all.extend_from_slice(params);
-    for (k, v) in all {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    stream
-        .write_all(&((body.len() + 4) as i32).to_be_bytes())
-        .await
-        .unwrap();
-    stream.write_all(&body).await.unwrap();
-    let mut c = Client {
-        stream,
-        buf: BytesMut::new(),
-        key: (0, 0),
-    };
-    let msgs = read_readies(&mut c, 1).await;
+    let (mut c, msgs) = login_with(port, db, params).await;
     let mut out: Vec<String> = msgs
         .iter()
         .filter(|m| m.tag == b'S')

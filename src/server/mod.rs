@@ -165,14 +165,9 @@ impl ServerConn {
         &mut self,
         pairs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, ServerError> {
-        let rows = self.exchange(&params::canonical_sql(pairs)).await?.rows;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| match <[String; 2]>::try_from(r) {
-                Ok([k, v]) => Some((k, v)),
-                Err(_) => None,
-            })
-            .collect())
+        Ok(pairs_of(
+            self.exchange(&params::canonical_sql(pairs)).await?.rows,
+        ))
     }
 
     /// The settings this session changed (`pg_settings.source = 'session'`),
@@ -197,14 +192,7 @@ impl ServerConn {
                 names.join(",")
             ));
         }
-        let rows = self.exchange(&sql).await?.rows;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| match <[String; 2]>::try_from(r) {
-                Ok([k, v]) => Some((k, v)),
-                Err(_) => None,
-            })
-            .collect())
+        Ok(pairs_of(self.exchange(&sql).await?.rows))
     }
 
     /// Sends one simple query and reads its whole answer: rows as text,
@@ -251,4 +239,14 @@ impl ServerConn {
         )
         .await;
     }
+}
+
+/// Two-column rows as (name, value) pairs.
+fn pairs_of(rows: Vec<Vec<String>>) -> Vec<(String, String)> {
+    rows.into_iter()
+        .filter_map(|r| match <[String; 2]>::try_from(r) {
+            Ok([k, v]) => Some((k, v)),
+            Err(_) => None,
+        })
+        .collect()
 }
