@@ -201,6 +201,37 @@ async fn python_asyncpg_statements_heal_after_a_migration() {
     target.assert_pool_respected();
 }
 
+/// Issue 24: across ADD COLUMN, ALTER COLUMN TYPE and DROP COLUMN (run
+/// elsewhere), asyncpg (with and without a transaction) and psycopg with
+/// server-side statements see the same rows and the same SQLSTATEs through
+/// tidepool as directly, attempt for attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_drivers_see_a_migration_as_they_would_directly() {
+    require(
+        "python3 with asyncpg and psycopg",
+        Command::new("python3").args(["-c", "import asyncpg, psycopg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("migration_diff");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 3");
+    let mut lines = Vec::new();
+    for (url, table) in [(c.app_url(&db), "direct_t"), (proxy.url(&db), "proxied_t")] {
+        let mut cmd = Command::new("python3");
+        cmd.arg(clients_dir().join("python/migration_diff.py"))
+            .arg(url)
+            .arg(c.app_url(&db))
+            .arg(table);
+        let out = run_async(cmd, "migration_diff.py").await;
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("migration_diff.py", &out)
+        );
+        lines.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    assert_eq!(lines[1], lines[0], "through tidepool vs PostgreSQL");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_psycopg3_prepared_threads_and_pipeline() {
     require(
