@@ -500,6 +500,9 @@ impl Handler<'_> {
         write::ready_for_query(&mut error, status);
         synthetic(t, error, Undo::default());
         if in_block {
+            // What the client was just told, before the server confirms it:
+            // the client's next query may come first.
+            t.status = status;
             write::query(self.to_server, ABORT_QUERY);
             t.pending += 1;
             t.expect.push(Owed::Internal);
