@@ -4,6 +4,8 @@
 //! a few function names, and errs on the side of "changed" (a false positive
 //! costs one extra round trip, never correctness).
 
+use crate::stats::fingerprint::{block_comment_end, is_space, line_comment_end, string_end};
+
 /// What a query string does to the session.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Effects {
@@ -353,60 +355,6 @@ fn skip_space(s: &str, mut i: usize) -> usize {
             return i;
         }
     }
-}
-
-/// PostgreSQL's whitespace (its scanner's `space`).
-fn is_space(c: u8) -> bool {
-    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
-}
-
-/// End of a `--` comment starting at `i` (after its newline: `\n` or `\r`
-/// for PostgreSQL's scanner).
-fn line_comment_end(b: &[u8], i: usize) -> usize {
-    b[i..]
-        .iter()
-        .position(|&c| c == b'\n' || c == b'\r')
-        .map_or(b.len(), |p| i + p + 1)
-}
-
-/// End of a `/* */` comment starting at `i`; they nest, and an open one
-/// runs to the end.
-fn block_comment_end(b: &[u8], i: usize) -> usize {
-    let mut depth = 0usize;
-    let mut j = i;
-    while j + 1 < b.len() {
-        match (b[j], b[j + 1]) {
-            (b'/', b'*') => {
-                depth += 1;
-                j += 2;
-            }
-            (b'*', b'/') => {
-                depth = depth.saturating_sub(1);
-                j += 2;
-                if depth == 0 {
-                    return j;
-                }
-            }
-            _ => j += 1,
-        }
-    }
-    b.len()
-}
-
-/// End of a quoted string whose body starts at `from`: `''` is a quote, and
-/// with `backslash` (`E'…'`) a backslash escapes the next byte. An open one
-/// runs to the end.
-fn string_end(b: &[u8], from: usize, backslash: bool) -> usize {
-    let mut j = from;
-    while j < b.len() {
-        match b[j] {
-            b'\\' if backslash => j += 2,
-            b'\'' if b.get(j + 1) == Some(&b'\'') => j += 2,
-            b'\'' => return j + 1,
-            _ => j += 1,
-        }
-    }
-    b.len()
 }
 
 /// End of a dollar quote (`$tag$…$tag$`) starting at `i`, if one starts

@@ -382,6 +382,14 @@ async fn learn_defaults(pool: &Arc<Pool>) -> Result<Arc<BTreeMap<String, String>
     })
 }
 
+/// A server's refusal while tidepool logged in or set it up.
+fn server_login(f: crate::protocol::messages::ErrorFields) -> ClientError {
+    ClientError::ServerLogin {
+        code: f.code,
+        message: f.message,
+    }
+}
+
 /// Maps a checkout failure to what the client is told.
 pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
     use crate::server::ServerError;
@@ -391,14 +399,8 @@ pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
             user: pool.user.clone(),
             waited,
         },
-        PoolError::Connect(ServerError::Query(f)) => ClientError::ServerLogin {
-            code: f.code,
-            message: f.message,
-        },
-        PoolError::Connect(ServerError::Login(AuthError::Server(f))) => ClientError::ServerLogin {
-            code: f.code,
-            message: f.message,
-        },
+        PoolError::Connect(ServerError::Query(f)) => server_login(f),
+        PoolError::Connect(ServerError::Login(AuthError::Server(f))) => server_login(*f),
         PoolError::Connect(other) => ClientError::ServerConnect {
             database: pool.database.clone(),
             reason: other.to_string(),

@@ -26,6 +26,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lexer::{Literal, Sink, lex};
+// PostgreSQL's rules for spaces, comments and strings, shared with the
+// session-effects scanner (`client::sql`).
+pub(crate) use lexer::{block_comment_end, is_space, line_comment_end, string_end};
 pub use template::Template;
 use template::{MAX_TEMPLATE_BYTES, TemplateSink};
 // A fast hash: this runs over every statement's tokens. Shapes that collide

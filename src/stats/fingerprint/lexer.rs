@@ -69,7 +69,8 @@ impl<A: Sink, B: Sink> Sink for (A, B) {
     }
 }
 
-fn is_space(b: u8) -> bool {
+/// PostgreSQL's whitespace (its scanner's `space`).
+pub(crate) fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
@@ -146,16 +147,17 @@ pub(super) fn lex(sql: &str, sink: &mut impl Sink) {
     }
 }
 
-/// End of a `--` comment (after its newline).
-fn line_comment_end(b: &[u8], start: usize) -> usize {
+/// End of a `--` comment: after its newline, `\n` or `\r` as in
+/// PostgreSQL's scanner.
+pub(crate) fn line_comment_end(b: &[u8], start: usize) -> usize {
     b[start..]
         .iter()
-        .position(|&c| c == b'\n')
+        .position(|&c| c == b'\n' || c == b'\r')
         .map_or(b.len(), |p| start + p + 1)
 }
 
 /// End of a `/* */` comment, which nests; an open one runs to the end.
-fn block_comment_end(b: &[u8], start: usize) -> usize {
+pub(crate) fn block_comment_end(b: &[u8], start: usize) -> usize {
     let mut depth = 0usize;
     let mut j = start;
     while j + 1 < b.len() {
@@ -179,7 +181,7 @@ fn block_comment_end(b: &[u8], start: usize) -> usize {
 
 /// End of a quoted string whose body starts at `from`: `''` is a quote, and a
 /// backslash escapes the next byte when `backslash` is set (`E'…'`).
-fn string_end(b: &[u8], from: usize, backslash: bool) -> usize {
+pub(crate) fn string_end(b: &[u8], from: usize, backslash: bool) -> usize {
     let mut j = from;
     while j < b.len() {
         match b[j] {

@@ -376,6 +376,19 @@ fn comments_are_removed_from_shape_text() {
 }
 
 #[test]
+fn a_carriage_return_ends_a_line_comment_as_in_postgres() {
+    // What follows the comment is a statement, not more comment.
+    assert_eq!(
+        mask("select 1 -- c\rfrom t where a = 'x'"),
+        "select $1 from t where a = $2"
+    );
+    assert_ne!(
+        masked_hash("select 1 -- c\rfrom t"),
+        masked_hash("select 1")
+    );
+}
+
+#[test]
 fn unparseable_statement_falls_back_to_mask() {
     let cache = Fingerprints::new(64);
     let sql = "selec broken where x = 'hunter2'";
