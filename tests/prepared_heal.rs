@@ -85,3 +85,187 @@ async fn statements_heal_after_a_migration_changes_their_result() {
         "re-prepares counted: {totals:?}"
     );
 }
+
+/// Runs `sql` on a client; a failure is the test's failure.
+async fn exec(c: &tokio_postgres::Client, sql: &str) {
+    c.batch_execute(sql).await.unwrap();
+}
+
+/// A statement used on a server that never had it, prepared there after a
+/// migration nobody told tidepool about, gives the client PostgreSQL's
+/// 0A000, never rows of a shape its driver does not expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_afresh_on_another_server_keeps_its_row_shape() {
+    let cluster = harness::cluster();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("reshape"))
+        .await
+        .unwrap();
+    let admin = cluster.admin_client(&db).await;
+    exec(
+        &admin,
+        "create table t (id int primary key, v text);
+         insert into t values (1, 'a');
+         grant all on t to public;",
+    )
+    .await;
+    let proxy = TestProxy::for_db(cluster, &db, "default_pool_size = 2");
+    let a = proxy.client(&db).await;
+    let holder = proxy.client(&db).await;
+    let other = proxy.client(&db).await;
+
+    // `holder` keeps one server, so `a` prepares on the other one (P2).
+    exec(&holder, "begin; select 1").await;
+    let old = a.prepare(SELECT).await.unwrap();
+    assert_eq!(a.query(&old, &[&1i32]).await.unwrap()[0].len(), 2);
+    // `other` takes P2 (the only free one); `holder` gives P1 back.
+    exec(&other, "begin; select 1").await;
+    exec(&holder, "commit").await;
+    admin
+        .batch_execute("alter table t add column extra int not null default 7")
+        .await
+        .unwrap();
+    // `a` now runs on P1, which never had the statement: prepared there
+    // afresh, it would give three columns.
+    for attempt in 0..2 {
+        match a.query(&old, &[&1i32]).await {
+            Err(e) => assert_eq!(code(&e), "0A000", "attempt {attempt}: {e:?}"),
+            Ok(rows) => panic!(
+                "attempt {attempt}: rows of {} columns for a statement described with 2",
+                rows[0].len()
+            ),
+        }
+    }
+    let fresh = a.prepare(SELECT).await.unwrap();
+    assert_eq!(a.query(&fresh, &[&1i32]).await.unwrap()[0].len(), 3);
+    exec(&other, "commit").await;
+    // On P2 (which has the statement from before) too.
+    for _ in 0..3 {
+        assert_eq!(a.query(&fresh, &[&1i32]).await.unwrap()[0].len(), 3);
+    }
+}
+
+/// What one step of the migration workload gave a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Columns(usize),
+    Error(String),
+}
+
+async fn run(c: &tokio_postgres::Client, s: &tokio_postgres::Statement) -> Outcome {
+    match c.query(s, &[&1i32]).await {
+        Ok(rows) => Outcome::Columns(rows.first().map_or(0, |r| r.len())),
+        Err(e) => Outcome::Error(code(&e)),
+    }
+}
+
+/// The same migrations, run by the clients themselves, directly and through
+/// tidepool (pool of 2 for 4 clients): the same outcome at every step. DDL
+/// that tidepool forwards makes every server prepare its statements afresh:
+/// a statement whose rows did not change runs on without an error, one whose
+/// rows changed fails with 0A000 for each client that holds the old shape,
+/// as PostgreSQL fails it, and a type dropped and created again is never
+/// looked up by its old identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_through_tidepool_answer_as_postgresql_does() {
+    let cluster = harness::cluster();
+    let mut outcomes = Vec::new();
+    for through_tidepool in [false, true] {
+        let db = tokio::task::spawn_blocking(move || cluster.create_database("migrate"))
+            .await
+            .unwrap();
+        let direct = cluster.app_url(&db);
+        let setup = harness::connect(&direct).await.unwrap();
+        exec(
+            &setup,
+            "create type mood as enum ('calm', 'busy');
+             create table t (id int primary key, v text, m mood default 'calm');
+             insert into t values (1, 'a');",
+        )
+        .await;
+        let proxy =
+            through_tidepool.then(|| TestProxy::for_db(cluster, &db, "default_pool_size = 2"));
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(match &proxy {
+                Some(p) => p.client(&db).await,
+                None => harness::connect(&direct).await.unwrap(),
+            });
+        }
+        let texts = [
+            "select id, v from t where id = $1",
+            "select * from t where id = $1",
+            "select id, m from t where id = $1",
+        ];
+        let mut log = Vec::new();
+        let mut statements = Vec::new();
+        for c in &clients {
+            let mut mine = Vec::new();
+            for text in texts {
+                mine.push(c.prepare(text).await.unwrap());
+            }
+            statements.push(mine);
+        }
+        let round = |label: &'static str, statements: &Vec<Vec<tokio_postgres::Statement>>| {
+            let clients = &clients;
+            let statements = statements.clone();
+            async move {
+                let mut out = Vec::new();
+                for (i, c) in clients.iter().enumerate() {
+                    for (j, s) in statements[i].iter().enumerate() {
+                        out.push((label, i, j, run(c, s).await));
+                    }
+                }
+                out
+            }
+        };
+        log.extend(round("before", &statements).await);
+        exec(
+            &clients[0],
+            "alter table t add column extra int not null default 7",
+        )
+        .await;
+        log.extend(round("added", &statements).await);
+        // Type and table dropped and created again, same shape.
+        exec(
+            &clients[1],
+            "alter table t drop column m;
+             drop type mood;
+             create type mood as enum ('calm', 'busy');
+             alter table t add column m mood default 'calm';",
+        )
+        .await;
+        log.extend(round("recreated", &statements).await);
+        for (i, c) in clients.iter().enumerate() {
+            for (j, text) in texts.iter().enumerate() {
+                statements[i][j] = c.prepare(text).await.unwrap();
+            }
+        }
+        log.extend(round("prepared again", &statements).await);
+        exec(
+            &clients[2],
+            "begin; alter table t alter column v type varchar(10); commit",
+        )
+        .await;
+        log.extend(round("retyped", &statements).await);
+        outcomes.push(log);
+    }
+    let (direct, pooled) = (&outcomes[0], &outcomes[1]);
+    for (d, p) in direct.iter().zip(pooled) {
+        assert_eq!(
+            d, p,
+            "directly vs through tidepool (label, client, statement, outcome)"
+        );
+    }
+    assert_eq!(direct.len(), pooled.len());
+    // The workload means something: some steps failed and some did not.
+    assert!(
+        direct
+            .iter()
+            .any(|(_, _, _, o)| matches!(o, Outcome::Error(_)))
+    );
+    assert!(
+        direct
+            .iter()
+            .any(|(l, _, _, o)| *l == "added" && *o == Outcome::Columns(2))
+    );
+}

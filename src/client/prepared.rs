@@ -8,6 +8,15 @@
 //! client sent but tidepool answers itself (a Parse of a statement the server
 //! already has, a Close) get synthetic answers at the right place in the
 //! stream.
+//!
+//! Row shapes: every Parse tidepool sends is followed by a hidden Describe,
+//! so each server statement's row shape is known, and each client statement
+//! is promised the shape of the server statement it was first mapped onto.
+//! A Bind runs only on a server statement of the promised shape: when the
+//! statement must be prepared on this server first, the Bind waits (the
+//! client's bytes stay unread) until that server described it; a different
+//! shape gets PostgreSQL's own 0A000, never rows the client's driver would
+//! decode by the wrong columns.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -192,7 +201,10 @@ impl Handler<'_> {
                 let stmt = Statement::in_generation(stmt, generation);
                 self.t.note_sql(&stmt.query);
                 self.statements.insert(name.clone(), stmt.clone());
-                if self.prepared.has(&stmt) {
+                if self
+                    .prepared
+                    .fresh(stmt.hash, self.catalog.version(stmt.hash))
+                {
                     self.prepared.touch(stmt.hash);
                     Counters::add(&self.counters.prepare_hits);
                     let mut out = BytesMut::new();
@@ -313,7 +325,13 @@ impl Handler<'_> {
         }
         self.statements.insert(name.clone(), stmt.clone());
         let undo_client = Some(name);
-        if self.prepared.has(&stmt) {
+        if self
+            .prepared
+            .fresh(stmt.hash, self.catalog.version(stmt.hash))
+        {
+            if let Some(shape) = self.prepared.shape(stmt.hash) {
+                let _ = stmt.promised.set(shape);
+            }
             self.prepared.touch(stmt.hash);
             Counters::add(&self.counters.prepare_hits);
             synthetic(
@@ -338,13 +356,55 @@ impl Handler<'_> {
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
-        if self.catalog.generation(stmt.hash) != stmt.generation {
-            // A migration changed this statement's result since the client
-            // prepared it: PostgreSQL's answer to that client, until it
-            // prepares the statement again.
-            return self.fail(plan_changed(self.catalog));
+        let version = self.catalog.version(stmt.hash);
+        let fresh = self.prepared.fresh(stmt.hash, version);
+        match (stmt.promised.get().copied(), &stmt.sql_prepare) {
+            (Some(promised), None) => {
+                if !fresh {
+                    // Prepared here afresh: run the Bind once this server
+                    // said which rows the statement gives now.
+                    self.prepare_on_server(&stmt, true, None);
+                    self.hold();
+                    return Ok(());
+                }
+                match self.prepared.shape(stmt.hash) {
+                    // Being described (prepared earlier in this batch).
+                    None => {
+                        self.hold();
+                        return Ok(());
+                    }
+                    Some(here) if here.shape == promised.shape => self.prepared.touch(stmt.hash),
+                    Some(here) if here.seq > promised.seq => {
+                        // A migration changed this statement's result since
+                        // the client was told its rows: PostgreSQL's answer
+                        // to that client, until it prepares it again.
+                        return self.fail(plan_changed(self.catalog));
+                    }
+                    Some(_) => {
+                        // This server's statement is older than what the
+                        // client was told (a migration nobody reported):
+                        // prepared here again, then compared again.
+                        self.close_on_server(stmt.hash);
+                        self.prepared.remove(stmt.hash);
+                        self.t.timing.delta.prepared_reprepares += 1;
+                        self.prepare_on_server(&stmt, true, None);
+                        self.hold();
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {
+                // No row shape known: the statement's generation tells
+                // whether a server said its result changed since.
+                if self.catalog.generation(stmt.hash) != stmt.generation {
+                    return self.fail(plan_changed(self.catalog));
+                }
+                if fresh && let Some(shape) = self.prepared.shape(stmt.hash) {
+                    let _ = stmt.promised.set(shape);
+                }
+                self.ensure(&stmt);
+            }
         }
-        self.ensure(&stmt);
         write::message(self.to_server, FrontendTag::Bind.byte(), |m| {
             m.put_slice(portal.as_bytes());
             m.put_u8(0);
@@ -355,7 +415,7 @@ impl Handler<'_> {
         self.t.unsynced = true;
         self.t.expect.push(Owed::BindNamed {
             hash: stmt.hash,
-            generation: stmt.generation,
+            version,
         });
         let shape = self.shape(&stmt);
         self.t.timing.bind(portal, Some(shape));
@@ -402,9 +462,21 @@ impl Handler<'_> {
         self.statements.get(name).cloned()
     }
 
+    /// The client's current message waits until what was sent for it is
+    /// answered (the server is asked to answer now, without a Sync); the
+    /// session hands it over again then.
+    fn hold(&mut self) {
+        write::message(self.to_server, FrontendTag::Flush.byte(), |_| {});
+        self.t.unsynced = true;
+        self.t.hold = true;
+    }
+
     /// Makes sure the server has `stmt` by the time the next message runs.
     fn ensure(&mut self, stmt: &Arc<Statement>) {
-        if self.prepared.has(stmt) {
+        if self
+            .prepared
+            .fresh(stmt.hash, self.catalog.version(stmt.hash))
+        {
             self.prepared.touch(stmt.hash);
         } else {
             self.prepare_on_server(stmt, true, None);
@@ -415,14 +487,15 @@ impl Handler<'_> {
     /// least recently used statement.
     fn evict_for(&mut self, stmt: &Statement) {
         let hash = stmt.hash;
-        if self.prepared.contains(hash) && !self.prepared.has(stmt) {
-            // The server has this text from an older generation: close it
-            // first (its plan no longer fits the catalog).
+        let version = self.catalog.version(hash);
+        if self.prepared.contains(hash) && !self.prepared.fresh(hash, version) {
+            // The server has this text from an older version: close it
+            // first (its plan may no longer fit the catalog).
             self.close_on_server(hash);
             self.prepared.remove(hash);
             self.t.timing.delta.prepared_reprepares += 1;
         }
-        if let Some(victim) = self.prepared.insert(hash, stmt.generation, self.cap) {
+        if let Some(victim) = self.prepared.insert(hash, version, self.cap) {
             self.close_on_server(victim);
             Counters::add(&self.counters.prepare_evictions);
         }
@@ -465,6 +538,13 @@ impl Handler<'_> {
                 client_name,
             },
         });
+        // Learns the row shape it has here (answers dropped).
+        write::message(self.to_server, FrontendTag::Describe.byte(), |m| {
+            m.put_u8(b'S');
+            m.put_slice(stmt.name.as_bytes());
+            m.put_u8(0);
+        });
+        self.t.expect.push(Owed::DescribeHidden { hash: stmt.hash });
         Counters::add(&self.counters.prepares);
     }
 

@@ -1236,7 +1236,7 @@ impl Session {
             }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
-            let read_client = to_server.is_empty() && !client_closed && !t.terminated;
+            let read_client = to_server.is_empty() && !client_closed && !t.terminated && !t.hold;
             // Sends first, without a wait: a socket is nearly always writable,
             // and most turns only send what was just scanned.
             let sent = if !to_server.is_empty() {
@@ -1322,6 +1322,31 @@ impl Session {
                     }
                     apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
                     self.pool.confirm_statements(&t.expect.take_confirmed());
+                    for (hash, shape) in t.expect.take_described() {
+                        let shape = crate::server::prepared::Described::now(shape);
+                        conn.prepared.set_shape(hash, shape);
+                        // The client statements just prepared here are
+                        // promised this shape.
+                        for stmt in client.statements.values().filter(|s| s.hash == hash) {
+                            let _ = stmt.promised.set(shape);
+                        }
+                    }
+                    if t.hold && !t.expect.describing() {
+                        // The held message goes on; if preparing it failed
+                        // (the client got the error), the server skips to
+                        // the Sync and so does the client's stream.
+                        t.hold = false;
+                        t.client_skip |= t.expect.skipping();
+                        rescan = true;
+                    }
+                    for (hash, version) in t.broken.drain(..) {
+                        server_pool.catalog.mark_broken(hash, version);
+                    }
+                    if std::mem::take(&mut t.schema_changed) {
+                        // DDL ended: every server prepares its statements
+                        // afresh before their next use.
+                        server_pool.catalog.schema_changed();
+                    }
                     for (hash, generation, error) in t.stale.drain(..) {
                         // Every server of the database closes this text's
                         // statement before preparing it again; clients
@@ -1640,6 +1665,15 @@ impl ClientIn<'_> {
                 shapes: Some(self.shapes),
             }
             .handle(msg[0], &msg)?;
+            if t.hold {
+                // The message waits for the server's answer; it is handed
+                // over again then, and counted then.
+                t.timing.delta.received -= total as u64;
+                let mut msg = msg;
+                msg.unsplit(std::mem::take(buf));
+                *buf = msg;
+                break;
+            }
         }
         t.expect.take_synthetic(to_client);
         apply_undos(t.expect.take_undos(), self.statements, prepared);
@@ -1706,22 +1740,25 @@ fn scan_server(
             continue;
         }
         if sbuf.len() >= 5 && t.expect.swallows(sbuf[0]) {
+            use crate::protocol::BackendTag as B;
             let tag = sbuf[0];
-            let total = if crate::protocol::BackendTag::from_byte(tag)
-                == crate::protocol::BackendTag::ErrorResponse
-            {
-                // The server failing where tidepool made it fail.
-                checked_len(tag, &sbuf[1..5], SERVER_MESSAGE_LIMIT)?
-            } else if checked_len(tag, &sbuf[1..5], 5)? != 5 {
-                return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
-            } else {
-                5
+            let kind = B::from_byte(tag);
+            let total = match kind {
+                // The server failing where tidepool made it fail, and the
+                // answers to a hidden Describe.
+                B::ErrorResponse | B::ParameterDescription | B::RowDescription | B::NoData => {
+                    checked_len(tag, &sbuf[1..5], SERVER_MESSAGE_LIMIT)?
+                }
+                _ if checked_len(tag, &sbuf[1..5], 5)? != 5 => {
+                    return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
+                }
+                _ => 5,
             };
             if sbuf.len() < total {
                 return Ok(());
             }
-            sbuf.advance(total);
-            t.expect.on_message(tag);
+            let msg = sbuf.split_to(total);
+            t.expect.on_hidden_description(tag, &msg[5..]);
             continue;
         }
         return Ok(());

@@ -25,6 +25,9 @@ pub struct Effects {
     /// Custom (dotted) parameters set or reset: `pg_settings` does not list
     /// them, so they are read back by name.
     pub custom_params: Vec<String>,
+    /// DDL (`CREATE`, `ALTER`, `DROP`, `IMPORT FOREIGN SCHEMA`): prepared
+    /// statements may no longer fit the catalog once it commits.
+    pub ddl: bool,
 }
 
 impl Effects {
@@ -156,6 +159,7 @@ pub fn effects(sql: &str) -> Effects {
             {
                 e.session_feature = Some("temporary tables")
             }
+            "create" | "alter" | "drop" | "import" => e.ddl = true,
             "load" => e.session_feature = Some("LOAD"),
             _ => {}
         }

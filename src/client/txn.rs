@@ -71,6 +71,18 @@ pub struct Tracker {
     pub stale: Vec<(u64, u64, Vec<u8>)>,
     /// Custom (dotted) parameters this transaction set or reset.
     pub custom_params: Vec<String>,
+    /// Statements (hash, version) a server said refer to something gone
+    /// (`cache lookup failed`), for the session to prepare afresh.
+    pub broken: Vec<(u64, u64)>,
+    /// DDL was sent since the server was last outside a transaction.
+    pub ddl: bool,
+    /// A transaction that ran DDL ended: the session advances the
+    /// database's epoch so every server statement is prepared afresh.
+    pub schema_changed: bool,
+    /// The client's next message waits (unread by tidepool) until a
+    /// statement prepared for it was described, so that its row shape is
+    /// compared with the client's before it runs.
+    pub hold: bool,
     pub policy: Policy,
     /// On a replica: statements that need the primary stop the scan.
     pub replica_guard: Option<Arc<Classifier>>,
@@ -100,6 +112,10 @@ impl Tracker {
             rename_error: false,
             error_renamed: false,
             custom_params: Vec::new(),
+            broken: Vec::new(),
+            ddl: false,
+            schema_changed: false,
+            hold: false,
             policy,
             replica_guard: None,
             reroute: false,
@@ -125,6 +141,10 @@ impl Tracker {
         self.rename_error = false;
         self.error_renamed = false;
         self.custom_params.clear();
+        self.broken.clear();
+        self.ddl = false;
+        self.schema_changed = false;
+        self.hold = false;
         self.policy = policy;
         self.replica_guard = None;
         self.reroute = false;
@@ -142,6 +162,7 @@ impl Tracker {
         self.pending == 0
             && !self.unsynced
             && !self.client_skip
+            && !self.hold
             && self.copy == Copy::None
             && self.expect.is_empty()
     }
@@ -182,6 +203,7 @@ impl Tracker {
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
         self.params_changed |= e.params_changed || e.drops_all_statements;
+        self.ddl |= e.ddl;
         self.custom_params.extend(e.custom_params.iter().cloned());
         match e.session_feature {
             Some(_) if self.policy.refuse_session_features => true,
@@ -435,6 +457,9 @@ impl Inspector for ServerSide<'_> {
             BackendTag::ReadyForQuery => {
                 t.status = ready_for_query(body)?;
                 t.pending = t.pending.saturating_sub(1);
+                if t.status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
+                    t.schema_changed = true;
+                }
                 t.copy = Copy::None;
                 t.timing.ready(t.status);
             }
@@ -466,10 +491,14 @@ impl Inspector for ServerSide<'_> {
                 if t.copy == Copy::Out {
                     t.copy = Copy::None;
                 }
-                if plan_changed(&fields)
-                    && let Some((hash, generation)) = t.expect.head_bound_statement()
-                {
-                    t.stale.push((hash, generation, body.to_vec()));
+                if let Some((hash, version)) = t.expect.head_bound_statement() {
+                    if plan_changed(&fields) {
+                        t.stale.push((hash, version, body.to_vec()));
+                    } else if fields.code == "XX000"
+                        && fields.message.starts_with("cache lookup failed")
+                    {
+                        t.broken.push((hash, version));
+                    }
                 }
                 t.timing.error();
             }

@@ -1,18 +1,25 @@
 //! Which shared server-side statements the database's catalog has moved
-//! away from, per database: a generation per statement text, advanced when a
-//! server answers one of tidepool's statements with `cached plan must not
-//! change result type` (a migration changed its result).
+//! away from, per database. Three counters make a statement's *version*:
+//! - a generation per statement text, advanced when a server answers one of
+//!   tidepool's statements with `cached plan must not change result type`
+//!   (a migration changed its result);
+//! - a reset count per text, advanced when a server says the statement
+//!   refers to something that is gone (`cache lookup failed`);
+//! - an epoch for the whole database, advanced when a transaction that ran
+//!   DDL through tidepool ends.
 //!
-//! Invariants: a server statement prepared in an older generation of its
-//! text is closed before the text is prepared there again, so no client's
-//! new Parse is ever mapped onto it; a client statement prepared in an older
-//! generation is answered with PostgreSQL's own 0A000 on its next use, as
-//! PostgreSQL would answer that client (it was told the old row shape), and
-//! its re-prepare succeeds. Pools of every user and backend of the database
-//! share one `Catalog`. No lock is taken until some statement went stale.
+//! Invariants: a server statement prepared in an older version of its text
+//! is closed before the text is prepared there again, so no client's new
+//! Parse is ever mapped onto it. A client statement whose row shape tidepool
+//! does not know and that was prepared in an older generation is answered
+//! with PostgreSQL's own 0A000 on its next use, as PostgreSQL would answer
+//! that client, and its re-prepare succeeds (clients whose row shape is
+//! known are compared by shape instead, see `client::prepared`). Pools of
+//! every user and backend of the database share one `Catalog`. No lock is
+//! taken until some statement went stale.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -21,9 +28,11 @@ use bytes::Bytes;
 pub struct Catalog {
     /// True once any statement went stale (then `generations` is read).
     any: AtomicBool,
-    /// Statement hash → generation (absent: 0). Grows only with statements
-    /// whose result a migration changed.
-    generations: Mutex<HashMap<u64, u64>>,
+    /// Statement hash → (generation, resets) (absent: 0, 0). Grows only
+    /// with statements a server reported as changed or broken.
+    generations: Mutex<HashMap<u64, (u64, u64)>>,
+    /// Advanced by every DDL transaction forwarded to this database.
+    epoch: AtomicU64,
     /// The body of the server's ErrorResponse that reported a change, to
     /// answer clients in the server's exact words (drivers recognise it by
     /// its fields: asyncpg by the routine, `RevalidateCachedQuery`).
@@ -31,37 +40,68 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// The current generation of the statement with this hash.
-    pub fn generation(&self, hash: u64) -> u64 {
+    fn counts(&self, hash: u64) -> (u64, u64) {
         if !self.any.load(Ordering::Acquire) {
-            return 0;
+            return (0, 0);
         }
         self.generations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&hash)
             .copied()
-            .unwrap_or(0)
+            .unwrap_or((0, 0))
     }
 
-    /// A server said the statement prepared in generation `seen` no longer
+    /// The current generation of the statement with this hash: how many
+    /// times a server said its result changed.
+    pub fn generation(&self, hash: u64) -> u64 {
+        self.counts(hash).0
+    }
+
+    /// The version a server statement of this text must have been prepared
+    /// in to be used now. Every counter only grows, so their sum changes
+    /// whenever one does.
+    pub fn version(&self, hash: u64) -> u64 {
+        let (generation, resets) = self.counts(hash);
+        generation + resets + self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A server said the statement prepared in version `seen` no longer
     /// fits the catalog: later uses need a new generation. Returns true when
     /// this advanced it (several servers and clients may report the same
     /// change; it counts once).
     pub fn mark_stale(&self, hash: u64, seen: u64, error: &[u8]) -> bool {
         *self.error.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(Bytes::copy_from_slice(error));
+        self.advance(hash, seen, |c| c.0 += 1)
+    }
+
+    /// A server said the statement prepared in version `seen` refers to
+    /// something that no longer exists: servers prepare it afresh, clients
+    /// are not told anything (their row shape did not change).
+    pub fn mark_broken(&self, hash: u64, seen: u64) -> bool {
+        self.advance(hash, seen, |c| c.1 += 1)
+    }
+
+    fn advance(&self, hash: u64, seen: u64, bump: impl FnOnce(&mut (u64, u64))) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let mut g = self
             .generations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let current = g.entry(hash).or_insert(0);
-        if *current != seen {
+        let current = g.entry(hash).or_insert((0, 0));
+        if current.0 + current.1 + epoch != seen {
             return false;
         }
-        *current += 1;
+        bump(current);
         self.any.store(true, Ordering::Release);
         true
+    }
+
+    /// A transaction that ran DDL ended: every server statement of the
+    /// database is prepared afresh before its next use.
+    pub fn schema_changed(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -92,5 +132,18 @@ mod tests {
         assert_eq!(c.generation(8), 0);
         assert!(c.mark_stale(7, 1, b""));
         assert_eq!(c.generation(7), 2);
+    }
+
+    #[test]
+    fn every_counter_moves_the_version_and_only_stale_moves_the_generation() {
+        let c = Catalog::default();
+        assert_eq!(c.version(7), 0);
+        c.schema_changed();
+        assert_eq!((c.version(7), c.version(8), c.generation(7)), (1, 1, 0));
+        assert!(!c.mark_broken(7, 0), "seen before the DDL: already stale");
+        assert!(c.mark_broken(7, 1));
+        assert_eq!((c.version(7), c.version(8), c.generation(7)), (2, 1, 0));
+        assert!(c.mark_stale(7, 2, b""));
+        assert_eq!((c.version(7), c.generation(7)), (3, 1));
     }
 }

@@ -31,14 +31,20 @@ pub enum Owed {
         undo: Undo,
     },
     Bind,
-    /// A Bind of a statement tidepool prepared (hash, generation of its
-    /// text), so that an error saying it went stale can name it.
+    /// A Bind of a statement tidepool prepared (hash, version it was
+    /// prepared in: `pool::Catalog`), so that an error saying it went stale
+    /// can name it.
     BindNamed {
         hash: u64,
-        generation: u64,
+        version: u64,
     },
     DescribeStatement,
     DescribePortal,
+    /// A Describe tidepool sent after preparing statement `hash`, to learn
+    /// the row shape it has on this server: its answers are dropped.
+    DescribeHidden {
+        hash: u64,
+    },
     Execute,
     Close {
         swallow: bool,
@@ -79,6 +85,8 @@ pub struct Expect {
     confirmed: Vec<u64>,
     /// Queries (each owing a ReadyForQuery) the server skipped after an error.
     skipped_ready: u32,
+    /// Row shapes (statement hash, shape) hidden Describes returned.
+    described: Vec<(u64, u64)>,
 }
 
 impl Expect {
@@ -93,6 +101,7 @@ impl Expect {
         self.undos.clear();
         self.confirmed.clear();
         self.skipped_ready = 0;
+        self.described.clear();
     }
 
     /// True while messages sent now would be skipped by the server.
@@ -119,10 +128,10 @@ impl Expect {
         }
     }
 
-    /// The statement (hash, generation) whose Bind the server answers next.
+    /// The statement (hash, version) whose Bind the server answers next.
     pub fn head_bound_statement(&self) -> Option<(u64, u64)> {
         match self.queue.front() {
-            Some(Owed::BindNamed { hash, generation }) => Some((*hash, *generation)),
+            Some(Owed::BindNamed { hash, version }) => Some((*hash, *version)),
             _ => None,
         }
     }
@@ -160,8 +169,40 @@ impl Expect {
             (Some(Owed::Parse { swallow, .. }), BackendTag::ParseComplete) => *swallow,
             (Some(Owed::Close { swallow }), BackendTag::CloseComplete) => *swallow,
             (Some(Owed::Abort), BackendTag::ErrorResponse) => true,
+            (
+                Some(Owed::DescribeHidden { .. }),
+                BackendTag::ParameterDescription | BackendTag::RowDescription | BackendTag::NoData,
+            ) => true,
             _ => false,
         }
+    }
+
+    /// A hidden Describe is still unanswered.
+    pub fn describing(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|o| matches!(o, Owed::DescribeHidden { .. }))
+    }
+
+    /// Records the row shape in a dropped answer to a hidden Describe
+    /// (RowDescription or NoData; the ParameterDescription before it says
+    /// nothing about rows), then advances past it.
+    pub fn on_hidden_description(&mut self, tag: u8, body: &[u8]) {
+        if let Some(Owed::DescribeHidden { hash }) = self.queue.front()
+            && matches!(
+                BackendTag::from_byte(tag),
+                BackendTag::RowDescription | BackendTag::NoData
+            )
+        {
+            self.described
+                .push((*hash, crate::server::prepared::row_shape(tag, body)));
+        }
+        self.on_message(tag);
+    }
+
+    /// Row shapes learned since the last call: (statement hash, shape).
+    pub fn take_described(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.described)
     }
 
     /// Statement hashes confirmed by a ParseComplete since the last call.
@@ -202,7 +243,7 @@ impl Expect {
             | (Some(Owed::Bind | Owed::BindNamed { .. }), T::BindComplete)
             | (Some(Owed::Close { .. }), T::CloseComplete)
             | (
-                Some(Owed::DescribeStatement | Owed::DescribePortal),
+                Some(Owed::DescribeStatement | Owed::DescribePortal | Owed::DescribeHidden { .. }),
                 T::RowDescription | T::NoData,
             )
             | (
@@ -420,6 +461,7 @@ mod proptests {
         Bind,
         DescribeStatement,
         DescribePortal,
+        DescribeHidden,
         Execute,
         Close { swallow: bool },
         Sync,
@@ -442,6 +484,7 @@ mod proptests {
             Just(Push::Bind),
             Just(Push::DescribeStatement),
             Just(Push::DescribePortal),
+            Just(Push::DescribeHidden),
             Just(Push::Execute),
             any::<bool>().prop_map(|swallow| Push::Close { swallow }),
             Just(Push::Sync),
@@ -515,6 +558,7 @@ mod proptests {
                             Push::Bind => Owed::Bind,
                             Push::DescribeStatement => Owed::DescribeStatement,
                             Push::DescribePortal => Owed::DescribePortal,
+                            Push::DescribeHidden => Owed::DescribeHidden { hash: id },
                             Push::Execute => Owed::Execute,
                             Push::Close { swallow } => Owed::Close { swallow },
                             Push::Sync => Owed::Sync,
@@ -551,7 +595,11 @@ mod proptests {
                                 pending = pending.saturating_sub(1);
                             }
                         } else {
-                            e.on_message(tag);
+                            if e.swallows(tag) {
+                                e.on_hidden_description(tag, &[]);
+                            } else {
+                                e.on_message(tag);
+                            }
                             if ready {
                                 pending = pending.saturating_sub(1);
                             }
@@ -569,6 +617,9 @@ mod proptests {
                 let boundaries = e.queue.iter().filter(|o| is_boundary(o)).count();
                 prop_assert_eq!(pending as usize, boundaries, "ReadyForQuery owed vs queue {:?}", e.queue);
                 prop_assert!(!e.skipping() || e.is_empty(), "skipping with {:?} queued", e.queue);
+                for (hash, _) in e.take_described() {
+                    prop_assert!(hash <= next_id, "a shape for a describe never sent");
+                }
                 let mut seen: Vec<u64> = queued_ids(&e)
                     .into_iter()
                     .filter(|id| tracked.contains(id))

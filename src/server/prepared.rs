@@ -34,6 +34,9 @@ pub struct Statement {
     /// The generation of its text (`pool::Catalog`) when it was prepared:
     /// the client was told the row shape of that generation.
     pub generation: u64,
+    /// The row shape the client holds for it: set from the server
+    /// statement's description once known.
+    pub promised: std::sync::OnceLock<Described>,
 }
 
 impl Statement {
@@ -70,6 +73,7 @@ impl Statement {
                 query,
                 shape: std::sync::OnceLock::new(),
                 generation: 0,
+                promised: std::sync::OnceLock::new(),
             }),
         ))
     }
@@ -90,17 +94,45 @@ impl Statement {
             query: rest.to_owned(),
             shape: std::sync::OnceLock::new(),
             generation: 0,
+            promised: std::sync::OnceLock::new(),
         })
     }
 }
 
 /// The statements one server connection has, least recently used first out,
-/// each with the generation of its text it was prepared in.
+/// each with the version of its text it was prepared in (`pool::Catalog`)
+/// and its row shape once the server described it.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    /// Hash → (last use, generation).
-    used: HashMap<u64, (u64, u64)>,
+    used: HashMap<u64, Entry>,
     tick: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    last_use: u64,
+    version: u64,
+    shape: Option<Described>,
+}
+
+/// A row shape (see [`row_shape`]) as one server described it, and when:
+/// of two descriptions that differ, the later one is the catalog's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Described {
+    pub shape: u64,
+    /// Increases with every description, process-wide.
+    pub seq: u64,
+}
+
+impl Described {
+    /// A description received now.
+    pub fn now(shape: u64) -> Described {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Described {
+            shape,
+            seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl Statement {
@@ -114,30 +146,48 @@ impl Statement {
 }
 
 impl ServerStatements {
-    /// Whether the server has this statement, in any generation.
+    /// Whether the server has this statement, in any version.
     pub fn contains(&self, hash: u64) -> bool {
         self.used.contains_key(&hash)
     }
 
-    /// Whether the server has `stmt` as prepared in its generation.
-    pub fn has(&self, stmt: &Statement) -> bool {
-        self.used
-            .get(&stmt.hash)
-            .is_some_and(|(_, g)| *g == stmt.generation)
+    /// Whether the server has this statement prepared in `version`.
+    pub fn fresh(&self, hash: u64, version: u64) -> bool {
+        self.used.get(&hash).is_some_and(|e| e.version == version)
+    }
+
+    /// The row shape the server described for this statement, if known.
+    pub fn shape(&self, hash: u64) -> Option<Described> {
+        self.used.get(&hash).and_then(|e| e.shape)
+    }
+
+    /// The server described this statement (as prepared now).
+    pub fn set_shape(&mut self, hash: u64, shape: Described) {
+        if let Some(e) = self.used.get_mut(&hash) {
+            e.shape = Some(shape);
+        }
     }
 
     pub fn touch(&mut self, hash: u64) {
         self.tick += 1;
-        if let Some((t, _)) = self.used.get_mut(&hash) {
-            *t = self.tick;
+        if let Some(e) = self.used.get_mut(&hash) {
+            e.last_use = self.tick;
         }
     }
 
-    /// Records `hash` (prepared in `generation`); returns the least recently
-    /// used statement to close when more than `cap` would be kept.
-    pub fn insert(&mut self, hash: u64, generation: u64, cap: usize) -> Option<u64> {
+    /// Records `hash` (prepared in `version`, not yet described); returns
+    /// the least recently used statement to close when more than `cap`
+    /// would be kept.
+    pub fn insert(&mut self, hash: u64, version: u64, cap: usize) -> Option<u64> {
         self.tick += 1;
-        self.used.insert(hash, (self.tick, generation));
+        self.used.insert(
+            hash,
+            Entry {
+                last_use: self.tick,
+                version,
+                shape: None,
+            },
+        );
         if self.used.len() <= cap.max(1) {
             return None;
         }
@@ -145,7 +195,7 @@ impl ServerStatements {
             .used
             .iter()
             .filter(|(h, _)| **h != hash)
-            .min_by_key(|(_, (t, _))| *t)
+            .min_by_key(|(_, e)| e.last_use)
             .map(|(h, _)| *h)?;
         self.used.remove(&victim);
         Some(victim)
@@ -166,6 +216,31 @@ impl ServerStatements {
     pub fn is_empty(&self) -> bool {
         self.used.is_empty()
     }
+}
+
+/// The row shape a RowDescription (or NoData, an empty body) tells a
+/// client: per column its name, type and type modifier, what PostgreSQL
+/// compares before it answers `cached plan must not change result type`
+/// (the source table and column numbers are left out: a table dropped and
+/// created again with the same columns gives the same rows).
+pub fn row_shape(tag: u8, body: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tag.hash(&mut h);
+    let mut fields = body.get(2..).unwrap_or_default();
+    while let Some(end) = memchr::memchr(0, fields) {
+        let (name, rest) = fields.split_at(end);
+        name.hash(&mut h);
+        // table oid (4), column number (2), type oid (4), type size (2),
+        // type modifier (4), format (2).
+        let Some(attrs) = rest.get(1..19) else {
+            break;
+        };
+        attrs[6..10].hash(&mut h);
+        attrs[12..16].hash(&mut h);
+        fields = &rest[19..];
+    }
+    fields.hash(&mut h);
+    h.finish()
 }
 
 /// The server-side name for a statement hash.
@@ -208,5 +283,51 @@ mod tests {
         s.touch(1);
         assert_eq!(s.insert(3, 0, 2), Some(2));
         assert!(s.contains(1) && s.contains(3) && !s.contains(2));
+    }
+
+    fn row_description(columns: &[(&str, u32, u32, i32)]) -> Vec<u8> {
+        let mut v = (columns.len() as i16).to_be_bytes().to_vec();
+        for (name, table, ty, typmod) in columns {
+            v.extend_from_slice(name.as_bytes());
+            v.push(0);
+            v.extend_from_slice(&table.to_be_bytes());
+            v.extend_from_slice(&1i16.to_be_bytes());
+            v.extend_from_slice(&ty.to_be_bytes());
+            v.extend_from_slice(&4i16.to_be_bytes());
+            v.extend_from_slice(&typmod.to_be_bytes());
+            v.extend_from_slice(&0i16.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn row_shapes_compare_names_types_and_modifiers_only() {
+        let shape = |c: &[(&str, u32, u32, i32)]| row_shape(b'T', &row_description(c));
+        let base = shape(&[("id", 1, 23, -1), ("v", 1, 25, -1)]);
+        assert_eq!(base, shape(&[("id", 9, 23, -1), ("v", 9, 25, -1)]));
+        assert_ne!(base, shape(&[("id", 1, 23, -1)]));
+        assert_ne!(base, shape(&[("id", 1, 20, -1), ("v", 1, 25, -1)]));
+        assert_ne!(base, shape(&[("id", 1, 23, -1), ("w", 1, 25, -1)]));
+        assert_ne!(base, shape(&[("id", 1, 23, 8), ("v", 1, 25, -1)]));
+        assert_ne!(row_shape(b'n', b""), shape(&[]));
+        // A truncated description still hashes (it never panics).
+        let mut cut = row_description(&[("id", 1, 23, -1)]);
+        cut.truncate(8);
+        let _ = row_shape(b'T', &cut);
+    }
+
+    #[test]
+    fn versions_and_shapes_belong_to_the_entry() {
+        let mut s = ServerStatements::default();
+        s.insert(1, 3, 10);
+        assert!(s.fresh(1, 3) && !s.fresh(1, 4) && !s.fresh(2, 3));
+        assert_eq!(s.shape(1), None);
+        let d = Described::now(42);
+        s.set_shape(1, d);
+        s.set_shape(2, d);
+        assert_eq!((s.shape(1), s.shape(2)), (Some(d), None));
+        assert!(Described::now(42).seq > d.seq);
+        s.insert(1, 4, 10);
+        assert_eq!(s.shape(1), None, "prepared again: described again");
     }
 }
