@@ -215,11 +215,16 @@ async fn python_drivers_see_a_migration_as_they_would_directly() {
     let db = c.create_database("migration_diff");
     let proxy = TestProxy::for_db(c, &db, "default_pool_size = 3");
     let mut lines = Vec::new();
-    for (url, table) in [(c.app_url(&db), "direct_t"), (proxy.url(&db), "proxied_t")] {
+    // Migrations run elsewhere, then through tidepool itself.
+    for (url, table, ddl_url) in [
+        (c.app_url(&db), "direct_t", c.app_url(&db)),
+        (proxy.url(&db), "proxied_t", c.app_url(&db)),
+        (proxy.url(&db), "proxied_ddl_t", proxy.url(&db)),
+    ] {
         let mut cmd = Command::new("python3");
         cmd.arg(clients_dir().join("python/migration_diff.py"))
             .arg(url)
-            .arg(c.app_url(&db))
+            .arg(ddl_url)
             .arg(table);
         let out = run_async(cmd, "migration_diff.py").await;
         assert!(
@@ -230,6 +235,10 @@ async fn python_drivers_see_a_migration_as_they_would_directly() {
         lines.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
     }
     assert_eq!(lines[1], lines[0], "through tidepool vs PostgreSQL");
+    assert_eq!(
+        lines[2], lines[0],
+        "migrations through tidepool vs PostgreSQL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,4 +379,64 @@ async fn pgbench_prepared_50_clients_through_a_pool_of_10() {
     assert_eq!(history, 2000, "one history row per transaction");
     assert_eq!(abalance, delta, "sum(abalance) != sum(delta)");
     target.assert_pool_respected();
+}
+
+/// Issue 24's judged scenario: 50 async tasks on SQLAlchemy's asyncpg engine
+/// at its defaults and 10 on a psycopg engine, a column added mid-run and a
+/// column's type changed later, each failed read retried once. Through
+/// tidepool (pool of 5, migrations run elsewhere or through tidepool) the
+/// reads fail as they fail directly: the same SQLSTATEs, never more first
+/// failures than PostgreSQL gives, no failed retry, never a row of another
+/// shape than the table's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlalchemy_engines_see_migrations_as_they_would_directly() {
+    require(
+        "python3 with SQLAlchemy, asyncpg and psycopg",
+        Command::new("python3").args(["-c", "import sqlalchemy, asyncpg, psycopg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("sqlalchemy_migration");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 5");
+    let mut reports = Vec::new();
+    for (url, table, ddl_url) in [
+        (c.app_url(&db), "direct_t", c.app_url(&db)),
+        (proxy.url(&db), "proxied_t", c.app_url(&db)),
+        (proxy.url(&db), "proxied_ddl_t", proxy.url(&db)),
+    ] {
+        let mut cmd = Command::new("python3");
+        cmd.arg(clients_dir().join("python/sqlalchemy_migration.py"))
+            .arg(url)
+            .arg(ddl_url)
+            .arg(table);
+        let out = run_async(cmd, "sqlalchemy_migration.py").await;
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("sqlalchemy_migration.py", &out)
+        );
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let report: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{table}: not JSON ({e}): {line}"));
+        reports.push((table, report));
+    }
+    let direct = &reports[0].1;
+    for (table, report) in &reports {
+        let phases = report.as_object().expect("phases");
+        assert_eq!(phases.len(), 6, "{table}: {report}");
+        for (phase, counts) in phases {
+            let context = format!("{table}, {phase}: {report}\ndirectly: {direct}");
+            assert_eq!(counts["retries_failed"], 0, "{context}");
+            assert_eq!(counts["wrong_shape"], 0, "{context}");
+            let first = counts["first_failed"].as_object().expect("first_failed");
+            let first_direct = direct[phase]["first_failed"].as_object().expect("direct");
+            for (code, n) in first {
+                let direct_n = first_direct.get(code).and_then(|v| v.as_u64());
+                assert!(
+                    direct_n.is_some_and(|d| n.as_u64().unwrap_or(u64::MAX) <= d),
+                    "{code} failed more often than directly: {context}"
+                );
+            }
+        }
+    }
+    println!("{reports:?}");
 }

@@ -9,6 +9,8 @@ statement) run the same queries before and after ADMIN_URL alters TABLE
 (ADD COLUMN, then ALTER COLUMN TYPE, then DROP COLUMN), inside and outside
 transactions, and record each outcome: the row, or the error's SQLSTATE.
 The caller runs it directly and through tidepool and compares the lines.
+With ADMIN_URL equal to URL, the migrations go the same way as the queries
+(through tidepool, when URL is tidepool's).
 """
 
 import asyncio
