@@ -279,28 +279,31 @@ async fn node_postgres_named_queries() {
     target.assert_pool_respected();
 }
 
-/// Compiles `JdbcCheck.java` into a fresh directory under the target dir.
-fn compile_jdbc_check() -> PathBuf {
-    let classes =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jdbc-check-{}", std::process::id()));
+/// Compiles `java/<class>.java` into a fresh directory under the target dir.
+fn compile_java(class: &str) -> PathBuf {
+    let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{}-{}",
+        class.to_lowercase(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&classes);
     std::fs::create_dir_all(&classes).expect("create class dir");
     let mut javac = Command::new("javac");
     javac
         .args(["-encoding", "UTF-8", "-cp", PGJDBC_JAR, "-d"])
         .arg(&classes)
-        .arg(clients_dir().join("java/JdbcCheck.java"));
+        .arg(clients_dir().join(format!("java/{class}.java")));
     let out = run(javac, "javac");
     assert!(
         out.status.success(),
         "{}",
-        describe("javac JdbcCheck", &out)
+        describe(&format!("javac {class}"), &out)
     );
     classes
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn java_pgjdbc_server_prepared_statements_and_batch() {
+/// Java and pgjdbc are here, or the test says how to get them.
+fn require_java() {
     require(
         "javac (default-jdk-headless)",
         Command::new("javac").arg("-version"),
@@ -310,7 +313,12 @@ async fn java_pgjdbc_server_prepared_statements_and_batch() {
         Path::new(PGJDBC_JAR).is_file(),
         "{PGJDBC_JAR} is missing: run scripts/test (apt-get install libpostgresql-jdbc-java)"
     );
-    let classes = tokio::task::spawn_blocking(compile_jdbc_check)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_pgjdbc_server_prepared_statements_and_batch() {
+    require_java();
+    let classes = tokio::task::spawn_blocking(|| compile_java("JdbcCheck"))
         .await
         .expect("javac thread");
     let c = cluster();
@@ -439,4 +447,113 @@ async fn sqlalchemy_engines_see_migrations_as_they_would_directly() {
         }
     }
     println!("{reports:?}");
+}
+
+/// The three runs of a migration differential: directly; through tidepool
+/// with the migrations run elsewhere; through tidepool with the migrations
+/// run through it too. Each gives (queries URL, migrations URL, table).
+fn migration_runs(
+    c: &harness::Cluster,
+    proxy: &TestProxy,
+    db: &str,
+) -> [(String, String, &'static str); 3] {
+    [
+        (c.app_url(db), c.app_url(db), "direct_t"),
+        (proxy.url(db), c.app_url(db), "proxied_t"),
+        (proxy.url(db), proxy.url(db), "proxied_ddl_t"),
+    ]
+}
+
+/// Issue 24 for node-postgres named queries: across ADD COLUMN, ALTER
+/// COLUMN TYPE and DROP COLUMN, the same rows and SQLSTATEs through tidepool
+/// as directly, attempt for attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_sees_a_migration_as_it_would_directly() {
+    let node_dir = clients_dir().join("node");
+    require("node", Command::new("node").arg("--version"));
+    let c = cluster();
+    let db = c.create_database("node_migration");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut lines = Vec::new();
+    for (url, ddl_url, table) in migration_runs(c, &proxy, &db) {
+        let mut cmd = Command::new("node");
+        cmd.arg(node_dir.join("migration_diff.js"))
+            .arg(url)
+            .arg(ddl_url)
+            .arg(table)
+            .current_dir(&node_dir);
+        let out = run_async(cmd, "migration_diff.js").await;
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("migration_diff.js", &out)
+        );
+        lines.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    assert!(
+        lines[0].contains("\"error\""),
+        "the migrations fail something: {}",
+        lines[0]
+    );
+    assert_eq!(lines[1], lines[0], "through tidepool vs PostgreSQL");
+    assert_eq!(
+        lines[2], lines[0],
+        "migrations through tidepool vs PostgreSQL"
+    );
+}
+
+/// Issue 24 for pgjdbc (`prepareThreshold=1`): across ADD COLUMN, ALTER
+/// COLUMN TYPE and DROP COLUMN, the same rows and SQLSTATEs through tidepool
+/// as directly, attempt for attempt (pgjdbc heals by itself directly, so
+/// through tidepool too: no error at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_pgjdbc_sees_a_migration_as_it_would_directly() {
+    require_java();
+    let classes = tokio::task::spawn_blocking(|| compile_java("MigrationDiff"))
+        .await
+        .expect("javac thread");
+    let c = cluster();
+    let db = c.create_database("jdbc_migration");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let jdbc = |port: u16| {
+        format!(
+            "jdbc:postgresql://{}:{port}/{db}?prepareThreshold=1&connectTimeout=10&socketTimeout=90",
+            harness::HOST
+        )
+    };
+    let mut lines = Vec::new();
+    for (url, ddl_url, table) in migration_runs(c, &proxy, &db) {
+        let port = |u: &str| {
+            if u == proxy.url(&db) {
+                proxy.port()
+            } else {
+                c.primary_port()
+            }
+        };
+        let mut cmd = Command::new("java");
+        cmd.arg("-cp")
+            .arg(format!("{PGJDBC_JAR}:{}", classes.display()))
+            .arg("MigrationDiff")
+            .arg(jdbc(port(&url)))
+            .arg(jdbc(port(&ddl_url)))
+            .arg(harness::APP_USER)
+            .arg(harness::APP_PASSWORD)
+            .arg(table);
+        let out = run_async(cmd, "MigrationDiff").await;
+        assert!(out.status.success(), "{}", describe("MigrationDiff", &out));
+        lines.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    let _ = std::fs::remove_dir_all(&classes);
+    // pgjdbc prepares again by itself on `cached plan must not change result
+    // type`: directly, every read succeeds with the new columns.
+    assert!(
+        lines[0].contains("[\"add column\",0,\"0\",\"ok\",3,"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[1], lines[0], "through tidepool vs PostgreSQL");
+    assert_eq!(
+        lines[2], lines[0],
+        "migrations through tidepool vs PostgreSQL"
+    );
 }
