@@ -77,6 +77,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => {
+            for w in tidepool::pool::health_warnings(&config) {
+                eprintln!("warning: {w}");
+            }
             println!("{}: OK", cli.config.display());
             return ExitCode::SUCCESS;
         }
@@ -150,7 +153,14 @@ fn classify_command(
     };
     if !bench {
         for sql in &statements {
-            println!("{:?}\t{sql}", classify::classify(sql, &rules));
+            // Without a database at hand, the functions a read calls are
+            // listed: it stays a read if none of them is VOLATILE.
+            let v = classify::classify(sql, &rules);
+            if v.calls.is_empty() {
+                println!("{:?}\t{sql}", v.class);
+            } else {
+                println!("{:?} if read-only: {}\t{sql}", v.class, v.calls.join(", "));
+            }
         }
         return;
     }

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::router::{Class, Classifier};
+use crate::router::{Class, Classifier, Functions, Verdict};
 use crate::stats::Shape;
 use crate::stats::fingerprint::{Template, hash_and_template};
 
@@ -31,8 +31,8 @@ pub struct Entry {
     pub shape: Option<Arc<Shape>>,
     /// The statement changes no session state and needs no special handling.
     pub plain: bool,
-    /// Its routing class, once asked for.
-    class: Option<Class>,
+    /// Its routing verdict, once asked for.
+    class: Option<Verdict>,
 }
 
 #[derive(Debug, Default)]
@@ -52,14 +52,25 @@ impl Memo {
 
     /// The routing class of `sql`: from the entry it matches (classified
     /// once per entry), else from the classifier (and remembered).
-    pub fn class(&mut self, sql: &str, classifier: &Classifier) -> Class {
+    /// `functions` are the database's function volatilities (None: not
+    /// known, and a read that calls a function needs the primary).
+    pub fn class(
+        &mut self,
+        sql: &str,
+        classifier: &Classifier,
+        functions: Option<&Functions>,
+    ) -> Class {
         if let Some(e) = self.find(sql) {
-            return *e.class.get_or_insert_with(|| classifier.classify(sql));
+            return e
+                .class
+                .get_or_insert_with(|| classifier.classify(sql))
+                .resolve(functions);
         }
-        let class = classifier.classify(sql);
+        let verdict = classifier.classify(sql);
+        let class = verdict.resolve(functions);
         if let Some(template) = hash_and_template(sql).1 {
             let plain = super::sql::effects(sql).is_plain();
-            self.remember(template, None, plain).class = Some(class);
+            self.remember(template, None, plain).class = Some(verdict);
         }
         class
     }
@@ -125,28 +136,32 @@ mod tests {
         let classifier = Classifier::new(crate::router::classify::Rules::default());
         let mut m = Memo::default();
         assert_eq!(
-            m.class("select * from t where id = 1", &classifier),
+            m.class("select * from t where id = 1", &classifier, None),
             Class::Read
         );
         assert_eq!(
-            m.class("insert into t values (1)", &classifier),
+            m.class("insert into t values (1)", &classifier, None),
             Class::Write
         );
         assert_eq!(m.entries.len(), 2);
         for i in 2..50 {
             assert_eq!(
-                m.class(&format!("select * from t where id = {i}"), &classifier),
+                m.class(
+                    &format!("select * from t where id = {i}"),
+                    &classifier,
+                    None
+                ),
                 Class::Read
             );
             assert_eq!(
-                m.class(&format!("insert into t values ({i})"), &classifier),
+                m.class(&format!("insert into t values ({i})"), &classifier, None),
                 Class::Write
             );
         }
         assert_eq!(m.entries.len(), 2, "matched, not added");
         // A hint is a comment, kept byte for byte: another entry.
         let hinted = "/* tidepool:primary */ select * from t where id = 3";
-        assert_eq!(m.class(hinted, &classifier), Class::Read);
+        assert_eq!(m.class(hinted, &classifier, None), Class::Read);
         assert_eq!(m.entries.len(), 3);
     }
 

@@ -388,7 +388,10 @@ impl Session {
                 server.conn().prepend = Some(out);
             }
             if let (Route::Replica(_), None) = (route, self.pinned) {
-                tracker.replica_guard = Some(self.settings.classifier.clone());
+                tracker.replica_guard = Some(super::txn::ReplicaGuard {
+                    classifier: self.settings.classifier.clone(),
+                    functions: self.health.as_ref().and_then(|h| h.functions.load_full()),
+                });
             }
             watchdog::phase(Phase::Forward);
             let end = self.forward(&mut server, &mut tracker).await;
@@ -812,8 +815,12 @@ impl Session {
             .get("tidepool.route")
             .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
         let memo = spare_tracker(&mut self.spare_tracker, self.policy);
+        let functions = h.functions.load();
         let (class, hinted) = match first_statement(&self.buf, self.limit, &self.statements) {
-            Some(sql) => (memo.classify(sql, &self.settings.classifier), hint(sql)),
+            Some(sql) => (
+                memo.classify(sql, &self.settings.classifier, functions.as_deref()),
+                hint(sql),
+            ),
             None => (Class::Write, None),
         };
         let by_first = self.settings.config.routing.transaction_routing
@@ -880,7 +887,8 @@ impl Session {
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
         let memo = spare_tracker(&mut self.spare_tracker, self.policy);
-        if !single || memo.classify(sql, &self.settings.classifier) != Class::Begin {
+        // BEGIN calls no function: no volatilities needed.
+        if !single || memo.classify(sql, &self.settings.classifier, None) != Class::Begin {
             return false;
         }
         let sql = sql.to_owned();
@@ -959,7 +967,7 @@ impl Session {
                             if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
                                 r.outstanding
                                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                                r.ban(&format!("checkout failed: {e}"));
+                                r.ban("unreachable", &format!("checkout failed: {e}"));
                             }
                             route = self.choose_route().0;
                             if route == Route::Replica(i) {
@@ -1344,8 +1352,13 @@ impl Session {
                     }
                     if std::mem::take(&mut t.schema_changed) {
                         // DDL ended: every server prepares its statements
-                        // afresh before their next use.
+                        // afresh before their next use, and the function
+                        // volatilities are loaded again.
                         server_pool.catalog.schema_changed();
+                        if let Some(h) = &self.health {
+                            h.functions_stale
+                                .store(true, std::sync::atomic::Ordering::Release);
+                        }
                     }
                     for (hash, generation, error) in t.stale.drain(..) {
                         // Every server of the database closes this text's

@@ -14,7 +14,7 @@ use crate::protocol::messages::{
 use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
 use crate::router::hints::{Hint, hint};
-use crate::router::{Class, Classifier};
+use crate::router::{Class, Classifier, Functions};
 use crate::server::expect::{Expect, Owed, Undo};
 use crate::stats::fingerprint::hash_and_template;
 use crate::stats::{Fingerprints, Shape};
@@ -35,6 +35,14 @@ pub struct Policy {
     pub named_statements: bool,
     /// Session features are refused instead of pinning the client.
     pub refuse_session_features: bool,
+}
+
+/// What tells, on a replica, which statements need the primary.
+#[derive(Debug, Clone)]
+pub struct ReplicaGuard {
+    pub classifier: Arc<Classifier>,
+    /// The database's function volatilities (None: not known yet).
+    pub functions: Option<Arc<Functions>>,
 }
 
 #[derive(Debug)]
@@ -85,7 +93,7 @@ pub struct Tracker {
     pub hold: bool,
     pub policy: Policy,
     /// On a replica: statements that need the primary stop the scan.
-    pub replica_guard: Option<Arc<Classifier>>,
+    pub replica_guard: Option<ReplicaGuard>,
     /// A statement that needs the primary waits until this replica
     /// transaction is over.
     pub reroute: bool,
@@ -184,21 +192,26 @@ impl Tracker {
 
     /// On a replica, outside a transaction: does `sql` need the primary?
     fn needs_primary(&mut self, sql: &str) -> bool {
-        let Some(cl) = &self.replica_guard else {
+        let Some(g) = &self.replica_guard else {
             return false;
         };
         if self.status != TxStatus::Idle || hint(sql) == Some(Hint::Replica) {
             return false;
         }
         !matches!(
-            self.memo.class(sql, cl),
+            self.memo.class(sql, &g.classifier, g.functions.as_deref()),
             Class::Read | Class::BeginReadOnly | Class::Neutral
         )
     }
 
     /// The routing class of `sql`, through this client's memo.
-    pub fn classify(&mut self, sql: &str, classifier: &Classifier) -> Class {
-        self.memo.class(sql, classifier)
+    pub fn classify(
+        &mut self,
+        sql: &str,
+        classifier: &Classifier,
+        functions: Option<&Functions>,
+    ) -> Class {
+        self.memo.class(sql, classifier, functions)
     }
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {

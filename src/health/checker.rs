@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::{Backend, Health, parse_lsn};
+use crate::router::Functions;
 
 /// Who the checker logs in as.
 #[derive(Clone, PartialEq)]
@@ -17,10 +18,92 @@ pub struct HealthCredentials {
     pub dbname: String,
 }
 
+/// How often the function volatilities are loaded again when no DDL went
+/// through tidepool (DDL elsewhere, an extension installed).
+const FUNCTIONS_REFRESH: Duration = Duration::from_secs(60);
+
+/// How often the same failure is logged again.
+const LOG_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// A failed check: what kind, in the server's own words when it gave any.
+struct Failure {
+    kind: &'static str,
+    detail: String,
+}
+
+impl Failure {
+    fn new(kind: &'static str, detail: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// From a tokio-postgres error: the server's message and SQLSTATE (a
+    /// login refused is `login_failed`), else the error and its cause.
+    fn from_pg(connecting: bool, e: &tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            let kind = if connecting && (code.starts_with("28") || code == "3D000") {
+                "login_failed"
+            } else {
+                "check_failed"
+            };
+            return Failure::new(kind, format!("{} (SQLSTATE {code})", db.message()));
+        }
+        let mut detail = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            detail.push_str(": ");
+            detail.push_str(&c.to_string());
+            cause = c.source();
+        }
+        Failure::new(
+            if connecting {
+                "unreachable"
+            } else {
+                "check_failed"
+            },
+            detail,
+        )
+    }
+
+    fn problem(&self) -> super::Problem {
+        super::Problem {
+            kind: self.kind,
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// Logs a backend's failure when it is new or was last logged a while ago.
+#[derive(Default)]
+struct LogLimit {
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl LogLimit {
+    fn should_log(&mut self, detail: &str) -> bool {
+        let again = self
+            .last
+            .as_ref()
+            .is_none_or(|(d, at)| d != detail || at.elapsed() >= LOG_AGAIN_AFTER);
+        if again {
+            self.last = Some((detail.to_owned(), std::time::Instant::now()));
+        }
+        again
+    }
+
+    fn clear(&mut self) {
+        self.last = None;
+    }
+}
+
 /// Starts the checker for `health`; it stops when `health` is dropped.
+/// `candidates` are tried in order: a login refused moves to the next one.
 pub fn spawn_checker(
     health: &Arc<Health>,
-    creds: HealthCredentials,
+    candidates: Vec<HealthCredentials>,
     period: Duration,
     max_lag: Duration,
     name: String,
@@ -29,41 +112,82 @@ pub fn spawn_checker(
     tokio::spawn(async move {
         let mut primary: Option<Client> = None;
         let mut replicas: Vec<Option<Client>> = Vec::new();
+        let mut logs: Vec<LogLimit> = Vec::new();
+        let mut who = 0usize;
+        let mut functions_loaded: Option<std::time::Instant> = None;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let keep = (max_lag * 4).max(Duration::from_secs(60)).as_nanos() as u64;
         loop {
             tick.tick().await;
             let Some(h) = weak.upgrade() else { return };
+            let Some(creds) = candidates.get(who % candidates.len().max(1)) else {
+                return;
+            };
             replicas.resize_with(h.replicas.len(), || None);
+            logs.resize_with(h.replicas.len() + 1, LogLimit::default);
             match probe(
                 &mut primary,
                 &h.primary,
-                &creds,
+                creds,
                 period,
                 "pg_current_wal_insert_lsn()",
             )
             .await
             {
                 Ok((in_recovery, lsn)) => {
+                    logs[0].clear();
                     if in_recovery {
                         tracing::error!(database = %name, "the primary is in recovery: it was demoted or is a standby; check the configuration");
+                        h.primary.primary_failed(super::Problem {
+                            kind: "in_recovery",
+                            detail: "the primary is in recovery (demoted, or a standby)".into(),
+                        });
+                    } else {
+                        h.primary.primary_ok();
                     }
                     h.record_primary(lsn, keep);
-                    // Shown as up/down (the primary is never avoided).
-                    h.primary.banned.store(false, Ordering::Relaxed);
+                    let stale = h.functions_stale.swap(false, Ordering::AcqRel)
+                        || functions_loaded.is_none_or(|at| at.elapsed() >= FUNCTIONS_REFRESH);
+                    if stale && let Some(c) = &primary {
+                        match load_functions(c, period).await {
+                            Ok(f) => {
+                                tracing::debug!(database = %name, names = f.len(), "function volatilities loaded");
+                                h.functions.store(Some(Arc::new(f)));
+                                functions_loaded = Some(std::time::Instant::now());
+                            }
+                            Err(e) => {
+                                h.functions_stale.store(true, Ordering::Release);
+                                tracing::warn!(database = %name, error = %e.detail, "loading function volatilities failed: reads that call functions stay on the primary");
+                            }
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(database = %name, error = %e, "primary health check failed");
-                    h.primary.banned.store(true, Ordering::Relaxed);
+                Err(f) => {
+                    if logs[0].should_log(&f.detail) {
+                        tracing::warn!(
+                            database = %name,
+                            user = %creds.user,
+                            reason = f.kind,
+                            error = %f.detail,
+                            "primary health check failed"
+                        );
+                    }
+                    h.primary.primary_failed(f.problem());
                     primary = None;
+                    if f.kind == "login_failed" && candidates.len() > 1 {
+                        // Another configured user may exist on the server.
+                        who += 1;
+                        replicas.iter_mut().for_each(|r| *r = None);
+                        continue;
+                    }
                 }
             }
             for (i, r) in h.replicas.iter().enumerate() {
                 match probe(
                     &mut replicas[i],
                     r,
-                    &creds,
+                    creds,
                     period,
                     "pg_last_wal_replay_lsn()",
                 )
@@ -71,28 +195,63 @@ pub fn spawn_checker(
                 {
                     Ok((false, _)) => {
                         tracing::error!(database = %name, replica = %format!("{}:{}", r.host, r.port), "replica is not in recovery: it was promoted; no reads go there");
-                        r.ban("promoted (not in recovery)");
+                        r.ban("promoted", "not in recovery: it was promoted");
                     }
                     Ok((true, replay)) => {
+                        logs[i + 1].clear();
                         let (caught_up, lag, lag_bytes) = h.replica_position(replay);
                         r.caught_up_to.store(caught_up, Ordering::Relaxed);
                         r.lag_ms.store(lag / 1_000_000, Ordering::Relaxed);
                         r.lag_bytes.store(lag_bytes, Ordering::Relaxed);
                         if Duration::from_nanos(lag) > max_lag {
-                            r.ban("replication lag over max_replica_lag");
+                            r.ban(
+                                "lagging",
+                                &format!(
+                                    "replication lag {} ms over max_replica_lag ({} ms)",
+                                    lag / 1_000_000,
+                                    max_lag.as_millis()
+                                ),
+                            );
                         } else {
                             r.healthy();
                         }
                     }
-                    Err(e) => {
+                    Err(f) => {
                         replicas[i] = None;
-                        r.ban(&format!("health check failed: {e}"));
+                        if logs[i + 1].should_log(&f.detail) {
+                            tracing::warn!(
+                                database = %name,
+                                replica = %format!("{}:{}", r.host, r.port),
+                                user = %creds.user,
+                                reason = f.kind,
+                                error = %f.detail,
+                                "replica health check failed"
+                            );
+                        }
+                        r.ban(f.kind, &f.detail);
                     }
                 }
             }
             h.checked.store(true, Ordering::Relaxed);
         }
     });
+}
+
+/// Loads the database's function volatilities from the primary.
+async fn load_functions(c: &Client, timeout: Duration) -> Result<Functions, Failure> {
+    let timeout = timeout.max(Duration::from_secs(5));
+    let msgs = tokio::time::timeout(timeout, c.simple_query(crate::router::functions::QUERY))
+        .await
+        .map_err(|_| Failure::new("check_failed", "loading functions timed out"))?
+        .map_err(|e| Failure::from_pg(false, &e))?;
+    Ok(Functions::from_rows(msgs.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some((
+            r.get(0).unwrap_or_default(),
+            r.get(1).unwrap_or_default(),
+            r.get(2) == Some("t"),
+        )),
+        _ => None,
+    })))
 }
 
 /// Runs the check query on `b`, connecting first if needed.
@@ -102,7 +261,7 @@ async fn probe(
     creds: &HealthCredentials,
     timeout: Duration,
     lsn_fn: &str,
-) -> Result<(bool, u64), String> {
+) -> Result<(bool, u64), Failure> {
     let timeout = timeout.max(Duration::from_secs(1));
     if client.as_ref().is_none_or(Client::is_closed) {
         let mut cfg = tokio_postgres::Config::new();
@@ -117,21 +276,21 @@ async fn probe(
         }
         let (c, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
             .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| Failure::new("unreachable", "connect timed out"))?
+            .map_err(|e| Failure::from_pg(true, &e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         *client = Some(c);
     }
     let Some(c) = client.as_ref() else {
-        return Err("no connection".into());
+        return Err(Failure::new("unreachable", "no connection"));
     };
     let sql = format!("select pg_is_in_recovery()::text, coalesce({lsn_fn}, '0/0')::text");
     let rows = tokio::time::timeout(timeout, c.simple_query(&sql))
         .await
-        .map_err(|_| "check timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| Failure::new("check_failed", "check timed out"))?
+        .map_err(|e| Failure::from_pg(false, &e))?;
     for m in rows {
         if let SimpleQueryMessage::Row(r) = m {
             let in_recovery = r.get(0) == Some("true");
@@ -139,5 +298,8 @@ async fn probe(
             return Ok((in_recovery, lsn));
         }
     }
-    Err("no row".into())
+    Err(Failure::new(
+        "check_failed",
+        "the check query returned no row",
+    ))
 }

@@ -39,6 +39,24 @@ pub struct Backend {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub bans: AtomicU64,
+    /// Why the backend is unhealthy now (None: healthy, or not checked yet).
+    problem: Mutex<Option<Problem>>,
+}
+
+/// Why a backend is unhealthy: a category for metrics and the words for
+/// people (the server's own message and SQLSTATE when it gave one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Low-cardinality label: `unreachable`, `login_failed`,
+    /// `check_failed`, `promoted`, `lagging`, `in_recovery`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.detail)
+    }
 }
 
 impl Backend {
@@ -56,19 +74,59 @@ impl Backend {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             bans: AtomicU64::new(0),
+            problem: Mutex::new(if banned {
+                Some(Problem {
+                    kind: "unchecked",
+                    detail: "no successful health check yet".into(),
+                })
+            } else {
+                None
+            }),
         }
+    }
+
+    /// Why the backend is unhealthy now, if it is.
+    pub fn problem(&self) -> Option<Problem> {
+        self.problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_problem(&self, p: Option<Problem>) {
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+    }
+
+    /// Records a failed check of the primary (it is never avoided: shown
+    /// down, with why).
+    pub fn primary_failed(&self, problem: Problem) {
+        self.banned.store(true, Ordering::Relaxed);
+        self.set_problem(Some(problem));
+    }
+
+    /// Records a good check of the primary.
+    pub fn primary_ok(&self) {
+        self.banned.store(false, Ordering::Relaxed);
+        self.set_problem(None);
     }
 
     pub fn is_banned(&self) -> bool {
         self.banned.load(Ordering::Relaxed)
     }
 
-    /// Bans now (failed check, failed checkout, lag).
-    pub fn ban(&self, reason: &str) {
+    /// Bans now (failed check, failed checkout, lag), saying why.
+    pub fn ban(&self, kind: &'static str, detail: &str) {
         self.streak.store(0, Ordering::Relaxed);
+        self.set_problem(Some(Problem {
+            kind,
+            detail: detail.to_owned(),
+        }));
         if !self.banned.swap(true, Ordering::Relaxed) {
             self.bans.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(backend = %format!("{}:{}", self.host, self.port), reason, "replica banned");
+            tracing::warn!(backend = %format!("{}:{}", self.host, self.port), reason = kind, detail, "replica banned");
         }
     }
 
@@ -77,6 +135,9 @@ impl Backend {
         let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
         if streak >= UNBAN_AFTER && self.banned.swap(false, Ordering::Relaxed) {
             tracing::info!(backend = %format!("{}:{}", self.host, self.port), "replica unbanned");
+        }
+        if !self.banned.load(Ordering::Relaxed) {
+            self.set_problem(None);
         }
     }
 }
@@ -93,6 +154,12 @@ pub struct Health {
     pub checked: AtomicBool,
     /// Rotates ties between equally loaded replicas.
     pub next: AtomicUsize,
+    /// The primary's function volatilities, once the checker loaded them
+    /// (until then a read that calls a function stays on the primary).
+    pub functions: arc_swap::ArcSwapOption<crate::router::Functions>,
+    /// DDL went through tidepool since `functions` was loaded: the checker
+    /// loads them again at its next round.
+    pub functions_stale: AtomicBool,
 }
 
 impl Health {
@@ -108,6 +175,8 @@ impl Health {
             history: Mutex::new(VecDeque::new()),
             checked: AtomicBool::new(false),
             next: AtomicUsize::new(0),
+            functions: arc_swap::ArcSwapOption::empty(),
+            functions_stale: AtomicBool::new(true),
         }
     }
 

@@ -16,7 +16,7 @@ mod registry;
 
 pub use catalog::Catalog;
 pub use checkout::{PooledConn, Release, Waiter};
-pub use registry::{BackendIndex, DbControl, Registry};
+pub use registry::{BackendIndex, DbControl, Registry, health_credentials, health_warnings};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

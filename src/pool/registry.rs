@@ -66,7 +66,7 @@ impl DbControl {
 #[derive(PartialEq)]
 struct HealthSource {
     db: Database,
-    creds: Option<HealthCredentials>,
+    creds: Vec<HealthCredentials>,
     period: Duration,
     max_lag: Duration,
 }
@@ -131,18 +131,19 @@ impl Registry {
                 continue;
             }
             let h = Arc::new(Health::new(db));
-            match &source.creds {
-                Some(creds) => spawn_checker(
+            if source.creds.is_empty() {
+                tracing::warn!(
+                    database = %name,
+                    "no credentials for health checks (set health_user/health_password, or give a user a plain password): reads stay on the primary"
+                );
+            } else {
+                spawn_checker(
                     &h,
-                    creds.clone(),
+                    source.creds.clone(),
                     source.period,
                     source.max_lag,
                     name.clone(),
-                ),
-                None => tracing::warn!(
-                    database = %name,
-                    "no credentials for health checks (set health_user/health_password): reads stay on the primary"
-                ),
+                );
             }
             health.insert(name.clone(), (source, h));
         }
@@ -304,29 +305,78 @@ fn pool_settings(c: &Config, db: &Database, user: &str) -> PoolSettings {
     }
 }
 
-/// Who the health checker logs in as: `health_user`, else the database's
-/// `user`, else the first configured user with a plain password.
-fn health_credentials(config: &Config, name: &str, db: &Database) -> Option<HealthCredentials> {
+/// Who the health checker may log in as, in the order it tries them (a
+/// login the server refuses moves it to the next): `health_user`, else the
+/// database's `user`; else every configured user tidepool can log in as
+/// (a plain password, or none for `trust`), users that clients log in as
+/// first, those listed in `admin_users` or `stats_users` (often console-only,
+/// unknown to the server) last.
+pub fn health_credentials(config: &Config, name: &str, db: &Database) -> Vec<HealthCredentials> {
     let dbname = db.dbname.clone().unwrap_or_else(|| name.to_owned());
     if let Some(user) = db.health_user.clone().or_else(|| db.user.clone()) {
         let password = db.health_password.clone().or_else(|| db.password.clone());
-        return Some(HealthCredentials {
+        return vec![HealthCredentials {
             user,
             password,
             dbname,
-        });
+        }];
     }
-    config
+    let console = |user: &str| {
+        config.tidepool.admin_users.iter().any(|u| u == user)
+            || config.tidepool.stats_users.iter().any(|u| u == user)
+    };
+    let mut candidates: Vec<(bool, bool, HealthCredentials)> = config
         .users
         .iter()
-        .find_map(|(user, u)| match u.password.as_deref().map(Secret::parse) {
-            Some(Ok(Secret::Plain(p))) => Some(HealthCredentials {
-                user: user.clone(),
-                password: Some(p),
-                dbname: dbname.clone(),
-            }),
-            _ => None,
+        .filter_map(|(user, u)| {
+            let password = match u.password.as_deref().map(Secret::parse) {
+                Some(Ok(Secret::Plain(p))) => Some(p),
+                None => None,
+                // A hash or verifier: tidepool cannot log in with it.
+                Some(_) => return None,
+            };
+            Some((
+                console(user),
+                password.is_none(),
+                HealthCredentials {
+                    user: user.clone(),
+                    password,
+                    dbname: dbname.clone(),
+                },
+            ))
         })
+        .collect();
+    // Stable: alphabetical within each group.
+    candidates.sort_by_key(|(console, no_password, _)| (*console, *no_password));
+    candidates.into_iter().map(|(_, _, c)| c).collect()
+}
+
+/// What `tidepool check` says about health checks: a database with
+/// replicas and no credentials the checker can use never routes a read to
+/// them; one whose only candidates are console users likely fails to log in.
+pub fn health_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, db) in &config.databases {
+        if db.replicas.is_empty() {
+            continue;
+        }
+        let creds = health_credentials(config, name, db);
+        let console = |user: &str| {
+            config.tidepool.admin_users.iter().any(|u| u == user)
+                || config.tidepool.stats_users.iter().any(|u| u == user)
+        };
+        if creds.is_empty() {
+            out.push(format!(
+                "database {name} has replicas but no credentials for health checks: every read stays on the primary; set health_user and health_password, or give a user a plain password"
+            ));
+        } else if creds.iter().all(|c| console(&c.user)) {
+            out.push(format!(
+                "database {name}: health checks can only log in as console users ({}); unless one exists on the server, every read stays on the primary; set health_user and health_password",
+                creds.iter().map(|c| c.user.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// How to log in to the server for this client: the database's own user and

@@ -5,7 +5,9 @@
 //! and each replica's health (`crate::health`). When in doubt, the primary.
 
 pub mod classify;
+pub mod functions;
 pub mod hints;
 pub mod measure;
 
-pub use classify::{Class, Classifier};
+pub use classify::{Class, Classifier, Verdict};
+pub use functions::Functions;
