@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::client::Shared;
 
-mod metrics;
+pub mod metrics;
 
 /// Largest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -134,6 +134,20 @@ async fn ready(shared: &Shared) -> (bool, String) {
             "{name}: primary {addr} {}\n",
             if ok { "reachable" } else { "unreachable" }
         ));
+    }
+    // Replicas do not decide readiness (reads fall back to the primary),
+    // but a backend whose checks fail says why.
+    for name in settings.config.databases.keys() {
+        let Some(h) = shared.registry.health(name) else {
+            continue;
+        };
+        let all = std::iter::once(("primary", &h.primary))
+            .chain(h.replicas.iter().map(|r| ("replica", r)));
+        for (role, b) in all {
+            if let Some(p) = b.problem() {
+                body.push_str(&format!("{name}: {role} {}:{} down: {p}\n", b.host, b.port));
+            }
+        }
     }
     if shared
         .lifecycle

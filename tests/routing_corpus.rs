@@ -339,3 +339,69 @@ health_check_period = "200ms"
         on_primary.join("\n")
     );
 }
+
+/// With only a console user to log in as (unknown to the server), health
+/// checks fail and every surface says why, in the server's own words: SHOW
+/// REPLICAS' reason, SHOW DATABASES' status, the metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_says_why() {
+    let cluster = harness::cluster_with_replica();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("why"))
+        .await
+        .unwrap();
+    let toml = format!(
+        r#"
+[tidepool]
+listen = ["127.0.0.1:0"]
+admin_users = ["admin"]
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+replicas = [{{ host = "127.0.0.1", port = {replica} }}]
+
+[users.admin]
+password = "admin"
+
+[routing]
+health_check_period = "200ms"
+"#,
+        port = cluster.primary_port(),
+        replica = cluster.replica_ports()[0],
+    );
+    let proxy = TestProxy::start(&toml);
+    let health = proxy.shared.registry.health(&db).unwrap();
+    harness::wait_until_async("the replica's problem to be known", DEADLINE, || async {
+        health.replicas[0]
+            .problem()
+            .is_some_and(|p| p.kind == "login_failed")
+    })
+    .await;
+    let console_url = proxy.url_as("admin", Some("admin"), "pgbouncer");
+    let replicas = harness::console(&console_url, "SHOW REPLICAS").await;
+    let reason = &replicas[1]["reason"];
+    assert!(
+        reason.starts_with("login_failed: ")
+            && reason.contains("(SQLSTATE 28P01)")
+            && reason.contains("\"admin\""),
+        "{replicas:?}"
+    );
+    let databases = harness::console(&console_url, "SHOW DATABASES").await;
+    let replica_row = databases
+        .iter()
+        .find(|r| r["name"] == format!("{db}@replica1"))
+        .expect("replica row");
+    assert!(
+        replica_row["status"].starts_with("down: login_failed: "),
+        "{replica_row:?}"
+    );
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tidepool_backend_down{")
+                && l.contains("reason=\"login_failed\"")
+                && l.contains(&format!("database=\"{db}@replica1\""))),
+        "{metrics}"
+    );
+}

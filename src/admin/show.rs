@@ -467,7 +467,7 @@ fn pools(shared: &Shared) -> ResultSet {
             role(p.backend).into(),
             (*p.addr).into(),
             s.size.into(),
-            health.status.as_str().into(),
+            backend_status(shared, &p.database, p.backend, health.status.as_str()).into(),
             recommendation(
                 waiting,
                 maxwait,
@@ -628,7 +628,7 @@ fn databases(shared: &Shared) -> ResultSet {
     }
     for (name, db) in &c.databases {
         let paused = shared.registry.control(name).is_paused();
-        let status = shared.stats.health(name, &c.stats).status.as_str();
+        let stats_status = shared.stats.health(name, &c.stats).status.as_str();
         let hosts = std::iter::once((db.host.clone(), db.port))
             .chain(db.replicas.iter().map(|r| (r.host.clone(), r.port)));
         for (b, (host, port)) in hosts.enumerate() {
@@ -653,7 +653,7 @@ fn databases(shared: &Shared) -> ResultSet {
                 paused.into(),
                 0i64.into(),
                 role(b).into(),
-                status.into(),
+                backend_status(shared, name, b, stats_status).into(),
                 0i64.into(),
             ]);
         }
@@ -946,6 +946,23 @@ fn health(shared: &Shared) -> ResultSet {
     rs
 }
 
+/// The `status` column of a backend's rows: `down: <kind>: <detail>` while
+/// its health checks fail (the server's own message and SQLSTATE when it
+/// gave one), else what its statement statistics say.
+fn backend_status(shared: &Shared, db: &str, backend: usize, stats_status: &str) -> String {
+    let problem = shared.registry.health(db).and_then(|h| {
+        if backend == 0 {
+            h.primary.problem()
+        } else {
+            h.replicas.get(backend - 1).and_then(|r| r.problem())
+        }
+    });
+    match problem {
+        Some(p) => format!("down: {p}"),
+        None => stats_status.to_owned(),
+    }
+}
+
 fn replicas(shared: &Shared) -> ResultSet {
     let mut rs = ResultSet::new(&[
         ("database", Text),
@@ -959,6 +976,7 @@ fn replicas(shared: &Shared) -> ResultSet {
         ("reads", Numeric),
         ("writes", Numeric),
         ("bans", Numeric),
+        ("reason", Text),
     ]);
     use std::sync::atomic::Ordering::Relaxed;
     let settings = shared.settings();
@@ -980,6 +998,7 @@ fn replicas(shared: &Shared) -> ResultSet {
                 r.reads.load(Relaxed).into(),
                 r.writes.load(Relaxed).into(),
                 r.bans.load(Relaxed).into(),
+                r.problem().map(|p| p.to_string()).into(),
             ]);
         }
     }

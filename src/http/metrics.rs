@@ -430,6 +430,7 @@ impl Collector for Snapshot {
         let mut lag_s = Vec::new();
         let mut lag_b = Vec::new();
         let mut bans = Vec::new();
+        let mut down = Vec::new();
         for name in cfg.databases.keys() {
             let Some(h) = shared.registry.health(name) else {
                 continue;
@@ -445,6 +446,17 @@ impl Collector for Snapshot {
                     ("backend", &addr),
                 ]);
                 up.push((l.clone(), u32::from(!r.is_banned())));
+                if let Some(p) = r.problem() {
+                    down.push((
+                        labels(&[
+                            ("database", &backend_name(name, b)),
+                            ("role", if b == 0 { "primary" } else { "replica" }),
+                            ("backend", &addr),
+                            ("reason", p.kind),
+                        ]),
+                        1u32,
+                    ));
+                }
                 if b > 0 {
                     lag_s.push((l.clone(), r.lag_ms.load(Relaxed) as f64 / 1000.0));
                     lag_b.push((l.clone(), r.lag_bytes.load(Relaxed)));
@@ -457,6 +469,12 @@ impl Collector for Snapshot {
             "tidepool_backend_up",
             "1 when the backend is healthy and used for routing",
             &up,
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_backend_down",
+            "1 for a backend whose health checks fail, labelled with why: unchecked, unreachable, login_failed, check_failed, promoted, lagging, in_recovery (the details: SHOW REPLICAS' reason)",
+            &down,
         )?;
         gauge(
             &mut enc,

@@ -414,3 +414,84 @@ fn credentials(
     };
     (creds, user.to_owned(), false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(users: &str, db_extra: &str) -> Config {
+        let toml = format!(
+            r#"
+[tidepool]
+admin_users = ["admin"]
+stats_users = ["stats"]
+
+[databases.app]
+host = "127.0.0.1"
+port = 5432
+replicas = [{{ host = "127.0.0.1", port = 5433 }}]
+{db_extra}
+
+{users}
+"#
+        );
+        Config::from_toml_str(&toml, "test.toml").unwrap()
+    }
+
+    fn users_of(c: &Config) -> Vec<String> {
+        health_credentials(c, "app", &c.databases["app"])
+            .into_iter()
+            .map(|h| h.user)
+            .collect()
+    }
+
+    #[test]
+    fn health_checks_try_client_users_before_console_users() {
+        // The shipped proxy.toml's shape: alphabetically `admin` comes
+        // first, but it is a console user.
+        let c = config(
+            r#"
+[users.admin]
+password = "admin"
+[users.app]
+password = "secret"
+[users.stats]
+password = "stats"
+[users.hashed]
+password = "md5a3556571e93b0d20722ba62be61e8c2d"
+auth_type = "md5"
+[users.trusted]
+auth_type = "trust"
+"#,
+            "",
+        );
+        assert_eq!(users_of(&c), ["app", "trusted", "admin", "stats"]);
+        assert!(health_warnings(&c).is_empty());
+    }
+
+    #[test]
+    fn health_user_or_database_user_is_the_only_candidate() {
+        let users = "[users.app]\npassword = \"secret\"";
+        let c = config(users, "health_user = \"monitor\"\nhealth_password = \"m\"");
+        assert_eq!(users_of(&c), ["monitor"]);
+        let c = config(users, "user = \"owner\"\npassword = \"o\"");
+        assert_eq!(users_of(&c), ["owner"]);
+    }
+
+    #[test]
+    fn check_warns_when_replicas_cannot_be_checked() {
+        let c = config(
+            "[users.app]\npassword = \"SCRAM-SHA-256$4096:c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"",
+            "",
+        );
+        let w = health_warnings(&c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("no credentials"), "{w:?}");
+        let c = config("[users.admin]\npassword = \"admin\"", "");
+        let w = health_warnings(&c);
+        assert!(
+            w.len() == 1 && w[0].contains("console users (admin)"),
+            "{w:?}"
+        );
+    }
+}
