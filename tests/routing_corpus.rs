@@ -405,3 +405,116 @@ health_check_period = "200ms"
         "{metrics}"
     );
 }
+
+/// The safety net: a read that writes where tidepool cannot see it (a view
+/// over a writing function) is refused by the replica (25006); tidepool runs
+/// it again on the primary before the client sees anything, counts it, and
+/// sends the statement straight to the primary from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_replica_refuses_runs_again_on_the_primary() {
+    let cluster = harness::cluster_with_replica();
+    let db = tokio::task::spawn_blocking(move || cluster.create_database("misroute"))
+        .await
+        .unwrap();
+    let primary = harness::connect(&cluster.app_url(&db)).await.unwrap();
+    primary.batch_execute(SCHEMA).await.unwrap();
+    primary
+        .batch_execute("create view writes_when_read as select log_event('view') as id")
+        .await
+        .unwrap();
+    let standby_url = harness::url(
+        cluster.replica_ports()[0],
+        APP_USER,
+        Some(APP_PASSWORD),
+        &db,
+    );
+    harness::wait_until_async("the standby to have the view", DEADLINE, || async {
+        match harness::connect(&standby_url).await {
+            Ok(s) => s
+                .simple_query("select count(*) from pg_views where viewname = 'writes_when_read'")
+                .await
+                .is_ok_and(|r| {
+                    r.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1")))
+                }),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "{}\n[routing]\nhealth_check_period = \"200ms\"\n",
+        harness::proxy::config_toml(
+            cluster,
+            &db,
+            "default_pool_size = 2",
+            &format!(
+                "replicas = [{{ host = \"127.0.0.1\", port = {} }}]",
+                cluster.replica_ports()[0]
+            )
+        )
+    ));
+    let c = proxy.client(&db).await;
+    harness::wait_until_async("reads to reach the replica", DEADLINE, || async {
+        let rows = c
+            .simple_query("select pg_is_in_recovery()::text")
+            .await
+            .unwrap();
+        rows.iter().any(
+            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("true")),
+        )
+    })
+    .await;
+    let retries = || proxy.shared.stats.traffic(&db, 1).totals().misroute_retries;
+    let events = || async {
+        let rows = primary
+            .query("select count(*) from events where msg = 'view'", &[])
+            .await
+            .unwrap();
+        rows[0].get::<_, i64>(0)
+    };
+    // Simple protocol, then extended (an unnamed statement: the net covers
+    // messages tidepool forwards as they are); each runs once, on the
+    // primary.
+    let rows = c
+        .simple_query("select id from writes_when_read")
+        .await
+        .unwrap();
+    assert_eq!(harness::rows(rows).len(), 1);
+    assert_eq!(retries(), 1, "counted on the replica's row");
+    assert_eq!(events().await, 1, "ran once");
+    let again = proxy.client(&db).await;
+    let rows = typed(&again).await.unwrap();
+    assert!(rows[0].get::<_, i64>(0) > 0);
+    assert_eq!(retries(), 2);
+    assert_eq!(events().await, 2);
+    // Remembered: the same statements go straight to the primary.
+    for _ in 0..3 {
+        c.simple_query("select id from writes_when_read")
+            .await
+            .unwrap();
+        typed(&again).await.unwrap();
+    }
+    assert_eq!(retries(), 2, "no more retries");
+    assert_eq!(events().await, 8);
+    // A read that only reads still goes to the replica (from a client that
+    // did not just write: read-your-writes).
+    let c = proxy.client(&db).await;
+    let rows = c
+        .simple_query("select pg_is_in_recovery()::text")
+        .await
+        .unwrap();
+    assert!(rows.iter().any(
+        |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("true"))
+    ));
+}
+
+/// The view read through an unnamed statement (Parse, Bind, Describe,
+/// Execute, Sync in one write).
+async fn typed(
+    c: &tokio_postgres::Client,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    c.query_typed(
+        "select id from writes_when_read where id > $1",
+        &[(&0i64, tokio_postgres::types::Type::INT8)],
+    )
+    .await
+}

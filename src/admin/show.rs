@@ -187,6 +187,7 @@ fn stats(shared: &Shared) -> ResultSet {
         ("total_requests", Numeric),
         ("prepared_invalidations", Numeric),
         ("prepared_reprepares", Numeric),
+        ("misroute_retries", Numeric),
     ]);
     for (db, b, t, a) in traffic(shared) {
         rs.push(vec![
@@ -223,6 +224,7 @@ fn stats(shared: &Shared) -> ResultSet {
             t.queries.into(),
             t.prepared_invalidations.into(),
             t.prepared_reprepares.into(),
+            t.misroute_retries.into(),
         ]);
     }
     rs
@@ -250,6 +252,7 @@ fn stats_totals(shared: &Shared) -> ResultSet {
         ("requests", Numeric),
         ("prepared_invalidations", Numeric),
         ("prepared_reprepares", Numeric),
+        ("misroute_retries", Numeric),
     ]);
     for (db, b, t, _) in traffic(shared) {
         rs.push(vec![
@@ -273,6 +276,7 @@ fn stats_totals(shared: &Shared) -> ResultSet {
             t.queries.into(),
             t.prepared_invalidations.into(),
             t.prepared_reprepares.into(),
+            t.misroute_retries.into(),
         ]);
     }
     rs

@@ -210,6 +210,10 @@ enum TxEnd {
     ClientFatal(ClientError),
     /// KILL: the client's connection ends now.
     Killed,
+    /// The replica refused the read as a write (25006) before anything of
+    /// its answer reached the client: these client bytes run again, on the
+    /// primary. The server is idle and clean.
+    Misrouted { replay: BytesMut },
 }
 
 impl Session {
@@ -392,6 +396,11 @@ impl Session {
                     classifier: self.settings.classifier.clone(),
                     functions: self.health.as_ref().and_then(|h| h.functions.load_full()),
                 });
+                if tracker.status == TxStatus::Idle && !had_prepend {
+                    // An autocommit read: should the replica refuse it as a
+                    // write, it runs again on the primary.
+                    tracker.misroute = super::txn::Misroute::Armed(BytesMut::new());
+                }
             }
             watchdog::phase(Phase::Forward);
             let end = self.forward(&mut server, &mut tracker).await;
@@ -469,6 +478,15 @@ impl Session {
                 TxEnd::ClientFatal(e) => {
                     Box::pin(self.clean_up(server, &tracker, true)).await;
                     return Box::pin(self.fatal(e)).await;
+                }
+                TxEnd::Misrouted { replay } => {
+                    server.pool().traffic.apply(&crate::stats::traffic::Delta {
+                        misroute_retries: 1,
+                        ..Default::default()
+                    });
+                    server.release(Release::Reuse);
+                    self.spare_tracker = Some(tracker);
+                    self.misrouted(replay);
                 }
             }
         }
@@ -817,6 +835,13 @@ impl Session {
         let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         let functions = h.functions.load();
         let (class, hinted) = match first_statement(&self.buf, self.limit, &self.statements) {
+            // A statement a replica refused before goes to the primary.
+            Some(sql)
+                if h.any_misrouted()
+                    && h.misrouted(crate::stats::fingerprint::hash_and_template(sql).0) =>
+            {
+                (Class::Write, None)
+            }
             Some(sql) => (
                 memo.classify(sql, &self.settings.classifier, functions.as_deref()),
                 hint(sql),
@@ -1196,6 +1221,26 @@ impl Session {
             // What the scan left starts at a message boundary: a message
             // that must be seen whole gets room for all of it at once.
             reserve_head(&mut self.buf, self.limit);
+            if t.pending > 1 || to_client.len() > super::txn::MISROUTE_HOLD {
+                // A second request in flight, or too much to hold: the
+                // safety net covers one request's answer only.
+                t.misroute.disarm();
+            }
+            if let super::txn::Misroute::Fired(_) = &t.misroute
+                && t.pending == 0
+                && t.expect.is_empty()
+                && to_server.is_empty()
+                && conn.buf.is_empty()
+                && !sscan.mid_message()
+                && t.status == TxStatus::Idle
+                && let super::txn::Misroute::Fired(replay) = std::mem::take(&mut t.misroute)
+            {
+                // The refusal and what came with it never reach the client.
+                to_client.clear();
+                conn.tx = t.status;
+                return TxEnd::Misrouted { replay };
+            }
+            let holding = t.misroute.holds();
             if t.terminated {
                 client_closed = true;
             }
@@ -1250,7 +1295,7 @@ impl Session {
             let sent = if !to_server.is_empty() {
                 unless_would_block(crate::protocol::io::try_send(sw.as_ref(), &mut to_server))
                     .map(Event::SentServer)
-            } else if !to_client.is_empty() {
+            } else if !to_client.is_empty() && !holding {
                 unless_would_block(crate::protocol::io::try_send(cw.as_ref(), &mut to_client))
                     .map(Event::SentClient)
             } else {
@@ -1281,8 +1326,8 @@ impl Session {
                 tokio::select! {
                     biased;
                     r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => Event::SentServer(r),
-                    r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() => Event::SentClient(r),
-                    r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() => Event::ServerRead(r),
+                    r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() && !holding => Event::SentClient(r),
+                    r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() || holding => Event::ServerRead(r),
                     r = read_into(cr.as_ref(), &mut self.buf), if read_client => Event::ClientRead(r),
                     // Made on first poll (the timer and its clock read cost
                     // nothing while the branch is off), afresh each time round.
@@ -1406,6 +1451,30 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A read the replica refused as a write: its statement goes to the
+    /// primary from now on (logged once, literals masked), and the client's
+    /// bytes are put back to run there now.
+    fn misrouted(&mut self, replay: BytesMut) {
+        if let (Some(h), Some(sql)) = (
+            &self.health,
+            first_statement(&replay, self.limit, &self.statements),
+        ) {
+            let fingerprint = crate::stats::fingerprint::hash_and_template(sql).0;
+            if h.remember_misrouted(fingerprint) {
+                let shape = self.shared.stats.shapes.shape(sql);
+                tracing::warn!(
+                    database = %self.database,
+                    statement = %shape.text,
+                    "a replica refused a read as a write (25006): run again on the primary, and sent there from now on (a function that writes? list it in write_functions)"
+                );
+            }
+        }
+        let mut buf = BytesMut::with_capacity(replay.len() + self.buf.len());
+        buf.extend_from_slice(&replay);
+        buf.extend_from_slice(&self.buf);
+        self.buf = buf;
     }
 
     /// After a transaction that changed session settings, learns the
@@ -1660,13 +1729,23 @@ impl ClientIn<'_> {
         loop {
             let s = cscan.scan(buf, &mut t.client_side(Some(self.shapes)))?;
             t.timing.delta.received += s.forward as u64;
-            append(to_server, buf.split_to(s.forward));
+            let chunk = buf.split_to(s.forward);
+            if let super::txn::Misroute::Armed(replay) = &mut t.misroute {
+                if replay.len() + chunk.len() > super::txn::MISROUTE_HOLD {
+                    t.misroute = super::txn::Misroute::Off;
+                } else {
+                    replay.extend_from_slice(&chunk);
+                }
+            }
+            append(to_server, chunk);
             if !s.stopped || t.terminated || t.reroute {
                 break;
             }
             let total = checked_len(buf[0], &buf[1..5], usize::MAX)?;
             let msg = buf.split_to(total);
             t.timing.delta.received += total as u64;
+            // tidepool rewrites or answers this one itself: no replay.
+            t.misroute.disarm();
             Handler {
                 statements: self.statements,
                 prepared,

@@ -37,6 +37,38 @@ pub struct Policy {
     pub refuse_session_features: bool,
 }
 
+/// Client bytes and held answer kept for the safety net, at most.
+pub const MISROUTE_HOLD: usize = 64 * 1024;
+
+/// The safety net of an autocommit read sent to a replica: until its first
+/// row (or the end of its answer) the answer is held back and the client's
+/// bytes are kept, so that when the replica refuses it as a write (25006)
+/// it runs again on the primary and the client never sees the refusal.
+#[derive(Debug, Default)]
+pub enum Misroute {
+    #[default]
+    Off,
+    /// Holding: the client bytes sent so far.
+    Armed(bytes::BytesMut),
+    /// The replica said 25006: these bytes go to the primary once its
+    /// answer is over.
+    Fired(bytes::BytesMut),
+}
+
+impl Misroute {
+    /// The answer is held back from the client.
+    pub fn holds(&self) -> bool {
+        !matches!(self, Misroute::Off)
+    }
+
+    /// Gives up the net (a row came, the answer ended, too much to hold).
+    pub fn disarm(&mut self) {
+        if matches!(self, Misroute::Armed(_)) {
+            *self = Misroute::Off;
+        }
+    }
+}
+
 /// What tells, on a replica, which statements need the primary.
 #[derive(Debug, Clone)]
 pub struct ReplicaGuard {
@@ -99,6 +131,8 @@ pub struct Tracker {
     pub reroute: bool,
     /// Statement and transaction times.
     pub timing: Timing,
+    /// The safety net of a read on a replica.
+    pub misroute: Misroute,
     /// Statements this client sent lately; kept across [`Tracker::reset`].
     memo: Memo,
 }
@@ -128,6 +162,7 @@ impl Tracker {
             replica_guard: None,
             reroute: false,
             timing: Timing::default(),
+            misroute: Misroute::Off,
             memo: Memo::default(),
         }
     }
@@ -157,6 +192,7 @@ impl Tracker {
         self.replica_guard = None;
         self.reroute = false;
         self.timing.clear();
+        self.misroute = Misroute::Off;
     }
 
     /// Nothing is owed, nothing is half-sent, and the server is outside a
@@ -423,6 +459,9 @@ fn plan_changed(e: &ErrorFields) -> bool {
 /// its hash in hex).
 pub const INTERNAL_NAME_MARK: &[u8] = b"\"tidepool_";
 
+/// A replica refusing a write: `cannot execute … in a read-only transaction`.
+const READ_ONLY_TRANSACTION: &str = "25006";
+
 /// PostgreSQL's words for a prepared statement whose result type changed.
 pub const PLAN_CHANGED: &str = "cached plan must not change result type";
 
@@ -442,7 +481,9 @@ impl Inspector for ServerSide<'_> {
         }
         let tag_kind = BackendTag::from_byte(tag);
         if tag_kind == BackendTag::DataRow {
-            // Rows pass untouched (and change nothing owed).
+            // Rows pass untouched (and change nothing owed); the first one
+            // ends the safety net (rows are not held).
+            t.misroute.disarm();
             return Step::Pass;
         }
         match tag_kind {
@@ -452,9 +493,18 @@ impl Inspector for ServerSide<'_> {
             | BackendTag::CommandComplete => {
                 return Step::Inspect;
             }
-            BackendTag::CopyInResponse => t.copy = Copy::In,
-            BackendTag::CopyOutResponse => t.copy = Copy::Out,
-            BackendTag::CopyBothResponse => t.copy = Copy::Both,
+            BackendTag::CopyInResponse => {
+                t.copy = Copy::In;
+                t.misroute.disarm();
+            }
+            BackendTag::CopyOutResponse => {
+                t.copy = Copy::Out;
+                t.misroute.disarm();
+            }
+            BackendTag::CopyBothResponse => {
+                t.copy = Copy::Both;
+                t.misroute.disarm();
+            }
             BackendTag::EmptyQueryResponse | BackendTag::PortalSuspended => {
                 t.timing.statement_end();
             }
@@ -473,6 +523,7 @@ impl Inspector for ServerSide<'_> {
                 if t.status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
                     t.schema_changed = true;
                 }
+                t.misroute.disarm();
                 t.copy = Copy::None;
                 t.timing.ready(t.status);
             }
@@ -503,6 +554,13 @@ impl Inspector for ServerSide<'_> {
                 }
                 if t.copy == Copy::Out {
                     t.copy = Copy::None;
+                }
+                if let Misroute::Armed(replay) = &mut t.misroute {
+                    t.misroute = if fields.code == READ_ONLY_TRANSACTION {
+                        Misroute::Fired(std::mem::take(replay))
+                    } else {
+                        Misroute::Off
+                    };
                 }
                 if let Some((hash, version)) = t.expect.head_bound_statement() {
                     if plan_changed(&fields) {

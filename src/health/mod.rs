@@ -160,7 +160,15 @@ pub struct Health {
     /// DDL went through tidepool since `functions` was loaded: the checker
     /// loads them again at its next round.
     pub functions_stale: AtomicBool,
+    /// Fingerprints of reads a replica refused as writes (25006): they go
+    /// to the primary from then on. Bounded by `MISROUTES_KEPT`.
+    misrouted: Mutex<std::collections::HashSet<u64>>,
+    any_misrouted: AtomicBool,
 }
+
+/// Fingerprints of misrouted statements kept per database (the set starts
+/// again when full: a statement forgotten gets one more retry).
+const MISROUTES_KEPT: usize = 10_000;
 
 impl Health {
     pub fn new(db: &crate::config::Database) -> Self {
@@ -177,7 +185,38 @@ impl Health {
             next: AtomicUsize::new(0),
             functions: arc_swap::ArcSwapOption::empty(),
             functions_stale: AtomicBool::new(true),
+            misrouted: Mutex::new(std::collections::HashSet::new()),
+            any_misrouted: AtomicBool::new(false),
         }
+    }
+
+    /// Whether any statement was found misrouted (then fingerprints are
+    /// worth computing at routing).
+    pub fn any_misrouted(&self) -> bool {
+        self.any_misrouted.load(Ordering::Relaxed)
+    }
+
+    /// Whether the statement with this fingerprint was found misrouted.
+    pub fn misrouted(&self, fingerprint: u64) -> bool {
+        self.any_misrouted()
+            && self
+                .misrouted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&fingerprint)
+    }
+
+    /// Remembers a misrouted statement; true the first time.
+    pub fn remember_misrouted(&self, fingerprint: u64) -> bool {
+        let mut set = self
+            .misrouted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.len() >= MISROUTES_KEPT {
+            set.clear();
+        }
+        self.any_misrouted.store(true, Ordering::Relaxed);
+        set.insert(fingerprint)
     }
 
     /// Nanoseconds since this health record began.

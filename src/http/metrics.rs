@@ -316,6 +316,11 @@ impl Collector for Snapshot {
                 "Stale statements closed and prepared afresh on a server",
                 vec![],
             ),
+            (
+                "tidepool_misroute_retries",
+                "Reads a replica refused as writes (25006), run again on the primary",
+                vec![],
+            ),
         ];
         let mut times: Families<f64> = vec![
             (
@@ -368,6 +373,7 @@ impl Collector for Snapshot {
                 tot.binds,
                 tot.prepared_invalidations,
                 tot.prepared_reprepares,
+                tot.misroute_retries,
             ]
             .into_iter()
             .enumerate()

@@ -37,6 +37,7 @@ struct Stripe {
     slow: AtomicU64,
     prepared_invalidations: AtomicU64,
     prepared_reprepares: AtomicU64,
+    misroute_retries: AtomicU64,
     query_latency: AtomicBuckets,
     xact_latency: AtomicBuckets,
     wait_latency: AtomicBuckets,
@@ -80,6 +81,8 @@ pub struct Totals {
     pub prepared_invalidations: u64,
     /// Stale statements closed and prepared afresh on a server.
     pub prepared_reprepares: u64,
+    /// Reads a replica refused as writes (25006), run again on the primary.
+    pub misroute_retries: u64,
 }
 
 /// PgBouncer's `avg_*`: counts and bytes per second over the last period,
@@ -118,6 +121,7 @@ pub struct Delta {
     pub slow: u64,
     pub prepared_invalidations: u64,
     pub prepared_reprepares: u64,
+    pub misroute_retries: u64,
 }
 
 /// This thread's stripe and whether it writes it alone.
@@ -159,6 +163,7 @@ impl Traffic {
         s.add(|s| &s.slow, d.slow);
         s.add(|s| &s.prepared_invalidations, d.prepared_invalidations);
         s.add(|s| &s.prepared_reprepares, d.prepared_reprepares);
+        s.add(|s| &s.misroute_retries, d.misroute_retries);
     }
 
     /// A server was handed to a client after `wait`.
@@ -216,6 +221,7 @@ impl Traffic {
                 slow: g(&s.slow),
                 prepared_invalidations: g(&s.prepared_invalidations),
                 prepared_reprepares: g(&s.prepared_reprepares),
+                misroute_retries: g(&s.misroute_retries),
             });
         }
         t
@@ -280,6 +286,7 @@ impl Totals {
         self.slow += o.slow;
         self.prepared_invalidations += o.prepared_invalidations;
         self.prepared_reprepares += o.prepared_reprepares;
+        self.misroute_retries += o.misroute_retries;
     }
 }
 
