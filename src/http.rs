@@ -112,7 +112,7 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 /// Whether every configured database's primary accepts a TCP connection.
-async fn ready(shared: &Shared) -> (bool, String) {
+pub async fn ready(shared: &Shared) -> (bool, String) {
     let settings = shared.settings();
     let targets: Vec<(String, String)> = settings
         .config

@@ -395,6 +395,14 @@ health_check_period = "200ms"
         replica_row["status"].starts_with("down: login_failed: "),
         "{replica_row:?}"
     );
+    let (ready, body) = tidepool::http::ready(&proxy.shared).await;
+    assert!(ready, "replicas do not decide readiness: {body}");
+    assert!(
+        body.lines().any(
+            |l| l.starts_with(&format!("{db}: replica ")) && l.contains("down: login_failed: ")
+        ),
+        "{body}"
+    );
     let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
     assert!(
         metrics
