@@ -332,3 +332,78 @@ async fn pgbench_prepared_costs_no_extra_round_trips_once_warm() {
     assert!(syncs <= 5, "parameter syncs: {syncs}");
     assert_eq!(refreshes, 0);
 }
+
+/// `pg_prepared_statements` shows a client its own statements under its own
+/// names, as PostgreSQL shows them directly: SQL-level and protocol-level,
+/// gone after DEALLOCATE, and never another client's (tidepool shares server
+/// statements between clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_prepared_statements_lists_the_clients_own_statements() {
+    let c = cluster();
+    let db = c.create_database("listed");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    const LIST: &str = "select name, statement, from_sql, parameter_types::text \
+                        from pg_prepared_statements order by name";
+    async fn listing(client: &tokio_postgres::Client) -> Vec<Vec<String>> {
+        let rows = client.simple_query(LIST).await.unwrap();
+        rows.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..4)
+                        .map(|i| r.get(i).unwrap_or("").to_owned())
+                        // tokio-postgres numbers its statements process-wide.
+                        .map(|v| {
+                            if v.len() > 1
+                                && v.starts_with('s')
+                                && v[1..].bytes().all(|b| b.is_ascii_digit())
+                            {
+                                "sN".to_owned()
+                            } else {
+                                v
+                            }
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+    let mut seen = Vec::new();
+    for through_tidepool in [false, true] {
+        let connect = || async {
+            if through_tidepool {
+                proxy.client(&db).await
+            } else {
+                harness::connect(&c.app_url(&db)).await.unwrap()
+            }
+        };
+        let a = connect().await;
+        let b = connect().await;
+        let mut log = Vec::new();
+        a.batch_execute("PREPARE p AS select 1").await.unwrap();
+        a.batch_execute("PREPARE q (int) AS select $1 + 1")
+            .await
+            .unwrap();
+        let _s0 = a.prepare("select $1::text").await.unwrap();
+        log.push(listing(&a).await);
+        // Another client, sharing servers with `a`, sees nothing of a's.
+        log.push(listing(&b).await);
+        b.batch_execute("PREPARE p AS select 1").await.unwrap();
+        log.push(listing(&b).await);
+        a.batch_execute("DEALLOCATE p").await.unwrap();
+        log.push(listing(&a).await);
+        log.push(listing(&b).await);
+        // Extended protocol, and qualified and aliased references.
+        let rows = a
+            .query(
+                "select s.name from pg_catalog.pg_prepared_statements s where s.from_sql order by 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        log.push(vec![rows.iter().map(|r| r.get::<_, String>(0)).collect()]);
+        seen.push(log);
+    }
+    assert_eq!(seen[1], seen[0], "through tidepool vs PostgreSQL");
+    assert_eq!(seen[0][0].len(), 3, "{:?}", seen[0]);
+}

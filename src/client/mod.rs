@@ -19,6 +19,7 @@ mod prepared;
 pub(crate) mod session;
 pub mod sql;
 pub(crate) mod startup;
+mod statement_list;
 mod timing;
 pub mod txn;
 

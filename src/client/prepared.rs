@@ -134,6 +134,23 @@ impl Handler<'_> {
             return self.sql_prepared(msg, sql, p);
         }
         let named = t.policy.named_statements;
+        if e.lists_statements && named {
+            let refs = super::statement_list::references(sql);
+            if !refs.is_empty() {
+                let rewritten = self.list_statements(sql, &refs);
+                let t = &mut *self.t;
+                t.note_effects(&e);
+                write::query(self.to_server, &rewritten);
+                t.pending += 1;
+                t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                    position_shift: 0,
+                });
+                t.timing.query(shape_of(self.shapes, sql));
+                return Ok(());
+            }
+        }
         if let (Some(n), true) = (&e.nested_execute, named)
             && let Some(stmt) = self.lookup(&n.name)
         {
@@ -280,6 +297,63 @@ impl Handler<'_> {
     }
 
     fn parse(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+        if self.t.policy.named_statements {
+            let mut b = Body::new(body, "Parse");
+            let name = b.cstr()?;
+            let query = b.cstr()?;
+            let refs = super::statement_list::references(query);
+            if !refs.is_empty() {
+                // The query reads pg_prepared_statements: it is prepared
+                // with the client's statements as they are now.
+                let rewritten = self.list_statements(query, &refs);
+                let mut out = BytesMut::new();
+                write::message(&mut out, FrontendTag::Parse.byte(), |m| {
+                    m.put_slice(name.as_bytes());
+                    m.put_u8(0);
+                    m.put_slice(rewritten.as_bytes());
+                    m.put_u8(0);
+                    m.put_slice(b.rest());
+                });
+                return self.parse_as_is(&out, &out[5..]);
+            }
+        }
+        self.parse_as_is(msg, body)
+    }
+
+    /// The client's statements as `pg_prepared_statements` would list them,
+    /// in place of each reference to it in `sql`; each is made sure to be
+    /// on this server first.
+    fn list_statements(&mut self, sql: &str, refs: &[super::statement_list::Reference]) -> String {
+        let mut mine: Vec<(String, Arc<Statement>)> = self
+            .statements
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        mine.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, stmt) in &mine {
+            self.ensure(stmt);
+        }
+        let texts: Vec<String> = mine
+            .iter()
+            .map(|(name, s)| match &s.sql_prepare {
+                Some(_) => format!("PREPARE {name} {}", s.query.trim_start()),
+                None => s.query.clone(),
+            })
+            .collect();
+        let listed: Vec<super::statement_list::Listed<'_>> = mine
+            .iter()
+            .zip(&texts)
+            .map(|((name, s), text)| super::statement_list::Listed {
+                name,
+                statement: text,
+                server_name: &s.name,
+                from_sql: s.sql_prepare.is_some(),
+            })
+            .collect();
+        super::statement_list::rewrite(sql, refs, &listed)
+    }
+
+    fn parse_as_is(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
         let (name, stmt) = Statement::from_parse(body)?;
         let generation = self.catalog.generation(stmt.hash);
         let stmt = Statement::in_generation(stmt, generation);

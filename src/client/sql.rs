@@ -28,6 +28,9 @@ pub struct Effects {
     /// DDL (`CREATE`, `ALTER`, `DROP`, `IMPORT FOREIGN SCHEMA`): prepared
     /// statements may no longer fit the catalog once it commits.
     pub ddl: bool,
+    /// Mentions `pg_prepared_statements`: the client is shown its own
+    /// statements (`client::statement_list`).
+    pub lists_statements: bool,
 }
 
 impl Effects {
@@ -62,6 +65,7 @@ pub fn effects(sql: &str) -> Effects {
     // A trailing `;` (as pgbench and many drivers send) still makes one
     // statement; a `;` anywhere else (even quoted) takes the full scan.
     let body = sql.trim_end().strip_suffix(';').unwrap_or(sql);
+    e.lists_statements = contains_ignore_case(sql, "pg_prepared_statements");
     if !body.contains(';') && starts_with_plain_statement(body) {
         let (set_config, advisory) = session_functions(sql);
         if set_config {

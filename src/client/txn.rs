@@ -368,8 +368,9 @@ impl Inspector for ClientSide<'_> {
                 let t = &mut *self.t;
                 if let Some(e) = e {
                     let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
-                    let prepared = (e.prepared.is_some() || e.nested_execute.is_some())
-                        && t.policy.named_statements;
+                    let prepared =
+                        (e.prepared.is_some() || e.nested_execute.is_some() || e.lists_statements)
+                            && t.policy.named_statements;
                     if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
                         return Ok(Step::Stop);
                     }
@@ -395,6 +396,9 @@ impl Inspector for ClientSide<'_> {
                     return Ok(Step::Stop);
                 }
                 let (shape, e) = self.look(sql);
+                if named && e.as_ref().is_some_and(|e| e.lists_statements) {
+                    return Ok(Step::Stop);
+                }
                 let t = &mut *self.t;
                 if let Some(e) = e
                     && t.note_effects(&e)
