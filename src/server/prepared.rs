@@ -331,3 +331,95 @@ mod tests {
         assert_eq!(s.shape(1), None, "prepared again: described again");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Prepare statement `h` in `version` (the catalog's now).
+        Prepare {
+            h: u64,
+            version: u64,
+        },
+        Touch(u64),
+        Remove(u64),
+        Describe {
+            h: u64,
+            shape: u64,
+        },
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let h = 0u64..12;
+        prop_oneof![
+            (h.clone(), 0u64..3).prop_map(|(h, version)| Op::Prepare { h, version }),
+            h.clone().prop_map(Op::Touch),
+            h.clone().prop_map(Op::Remove),
+            (h, 0u64..3).prop_map(|(h, shape)| Op::Describe { h, shape }),
+            Just(Op::Clear),
+        ]
+    }
+
+    proptest! {
+        /// The per-server prepared set against a model (a list in use
+        /// order): never more than `cap` statements; eviction takes the least
+        /// recently used one other than the one being prepared; a statement
+        /// is fresh only in the version it was prepared in; a shape belongs
+        /// to the preparation it describes (preparing again forgets it).
+        #[test]
+        fn the_prepared_set_is_a_bounded_lru_of_versions(
+            cap in 1usize..6,
+            ops in prop::collection::vec(op(), 0..80),
+        ) {
+            let mut s = ServerStatements::default();
+            // Most recently used last: (hash, version, shape).
+            let mut model: Vec<(u64, u64, Option<u64>)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Prepare { h, version } => {
+                        let victim = s.insert(h, version, cap);
+                        model.retain(|e| e.0 != h);
+                        model.push((h, version, None));
+                        let expected = (model.len() > cap).then(|| model.remove(0).0);
+                        prop_assert_eq!(victim, expected);
+                    }
+                    Op::Touch(h) => {
+                        s.touch(h);
+                        if let Some(at) = model.iter().position(|e| e.0 == h) {
+                            let e = model.remove(at);
+                            model.push(e);
+                        }
+                    }
+                    Op::Remove(h) => {
+                        s.remove(h);
+                        model.retain(|e| e.0 != h);
+                    }
+                    Op::Describe { h, shape } => {
+                        s.set_shape(h, Described { shape, seq: 0 });
+                        if let Some(e) = model.iter_mut().find(|e| e.0 == h) {
+                            e.2 = Some(shape);
+                        }
+                    }
+                    Op::Clear => {
+                        s.clear();
+                        model.clear();
+                    }
+                }
+                prop_assert!(s.len() <= cap);
+                prop_assert_eq!(s.len(), model.len());
+                for h in 0..12u64 {
+                    let m = model.iter().find(|e| e.0 == h);
+                    prop_assert_eq!(s.contains(h), m.is_some());
+                    for v in 0..3u64 {
+                        prop_assert_eq!(s.fresh(h, v), m.is_some_and(|e| e.1 == v));
+                    }
+                    prop_assert_eq!(s.shape(h).map(|d| d.shape), m.and_then(|e| e.2));
+                }
+            }
+        }
+    }
+}
