@@ -269,3 +269,71 @@ async fn migrations_through_tidepool_answer_as_postgresql_does() {
             .any(|(l, _, _, o)| *l == "added" && *o == Outcome::Columns(2))
     );
 }
+
+/// SQL-level PREPARE/EXECUTE across a migration, directly and through
+/// tidepool (two clients on a pool of 2): the same outcomes, and the
+/// statement heals once the client prepares it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepared_statements_heal_as_they_do_directly() {
+    let cluster = harness::cluster();
+    let mut runs = Vec::new();
+    for through_tidepool in [false, true] {
+        let db = tokio::task::spawn_blocking(move || cluster.create_database("sqlheal"))
+            .await
+            .unwrap();
+        let direct = cluster.app_url(&db);
+        let setup = harness::connect(&direct).await.unwrap();
+        exec(
+            &setup,
+            "create table t (id int primary key, v text); insert into t values (1, 'a');",
+        )
+        .await;
+        let proxy =
+            through_tidepool.then(|| TestProxy::for_db(cluster, &db, "default_pool_size = 2"));
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            clients.push(match &proxy {
+                Some(p) => p.client(&db).await,
+                None => harness::connect(&direct).await.unwrap(),
+            });
+        }
+        let mut log = Vec::new();
+        async fn step(c: &tokio_postgres::Client, sql: &str) -> String {
+            match c.simple_query(sql).await {
+                Ok(msgs) => format!(
+                    "ok {:?}",
+                    msgs.iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.len()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => format!("error {}", code(&e)),
+            }
+        }
+        for c in &clients {
+            log.push(step(c, "PREPARE p AS select * from t").await);
+            log.push(step(c, "EXECUTE p").await);
+        }
+        exec(&setup, "alter table t add column extra int default 7").await;
+        for c in &clients {
+            for _ in 0..2 {
+                log.push(step(c, "EXECUTE p").await);
+                log.push(
+                    step(c, "EXPLAIN EXECUTE p")
+                        .await
+                        .replace(|ch: char| ch.is_ascii_digit(), "#"),
+                );
+            }
+            log.push(step(c, "DEALLOCATE p").await);
+            log.push(step(c, "PREPARE p AS select * from t").await);
+            log.push(step(c, "EXECUTE p").await);
+            log.push(step(c, "EXECUTE p").await);
+        }
+        runs.push(log);
+    }
+    assert_eq!(runs[1], runs[0], "through tidepool vs PostgreSQL");
+    assert!(runs[0].iter().any(|l| l == "error 0A000"), "{:?}", runs[0]);
+    assert_eq!(runs[0].last().map(String::as_str), Some("ok [3]"));
+}

@@ -146,6 +146,7 @@ impl Handler<'_> {
                     undo: None,
                     failed: false,
                     position_shift: 0,
+                    bound: None,
                 });
                 t.timing.query(shape_of(self.shapes, sql));
                 return Ok(());
@@ -170,6 +171,7 @@ impl Handler<'_> {
                 undo: None,
                 failed: false,
                 position_shift: stmt.name.len() as i32 - (n.end - n.start) as i32,
+                bound: Some((stmt.hash, self.catalog.version(stmt.hash))),
             });
             t.timing.query(shape_of(self.shapes, sql));
             return Ok(());
@@ -185,6 +187,7 @@ impl Handler<'_> {
             undo: None,
             failed: false,
             position_shift: 0,
+            bound: None,
         });
         t.timing.query(shape_of(self.shapes, sql));
         self.to_server.extend_from_slice(msg);
@@ -256,6 +259,7 @@ impl Handler<'_> {
                         rest,
                         "PREPARE ".len() + stmt.name.len(),
                     ),
+                    bound: None,
                 });
                 self.t.timing.query(shape_of(self.shapes, &sql));
             }
@@ -267,6 +271,7 @@ impl Handler<'_> {
                         undo: None,
                         failed: false,
                         position_shift: 0,
+                        bound: None,
                     });
                     self.t.timing.query(None);
                     self.to_server.extend_from_slice(msg);
@@ -288,6 +293,7 @@ impl Handler<'_> {
                         rest,
                         "EXECUTE ".len() + stmt.name.len(),
                     ),
+                    bound: Some((stmt.hash, self.catalog.version(stmt.hash))),
                 });
                 let shape = self.shape(&stmt);
                 self.t.timing.query(shape);

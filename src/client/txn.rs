@@ -339,6 +339,7 @@ impl Inspector for ClientSide<'_> {
                     undo: None,
                     failed: false,
                     position_shift: 0,
+                    bound: None,
                 });
                 t.timing.sync(true);
             }
@@ -381,6 +382,7 @@ impl Inspector for ClientSide<'_> {
                     undo: None,
                     failed: false,
                     position_shift: 0,
+                    bound: None,
                 });
                 t.timing.query(shape);
             }

@@ -59,6 +59,9 @@ pub enum Owed {
         /// client's text (`EXECUTE tidepool_…` for `execute p`): error
         /// positions are moved back by this much.
         position_shift: i32,
+        /// The statement (hash, version) it runs, for `EXECUTE p`: an
+        /// error saying it went stale can name it.
+        bound: Option<(u64, u64)>,
     },
     /// A simple query tidepool sent itself: every answer, ReadyForQuery
     /// included, is dropped.
@@ -132,6 +135,7 @@ impl Expect {
     pub fn head_bound_statement(&self) -> Option<(u64, u64)> {
         match self.queue.front() {
             Some(Owed::BindNamed { hash, version }) => Some((*hash, *version)),
+            Some(Owed::UntilReady { bound, .. }) => *bound,
             _ => None,
         }
     }
@@ -428,6 +432,7 @@ mod tests {
             undo: None,
             failed: false,
             position_shift: 0,
+            bound: None,
         });
         e.on_message(b'T');
         e.on_message(b'E');
@@ -564,7 +569,7 @@ mod proptests {
                             Push::Sync => Owed::Sync,
                             Push::UntilReady => {
                                 queries.push(id);
-                                Owed::UntilReady { undo: Some(undo(id)), failed: false, position_shift: 0 }
+                                Owed::UntilReady { undo: Some(undo(id)), failed: false, position_shift: 0, bound: None }
                             }
                             Push::Internal => Owed::Internal,
                             Push::Abort => Owed::Abort,
