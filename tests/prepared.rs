@@ -407,3 +407,39 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
     assert_eq!(seen[1], seen[0], "through tidepool vs PostgreSQL");
     assert_eq!(seen[0][0].len(), 3, "{:?}", seen[0]);
 }
+
+/// A query tidepool answers itself (DEALLOCATE of a client's statement),
+/// pipelined right behind one the server answers: its answer follows the
+/// server's ReadyForQuery even when no other server message comes (it used
+/// to wait for one forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_tidepool_owes_after_the_servers_last_message_is_sent() {
+    let c = cluster();
+    let db = c.create_database("trailing");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
+    let mut r = Raw::login_trust(proxy.port(), &db).await;
+    for round_no in 0..20 {
+        let msgs = round(
+            &mut r,
+            raw::query(&format!("PREPARE p{round_no} AS select 1")),
+        )
+        .await;
+        assert_eq!(tags(&msgs), "CZ");
+        r.send(
+            &[
+                raw::query("select pg_sleep(0.01)"),
+                raw::query(&format!("DEALLOCATE p{round_no}")),
+            ]
+            .concat(),
+        )
+        .await;
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), r.read_until_ready())
+            .await
+            .expect("the server's answer");
+        assert_eq!(tags(&first), "TDCZ");
+        let second = tokio::time::timeout(std::time::Duration::from_secs(10), r.read_until_ready())
+            .await
+            .expect("tidepool's own answer, after the server's last message");
+        assert_eq!(tags(&second), "CZ");
+    }
+}

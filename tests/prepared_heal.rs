@@ -299,7 +299,11 @@ async fn sql_prepared_statements_heal_as_they_do_directly() {
         }
         let mut log = Vec::new();
         async fn step(c: &tokio_postgres::Client, sql: &str) -> String {
-            match c.simple_query(sql).await {
+            let answer =
+                tokio::time::timeout(std::time::Duration::from_secs(20), c.simple_query(sql))
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer to {sql}"));
+            match answer {
                 Ok(msgs) => format!(
                     "ok {:?}",
                     msgs.iter()

@@ -1788,6 +1788,13 @@ fn scan_server(
         let s = sscan.scan(sbuf, &mut t.server_side(changed))?;
         append(to_client, sbuf.split_to(s.forward));
         if !s.stopped || t.server_fatal.is_some() {
+            if !sscan.mid_message() && t.server_fatal.is_none() {
+                // Answers tidepool owes right after the last server message
+                // (an error it answered for a query the client sent before
+                // this answer was over) go now: no server message may ever
+                // come to carry them.
+                t.expect.take_synthetic(to_client);
+            }
             return Ok(());
         }
         if std::mem::take(&mut t.rename_error) {
