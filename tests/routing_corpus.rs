@@ -196,21 +196,11 @@ async fn no_write_reaches_the_replica_and_reads_use_it() {
         .batch_execute("create materialized view mv as select 1 as a")
         .await
         .unwrap();
-    let standby_url = harness::url(
-        cluster.replica_ports()[0],
-        APP_USER,
-        Some(APP_PASSWORD),
-        &db,
-    );
-    harness::wait_until_async("the standby to have the schema", DEADLINE, || async {
-        match harness::connect(&standby_url).await {
-            Ok(s) => s
-                .simple_query("select stable_count()")
-                .await
-                .is_ok_and(|r| r.len() > 1),
-            Err(_) => false,
-        }
-    })
+    let standby_url = standby_url(cluster, &db);
+    wait_for_standby(
+        &standby_url,
+        "select count(*) from pg_proc where proname = 'stable_count'",
+    )
     .await;
     let standby = harness::connect(&standby_url).await.unwrap();
 
@@ -430,23 +420,10 @@ async fn a_read_the_replica_refuses_runs_again_on_the_primary() {
         .batch_execute("create view writes_when_read as select log_event('view') as id")
         .await
         .unwrap();
-    let standby_url = harness::url(
-        cluster.replica_ports()[0],
-        APP_USER,
-        Some(APP_PASSWORD),
-        &db,
-    );
-    harness::wait_until_async("the standby to have the view", DEADLINE, || async {
-        match harness::connect(&standby_url).await {
-            Ok(s) => s
-                .simple_query("select count(*) from pg_views where viewname = 'writes_when_read'")
-                .await
-                .is_ok_and(|r| {
-                    r.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1")))
-                }),
-            Err(_) => false,
-        }
-    })
+    wait_for_standby(
+        &standby_url(cluster, &db),
+        "select count(*) from pg_views where viewname = 'writes_when_read'",
+    )
     .await;
     let proxy = TestProxy::start(&format!(
         "{}\n[routing]\nhealth_check_period = \"200ms\"\n",
@@ -525,4 +502,24 @@ async fn typed(
         &[(&0i64, tokio_postgres::types::Type::INT8)],
     )
     .await
+}
+
+fn standby_url(cluster: &harness::Cluster, db: &str) -> String {
+    harness::url(cluster.replica_ports()[0], APP_USER, Some(APP_PASSWORD), db)
+}
+
+/// Waits until `count_sql` (a count) answers 1 on the standby: it replayed
+/// what the test created on the primary.
+async fn wait_for_standby(url: &str, count_sql: &str) {
+    harness::wait_until_async("the standby to replay the schema", DEADLINE, || async {
+        match harness::connect(url).await {
+            Ok(s) => s.simple_query(count_sql).await.is_ok_and(|r| {
+                r.iter().any(|m| {
+                    matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1"))
+                })
+            }),
+            Err(_) => false,
+        }
+    })
+    .await;
 }

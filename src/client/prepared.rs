@@ -138,17 +138,9 @@ impl Handler<'_> {
             let refs = super::statement_list::references(sql);
             if !refs.is_empty() {
                 let rewritten = self.list_statements(sql, &refs);
-                let t = &mut *self.t;
-                t.note_effects(&e);
+                self.t.note_effects(&e);
                 write::query(self.to_server, &rewritten);
-                t.pending += 1;
-                t.expect.push(Owed::UntilReady {
-                    undo: None,
-                    failed: false,
-                    position_shift: 0,
-                    bound: None,
-                });
-                t.timing.query(shape_of(self.shapes, sql));
+                self.owe_query(sql, 0, None);
                 return Ok(());
             }
         }
@@ -162,36 +154,39 @@ impl Handler<'_> {
                 return Ok(());
             }
             self.ensure(&stmt);
-            let t = &mut *self.t;
-            t.note_effects(&e);
+            self.t.note_effects(&e);
             let rewritten = format!("{}{}{}", &sql[..n.start], stmt.name, &sql[n.end..]);
             write::query(self.to_server, &rewritten);
-            t.pending += 1;
-            t.expect.push(Owed::UntilReady {
-                undo: None,
-                failed: false,
-                position_shift: stmt.name.len() as i32 - (n.end - n.start) as i32,
-                bound: Some((stmt.hash, self.catalog.version(stmt.hash))),
-            });
-            t.timing.query(shape_of(self.shapes, sql));
+            let shift = stmt.name.len() as i32 - (n.end - n.start) as i32;
+            self.owe_query(
+                sql,
+                shift,
+                Some((stmt.hash, self.catalog.version(stmt.hash))),
+            );
             return Ok(());
         }
         if e.drops_all_statements {
             self.statements.clear();
             self.prepared.clear();
         }
+        self.t.note_effects(&e);
+        self.owe_query(sql, 0, None);
+        self.to_server.extend_from_slice(msg);
+        Ok(())
+    }
+
+    /// A query was written to the server for the client's `sql`: its
+    /// answer, up to ReadyForQuery, is owed to the client.
+    fn owe_query(&mut self, sql: &str, position_shift: i32, bound: Option<(u64, u64)>) {
         let t = &mut *self.t;
-        t.note_effects(&e);
         t.pending += 1;
         t.expect.push(Owed::UntilReady {
             undo: None,
             failed: false,
-            position_shift: 0,
-            bound: None,
+            position_shift,
+            bound,
         });
         t.timing.query(shape_of(self.shapes, sql));
-        self.to_server.extend_from_slice(msg);
-        Ok(())
     }
 
     /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared

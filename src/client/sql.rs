@@ -349,7 +349,7 @@ fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
     }
 }
 
-fn skip_space(s: &str, mut i: usize) -> usize {
+pub(super) fn skip_space(s: &str, mut i: usize) -> usize {
     let b = s.as_bytes();
     loop {
         while i < b.len() && is_space(b[i]) {
@@ -367,7 +367,7 @@ fn skip_space(s: &str, mut i: usize) -> usize {
 
 /// End of a dollar quote (`$tag$…$tag$`) starting at `i`, if one starts
 /// there (an open one runs to the end).
-fn dollar_quote_end(s: &str, i: usize) -> Option<usize> {
+pub(super) fn dollar_quote_end(s: &str, i: usize) -> Option<usize> {
     let b = s.as_bytes();
     let mut j = i + 1;
     if b.get(j)
@@ -413,7 +413,7 @@ const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// A byte of a bare identifier after its first (multi-byte characters are
 /// letters to PostgreSQL's scanner).
-fn is_ident_byte(c: u8) -> bool {
+pub(super) fn is_ident_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }
 

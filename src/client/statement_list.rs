@@ -11,7 +11,8 @@
 //! `pg_catalog.`-qualified, outside strings, comments and quoted text, not a
 //! column qualifier); the rest of the text is kept byte for byte.
 
-use crate::stats::fingerprint::{block_comment_end, is_space, line_comment_end, string_end};
+use super::sql::{dollar_quote_end as dollar_end, is_ident_byte as ident_byte, skip_space};
+use crate::stats::fingerprint::{block_comment_end, line_comment_end, string_end};
 
 const VIEW: &str = "pg_prepared_statements";
 
@@ -104,7 +105,7 @@ pub fn references(sql: &str) -> Vec<Reference> {
 fn reference(sql: &str, start: usize, end: usize) -> Option<Reference> {
     let b = sql.as_bytes();
     // Followed by `.`: a column qualifier (`pg_prepared_statements.name`).
-    let next = skip_space(b, end);
+    let next = skip_space(sql, end);
     if b.get(next) == Some(&b'.') {
         return None;
     }
@@ -191,46 +192,6 @@ fn literal(s: &str) -> String {
     }
     out.push('\'');
     out
-}
-
-fn ident_byte(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-fn skip_space(b: &[u8], mut i: usize) -> usize {
-    loop {
-        while i < b.len() && is_space(b[i]) {
-            i += 1;
-        }
-        if b[i..].starts_with(b"--") {
-            i = line_comment_end(b, i);
-        } else if b[i..].starts_with(b"/*") {
-            i = block_comment_end(b, i);
-        } else {
-            return i;
-        }
-    }
-}
-
-/// End of a dollar quote starting at `i`, if one starts there.
-fn dollar_end(s: &str, i: usize) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut j = i + 1;
-    while b
-        .get(j)
-        .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)
-    {
-        j += 1;
-    }
-    if b.get(j) != Some(&b'$') || b.get(i + 1).is_some_and(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let tag = &s[i..=j];
-    Some(
-        s[j + 1..]
-            .find(tag)
-            .map_or(b.len(), |p| j + 1 + p + tag.len()),
-    )
 }
 
 #[cfg(test)]
