@@ -1,0 +1,518 @@
+//! Forwarding one transaction: the I/O loop that moves whole buffers both
+//! ways, with the client → server scan (`ClientIn`) and the server → client
+//! scan (`scan_server`); it ends with a `TxEnd` saying how.
+//!
+//! Invariant: the server is given back only when the tracker says idle, no
+//! message is half forwarded either way, and nothing is buffered.
+
+use super::*;
+
+impl Session {
+    /// Forwards between client and server until the server can be released
+    /// (transaction mode), or something ends the session.
+    pub(super) async fn forward(&mut self, pooled: &mut PooledConn, t: &mut Tracker) -> TxEnd {
+        let mode = self.pool.hot.mode();
+        let idle_tx_timeout = self.settings.config.pool.idle_transaction_timeout;
+        let (server_pool, conn) = pooled.parts();
+        let stmt_ctx = StatementCtx {
+            database: &self.db_label,
+            user: &self.user,
+            backend: &server_pool.addr,
+            role: if server_pool.backend == 0 {
+                Role::Primary
+            } else {
+                Role::Replica
+            },
+            client: self.listed.info.addr,
+            slow_us: server_pool.hot.slow_query_us(),
+        };
+        let info = self.listed.info.clone();
+        let mut cscan = Scanner::frontend(self.limit);
+        let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
+        let mut to_client = BytesMut::new();
+        let mut changed = Vec::new();
+        let mut client_closed = false;
+
+        let stats = &*self.shared.stats;
+        let counters = &stats.counters;
+        let cap = self.settings.config.pool.max_prepared_statements as usize;
+        let mut client = ClientIn {
+            statements: &mut self.statements,
+            counters,
+            catalog: &server_pool.catalog,
+            cap,
+            shapes: &stats.shapes,
+        };
+        // Bytes already read (the message that started this transaction)
+        // are scanned on the first pass.
+        let mut to_server = conn.prepend.take().unwrap_or_default();
+        let mut rescan = true;
+        let (sr, sw) = conn.stream.split();
+        let (cr, cw) = self.stream.split();
+        loop {
+            if t.reroute && t.pending == 0 && t.status != TxStatus::Idle && to_server.is_empty() {
+                // The replica transaction went on (BEGIN READ ONLY): what
+                // waited runs there and gets PostgreSQL's own answer.
+                t.reroute = false;
+                t.replica_guard = None;
+                rescan = true;
+            }
+            if std::mem::take(&mut rescan)
+                && let Err(e) = client.scan(
+                    &mut self.buf,
+                    &mut cscan,
+                    t,
+                    &mut conn.prepared,
+                    &mut to_server,
+                    &mut to_client,
+                )
+            {
+                return TxEnd::ClientFatal(e.into());
+            }
+            // What the scan left starts at a message boundary: a message
+            // that must be seen whole gets room for all of it at once.
+            reserve_head(&mut self.buf, self.limit);
+            if t.pending > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
+                // A second request in flight, or too much to hold: the
+                // safety net covers one request's answer only.
+                t.misroute.disarm();
+            }
+            if let crate::client::txn::Misroute::Fired(_) = &t.misroute
+                && t.pending == 0
+                && t.expect.is_empty()
+                && to_server.is_empty()
+                && conn.buf.is_empty()
+                && !sscan.mid_message()
+                && t.status == TxStatus::Idle
+                && let crate::client::txn::Misroute::Fired(replay) = std::mem::take(&mut t.misroute)
+            {
+                // The refusal and what came with it never reach the client.
+                to_client.clear();
+                conn.tx = t.status;
+                return TxEnd::Misrouted { replay };
+            }
+            let holding = t.misroute.holds();
+            if t.terminated {
+                client_closed = true;
+            }
+            if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
+                // The server ends the session under the client's
+                // transaction (pg_terminate_backend, a timeout, a shutdown):
+                // the client gets its FATAL, as it would directly, and then
+                // its connection ends, as it would directly.
+                let reason = format!("{} ({})", f.message, f.code);
+                // The scan stopped at the (whole) FATAL message.
+                let whole = (conn.buf.len() >= 5)
+                    .then(|| checked_len(conn.buf[0], &conn.buf[1..5], SERVER_MESSAGE_LIMIT).ok())
+                    .flatten()
+                    .filter(|total| conn.buf.len() >= *total);
+                let Some(total) = whole else {
+                    return lost(reason, &cscan);
+                };
+                let fatal = conn.buf.split_to(total);
+                return TxEnd::ServerFatal { reason, fatal };
+            }
+            if to_client.is_empty() && to_server.is_empty() {
+                if client_closed {
+                    return TxEnd::ClientGone {
+                        mid_message: cscan.mid_message() || sscan.mid_message(),
+                    };
+                }
+                if let (None, Some(reason)) = (self.pinned, t.pin) {
+                    self.pinned = Some(reason);
+                    Counters::add(&counters.pins);
+                    tracing::info!(
+                        client = info.id,
+                        reason,
+                        "client pinned to its server for the rest of its session"
+                    );
+                }
+                if mode == PoolMode::Transaction
+                    && self.pinned.is_none()
+                    && t.is_idle()
+                    && !cscan.mid_message()
+                    && !sscan.mid_message()
+                    && conn.buf.is_empty()
+                {
+                    conn.tx = t.status;
+                    return TxEnd::Done;
+                }
+            }
+            let idle_in_tx =
+                !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
+            let read_client = to_server.is_empty() && !client_closed && !t.terminated && !t.hold;
+            // Sends first, without a wait: a socket is nearly always writable,
+            // and most turns only send what was just scanned.
+            let sent = if !to_server.is_empty() {
+                unless_would_block(crate::protocol::io::try_send(sw.as_ref(), &mut to_server))
+                    .map(Event::SentServer)
+            } else if !to_client.is_empty() && !holding {
+                unless_would_block(crate::protocol::io::try_send(cw.as_ref(), &mut to_client))
+                    .map(Event::SentClient)
+            } else {
+                None
+            };
+            let event = if let Some(sent) = sent {
+                sent
+            } else if to_server.is_empty() && to_client.is_empty() && !idle_in_tx {
+                // The usual wait, between a request sent and its answer:
+                // polled by hand, without building a select! of futures.
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = poll_read_into(sr.as_ref(), &mut conn.buf, cx) {
+                        return Poll::Ready(Event::ServerRead(r));
+                    }
+                    if read_client
+                        && let Poll::Ready(r) = poll_read_into(cr.as_ref(), &mut self.buf, cx)
+                    {
+                        return Poll::Ready(Event::ClientRead(r));
+                    }
+                    info.nudge.poll_nudged(cx).map(|()| Event::Nudged)
+                })
+                .await
+            } else {
+                // `biased`: the branches are tried in order, without drawing
+                // a random number per poll; none starves, as each one drains
+                // what enables it (a send empties its buffer; reads stop
+                // while what they brought waits to be sent).
+                tokio::select! {
+                    biased;
+                    r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => Event::SentServer(r),
+                    r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() && !holding => Event::SentClient(r),
+                    r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() || holding => Event::ServerRead(r),
+                    r = read_into(cr.as_ref(), &mut self.buf), if read_client => Event::ClientRead(r),
+                    // Made on first poll (the timer and its clock read cost
+                    // nothing while the branch is off), afresh each time round.
+                    _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
+                    _ = info.nudge.nudged() => Event::Nudged,
+                }
+            };
+            match event {
+                Event::SentServer(r) => {
+                    if let Err(e) = r {
+                        return lost(e.to_string(), &cscan);
+                    }
+                    if to_server.is_empty() {
+                        to_server = BytesMut::new();
+                    }
+                }
+                Event::SentClient(r) => {
+                    match r {
+                        Ok(n) => t.timing.delta.sent += n as u64,
+                        Err(_) => {
+                            client_closed = true;
+                            to_client.clear();
+                            to_server.clear();
+                        }
+                    }
+                    if to_client.is_empty() {
+                        to_client = BytesMut::new();
+                    }
+                }
+                Event::ServerRead(r) => {
+                    match r {
+                        Ok(0) => return lost("server closed the connection".into(), &cscan),
+                        Err(e) => return lost(e.to_string(), &cscan),
+                        Ok(_) => {}
+                    }
+                    if let Err(e) = scan_server(
+                        &mut conn.buf,
+                        &mut sscan,
+                        t,
+                        &mut changed,
+                        &mut to_client,
+                        client.statements,
+                    ) {
+                        return lost(e.to_string(), &cscan);
+                    }
+                    apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
+                    self.pool.confirm_statements(&t.expect.take_confirmed());
+                    for (hash, shape) in t.expect.take_described() {
+                        let shape = crate::server::prepared::Described::now(shape);
+                        conn.prepared.set_shape(hash, shape);
+                        // The client statements just prepared here are
+                        // promised this shape.
+                        for stmt in client.statements.values().filter(|s| s.hash == hash) {
+                            let _ = stmt.promised.set(shape);
+                        }
+                    }
+                    if t.hold && !t.expect.describing() {
+                        // The held message goes on; if preparing it failed
+                        // (the client got the error), the server skips to
+                        // the Sync and so does the client's stream.
+                        t.hold = false;
+                        t.client_skip |= t.expect.skipping();
+                        rescan = true;
+                    }
+                    for (hash, version) in t.broken.drain(..) {
+                        server_pool.catalog.mark_broken(hash, version);
+                    }
+                    if std::mem::take(&mut t.schema_changed) {
+                        // DDL ended: every server prepares its statements
+                        // afresh before their next use, and the function
+                        // volatilities are loaded again.
+                        server_pool.catalog.schema_changed();
+                        if let Some(h) = &self.health {
+                            h.functions_stale
+                                .store(true, std::sync::atomic::Ordering::Release);
+                        }
+                    }
+                    for (hash, generation, error) in t.stale.drain(..) {
+                        // Every server of the database closes this text's
+                        // statement before preparing it again; clients
+                        // that prepared it before get PostgreSQL's 0A000.
+                        if server_pool.catalog.mark_stale(hash, generation, &error) {
+                            t.timing.delta.prepared_invalidations += 1;
+                            tracing::info!(
+                                statement = %crate::server::prepared::server_name(hash),
+                                "a statement's result changed (a migration?): prepared afresh at its next use"
+                            );
+                        }
+                    }
+                    t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
+                    if !t.timing.done.is_empty() || !t.timing.xacts_done.is_empty() {
+                        stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
+                    }
+
+                    for (k, v) in changed.drain(..) {
+                        if is_tracked(&k) && self.params.get(&k) != Some(&v) {
+                            Arc::make_mut(&mut self.params).insert(k.clone(), v.clone());
+                        }
+                        conn.params.insert(k, v);
+                        conn.synced_to = None;
+                    }
+                    if client_closed {
+                        to_client.clear();
+                    }
+                }
+                Event::ClientRead(r) => match r {
+                    Ok(0) | Err(_) => client_closed = true,
+                    Ok(_) => rescan = true,
+                },
+                Event::IdleTimeout => {
+                    return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(
+                        idle_tx_timeout,
+                    ));
+                }
+                // KILL wakes this; a shutdown (or a parking sweep) does not
+                // interrupt a transaction.
+                Event::Nudged => {
+                    if info.eviction() == Eviction::Killed {
+                        return TxEnd::Killed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends `chunk` to `out` without copying when `out` is empty.
+pub(super) fn append(out: &mut BytesMut, chunk: BytesMut) {
+    if out.is_empty() {
+        *out = chunk;
+    } else {
+        out.unsplit(chunk);
+    }
+}
+
+/// The client → server half of forwarding.
+pub(super) struct ClientIn<'a> {
+    statements: &'a mut HashMap<String, Arc<Statement>>,
+    counters: &'a Counters,
+    catalog: &'a crate::pool::Catalog,
+    cap: usize,
+    shapes: &'a Fingerprints,
+}
+
+impl ClientIn<'_> {
+    /// Moves what can be sent from `buf` to `to_server`, handling the
+    /// messages the scanner stops at (named statements, refused features,
+    /// messages dropped after an error), and puts answers tidepool now owes
+    /// at the head of the stream into `to_client`.
+    fn scan(
+        &mut self,
+        buf: &mut BytesMut,
+        cscan: &mut Scanner,
+        t: &mut Tracker,
+        prepared: &mut ServerStatements,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            let s = cscan.scan(buf, &mut t.client_side(Some(self.shapes)))?;
+            t.timing.delta.received += s.forward as u64;
+            let chunk = buf.split_to(s.forward);
+            if let crate::client::txn::Misroute::Armed(replay) = &mut t.misroute {
+                if replay.len() + chunk.len() > crate::client::txn::MISROUTE_HOLD {
+                    t.misroute = crate::client::txn::Misroute::Off;
+                } else {
+                    replay.extend_from_slice(&chunk);
+                }
+            }
+            append(to_server, chunk);
+            if !s.stopped || t.terminated || t.reroute {
+                break;
+            }
+            let total = checked_len(buf[0], &buf[1..5], usize::MAX)?;
+            let msg = buf.split_to(total);
+            t.timing.delta.received += total as u64;
+            // tidepool rewrites or answers this one itself: no replay.
+            t.misroute.disarm();
+            Handler {
+                statements: self.statements,
+                prepared,
+                t,
+                to_server,
+                counters: self.counters,
+                catalog: self.catalog,
+                cap: self.cap,
+                shapes: Some(self.shapes),
+            }
+            .handle(msg[0], &msg)?;
+            if t.hold {
+                // The message waits for the server's answer; it is handed
+                // over again then, and counted then.
+                t.timing.delta.received -= total as u64;
+                let mut msg = msg;
+                msg.unsplit(std::mem::take(buf));
+                *buf = msg;
+                break;
+            }
+        }
+        t.expect.take_synthetic(to_client);
+        apply_undos(t.expect.take_undos(), self.statements, prepared);
+        t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
+        Ok(())
+    }
+}
+
+/// The server → client half: forwards what may pass, drops answers to
+/// tidepool's own messages, inserts tidepool's answers in order.
+pub(super) fn scan_server(
+    sbuf: &mut BytesMut,
+    sscan: &mut Scanner,
+    t: &mut Tracker,
+    changed: &mut Vec<(String, String)>,
+    to_client: &mut BytesMut,
+    statements: &HashMap<String, Arc<Statement>>,
+) -> Result<(), ProtocolError> {
+    loop {
+        let s = sscan.scan(sbuf, &mut t.server_side(changed))?;
+        append(to_client, sbuf.split_to(s.forward));
+        if !s.stopped || t.server_fatal.is_some() {
+            if !sscan.mid_message() && t.server_fatal.is_none() {
+                // Answers tidepool owes right after the last server message
+                // (an error it answered for a query the client sent before
+                // this answer was over) go now: no server message may ever
+                // come to carry them.
+                t.expect.take_synthetic(to_client);
+            }
+            return Ok(());
+        }
+        if std::mem::take(&mut t.rename_error) {
+            // An error naming tidepool's statement: the client's own name
+            // goes in, and the message is scanned again as it now reads.
+            let total = checked_len(sbuf[0], &sbuf[1..5], SERVER_MESSAGE_LIMIT)?;
+            let msg = sbuf.split_to(total);
+            let mut renamed = BytesMut::with_capacity(total + sbuf.len());
+            write::message(&mut renamed, msg[0], |b| {
+                b.put_slice(&rewrite_error(
+                    &msg[5..],
+                    statements,
+                    t.expect.head_position_shift(),
+                ))
+            });
+            renamed.extend_from_slice(sbuf);
+            *sbuf = renamed;
+            t.error_renamed = true;
+            continue;
+        }
+        if t.expect.head_is_synthetic() {
+            t.expect.take_synthetic(to_client);
+            continue;
+        }
+        if t.expect.head_is_internal() {
+            // An answer to tidepool's own query: drop it whole.
+            if sbuf.len() < 5 {
+                return Ok(());
+            }
+            let total = checked_len(sbuf[0], &sbuf[1..5], SERVER_MESSAGE_LIMIT)?;
+            if sbuf.len() < total {
+                return Ok(());
+            }
+            let msg = sbuf.split_to(total);
+            if msg[0] == crate::protocol::BackendTag::ReadyForQuery.byte() {
+                t.status = crate::protocol::messages::ready_for_query(&msg[5..])?;
+                t.pending = t.pending.saturating_sub(1);
+                t.expect.on_message(msg[0]);
+            } else if msg[0] == crate::protocol::BackendTag::ErrorResponse.byte() {
+                tracing::debug!("tidepool's own PREPARE failed on the server");
+            }
+            continue;
+        }
+        if sbuf.len() >= 5 && t.expect.swallows(sbuf[0]) {
+            use crate::protocol::BackendTag as B;
+            let tag = sbuf[0];
+            let kind = B::from_byte(tag);
+            let total = match kind {
+                // The server failing where tidepool made it fail, and the
+                // answers to a hidden Describe.
+                B::ErrorResponse | B::ParameterDescription | B::RowDescription | B::NoData => {
+                    checked_len(tag, &sbuf[1..5], SERVER_MESSAGE_LIMIT)?
+                }
+                _ if checked_len(tag, &sbuf[1..5], 5)? != 5 => {
+                    return Err(ProtocolError::Malformed("ParseComplete/CloseComplete"));
+                }
+                _ => 5,
+            };
+            if sbuf.len() < total {
+                return Ok(());
+            }
+            let msg = sbuf.split_to(total);
+            t.expect.on_hidden_description(tag, &msg[5..]);
+            continue;
+        }
+        return Ok(());
+    }
+}
+
+pub(super) fn lost(reason: String, cscan: &Scanner) -> TxEnd {
+    TxEnd::ServerLost {
+        reason,
+        client_skip: cscan.remaining(),
+    }
+}
+
+pub(super) async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_into(stream, buf, cx)).await
+}
+
+/// Reads what `stream` has into `buf` (growing it when nearly full), or
+/// registers for readability.
+pub(super) fn poll_read_into(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(buf.capacity().clamp(READ_START, READ_CHUNK));
+    }
+    crate::protocol::io::poll_read(stream, buf, cx)
+}
+
+/// `None` for a send that found the socket full (wait for it instead).
+pub(super) fn unless_would_block(r: std::io::Result<usize>) -> Option<std::io::Result<usize>> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
+    }
+}
+
+/// What ended one turn of [`Session::forward`].
+pub(super) enum Event {
+    SentServer(std::io::Result<usize>),
+    SentClient(std::io::Result<usize>),
+    ServerRead(std::io::Result<usize>),
+    ClientRead(std::io::Result<usize>),
+    IdleTimeout,
+    Nudged,
+}

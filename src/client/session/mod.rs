@@ -1,0 +1,452 @@
+//! The logged-in client's main loop: wait for work without a server, check
+//! one out, bring its parameters to the client's, forward both directions as
+//! whole buffers until the transaction ends, release (or clean up), repeat.
+//!
+//! One file per phase: `idle` (waiting without a server, answers that need
+//! none), `route` (which backend, checkout), `params` (parameter sync),
+//! `forward` (the I/O loop of one transaction), `cleanup` (ends that are not
+//! a clean release), `parking` (giving the task up while idle); `record` and
+//! `rename` serve forwarding. This file holds the session's state and the
+//! phase loop (`run`).
+//!
+//! Invariants: the session holds a server only inside `run`'s transaction
+//! step, and gives it back on every path (`Release`); a transaction starts
+//! only once its first message is whole.
+
+mod cleanup;
+mod forward;
+mod idle;
+mod params;
+mod parking;
+mod record;
+mod rename;
+mod route;
+
+use forward::poll_read_into;
+use idle::{first_statement, reserve_head, spare_tracker};
+pub use parking::Parked;
+use record::StatementCtx;
+use rename::rewrite_error;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::list::{Eviction, Listed};
+use super::prepared::{Handler, apply_undos};
+use super::startup::{LoggedIn, pool_error};
+use super::txn::{Policy, Tracker};
+use super::{Settings, Shared};
+use crate::cancel::{CancelHandle, send_cancel};
+use crate::config::PoolMode;
+use crate::error::ClientError;
+use crate::health::Health;
+use crate::pool::{DbControl, Pool, PooledConn, Release, Waiter};
+use crate::protocol::scan::{Scanner, checked_len, frontend_len};
+use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
+use crate::router::Class;
+use crate::router::hints::{Hint, hint};
+use crate::server::ServerError;
+use crate::server::params::{canonical, is_tracked, sync_sql};
+use crate::server::prepared::{ServerStatements, Statement};
+use crate::stats::{Counters, Fingerprints, Role, SlowQuery};
+use crate::watchdog::{self, Phase};
+
+/// Read buffers start this small and double (up to steps of
+/// [`READ_CHUNK`]) when a read would find less than [`READ_ROOM`] free.
+const READ_START: usize = 1024;
+const READ_CHUNK: usize = 16 * 1024;
+const READ_ROOM: usize = 256;
+/// Largest read buffer a client keeps between transactions (reused in place
+/// while it is active; a parked client holds none, and neither does an idle
+/// one when parking is off). Most clients' requests fit [`READ_START`]: an
+/// idle client waiting to park then holds 1 KiB, not the most it ever needed.
+const IDLE_KEEP: usize = 4 * 1024;
+/// Server messages can be as large as PostgreSQL allows (1 GiB fields).
+const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
+/// How long a ROLLBACK on behalf of a vanished client may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Session {
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    shared: Arc<Shared>,
+    /// The config this client runs under; refreshed after a reload.
+    settings: Arc<Settings>,
+    generation: u64,
+    /// This client in the client list (SHOW CLIENTS, KILL, shutdown).
+    listed: Listed,
+    /// PAUSE/RESUME of this client's database.
+    control: Arc<DbControl>,
+    /// The database name, shared with per-query statistics.
+    db_label: Arc<str>,
+    pool: Arc<Pool>,
+    /// Session parameters as the client sees them; shared (copy on write)
+    /// between clients whose parameters are the same.
+    params: Arc<BTreeMap<String, String>>,
+    cancel: CancelHandle,
+    /// An error owed to the client's next request (server lost while idle in
+    /// a transaction, or no server could be had).
+    owe_error: Option<ClientError>,
+    /// After an error inside an extended-query batch: drop until Sync.
+    skip_until_sync: bool,
+    /// Bytes of a dropped message still to be read and thrown away.
+    discard: usize,
+    limit: usize,
+    database: String,
+    user: String,
+    /// This client's named prepared statements.
+    statements: HashMap<String, Arc<Statement>>,
+    policy: Policy,
+    /// Set once a session feature tied the client to its server.
+    pinned: Option<&'static str>,
+    /// Startup-packet parameters: what RESET goes back to.
+    startup: Arc<BTreeMap<String, String>>,
+    client_key: Option<[u8; 32]>,
+    /// Replica health of this database (None without replicas).
+    health: Option<Arc<Health>>,
+    /// Pools of the replicas, by replica index, made on first use.
+    replica_pools: Vec<Option<Arc<Pool>>>,
+    /// When this client last finished a transaction that may have written
+    /// (nanos in `health`'s clock), for read-your-writes.
+    last_write: Option<u64>,
+    /// A lone BEGIN answered by tidepool; it is sent ahead of the next
+    /// statement, on the backend that statement is routed to.
+    deferred_begin: Option<String>,
+    /// Custom (dotted) parameters this client has touched.
+    custom_params: std::collections::BTreeSet<String>,
+    /// What a fresh server of this pool reports (fixed after login).
+    defaults: Arc<BTreeMap<String, String>>,
+    /// The last transaction's tracker, kept for its allocations.
+    spare_tracker: Option<Box<Tracker>>,
+    /// This client's mailbox while it waits for a server.
+    waiter: Arc<Waiter>,
+}
+
+/// Where a transaction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Primary,
+    Replica(usize),
+    /// A read with no usable replica and `replica_fallback = "error"`.
+    NoReplica,
+}
+
+enum Next {
+    Transaction,
+    Exit,
+    /// Asked to park, and nothing stands in the way.
+    Park,
+}
+
+/// How forwarding ended.
+enum TxEnd {
+    /// The server is idle and clean; give it back.
+    Done,
+    /// The client went away (or sent Terminate) with the server in this state.
+    ClientGone { mid_message: bool },
+    /// The server connection failed. `client_skip` bytes of a client message
+    /// that was being streamed to it are still to come and must be dropped.
+    ServerLost { reason: String, client_skip: usize },
+    /// The server ended the session with this FATAL ErrorResponse.
+    ServerFatal { reason: String, fatal: BytesMut },
+    /// The client broke the protocol or timed out: tell it and close.
+    ClientFatal(ClientError),
+    /// KILL: the client's connection ends now.
+    Killed,
+    /// The replica refused the read as a write (25006) before anything of
+    /// its answer reached the client: these client bytes run again, on the
+    /// primary. The server is idle and clean.
+    Misrouted { replay: BytesMut },
+}
+
+impl Session {
+    pub fn new(stream: TcpStream, shared: Arc<Shared>, l: LoggedIn, listed: Listed) -> Self {
+        let pool_defaults = l.pool.defaults().unwrap_or_default();
+        let settings = shared.settings();
+        let generation = shared.registry.generation();
+        listed
+            .info
+            .set_application_name(l.params.get("application_name").map_or("", |s| s));
+        Self {
+            stream,
+            buf: l.buf,
+            out: BytesMut::new(),
+            limit: settings.config.tidepool.max_message_size,
+            control: shared.registry.control(&l.database),
+            db_label: l.database.as_str().into(),
+            settings,
+            generation,
+            listed,
+            shared,
+            pool: l.pool,
+            params: l.params,
+            cancel: l.cancel,
+            owe_error: None,
+            skip_until_sync: false,
+            discard: 0,
+            database: l.database,
+            user: l.user,
+            statements: HashMap::new(),
+            policy: l.policy,
+            pinned: None,
+            startup: l.startup,
+            client_key: l.client_key,
+            replica_pools: Vec::new(),
+            last_write: None,
+            deferred_begin: None,
+            custom_params: std::collections::BTreeSet::new(),
+            defaults: pool_defaults,
+            health: None,
+            spare_tracker: None,
+            waiter: Waiter::new(),
+        }
+        .with_health()
+    }
+
+    fn with_health(mut self) -> Self {
+        self.health = self.shared.registry.health(&self.database);
+        self
+    }
+
+    /// After a reload: the new settings, and fresh pools and health where
+    /// the old ones were retired or replaced.
+    fn refresh(&mut self) {
+        let generation = self.shared.registry.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        self.settings = self.shared.settings();
+        self.limit = self.settings.config.tidepool.max_message_size;
+        self.health = self.shared.registry.health(&self.database);
+        self.replica_pools.clear();
+        if self.pool.is_retired()
+            && let Some(db) = self.settings.config.databases.get(&self.database)
+        {
+            let secret = self
+                .settings
+                .users
+                .get(&self.user)
+                .and_then(|u| u.secret.as_ref());
+            self.pool = self.shared.registry.pool_for(
+                &self.settings.config,
+                &self.database,
+                db,
+                &self.user,
+                secret,
+                self.client_key,
+                0,
+            );
+        }
+    }
+
+    /// Why this client must leave now, if it must.
+    fn evicted(&self, in_transaction: bool) -> Option<ClientError> {
+        match self.listed.info.eviction() {
+            Eviction::Killed => Some(ClientError::Killed),
+            Eviction::Shutdown if !in_transaction => Some(ClientError::Shutdown),
+            _ => None,
+        }
+    }
+
+    /// Serves the client until it leaves (or parks); `_slot` counts it
+    /// meanwhile.
+    pub async fn run(mut self: Box<Self>, _slot: super::ClientSlot) {
+        tracing::debug!(database = %self.database, user = %self.user, "session started");
+        self.listed.info.nudge.forget_waker();
+        loop {
+            // Liveness: each transaction spends from the task's cooperative
+            // budget, so a client whose transactions never wait (a server
+            // free at once, answers already buffered) still lets the others
+            // run after a bounded amount of work.
+            tokio::task::coop::consume_budget().await;
+            let idle_in_tx = self.deferred_begin.is_some();
+            if let Some(e) = self.evicted(idle_in_tx) {
+                return Box::pin(self.fatal(e)).await;
+            }
+            match self.wait_for_work().await {
+                Ok(Next::Exit) => return,
+                Ok(Next::Park) => match self.park() {
+                    None => return,
+                    Some(back) => {
+                        self = back;
+                        continue;
+                    }
+                },
+                Ok(Next::Transaction) => {}
+                Err(e) => return Box::pin(self.fatal(e)).await,
+            }
+            self.refresh();
+            if self.defer_begin() {
+                continue;
+            }
+            if self.control.is_paused() && self.deferred_begin.is_none() {
+                // PAUSE: hold new transactions until RESUME.
+                self.listed.info.waiting(0);
+                let (control, info) = (self.control.clone(), self.listed.info.clone());
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = control.wait_resumed() => {}
+                        _ = info.nudge.nudged() => {}
+                    }
+                })
+                .await;
+                self.listed.info.idle();
+                if let Some(e) = self.evicted(false) {
+                    return Box::pin(self.fatal(e)).await;
+                }
+                self.refresh();
+            }
+            watchdog::phase(Phase::Route);
+            let (route, class) = self.choose_route();
+            // Checkout and forwarding run inline: boxing them would cost two
+            // allocations per transaction. Rare phases (fatal errors, clean-up,
+            // parameter refresh) are boxed so the task does not carry their
+            // state; an idle client gives its whole task up by parking.
+            let (mut server, route) = match self.acquire_routed(route).await {
+                Ok(s) => s,
+                Err(ClientError::Killed) => {
+                    let e = self.evicted(true).unwrap_or(ClientError::Killed);
+                    return Box::pin(self.fatal(e)).await;
+                }
+                Err(e) => {
+                    tracing::info!(client = self.listed.info.id, error = %e, "no server for client request");
+                    self.owe_error = Some(e);
+                    continue;
+                }
+            };
+            // The last transaction's tracker, emptied: its queues keep their
+            // allocations.
+            let mut tracker = match self.spare_tracker.take() {
+                Some(mut t) => {
+                    t.reset(server.conn().tx, self.policy);
+                    t
+                }
+                None => Box::new(Tracker::new(server.conn().tx, self.policy)),
+            };
+            let had_prepend = self.deferred_begin.is_some();
+            if let Some(begin) = self.deferred_begin.take() {
+                // The client's BEGIN, run first on the chosen backend; its
+                // answers were already given.
+                let mut out = BytesMut::new();
+                write::query(&mut out, &begin);
+                tracker.pending += 1;
+                tracker.expect.push(crate::server::expect::Owed::Internal);
+                server.conn().prepend = Some(out);
+            }
+            if let (Route::Replica(_), None) = (route, self.pinned) {
+                tracker.replica_guard = Some(super::txn::ReplicaGuard {
+                    classifier: self.settings.classifier.clone(),
+                    functions: self.health.as_ref().and_then(|h| h.functions.load_full()),
+                });
+                if tracker.status == TxStatus::Idle && !had_prepend {
+                    // An autocommit read: should the replica refuse it as a
+                    // write, it runs again on the primary.
+                    tracker.misroute = super::txn::Misroute::Armed(BytesMut::new());
+                }
+            }
+            watchdog::phase(Phase::Forward);
+            let end = self.forward(&mut server, &mut tracker).await;
+            watchdog::phase(Phase::Release);
+            self.after_route(route, class);
+            self.cancel.point_at(None);
+            server.conn().tx = tracker.status;
+            server.pool().traffic.apply(&tracker.timing.delta);
+            self.listed.info.idle();
+            // SHOW CLIENTS' prepared_statements: this client's named ones.
+            self.listed.info.prepared.store(
+                self.statements.len() as u32,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let progressed = tracker.timing.delta.received > 0 || had_prepend;
+            match end {
+                TxEnd::Done if !progressed => {
+                    // A transaction that consumed nothing would start again at
+                    // once, forever: a bug, made loud and ended here instead
+                    // of a spinning task.
+                    tracing::error!(
+                        client = self.listed.info.id,
+                        "transaction ended without consuming a client message; closing the client"
+                    );
+                    server.release(Release::Reuse);
+                    return Box::pin(
+                        self.fatal(ClientError::Internal("no progress in a transaction".into())),
+                    )
+                    .await;
+                }
+                TxEnd::Done => {
+                    if tracker.params_changed {
+                        self.custom_params.extend(tracker.custom_params.drain(..));
+                        let refreshing = Box::pin(self.refresh_params(&mut server));
+                        refreshing.await;
+                        self.listed.info.set_application_name(
+                            self.params.get("application_name").map_or("", |s| s),
+                        );
+                    }
+                    server.release(Release::Reuse);
+                    self.spare_tracker = Some(tracker);
+                }
+                TxEnd::Killed => {
+                    // KILL drops the server connection too, after stopping
+                    // whatever runs on it.
+                    if tracker.pending > 0 {
+                        let _ = Box::pin(send_cancel(server.conn().cancel_key)).await;
+                    }
+                    server.release(Release::Close);
+                    return Box::pin(self.fatal(ClientError::Killed)).await;
+                }
+                TxEnd::ClientGone { mid_message } => {
+                    Box::pin(self.clean_up(server, &tracker, mid_message)).await;
+                    return;
+                }
+                TxEnd::ServerLost {
+                    reason,
+                    client_skip,
+                } => {
+                    tracing::warn!(client = self.listed.info.id, %reason, "server connection lost mid-transaction");
+                    server.release(Release::Close);
+                    // The session state a pin was for is gone with the server.
+                    self.pinned = None;
+                    self.discard = client_skip;
+                    self.server_lost(&tracker, reason);
+                }
+                TxEnd::ServerFatal { reason, fatal } => {
+                    tracing::warn!(client = self.listed.info.id, %reason, "server ended the session under a client; closing the client as PostgreSQL would");
+                    server.release(Release::Close);
+                    self.out.extend_from_slice(&fatal);
+                    let _ = self.flush_out().await;
+                    let _ = self.stream.shutdown().await;
+                    return;
+                }
+                TxEnd::ClientFatal(e) => {
+                    Box::pin(self.clean_up(server, &tracker, true)).await;
+                    return Box::pin(self.fatal(e)).await;
+                }
+                TxEnd::Misrouted { replay } => {
+                    server.pool().traffic.apply(&crate::stats::traffic::Delta {
+                        misroute_retries: 1,
+                        ..Default::default()
+                    });
+                    server.release(Release::Reuse);
+                    self.spare_tracker = Some(tracker);
+                    self.misrouted(replay);
+                }
+            }
+        }
+    }
+
+    /// Sends a FATAL error and closes the connection.
+    async fn fatal(&mut self, e: ClientError) {
+        tracing::info!(client = self.listed.info.id, peer = ?self.listed.info.addr, error = %e, "closing client");
+        e.write_to(&mut self.out);
+        let _ = self.stream.write_all(&self.out).await;
+        let _ = self.stream.shutdown().await;
+    }
+}

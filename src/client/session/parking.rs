@@ -1,0 +1,152 @@
+//! Parking: an idle client gives up its task and buffers (`client::park`
+//! keeps its socket and what cannot be derived again), and comes back as a
+//! session when it has work.
+
+use super::*;
+
+impl Session {
+    /// Nothing ties this idle client to its task: no bytes buffered either
+    /// way, nothing owed, no server, no transaction.
+    pub(super) fn parkable(&self) -> bool {
+        self.buf.is_empty()
+            && self.out.is_empty()
+            && self.discard == 0
+            && !self.skip_until_sync
+            && self.owe_error.is_none()
+            && self.deferred_begin.is_none()
+            && self.pinned.is_none()
+    }
+
+    /// Moves this client to the parking lot. `None` when it is parked (or
+    /// lost on the way); the session back when the lot could not take it.
+    pub(super) fn park(self: Box<Self>) -> Option<Box<Self>> {
+        let lot = self.shared.lot.clone();
+        let id = self.listed.info.id;
+        let parked = match self.into_parked() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(client = id, error = %e, "could not park client; closing it");
+                return None;
+            }
+        };
+        match lot.park(parked) {
+            Ok(()) => {
+                tracing::debug!(client = id, "client parked");
+                None
+            }
+            Err(p) => match p.into_session() {
+                // The slot taken for the record is given back: this task's
+                // own still counts the client.
+                Ok((session, _slot)) => Some(session),
+                Err(e) => {
+                    tracing::warn!(client = id, error = %e, "could not resume client; closing it");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Keeps what cannot be derived again; the socket leaves the runtime.
+    pub(super) fn into_parked(self: Box<Self>) -> std::io::Result<Parked> {
+        let s = *self;
+        // A waker kept for this task would keep the task's memory.
+        s.listed.info.nudge.forget_waker();
+        let rare =
+            (!s.statements.is_empty() || !s.custom_params.is_empty() || s.client_key.is_some())
+                .then(|| {
+                    Box::new(Rare {
+                        statements: s.statements,
+                        custom_params: s.custom_params,
+                        client_key: s.client_key,
+                    })
+                });
+        Ok(Parked {
+            slot: crate::client::ClientSlot::new(&s.shared),
+            socket: s.stream.into_std()?,
+            listed: s.listed,
+            pool: s.pool,
+            params: s.params,
+            startup: s.startup,
+            cancel: s.cancel,
+            policy: s.policy,
+            last_write: s.last_write,
+            rare,
+        })
+    }
+}
+
+/// A parked client (see `client::park`): only what [`Session`] cannot
+/// derive again from the config, the registry and the client list.
+pub struct Parked {
+    socket: std::net::TcpStream,
+    /// Counts the client while it has no task.
+    slot: crate::client::ClientSlot,
+    listed: Listed,
+    pool: Arc<Pool>,
+    params: Arc<BTreeMap<String, String>>,
+    startup: Arc<BTreeMap<String, String>>,
+    cancel: CancelHandle,
+    policy: Policy,
+    last_write: Option<u64>,
+    /// What most clients do not have (boxed so that they pay 8 bytes).
+    rare: Option<Box<Rare>>,
+}
+
+struct Rare {
+    statements: HashMap<String, Arc<Statement>>,
+    custom_params: std::collections::BTreeSet<String>,
+    client_key: Option<[u8; 32]>,
+}
+
+impl Parked {
+    pub fn info(&self) -> &crate::client::list::ClientInfo {
+        &self.listed.info
+    }
+
+    pub fn socket(&self) -> &std::net::TcpStream {
+        &self.socket
+    }
+
+    /// Runs the client again in a task of its own.
+    pub fn resume(self) {
+        let id = self.listed.info.id;
+        match self.into_session() {
+            Ok((session, slot)) => {
+                tracing::debug!(client = id, "client resumed");
+                tokio::spawn(crate::watchdog::Watched::new(id, session.run(slot)));
+            }
+            Err(e) => {
+                tracing::warn!(client = id, error = %e, "could not resume client; closing it")
+            }
+        }
+    }
+
+    /// Registers the socket with the runtime again and rebuilds the session.
+    fn into_session(self) -> std::io::Result<(Box<Session>, crate::client::ClientSlot)> {
+        let stream = TcpStream::from_std(self.socket)?;
+        let shared = self.slot.shared().clone();
+        let rare = self.rare.map(|r| *r);
+        let client_key = rare.as_ref().and_then(|r| r.client_key);
+        let l = LoggedIn {
+            database: self.listed.info.database.to_string(),
+            user: self.listed.info.user.to_string(),
+            pool: self.pool,
+            params: self.params,
+            buf: BytesMut::new(),
+            cancel: self.cancel,
+            policy: self.policy,
+            startup: self.startup,
+            client_key,
+        };
+        let mut session = Box::new(Session::new(stream, shared, l, self.listed));
+        // The config may have been reloaded meanwhile: look at the next
+        // transaction, as after any reload.
+        session.generation = u64::MAX;
+        session.last_write = self.last_write;
+        if let Some(r) = rare {
+            session.statements = r.statements;
+            session.custom_params = r.custom_params;
+        }
+        Ok((session, self.slot))
+    }
+}

@@ -1,0 +1,75 @@
+//! Who ran which statements where: per-query statistics and the slow log,
+//! recorded as a transaction's statements end.
+
+use super::*;
+
+/// Who ran statements where, for per-query statistics and the slow log.
+pub(super) struct StatementCtx<'a> {
+    pub(super) database: &'a Arc<str>,
+    pub(super) user: &'a str,
+    pub(super) backend: &'a Arc<str>,
+    pub(super) role: Role,
+    pub(super) client: Option<std::net::SocketAddr>,
+    pub(super) slow_us: u64,
+}
+
+impl StatementCtx<'_> {
+    /// Records finished statements and transactions: latency histograms,
+    /// per-query statistics, and slow statements (listed and logged with
+    /// their normalized text only).
+    pub(super) fn record(
+        &self,
+        stats: &crate::stats::Stats,
+        traffic: &crate::stats::Traffic,
+        params: &BTreeMap<String, String>,
+        timing: &mut crate::client::timing::Timing,
+    ) {
+        for us in timing.xacts_done.drain(..) {
+            traffic.transaction_latency(us);
+        }
+        for f in timing.done.drain(..) {
+            traffic.statement_latency(f.us);
+            let Some(shape) = f.shape else { continue };
+            if stats.per_query {
+                stats
+                    .queries
+                    .record(self.database, &shape, self.role, f.us, f.rows, f.error);
+            }
+            if f.us <= self.slow_us && self.slow_us > 0 {
+                continue;
+            }
+            timing.delta.slow += 1;
+            let app = params.get("application_name").map_or("", |s| s.as_str());
+            let client = self.client.map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(
+                target: "tidepool::slow_query",
+                database = &**self.database,
+                user = self.user,
+                backend = &**self.backend,
+                role = self.role.as_str(),
+                application_name = app,
+                client_addr = %client,
+                duration_ms = f.us as f64 / 1000.0,
+                rows = f.rows,
+                error = f.error,
+                fingerprint = %format_args!("{:016x}", shape.id),
+                query = &*shape.text,
+                "slow query"
+            );
+            stats.slow.push(SlowQuery {
+                at: std::time::SystemTime::now(),
+                database: self.database.clone(),
+                user: self.user.into(),
+                backend: self.backend.clone(),
+                role: self.role,
+                application_name: app.to_owned(),
+                client_addr: client,
+                duration_us: f.us,
+                rows: f.rows,
+                error: f.error,
+                fingerprint: shape.id,
+                query: shape.text.clone(),
+            });
+        }
+    }
+}
