@@ -80,7 +80,6 @@ impl Handler<'_> {
         if t.client_skip {
             if tag == FrontendTag::Sync {
                 t.client_skip = false;
-                t.pending += 1;
                 t.unsynced = false;
                 t.expect.push(Owed::Sync);
                 t.timing.sync(false);
@@ -179,7 +178,6 @@ impl Handler<'_> {
     /// answer, up to ReadyForQuery, is owed to the client.
     fn owe_query(&mut self, sql: &str, position_shift: i32, bound: Option<(u64, u64)>) {
         let t = &mut *self.t;
-        t.pending += 1;
         t.expect.push(Owed::UntilReady {
             undo: None,
             failed: false,
@@ -242,7 +240,6 @@ impl Handler<'_> {
                 self.t.timing.delta.server_parses += 1;
                 let sql = stmt.sql_prepare.clone().unwrap_or_default();
                 write::query(self.to_server, &sql);
-                self.t.pending += 1;
                 self.t.expect.push(Owed::UntilReady {
                     undo: Some(Undo {
                         server_stmt: Some(stmt.hash),
@@ -261,7 +258,6 @@ impl Handler<'_> {
             PreparedSql::Execute { name, rest } => {
                 let Some(stmt) = self.lookup(name) else {
                     // Unknown to tidepool: the server answers (with 26000).
-                    self.t.pending += 1;
                     self.t.expect.push(Owed::UntilReady {
                         undo: None,
                         failed: false,
@@ -279,7 +275,6 @@ impl Handler<'_> {
                 self.ensure(&stmt);
                 self.t.note_sql(&stmt.query);
                 write::query(self.to_server, &format!("EXECUTE {}{rest}", stmt.name));
-                self.t.pending += 1;
                 self.t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
@@ -600,7 +595,6 @@ impl Handler<'_> {
         self.t.timing.delta.server_parses += 1;
         if let Some(sql) = &stmt.sql_prepare {
             write::query(self.to_server, sql);
-            self.t.pending += 1;
             self.t.expect.push(Owed::Internal);
             Counters::add(&self.counters.prepares);
             return;
@@ -659,7 +653,6 @@ impl Handler<'_> {
             // the client's next query may come first.
             t.status = status;
             write::query(self.to_server, ABORT_QUERY);
-            t.pending += 1;
             t.expect.push(Owed::Internal);
         }
     }

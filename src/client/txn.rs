@@ -79,8 +79,6 @@ pub struct ReplicaGuard {
 
 #[derive(Debug)]
 pub struct Tracker {
-    /// ReadyForQuery messages the server still owes (one per Sync, Query, FunctionCall).
-    pub pending: u32,
     /// Extended-query messages were sent since the last Sync.
     pub unsynced: bool,
     pub status: TxStatus,
@@ -140,7 +138,6 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(status: TxStatus, policy: Policy) -> Self {
         Self {
-            pending: 0,
             unsynced: false,
             status,
             copy: Copy::None,
@@ -170,7 +167,6 @@ impl Tracker {
     /// Starts afresh for the next transaction, keeping the allocations (the
     /// queues of owed answers and statement timings) of the last one.
     pub fn reset(&mut self, status: TxStatus, policy: Policy) {
-        self.pending = 0;
         self.unsynced = false;
         self.status = status;
         self.copy = Copy::None;
@@ -203,8 +199,7 @@ impl Tracker {
 
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
     pub fn is_quiet(&self) -> bool {
-        self.pending == 0
-            && !self.unsynced
+        !self.unsynced
             && !self.client_skip
             && !self.hold
             && self.copy == Copy::None
@@ -328,13 +323,11 @@ impl Inspector for ClientSide<'_> {
             | FrontendTag::Execute
             | FrontendTag::Close => return Step::Inspect,
             FrontendTag::Sync => {
-                t.pending += 1;
                 t.unsynced = false;
                 t.expect.push(Owed::Sync);
                 t.timing.sync(false);
             }
             FrontendTag::FunctionCall => {
-                t.pending += 1;
                 t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
@@ -377,7 +370,6 @@ impl Inspector for ClientSide<'_> {
                     }
                     t.note_effects(&e);
                 }
-                t.pending += 1;
                 t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
@@ -525,7 +517,6 @@ impl Inspector for ServerSide<'_> {
         match BackendTag::from_byte(tag) {
             BackendTag::ReadyForQuery => {
                 t.status = ready_for_query(body)?;
-                t.pending = t.pending.saturating_sub(1);
                 if t.status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
                     t.schema_changed = true;
                 }
@@ -628,7 +619,7 @@ mod tests {
             c.extend_from_slice(&msg(tag, valid_body(tag)));
         }
         feed_client(&mut t, &c);
-        assert_eq!(t.pending, 2);
+        assert_eq!(t.expect.ready_owed(), 2);
         feed_server(&mut t, &msg(b'Z', b"I"));
         assert!(!t.is_idle(), "one Sync still unanswered");
         feed_server(&mut t, &msg(b'Z', b"I"));

@@ -6,7 +6,9 @@
 //! Invariants: items are pushed in the order messages are sent; after an
 //! ErrorResponse every item up to the next Sync is dropped (the server skips
 //! those messages), and their undo actions are reported; while the server is
-//! skipping, messages before the next Sync owe nothing.
+//! skipping, messages before the next Sync owe nothing. The ReadyForQuery
+//! messages owed are the queue's own count of its boundaries (Sync, queries,
+//! tidepool's queries): nobody keeps it beside the queue.
 
 use std::collections::VecDeque;
 
@@ -78,6 +80,13 @@ pub enum Owed {
     },
 }
 
+impl Owed {
+    /// Answered by a ReadyForQuery (which ends its answer).
+    fn is_boundary(&self) -> bool {
+        matches!(self, Owed::Sync | Owed::UntilReady { .. } | Owed::Internal)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Expect {
     queue: VecDeque<Owed>,
@@ -86,8 +95,8 @@ pub struct Expect {
     undos: Vec<Undo>,
     /// Statements a server parsed successfully (known valid for this pool).
     confirmed: Vec<u64>,
-    /// Queries (each owing a ReadyForQuery) the server skipped after an error.
-    skipped_ready: u32,
+    /// Boundaries (items answered by a ReadyForQuery) in `queue`.
+    ready_owed: u32,
     /// Row shapes (statement hash, shape) hidden Describes returned.
     described: Vec<(u64, u64)>,
 }
@@ -103,8 +112,14 @@ impl Expect {
         self.skipping = false;
         self.undos.clear();
         self.confirmed.clear();
-        self.skipped_ready = 0;
+        self.ready_owed = 0;
         self.described.clear();
+    }
+
+    /// ReadyForQuery messages the server still owes (one per Sync, query,
+    /// function call and query of tidepool's own in the queue).
+    pub fn ready_owed(&self) -> u32 {
+        self.ready_owed
     }
 
     /// True while messages sent now would be skipped by the server.
@@ -119,6 +134,9 @@ impl Expect {
         } else if self.skipping {
             self.forget(owed);
             return;
+        }
+        if owed.is_boundary() {
+            self.ready_owed += 1;
         }
         self.queue.push_back(owed);
     }
@@ -160,7 +178,7 @@ impl Expect {
     /// Moves the answers tidepool owes at the head of the stream into `out`.
     pub fn take_synthetic(&mut self, out: &mut BytesMut) {
         while let Some(Owed::Synthetic { .. }) = self.queue.front() {
-            if let Some(Owed::Synthetic { bytes, .. }) = self.queue.pop_front() {
+            if let Some(Owed::Synthetic { bytes, .. }) = self.pop() {
                 out.extend_from_slice(&bytes);
             }
         }
@@ -264,7 +282,7 @@ impl Expect {
                         ..
                     },
                 ..
-            }) = self.queue.pop_front()
+            }) = self.pop()
         {
             self.confirmed.push(h);
         }
@@ -277,33 +295,33 @@ impl Expect {
             if *front == Owed::Sync {
                 return;
             }
-            if let Some(owed) = self.queue.pop_front() {
+            if let Some(owed) = self.pop() {
                 self.forget(owed);
             }
         }
         self.skipping = true;
     }
 
+    /// Takes the head, keeping the count of boundaries.
+    fn pop(&mut self) -> Option<Owed> {
+        let owed = self.queue.pop_front()?;
+        if owed.is_boundary() {
+            self.ready_owed -= 1;
+        }
+        Some(owed)
+    }
+
     /// An item whose answers will never come (the server skips it).
     fn forget(&mut self, owed: Owed) {
         match owed {
             Owed::Parse { undo, .. } | Owed::Synthetic { undo, .. } => self.undos.push(undo),
-            Owed::UntilReady { undo, .. } => {
-                self.skipped_ready += 1;
-                self.undos.extend(undo);
-            }
-            Owed::Internal => self.skipped_ready += 1,
+            Owed::UntilReady { undo, .. } => self.undos.extend(undo),
             _ => {}
         }
     }
 
-    /// ReadyForQuery messages that will not come after all (see `forget`).
-    pub fn take_skipped_ready(&mut self) -> u32 {
-        std::mem::take(&mut self.skipped_ready)
-    }
-
     fn pop_through_boundary(&mut self) {
-        while let Some(item) = self.queue.pop_front() {
+        while let Some(item) = self.pop() {
             match item {
                 Owed::Sync | Owed::Internal => return,
                 Owed::UntilReady { undo, failed, .. } => {
@@ -532,8 +550,9 @@ mod proptests {
         /// server's next message, every answer to an internal query but its
         /// ReadyForQuery dropped, swallowed completions passed to
         /// `on_message`, one ReadyForQuery owed per Sync, query and internal
-        /// query, skipped ones given back), never panic and keep:
-        /// - the ReadyForQuery count owed equal to the boundaries queued;
+        /// query), never panic and keep:
+        /// - the ReadyForQuery count the queue keeps equal to the boundaries
+        ///   it holds;
         /// - `skipping` only with an empty queue;
         /// - every Parse and synthetic answer accounted for exactly once:
         ///   still queued, confirmed, answered or undone;
@@ -542,7 +561,6 @@ mod proptests {
         #[test]
         fn owed_answers_stay_consistent(ops in prop::collection::vec(op(), 0..64)) {
             let mut e = Expect::default();
-            let mut pending: u32 = 0;
             let mut next_id = 0u64;
             // Ids of Parse and Synthetic pushes, and of queries, by outcome.
             let mut tracked: Vec<u64> = Vec::new();
@@ -581,9 +599,6 @@ mod proptests {
                                 }
                             }
                         };
-                        if is_boundary(&owed) {
-                            pending += 1;
-                        }
                         e.push(owed);
                     }
                     Op::Server(tag) => {
@@ -597,21 +612,14 @@ mod proptests {
                         if e.head_is_internal() {
                             if ready {
                                 e.on_message(tag);
-                                pending = pending.saturating_sub(1);
                             }
+                        } else if e.swallows(tag) {
+                            e.on_hidden_description(tag, &[]);
                         } else {
-                            if e.swallows(tag) {
-                                e.on_hidden_description(tag, &[]);
-                            } else {
-                                e.on_message(tag);
-                            }
-                            if ready {
-                                pending = pending.saturating_sub(1);
-                            }
+                            e.on_message(tag);
                         }
                     }
                 }
-                pending = pending.saturating_sub(e.take_skipped_ready());
                 confirmed.extend(e.take_confirmed());
                 undone.extend(e.take_undos().into_iter().filter_map(|u| {
                     // Both halves of an undo name the same push.
@@ -620,7 +628,7 @@ mod proptests {
                 }));
 
                 let boundaries = e.queue.iter().filter(|o| is_boundary(o)).count();
-                prop_assert_eq!(pending as usize, boundaries, "ReadyForQuery owed vs queue {:?}", e.queue);
+                prop_assert_eq!(e.ready_owed() as usize, boundaries, "ReadyForQuery owed vs queue {:?}", e.queue);
                 prop_assert!(!e.skipping() || e.is_empty(), "skipping with {:?} queued", e.queue);
                 for (hash, _) in e.take_described() {
                     prop_assert!(hash <= next_id, "a shape for a describe never sent");

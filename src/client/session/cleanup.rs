@@ -46,7 +46,7 @@ impl Session {
         if mid_message || !t.is_quiet() || !conn.buf.is_empty() {
             // A query or COPY is still running: stop it, then drop the connection.
             let key = conn.cancel_key;
-            if t.pending > 0 {
+            if t.expect.ready_owed() > 0 {
                 let _ = send_cancel(key).await;
             }
             server.release(Release::Close);
@@ -77,14 +77,14 @@ impl Session {
     /// in the transaction gets the error on its next request.
     pub(super) fn server_lost(&mut self, t: &Tracker, reason: String) {
         let err = || ClientError::ServerLost(reason.clone());
-        for _ in 0..t.pending {
+        for _ in 0..t.expect.ready_owed() {
             err().write_to(&mut self.out);
             write::ready_for_query(&mut self.out, TxStatus::Idle);
         }
         if t.unsynced {
             err().write_to(&mut self.out);
             self.skip_until_sync = true;
-        } else if t.pending == 0 && t.status != TxStatus::Idle {
+        } else if t.expect.ready_owed() == 0 && t.status != TxStatus::Idle {
             self.owe_error = Some(err());
         }
     }

@@ -50,7 +50,11 @@ impl Session {
         let (sr, sw) = conn.stream.split();
         let (cr, cw) = self.stream.split();
         loop {
-            if t.reroute && t.pending == 0 && t.status != TxStatus::Idle && to_server.is_empty() {
+            if t.reroute
+                && t.expect.ready_owed() == 0
+                && t.status != TxStatus::Idle
+                && to_server.is_empty()
+            {
                 // The replica transaction went on (BEGIN READ ONLY): what
                 // waited runs there and gets PostgreSQL's own answer.
                 t.reroute = false;
@@ -72,13 +76,13 @@ impl Session {
             // What the scan left starts at a message boundary: a message
             // that must be seen whole gets room for all of it at once.
             reserve_head(&mut self.buf, self.limit);
-            if t.pending > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
+            if t.expect.ready_owed() > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
                 // A second request in flight, or too much to hold: the
                 // safety net covers one request's answer only.
                 t.misroute.disarm();
             }
             if let crate::client::txn::Misroute::Fired(_) = &t.misroute
-                && t.pending == 0
+                && t.expect.ready_owed() == 0
                 && t.expect.is_empty()
                 && to_server.is_empty()
                 && conn.buf.is_empty()
@@ -268,7 +272,6 @@ impl Session {
                             );
                         }
                     }
-                    t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
                     if !t.timing.done.is_empty() || !t.timing.xacts_done.is_empty() {
                         stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
                     }
@@ -380,7 +383,6 @@ impl ClientIn<'_> {
         }
         t.expect.take_synthetic(to_client);
         apply_undos(t.expect.take_undos(), self.statements, prepared);
-        t.pending = t.pending.saturating_sub(t.expect.take_skipped_ready());
         Ok(())
     }
 }
@@ -442,7 +444,6 @@ pub(super) fn scan_server(
             let msg = sbuf.split_to(total);
             if msg[0] == crate::protocol::BackendTag::ReadyForQuery.byte() {
                 t.status = crate::protocol::messages::ready_for_query(&msg[5..])?;
-                t.pending = t.pending.saturating_sub(1);
                 t.expect.on_message(msg[0]);
             } else if msg[0] == crate::protocol::BackendTag::ErrorResponse.byte() {
                 tracing::debug!("tidepool's own PREPARE failed on the server");

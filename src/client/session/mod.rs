@@ -337,7 +337,6 @@ impl Session {
                 // answers were already given.
                 let mut out = BytesMut::new();
                 write::query(&mut out, &begin);
-                tracker.pending += 1;
                 tracker.expect.push(crate::server::expect::Owed::Internal);
                 server.conn().prepend = Some(out);
             }
@@ -396,7 +395,7 @@ impl Session {
                 TxEnd::Killed => {
                     // KILL drops the server connection too, after stopping
                     // whatever runs on it.
-                    if tracker.pending > 0 {
+                    if tracker.expect.ready_owed() > 0 {
                         let _ = Box::pin(send_cancel(server.conn().cancel_key)).await;
                     }
                     server.release(Release::Close);
