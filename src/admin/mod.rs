@@ -30,8 +30,7 @@ use crate::error::ClientError;
 use crate::protocol::frame::{FrameError, read_frame};
 use crate::protocol::{ProtocolError, TxStatus, write};
 
-/// What the console reports as `server_version`.
-pub const SERVER_VERSION: &str = concat!("1.25.0/tidepool ", env!("CARGO_PKG_VERSION"));
+pub use crate::protocol::SERVER_VERSION;
 
 /// Largest console query accepted.
 const QUERY_LIMIT: usize = 64 * 1024;

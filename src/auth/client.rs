@@ -7,9 +7,9 @@ use rand::RngExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::AuthError;
+use super::AuthType;
 use super::scram::{MECHANISM, ServerExchange};
 use super::secret::{ScramVerifier, Secret};
-use crate::config::AuthType;
 use crate::protocol::FrontendTag;
 use crate::protocol::frame::read_frame;
 use crate::protocol::messages::Body;

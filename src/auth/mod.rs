@@ -9,6 +9,17 @@ pub mod scram;
 pub mod secret;
 pub mod server;
 
+/// How clients prove who they are (`[tidepool] auth_type`, or per user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
 /// Errors during authentication in either direction.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

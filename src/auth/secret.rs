@@ -3,7 +3,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::config::AuthType;
+use super::AuthType;
 
 /// A parsed SCRAM-SHA-256 verifier (as stored in `pg_authid`).
 #[derive(Clone, PartialEq, Eq)]

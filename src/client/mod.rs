@@ -29,9 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tracing::Instrument;
 
 use crate::auth::secret::{ScramVerifier, Secret};
 use crate::cancel::CancelRegistry;
@@ -171,6 +169,11 @@ impl Shared {
         });
     }
 
+    /// A fresh client id.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Starts a shutdown (SIGTERM, SIGINT or the console's SHUTDOWN).
     pub fn request_shutdown(&self) {
         self.lifecycle.shutdown_requested.notify_one();
@@ -194,46 +197,5 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Serves one accepted connection: logs it in, then runs its session as a
-/// task of its own (so that each poll of a busy client starts at the
-/// session's own loop, not down through the login's futures).
-pub async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    let slot = ClientSlot::new(&shared);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
-        return;
-    }
-    // A debug-level span, and only when debug logging is on: otherwise the
-    // task is not wrapped at all (nothing to enter and exit on every poll).
-    // Info and warn lines of a client carry `client` (its id) themselves.
-    let debug = tracing::enabled!(tracing::Level::DEBUG);
-    let peer = if debug { stream.peer_addr().ok() } else { None };
-    let work = async move {
-        let _ = stream.set_nodelay(true);
-        match Box::pin(startup::login(stream, &shared, id)).await {
-            Some(startup::Login::Client(session)) => {
-                let run = crate::watchdog::Watched::new(id, session.run(slot));
-                if debug {
-                    tokio::spawn(run.instrument(tracing::Span::current()));
-                } else {
-                    tokio::spawn(run);
-                }
-            }
-            Some(startup::Login::Admin(console)) => {
-                Box::pin(console.run()).await;
-                drop(slot);
-                tracing::debug!("client finished");
-            }
-            None => tracing::debug!("client finished"),
-        }
-    };
-    if debug {
-        work.instrument(tracing::debug_span!("client", id, peer = ?peer))
-            .await;
-    } else {
-        work.await;
     }
 }

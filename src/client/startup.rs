@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Shared;
-use super::session::Session;
+use super::list::Listed;
 use crate::auth::AuthError;
 use crate::error::ClientError;
 use crate::pool::{Pool, PoolError, Release};
@@ -21,10 +21,19 @@ use crate::protocol::startup::{StartupError, StartupPacket, read_packet};
 use crate::protocol::write;
 use crate::server::params::{canonical, is_tracked, valid_name};
 
-/// Who logged in: a client of a database, or of the admin console.
+/// Who logged in: a client of a database, or of the admin console (whose
+/// session the caller starts: the console sits above clients).
 pub enum Login {
-    Client(Box<Session>),
-    Admin(crate::admin::Console),
+    Client {
+        stream: TcpStream,
+        login: Box<LoggedIn>,
+        listed: Listed,
+    },
+    Admin {
+        stream: TcpStream,
+        login: AdminLogin,
+        listed: Listed,
+    },
 }
 
 /// Runs the startup phase. `None` when the connection ends here (cancel
@@ -52,21 +61,19 @@ pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Opti
     match result {
         Ok(Some(Greeted::Client(parts))) => {
             let listed = listed(&parts.database, &parts.user, parts.cancel.pid);
-            Some(Login::Client(Box::new(Session::new(
+            Some(Login::Client {
                 stream,
-                shared.clone(),
-                parts,
+                login: Box::new(parts),
                 listed,
-            ))))
+            })
         }
         Ok(Some(Greeted::Admin(a))) => {
             let listed = listed(&a.database, &a.user, a.pid);
-            Some(Login::Admin(crate::admin::Console::new(
+            Some(Login::Admin {
                 stream,
-                shared.clone(),
-                a,
+                login: a,
                 listed,
-            )))
+            })
         }
         Ok(None) => None,
         Err(Some(e)) => {
@@ -294,7 +301,7 @@ async fn admin_login(
     let mut out = BytesMut::with_capacity(256);
     write::auth_ok(&mut out);
     for (k, v) in [
-        ("server_version", crate::admin::SERVER_VERSION),
+        ("server_version", crate::protocol::SERVER_VERSION),
         ("server_encoding", "UTF8"),
         ("client_encoding", "UTF8"),
         ("DateStyle", "ISO, MDY"),

@@ -11,8 +11,9 @@ mod validate;
 
 use std::path::Path;
 
+pub use crate::auth::AuthType;
 pub use describe::describe;
-pub use schema::{AuthType, Config, Database, PoolMode, PoolSettings, SessionFeatures, User};
+pub use schema::{Config, Database, PoolMode, PoolSettings, SessionFeatures, User};
 
 /// A problem with the config file, located where possible.
 #[derive(Debug, Clone, thiserror::Error)]

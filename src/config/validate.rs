@@ -3,7 +3,8 @@
 
 use std::net::SocketAddr;
 
-use super::schema::{AuthType, Config};
+use super::schema::Config;
+use crate::auth::AuthType;
 use crate::auth::secret::Secret;
 
 type Invalid = (Vec<String>, String);

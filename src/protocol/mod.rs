@@ -17,6 +17,9 @@ pub mod write;
 
 pub use tag::{BackendTag, FrontendTag, TxStatus};
 
+/// What the console reports as `server_version`.
+pub const SERVER_VERSION: &str = concat!("1.25.0/tidepool ", env!("CARGO_PKG_VERSION"));
+
 /// Errors found while framing bytes from a peer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
