@@ -1,0 +1,115 @@
+//! SHOW CLIENTS and SHOW SERVERS: one row per connection, PgBouncer's
+//! columns.
+
+use super::*;
+
+pub(super) const CONNECTION_COLUMNS: [(&str, Type); 21] = [
+    ("type", Text),
+    ("user", Text),
+    ("database", Text),
+    ("replication", Text),
+    ("state", Text),
+    ("addr", Text),
+    ("port", Int4),
+    ("local_addr", Text),
+    ("local_port", Int4),
+    ("connect_time", Text),
+    ("request_time", Text),
+    ("wait", Int4),
+    ("wait_us", Int4),
+    ("close_needed", Int4),
+    ("ptr", Text),
+    ("link", Text),
+    ("remote_pid", Int4),
+    ("tls", Text),
+    ("application_name", Text),
+    ("prepared_statements", Int4),
+    ("id", Int8),
+];
+
+pub(super) fn ptr(kind: char, id: u64) -> String {
+    format!("0x{}{id:011x}", if kind == 'C' { '1' } else { '2' })
+}
+
+pub(super) fn clients(shared: &Shared) -> ResultSet {
+    let mut cols = CONNECTION_COLUMNS.to_vec();
+    cols.push(("backend_role", Text));
+    let mut rs = ResultSet::new(&cols);
+    for c in client_rows(shared) {
+        let (addr, port) = addr_parts(c.addr);
+        let (laddr, lport) = addr_parts(c.local);
+        let active = c.state == ClientState::Active;
+        rs.push(vec![
+            "C".into(),
+            c.user.into(),
+            c.database.into(),
+            "none".into(),
+            c.state.as_str().into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            timestamp(c.connect_time).into(),
+            timestamp_us(c.request_time_us).into(),
+            (c.wait_us / 1_000_000).into(),
+            (c.wait_us % 1_000_000).into(),
+            0i64.into(),
+            ptr('C', c.id).into(),
+            if active {
+                ptr('S', c.link).into()
+            } else {
+                Value::Text(String::new())
+            },
+            c.pid.into(),
+            "".into(),
+            c.application_name.into(),
+            c.prepared.into(),
+            c.id.into(),
+            if c.state == ClientState::Idle {
+                Value::Null
+            } else {
+                role(c.backend).into()
+            },
+        ]);
+    }
+    rs
+}
+
+pub(super) fn servers(shared: &Shared) -> ResultSet {
+    let mut cols = CONNECTION_COLUMNS.to_vec();
+    cols.push(("backend_role", Text));
+    let mut rs = ResultSet::new(&cols);
+    for s in crate::server::list::rows(&shared.registry.servers) {
+        let (addr, port) = addr_parts(Some(s.addr));
+        let (laddr, lport) = addr_parts(s.local);
+        rs.push(vec![
+            "S".into(),
+            s.user.into(),
+            backend_name(&s.database, s.backend).into(),
+            "none".into(),
+            if s.active { "active" } else { "idle" }.into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            timestamp(s.connect_time).into(),
+            timestamp_us(s.request_time_us).into(),
+            0i64.into(),
+            0i64.into(),
+            0i64.into(),
+            ptr('S', s.id).into(),
+            if s.active {
+                ptr('C', s.link).into()
+            } else {
+                Value::Text(String::new())
+            },
+            s.pid.into(),
+            "".into(),
+            "".into(),
+            s.prepared.into(),
+            s.id.into(),
+            role(s.backend).into(),
+        ]);
+    }
+    rs
+}
