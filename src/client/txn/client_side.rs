@@ -1,0 +1,192 @@
+//! The client → server inspector: which client messages pass as they are,
+//! what they owe, and which stop for the session (named statements,
+//! refused features, a statement that needs the primary on a replica).
+
+use super::*;
+
+/// Inspector for client → server bytes.
+///
+/// Messages it can forward unchanged pass; named-statement messages, refused
+/// features and messages to drop stop the scan for the session to handle.
+pub struct ClientSide<'a> {
+    pub(super) t: &'a mut Tracker,
+    pub(super) shapes: Option<&'a Fingerprints>,
+}
+
+/// The shape of `sql` when per-query statistics are on.
+pub fn shape_of(shapes: Option<&Fingerprints>, sql: &str) -> Option<Arc<Shape>> {
+    shapes.map(|s| s.shape(sql))
+}
+
+impl ClientSide<'_> {
+    /// What `sql` is: its shape (when per-query statistics are on) and its
+    /// effects on the session (`None`: it has none). A statement like one
+    /// this client sent lately is known from the memo without lexing it.
+    fn look(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
+        let t = &mut *self.t;
+        if let Some(hit) = t.memo.find(sql) {
+            let shape = match self.shapes {
+                // Remembered for routing, before statistics wanted its shape.
+                Some(s) => Some(hit.shape.get_or_insert_with(|| s.shape(sql)).clone()),
+                None => None,
+            };
+            return (shape, (!hit.plain).then(|| effects(sql)));
+        }
+        let e = effects(sql);
+        let (shape, template) = match self.shapes {
+            Some(s) => {
+                let (shape, template) = s.shape_and_template(sql);
+                (Some(shape), template)
+            }
+            None => (None, hash_and_template(sql).1),
+        };
+        let plain = e.is_plain();
+        if let Some(template) = template {
+            t.memo.remember(template, shape.clone(), plain);
+        }
+        (shape, (!plain).then_some(e))
+    }
+}
+
+impl Inspector for ClientSide<'_> {
+    fn classify(&mut self, tag: u8) -> Step {
+        let t = &mut *self.t;
+        let tag = FrontendTag::from_byte(tag);
+        if tag == FrontendTag::Terminate {
+            t.terminated = true;
+            return Step::Stop;
+        }
+        if t.client_skip {
+            return Step::Inspect;
+        }
+        match tag {
+            FrontendTag::Query
+            | FrontendTag::Parse
+            | FrontendTag::Bind
+            | FrontendTag::Describe
+            | FrontendTag::Execute
+            | FrontendTag::Close => return Step::Inspect,
+            FrontendTag::Sync => {
+                t.unsynced = false;
+                t.expect.push(Owed::Sync);
+                t.timing.sync(false);
+            }
+            FrontendTag::FunctionCall => {
+                t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                    position_shift: 0,
+                    bound: None,
+                });
+                t.timing.sync(true);
+            }
+            FrontendTag::Flush => t.unsynced = true,
+            FrontendTag::CopyDone | FrontendTag::CopyFail if t.copy == Copy::In => {
+                t.copy = Copy::None;
+            }
+            _ => {}
+        }
+        Step::Pass
+    }
+
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
+        let t = &mut *self.t;
+        if t.client_skip {
+            return Ok(Step::Stop);
+        }
+        let named = t.policy.named_statements;
+        match FrontendTag::from_byte(tag) {
+            FrontendTag::Query => {
+                let sql = Body::new(body, "Query").cstr()?;
+                if t.needs_primary(sql) {
+                    t.reroute = true;
+                    return Ok(Step::Stop);
+                }
+                let (shape, e) = self.look(sql);
+                let t = &mut *self.t;
+                if let Some(e) = e {
+                    let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
+                    let prepared =
+                        (e.prepared.is_some() || e.nested_execute.is_some() || e.lists_statements)
+                            && t.policy.named_statements;
+                    if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
+                        return Ok(Step::Stop);
+                    }
+                    t.note_effects(&e);
+                }
+                t.expect.push(Owed::UntilReady {
+                    undo: None,
+                    failed: false,
+                    position_shift: 0,
+                    bound: None,
+                });
+                t.timing.query(shape);
+            }
+            FrontendTag::Parse => {
+                let mut b = Body::new(body, "Parse");
+                let name = b.cstr()?;
+                let sql = b.cstr()?;
+                if t.needs_primary(sql) {
+                    t.reroute = true;
+                    return Ok(Step::Stop);
+                }
+                if named && !name.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                let (shape, e) = self.look(sql);
+                if named && e.as_ref().is_some_and(|e| e.lists_statements) {
+                    return Ok(Step::Stop);
+                }
+                let t = &mut *self.t;
+                if let Some(e) = e
+                    && t.note_effects(&e)
+                {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(Owed::Parse {
+                    swallow: false,
+                    undo: Undo::default(),
+                });
+                if name.is_empty() {
+                    t.timing.parse_unnamed(shape);
+                } else {
+                    t.timing.parse_named();
+                }
+            }
+            FrontendTag::Bind => {
+                let mut b = Body::new(body, "Bind");
+                let portal = b.cstr()?;
+                let statement = b.cstr()?;
+                if named && !statement.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(Owed::Bind);
+                let shape = (!statement.is_empty()).then_some(None);
+                t.timing.bind(portal, shape);
+            }
+            FrontendTag::Execute => {
+                let portal = Body::new(body, "Execute").cstr()?;
+                t.unsynced = true;
+                t.expect.push(Owed::Execute);
+                t.timing.execute(portal);
+            }
+            FrontendTag::Describe | FrontendTag::Close => {
+                let mut b = Body::new(body, "Describe/Close");
+                let kind = b.u8()?;
+                if named && kind == b'S' && !b.cstr()?.is_empty() {
+                    return Ok(Step::Stop);
+                }
+                t.unsynced = true;
+                t.expect.push(match (FrontendTag::from_byte(tag), kind) {
+                    (FrontendTag::Close, _) => Owed::Close { swallow: false },
+                    (_, b'S') => Owed::DescribeStatement,
+                    _ => Owed::DescribePortal,
+                });
+            }
+            _ => {}
+        }
+        Ok(Step::Pass)
+    }
+}

@@ -1,0 +1,270 @@
+//! What is outstanding between one client and the server it is using:
+//! ReadyForQuery responses owed, extended-query messages not yet synced, COPY
+//! state and the last transaction status. Pure state, no I/O: both scanners
+//! feed it, and it alone decides whether the server may be released.
+
+mod client_side;
+mod server_side;
+
+pub use client_side::{ClientSide, shape_of};
+pub use server_side::{INTERNAL_NAME_MARK, PLAN_CHANGED, ServerSide};
+
+use std::sync::Arc;
+
+use super::memo::Memo;
+use super::sql::{Effects, effects};
+use super::timing::Timing;
+use crate::protocol::messages::{
+    Body, ErrorFields, error_fields, parameter_status, ready_for_query,
+};
+use crate::protocol::scan::{Inspector, Step};
+use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
+use crate::router::hints::{Hint, hint};
+use crate::router::{Class, Classifier, Functions};
+use crate::server::expect::{Expect, Owed, Undo};
+use crate::stats::fingerprint::hash_and_template;
+use crate::stats::{Fingerprints, Shape};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Copy {
+    #[default]
+    None,
+    In,
+    Out,
+    Both,
+}
+
+/// How this client's messages are treated (fixed per session).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy {
+    /// Named prepared statements are rewritten to shared server statements.
+    pub named_statements: bool,
+    /// Session features are refused instead of pinning the client.
+    pub refuse_session_features: bool,
+}
+
+/// Client bytes and held answer kept for the safety net, at most.
+pub const MISROUTE_HOLD: usize = 64 * 1024;
+
+/// The safety net of an autocommit read sent to a replica: until its first
+/// row (or the end of its answer) the answer is held back and the client's
+/// bytes are kept, so that when the replica refuses it as a write (25006)
+/// it runs again on the primary and the client never sees the refusal.
+#[derive(Debug, Default)]
+pub enum Misroute {
+    #[default]
+    Off,
+    /// Holding: the client bytes sent so far.
+    Armed(bytes::BytesMut),
+    /// The replica said 25006: these bytes go to the primary once its
+    /// answer is over.
+    Fired(bytes::BytesMut),
+}
+
+impl Misroute {
+    /// The answer is held back from the client.
+    pub fn holds(&self) -> bool {
+        !matches!(self, Misroute::Off)
+    }
+
+    /// Gives up the net (a row came, the answer ended, too much to hold).
+    pub fn disarm(&mut self) {
+        if matches!(self, Misroute::Armed(_)) {
+            *self = Misroute::Off;
+        }
+    }
+}
+
+/// What tells, on a replica, which statements need the primary.
+#[derive(Debug, Clone)]
+pub struct ReplicaGuard {
+    pub classifier: Arc<Classifier>,
+    /// The database's function volatilities (None: not known yet).
+    pub functions: Option<Arc<Functions>>,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    /// Extended-query messages were sent since the last Sync.
+    pub unsynced: bool,
+    pub status: TxStatus,
+    pub copy: Copy,
+    /// The client sent Terminate.
+    pub terminated: bool,
+    /// The server sent a FATAL error: it is closing. Held back from the
+    /// client, which gets a connection-failure ERROR instead and keeps its
+    /// own connection.
+    pub server_fatal: Option<ErrorFields>,
+    /// Responses owed, in order, with what tidepool injects or drops.
+    pub expect: Expect,
+    /// tidepool answered a client message with an error: drop the client's
+    /// messages until its Sync, as PostgreSQL would.
+    pub client_skip: bool,
+    /// The session parameters may have changed (SET, RESET, DISCARD, ...).
+    pub params_changed: bool,
+    /// A session feature was used: the client keeps this server.
+    pub pin: Option<&'static str>,
+    /// The ErrorResponse at the head of the server's bytes names one of
+    /// tidepool's statements: the session renames it before it passes.
+    pub rename_error: bool,
+    /// That ErrorResponse was renamed: let it pass this time.
+    pub error_renamed: bool,
+    /// Statements (hash, generation) a server said no longer fit the
+    /// catalog, with the body of its ErrorResponse, for the session to mark
+    /// stale.
+    pub stale: Vec<(u64, u64, Vec<u8>)>,
+    /// Custom (dotted) parameters this transaction set or reset.
+    pub custom_params: Vec<String>,
+    /// Statements (hash, version) a server said refer to something gone
+    /// (`cache lookup failed`), for the session to prepare afresh.
+    pub broken: Vec<(u64, u64)>,
+    /// DDL was sent since the server was last outside a transaction.
+    pub ddl: bool,
+    /// A transaction that ran DDL ended: the session advances the
+    /// database's epoch so every server statement is prepared afresh.
+    pub schema_changed: bool,
+    /// The client's next message waits (unread by tidepool) until a
+    /// statement prepared for it was described, so that its row shape is
+    /// compared with the client's before it runs.
+    pub hold: bool,
+    pub policy: Policy,
+    /// On a replica: statements that need the primary stop the scan.
+    pub replica_guard: Option<ReplicaGuard>,
+    /// A statement that needs the primary waits until this replica
+    /// transaction is over.
+    pub reroute: bool,
+    /// Statement and transaction times.
+    pub timing: Timing,
+    /// The safety net of a read on a replica.
+    pub misroute: Misroute,
+    /// Statements this client sent lately; kept across [`Tracker::reset`].
+    memo: Memo,
+}
+
+impl Tracker {
+    pub fn new(status: TxStatus, policy: Policy) -> Self {
+        Self {
+            unsynced: false,
+            status,
+            copy: Copy::None,
+            terminated: false,
+            server_fatal: None,
+            expect: Expect::default(),
+            client_skip: false,
+            params_changed: false,
+            pin: None,
+            stale: Vec::new(),
+            rename_error: false,
+            error_renamed: false,
+            custom_params: Vec::new(),
+            broken: Vec::new(),
+            ddl: false,
+            schema_changed: false,
+            hold: false,
+            policy,
+            replica_guard: None,
+            reroute: false,
+            timing: Timing::default(),
+            misroute: Misroute::Off,
+            memo: Memo::default(),
+        }
+    }
+
+    /// Starts afresh for the next transaction, keeping the allocations (the
+    /// queues of owed answers and statement timings) of the last one.
+    pub fn reset(&mut self, status: TxStatus, policy: Policy) {
+        self.unsynced = false;
+        self.status = status;
+        self.copy = Copy::None;
+        self.terminated = false;
+        self.server_fatal = None;
+        self.expect.clear();
+        self.client_skip = false;
+        self.params_changed = false;
+        self.pin = None;
+        self.stale.clear();
+        self.rename_error = false;
+        self.error_renamed = false;
+        self.custom_params.clear();
+        self.broken.clear();
+        self.ddl = false;
+        self.schema_changed = false;
+        self.hold = false;
+        self.policy = policy;
+        self.replica_guard = None;
+        self.reroute = false;
+        self.timing.clear();
+        self.misroute = Misroute::Off;
+    }
+
+    /// Nothing is owed, nothing is half-sent, and the server is outside a
+    /// transaction: it may serve another client.
+    pub fn is_idle(&self) -> bool {
+        self.is_quiet() && self.status == TxStatus::Idle
+    }
+
+    /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
+    pub fn is_quiet(&self) -> bool {
+        !self.unsynced
+            && !self.client_skip
+            && !self.hold
+            && self.copy == Copy::None
+            && self.expect.is_empty()
+    }
+
+    /// `shapes` fingerprints statements for per-query statistics (None: off).
+    pub fn client_side<'a>(&'a mut self, shapes: Option<&'a Fingerprints>) -> ClientSide<'a> {
+        ClientSide { t: self, shapes }
+    }
+
+    pub fn server_side<'a>(&'a mut self, params: &'a mut Vec<(String, String)>) -> ServerSide<'a> {
+        ServerSide { t: self, params }
+    }
+
+    /// Notes what a query text does to the session. Returns true when the
+    /// query must not be forwarded as it is (a refused session feature).
+    pub fn note_sql(&mut self, sql: &str) -> bool {
+        self.note_effects(&effects(sql))
+    }
+
+    /// On a replica, outside a transaction: does `sql` need the primary?
+    fn needs_primary(&mut self, sql: &str) -> bool {
+        let Some(g) = &self.replica_guard else {
+            return false;
+        };
+        if self.status != TxStatus::Idle || hint(sql) == Some(Hint::Replica) {
+            return false;
+        }
+        !matches!(
+            self.memo.class(sql, &g.classifier, g.functions.as_deref()),
+            Class::Read | Class::BeginReadOnly | Class::Neutral
+        )
+    }
+
+    /// The routing class of `sql`, through this client's memo.
+    pub fn classify(
+        &mut self,
+        sql: &str,
+        classifier: &Classifier,
+        functions: Option<&Functions>,
+    ) -> Class {
+        self.memo.class(sql, classifier, functions)
+    }
+
+    pub fn note_effects(&mut self, e: &Effects) -> bool {
+        self.params_changed |= e.params_changed || e.drops_all_statements;
+        self.ddl |= e.ddl;
+        self.custom_params.extend(e.custom_params.iter().cloned());
+        match e.session_feature {
+            Some(_) if self.policy.refuse_session_features => true,
+            Some(f) => {
+                self.pin.get_or_insert(f);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+use super::*;
+use crate::protocol::scan::Scanner;
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// Smallest well-formed body for an extended-query message.
+fn valid_body(tag: u8) -> &'static [u8] {
+    match tag {
+        b'P' => b"\0select 1\0\0\0",
+        b'B' => b"\0\0\0\0\0\0\0\0",
+        b'E' => b"\0\0\0\0\0",
+        _ => b"",
+    }
+}
+
+fn feed_client(t: &mut Tracker, bytes: &[u8]) {
+    let mut s = Scanner::new(1 << 20);
+    s.scan(bytes, &mut t.client_side(None)).unwrap();
+}
+
+fn feed_server(t: &mut Tracker, bytes: &[u8]) -> Vec<(String, String)> {
+    let mut s = Scanner::new(1 << 20);
+    let mut p = Vec::new();
+    s.scan(bytes, &mut t.server_side(&mut p)).unwrap();
+    p
+}
+
+#[test]
+fn release_waits_for_every_sync() {
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    let mut c = Vec::new();
+    for tag in [b'P', b'B', b'E', b'S', b'B', b'E', b'S'] {
+        c.extend_from_slice(&msg(tag, valid_body(tag)));
+    }
+    feed_client(&mut t, &c);
+    assert_eq!(t.expect.ready_owed(), 2);
+    feed_server(&mut t, &msg(b'Z', b"I"));
+    assert!(!t.is_idle(), "one Sync still unanswered");
+    feed_server(&mut t, &msg(b'Z', b"I"));
+    assert!(t.is_idle());
+}
+
+#[test]
+fn unsynced_extended_messages_keep_the_server() {
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    feed_client(
+        &mut t,
+        &[msg(b'Q', b"x\0"), msg(b'P', valid_body(b'P'))].concat(),
+    );
+    feed_server(&mut t, &msg(b'Z', b"I"));
+    assert!(!t.is_idle());
+    feed_client(&mut t, &msg(b'S', b""));
+    feed_server(&mut t, &msg(b'Z', b"I"));
+    assert!(t.is_idle());
+}
+
+#[test]
+fn open_transaction_and_failed_transaction_keep_the_server() {
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    feed_client(&mut t, &msg(b'Q', b"begin\0"));
+    feed_server(&mut t, &msg(b'Z', b"T"));
+    assert!(!t.is_idle());
+    assert!(t.is_quiet());
+    feed_client(&mut t, &msg(b'Q', b"bad\0"));
+    feed_server(&mut t, &msg(b'Z', b"E"));
+    assert!(!t.is_idle());
+    feed_client(&mut t, &msg(b'Q', b"rollback\0"));
+    feed_server(&mut t, &msg(b'Z', b"I"));
+    assert!(t.is_idle());
+}
+
+#[test]
+fn copy_in_is_tracked_until_done() {
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    feed_client(&mut t, &msg(b'Q', b"copy\0"));
+    feed_server(&mut t, &msg(b'G', &[0, 0, 0]));
+    assert_eq!(t.copy, Copy::In);
+    feed_client(&mut t, &[msg(b'd', b"1\n"), msg(b'c', b"")].concat());
+    assert_eq!(t.copy, Copy::None);
+    feed_server(&mut t, &[msg(b'C', b"COPY 1\0"), msg(b'Z', b"I")].concat());
+    assert!(t.is_idle());
+}
+
+#[test]
+fn a_server_fatal_is_held_back() {
+    let mut t = Tracker::new(TxStatus::InTransaction, Policy::default());
+    let mut s = Scanner::new(1 << 20);
+    let mut p = Vec::new();
+    let bytes = [
+        msg(b'N', b"SNOTICE\0C00000\0Mhi\0\0"),
+        msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"),
+    ]
+    .concat();
+    let r = s.scan(&bytes, &mut t.server_side(&mut p)).unwrap();
+    assert!(r.stopped);
+    let notice_len = msg(b'N', b"SNOTICE\0C00000\0Mhi\0\0").len();
+    assert_eq!(
+        r.forward, notice_len,
+        "the notice passes, the FATAL does not"
+    );
+    assert_eq!(
+        t.server_fatal.as_ref().map(|f| f.code.as_str()),
+        Some("57P01")
+    );
+    // An ordinary ERROR passes.
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    let err = msg(b'E', b"SERROR\0VERROR\0C22012\0Mdivision by zero\0\0");
+    let r = s.scan(&err, &mut t.server_side(&mut p)).unwrap();
+    assert_eq!(r.forward, err.len());
+    assert!(t.server_fatal.is_none());
+}
+
+#[test]
+fn parameter_status_is_collected_and_terminate_stops() {
+    let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+    let p = feed_server(&mut t, &msg(b'S', b"TimeZone\0UTC\0"));
+    assert_eq!(p, vec![("TimeZone".into(), "UTC".into())]);
+    let mut s = Scanner::new(1024);
+    let r = s
+        .scan(
+            &[msg(b'Q', b"x\0"), msg(b'X', b"")].concat(),
+            &mut t.client_side(None),
+        )
+        .unwrap();
+    assert!(r.stopped);
+    assert!(t.terminated);
+}
