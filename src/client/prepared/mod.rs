@@ -18,6 +18,14 @@
 //! shape gets PostgreSQL's own 0A000, never rows the client's driver would
 //! decode by the wrong columns.
 
+mod answers;
+
+pub use answers::apply_undos;
+use answers::{
+    DUPLICATE_PSTATEMENT, aborted, plan_changed, position_shift, refused, simple, synthetic,
+    undefined,
+};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -32,18 +40,12 @@ use crate::server::expect::{Owed, Undo};
 use crate::server::prepared::{ServerStatements, Statement, server_name};
 use crate::stats::{Counters, Fingerprints};
 
-/// SQLSTATEs of the errors PostgreSQL gives for these cases.
-const DUPLICATE_PSTATEMENT: &str = "42P05";
-const IN_FAILED_TRANSACTION: &str = "25P02";
 /// A statement name no client or tidepool uses (tidepool's own are
 /// `tidepool_` and 16 hex digits): describing it fails without side effects.
 const ABORT_PROBE: &str = "tidepool_abort_here";
 /// A query that fails to parse, without side effects.
 const ABORT_QUERY: &str =
     "tidepool: abort the transaction, as the error answered for the client did";
-const UNDEFINED_PSTATEMENT: &str = "26000";
-const FEATURE_NOT_SUPPORTED: &str = "0A000";
-
 /// Everything one stopped client message may touch.
 pub struct Handler<'a> {
     pub statements: &'a mut HashMap<String, Arc<Statement>>,
@@ -56,19 +58,6 @@ pub struct Handler<'a> {
     pub cap: usize,
     /// Fingerprints for per-query statistics (None: off).
     pub shapes: Option<&'a Fingerprints>,
-}
-
-fn synthetic(t: &mut Tracker, bytes: BytesMut, undo: Undo) {
-    t.expect.push(Owed::Synthetic {
-        bytes: bytes.freeze(),
-        undo,
-    });
-}
-
-fn simple(tag: BackendTag) -> BytesMut {
-    let mut b = BytesMut::with_capacity(5);
-    write::message(&mut b, tag.byte(), |_| {});
-    b
 }
 
 impl Handler<'_> {
@@ -654,96 +643,6 @@ impl Handler<'_> {
             t.status = status;
             write::query(self.to_server, ABORT_QUERY);
             t.expect.push(Owed::Internal);
-        }
-    }
-}
-
-/// How many more characters tidepool's rewrite of `client_sql` puts before
-/// `rest` (the text after the statement's name, kept as it is) than the
-/// client's own text does: error positions come back moved by this much.
-fn position_shift(client_sql: &str, rest: &str, rewritten_prefix: usize) -> i32 {
-    let client_prefix = client_sql
-        .rfind(rest)
-        .map_or(0, |at| client_sql[..at].chars().count());
-    rewritten_prefix as i32 - client_prefix as i32
-}
-
-/// PostgreSQL's answer to a statement in a failed transaction.
-fn aborted() -> BytesMut {
-    let mut out = BytesMut::new();
-    write::error_response(
-        &mut out,
-        "ERROR",
-        IN_FAILED_TRANSACTION,
-        "current transaction is aborted, commands ignored until end of transaction block",
-    );
-    out
-}
-
-/// PostgreSQL's answer to a use of a statement whose result changed: the
-/// server's own ErrorResponse when one was seen (drivers recognise it by
-/// its fields, asyncpg by the routine), else one with the same fields.
-fn plan_changed(catalog: &Catalog) -> BytesMut {
-    let mut out = BytesMut::new();
-    match catalog.plan_changed_error() {
-        Some(body) => write::message(&mut out, BackendTag::ErrorResponse.byte(), |b| {
-            b.put_slice(&body)
-        }),
-        None => write::message(&mut out, BackendTag::ErrorResponse.byte(), |b| {
-            for (field, value) in [
-                (b'S', "ERROR"),
-                (b'V', "ERROR"),
-                (b'C', FEATURE_NOT_SUPPORTED),
-                (b'M', super::txn::PLAN_CHANGED),
-                (b'F', "plancache.c"),
-                (b'R', "RevalidateCachedQuery"),
-            ] {
-                b.put_u8(field);
-                b.put_slice(value.as_bytes());
-                b.put_u8(0);
-            }
-            b.put_u8(0);
-        }),
-    }
-    out
-}
-
-fn undefined(name: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    write::error_response(
-        &mut out,
-        "ERROR",
-        UNDEFINED_PSTATEMENT,
-        &format!("prepared statement \"{name}\" does not exist"),
-    );
-    out
-}
-
-fn refused(feature: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    write::error_response(
-        &mut out,
-        "ERROR",
-        FEATURE_NOT_SUPPORTED,
-        &format!(
-            "{feature} is not supported in transaction pooling (session_features = \"error\" for this database)"
-        ),
-    );
-    out
-}
-
-/// Applies undo actions for Parses that failed or were skipped.
-pub fn apply_undos(
-    undos: Vec<Undo>,
-    statements: &mut HashMap<String, Arc<Statement>>,
-    prepared: &mut ServerStatements,
-) {
-    for u in undos {
-        if let Some(h) = u.server_stmt {
-            prepared.remove(h);
-        }
-        if let Some(name) = u.client_name {
-            statements.remove(&name);
         }
     }
 }
