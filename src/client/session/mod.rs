@@ -50,7 +50,8 @@ use crate::pool::{DbControl, Pool, PooledConn, Release, Waiter};
 use crate::protocol::scan::{Scanner, checked_len, frontend_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::router::Class;
-use crate::router::hints::{Hint, hint};
+use crate::router::hints::hint;
+use crate::router::policy::Route;
 use crate::server::ServerError;
 use crate::server::params::{canonical, is_tracked, sync_sql};
 use crate::server::prepared::{ServerStatements, Statement};
@@ -127,15 +128,6 @@ pub struct Session {
     spare_tracker: Option<Box<Tracker>>,
     /// This client's mailbox while it waits for a server.
     waiter: Arc<Waiter>,
-}
-
-/// Where a transaction runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Primary,
-    Replica(usize),
-    /// A read with no usable replica and `replica_fallback = "error"`.
-    NoReplica,
 }
 
 enum Next {
@@ -310,7 +302,7 @@ impl Session {
             // allocations per transaction. Rare phases (fatal errors, clean-up,
             // parameter refresh) are boxed so the task does not carry their
             // state; an idle client gives its whole task up by parking.
-            let (mut server, route) = match self.acquire_routed(route).await {
+            let (mut server, route, on_replica) = match self.acquire_routed(route).await {
                 Ok(s) => s,
                 Err(ClientError::Killed) => {
                     let e = self.evicted(true).unwrap_or(ClientError::Killed);
@@ -354,6 +346,7 @@ impl Session {
             watchdog::phase(Phase::Forward);
             let end = self.forward(&mut server, &mut tracker).await;
             watchdog::phase(Phase::Release);
+            drop(on_replica);
             self.after_route(route, class);
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;

@@ -3,11 +3,13 @@
 //! server out of that backend's pool.
 
 use super::*;
+use crate::router::policy;
 
 impl Session {
     /// Decides where the transaction starting at the front of the buffer
-    /// runs: reads (and read-only transactions) to a healthy replica that has
-    /// replayed this client's writes, everything else to the primary.
+    /// runs (`router::policy`): reads and read-only transactions to a
+    /// healthy replica that has replayed this client's writes, everything
+    /// else to the primary.
     pub(super) fn choose_route(&mut self) -> (Route, Class) {
         let Some(h) = &self.health else {
             return (Route::Primary, Class::Write);
@@ -15,13 +17,9 @@ impl Session {
         if h.replicas.is_empty() || self.pinned.is_some() {
             return (Route::Primary, Class::Write);
         }
-        let forced_primary = self
-            .params
-            .get("tidepool.route")
-            .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
         let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         let functions = h.functions.load();
-        let (class, hinted) = match first_statement(&self.buf, self.limit, &self.statements) {
+        let (class, hint) = match first_statement(&self.buf, self.limit, &self.statements) {
             // A statement a replica refused before goes to the primary.
             Some(sql)
                 if h.any_misrouted()
@@ -35,90 +33,44 @@ impl Session {
             ),
             None => (Class::Write, None),
         };
-        let by_first = self.settings.config.routing.transaction_routing
-            == crate::config::schema::TransactionRouting::FirstStatement;
-        let wants_replica = match hinted {
-            Some(Hint::Primary) => false,
-            Some(Hint::Replica) => true,
-            // After a deferred BEGIN: SET TRANSACTION READ ONLY makes the
-            // transaction read-only; other reads count only when routing by
-            // the first statement.
-            None if self.deferred_begin.is_some() => {
-                !forced_primary
-                    && (class == Class::BeginReadOnly || (by_first && class == Class::Read))
-            }
-            None => !forced_primary && matches!(class, Class::Read | Class::BeginReadOnly),
+        let request = policy::Request {
+            class,
+            hint,
+            forced_primary: self
+                .params
+                .get("tidepool.route")
+                .is_some_and(|v| v.eq_ignore_ascii_case("primary")),
+            after_deferred_begin: self.deferred_begin.is_some(),
+            last_write: self.last_write,
         };
-        if !wants_replica || !h.checked.load(std::sync::atomic::Ordering::Relaxed) {
-            return (Route::Primary, class);
-        }
-        let routing = &self.settings.config.routing;
-        let since = self.last_write.filter(|_| routing.read_your_writes);
-        // Least outstanding transactions per unit of weight; ties rotate.
-        let load = |r: &crate::health::Backend| {
-            (r.outstanding.load(std::sync::atomic::Ordering::Relaxed) as u64 + 1) * 1000
-                / u64::from(r.weight)
-        };
-        let usable: Vec<(usize, u64)> = h
-            .replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| !r.is_banned() && since.is_none_or(|t| h.replica_has_replayed(*i, t)))
-            .map(|(i, r)| (i, load(r)))
-            .collect();
-        let best = usable.iter().map(|(_, l)| *l).min().and_then(|min| {
-            let ties: Vec<usize> = usable
-                .iter()
-                .filter(|(_, l)| *l == min)
-                .map(|(i, _)| *i)
-                .collect();
-            let turn = h.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            ties.get(turn % ties.len().max(1)).copied()
-        });
-        match (best, routing.replica_fallback) {
-            (Some(i), _) => (Route::Replica(i), class),
-            (None, _) if since.is_some() => (Route::Primary, class),
-            (None, crate::config::schema::ReplicaFallback::Primary) => (Route::Primary, class),
-            (None, crate::config::schema::ReplicaFallback::Error) => (Route::NoReplica, class),
-        }
+        (
+            policy::choose(h, &self.settings.config.routing, &request),
+            class,
+        )
     }
 
-    /// Bookkeeping once a routed transaction is over.
+    /// Bookkeeping once a routed transaction is over (a replica's is its
+    /// guard's, dropped with it).
     pub(super) fn after_route(&mut self, route: Route, class: Class) {
-        let Some(h) = &self.health else { return };
-        match route {
-            Route::Replica(i) => {
-                if let Some(r) = h.replicas.get(i) {
-                    r.outstanding
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            _ => {
-                if class >= Class::Begin {
-                    h.primary
-                        .writes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.last_write = Some(h.now());
-                } else {
-                    h.primary
-                        .reads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+        if let (Some(h), Route::Primary | Route::NoReplica) = (&self.health, route)
+            && let Some(at) = policy::ran_on_primary(h, class)
+        {
+            self.last_write = Some(at);
         }
     }
 
     /// Checks out a server on `route`. A replica that cannot give one is
-    /// banned and the next choice is tried, before anything ran there.
+    /// banned and the next choice is tried, before anything ran there. A
+    /// replica's transaction comes with its guard.
     pub(super) async fn acquire_routed(
         &mut self,
         mut route: Route,
-    ) -> Result<(PooledConn, Route), ClientError> {
+    ) -> Result<(PooledConn, Route, Option<policy::OnReplica>), ClientError> {
         loop {
             match route {
                 Route::Primary => {
                     let pool = self.pool.clone();
-                    return Ok((self.acquire(&pool).await?, Route::Primary));
+                    return Ok((self.acquire(&pool).await?, Route::Primary, None));
                 }
                 Route::NoReplica => {
                     return Err(ClientError::ServerConnect {
@@ -128,23 +80,17 @@ impl Session {
                 }
                 Route::Replica(i) => {
                     let pool = self.replica_pool(i);
-                    let h = self.health.clone();
-                    if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
-                        r.outstanding
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    let guard = self.health.clone().map(|h| policy::OnReplica::new(h, i));
                     match self.acquire(&pool).await {
                         Ok(s) => {
-                            if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
-                                r.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Some(g) = &guard {
+                                g.started();
                             }
-                            return Ok((s, route));
+                            return Ok((s, route, guard));
                         }
                         Err(e) => {
-                            if let Some(r) = h.as_ref().and_then(|h| h.replicas.get(i)) {
-                                r.outstanding
-                                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                                r.ban("unreachable", &format!("checkout failed: {e}"));
+                            if let Some(g) = guard {
+                                g.failed(&format!("checkout failed: {e}"));
                             }
                             route = self.choose_route().0;
                             if route == Route::Replica(i) {
