@@ -25,6 +25,18 @@ impl SqlState {
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
+    pub const DUPLICATE_PREPARED_STATEMENT: Self = Self("42P05");
+    pub const IN_FAILED_TRANSACTION: Self = Self("25P02");
+    pub const UNDEFINED_PREPARED_STATEMENT: Self = Self("26000");
+    /// Also what a server says when a cached plan's result changed.
+    pub const CACHED_PLAN_CHANGED: Self = Self("0A000");
+    /// What a replica answers to a write: read-only transaction.
+    pub const READ_ONLY_TRANSACTION: Self = Self("25006");
+    pub const SYNTAX_ERROR: Self = Self("42601");
+    pub const INSUFFICIENT_PRIVILEGE: Self = Self("42501");
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: Self = Self("55000");
+    pub const CONFIG_FILE_ERROR: Self = Self("F0000");
+    pub const SUCCESSFUL_COMPLETION: Self = Self("00000");
 }
 
 /// ERROR ends the current request; FATAL ends the client's connection.

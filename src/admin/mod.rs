@@ -27,6 +27,7 @@ use crate::client::Shared;
 use crate::client::list::{Eviction, Listed};
 use crate::client::startup::AdminLogin;
 use crate::error::ClientError;
+use crate::error::SqlState;
 use crate::protocol::frame::{FrameError, read_frame};
 use crate::protocol::{ProtocolError, TxStatus, write};
 
@@ -53,11 +54,11 @@ pub enum AdminError {
 impl AdminError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            AdminError::Syntax(_) => "42601",
-            AdminError::NotAdmin => "42501",
-            AdminError::NoDatabase(_) => "3D000",
-            AdminError::State(_) => "55000",
-            AdminError::Reload(_) => "F0000",
+            AdminError::Syntax(_) => SqlState::SYNTAX_ERROR.0,
+            AdminError::NotAdmin => SqlState::INSUFFICIENT_PRIVILEGE.0,
+            AdminError::NoDatabase(_) => SqlState::UNKNOWN_DATABASE.0,
+            AdminError::State(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE.0,
+            AdminError::Reload(_) => SqlState::CONFIG_FILE_ERROR.0,
         }
     }
 }

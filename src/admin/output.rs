@@ -176,7 +176,7 @@ pub fn notice(out: &mut BytesMut, message: &str, detail: Option<&str>) {
         for (field, value) in [
             (b'S', "NOTICE"),
             (b'V', "NOTICE"),
-            (b'C', "00000"),
+            (b'C', crate::error::SqlState::SUCCESSFUL_COMPLETION.0),
             (b'M', message),
         ] {
             b.put_u8(field);

@@ -44,7 +44,9 @@ impl Failure {
     fn from_pg(connecting: bool, e: &tokio_postgres::Error) -> Self {
         if let Some(db) = e.as_db_error() {
             let code = db.code().code();
-            let kind = if connecting && (code.starts_with("28") || code == "3D000") {
+            let kind = if connecting
+                && (code.starts_with("28") || code == crate::error::SqlState::UNKNOWN_DATABASE.0)
+            {
                 "login_failed"
             } else {
                 "check_failed"

@@ -5,12 +5,13 @@
 //! promised.
 
 use super::*;
+use crate::error::SqlState;
 
 /// SQLSTATEs of the errors PostgreSQL gives for these cases.
-pub(super) const DUPLICATE_PSTATEMENT: &str = "42P05";
-pub(super) const IN_FAILED_TRANSACTION: &str = "25P02";
-pub(super) const UNDEFINED_PSTATEMENT: &str = "26000";
-pub(super) const FEATURE_NOT_SUPPORTED: &str = "0A000";
+pub(super) const DUPLICATE_PSTATEMENT: &str = SqlState::DUPLICATE_PREPARED_STATEMENT.0;
+pub(super) const IN_FAILED_TRANSACTION: &str = SqlState::IN_FAILED_TRANSACTION.0;
+pub(super) const UNDEFINED_PSTATEMENT: &str = SqlState::UNDEFINED_PREPARED_STATEMENT.0;
+pub(super) const FEATURE_NOT_SUPPORTED: &str = SqlState::FEATURE_NOT_SUPPORTED.0;
 
 pub(super) fn synthetic(t: &mut Tracker, bytes: BytesMut, undo: Undo) {
     t.expect.push(Owed::Synthetic {

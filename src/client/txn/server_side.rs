@@ -8,7 +8,7 @@ use super::*;
 /// Whether a server error says a statement's result no longer fits the
 /// catalog (a migration changed it).
 pub fn plan_changed(e: &ErrorFields) -> bool {
-    e.code == "0A000" && e.message == PLAN_CHANGED
+    e.code == crate::error::SqlState::CACHED_PLAN_CHANGED.0 && e.message == PLAN_CHANGED
 }
 
 /// How an error text names one of tidepool's statements (`"tidepool_` and
@@ -16,7 +16,7 @@ pub fn plan_changed(e: &ErrorFields) -> bool {
 pub const INTERNAL_NAME_MARK: &[u8] = b"\"tidepool_";
 
 /// A replica refusing a write: `cannot execute … in a read-only transaction`.
-pub const READ_ONLY_TRANSACTION: &str = "25006";
+pub const READ_ONLY_TRANSACTION: &str = crate::error::SqlState::READ_ONLY_TRANSACTION.0;
 
 /// PostgreSQL's words for a prepared statement whose result type changed.
 pub const PLAN_CHANGED: &str = "cached plan must not change result type";
@@ -120,7 +120,7 @@ impl Inspector for ServerSide<'_> {
                 if let Some((hash, version)) = t.expect.head_bound_statement() {
                     if plan_changed(&fields) {
                         t.stale.push((hash, version, body.to_vec()));
-                    } else if fields.code == "XX000"
+                    } else if fields.code == crate::error::SqlState::INTERNAL.0
                         && fields.message.starts_with("cache lookup failed")
                     {
                         t.broken.push((hash, version));
