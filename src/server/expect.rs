@@ -291,6 +291,11 @@ impl Expect {
     /// The head failed: it and everything up to the next Sync will not be
     /// answered.
     fn fail_until_sync(&mut self) {
+        if self.queue.is_empty() {
+            // Nothing of the client's failed (an error out of turn): the
+            // server has nothing to skip for it.
+            return;
+        }
         while let Some(front) = self.queue.front() {
             if *front == Owed::Sync {
                 return;

@@ -3,6 +3,7 @@
 //! the primary).
 
 use super::*;
+use crate::client::txn::Verdict;
 
 impl Session {
     /// A read the replica refused as a write: its statement goes to the
@@ -43,7 +44,8 @@ impl Session {
             // Its session state (listeners, locks, temp tables) dies with it.
             return server.release(Release::Close);
         }
-        if mid_message || !t.is_quiet() || !conn.buf.is_empty() {
+        let verdict = t.verdict(mid_message || !conn.buf.is_empty());
+        if verdict == Verdict::Close {
             // A query or COPY is still running: stop it, then drop the connection.
             let key = conn.cancel_key;
             if t.expect.ready_owed() > 0 {
@@ -58,9 +60,9 @@ impl Session {
         } else {
             None
         };
-        let sql = match (t.status, reset) {
-            (TxStatus::Idle, None) => return server.release(Release::Reuse),
-            (TxStatus::Idle, Some(reset)) => reset,
+        let sql = match (verdict, reset) {
+            (Verdict::Reuse, None) => return server.release(Release::Reuse),
+            (Verdict::Reuse, Some(reset)) => reset,
             (_, Some(reset)) => format!("ROLLBACK; {reset}"),
             (_, None) => "ROLLBACK".to_owned(),
         };

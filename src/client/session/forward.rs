@@ -131,12 +131,10 @@ impl Session {
                         "client pinned to its server for the rest of its session"
                     );
                 }
+                let half_sent = cscan.mid_message() || sscan.mid_message() || !conn.buf.is_empty();
                 if mode == PoolMode::Transaction
                     && self.pinned.is_none()
-                    && t.is_idle()
-                    && !cscan.mid_message()
-                    && !sscan.mid_message()
-                    && conn.buf.is_empty()
+                    && t.verdict(half_sent) == crate::client::txn::Verdict::Reuse
                 {
                     conn.tx = t.status;
                     return TxEnd::Done;

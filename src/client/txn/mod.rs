@@ -75,6 +75,17 @@ impl Misroute {
     }
 }
 
+/// What becomes of a server when its client's transaction stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Idle, nothing owed, nothing half sent: the next client may have it.
+    Reuse,
+    /// Nothing owed but a transaction is open: ROLLBACK makes it clean.
+    RollBack,
+    /// Something is owed or half sent: only closing it is safe.
+    Close,
+}
+
 /// What tells, on a replica, which statements need the primary.
 #[derive(Debug, Clone)]
 pub struct ReplicaGuard {
@@ -201,6 +212,19 @@ impl Tracker {
     /// transaction: it may serve another client.
     pub fn is_idle(&self) -> bool {
         self.is_quiet() && self.status == TxStatus::Idle
+    }
+
+    /// What becomes of the server if the transaction stops here: the one
+    /// release verdict every path uses (`mid_message`: a message is half
+    /// forwarded either way, or server bytes wait unread).
+    pub fn verdict(&self, mid_message: bool) -> Verdict {
+        if mid_message || !self.is_quiet() {
+            Verdict::Close
+        } else if self.status == TxStatus::Idle {
+            Verdict::Reuse
+        } else {
+            Verdict::RollBack
+        }
     }
 
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).

@@ -130,3 +130,85 @@ fn parameter_status_is_collected_and_terminate_stops() {
     assert!(r.stopped);
     assert!(t.terminated);
 }
+
+mod verdict_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A client or server message, well formed.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        Client(u8),
+        /// A ReadyForQuery with this status.
+        Ready(u8),
+        Server(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            prop::sample::select(&b"QPBDESHC"[..]).prop_map(Step::Client),
+            prop::sample::select(&b"ITE"[..]).prop_map(Step::Ready),
+            prop::sample::select(&b"123CnsITE"[..]).prop_map(|t| match t {
+                b'I' => Step::Server(b'I'),
+                b'T' => Step::Server(b'T'),
+                b'E' => Step::Server(b'E'),
+                t => Step::Server(t),
+            }),
+        ]
+    }
+
+    fn client_body(tag: u8) -> &'static [u8] {
+        match tag {
+            b'Q' => b"select 1\0",
+            b'D' | b'C' => b"P\0",
+            t => valid_body(t),
+        }
+    }
+
+    fn server_body(tag: u8) -> &'static [u8] {
+        match tag {
+            b'E' => b"SERROR\0VERROR\0C42601\0Mx\0\0",
+            b'C' => b"SELECT 1\0",
+            b'T' => b"\0\0",
+            _ => b"",
+        }
+    }
+
+    proptest! {
+        /// Whatever the client and server say, in any order, the server is
+        /// reused only when every request that owes a ReadyForQuery got
+        /// one, nothing is unsynced and the last status was idle.
+        #[test]
+        fn reuse_only_when_idle_and_every_sync_answered(steps in prop::collection::vec(step(), 0..60)) {
+            let mut t = Tracker::new(TxStatus::Idle, Policy::default());
+            let (mut owed, mut answered) = (0u32, 0u32);
+            let mut unsynced = false;
+            let mut status = TxStatus::Idle;
+            for s in steps {
+                match s {
+                    Step::Client(tag) => {
+                        match tag {
+                            b'Q' => owed += 1,
+                            b'S' => { owed += 1; unsynced = false; }
+                            b'H' => {}
+                            _ => unsynced = true,
+                        }
+                        feed_client(&mut t, &msg(tag, client_body(tag)));
+                    }
+                    Step::Ready(st) => {
+                        answered += 1;
+                        status = match st { b'I' => TxStatus::Idle, b'T' => TxStatus::InTransaction, _ => TxStatus::Failed };
+                        feed_server(&mut t, &msg(b'Z', &[st]));
+                    }
+                    Step::Server(tag) => { feed_server(&mut t, &msg(tag, server_body(tag))); }
+                }
+                if t.verdict(false) == Verdict::Reuse {
+                    prop_assert!(answered >= owed, "reused with {owed} requests and {answered} answers");
+                    prop_assert!(!unsynced, "reused with extended messages unsynced");
+                    prop_assert_eq!(status, TxStatus::Idle);
+                }
+                prop_assert_eq!(t.verdict(true), Verdict::Close);
+            }
+        }
+    }
+}
