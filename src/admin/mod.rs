@@ -149,7 +149,11 @@ impl Console {
             .filter(|s| !s.is_empty())
             .collect();
         if statements.is_empty() {
-            write::message(out, b'I', |_| {});
+            write::message(
+                out,
+                crate::protocol::BackendTag::EmptyQueryResponse.byte(),
+                |_| {},
+            );
             return;
         }
         for stmt in statements {

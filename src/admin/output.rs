@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::protocol::write;
+use crate::protocol::{BackendTag, write};
 
 /// A column's type, as RowDescription announces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +128,7 @@ impl ResultSet {
 
     /// Writes RowDescription, the rows and `CommandComplete(tag)`.
     pub fn write(&self, out: &mut BytesMut, tag: &str) {
-        write::message(out, b'T', |b| {
+        write::message(out, BackendTag::RowDescription.byte(), |b| {
             b.put_i16(self.columns.len() as i16);
             for (name, ty) in &self.columns {
                 b.put_slice(name.as_bytes());
@@ -142,7 +142,7 @@ impl ResultSet {
             }
         });
         for row in &self.rows {
-            write::message(out, b'D', |b| {
+            write::message(out, BackendTag::DataRow.byte(), |b| {
                 b.put_i16(row.len() as i16);
                 for v in row {
                     let text = match v {
@@ -164,7 +164,7 @@ impl ResultSet {
 }
 
 pub fn command_complete(out: &mut BytesMut, tag: &str) {
-    write::message(out, b'C', |b| {
+    write::message(out, BackendTag::CommandComplete.byte(), |b| {
         b.put_slice(tag.as_bytes());
         b.put_u8(0);
     });
@@ -172,7 +172,7 @@ pub fn command_complete(out: &mut BytesMut, tag: &str) {
 
 /// A NOTICE with a message and optional detail.
 pub fn notice(out: &mut BytesMut, message: &str, detail: Option<&str>) {
-    write::message(out, b'N', |b| {
+    write::message(out, BackendTag::NoticeResponse.byte(), |b| {
         for (field, value) in [
             (b'S', "NOTICE"),
             (b'V', "NOTICE"),

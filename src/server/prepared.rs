@@ -58,11 +58,15 @@ impl Statement {
         let hash = h.finish();
         let name = format!("tidepool_{hash:016x}");
         let mut parse = BytesMut::with_capacity(rest.len() + name.len() + 6);
-        write::message(&mut parse, b'P', |m| {
-            m.put_slice(name.as_bytes());
-            m.put_u8(0);
-            m.put_slice(rest);
-        });
+        write::message(
+            &mut parse,
+            crate::protocol::FrontendTag::Parse.byte(),
+            |m| {
+                m.put_slice(name.as_bytes());
+                m.put_u8(0);
+                m.put_slice(rest);
+            },
+        );
         Ok((
             client_name,
             Arc::new(Statement {
