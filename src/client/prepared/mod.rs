@@ -66,10 +66,9 @@ impl Handler<'_> {
         let body = &msg[5..];
         let t = &mut *self.t;
         let tag = FrontendTag::from_byte(tag);
-        if t.client_skip {
+        if t.batch == crate::client::txn::Batch::Skipping {
             if tag == FrontendTag::Sync {
-                t.client_skip = false;
-                t.unsynced = false;
+                t.batch = crate::client::txn::Batch::Synced;
                 t.expect.push(Owed::Sync);
                 t.timing.sync(false);
                 self.to_server.extend_from_slice(msg);
@@ -343,7 +342,7 @@ impl Handler<'_> {
         let generation = self.catalog.generation(stmt.hash);
         let stmt = Statement::in_generation(stmt, generation);
         let t = &mut *self.t;
-        t.unsynced = true;
+        t.batch.open();
         if t.note_sql(&stmt.query) {
             let feature = effects(&stmt.query)
                 .session_feature
@@ -471,7 +470,7 @@ impl Handler<'_> {
             m.put_u8(0);
             m.put_slice(rest);
         });
-        self.t.unsynced = true;
+        self.t.batch.open();
         self.t.expect.push(Owed::BindNamed {
             hash: stmt.hash,
             version,
@@ -494,7 +493,7 @@ impl Handler<'_> {
             m.put_slice(stmt.name.as_bytes());
             m.put_u8(0);
         });
-        self.t.unsynced = true;
+        self.t.batch.open();
         self.t.expect.push(Owed::DescribeStatement);
         Ok(())
     }
@@ -506,7 +505,7 @@ impl Handler<'_> {
         b.u8()?;
         let name = b.cstr()?;
         self.statements.remove(name);
-        self.t.unsynced = true;
+        self.t.batch.open();
         synthetic(self.t, simple(BackendTag::CloseComplete), Undo::default());
         Ok(())
     }
@@ -526,8 +525,7 @@ impl Handler<'_> {
     /// session hands it over again then.
     fn hold(&mut self) {
         write::message(self.to_server, FrontendTag::Flush.byte(), |_| {});
-        self.t.unsynced = true;
-        self.t.hold = true;
+        self.t.batch = crate::client::txn::Batch::Held;
     }
 
     /// Makes sure the server has `stmt` by the time the next message runs.
@@ -619,8 +617,7 @@ impl Handler<'_> {
             b.put_u8(0);
         });
         self.t.expect.push(Owed::Abort);
-        self.t.client_skip = true;
-        self.t.unsynced = true;
+        self.t.batch = crate::client::txn::Batch::Skipping;
         Ok(())
     }
 

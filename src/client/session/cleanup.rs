@@ -83,7 +83,7 @@ impl Session {
             err().write_to(&mut self.out);
             write::ready_for_query(&mut self.out, TxStatus::Idle);
         }
-        if t.unsynced {
+        if t.batch != crate::client::txn::Batch::Synced {
             err().write_to(&mut self.out);
             self.skip_until_sync = true;
         } else if t.expect.ready_owed() == 0 && t.status != TxStatus::Idle {

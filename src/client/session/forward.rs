@@ -6,6 +6,7 @@
 //! message is half forwarded either way, and nothing is buffered.
 
 use super::*;
+use crate::client::txn::Batch;
 
 impl Session {
     /// Forwards between client and server until the server can be released
@@ -142,7 +143,8 @@ impl Session {
             }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
-            let read_client = to_server.is_empty() && !client_closed && !t.terminated && !t.hold;
+            let read_client =
+                to_server.is_empty() && !client_closed && !t.terminated && t.batch != Batch::Held;
             // Sends first, without a wait: a socket is nearly always writable,
             // and most turns only send what was just scanned.
             let sent = if !to_server.is_empty() {
@@ -237,12 +239,15 @@ impl Session {
                             let _ = stmt.promised.set(shape);
                         }
                     }
-                    if t.hold && !t.expect.describing() {
+                    if t.batch == Batch::Held && !t.expect.describing() {
                         // The held message goes on; if preparing it failed
                         // (the client got the error), the server skips to
                         // the Sync and so does the client's stream.
-                        t.hold = false;
-                        t.client_skip |= t.expect.skipping();
+                        t.batch = if t.expect.skipping() {
+                            Batch::Skipping
+                        } else {
+                            Batch::Open
+                        };
                         rescan = true;
                     }
                     for (hash, version) in t.broken.drain(..) {
@@ -369,7 +374,7 @@ impl ClientIn<'_> {
                 shapes: Some(self.shapes),
             }
             .handle(msg[0], &msg)?;
-            if t.hold {
+            if t.batch == Batch::Held {
                 // The message waits for the server's answer; it is handed
                 // over again then, and counted then.
                 t.timing.delta.received -= total as u64;

@@ -56,7 +56,7 @@ impl Inspector for ClientSide<'_> {
             t.terminated = true;
             return Step::Stop;
         }
-        if t.client_skip {
+        if t.batch == Batch::Skipping {
             return Step::Inspect;
         }
         match tag {
@@ -67,7 +67,7 @@ impl Inspector for ClientSide<'_> {
             | FrontendTag::Execute
             | FrontendTag::Close => return Step::Inspect,
             FrontendTag::Sync => {
-                t.unsynced = false;
+                t.batch = Batch::Synced;
                 t.expect.push(Owed::Sync);
                 t.timing.sync(false);
             }
@@ -80,7 +80,7 @@ impl Inspector for ClientSide<'_> {
                 });
                 t.timing.sync(true);
             }
-            FrontendTag::Flush => t.unsynced = true,
+            FrontendTag::Flush => t.batch.open(),
             FrontendTag::CopyDone | FrontendTag::CopyFail if t.copy == Copy::In => {
                 t.copy = Copy::None;
             }
@@ -91,7 +91,7 @@ impl Inspector for ClientSide<'_> {
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
         let t = &mut *self.t;
-        if t.client_skip {
+        if t.batch == Batch::Skipping {
             return Ok(Step::Stop);
         }
         let named = t.policy.named_statements;
@@ -143,7 +143,7 @@ impl Inspector for ClientSide<'_> {
                 {
                     return Ok(Step::Stop);
                 }
-                t.unsynced = true;
+                t.batch.open();
                 t.expect.push(Owed::Parse {
                     swallow: false,
                     undo: Undo::default(),
@@ -161,14 +161,14 @@ impl Inspector for ClientSide<'_> {
                 if named && !statement.is_empty() {
                     return Ok(Step::Stop);
                 }
-                t.unsynced = true;
+                t.batch.open();
                 t.expect.push(Owed::Bind);
                 let shape = (!statement.is_empty()).then_some(None);
                 t.timing.bind(portal, shape);
             }
             FrontendTag::Execute => {
                 let portal = Body::new(body, "Execute").cstr()?;
-                t.unsynced = true;
+                t.batch.open();
                 t.expect.push(Owed::Execute);
                 t.timing.execute(portal);
             }
@@ -178,7 +178,7 @@ impl Inspector for ClientSide<'_> {
                 if named && kind == b'S' && !b.cstr()?.is_empty() {
                     return Ok(Step::Stop);
                 }
-                t.unsynced = true;
+                t.batch.open();
                 t.expect.push(match (FrontendTag::from_byte(tag), kind) {
                     (FrontendTag::Close, _) => Owed::Close { swallow: false },
                     (_, b'S') => Owed::DescribeStatement,

@@ -75,6 +75,31 @@ impl Misroute {
     }
 }
 
+/// Where the client's extended-query batch stands (one state, not three
+/// flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// Nothing sent since the last Sync (or none at all).
+    Synced,
+    /// Extended-query messages sent, their Sync not yet.
+    Open,
+    /// Open, and the client's next message waits, unread, until a statement
+    /// prepared for it was described (its row shape compared).
+    Held,
+    /// tidepool answered one of its messages with an error: the client's
+    /// messages are dropped until its Sync, as PostgreSQL would.
+    Skipping,
+}
+
+impl Batch {
+    /// An extended-query message was sent (a held or skipping batch stays so).
+    pub fn open(&mut self) {
+        if *self == Batch::Synced {
+            *self = Batch::Open;
+        }
+    }
+}
+
 /// What becomes of a server when its client's transaction stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -96,8 +121,8 @@ pub struct ReplicaGuard {
 
 #[derive(Debug)]
 pub struct Tracker {
-    /// Extended-query messages were sent since the last Sync.
-    pub unsynced: bool,
+    /// Where the client's extended-query batch stands.
+    pub batch: Batch,
     pub status: TxStatus,
     pub copy: Copy,
     /// The client sent Terminate.
@@ -108,9 +133,6 @@ pub struct Tracker {
     pub server_fatal: Option<ErrorFields>,
     /// Responses owed, in order, with what tidepool injects or drops.
     pub expect: Expect,
-    /// tidepool answered a client message with an error: drop the client's
-    /// messages until its Sync, as PostgreSQL would.
-    pub client_skip: bool,
     /// The session parameters may have changed (SET, RESET, DISCARD, ...).
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
@@ -134,10 +156,6 @@ pub struct Tracker {
     /// A transaction that ran DDL ended: the session advances the
     /// database's epoch so every server statement is prepared afresh.
     pub schema_changed: bool,
-    /// The client's next message waits (unread by tidepool) until a
-    /// statement prepared for it was described, so that its row shape is
-    /// compared with the client's before it runs.
-    pub hold: bool,
     pub policy: Policy,
     /// On a replica: statements that need the primary stop the scan.
     pub replica_guard: Option<ReplicaGuard>,
@@ -155,13 +173,12 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(status: TxStatus, policy: Policy) -> Self {
         Self {
-            unsynced: false,
+            batch: Batch::Synced,
             status,
             copy: Copy::None,
             terminated: false,
             server_fatal: None,
             expect: Expect::default(),
-            client_skip: false,
             params_changed: false,
             pin: None,
             stale: Vec::new(),
@@ -171,7 +188,6 @@ impl Tracker {
             broken: Vec::new(),
             ddl: false,
             schema_changed: false,
-            hold: false,
             policy,
             replica_guard: None,
             reroute: false,
@@ -184,13 +200,12 @@ impl Tracker {
     /// Starts afresh for the next transaction, keeping the allocations (the
     /// queues of owed answers and statement timings) of the last one.
     pub fn reset(&mut self, status: TxStatus, policy: Policy) {
-        self.unsynced = false;
+        self.batch = Batch::Synced;
         self.status = status;
         self.copy = Copy::None;
         self.terminated = false;
         self.server_fatal = None;
         self.expect.clear();
-        self.client_skip = false;
         self.params_changed = false;
         self.pin = None;
         self.stale.clear();
@@ -200,7 +215,6 @@ impl Tracker {
         self.broken.clear();
         self.ddl = false;
         self.schema_changed = false;
-        self.hold = false;
         self.policy = policy;
         self.replica_guard = None;
         self.reroute = false;
@@ -229,11 +243,7 @@ impl Tracker {
 
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
     pub fn is_quiet(&self) -> bool {
-        !self.unsynced
-            && !self.client_skip
-            && !self.hold
-            && self.copy == Copy::None
-            && self.expect.is_empty()
+        self.batch == Batch::Synced && self.copy == Copy::None && self.expect.is_empty()
     }
 
     /// `shapes` fingerprints statements for per-query statistics (None: off).
