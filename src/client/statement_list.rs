@@ -260,4 +260,40 @@ mod tests {
             "{empty}"
         );
     }
+
+    proptest::proptest! {
+        /// Any text: no panic; every reference names the view; the text
+        /// outside the references is kept byte for byte.
+        #[test]
+        fn any_text_is_scanned_safely(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("pg_prepared_statements".to_owned()),
+                    proptest::strategy::Just("pg_catalog.".to_owned()),
+                    proptest::strategy::Just("\"pg_prepared_statements\"".to_owned()),
+                    proptest::strategy::Just(" AS p ".to_owned()),
+                    proptest::strategy::Just(".name".to_owned()),
+                    "[ -~éß€\n'\"$;/*-]{0,12}",
+                ],
+                0..12,
+            )
+        ) {
+            let sql: String = parts.concat();
+            let refs = references(&sql);
+            let mut last = 0;
+            for r in &refs {
+                proptest::prop_assert!(r.start >= last && r.end > r.start && r.end <= sql.len());
+                let name = sql[r.start..r.end].trim_matches('"').to_ascii_lowercase();
+                proptest::prop_assert!(name.ends_with(VIEW), "{name}");
+                last = r.end;
+            }
+            let out = rewrite(&sql, &refs, &[]);
+            if refs.is_empty() {
+                proptest::prop_assert_eq!(out, sql);
+            } else {
+                proptest::prop_assert!(out.starts_with(&sql[..refs[0].start]));
+                proptest::prop_assert!(out.ends_with(&sql[refs[refs.len() - 1].end..]));
+            }
+        }
+    }
 }
