@@ -27,6 +27,7 @@ pub mod pool;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod snapshot;
 pub mod stats;
 pub mod watchdog;
 

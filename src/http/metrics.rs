@@ -12,7 +12,6 @@ use prometheus_client::registry::Registry;
 
 use crate::admin::show::backend_name;
 use crate::client::Shared;
-use crate::client::list::ClientState;
 use crate::stats::HealthStatus;
 use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
 
@@ -171,11 +170,11 @@ impl Collector for Snapshot {
         }
 
         // Clients by database, user and state.
+        let rows = crate::snapshot::clients(shared);
         let mut clients: HashMap<(String, String, &'static str), u64> = HashMap::new();
-        for c in shared.list.all() {
-            let r = c.row();
+        for r in &rows {
             *clients
-                .entry((r.database, r.user, r.state.as_str()))
+                .entry((r.database.clone(), r.user.clone(), r.state.as_str()))
                 .or_default() += 1;
         }
         let mut samples: Vec<(Labels, u64)> = clients
@@ -197,18 +196,7 @@ impl Collector for Snapshot {
 
         // Pools.
         let pools = shared.registry.pools();
-        let counts = {
-            let mut m: HashMap<(String, String, usize), (u64, u64)> = HashMap::new();
-            for c in shared.list.all() {
-                let r = c.row();
-                if r.state == ClientState::Waiting {
-                    let e = m.entry((r.database, r.user, r.backend)).or_default();
-                    e.0 += 1;
-                    e.1 = e.1.max(r.wait_us);
-                }
-            }
-            m
-        };
+        let counts = crate::snapshot::pool_clients(&rows);
         let mut servers = Vec::new();
         let mut sizes = Vec::new();
         let mut waiting = Vec::new();
@@ -232,12 +220,12 @@ impl Collector for Snapshot {
                 servers.push((labels(&l), n as u64));
             }
             sizes.push((labels(&base), u64::from(p.settings().size)));
-            let (w, mw) = counts
+            let c = counts
                 .get(&(p.database.clone(), p.user.clone(), p.backend))
                 .copied()
                 .unwrap_or_default();
-            waiting.push((labels(&base), w));
-            maxwait.push((labels(&base), secs(mw)));
+            waiting.push((labels(&base), c.waiting));
+            maxwait.push((labels(&base), secs(c.max_wait_us)));
         }
         gauge(
             &mut enc,
@@ -260,12 +248,7 @@ impl Collector for Snapshot {
         )?;
 
         // Traffic per database backend.
-        for (name, db) in &cfg.databases {
-            for b in 0..=db.replicas.len() {
-                shared.stats.traffic(name, b);
-            }
-        }
-        let rows = shared.stats.traffic_rows();
+        let rows = crate::snapshot::traffic(shared);
         let mut traffic: Families<u64> = vec![
             ("tidepool_transactions", "Transactions completed", vec![]),
             (
@@ -352,13 +335,20 @@ impl Collector for Snapshot {
                 vec![],
             ),
         ];
-        for ((db, b), t) in &rows {
-            let name = backend_name(db, *b);
+        for row in &rows {
+            let name = backend_name(&row.database, row.backend);
             let l = labels(&[
                 ("database", &name),
-                ("role", if *b == 0 { "primary" } else { "replica" }),
+                (
+                    "role",
+                    if row.backend == 0 {
+                        "primary"
+                    } else {
+                        "replica"
+                    },
+                ),
             ]);
-            let tot = t.totals();
+            let tot = row.totals;
             for (i, v) in [
                 tot.xacts,
                 tot.queries,
@@ -386,7 +376,7 @@ impl Collector for Snapshot {
             {
                 times[i].2.push((l.clone(), secs(v)));
             }
-            let lat = t.latencies();
+            let lat = row.counters.latencies();
             hists[0].2.push((l.clone(), lat.statement));
             hists[1].2.push((l.clone(), lat.transaction));
             hists[2].2.push((l.clone(), lat.wait));

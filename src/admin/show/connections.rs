@@ -2,6 +2,7 @@
 //! columns.
 
 use super::*;
+use crate::client::list::ClientState;
 
 pub(super) const CONNECTION_COLUMNS: [(&str, Type); 21] = [
     ("type", Text),
@@ -35,7 +36,7 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
     let mut cols = CONNECTION_COLUMNS.to_vec();
     cols.push(("backend_role", Text));
     let mut rs = ResultSet::new(&cols);
-    for c in client_rows(shared) {
+    for c in snapshot::clients(shared) {
         let (addr, port) = addr_parts(c.addr);
         let (laddr, lport) = addr_parts(c.local);
         let active = c.state == ClientState::Active;

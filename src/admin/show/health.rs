@@ -18,7 +18,7 @@ pub(super) fn health(shared: &Shared) -> ResultSet {
     ]);
     let settings = shared.settings();
     let cfg = &settings.config.stats;
-    let counts = client_counts(&client_rows(shared));
+    let counts = snapshot::pool_clients(&snapshot::clients(shared));
     for (name, db) in &settings.config.databases {
         let h = shared.stats.health(name, cfg);
         let slow = db.slow_query_threshold.unwrap_or(cfg.slow_query_threshold);
@@ -31,10 +31,11 @@ pub(super) fn health(shared: &Shared) -> ResultSet {
             .iter()
             .filter(|p| &p.database == name)
         {
-            let (_, waiting, maxwait) = counts
+            let c = counts
                 .get(&(p.database.clone(), p.user.clone(), p.backend))
                 .copied()
                 .unwrap_or_default();
+            let (waiting, maxwait) = (c.waiting, c.max_wait_us);
             waiting_all += waiting;
             maxwait_all = maxwait_all.max(maxwait);
             let r = recommendation(

@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use super::AdminError;
 use super::output::{ResultSet, Type, Value, command_complete, notice};
 use crate::client::Shared;
-use crate::client::list::{ClientRow, ClientState};
+use crate::snapshot::{self, TrafficRow};
 use crate::stats::{HealthStatus, PoolHealth, Totals};
 
 use Type::{Int4, Int8, Numeric, Text};
@@ -197,23 +197,6 @@ RESUME [<db>]
 KILL [<db>]
 SHUTDOWN";
 
-/// Totals and averages per (database, backend), every configured backend
-/// included.
-fn traffic(shared: &Shared) -> Vec<(String, usize, Totals, crate::stats::Averages)> {
-    let settings = shared.settings();
-    for (name, db) in &settings.config.databases {
-        for b in 0..=db.replicas.len() {
-            shared.stats.traffic(name, b);
-        }
-    }
-    shared
-        .stats
-        .traffic_rows()
-        .into_iter()
-        .map(|((db, b), t)| (db, b, t.totals(), t.averages()))
-        .collect()
-}
-
 fn backend_addr(shared: &Shared, database: &str, backend: usize) -> Value {
     let settings = shared.settings();
     let db = settings.config.databases.get(database);
@@ -226,33 +209,6 @@ fn backend_addr(shared: &Shared, database: &str, backend: usize) -> Value {
         Some((h, p)) => format!("{h}:{p}").into(),
         None => Value::Null,
     }
-}
-
-/// Clients per (database, user, backend): (active, waiting, longest wait µs).
-/// An idle client counts toward its primary pool.
-fn client_counts(rows: &[ClientRow]) -> HashMap<(String, String, usize), (u64, u64, u64)> {
-    let mut m: HashMap<(String, String, usize), (u64, u64, u64)> = HashMap::new();
-    for c in rows {
-        let backend = if c.state == ClientState::Idle {
-            0
-        } else {
-            c.backend
-        };
-        let e = m
-            .entry((c.database.clone(), c.user.clone(), backend))
-            .or_default();
-        if c.state == ClientState::Waiting {
-            e.1 += 1;
-            e.2 = e.2.max(c.wait_us);
-        } else {
-            e.0 += 1;
-        }
-    }
-    m
-}
-
-fn client_rows(shared: &Shared) -> Vec<ClientRow> {
-    shared.list.all().iter().map(|c| c.row()).collect()
 }
 
 /// The `status` column of a backend's rows: `down: <kind>: <detail>` while

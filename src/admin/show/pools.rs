@@ -51,17 +51,18 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
         ("status", Text),
         ("recommendation", Text),
     ]);
-    let counts = client_counts(&client_rows(shared));
+    let counts = snapshot::pool_clients(&snapshot::clients(shared));
     let cfg = shared.settings().config.stats.clone();
     for p in shared.registry.pools() {
         if p.is_retired() && p.server_count() == 0 {
             continue;
         }
         let s = p.settings();
-        let (active, waiting, maxwait) = counts
+        let c = counts
             .get(&(p.database.clone(), p.user.clone(), p.backend))
             .copied()
             .unwrap_or_default();
+        let (active, waiting, maxwait) = (c.active, c.waiting, c.max_wait_us);
         let health = shared.stats.health(&p.database, &cfg);
         let sv_active = p.active_count();
         let sv_idle = p.idle_count();

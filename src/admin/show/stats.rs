@@ -40,7 +40,14 @@ pub(super) fn stats(shared: &Shared) -> ResultSet {
         ("prepared_reprepares", Numeric),
         ("misroute_retries", Numeric),
     ]);
-    for (db, b, t, a) in traffic(shared) {
+    for TrafficRow {
+        database: db,
+        backend: b,
+        totals: t,
+        averages: a,
+        ..
+    } in snapshot::traffic(shared)
+    {
         rs.push(vec![
             backend_name(&db, b).into(),
             t.xacts.into(),
@@ -105,7 +112,13 @@ pub(super) fn stats_totals(shared: &Shared) -> ResultSet {
         ("prepared_reprepares", Numeric),
         ("misroute_retries", Numeric),
     ]);
-    for (db, b, t, _) in traffic(shared) {
+    for TrafficRow {
+        database: db,
+        backend: b,
+        totals: t,
+        ..
+    } in snapshot::traffic(shared)
+    {
         rs.push(vec![
             backend_name(&db, b).into(),
             t.xacts.into(),
@@ -150,7 +163,13 @@ pub(super) fn stats_averages(shared: &Shared) -> ResultSet {
         ("avg_client_login_count", Numeric),
         ("backend_role", Text),
     ]);
-    for (db, b, _, a) in traffic(shared) {
+    for TrafficRow {
+        database: db,
+        backend: b,
+        averages: a,
+        ..
+    } in snapshot::traffic(shared)
+    {
         rs.push(vec![
             backend_name(&db, b).into(),
             a.xacts.into(),
@@ -174,7 +193,12 @@ pub(super) fn stats_averages(shared: &Shared) -> ResultSet {
 pub(super) fn totals(shared: &Shared) -> ResultSet {
     let mut t = Totals::default();
     let mut a = crate::stats::Averages::default();
-    for (_, _, tt, aa) in traffic(shared) {
+    for TrafficRow {
+        totals: tt,
+        averages: aa,
+        ..
+    } in snapshot::traffic(shared)
+    {
         t.add(&tt);
         a.add(&aa);
     }
