@@ -8,6 +8,7 @@
 //! ReadyForQuery said `I` and nothing is outstanding on it.
 
 mod connect;
+pub mod exchange;
 pub mod expect;
 pub mod list;
 pub mod params;

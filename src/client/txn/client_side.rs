@@ -66,26 +66,11 @@ impl Inspector for ClientSide<'_> {
             | FrontendTag::Describe
             | FrontendTag::Execute
             | FrontendTag::Close => return Step::Inspect,
-            FrontendTag::Sync => {
-                t.batch = Batch::Synced;
-                t.expect.push(Owed::Sync);
-                t.timing.sync(false);
-            }
-            FrontendTag::FunctionCall => {
-                t.expect.push(Owed::UntilReady {
-                    undo: None,
-                    failed: false,
-                    position_shift: 0,
-                    bound: None,
-                });
-                t.timing.sync(true);
-            }
-            FrontendTag::Flush => t.batch.open(),
-            FrontendTag::CopyDone | FrontendTag::CopyFail if t.copy == Copy::In => {
-                t.copy = Copy::None;
-            }
+            FrontendTag::Sync => t.timing.sync(false),
+            FrontendTag::FunctionCall => t.timing.sync(true),
             _ => {}
         }
+        t.exchange.on_client(tag);
         Step::Pass
     }
 

@@ -21,18 +21,10 @@ use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
 use crate::router::hints::{Hint, hint};
 use crate::router::{Class, Classifier, Functions};
-use crate::server::expect::{Expect, Owed, Undo};
+pub use crate::server::exchange::{Batch, Copy, Exchange, Verdict};
+use crate::server::expect::{Owed, Undo};
 use crate::stats::fingerprint::hash_and_template;
 use crate::stats::{Fingerprints, Shape};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Copy {
-    #[default]
-    None,
-    In,
-    Out,
-    Both,
-}
 
 /// How this client's messages are treated (fixed per session).
 #[derive(Debug, Clone, Copy, Default)]
@@ -75,42 +67,6 @@ impl Misroute {
     }
 }
 
-/// Where the client's extended-query batch stands (one state, not three
-/// flags).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Batch {
-    /// Nothing sent since the last Sync (or none at all).
-    Synced,
-    /// Extended-query messages sent, their Sync not yet.
-    Open,
-    /// Open, and the client's next message waits, unread, until a statement
-    /// prepared for it was described (its row shape compared).
-    Held,
-    /// tidepool answered one of its messages with an error: the client's
-    /// messages are dropped until its Sync, as PostgreSQL would.
-    Skipping,
-}
-
-impl Batch {
-    /// An extended-query message was sent (a held or skipping batch stays so).
-    pub fn open(&mut self) {
-        if *self == Batch::Synced {
-            *self = Batch::Open;
-        }
-    }
-}
-
-/// What becomes of a server when its client's transaction stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Idle, nothing owed, nothing half sent: the next client may have it.
-    Reuse,
-    /// Nothing owed but a transaction is open: ROLLBACK makes it clean.
-    RollBack,
-    /// Something is owed or half sent: only closing it is safe.
-    Close,
-}
-
 /// What tells, on a replica, which statements need the primary.
 #[derive(Debug, Clone)]
 pub struct ReplicaGuard {
@@ -121,18 +77,14 @@ pub struct ReplicaGuard {
 
 #[derive(Debug)]
 pub struct Tracker {
-    /// Where the client's extended-query batch stands.
-    pub batch: Batch,
-    pub status: TxStatus,
-    pub copy: Copy,
+    /// What the server owes, the batch, COPY and the transaction status.
+    pub exchange: Exchange,
     /// The client sent Terminate.
     pub terminated: bool,
     /// The server sent a FATAL error: it is closing. Held back from the
     /// client, which gets a connection-failure ERROR instead and keeps its
     /// own connection.
     pub server_fatal: Option<ErrorFields>,
-    /// Responses owed, in order, with what tidepool injects or drops.
-    pub expect: Expect,
     /// The session parameters may have changed (SET, RESET, DISCARD, ...).
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
@@ -173,12 +125,9 @@ pub struct Tracker {
 impl Tracker {
     pub fn new(status: TxStatus, policy: Policy) -> Self {
         Self {
-            batch: Batch::Synced,
-            status,
-            copy: Copy::None,
+            exchange: Exchange::new(status),
             terminated: false,
             server_fatal: None,
-            expect: Expect::default(),
             params_changed: false,
             pin: None,
             stale: Vec::new(),
@@ -200,12 +149,9 @@ impl Tracker {
     /// Starts afresh for the next transaction, keeping the allocations (the
     /// queues of owed answers and statement timings) of the last one.
     pub fn reset(&mut self, status: TxStatus, policy: Policy) {
-        self.batch = Batch::Synced;
-        self.status = status;
-        self.copy = Copy::None;
+        self.exchange.reset(status);
         self.terminated = false;
         self.server_fatal = None;
-        self.expect.clear();
         self.params_changed = false;
         self.pin = None;
         self.stale.clear();
@@ -220,30 +166,6 @@ impl Tracker {
         self.reroute = false;
         self.timing.clear();
         self.misroute = Misroute::Off;
-    }
-
-    /// Nothing is owed, nothing is half-sent, and the server is outside a
-    /// transaction: it may serve another client.
-    pub fn is_idle(&self) -> bool {
-        self.is_quiet() && self.status == TxStatus::Idle
-    }
-
-    /// What becomes of the server if the transaction stops here: the one
-    /// release verdict every path uses (`mid_message`: a message is half
-    /// forwarded either way, or server bytes wait unread).
-    pub fn verdict(&self, mid_message: bool) -> Verdict {
-        if mid_message || !self.is_quiet() {
-            Verdict::Close
-        } else if self.status == TxStatus::Idle {
-            Verdict::Reuse
-        } else {
-            Verdict::RollBack
-        }
-    }
-
-    /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
-    pub fn is_quiet(&self) -> bool {
-        self.batch == Batch::Synced && self.copy == Copy::None && self.expect.is_empty()
     }
 
     /// `shapes` fingerprints statements for per-query statistics (None: off).
@@ -302,3 +224,18 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests;
+
+/// The tracker is its exchange with the server, plus what the client side
+/// adds (timing, routing guard, effects).
+impl std::ops::Deref for Tracker {
+    type Target = Exchange;
+    fn deref(&self) -> &Exchange {
+        &self.exchange
+    }
+}
+
+impl std::ops::DerefMut for Tracker {
+    fn deref_mut(&mut self) -> &mut Exchange {
+        &mut self.exchange
+    }
+}

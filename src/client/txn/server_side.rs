@@ -49,24 +49,16 @@ impl Inspector for ServerSide<'_> {
             | BackendTag::CommandComplete => {
                 return Step::Inspect;
             }
-            BackendTag::CopyInResponse => {
-                t.copy = Copy::In;
-                t.misroute.disarm();
-            }
-            BackendTag::CopyOutResponse => {
-                t.copy = Copy::Out;
-                t.misroute.disarm();
-            }
-            BackendTag::CopyBothResponse => {
-                t.copy = Copy::Both;
-                t.misroute.disarm();
-            }
+            BackendTag::CopyInResponse
+            | BackendTag::CopyOutResponse
+            | BackendTag::CopyBothResponse => t.misroute.disarm(),
             BackendTag::EmptyQueryResponse | BackendTag::PortalSuspended => {
                 t.timing.statement_end();
             }
             _ => {}
         }
-        t.expect.on_message(tag);
+        // Only ReadyForQuery reads its body, and it is inspected.
+        let _ = t.exchange.on_server(tag, &[]);
         Step::Pass
     }
 
@@ -74,20 +66,14 @@ impl Inspector for ServerSide<'_> {
         let t = &mut *self.t;
         match BackendTag::from_byte(tag) {
             BackendTag::ReadyForQuery => {
-                t.status = ready_for_query(body)?;
-                if t.status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
+                let status = ready_for_query(body)?;
+                if status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
                     t.schema_changed = true;
                 }
                 t.misroute.disarm();
-                t.copy = Copy::None;
-                t.timing.ready(t.status);
+                t.timing.ready(status);
             }
-            BackendTag::CommandComplete => {
-                if t.copy == Copy::Out {
-                    t.copy = Copy::None;
-                }
-                t.timing.command_complete(body);
-            }
+            BackendTag::CommandComplete => t.timing.command_complete(body),
             BackendTag::ParameterStatus => {
                 let (k, v) = parameter_status(body)?;
                 self.params.push((k.to_owned(), v.to_owned()));
@@ -106,9 +92,6 @@ impl Inspector for ServerSide<'_> {
                     // client's name and position in and scans it again.
                     t.rename_error = true;
                     return Ok(Step::Stop);
-                }
-                if t.copy == Copy::Out {
-                    t.copy = Copy::None;
                 }
                 if let Misroute::Armed(replay) = &mut t.misroute {
                     t.misroute = if fields.code == READ_ONLY_TRANSACTION {
@@ -130,7 +113,7 @@ impl Inspector for ServerSide<'_> {
             }
             _ => {}
         }
-        t.expect.on_message(tag);
+        t.exchange.on_server(tag, body)?;
         Ok(Step::Pass)
     }
 }
