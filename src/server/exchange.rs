@@ -111,8 +111,8 @@ impl Exchange {
 
     /// A server message, after whatever else reads it: the transaction
     /// status, COPY state, and which owed answer it completes.
-    pub fn on_server(&mut self, tag: u8, body: &[u8]) -> Result<(), ProtocolError> {
-        match BackendTag::from_byte(tag) {
+    pub fn on_server(&mut self, tag: BackendTag, body: &[u8]) -> Result<(), ProtocolError> {
+        match tag {
             BackendTag::ReadyForQuery => {
                 self.status = ready_for_query(body)?;
                 self.copy = Copy::None;
@@ -125,7 +125,7 @@ impl Exchange {
             BackendTag::CopyBothResponse => self.copy = Copy::Both,
             _ => {}
         }
-        self.expect.on_message(tag);
+        self.expect.on_backend(tag);
         Ok(())
     }
 

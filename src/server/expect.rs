@@ -239,8 +239,12 @@ impl Expect {
 
     /// Advances past one server message (forwarded or swallowed).
     pub fn on_message(&mut self, tag: u8) {
+        self.on_backend(BackendTag::from_byte(tag));
+    }
+
+    /// [`Expect::on_message`] for a tag already read.
+    pub fn on_backend(&mut self, tag: BackendTag) {
         use BackendTag as T;
-        let tag = T::from_byte(tag);
         if tag == T::DataRow {
             // The most common message, and never the end of an answer.
             return;

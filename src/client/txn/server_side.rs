@@ -58,13 +58,14 @@ impl Inspector for ServerSide<'_> {
             _ => {}
         }
         // Only ReadyForQuery reads its body, and it is inspected.
-        let _ = t.exchange.on_server(tag, &[]);
+        let _ = t.exchange.on_server(tag_kind, &[]);
         Step::Pass
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Step, ProtocolError> {
         let t = &mut *self.t;
-        match BackendTag::from_byte(tag) {
+        let kind = BackendTag::from_byte(tag);
+        match kind {
             BackendTag::ReadyForQuery => {
                 let status = ready_for_query(body)?;
                 if status == TxStatus::Idle && std::mem::take(&mut t.ddl) {
@@ -113,7 +114,7 @@ impl Inspector for ServerSide<'_> {
             }
             _ => {}
         }
-        t.exchange.on_server(tag, body)?;
+        t.exchange.on_server(kind, body)?;
         Ok(Step::Pass)
     }
 }
