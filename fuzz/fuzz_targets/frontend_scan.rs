@@ -28,8 +28,15 @@ fuzz_target!(|data: &[u8]| {
             t: tracker(input.flags),
             shapes: shapes.as_ref(),
         };
-        c.t.client_skip = input.flags & 0x40 != 0;
-        c.t.replica_guard = guard.clone();
+        if input.flags & 0x40 != 0 {
+            c.t.batch = tidepool::client::txn::Batch::Skipping;
+        }
+        c.t.replica_guard = guard
+            .clone()
+            .map(|classifier| tidepool::client::txn::ReplicaGuard {
+                classifier,
+                functions: None,
+            });
         let o = drive(&mut c, input.limit(), chunks);
         (o, tracker_state(&c.t))
     };

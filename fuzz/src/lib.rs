@@ -16,7 +16,7 @@
 //! scan stopped, errors, every inspected message, and the tracker's state.
 
 use bytes::BytesMut;
-use tidepool::client::txn::{Copy, Tracker};
+use tidepool::client::txn::{Batch, Copy, Tracker};
 use tidepool::protocol::messages::ready_for_query;
 use tidepool::protocol::scan::{Inspector, Scanned, Scanner, Step, checked_len};
 use tidepool::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
@@ -308,10 +308,8 @@ impl Side for Client<'_> {
     fn consumed(&mut self, msg: &[u8]) -> Result<(), ProtocolError> {
         // As the session's handler does while skipping to a Sync.
         let t = &mut self.t;
-        if t.client_skip && FrontendTag::from_byte(msg[0]) == FrontendTag::Sync {
-            t.client_skip = false;
-            t.pending += 1;
-            t.unsynced = false;
+        if t.batch == Batch::Skipping && FrontendTag::from_byte(msg[0]) == FrontendTag::Sync {
+            t.batch = Batch::Synced;
             t.expect.push(tidepool::server::expect::Owed::Sync);
         }
         Ok(())
@@ -377,7 +375,6 @@ impl Side for Server {
         }
         if msg[0] == BackendTag::ReadyForQuery.byte() {
             t.status = ready_for_query(&msg[5..])?;
-            t.pending = t.pending.saturating_sub(1);
             t.expect.on_message(msg[0]);
         }
         Ok(())
@@ -388,12 +385,11 @@ impl Side for Server {
 #[derive(Debug, PartialEq)]
 pub struct TrackerState {
     pub pending: u32,
-    pub unsynced: bool,
+    pub batch: Batch,
     pub status: TxStatus,
     pub copy: Copy,
     pub terminated: bool,
     pub server_fatal: Option<String>,
-    pub client_skip: bool,
     pub params_changed: bool,
     pub pin: Option<&'static str>,
     pub custom_params: Vec<String>,
@@ -404,13 +400,12 @@ pub struct TrackerState {
 
 pub fn tracker_state(t: &Tracker) -> TrackerState {
     TrackerState {
-        pending: t.pending,
-        unsynced: t.unsynced,
+        pending: t.expect.ready_owed(),
+        batch: t.batch,
         status: t.status,
         copy: t.copy,
         terminated: t.terminated,
         server_fatal: t.server_fatal.as_ref().map(|f| format!("{f:?}")),
-        client_skip: t.client_skip,
         params_changed: t.params_changed,
         pin: t.pin,
         custom_params: t.custom_params.clone(),
