@@ -321,10 +321,7 @@ pub fn health_credentials(config: &Config, name: &str, db: &Database) -> Vec<Hea
             dbname,
         }];
     }
-    let console = |user: &str| {
-        config.tidepool.admin_users.iter().any(|u| u == user)
-            || config.tidepool.stats_users.iter().any(|u| u == user)
-    };
+    let console = |user: &str| console_user(config, user);
     let mut candidates: Vec<(bool, bool, HealthCredentials)> = config
         .users
         .iter()
@@ -351,6 +348,13 @@ pub fn health_credentials(config: &Config, name: &str, db: &Database) -> Vec<Hea
     candidates.into_iter().map(|(_, _, c)| c).collect()
 }
 
+/// Listed in `admin_users` or `stats_users`: often a console-only user the
+/// server does not know.
+fn console_user(config: &Config, user: &str) -> bool {
+    config.tidepool.admin_users.iter().any(|u| u == user)
+        || config.tidepool.stats_users.iter().any(|u| u == user)
+}
+
 /// What `tidepool check` says about health checks: a database with
 /// replicas and no credentials the checker can use never routes a read to
 /// them; one whose only candidates are console users likely fails to log in.
@@ -361,10 +365,7 @@ pub fn health_warnings(config: &Config) -> Vec<String> {
             continue;
         }
         let creds = health_credentials(config, name, db);
-        let console = |user: &str| {
-            config.tidepool.admin_users.iter().any(|u| u == user)
-                || config.tidepool.stats_users.iter().any(|u| u == user)
-        };
+        let console = |user: &str| console_user(config, user);
         if creds.is_empty() {
             out.push(format!(
                 "database {name} has replicas but no credentials for health checks: every read stays on the primary; set health_user and health_password, or give a user a plain password"

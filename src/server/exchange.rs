@@ -129,12 +129,6 @@ impl Exchange {
         Ok(())
     }
 
-    /// Nothing is owed, nothing is half-sent, and the server is outside a
-    /// transaction: it may serve another client.
-    pub fn is_idle(&self) -> bool {
-        self.is_quiet() && self.status == TxStatus::Idle
-    }
-
     /// Nothing is owed, but a transaction may be open (ROLLBACK would clean it).
     pub fn is_quiet(&self) -> bool {
         self.batch == Batch::Synced && self.copy == Copy::None && self.expect.is_empty()

@@ -442,9 +442,7 @@ impl Handler<'_> {
                         // This server's statement is older than what the
                         // client was told (a migration nobody reported):
                         // prepared here again, then compared again.
-                        self.close_on_server(stmt.hash);
-                        self.prepared.remove(stmt.hash);
-                        self.t.timing.delta.prepared_reprepares += 1;
+                        self.forget_on_server(stmt.hash);
                         self.prepare_on_server(&stmt, true, None);
                         self.hold();
                         return Ok(());
@@ -548,14 +546,20 @@ impl Handler<'_> {
         if self.prepared.contains(hash) && !self.prepared.fresh(hash, version) {
             // The server has this text from an older version: close it
             // first (its plan may no longer fit the catalog).
-            self.close_on_server(hash);
-            self.prepared.remove(hash);
-            self.t.timing.delta.prepared_reprepares += 1;
+            self.forget_on_server(hash);
         }
         if let Some(victim) = self.prepared.insert(hash, version, self.cap) {
             self.close_on_server(victim);
             Counters::add(&self.counters.prepare_evictions);
         }
+    }
+
+    /// The server's statement `hash` is closed, to be prepared afresh
+    /// (counted as a re-prepare).
+    fn forget_on_server(&mut self, hash: u64) {
+        self.close_on_server(hash);
+        self.prepared.remove(hash);
+        self.t.timing.delta.prepared_reprepares += 1;
     }
 
     /// Queues a Close of tidepool's statement `hash` on the server; its
