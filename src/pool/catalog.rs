@@ -1,5 +1,10 @@
-//! Which shared server-side statements the database's catalog has moved
-//! away from, per database. Three counters make a statement's *version*:
+//! What tidepool knows of a database's catalog: which shared server-side
+//! statements it has moved away from, and which functions may change
+//! session settings (see `server::session_functions`; read from a server
+//! at a database's first transaction, again after DDL through tidepool and
+//! at least every minute).
+//!
+//! Statement versions: Three counters make a statement's *version*:
 //! - a generation per statement text, advanced when a server answers one of
 //!   tidepool's statements with `cached plan must not change result type`
 //!   (a migration changed its result);
@@ -19,10 +24,18 @@
 //! taken until some statement went stale.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+
+use crate::server::session_functions::SessionFunctions;
+
+/// How long a list of session-changing functions is trusted (functions
+/// created outside tidepool are seen within this time).
+const CHANGERS_FOR_US: u64 = 60_000_000;
 
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -37,6 +50,14 @@ pub struct Catalog {
     /// answer clients in the server's exact words (drivers recognise it by
     /// its fields: asyncpg by the routine, `RevalidateCachedQuery`).
     error: Mutex<Option<Bytes>>,
+    /// Functions that may change session settings (None: none known).
+    changers: ArcSwapOption<SessionFunctions>,
+    /// When the list must be read again (coarse monotonic µs; 0: now).
+    changers_due_us: AtomicU64,
+    /// The epoch the list was read in (one more than it: never read).
+    changers_epoch: AtomicU64,
+    /// One session reads the list at a time.
+    changers_loading: AtomicBool,
 }
 
 impl Catalog {
@@ -106,6 +127,41 @@ impl Catalog {
 }
 
 impl Catalog {
+    /// Whether the list of session-changing functions should be read now;
+    /// true for one caller at a time, which then calls
+    /// [`Catalog::changers_read`] with what it read (None: it could not).
+    pub fn changers_due(&self) -> bool {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let due = self.changers_epoch.load(Ordering::Acquire) != epoch
+            || crate::clock::coarse_mono_us() >= self.changers_due_us.load(Ordering::Acquire);
+        due && !self.changers_loading.swap(true, Ordering::AcqRel)
+    }
+
+    /// The list read after [`Catalog::changers_due`] (at `epoch`, read
+    /// before the query ran), or None when it could not be read (tried
+    /// again at the next due time; the last list stays).
+    pub fn changers_read(&self, epoch: u64, read: Option<SessionFunctions>) {
+        if let Some(f) = read {
+            self.changers.store((!f.is_empty()).then(|| Arc::new(f)));
+            self.changers_epoch.store(epoch, Ordering::Release);
+        }
+        self.changers_due_us.store(
+            crate::clock::coarse_mono_us() + CHANGERS_FOR_US,
+            Ordering::Release,
+        );
+        self.changers_loading.store(false, Ordering::Release);
+    }
+
+    /// The functions that may change session settings, if any.
+    pub fn changers(&self) -> Option<Arc<SessionFunctions>> {
+        self.changers.load_full()
+    }
+
+    /// The database's DDL epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// The body of the ErrorResponse a server gave for a changed statement.
     pub fn plan_changed_error(&self) -> Option<Bytes> {
         self.error

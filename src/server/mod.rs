@@ -13,6 +13,7 @@ pub mod expect;
 pub mod list;
 pub mod params;
 pub mod prepared;
+pub mod session_functions;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -171,6 +172,17 @@ impl ServerConn {
         ))
     }
 
+    /// The database's functions that may change session settings (see
+    /// [`session_functions::QUERY`]).
+    pub async fn session_functions(
+        &mut self,
+    ) -> Result<session_functions::SessionFunctions, ServerError> {
+        let rows = self.exchange(session_functions::QUERY).await?.rows;
+        Ok(session_functions::SessionFunctions::new(
+            rows.into_iter().filter_map(|r| r.into_iter().next()),
+        ))
+    }
+
     /// The settings this session changed (`pg_settings.source = 'session'`),
     /// as name → value. Custom (dotted) parameters are not in `pg_settings`;
     /// `custom` names those to read back by name (empty values count as unset).
@@ -178,8 +190,10 @@ impl ServerConn {
         &mut self,
         custom: &std::collections::BTreeSet<String>,
     ) -> Result<Vec<(String, String)>, ServerError> {
+        // `role` is hidden from pg_settings; `none` is no role.
         let mut sql = String::from(
-            "select name, setting from pg_catalog.pg_settings where source = 'session'",
+            "select name, setting from pg_catalog.pg_settings where source = 'session' \
+             union all select 'role', r from pg_catalog.current_setting('role') r where r <> 'none'",
         );
         let names: Vec<String> = custom
             .iter()

@@ -9,10 +9,14 @@ const READ_ONLY: &[&str] = &[
     "server_encoding",
     "integer_datetimes",
     "is_superuser",
-    "session_authorization",
     "in_hot_standby",
     "scram_iterations",
 ];
+
+/// The session's identity: set before any other parameter (they run as the
+/// identity they set), `session_authorization` before `role` (setting the
+/// session user resets the role).
+const IDENTITY: &[&str] = &["session_authorization", "role"];
 
 /// Startup keys that are not session parameters.
 const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
@@ -75,9 +79,19 @@ pub fn sync_sql(
 ) -> Option<String> {
     // set_config() takes the value as text, parsed like a config file entry,
     // so list-valued settings (search_path) keep their elements.
-    let sets: Vec<String> = client
+    let identity_rank = |k: &str| {
+        IDENTITY
+            .iter()
+            .position(|i| *i == k)
+            .unwrap_or(IDENTITY.len())
+    };
+    let mut differing: Vec<(&String, &String)> = client
         .iter()
         .filter(|(k, v)| server.get(*k) != Some(*v) && valid_name(k))
+        .collect();
+    differing.sort_by_key(|(k, _)| identity_rank(k));
+    let sets: Vec<String> = differing
+        .into_iter()
         .map(|(k, v)| {
             format!(
                 "pg_catalog.set_config({}, {}, false)",
@@ -86,16 +100,25 @@ pub fn sync_sql(
             )
         })
         .collect();
+    let resets: Vec<&String> = server
+        .keys()
+        .filter(|k| {
+            !client.contains_key(*k) && !defaults.contains_key(*k) && is_tracked(k) && valid_name(k)
+        })
+        .collect();
     let mut sql = String::new();
+    // An identity another client took is given up first: what follows runs
+    // as this client's.
+    for k in resets.iter().filter(|k| identity_rank(k) < IDENTITY.len()) {
+        sql.push_str(&format!("RESET {k};"));
+    }
     if !sets.is_empty() {
         sql.push_str("SELECT ");
         sql.push_str(&sets.join(", "));
         sql.push(';');
     }
-    for k in server.keys() {
-        if !client.contains_key(k) && !defaults.contains_key(k) && is_tracked(k) && valid_name(k) {
-            sql.push_str(&format!("RESET {k};"));
-        }
+    for k in resets.iter().filter(|k| identity_rank(k) == IDENTITY.len()) {
+        sql.push_str(&format!("RESET {k};"));
     }
     (!sql.is_empty()).then_some(sql)
 }
@@ -125,6 +148,33 @@ mod tests {
         assert_eq!(
             sync_sql(&client, &server, &defaults).unwrap(),
             "SELECT pg_catalog.set_config('application_name', 'it''s', false);RESET extra_float_digits;"
+        );
+    }
+
+    #[test]
+    fn the_identity_is_given_up_or_taken_before_any_other_setting() {
+        let defaults = m(&[("session_authorization", "app")]);
+        let server = m(&[
+            ("role", "r_other"),
+            ("search_path", "x"),
+            ("session_authorization", "app"),
+        ]);
+        let client = m(&[("session_authorization", "app"), ("search_path", "y")]);
+        assert_eq!(
+            sync_sql(&client, &server, &defaults).unwrap(),
+            "RESET role;SELECT pg_catalog.set_config('search_path', 'y', false);"
+        );
+        let server = m(&[("session_authorization", "other"), ("TimeZone", "GMT")]);
+        let client = m(&[
+            ("TimeZone", "UTC"),
+            ("role", "r"),
+            ("session_authorization", "app"),
+        ]);
+        assert_eq!(
+            sync_sql(&client, &server, &defaults).unwrap(),
+            "SELECT pg_catalog.set_config('session_authorization', 'app', false), \
+             pg_catalog.set_config('role', 'r', false), \
+             pg_catalog.set_config('TimeZone', 'UTC', false);"
         );
     }
 

@@ -37,6 +37,9 @@ pub struct Statement {
     /// The row shape the client holds for it: set from the server
     /// statement's description once known.
     pub promised: std::sync::OnceLock<Described>,
+    /// Whether running it leaves the session as it was (set by the client
+    /// side on first use: `client::sql::effects`).
+    pub plain: std::sync::OnceLock<bool>,
 }
 
 impl Statement {
@@ -78,6 +81,7 @@ impl Statement {
                 shape: std::sync::OnceLock::new(),
                 generation: 0,
                 promised: std::sync::OnceLock::new(),
+                plain: std::sync::OnceLock::new(),
             }),
         ))
     }
@@ -99,6 +103,7 @@ impl Statement {
             shape: std::sync::OnceLock::new(),
             generation: 0,
             promised: std::sync::OnceLock::new(),
+            plain: std::sync::OnceLock::new(),
         })
     }
 }

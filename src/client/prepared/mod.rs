@@ -92,7 +92,7 @@ impl Handler<'_> {
     /// updating its view of the client's statements.
     fn query(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
         let sql = Body::new(body, "Query").cstr()?;
-        let e = effects(sql);
+        let e = self.t.effects_of(sql);
         let t = &mut *self.t;
         let answered_here = (e.session_feature.is_some() && t.policy.refuse_session_features)
             || e.deallocate.is_some()
@@ -414,6 +414,13 @@ impl Handler<'_> {
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
+        // What it does to the session is this transaction's, whenever it
+        // was parsed (a SET, a set_config, a function that sets).
+        if !*stmt.plain.get_or_init(|| effects(&stmt.query).is_plain())
+            || self.t.calls_changer(&stmt.query)
+        {
+            self.t.note_sql(&stmt.query);
+        }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);
         match (stmt.promised.get().copied(), &stmt.sql_prepare) {

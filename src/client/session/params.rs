@@ -58,6 +58,39 @@ impl Session {
         Ok(pooled)
     }
 
+    /// Reads the database's functions that may change session settings on
+    /// this server (the catalog said the list is due; see `pool::Catalog`).
+    pub(super) async fn read_changers(
+        &mut self,
+        mut pooled: PooledConn,
+    ) -> Result<PooledConn, ClientError> {
+        let catalog = pooled.pool().catalog.clone();
+        let epoch = catalog.epoch();
+        let conn = pooled.conn();
+        match conn.session_functions().await {
+            Ok(f) => {
+                tracing::debug!(
+                    functions = f.len(),
+                    "read the functions that may change settings"
+                );
+                catalog.changers_read(epoch, Some(f));
+                Ok(pooled)
+            }
+            Err(e) => {
+                catalog.changers_read(epoch, None);
+                tracing::warn!(error = %e, "could not list the functions that may change settings");
+                if matches!(e, ServerError::Query(_)) && conn.tx == TxStatus::Idle {
+                    return Ok(pooled);
+                }
+                pooled.release(Release::Close);
+                Err(ClientError::ServerConnect {
+                    database: self.database.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     /// After a transaction that changed session settings, learns the
     /// server's settings: they are now the client's (what it SET stays its
     /// own) and the server's known state.
@@ -90,6 +123,13 @@ impl Session {
                     if !changed.contains(k) {
                         mine.insert(k.clone(), v.clone());
                     }
+                }
+                // A client that named no application has none (RESET ALL
+                // and DISCARD ALL bring it back), whatever tidepool named
+                // its server connection.
+                const APP: &str = "application_name";
+                if !changed.iter().any(|k| k == APP) && !self.startup.contains_key(APP) {
+                    mine.insert(APP.to_owned(), String::new());
                 }
                 conn.params.retain(|k, _| !is_tracked(k));
                 conn.params.extend(actual);

@@ -190,6 +190,9 @@ impl Session {
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);
         }
+        if pooled.pool().catalog.changers_due() {
+            pooled = Box::pin(self.read_changers(pooled)).await?;
+        }
         // Fast path: this server was last brought to this very (shared)
         // parameter set and nothing changed it since.
         let in_sync = pooled

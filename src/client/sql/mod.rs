@@ -163,6 +163,9 @@ pub fn effects(sql: &str) -> Effects {
                     e.drops_all_statements = true;
                 }
             }
+            // A DO block or a procedure may SET anything (set_config, SET
+            // ROLE): the session's settings are read back afterwards.
+            "do" | "call" => e.params_changed = true,
             "listen" => e.session_feature = Some("LISTEN"),
             "declare" if contains_ignore_case(stmt, "with hold") => {
                 e.session_feature = Some("WITH HOLD cursors")

@@ -104,6 +104,11 @@ fn session_changes_are_seen_and_local_ones_ignored() {
     assert!(effects("  /* hi */ set TimeZone to 'UTC'").params_changed);
     assert!(effects("select 1; reset all").params_changed);
     assert!(effects("select set_config('a.b', '1', false)").params_changed);
+    assert!(effects("SET ROLE r").params_changed);
+    assert!(effects("set session authorization u").params_changed);
+    assert!(effects("do $$ begin perform 1; end $$").params_changed);
+    assert!(effects("CALL p()").params_changed);
+    assert!(!effects("select 'do'").params_changed);
     assert!(!effects("SET LOCAL statement_timeout = 5").params_changed);
     assert!(!effects("set transaction isolation level serializable").params_changed);
     assert!(!effects("update t set a = 1").params_changed);

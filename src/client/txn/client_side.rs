@@ -30,9 +30,13 @@ impl ClientSide<'_> {
                 Some(s) => Some(hit.shape.get_or_insert_with(|| s.shape(sql)).clone()),
                 None => None,
             };
-            return (shape, (!hit.plain).then(|| effects(sql)));
+            let plain = hit.plain;
+            return (
+                shape,
+                (!plain || t.calls_changer(sql)).then(|| t.effects_of(sql)),
+            );
         }
-        let e = effects(sql);
+        let e = t.effects_of(sql);
         let (shape, template) = match self.shapes {
             Some(s) => {
                 let (shape, template) = s.shape_and_template(sql);

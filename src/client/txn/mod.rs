@@ -23,6 +23,7 @@ use crate::router::hints::{Hint, hint};
 use crate::router::{Class, Classifier, Functions};
 pub use crate::server::exchange::{Batch, Copy, Exchange, Verdict};
 use crate::server::expect::{Owed, Undo};
+use crate::server::session_functions::SessionFunctions;
 use crate::stats::fingerprint::hash_and_template;
 use crate::stats::{Fingerprints, Shape};
 
@@ -118,6 +119,9 @@ pub struct Tracker {
     pub timing: Timing,
     /// The safety net of a read on a replica.
     pub misroute: Misroute,
+    /// Functions of the database that may change session settings (set
+    /// by the session for each transaction; a call is a parameter change).
+    pub changers: Option<Arc<SessionFunctions>>,
     /// Statements this client sent lately; kept across [`Tracker::reset`].
     memo: Memo,
 }
@@ -142,6 +146,7 @@ impl Tracker {
             reroute: false,
             timing: Timing::default(),
             misroute: Misroute::Off,
+            changers: None,
             memo: Memo::default(),
         }
     }
@@ -180,7 +185,21 @@ impl Tracker {
     /// Notes what a query text does to the session. Returns true when the
     /// query must not be forwarded as it is (a refused session feature).
     pub fn note_sql(&mut self, sql: &str) -> bool {
-        self.note_effects(&effects(sql))
+        let e = self.effects_of(sql);
+        self.note_effects(&e)
+    }
+
+    /// What `sql` does to the session, a call of a function that may change
+    /// settings included.
+    pub fn effects_of(&self, sql: &str) -> Effects {
+        let mut e = effects(sql);
+        e.params_changed |= self.calls_changer(sql);
+        e
+    }
+
+    /// `sql` calls a function that may change session settings.
+    pub fn calls_changer(&self, sql: &str) -> bool {
+        self.changers.as_ref().is_some_and(|c| c.called_in(sql))
     }
 
     /// On a replica, outside a transaction: does `sql` need the primary?
