@@ -60,6 +60,19 @@ impl<'a> Body<'a> {
         Ok(s)
     }
 
+    /// A NUL-terminated SQL text. UTF-8 (or ASCII) text is borrowed. Text
+    /// in another client encoding (LATIN1, EUC_JP, SJIS, ...) is read one
+    /// char per byte (see [`foreign_text`]): every ASCII byte stays where it
+    /// was, so the lexer and the classifier read its structure, and the
+    /// bytes come back exactly with [`foreign_bytes`].
+    pub fn sql(&mut self) -> Result<std::borrow::Cow<'a, str>, ProtocolError> {
+        let b = self.cbytes()?;
+        Ok(match std::str::from_utf8(b) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => std::borrow::Cow::Owned(foreign_text(b)),
+        })
+    }
+
     /// A NUL-terminated field as bytes, in whatever encoding.
     pub fn cbytes(&mut self) -> Result<&'a [u8], ProtocolError> {
         let end = memchr::memchr(0, self.buf).ok_or(ProtocolError::Malformed(self.what))?;
@@ -170,5 +183,52 @@ mod tests {
         assert!(backend_key_data(b"\0\0").is_err());
         assert!(ready_for_query(b"X").is_err());
         assert!(ready_for_query(b"").is_err());
+    }
+}
+
+/// Text that is not UTF-8, one char per byte (byte `b` is char `U+00b`):
+/// bytes 0x80 and up become chars that are never ASCII, so nothing in the
+/// text can pass for a quote, a semicolon or a keyword that was not there.
+pub fn foreign_text(b: &[u8]) -> String {
+    b.iter().map(|&c| char::from(c)).collect()
+}
+
+/// The bytes [`foreign_text`] read, with any ASCII text inserted since
+/// (names tidepool puts in); a char above U+00FF (never produced by
+/// `foreign_text`) is written as UTF-8.
+pub fn foreign_bytes(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for c in s.chars() {
+        match u8::try_from(u32::from(c)) {
+            Ok(b) => out.push(b),
+            Err(_) => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod foreign_tests {
+    use super::*;
+
+    #[test]
+    fn foreign_text_round_trips_every_byte_and_keeps_ascii_in_place() {
+        let all: Vec<u8> = (1..=255).collect();
+        let text = foreign_text(&all);
+        assert_eq!(text.chars().count(), all.len());
+        assert_eq!(foreign_bytes(&text), all);
+        // SJIS 0x95 0x5C: the second byte is a backslash in both readings.
+        let t = foreign_text(b"select '\x95\\'");
+        assert_eq!(
+            foreign_bytes(&format!("EXECUTE x{t}")),
+            b"EXECUTE xselect '\x95\\'"
+        );
+        let mut b = Body::new(b"caf\xe9\0", "Query");
+        assert!(matches!(b.sql().unwrap(), std::borrow::Cow::Owned(ref s) if s == "caf\u{e9}"));
+        let mut b = Body::new("caf\u{e9}\0".as_bytes(), "Query");
+        assert!(matches!(
+            b.sql().unwrap(),
+            std::borrow::Cow::Borrowed("caf\u{e9}")
+        ));
     }
 }

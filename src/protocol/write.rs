@@ -95,6 +95,20 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     message(buf, FrontendTag::Query.byte(), |b| cstr(b, sql));
 }
 
+/// A Query of text made from a client's: `foreign` when it was read with
+/// `messages::foreign_text` (a client encoding other than UTF-8), whose
+/// bytes are given back as the client sent them.
+pub fn query_text(buf: &mut BytesMut, sql: &str, foreign: bool) {
+    if foreign {
+        message(buf, FrontendTag::Query.byte(), |b| {
+            b.put_slice(&super::messages::foreign_bytes(sql));
+            b.put_u8(0);
+        });
+    } else {
+        query(buf, sql);
+    }
+}
+
 pub fn terminate(buf: &mut BytesMut) {
     message(buf, FrontendTag::Terminate.byte(), |_| {});
 }

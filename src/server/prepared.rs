@@ -27,8 +27,11 @@ pub struct Statement {
     pub parse: Bytes,
     /// For SQL `PREPARE`: the statement that prepares it under `name`.
     pub sql_prepare: Option<String>,
-    /// The query text (for classification).
+    /// The query text (for classification), read one char per byte when
+    /// it is not UTF-8 (`foreign`, see `protocol::messages::foreign_text`).
     pub query: String,
+    /// The client sent its text in another encoding than UTF-8.
+    pub foreign: bool,
     /// Its fingerprint, computed on first use.
     pub shape: std::sync::OnceLock<Arc<crate::stats::Shape>>,
     /// The generation of its text (`pool::Catalog`) when it was prepared:
@@ -50,7 +53,9 @@ impl Statement {
         let client_name = b.cstr()?.to_owned();
         let rest = b.rest();
         let mut q = Body::new(rest, "Parse");
-        let query = q.cstr()?.to_owned();
+        let query = q.sql()?;
+        let foreign = matches!(query, std::borrow::Cow::Owned(_));
+        let query = query.into_owned();
         let n = q.i16()?;
         if n < 0 {
             return Err(ProtocolError::Malformed("Parse"));
@@ -78,6 +83,7 @@ impl Statement {
                 parse: parse.freeze(),
                 sql_prepare: None,
                 query,
+                foreign,
                 shape: std::sync::OnceLock::new(),
                 generation: 0,
                 promised: std::sync::OnceLock::new(),
@@ -88,7 +94,7 @@ impl Statement {
 
     /// A statement from SQL `PREPARE name <rest>`, where `rest` is
     /// `[(types)] AS statement`.
-    pub fn from_sql_prepare(rest: &str) -> Arc<Statement> {
+    pub fn from_sql_prepare(rest: &str, foreign: bool) -> Arc<Statement> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         "sql-prepare".hash(&mut h);
         rest.hash(&mut h);
@@ -100,6 +106,7 @@ impl Statement {
             name,
             parse: Bytes::new(),
             query: rest.to_owned(),
+            foreign,
             shape: std::sync::OnceLock::new(),
             generation: 0,
             promised: std::sync::OnceLock::new(),

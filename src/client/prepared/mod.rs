@@ -91,8 +91,14 @@ impl Handler<'_> {
     /// A query tidepool answers (or refuses) itself, or forwards after
     /// updating its view of the client's statements.
     fn query(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
-        let sql = Body::new(body, "Query").cstr()?;
-        let e = self.t.effects_of(sql);
+        let sql = Body::new(body, "Query").sql()?;
+        // Text in another client encoding: read one char per byte, written
+        // back byte for byte, and taken to change settings (see
+        // `txn::client_side`).
+        let foreign = matches!(sql, std::borrow::Cow::Owned(_));
+        let sql = &*sql;
+        let mut e = self.t.effects_of(sql);
+        e.params_changed |= foreign;
         let t = &mut *self.t;
         let answered_here = (e.session_feature.is_some() && t.policy.refuse_session_features)
             || e.deallocate.is_some()
@@ -118,7 +124,7 @@ impl Handler<'_> {
             return Ok(());
         }
         if let (Some(p), true) = (&e.prepared, t.policy.named_statements) {
-            return self.sql_prepared(msg, sql, p);
+            return self.sql_prepared(msg, sql, foreign, p);
         }
         let named = t.policy.named_statements;
         if e.lists_statements && named {
@@ -126,7 +132,7 @@ impl Handler<'_> {
             if !refs.is_empty() {
                 let rewritten = self.list_statements(sql, &refs);
                 self.t.note_effects(&e);
-                write::query(self.to_server, &rewritten);
+                write::query_text(self.to_server, &rewritten, foreign);
                 self.owe_query(sql, 0, None);
                 return Ok(());
             }
@@ -143,7 +149,7 @@ impl Handler<'_> {
             self.ensure(&stmt);
             self.t.note_effects(&e);
             let rewritten = format!("{}{}{}", &sql[..n.start], stmt.name, &sql[n.end..]);
-            write::query(self.to_server, &rewritten);
+            write::query_text(self.to_server, &rewritten, foreign);
             let shift = stmt.name.len() as i32 - (n.end - n.start) as i32;
             self.owe_query(
                 sql,
@@ -181,6 +187,7 @@ impl Handler<'_> {
         &mut self,
         msg: &[u8],
         client_sql: &str,
+        foreign: bool,
         p: &PreparedSql,
     ) -> Result<(), ProtocolError> {
         let status = self.t.status;
@@ -197,10 +204,10 @@ impl Handler<'_> {
                     self.fail_query(out);
                     return Ok(());
                 }
-                let stmt = Statement::from_sql_prepare(rest);
+                let stmt = Statement::from_sql_prepare(rest, foreign);
                 let generation = self.catalog.generation(stmt.hash);
                 let stmt = Statement::in_generation(stmt, generation);
-                self.t.note_sql(&stmt.query);
+                self.t.note_statement(&stmt.query, stmt.foreign);
                 self.statements.insert(name.clone(), stmt.clone());
                 if self
                     .prepared
@@ -227,7 +234,7 @@ impl Handler<'_> {
                 Counters::add(&self.counters.prepares);
                 self.t.timing.delta.server_parses += 1;
                 let sql = stmt.sql_prepare.clone().unwrap_or_default();
-                write::query(self.to_server, &sql);
+                write::query_text(self.to_server, &sql, stmt.foreign);
                 self.t.expect.push(Owed::UntilReady {
                     undo: Some(Undo {
                         server_stmt: Some(stmt.hash),
@@ -261,8 +268,12 @@ impl Handler<'_> {
                     return Ok(());
                 }
                 self.ensure(&stmt);
-                self.t.note_sql(&stmt.query);
-                write::query(self.to_server, &format!("EXECUTE {}{rest}", stmt.name));
+                self.t.note_statement(&stmt.query, stmt.foreign);
+                write::query_text(
+                    self.to_server,
+                    &format!("EXECUTE {}{rest}", stmt.name),
+                    foreign,
+                );
                 self.t.expect.push(Owed::UntilReady {
                     undo: None,
                     failed: false,
@@ -284,17 +295,22 @@ impl Handler<'_> {
         if self.t.policy.named_statements {
             let mut b = Body::new(body, "Parse");
             let name = b.cstr()?;
-            let query = b.cstr()?;
-            let refs = super::statement_list::references(query);
+            let query = b.sql()?;
+            let foreign = matches!(query, std::borrow::Cow::Owned(_));
+            let refs = super::statement_list::references(&query);
             if !refs.is_empty() {
                 // The query reads pg_prepared_statements: it is prepared
                 // with the client's statements as they are now.
-                let rewritten = self.list_statements(query, &refs);
+                let rewritten = self.list_statements(&query, &refs);
                 let mut out = BytesMut::new();
                 write::message(&mut out, FrontendTag::Parse.byte(), |m| {
                     m.put_slice(name.as_bytes());
                     m.put_u8(0);
-                    m.put_slice(rewritten.as_bytes());
+                    if foreign {
+                        m.put_slice(&crate::protocol::messages::foreign_bytes(&rewritten));
+                    } else {
+                        m.put_slice(rewritten.as_bytes());
+                    }
                     m.put_u8(0);
                     m.put_slice(b.rest());
                 });
@@ -343,7 +359,7 @@ impl Handler<'_> {
         let stmt = Statement::in_generation(stmt, generation);
         let t = &mut *self.t;
         t.batch.open();
-        if t.note_sql(&stmt.query) {
+        if t.note_statement(&stmt.query, stmt.foreign) {
             let feature = effects(&stmt.query)
                 .session_feature
                 .unwrap_or("session feature");
@@ -416,10 +432,12 @@ impl Handler<'_> {
         };
         // What it does to the session is this transaction's, whenever it
         // was parsed (a SET, a set_config, a function that sets).
-        if !*stmt.plain.get_or_init(|| effects(&stmt.query).is_plain())
+        if !*stmt
+            .plain
+            .get_or_init(|| !stmt.foreign && effects(&stmt.query).is_plain())
             || self.t.calls_changer(&stmt.query)
         {
-            self.t.note_sql(&stmt.query);
+            self.t.note_statement(&stmt.query, stmt.foreign);
         }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);

@@ -324,7 +324,11 @@ pub(super) fn first_statement<'a>(
         FrontendTag::Bind => {
             body.cstr().ok()?;
             let name = body.cstr().ok()?;
-            statements.get(name).map(|s| s.query.as_str())
+            // Text in another encoding is not classified (the primary).
+            statements
+                .get(name)
+                .filter(|s| !s.foreign)
+                .map(|s| s.query.as_str())
         }
         _ => None,
     }

@@ -2,6 +2,8 @@
 //! what they owe, and which stop for the session (named statements,
 //! refused features, a statement that needs the primary on a replica).
 
+use std::borrow::Cow;
+
 use super::*;
 
 /// Inspector for client → server bytes.
@@ -22,7 +24,20 @@ impl ClientSide<'_> {
     /// What `sql` is: its shape (when per-query statistics are on) and its
     /// effects on the session (`None`: it has none). A statement like one
     /// this client sent lately is known from the memo without lexing it.
-    fn look(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
+    ///
+    /// Text in another client encoding (`foreign`) is read for its effects,
+    /// and counts as changing settings whatever it says: in encodings whose
+    /// second bytes look like ASCII (SJIS, BIG5, GBK), a byte the lexer takes
+    /// for a backslash or a quote may hide a SET.
+    fn look(&mut self, sql: &str, foreign: bool) -> (Option<Arc<Shape>>, Option<Effects>) {
+        let (shape, mut e) = self.look_utf8(sql);
+        if foreign {
+            e.get_or_insert_with(Effects::default).params_changed = true;
+        }
+        (shape, e)
+    }
+
+    fn look_utf8(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
         let t = &mut *self.t;
         if let Some(hit) = t.memo.find(sql) {
             let shape = match self.shapes {
@@ -86,12 +101,13 @@ impl Inspector for ClientSide<'_> {
         let named = t.policy.named_statements;
         match FrontendTag::from_byte(tag) {
             FrontendTag::Query => {
-                let sql = Body::new(body, "Query").cstr()?;
-                if t.needs_primary(sql) {
+                let sql = Body::new(body, "Query").sql()?;
+                let foreign = matches!(sql, Cow::Owned(_));
+                if t.needs_primary(&sql, foreign) {
                     t.reroute = true;
                     return Ok(Step::Stop);
                 }
-                let (shape, e) = self.look(sql);
+                let (shape, e) = self.look(&sql, foreign);
                 let t = &mut *self.t;
                 if let Some(e) = e {
                     let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
@@ -114,15 +130,16 @@ impl Inspector for ClientSide<'_> {
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
                 let name = b.cstr()?;
-                let sql = b.cstr()?;
-                if t.needs_primary(sql) {
+                let sql = b.sql()?;
+                let foreign = matches!(sql, Cow::Owned(_));
+                if t.needs_primary(&sql, foreign) {
                     t.reroute = true;
                     return Ok(Step::Stop);
                 }
                 if named && !name.is_empty() {
                     return Ok(Step::Stop);
                 }
-                let (shape, e) = self.look(sql);
+                let (shape, e) = self.look(&sql, foreign);
                 if named && e.as_ref().is_some_and(|e| e.lists_statements) {
                     return Ok(Step::Stop);
                 }

@@ -189,6 +189,13 @@ impl Tracker {
         self.note_effects(&e)
     }
 
+    /// Notes a prepared statement's text; text in another encoding than
+    /// UTF-8 (`foreign`) counts as changing settings (see `client_side`).
+    pub fn note_statement(&mut self, query: &str, foreign: bool) -> bool {
+        self.params_changed |= foreign;
+        self.note_sql(query)
+    }
+
     /// What `sql` does to the session, a call of a function that may change
     /// settings included.
     pub fn effects_of(&self, sql: &str) -> Effects {
@@ -203,12 +210,17 @@ impl Tracker {
     }
 
     /// On a replica, outside a transaction: does `sql` need the primary?
-    fn needs_primary(&mut self, sql: &str) -> bool {
+    /// Text in another client encoding (`foreign`) is not classified: it
+    /// needs the primary.
+    fn needs_primary(&mut self, sql: &str, foreign: bool) -> bool {
         let Some(g) = &self.replica_guard else {
             return false;
         };
         if self.status != TxStatus::Idle || hint(sql) == Some(Hint::Replica) {
             return false;
+        }
+        if foreign {
+            return true;
         }
         !matches!(
             self.memo.class(sql, &g.classifier, g.functions.as_deref()),
