@@ -52,6 +52,9 @@ pub struct Catalog {
     error: Mutex<Option<Bytes>>,
     /// Functions that may change session settings (None: none known).
     changers: ArcSwapOption<SessionFunctions>,
+    /// `changers` holds a list: read without touching the ArcSwap on
+    /// every transaction of a database that has none.
+    any_changers: AtomicBool,
     /// When the list must be read again (coarse monotonic µs; 0: now).
     changers_due_us: AtomicU64,
     /// The epoch the list was read in (one more than it: never read).
@@ -142,6 +145,7 @@ impl Catalog {
     /// again at the next due time; the last list stays).
     pub fn changers_read(&self, epoch: u64, read: Option<SessionFunctions>) {
         if let Some(f) = read {
+            self.any_changers.store(!f.is_empty(), Ordering::Release);
             self.changers.store((!f.is_empty()).then(|| Arc::new(f)));
             self.changers_epoch.store(epoch, Ordering::Release);
         }
@@ -154,6 +158,9 @@ impl Catalog {
 
     /// The functions that may change session settings, if any.
     pub fn changers(&self) -> Option<Arc<SessionFunctions>> {
+        if !self.any_changers.load(Ordering::Acquire) {
+            return None;
+        }
         self.changers.load_full()
     }
 

@@ -82,6 +82,7 @@ pub enum Owed {
 
 impl Owed {
     /// Answered by a ReadyForQuery (which ends its answer).
+    #[inline]
     fn is_boundary(&self) -> bool {
         matches!(self, Owed::Sync | Owed::UntilReady { .. } | Owed::Internal)
     }
@@ -128,8 +129,9 @@ impl Expect {
     }
 
     /// Records a message sent (or answered by tidepool) in stream order.
+    #[inline]
     pub fn push(&mut self, owed: Owed) {
-        if owed == Owed::Sync {
+        if matches!(owed, Owed::Sync) {
             self.skipping = false;
         } else if self.skipping {
             self.forget(owed);
@@ -301,7 +303,7 @@ impl Expect {
             return;
         }
         while let Some(front) = self.queue.front() {
-            if *front == Owed::Sync {
+            if matches!(front, Owed::Sync) {
                 return;
             }
             if let Some(owed) = self.pop() {
@@ -312,6 +314,7 @@ impl Expect {
     }
 
     /// Takes the head, keeping the count of boundaries.
+    #[inline]
     fn pop(&mut self) -> Option<Owed> {
         let owed = self.queue.pop_front()?;
         if owed.is_boundary() {

@@ -29,6 +29,7 @@ impl ClientSide<'_> {
     /// and counts as changing settings whatever it says: in encodings whose
     /// second bytes look like ASCII (SJIS, BIG5, GBK), a byte the lexer takes
     /// for a backslash or a quote may hide a SET.
+    #[inline]
     fn look(&mut self, sql: &str, foreign: bool) -> (Option<Arc<Shape>>, Option<Effects>) {
         let (shape, mut e) = self.look_utf8(sql);
         if foreign {
@@ -37,6 +38,7 @@ impl ClientSide<'_> {
         (shape, e)
     }
 
+    #[inline]
     fn look_utf8(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
         let t = &mut *self.t;
         if let Some(hit) = t.memo.find(sql) {
