@@ -66,6 +66,15 @@ pub enum ClientError {
     AuthProtocol(String),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    /// No line of `auth_hba_file` matches (PostgreSQL's words).
+    #[error("no pg_hba.conf entry for host \"{}\", user \"{}\", database \"{}\", {}", .0.host, .0.user, .0.database, .0.encryption())]
+    HbaNoEntry(Box<HbaPeer>),
+    /// The first matching line of `auth_hba_file` says `reject`.
+    #[error("pg_hba.conf rejects connection for host \"{}\", user \"{}\", database \"{}\", {}", .0.host, .0.user, .0.database, .0.encryption())]
+    HbaRejected(Box<HbaPeer>),
+    /// An HBA `cert` line for a client without a TLS client certificate.
+    #[error("connection requires a valid client certificate")]
+    CertificateRequired,
     #[error("database \"{0}\" does not exist")]
     UnknownDatabase(String),
     #[error("unsupported startup parameter: {0}")]
@@ -103,6 +112,25 @@ pub enum ClientError {
     ParameterRefused(Box<crate::protocol::messages::ErrorFields>),
 }
 
+/// Who a refused login was, as PostgreSQL's HBA messages name it.
+#[derive(Debug)]
+pub struct HbaPeer {
+    pub host: String,
+    pub user: String,
+    pub database: String,
+    pub tls: bool,
+}
+
+impl HbaPeer {
+    fn encryption(&self) -> &'static str {
+        if self.tls {
+            "SSL encryption"
+        } else {
+            "no encryption"
+        }
+    }
+}
+
 /// A client's protocol error in its words; a message over the size limit
 /// names the setting that sets it.
 fn client_protocol_text(e: &ProtocolError) -> String {
@@ -121,7 +149,10 @@ impl ClientError {
                 SqlState::PROTOCOL_VIOLATION
             }
             ClientError::AuthFailed(_) => SqlState::INVALID_PASSWORD,
-            ClientError::NoUser => SqlState::INVALID_AUTHORIZATION,
+            ClientError::NoUser
+            | ClientError::HbaNoEntry(_)
+            | ClientError::HbaRejected(_)
+            | ClientError::CertificateRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
             ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
             ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {

@@ -60,6 +60,37 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),
         AuthType::Md5 => md5(stream, buf, user, secret).await,
         AuthType::ScramSha256 => scram(stream, buf, user, verifier, decoy).await,
+        AuthType::Password => password(stream, buf, user, secret).await,
+    }
+}
+
+/// PostgreSQL's `password` method: the password in clear text.
+async fn password<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<Verified, AuthError> {
+    let mut out = BytesMut::new();
+    write::auth_request(&mut out, auth_code::CLEARTEXT, &[]);
+    stream.write_all(&out).await?;
+    let body = read_password(stream, buf, user).await?;
+    let sent = Body::new(&body, "PasswordMessage")
+        .cbytes()
+        .map_err(|e| AuthError::Protocol(e.to_string()))?
+        .to_vec();
+    let Some(secret) = secret.cloned() else {
+        return Err(AuthError::Failed(user.to_owned()));
+    };
+    // A SCRAM verifier costs its PBKDF2 iterations: off the event loop.
+    let owner = user.to_owned();
+    let ok = tokio::task::spawn_blocking(move || secret.matches_password(&owner, &sent))
+        .await
+        .unwrap_or(false);
+    if ok {
+        Ok(Verified::default())
+    } else {
+        Err(AuthError::Failed(user.to_owned()))
     }
 }
 

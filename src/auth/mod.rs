@@ -5,6 +5,7 @@
 //! error messages.
 
 pub mod client;
+pub mod hba;
 pub mod scram;
 pub mod secret;
 pub mod server;
@@ -18,6 +19,22 @@ pub enum AuthType {
     Md5,
     #[serde(rename = "trust")]
     Trust,
+    /// The password in clear text (PostgreSQL's `password` method); meant
+    /// for TLS connections.
+    #[serde(rename = "password")]
+    Password,
+}
+
+impl AuthType {
+    /// The name in the config and in pg_hba.conf.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Md5 => "md5",
+            AuthType::Trust => "trust",
+            AuthType::Password => "password",
+        }
+    }
 }
 
 /// Errors during authentication in either direction.

@@ -133,6 +133,22 @@ impl ServerExchange {
     }
 }
 
+/// Whether `password` gives the verifier's StoredKey (RFC 5802's Hi():
+/// PBKDF2-HMAC-SHA-256 over the verifier's salt and iterations).
+pub fn password_matches(v: &ScramVerifier, password: &[u8]) -> bool {
+    let mut u = hmac(password, &[&v.salt, &1u32.to_be_bytes()]);
+    let mut salted = u;
+    for _ in 1..v.iterations {
+        u = hmac(password, &[&u]);
+        for (s, x) in salted.iter_mut().zip(u) {
+            *s ^= x;
+        }
+    }
+    let client_key = hmac(&salted, &[b"Client Key"]);
+    let stored: [u8; 32] = Sha256::digest(client_key).into();
+    constant_time_eq(&stored, &v.stored_key)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -235,6 +251,14 @@ mod tests {
         let cfinal = kc.update(sfirst.as_bytes()).unwrap();
         let (sfinal, _) = server.finish(cfinal.as_bytes()).unwrap();
         kc.finish(sfinal.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_clear_text_password_is_checked_against_the_verifier() {
+        let v = verifier("s3cret");
+        assert!(password_matches(&v, b"s3cret"));
+        assert!(!password_matches(&v, b"s3cret "));
+        assert!(!password_matches(&v, b""));
     }
 
     #[test]

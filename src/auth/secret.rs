@@ -64,7 +64,24 @@ impl Secret {
                 | (Secret::Plain(_), _)
                 | (Secret::Scram(_), AuthType::ScramSha256)
                 | (Secret::Md5(_), AuthType::Md5)
+                | (_, AuthType::Password)
         )
+    }
+
+    /// Whether `password` (sent in clear text) is this secret's password.
+    /// For a SCRAM verifier this runs its PBKDF2 iterations.
+    pub fn matches_password(&self, user: &str, password: &[u8]) -> bool {
+        let eq = |a: &[u8], b: &[u8]| {
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        };
+        match self {
+            Secret::Plain(p) => eq(p.as_bytes(), password),
+            Secret::Md5(h) => eq(
+                h.as_bytes(),
+                postgres_protocol::password::md5(password, user).as_bytes(),
+            ),
+            Secret::Scram(v) => super::scram::password_matches(v, password),
+        }
     }
 
     /// The verifier used to check a client's SCRAM proof. A plain password

@@ -121,6 +121,50 @@ pub enum Greeted {
 /// The console's database names.
 pub const ADMIN_DATABASES: [&str; 2] = ["pgbouncer", "tidepool"];
 
+/// What `auth_hba_file` says of this login: the method that replaces the
+/// configured auth_type (None: no rules configured), or PostgreSQL's
+/// refusal (28000) when no line matches, the line rejects, or it asks for a
+/// client certificate this connection cannot have.
+fn address_rules(
+    stream: &TcpStream,
+    config: &crate::config::Config,
+    database: &str,
+    user: &str,
+) -> Result<Option<crate::auth::AuthType>, Option<ClientError>> {
+    use crate::auth::AuthType;
+    use crate::auth::hba::{Method, Peer};
+    let Some(hba) = config.hba() else {
+        return Ok(None);
+    };
+    let addr = stream
+        .peer_addr()
+        .map(|a| a.ip().to_canonical())
+        .map_err(|_| None)?;
+    let peer = Peer {
+        addr,
+        tls: false,
+        database,
+        user,
+    };
+    let who = || {
+        Box::new(crate::error::HbaPeer {
+            host: addr.to_string(),
+            user: user.to_owned(),
+            database: database.to_owned(),
+            tls: peer.tls,
+        })
+    };
+    match hba.method_for(&peer) {
+        None => Err(Some(ClientError::HbaNoEntry(who()))),
+        Some(Method::Reject) => Err(Some(ClientError::HbaRejected(who()))),
+        Some(Method::Cert) => Err(Some(ClientError::CertificateRequired)),
+        Some(Method::Trust) => Ok(Some(AuthType::Trust)),
+        Some(Method::Md5) => Ok(Some(AuthType::Md5)),
+        Some(Method::Password) => Ok(Some(AuthType::Password)),
+        Some(Method::ScramSha256) => Ok(Some(AuthType::ScramSha256)),
+    }
+}
+
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
 /// before a startup packet, where an ErrorResponse would not be understood).
 async fn handshake(
@@ -176,14 +220,18 @@ async fn handshake(
     if shared.clients.load(Ordering::Relaxed) > max {
         return Err(Some(ClientError::TooManyClients(max)));
     }
+    // The address rules decide first: who may try, and how.
+    let auth_type = match address_rules(stream, config, &database, &user)? {
+        Some(a) => a,
+        None => config.auth_type(config.users.get(&user)),
+    };
     let Some(db) = config.databases.get(&database) else {
         if ADMIN_DATABASES.contains(&database.as_str()) {
-            return admin_login(stream, shared, &settings, user, database).await;
+            return admin_login(stream, shared, &settings, user, database, auth_type).await;
         }
         return Err(Some(ClientError::UnknownDatabase(database)));
     };
     let auth = settings.users.get(&user);
-    let auth_type = config.auth_type(config.users.get(&user));
     let mut buf = BytesMut::new();
     let expected = crate::auth::client::Expected {
         user: &user,
@@ -273,6 +321,7 @@ async fn admin_login(
     settings: &super::Settings,
     user: String,
     database: String,
+    auth_type: crate::auth::AuthType,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
     let general = &settings.config.tidepool;
     let admin = general.admin_users.contains(&user);
@@ -286,7 +335,7 @@ async fn admin_login(
         secret: auth.and_then(|a| a.secret.as_ref()),
         verifier: auth.and_then(|a| a.verifier.as_ref()),
         decoy: &shared.decoy,
-        auth: settings.config.auth_type(settings.config.users.get(&user)),
+        auth: auth_type,
     };
     let mut buf = BytesMut::new();
     crate::auth::client::authenticate(stream, &mut buf, &expected)

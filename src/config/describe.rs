@@ -41,11 +41,7 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let (r, rd) = (&c.routing, Routing::default());
     let (s, sd) = (&c.stats, Stats::default());
     let (m, md) = (&c.metrics, Metrics::default());
-    let auth = |a: super::AuthType| match a {
-        super::AuthType::ScramSha256 => "scram-sha-256".to_owned(),
-        super::AuthType::Md5 => "md5".to_owned(),
-        super::AuthType::Trust => "trust".to_owned(),
-    };
+    let auth = |a: super::AuthType| a.name().to_owned();
     let opt = |o: &Option<String>| o.clone().unwrap_or_default();
     vec![
         row(
@@ -88,6 +84,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
             "shutdown_timeout",
             d(g.shutdown_timeout),
             d(gd.shutdown_timeout),
+            true,
+        ),
+        row(
+            "tidepool",
+            "auth_hba_file",
+            opt(&g.auth_hba_file),
+            opt(&gd.auth_hba_file),
             true,
         ),
         row(

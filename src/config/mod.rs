@@ -35,12 +35,17 @@ impl Config {
             key: String::new(),
             message: format!("cannot read config: {e}"),
         })?;
-        Self::from_toml_str(&src, &file)
+        Self::from_toml_in(&src, &file, path.parent())
     }
 
     /// Parses and validates TOML text; `file` is used in error messages.
+    /// Files it names (`auth_hba_file`) are relative to the working directory.
     pub fn from_toml_str(src: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(src).map_err(|e| {
+        Self::from_toml_in(src, file, None)
+    }
+
+    fn from_toml_in(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(src).map_err(|e| {
             let line = e.span().map(|s| line_of(src, s.start));
             ConfigError {
                 file: file.to_owned(),
@@ -55,7 +60,29 @@ impl Config {
             key: path.join("."),
             message,
         })?;
+        if let Some(name) = &config.tidepool.auth_hba_file {
+            let path = match dir {
+                Some(d) if Path::new(name).is_relative() => d.join(name),
+                _ => Path::new(name).to_path_buf(),
+            };
+            let located = |line: Option<usize>, message: String| ConfigError {
+                file: path.display().to_string(),
+                line,
+                key: "tidepool.auth_hba_file".into(),
+                message,
+            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| located(None, format!("cannot read the HBA file: {e}")))?;
+            let hba = crate::auth::hba::Hba::parse(&text)
+                .map_err(|e| located(Some(e.line), e.message))?;
+            config.hba = Some(std::sync::Arc::new(hba));
+        }
         Ok(config)
+    }
+
+    /// The address rules of `auth_hba_file`, if one is set.
+    pub fn hba(&self) -> Option<&crate::auth::hba::Hba> {
+        self.hba.as_deref()
     }
 
     /// Pool size for a (database, user) pair, most specific setting first.

@@ -25,6 +25,9 @@ pub struct Config {
     pub stats: Stats,
     #[serde(default)]
     pub metrics: Metrics,
+    /// The rules of `[tidepool] auth_hba_file`, read with the config.
+    #[serde(skip)]
+    pub(crate) hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
 }
 
 /// `[stats]`: traffic averages, per-query statistics, slow queries, pool health.
@@ -161,6 +164,10 @@ pub struct General {
     /// to finish before connections are closed. Default `30s`.
     #[serde(default = "d_shutdown", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Address rules in pg_hba.conf format (PgBouncer's subset), checked
+    /// before authentication; relative to the config file. Default none.
+    #[serde(default)]
+    pub auth_hba_file: Option<String>,
 }
 
 impl Default for General {
@@ -172,6 +179,7 @@ impl Default for General {
             auth_type: default_auth_type(),
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             shutdown_timeout: d_shutdown(),
+            auth_hba_file: None,
         }
     }
 }
