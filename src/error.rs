@@ -72,6 +72,10 @@ pub enum ClientError {
     /// The first matching line of `auth_hba_file` says `reject`.
     #[error("pg_hba.conf rejects connection for host \"{}\", user \"{}\", database \"{}\", {}", .0.host, .0.user, .0.database, .0.encryption())]
     HbaRejected(Box<HbaPeer>),
+    /// The client's address failed to log in too often: refused, before
+    /// any password exchange, for this much longer.
+    #[error("too many failed logins from this address; try again in {} s", .0.as_secs().max(1))]
+    LoginThrottled(Duration),
     /// An HBA `cert` line for a client without a TLS client certificate.
     #[error("connection requires a valid client certificate")]
     CertificateRequired,
@@ -152,7 +156,8 @@ impl ClientError {
             ClientError::NoUser
             | ClientError::HbaNoEntry(_)
             | ClientError::HbaRejected(_)
-            | ClientError::CertificateRequired => SqlState::INVALID_AUTHORIZATION,
+            | ClientError::CertificateRequired
+            | ClientError::LoginThrottled(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
             ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
             ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {

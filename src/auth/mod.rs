@@ -9,6 +9,7 @@ pub mod hba;
 pub mod scram;
 pub mod secret;
 pub mod server;
+pub mod throttle;
 
 /// How clients prove who they are (`[tidepool] auth_type`, or per user).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

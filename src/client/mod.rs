@@ -113,6 +113,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Event-loop stalls and the shutdown deadline.
     pub watchdog: Arc<crate::watchdog::Watchdog>,
+    /// Failed logins per source address.
+    pub throttle: crate::auth::throttle::Throttle,
     /// The file RELOAD and SIGHUP read, when the config came from one.
     pub config_path: Option<PathBuf>,
     next_id: AtomicU64,
@@ -141,6 +143,7 @@ impl Shared {
             lot: Arc::new(park::Lot::default()),
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
+            throttle: Default::default(),
             config_path,
             next_id: AtomicU64::new(1),
         }

@@ -48,6 +48,22 @@ pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Opti
             Err(_) => Err(Some(ClientError::LoginTimeout)),
         }
     };
+    let peer_ip = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+    match (&result, peer_ip) {
+        (Err(Some(ClientError::AuthFailed(_))), Some(ip)) => {
+            // Answered after a delay that grows with the address's failures,
+            // served by this client's task alone.
+            let limits = shared.settings().config.throttle_limits();
+            let delay = shared
+                .throttle
+                .failed(ip, crate::clock::mono_ns() / 1000, &limits);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        (Ok(Some(_)), Some(ip)) => shared.throttle.succeeded(ip),
+        _ => {}
+    }
     let listed = |database: &str, user: &str, pid: i32| {
         shared.list.add(super::list::ClientInfo::new(
             id,
@@ -220,7 +236,15 @@ async fn handshake(
     if shared.clients.load(Ordering::Relaxed) > max {
         return Err(Some(ClientError::TooManyClients(max)));
     }
-    // The address rules decide first: who may try, and how.
+    // An address that failed too often is refused before anything else.
+    if let Ok(peer) = stream.peer_addr()
+        && let Err(left) = shared
+            .throttle
+            .check(peer.ip().to_canonical(), crate::clock::mono_ns() / 1000)
+    {
+        return Err(Some(ClientError::LoginThrottled(left)));
+    }
+    // The address rules decide next: who may try, and how.
     let auth_type = match address_rules(stream, config, &database, &user)? {
         Some(a) => a,
         None => config.auth_type(config.users.get(&user)),

@@ -31,6 +31,12 @@ pub const MAX_PREPARED_STATEMENTS: u32 = 200;
 pub const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(1);
 pub const MAX_REPLICA_LAG: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed-login throttling: the first failure's delay, its cap, the
+/// failures before an address is refused, and for how long.
+pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(100);
+pub const AUTH_FAILURE_MAX_DELAY: Duration = Duration::from_secs(2);
+pub const AUTH_FAILURE_LIMIT: u32 = 20;
+pub const AUTH_FAILURE_COOLDOWN: Duration = Duration::from_secs(60);
 /// As in PgBouncer.
 pub const STATS_PERIOD: Duration = Duration::from_secs(60);
 pub const SLOW_QUERY_THRESHOLD: Duration = Duration::from_millis(100);

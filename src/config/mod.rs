@@ -80,6 +80,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The failed-login throttling settings.
+    pub fn throttle_limits(&self) -> crate::auth::throttle::Limits {
+        let g = &self.tidepool;
+        crate::auth::throttle::Limits {
+            delay: g.auth_failure_delay,
+            max_delay: g.auth_failure_max_delay,
+            limit: g.auth_failure_limit,
+            cooldown: g.auth_failure_cooldown,
+        }
+    }
+
     /// The address rules of `auth_hba_file`, if one is set.
     pub fn hba(&self) -> Option<&crate::auth::hba::Hba> {
         self.hba.as_deref()

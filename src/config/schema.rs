@@ -168,6 +168,21 @@ pub struct General {
     /// before authentication; relative to the config file. Default none.
     #[serde(default)]
     pub auth_hba_file: Option<String>,
+    /// Delay before a failed login is answered; doubles with each failure
+    /// from the same address. `0s`: none. Default `100ms`.
+    #[serde(default = "d_auth_delay", with = "duration")]
+    pub auth_failure_delay: Duration,
+    /// The most a failed login is delayed. Default `2s`.
+    #[serde(default = "d_auth_max_delay", with = "duration")]
+    pub auth_failure_max_delay: Duration,
+    /// Failed logins after which an address is refused for
+    /// `auth_failure_cooldown`; 0: never. Default 20.
+    #[serde(default = "d_auth_limit")]
+    pub auth_failure_limit: u32,
+    /// How long a refused address stays refused, and how long failures are
+    /// remembered. Default `60s`.
+    #[serde(default = "d_auth_cooldown", with = "duration")]
+    pub auth_failure_cooldown: Duration,
 }
 
 impl Default for General {
@@ -180,6 +195,10 @@ impl Default for General {
             max_message_size: defaults::MAX_MESSAGE_SIZE,
             shutdown_timeout: d_shutdown(),
             auth_hba_file: None,
+            auth_failure_delay: d_auth_delay(),
+            auth_failure_max_delay: d_auth_max_delay(),
+            auth_failure_limit: d_auth_limit(),
+            auth_failure_cooldown: d_auth_cooldown(),
         }
     }
 }
@@ -399,6 +418,18 @@ fn d_max_prepared() -> u32 {
 }
 fn d_shutdown() -> Duration {
     defaults::SHUTDOWN_TIMEOUT
+}
+fn d_auth_delay() -> Duration {
+    defaults::AUTH_FAILURE_DELAY
+}
+fn d_auth_max_delay() -> Duration {
+    defaults::AUTH_FAILURE_MAX_DELAY
+}
+fn d_auth_limit() -> u32 {
+    defaults::AUTH_FAILURE_LIMIT
+}
+fn d_auth_cooldown() -> Duration {
+    defaults::AUTH_FAILURE_COOLDOWN
 }
 fn d_stats_period() -> Duration {
     defaults::STATS_PERIOD

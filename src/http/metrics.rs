@@ -594,6 +594,28 @@ impl Collector for Snapshot {
         ] {
             counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
         }
+        let t = &shared.throttle;
+        counter(
+            &mut enc,
+            "tidepool_login_failures",
+            "Failed client logins (wrong password or unknown user)",
+            &[(Labels::new(), t.failures.load(Relaxed))],
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_logins_refused",
+            "Logins refused because their address failed too often (auth_failure_limit)",
+            &[(Labels::new(), t.refused.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "tidepool_login_blocked_addresses",
+            "Source addresses refused now after too many failed logins",
+            &[(
+                Labels::new(),
+                t.blocked(crate::clock::mono_ns() / 1000) as i64,
+            )],
+        )?;
         Ok(())
     }
 }

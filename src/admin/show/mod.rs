@@ -13,6 +13,7 @@
 
 mod connections;
 mod health;
+mod logins;
 mod pools;
 mod queries;
 mod settings;
@@ -20,6 +21,7 @@ mod stats;
 
 use connections::{clients, servers};
 use health::{health, replicas};
+use logins::auth_failures;
 use pools::pools;
 pub use pools::recommendation;
 use queries::{queries, slow_queries};
@@ -109,6 +111,7 @@ pub enum Show {
     SlowQueries,
     Health,
     Replicas,
+    AuthFailures,
 }
 
 impl Show {
@@ -133,6 +136,7 @@ impl Show {
             "SLOW_QUERIES" => Show::SlowQueries,
             "HEALTH" => Show::Health,
             "REPLICAS" => Show::Replicas,
+            "AUTH_FAILURES" => Show::AuthFailures,
             _ => return None,
         })
     }
@@ -162,6 +166,7 @@ impl Show {
             Show::SlowQueries => slow_queries(shared),
             Show::Health => health(shared),
             Show::Replicas => replicas(shared),
+            Show::AuthFailures => auth_failures(shared),
         })
     }
 }
@@ -189,7 +194,7 @@ pub const VERSION: &str = concat!(
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
 SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS
-SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS   (tidepool)
+SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
 PAUSE [<db>]
