@@ -43,12 +43,15 @@ async fn login_from(
 async fn bad_logins_from_one_address_are_throttled_and_others_are_not() {
     let c = cluster();
     let db = c.create_database("throttle");
-    let toml = harness::proxy::config_toml(c, &db, "", "").replace(
-        "[tidepool]\n",
-        "[tidepool]\nstats_users = [\"app\"]\nauth_failure_delay = \"20ms\"\n\
-         auth_failure_max_delay = \"160ms\"\nauth_failure_limit = 10\n\
-         auth_failure_cooldown = \"10m\"\n",
-    );
+    let toml = harness::proxy::config_toml(c, &db, "", "")
+        .replace("auth_failure_delay = \"0s\"\n", "")
+        .replace("auth_failure_limit = 0\n", "")
+        .replace(
+            "[tidepool]\n",
+            "[tidepool]\nstats_users = [\"app\"]\nauth_failure_delay = \"20ms\"\n\
+             auth_failure_max_delay = \"160ms\"\nauth_failure_limit = 10\n\
+             auth_failure_cooldown = \"10m\"\n",
+        );
     let proxy = TestProxy::start(&toml);
     let port = proxy.port();
     let pw = harness::APP_PASSWORD;

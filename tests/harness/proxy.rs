@@ -23,6 +23,10 @@ pub fn config_toml(cluster: &Cluster, db: &str, pool_extra: &str, db_extra: &str
         r#"
 [tidepool]
 listen = ["127.0.0.1:0"]
+# Tests fail logins on purpose, many times: no throttling unless a test
+# turns it on (tests/throttle.rs).
+auth_failure_delay = "0s"
+auth_failure_limit = 0
 
 [pool]
 {defaults}
