@@ -76,6 +76,9 @@ pub enum ClientError {
     /// any password exchange, for this much longer.
     #[error("too many failed logins from this address; try again in {} s", .0.as_secs().max(1))]
     LoginThrottled(Duration),
+    /// `client_tls_sslmode` requires TLS and the client did not ask for it.
+    #[error("TLS is required (client_tls_sslmode): connect with sslmode=require or stronger")]
+    TlsRequired,
     /// An HBA `cert` line for a client without a TLS client certificate.
     #[error("connection requires a valid client certificate")]
     CertificateRequired,
@@ -157,7 +160,8 @@ impl ClientError {
             | ClientError::HbaNoEntry(_)
             | ClientError::HbaRejected(_)
             | ClientError::CertificateRequired
-            | ClientError::LoginThrottled(_) => SqlState::INVALID_AUTHORIZATION,
+            | ClientError::LoginThrottled(_)
+            | ClientError::TlsRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
             ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
             ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {

@@ -29,6 +29,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod watchdog;
 
 use std::future::Future;

@@ -18,8 +18,6 @@ pub mod show;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 pub use command::{Command, parse};
 
@@ -65,14 +63,19 @@ impl AdminError {
 
 /// One console session.
 pub struct Console {
-    stream: TcpStream,
+    stream: crate::protocol::stream::Stream,
     shared: Arc<Shared>,
     login: AdminLogin,
     listed: Listed,
 }
 
 impl Console {
-    pub fn new(stream: TcpStream, shared: Arc<Shared>, login: AdminLogin, listed: Listed) -> Self {
+    pub fn new(
+        stream: crate::protocol::stream::Stream,
+        shared: Arc<Shared>,
+        login: AdminLogin,
+        listed: Listed,
+    ) -> Self {
         Self {
             stream,
             shared,

@@ -133,6 +133,8 @@ pub struct ClientInfo {
     park: AtomicU8,
     /// Wakes the client task: it is asked to leave, or to park.
     pub nudge: Nudge,
+    /// What TLS negotiated (`TLSv1.3/TLS13_AES_256_GCM_SHA384`), or empty.
+    pub tls: Box<str>,
 }
 
 /// A copy of one client's state.
@@ -152,6 +154,7 @@ pub struct ClientRow {
     pub link: u64,
     pub prepared: u32,
     pub application_name: String,
+    pub tls: String,
 }
 
 impl ClientInfo {
@@ -162,8 +165,10 @@ impl ClientInfo {
         addr: Option<SocketAddr>,
         local: Option<SocketAddr>,
         pid: i32,
+        tls: String,
     ) -> Self {
         Self {
+            tls: tls.into_boxed_str(),
             id,
             user: user.into(),
             database: database.into(),
@@ -334,6 +339,7 @@ impl ClientInfo {
             wait_us,
             link: self.link.load(Ordering::Relaxed),
             prepared: self.prepared.load(Ordering::Relaxed),
+            tls: self.tls.to_string(),
             application_name: self
                 .application_name
                 .lock()

@@ -14,6 +14,7 @@
 
 pub mod list;
 pub mod memo;
+mod negotiate;
 pub mod park;
 mod prepared;
 pub(crate) mod session;

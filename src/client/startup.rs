@@ -1,5 +1,5 @@
-//! The startup phase: SSL/GSSENC refusal, the startup packet, cancel
-//! requests, the client limit, database and user lookup, authentication,
+//! The startup phase: TLS negotiation (`client::negotiate`), the startup
+//! packet, TLS required by `client_tls_sslmode`, cancel requests, the client limit, database and user lookup, authentication,
 //! and the greeting (AuthenticationOk, ParameterStatus set, a proxy-issued
 //! BackendKeyData, ReadyForQuery).
 
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Shared;
@@ -17,7 +16,8 @@ use crate::auth::AuthError;
 use crate::error::ClientError;
 use crate::pool::{Pool, PoolError, Release};
 use crate::protocol::TxStatus;
-use crate::protocol::startup::{StartupError, StartupPacket, read_packet};
+use crate::protocol::startup::{StartupError, StartupPacket};
+use crate::protocol::stream::Stream;
 use crate::protocol::write;
 use crate::server::params::{canonical, is_tracked, valid_name};
 
@@ -25,12 +25,12 @@ use crate::server::params::{canonical, is_tracked, valid_name};
 /// session the caller starts: the console sits above clients).
 pub enum Login {
     Client {
-        stream: TcpStream,
+        stream: Stream,
         login: Box<LoggedIn>,
         listed: Listed,
     },
     Admin {
-        stream: TcpStream,
+        stream: Stream,
         login: AdminLogin,
         listed: Listed,
     },
@@ -38,12 +38,33 @@ pub enum Login {
 
 /// Runs the startup phase. `None` when the connection ends here (cancel
 /// request, refused login, timeout); errors were already sent.
-pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Login> {
-    let timeout = shared.settings().config.pool.client_login_timeout;
-    let result = if timeout.is_zero() {
-        handshake(&mut stream, shared).await
+pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Login> {
+    let settings = shared.settings();
+    let timeout = settings.config.pool.client_login_timeout;
+    let acceptor = settings.config.client_tls().cloned();
+    drop(settings);
+    let started = std::time::Instant::now();
+    // Encryption first: a client that stalls here is closed silently (it
+    // could not read an error in the middle of a handshake).
+    let negotiating = super::negotiate::negotiate(tcp, acceptor.as_ref());
+    let negotiated = if timeout.is_zero() {
+        negotiating.await
     } else {
-        match tokio::time::timeout(timeout, handshake(&mut stream, shared)).await {
+        tokio::time::timeout(timeout, negotiating)
+            .await
+            .ok()
+            .flatten()
+    };
+    let (mut stream, first) = negotiated?;
+    let required = acceptor.as_ref().is_some_and(|a| a.mode.required());
+    let handshaking = handshake(&mut stream, shared, first, required);
+    let result = if timeout.is_zero() {
+        handshaking.await
+    } else {
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(std::time::Duration::from_millis(1));
+        match tokio::time::timeout(left, handshaking).await {
             Ok(r) => r,
             Err(_) => Err(Some(ClientError::LoginTimeout)),
         }
@@ -72,6 +93,7 @@ pub async fn login(mut stream: TcpStream, shared: &Arc<Shared>, id: u64) -> Opti
             stream.peer_addr().ok(),
             stream.local_addr().ok(),
             pid,
+            stream.tls_summary(),
         ))
     };
     match result {
@@ -142,7 +164,7 @@ pub const ADMIN_DATABASES: [&str; 2] = ["pgbouncer", "tidepool"];
 /// refusal (28000) when no line matches, the line rejects, or it asks for a
 /// client certificate this connection cannot have.
 fn address_rules(
-    stream: &TcpStream,
+    stream: &Stream,
     config: &crate::config::Config,
     database: &str,
     user: &str,
@@ -158,7 +180,7 @@ fn address_rules(
         .map_err(|_| None)?;
     let peer = Peer {
         addr,
-        tls: false,
+        tls: stream.is_tls(),
         database,
         user,
     };
@@ -183,24 +205,32 @@ fn address_rules(
 
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
 /// before a startup packet, where an ErrorResponse would not be understood).
+/// `first` is the first packet after encryption was negotiated;
+/// `tls_required`: a client that did not negotiate TLS is refused.
 async fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Arc<Shared>,
+    first: Result<StartupPacket, StartupError>,
+    tls_required: bool,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
-    let startup = loop {
-        match read_packet(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                stream.write_all(b"N").await.map_err(|_| None)?;
-            }
-            Ok(StartupPacket::Cancel { pid, secret }) => {
-                shared.cancel.cancel(pid, secret).await;
-                return Ok(None);
-            }
-            Ok(StartupPacket::Startup(params)) => break params,
-            Err(StartupError::Protocol(p)) => return Err(Some(ClientError::Protocol(p))),
-            Err(StartupError::Eof) | Err(StartupError::Io(_)) => return Err(None),
+    let startup = match first {
+        Ok(StartupPacket::Cancel { pid, secret }) => {
+            shared.cancel.cancel(pid, secret).await;
+            return Ok(None);
         }
+        Ok(StartupPacket::Startup(params)) => params,
+        // A second SSLRequest, or one inside TLS.
+        Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+            return Err(Some(ClientError::Protocol(
+                crate::protocol::ProtocolError::Malformed("startup packet"),
+            )));
+        }
+        Err(StartupError::Protocol(p)) => return Err(Some(ClientError::Protocol(p))),
+        Err(StartupError::Eof) | Err(StartupError::Io(_)) => return Err(None),
     };
+    if tls_required && !stream.is_tls() {
+        return Err(Some(ClientError::TlsRequired));
+    }
 
     let mut user = None;
     let mut database = None;
@@ -340,7 +370,7 @@ async fn handshake(
 /// Logs a user in to the admin console: only `admin_users` and
 /// `stats_users`, authenticated like any client.
 async fn admin_login(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Arc<Shared>,
     settings: &super::Settings,
     user: String,

@@ -60,11 +60,12 @@ impl Config {
             key: path.join("."),
             message,
         })?;
+        let resolve = |name: &str| match dir {
+            Some(d) if Path::new(name).is_relative() => d.join(name),
+            _ => Path::new(name).to_path_buf(),
+        };
         if let Some(name) = &config.tidepool.auth_hba_file {
-            let path = match dir {
-                Some(d) if Path::new(name).is_relative() => d.join(name),
-                _ => Path::new(name).to_path_buf(),
-            };
+            let path = resolve(name);
             let located = |line: Option<usize>, message: String| ConfigError {
                 file: path.display().to_string(),
                 line,
@@ -77,6 +78,12 @@ impl Config {
                 .map_err(|e| located(Some(e.line), e.message))?;
             config.hba = Some(std::sync::Arc::new(hba));
         }
+        build_tls(&mut config, &resolve).map_err(|(key, message)| ConfigError {
+            file: file.to_owned(),
+            line: validate::locate(src, &key.split('.').map(str::to_owned).collect::<Vec<_>>()),
+            key,
+            message,
+        })?;
         Ok(config)
     }
 
@@ -89,6 +96,16 @@ impl Config {
             limit: g.auth_failure_limit,
             cooldown: g.auth_failure_cooldown,
         }
+    }
+
+    /// What tidepool offers clients for TLS (None: disabled).
+    pub fn client_tls(&self) -> Option<&crate::tls::Acceptor> {
+        self.client_tls.0.as_deref()
+    }
+
+    /// How the servers of database `name` are reached.
+    pub fn server_tls(&self, name: &str) -> Option<&crate::tls::Connector> {
+        self.server_tls.get(name).and_then(|b| b.0.as_deref())
     }
 
     /// The address rules of `auth_hba_file`, if one is set.
@@ -143,6 +160,55 @@ fn key_at(src: &str, offset: Option<usize>) -> String {
         Some((k, _)) if !line.trim_start().starts_with('[') => k.trim().to_owned(),
         _ => line.trim().to_owned(),
     }
+}
+
+/// Builds the TLS configurations from their files (relative to the config
+/// file); an error names the key (`tidepool.client_tls_cert_file`).
+fn build_tls(
+    config: &mut Config,
+    resolve: &dyn Fn(&str) -> std::path::PathBuf,
+) -> Result<(), (String, String)> {
+    use crate::tls::{Acceptor, AcceptorFiles, Connector, ConnectorFiles};
+    use std::sync::Arc;
+    let path = |o: &Option<String>| o.as_deref().map(|n| resolve(n).display().to_string());
+    let g = &config.tidepool;
+    let (cert, key, ca) = (
+        path(&g.client_tls_cert_file),
+        path(&g.client_tls_key_file),
+        path(&g.client_tls_ca_file),
+    );
+    let acceptor = Acceptor::build(AcceptorFiles {
+        mode: g.client_tls_sslmode,
+        cert: cert.as_deref(),
+        key: key.as_deref(),
+        ca: ca.as_deref(),
+    })
+    .map_err(|(k, e)| (format!("tidepool.{k}"), e))?;
+    config.client_tls = schema::Built(acceptor.map(Arc::new));
+    let p = &config.pool;
+    let mut server = std::collections::BTreeMap::new();
+    for (name, db) in &config.databases {
+        let or =
+            |mine: &Option<String>, pool: &Option<String>| path(&mine.clone().or(pool.clone()));
+        let (ca, cert, key) = (
+            or(&db.server_tls_ca_file, &p.server_tls_ca_file),
+            or(&db.server_tls_cert_file, &p.server_tls_cert_file),
+            or(&db.server_tls_key_file, &p.server_tls_key_file),
+        );
+        let connector = Connector::build(ConnectorFiles {
+            mode: db.server_tls_sslmode.unwrap_or(p.server_tls_sslmode),
+            ca: ca.as_deref(),
+            cert: cert.as_deref(),
+            key: key.as_deref(),
+        })
+        .map_err(|(k, e)| match db.server_tls_sslmode {
+            Some(_) => (format!("databases.{name}.{k}"), e),
+            None => (format!("pool.{k}"), e),
+        })?;
+        server.insert(name.clone(), schema::Built(Some(Arc::new(connector))));
+    }
+    config.server_tls = server;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -28,6 +28,33 @@ pub struct Config {
     /// The rules of `[tidepool] auth_hba_file`, read with the config.
     #[serde(skip)]
     pub(crate) hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
+    /// What `client_tls_*` offers clients, built with the config.
+    #[serde(skip)]
+    pub(crate) client_tls: Built<crate::tls::Acceptor>,
+    /// How each database's servers are reached (`server_tls_*`).
+    #[serde(skip)]
+    pub(crate) server_tls: BTreeMap<String, Built<crate::tls::Connector>>,
+}
+
+/// Something the config builds from its files when it is loaded. Equal when
+/// it is the very same build (a reload builds afresh).
+#[derive(Debug, Clone)]
+pub struct Built<T>(pub Option<std::sync::Arc<T>>);
+
+impl<T> Default for Built<T> {
+    fn default() -> Self {
+        Built(None)
+    }
+}
+
+impl<T> PartialEq for Built<T> {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
 }
 
 /// `[stats]`: traffic averages, per-query statistics, slow queries, pool health.
@@ -183,6 +210,20 @@ pub struct General {
     /// remembered. Default `60s`.
     #[serde(default = "d_auth_cooldown", with = "duration")]
     pub auth_failure_cooldown: Duration,
+    /// TLS for clients: `disable`, `allow`, `prefer`, `require`,
+    /// `verify-ca`, `verify-full` (PgBouncer's meanings). Default `disable`.
+    #[serde(default = "d_client_tls")]
+    pub client_tls_sslmode: crate::tls::Mode,
+    /// The certificate (PEM, chain) tidepool shows clients. Default none.
+    #[serde(default)]
+    pub client_tls_cert_file: Option<String>,
+    /// Its private key (PEM). Default none.
+    #[serde(default)]
+    pub client_tls_key_file: Option<String>,
+    /// CA certificates that sign clients' certificates (verify-ca,
+    /// verify-full). Default none.
+    #[serde(default)]
+    pub client_tls_ca_file: Option<String>,
 }
 
 impl Default for General {
@@ -199,6 +240,10 @@ impl Default for General {
             auth_failure_max_delay: d_auth_max_delay(),
             auth_failure_limit: d_auth_limit(),
             auth_failure_cooldown: d_auth_cooldown(),
+            client_tls_sslmode: d_client_tls(),
+            client_tls_cert_file: None,
+            client_tls_key_file: None,
+            client_tls_ca_file: None,
         }
     }
 }
@@ -275,6 +320,19 @@ pub struct PoolSettings {
     /// client on its server, `error` refuses the statement. Default `pin`.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// TLS to PostgreSQL: `disable`, `allow`, `prefer`, `require`,
+    /// `verify-ca`, `verify-full`. Default `prefer`.
+    #[serde(default = "d_server_tls")]
+    pub server_tls_sslmode: crate::tls::Mode,
+    /// CA certificates that sign the servers' certificates. Default none.
+    #[serde(default)]
+    pub server_tls_ca_file: Option<String>,
+    /// A client certificate tidepool shows servers. Default none.
+    #[serde(default)]
+    pub server_tls_cert_file: Option<String>,
+    /// Its private key. Default none.
+    #[serde(default)]
+    pub server_tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -303,6 +361,10 @@ impl Default for PoolSettings {
             server_reset_query: d_reset_query(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
+            server_tls_sslmode: d_server_tls(),
+            server_tls_ca_file: None,
+            server_tls_cert_file: None,
+            server_tls_key_file: None,
         }
     }
 }
@@ -340,6 +402,14 @@ pub struct Database {
     /// Overrides `[stats] slow_query_threshold` for this database.
     #[serde(default, with = "opt_duration")]
     pub slow_query_threshold: Option<Duration>,
+    /// Override `[pool] server_tls_sslmode` for this database (and its replicas).
+    pub server_tls_sslmode: Option<crate::tls::Mode>,
+    /// Override `[pool] server_tls_ca_file`.
+    pub server_tls_ca_file: Option<String>,
+    /// Override `[pool] server_tls_cert_file`.
+    pub server_tls_cert_file: Option<String>,
+    /// Override `[pool] server_tls_key_file`.
+    pub server_tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -430,6 +500,12 @@ fn d_auth_limit() -> u32 {
 }
 fn d_auth_cooldown() -> Duration {
     defaults::AUTH_FAILURE_COOLDOWN
+}
+fn d_client_tls() -> crate::tls::Mode {
+    crate::tls::Mode::Disable
+}
+fn d_server_tls() -> crate::tls::Mode {
+    crate::tls::Mode::Prefer
 }
 fn d_stats_period() -> Duration {
     defaults::STATS_PERIOD

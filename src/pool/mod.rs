@@ -346,15 +346,20 @@ impl Pool {
         let mut conn = conn?;
         let addr = conn.cancel_key.addr;
         let local = conn.stream.local_addr().ok();
-        conn.listed = Some(self.servers.add(crate::server::list::ServerInfo::new(
-            conn.id,
-            &self.database,
-            self.backend,
-            &self.user,
-            addr,
-            local,
-            conn.cancel_key.pid,
-        )));
+        conn.listed = Some(
+            self.servers.add(
+                crate::server::list::ServerInfo::new(
+                    conn.id,
+                    &self.database,
+                    self.backend,
+                    &self.user,
+                    addr,
+                    local,
+                    conn.cancel_key.pid,
+                )
+                .with_tls(conn.stream.tls_summary()),
+            ),
+        );
         {
             let mut d = lock(&self.defaults);
             if d.is_none() {

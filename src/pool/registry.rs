@@ -227,6 +227,7 @@ impl Registry {
             user: server_user,
             creds,
             timeout: c.pool.server_connect_timeout,
+            tls: config.server_tls(db_name).map(|t| Arc::new(t.clone())),
         };
         let pool = Pool::new(
             PoolParts {
@@ -258,6 +259,10 @@ impl Registry {
                 retired.push(Arc::downgrade(pool));
                 return false;
             };
+            // New server connections use the TLS settings in force.
+            lock(&pool.spec).tls = config
+                .server_tls(&key.database)
+                .map(|t| Arc::new(t.clone()));
             let spec = lock(&pool.spec).clone();
             let (host, port) = target(db, key.backend);
             let dbname = db.dbname.clone().unwrap_or_else(|| key.database.clone());

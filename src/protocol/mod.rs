@@ -12,6 +12,7 @@ pub mod io;
 pub mod messages;
 pub mod scan;
 pub mod startup;
+pub mod stream;
 pub mod tag;
 pub mod write;
 

@@ -1,13 +1,17 @@
-//! Opening a server connection: TCP, startup packet, login, and reading the
-//! initial ParameterStatus set and BackendKeyData up to ReadyForQuery.
+//! Opening a server connection: TCP, TLS as `server_tls_sslmode` says (an
+//! SSLRequest first), startup packet, login, and reading the initial
+//! ParameterStatus set and BackendKeyData up to ReadyForQuery.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::protocol::stream::Stream;
+use crate::tls::{Connector, Mode};
 
 use super::{CancelKey, INTERNAL_LIMIT, ServerConn, ServerError};
 use crate::auth::server::{Credentials, login};
@@ -27,6 +31,8 @@ pub struct ConnectSpec {
     pub user: String,
     pub creds: Credentials,
     pub timeout: Duration,
+    /// How TLS is negotiated (None: plain).
+    pub tls: Option<std::sync::Arc<Connector>>,
 }
 
 pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
@@ -36,10 +42,51 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
     }
 }
 
+/// Asks the server for TLS (SSLRequest) unless the mode is disable, and
+/// makes the handshake when it agrees; a server that refuses is refused in
+/// turn when the mode requires TLS.
+async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<Stream, ServerError> {
+    let Some((mode, config)) = spec
+        .tls
+        .as_deref()
+        .and_then(|c| Some((c.mode, c.config.clone()?)))
+        .filter(|(m, _)| *m != Mode::Disable)
+    else {
+        return Ok(Stream::plain(tcp));
+    };
+    let mut req = BytesMut::with_capacity(8);
+    req.put_i32(8);
+    req.put_i32(crate::protocol::tag::SSL_REQUEST_CODE);
+    tcp.write_all(&req).await?;
+    match tcp.read_u8().await? {
+        b'S' => {
+            let name = Connector::server_name(&spec.host).map_err(ServerError::Tls)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| {
+                    ServerError::Tls(format!("TLS handshake with the server failed: {e}"))
+                })?;
+            let (tcp, conn) = tls.into_inner();
+            Ok(Stream::tls(tcp, rustls::Connection::Client(conn)))
+        }
+        b'N' if mode.required() => Err(ServerError::Tls(format!(
+            "the server does not accept TLS (server_tls_sslmode = {})",
+            mode.name()
+        ))),
+        b'N' => Ok(Stream::plain(tcp)),
+        other => Err(ServerError::Tls(format!(
+            "unexpected answer to SSLRequest: {:?}",
+            other as char
+        ))),
+    }
+}
+
 async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
-    let mut stream = TcpStream::connect((spec.host.as_str(), spec.port)).await?;
-    stream.set_nodelay(true)?;
-    let addr: SocketAddr = stream.peer_addr()?;
+    let tcp = TcpStream::connect((spec.host.as_str(), spec.port)).await?;
+    tcp.set_nodelay(true)?;
+    let addr: SocketAddr = tcp.peer_addr()?;
+    let mut stream = negotiate_tls(tcp, spec).await?;
     let mut out = BytesMut::new();
     write::startup(
         &mut out,

@@ -25,6 +25,8 @@ pub struct ServerInfo {
     link: AtomicU64,
     request_time: AtomicU64,
     pub prepared: AtomicU32,
+    /// What TLS negotiated, or empty.
+    pub tls: String,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,7 @@ pub struct ServerRow {
     pub link: u64,
     pub request_time_us: u64,
     pub prepared: u32,
+    pub tls: String,
 }
 
 impl ServerInfo {
@@ -54,6 +57,7 @@ impl ServerInfo {
         pid: i32,
     ) -> Self {
         Self {
+            tls: String::new(),
             id,
             database: database.to_owned(),
             backend,
@@ -67,6 +71,12 @@ impl ServerInfo {
             request_time: AtomicU64::new(now_us()),
             prepared: AtomicU32::new(0),
         }
+    }
+
+    /// With what TLS negotiated (SHOW SERVERS' `tls`).
+    pub fn with_tls(mut self, tls: String) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn lent(&self, client: u64) {
@@ -96,6 +106,7 @@ impl ServerInfo {
             link: self.link.load(Ordering::Relaxed),
             request_time_us: self.request_time.load(Ordering::Relaxed),
             prepared: self.prepared.load(Ordering::Relaxed),
+            tls: self.tls.clone(),
         }
     }
 }

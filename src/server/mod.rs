@@ -20,8 +20,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 pub use connect::{ConnectSpec, connect};
 
@@ -58,6 +56,8 @@ pub enum ServerError {
     Query(ErrorFields),
     #[error("server closed the connection")]
     Closed,
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl From<FrameError> for ServerError {
@@ -71,7 +71,7 @@ impl From<FrameError> for ServerError {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: crate::protocol::stream::Stream,
     pub id: u64,
     pub cancel_key: CancelKey,
     /// Current session parameters: reported by the server or set by tidepool.
@@ -130,7 +130,11 @@ fn text_row(body: &[u8]) -> Result<Vec<String>, ProtocolError> {
 }
 
 impl ServerConn {
-    fn new(stream: TcpStream, cancel_key: CancelKey, params: BTreeMap<String, String>) -> Self {
+    fn new(
+        stream: crate::protocol::stream::Stream,
+        cancel_key: CancelKey,
+        params: BTreeMap<String, String>,
+    ) -> Self {
         let now = crate::clock::coarse_mono_us();
         Self {
             stream,
@@ -152,7 +156,7 @@ impl ServerConn {
     /// unsolicited bytes (e.g. a FATAL at server shutdown) mean it is unusable.
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        matches!(self.stream.tcp().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Runs a query tidepool issues itself and reads its whole response.

@@ -100,6 +100,11 @@ pub fn cluster_with_replica() -> &'static Cluster {
 /// Path of a PostgreSQL program: the server bindir (`pg_config --bindir`, else
 /// the highest `/usr/lib/postgresql/*/bin`), else `/usr/bin`, else bare `name`
 /// (resolved through `PATH`).
+/// Makes `path` the PostgreSQL server user's (a key file it must read).
+pub fn give_to_server_user(path: &std::path::Path) {
+    os::chown_to_server_user(path).expect("chown to the server user");
+}
+
 pub fn pg_bin(name: &str) -> PathBuf {
     os::pg_bin(name)
 }

@@ -62,7 +62,7 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
                 Value::Text(String::new())
             },
             c.pid.into(),
-            "".into(),
+            c.tls.into(),
             c.application_name.into(),
             c.prepared.into(),
             c.id.into(),
@@ -105,7 +105,7 @@ pub(super) fn servers(shared: &Shared) -> ResultSet {
                 Value::Text(String::new())
             },
             s.pid.into(),
-            "".into(),
+            s.tls.into(),
             "".into(),
             s.prepared.into(),
             s.id.into(),

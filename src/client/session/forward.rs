@@ -48,8 +48,7 @@ impl Session {
         // are scanned on the first pass.
         let mut to_server = conn.prepend.take().unwrap_or_default();
         let mut rescan = true;
-        let (sr, sw) = conn.stream.split();
-        let (cr, cw) = self.stream.split();
+        let (ss, cs) = (&conn.stream, &self.stream);
         loop {
             if t.reroute
                 && t.expect.ready_owed() == 0
@@ -148,11 +147,9 @@ impl Session {
             // Sends first, without a wait: a socket is nearly always writable,
             // and most turns only send what was just scanned.
             let sent = if !to_server.is_empty() {
-                unless_would_block(crate::protocol::io::try_send(sw.as_ref(), &mut to_server))
-                    .map(Event::SentServer)
+                unless_would_block(ss.try_send(&mut to_server)).map(Event::SentServer)
             } else if !to_client.is_empty() && !holding {
-                unless_would_block(crate::protocol::io::try_send(cw.as_ref(), &mut to_client))
-                    .map(Event::SentClient)
+                unless_would_block(cs.try_send(&mut to_client)).map(Event::SentClient)
             } else {
                 None
             };
@@ -162,12 +159,10 @@ impl Session {
                 // The usual wait, between a request sent and its answer:
                 // polled by hand, without building a select! of futures.
                 std::future::poll_fn(|cx| {
-                    if let Poll::Ready(r) = poll_read_into(sr.as_ref(), &mut conn.buf, cx) {
+                    if let Poll::Ready(r) = poll_read_into(ss, &mut conn.buf, cx) {
                         return Poll::Ready(Event::ServerRead(r));
                     }
-                    if read_client
-                        && let Poll::Ready(r) = poll_read_into(cr.as_ref(), &mut self.buf, cx)
-                    {
+                    if read_client && let Poll::Ready(r) = poll_read_into(cs, &mut self.buf, cx) {
                         return Poll::Ready(Event::ClientRead(r));
                     }
                     info.nudge.poll_nudged(cx).map(|()| Event::Nudged)
@@ -180,10 +175,10 @@ impl Session {
                 // while what they brought waits to be sent).
                 tokio::select! {
                     biased;
-                    r = crate::protocol::io::send(sw.as_ref(), &mut to_server), if !to_server.is_empty() => Event::SentServer(r),
-                    r = crate::protocol::io::send(cw.as_ref(), &mut to_client), if !to_client.is_empty() && !holding => Event::SentClient(r),
-                    r = read_into(sr.as_ref(), &mut conn.buf), if to_client.is_empty() || holding => Event::ServerRead(r),
-                    r = read_into(cr.as_ref(), &mut self.buf), if read_client => Event::ClientRead(r),
+                    r = ss.send(&mut to_server), if !to_server.is_empty() => Event::SentServer(r),
+                    r = cs.send(&mut to_client), if !to_client.is_empty() && !holding => Event::SentClient(r),
+                    r = read_into(ss, &mut conn.buf), if to_client.is_empty() || holding => Event::ServerRead(r),
+                    r = read_into(cs, &mut self.buf), if read_client => Event::ClientRead(r),
                     // Made on first poll (the timer and its clock read cost
                     // nothing while the branch is off), afresh each time round.
                     _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
@@ -486,21 +481,21 @@ pub(super) fn lost(reason: String, cscan: &Scanner) -> TxEnd {
     }
 }
 
-pub(super) async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(super) async fn read_into(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_into(stream, buf, cx)).await
 }
 
 /// Reads what `stream` has into `buf` (growing it when nearly full), or
 /// registers for readability.
 pub(super) fn poll_read_into(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: &mut BytesMut,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_ROOM {
         buf.reserve(buf.capacity().clamp(READ_START, READ_CHUNK));
     }
-    crate::protocol::io::poll_read(stream, buf, cx)
+    stream.poll_read(buf, cx)
 }
 
 /// `None` for a send that found the socket full (wait for it instead).

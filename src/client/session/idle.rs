@@ -31,7 +31,7 @@ impl Session {
             // The buffer is made only once there is something to read.
             std::task::ready!(self.stream.poll_read_ready(cx))?;
             let mut chunk = BytesMut::with_capacity(READ_START);
-            let r = std::task::ready!(crate::protocol::io::poll_read(&self.stream, &mut chunk, cx));
+            let r = std::task::ready!(self.stream.poll_read(&mut chunk, cx));
             if r.is_ok() {
                 self.buf = chunk;
             }
@@ -42,7 +42,7 @@ impl Session {
 
     pub(super) async fn flush_out(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            crate::protocol::io::send_all(&self.stream, &mut self.out).await?;
+            self.stream.send_all(&mut self.out).await?;
             self.out.clear();
             if self.out.capacity() > IDLE_KEEP {
                 self.out = BytesMut::new();

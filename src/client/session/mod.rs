@@ -34,8 +34,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::protocol::stream::Stream;
 
 use super::list::{Eviction, Listed};
 use super::prepared::{Handler, apply_undos};
@@ -74,7 +75,7 @@ const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Session {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     out: BytesMut,
     shared: Arc<Shared>,
@@ -159,7 +160,7 @@ enum TxEnd {
 }
 
 impl Session {
-    pub fn new(stream: TcpStream, shared: Arc<Shared>, l: LoggedIn, listed: Listed) -> Self {
+    pub fn new(stream: Stream, shared: Arc<Shared>, l: LoggedIn, listed: Listed) -> Self {
         let pool_defaults = l.pool.defaults().unwrap_or_default();
         let settings = shared.settings();
         let generation = shared.registry.generation();

@@ -15,6 +15,9 @@ impl Session {
             && self.owe_error.is_none()
             && self.deferred_begin.is_none()
             && self.pinned.is_none()
+            // A TLS session's state is not kept by the lot: the client
+            // keeps its task.
+            && !self.stream.is_tls()
     }
 
     /// Moves this client to the parking lot. `None` when it is parked (or
@@ -62,7 +65,11 @@ impl Session {
                 });
         Ok(Parked {
             slot: crate::client::ClientSlot::new(&s.shared),
-            socket: s.stream.into_std()?,
+            socket: s
+                .stream
+                .into_tcp()
+                .map_err(|_| std::io::Error::other("a TLS client is not parked"))?
+                .into_std()?,
             listed: s.listed,
             pool: s.pool,
             params: s.params,
@@ -123,7 +130,7 @@ impl Parked {
 
     /// Registers the socket with the runtime again and rebuilds the session.
     fn into_session(self) -> std::io::Result<(Box<Session>, crate::client::ClientSlot)> {
-        let stream = TcpStream::from_std(self.socket)?;
+        let stream = Stream::plain(TcpStream::from_std(self.socket)?);
         let shared = self.slot.shared().clone();
         let rare = self.rare.map(|r| *r);
         let client_key = rare.as_ref().and_then(|r| r.client_key);

@@ -1,0 +1,311 @@
+//! TLS settings made into rustls configurations, on both sides: tidepool as
+//! the server its clients connect to (`client_tls_*`), and as the client of
+//! PostgreSQL (`server_tls_*`). PgBouncer's names and meanings for the modes.
+//!
+//! Built when the config is loaded (a certificate or key that cannot be read
+//! fails the load, and a reload keeps what is in force); each login and each
+//! server connection takes the configuration in force when it starts, so a
+//! reload changes certificates for new connections without touching
+//! connected ones. The crypto is ring's.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// The ALPN protocol name PostgreSQL uses (required with direct TLS).
+pub const ALPN: &[u8] = b"postgresql";
+
+/// `client_tls_sslmode` / `server_tls_sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Plain only (a client asking for TLS is told `N`).
+    Disable,
+    /// Clients: TLS when they ask. Servers: TLS when the server offers it.
+    Allow,
+    /// Same as `allow` (PgBouncer's and libpq's preference for TLS).
+    Prefer,
+    /// TLS always; certificates not checked.
+    Require,
+    /// TLS always; the peer's certificate must chain to the CA file.
+    VerifyCa,
+    /// As `verify-ca`; for servers, the certificate must also name the host.
+    VerifyFull,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Disable => "disable",
+            Mode::Allow => "allow",
+            Mode::Prefer => "prefer",
+            Mode::Require => "require",
+            Mode::VerifyCa => "verify-ca",
+            Mode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Plain connections are refused.
+    pub fn required(self) -> bool {
+        self >= Mode::Require
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    // ring: no cmake/aws-lc build on a fresh machine; its missing
+    // post-quantum key exchange is what the deprecation is about.
+    #[allow(deprecated)]
+    let p = rustls::crypto::ring::default_provider();
+    Arc::new(p)
+}
+
+fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {path}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {path}: no certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &str, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} {path}: {e}"))
+}
+
+fn roots(path: &str, what: &str) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(path, what)? {
+        roots.add(c).map_err(|e| format!("{what} {path}: {e}"))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The client side: what tidepool offers its clients.
+#[derive(Debug, Clone)]
+pub struct Acceptor {
+    pub mode: Mode,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+/// The files of `client_tls_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptorFiles<'a> {
+    pub mode: Mode,
+    pub cert: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub ca: Option<&'a str>,
+}
+
+impl Acceptor {
+    /// None when TLS is disabled; an error names the file and the key.
+    pub fn build(f: AcceptorFiles<'_>) -> Result<Option<Acceptor>, (&'static str, String)> {
+        if f.mode == Mode::Disable {
+            return Ok(None);
+        }
+        let cert = f.cert.ok_or((
+            "client_tls_cert_file",
+            "required unless client_tls_sslmode is disable".to_owned(),
+        ))?;
+        let key = f.key.ok_or((
+            "client_tls_key_file",
+            "required unless client_tls_sslmode is disable".to_owned(),
+        ))?;
+        let certs = read_certs(cert, "certificate").map_err(|e| ("client_tls_cert_file", e))?;
+        let key = read_key(key, "key").map_err(|e| ("client_tls_key_file", e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ("client_tls_sslmode", e.to_string()))?;
+        let builder = if f.mode >= Mode::VerifyCa {
+            let ca = f.ca.ok_or((
+                "client_tls_ca_file",
+                "required for verify-ca and verify-full".to_owned(),
+            ))?;
+            let roots = roots(ca, "CA file").map_err(|e| ("client_tls_ca_file", e))?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| ("client_tls_ca_file", e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| ("client_tls_key_file", e.to_string()))?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Some(Acceptor {
+            mode: f.mode,
+            config: Arc::new(config),
+        }))
+    }
+}
+
+/// The server side: how tidepool connects to one database's servers.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub mode: Mode,
+    /// None when the mode is disable.
+    pub config: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The files of `server_tls_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorFiles<'a> {
+    pub mode: Mode,
+    pub ca: Option<&'a str>,
+    pub cert: Option<&'a str>,
+    pub key: Option<&'a str>,
+}
+
+impl Connector {
+    pub fn build(f: ConnectorFiles<'_>) -> Result<Connector, (&'static str, String)> {
+        if f.mode == Mode::Disable {
+            return Ok(Connector {
+                mode: f.mode,
+                config: None,
+            });
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ("server_tls_sslmode", e.to_string()))?;
+        let builder = if f.mode >= Mode::VerifyCa {
+            let ca = f.ca.ok_or((
+                "server_tls_ca_file",
+                "required for verify-ca and verify-full".to_owned(),
+            ))?;
+            let roots = roots(ca, "CA file").map_err(|e| ("server_tls_ca_file", e))?;
+            let webpki =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| ("server_tls_ca_file", e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Verifier {
+                    webpki: Some(webpki),
+                    check_name: f.mode == Mode::VerifyFull,
+                }))
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Verifier {
+                    webpki: None,
+                    check_name: false,
+                }))
+        };
+        let config = match (f.cert, f.key) {
+            (Some(c), Some(k)) => {
+                let certs =
+                    read_certs(c, "certificate").map_err(|e| ("server_tls_cert_file", e))?;
+                let key = read_key(k, "key").map_err(|e| ("server_tls_key_file", e))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| ("server_tls_key_file", e.to_string()))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            (Some(_), None) => {
+                return Err((
+                    "server_tls_key_file",
+                    "required with server_tls_cert_file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "server_tls_cert_file",
+                    "required with server_tls_key_file".into(),
+                ));
+            }
+        };
+        let mut config = config;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Connector {
+            mode: f.mode,
+            config: Some(Arc::new(config)),
+        })
+    }
+
+    /// The name the server's certificate is checked against (verify-full).
+    pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+        ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))
+    }
+}
+
+/// Checks a server's certificate as the mode says: not at all (require; the
+/// handshake's signatures are still checked), its chain (verify-ca), its
+/// chain and name (verify-full).
+#[derive(Debug)]
+struct Verifier {
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+                if !self.check_name =>
+            {
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Whether `path` names a readable file (for messages).
+pub fn exists(path: &str) -> bool {
+    Path::new(path).is_file()
+}
