@@ -252,7 +252,9 @@ async fn tls_on_both_sides_to_a_server_that_accepts_only_tls() {
          client_tls_cert_file = \"{certs}/proxy.crt\"\nclient_tls_key_file = \"{certs}/proxy.key\"\n\
          [pool]\ndefault_pool_size = 2\nserver_tls_sslmode = \"verify-full\"\n\
          server_tls_ca_file = \"{certs}/ca.crt\"\n\
+         [routing]\nhealth_check_period = \"200ms\"\n\
          [databases.{db}]\nhost = \"127.0.0.1\"\nport = {port}\n\
+         replicas = [{{ host = \"127.0.0.1\", port = {port} }}]\n\
          [users.app]\npassword = \"{pw}\"\n",
         certs = certs.display(),
         port = c.primary_port(),
@@ -360,6 +362,21 @@ async fn tls_on_both_sides_to_a_server_that_accepts_only_tls() {
     let (ok, out, err) = psql_at(&console, "show servers");
     assert!(ok, "{err}");
     assert!(out.contains("TLSv1."), "SHOW SERVERS: {out}");
+
+    // The health checker reaches the TLS-only server too: the primary is
+    // checked without a login failure (the "replica", the primary itself
+    // listed again, is seen for what it is: not in recovery).
+    harness::wait_until("health checks over TLS", Duration::from_secs(20), || {
+        let (ok, out, _) = psql_at(&console, "show replicas");
+        ok && out
+            .lines()
+            .any(|l| l.contains("|primary|") && l.ends_with('|'))
+    });
+    let (_, out, _) = psql_at(&console, "show replicas");
+    assert!(
+        !out.contains("login_failed") && !out.contains("unreachable"),
+        "{out}"
+    );
 
     // A new certificate in force after a reload; the connected client stays.
     std::fs::copy(certs.join("proxy2.crt"), certs.join("proxy.crt")).unwrap();

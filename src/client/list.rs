@@ -125,7 +125,8 @@ pub struct ClientInfo {
     wait_limit_ms: AtomicU32,
     /// Server id while active, else 0.
     link: AtomicU64,
-    pub prepared: AtomicU32,
+    /// Its named prepared statements (saturating at 65,535).
+    pub prepared: std::sync::atomic::AtomicU16,
     application_name: Mutex<Box<str>>,
     eviction: AtomicU8,
     /// Parking: 0 = busy since the last sweep, 1 = seen idle by one sweep,
@@ -133,8 +134,9 @@ pub struct ClientInfo {
     park: AtomicU8,
     /// Wakes the client task: it is asked to leave, or to park.
     pub nudge: Nudge,
-    /// What TLS negotiated (`TLSv1.3/TLS13_AES_256_GCM_SHA384`), or empty.
-    pub tls: Box<str>,
+    /// The TLS cipher suite negotiated (`protocol::stream::tls_text`), 0:
+    /// plain. Two bytes: this struct must stay in its allocator class.
+    pub tls: u16,
 }
 
 /// A copy of one client's state.
@@ -165,10 +167,10 @@ impl ClientInfo {
         addr: Option<SocketAddr>,
         local: Option<SocketAddr>,
         pid: i32,
-        tls: String,
+        tls: u16,
     ) -> Self {
         Self {
-            tls: tls.into_boxed_str(),
+            tls,
             id,
             user: user.into(),
             database: database.into(),
@@ -182,7 +184,7 @@ impl ClientInfo {
             wait_start: AtomicU64::new(0),
             wait_limit_ms: AtomicU32::new(u32::MAX),
             link: AtomicU64::new(0),
-            prepared: AtomicU32::new(0),
+            prepared: std::sync::atomic::AtomicU16::new(0),
             application_name: Mutex::new(Box::default()),
             eviction: AtomicU8::new(Eviction::None as u8),
             park: AtomicU8::new(0),
@@ -338,8 +340,8 @@ impl ClientInfo {
             request_time_us: self.request_time.load(Ordering::Relaxed),
             wait_us,
             link: self.link.load(Ordering::Relaxed),
-            prepared: self.prepared.load(Ordering::Relaxed),
-            tls: self.tls.to_string(),
+            prepared: u32::from(self.prepared.load(Ordering::Relaxed)),
+            tls: crate::protocol::stream::tls_text(self.tls),
             application_name: self
                 .application_name
                 .lock()

@@ -93,7 +93,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
             stream.peer_addr().ok(),
             stream.local_addr().ok(),
             pid,
-            stream.tls_summary(),
+            stream.tls_code(),
         ))
     };
     match result {

@@ -109,6 +109,7 @@ pub fn spawn_checker(
     period: Duration,
     max_lag: Duration,
     name: String,
+    tls: Option<crate::tls::Connector>,
 ) {
     let weak = Arc::downgrade(health);
     tokio::spawn(async move {
@@ -134,6 +135,7 @@ pub fn spawn_checker(
                 creds,
                 period,
                 "pg_current_wal_insert_lsn()",
+                tls.as_ref(),
             )
             .await
             {
@@ -192,6 +194,7 @@ pub fn spawn_checker(
                     creds,
                     period,
                     "pg_last_wal_replay_lsn()",
+                    tls.as_ref(),
                 )
                 .await
                 {
@@ -263,6 +266,7 @@ async fn probe(
     creds: &HealthCredentials,
     timeout: Duration,
     lsn_fn: &str,
+    tls: Option<&crate::tls::Connector>,
 ) -> Result<(bool, u64), Failure> {
     let timeout = timeout.max(Duration::from_secs(1));
     if client.as_ref().is_none_or(Client::is_closed) {
@@ -276,13 +280,31 @@ async fn probe(
         if let Some(p) = &creds.password {
             cfg.password(p);
         }
-        let (c, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
-            .await
-            .map_err(|_| Failure::new("unreachable", "connect timed out"))?
-            .map_err(|e| Failure::from_pg(true, &e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        // The database's server_tls_* settings, as for pooled connections.
+        let c = match tls.and_then(|t| Some((t.mode, t.config.clone()?))) {
+            Some((mode, config)) => {
+                cfg.ssl_mode(super::tls::ssl_mode(mode));
+                let (c, conn) =
+                    tokio::time::timeout(timeout, cfg.connect(super::tls::MakeRustls(config)))
+                        .await
+                        .map_err(|_| Failure::new("unreachable", "connect timed out"))?
+                        .map_err(|e| Failure::from_pg(true, &e))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c
+            }
+            None => {
+                let (c, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+                    .await
+                    .map_err(|_| Failure::new("unreachable", "connect timed out"))?
+                    .map_err(|e| Failure::from_pg(true, &e))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c
+            }
+        };
         *client = Some(c);
     }
     let Some(c) = client.as_ref() else {

@@ -143,6 +143,7 @@ impl Registry {
                     source.period,
                     source.max_lag,
                     name.clone(),
+                    config.server_tls(name).cloned(),
                 );
             }
             health.insert(name.clone(), (source, h));

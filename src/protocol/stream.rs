@@ -178,23 +178,20 @@ impl Stream {
         }
     }
 
+    /// What was negotiated, in two bytes: the cipher suite's code (which
+    /// implies the protocol version; 0: plain). See [`tls_text`].
+    pub fn tls_code(&self) -> u16 {
+        let Some(t) = self.lock() else {
+            return 0;
+        };
+        t.conn
+            .negotiated_cipher_suite()
+            .map_or(0, |s| u16::from(s.suite()))
+    }
+
     /// What was negotiated (`TLSv1.3/TLS13_AES_256_GCM_SHA384`), or empty.
     pub fn tls_summary(&self) -> String {
-        let Some(t) = self.lock() else {
-            return String::new();
-        };
-        let version = t
-            .conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS")
-            .replace("TLSv1_", "TLSv1.");
-        let suite = t
-            .conn
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("");
-        format!("{version}/{suite}")
+        tls_text(self.tls_code())
     }
 
     /// Reads what is available into `buf` without waiting (see
@@ -315,6 +312,21 @@ impl Stream {
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp.local_addr()
     }
+}
+
+/// The text of a [`Stream::tls_code`] (empty for 0).
+pub fn tls_text(code: u16) -> String {
+    if code == 0 {
+        return String::new();
+    }
+    // TLS 1.3's suites are 0x13xx; every other suite rustls has is 1.2's.
+    let version = if code >> 8 == 0x13 {
+        "TLSv1.3"
+    } else {
+        "TLSv1.2"
+    };
+    let suite = rustls::CipherSuite::from(code);
+    format!("{version}/{}", suite.as_str().unwrap_or("unknown"))
 }
 
 /// Async reads for the login phase and the console (frame reads).

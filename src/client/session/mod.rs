@@ -356,7 +356,7 @@ impl Session {
             self.listed.info.idle();
             // SHOW CLIENTS' prepared_statements: this client's named ones.
             self.listed.info.prepared.store(
-                self.statements.len() as u32,
+                self.statements.len().min(usize::from(u16::MAX)) as u16,
                 std::sync::atomic::Ordering::Relaxed,
             );
             let progressed = tracker.timing.delta.received > 0 || had_prepend;
