@@ -44,8 +44,16 @@ pub async fn serve(
     }
 }
 
-/// Reads a request head: the method and path of its first line.
-async fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
+/// A request head: method, path and Authorization header.
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+}
+
+/// Reads a request head: the method and path of its first line, and the
+/// Authorization header.
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -59,21 +67,79 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let head = std::str::from_utf8(&buf).ok()?;
-    let mut parts = head.lines().next()?.split_whitespace();
+    let mut lines = head.lines();
+    let mut parts = lines.next()?.split_whitespace();
     let method = parts.next()?.to_owned();
     let target = parts.next()?;
     let path = target.split('?').next().unwrap_or(target).to_owned();
-    Some((method, path))
+    let authorization = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.trim().to_owned());
+    Some(Request {
+        method,
+        path,
+        authorization,
+    })
+}
+
+/// Whether `authorization` satisfies `[metrics]`'s auth settings (true when
+/// none is set). Compared in constant time.
+fn authorized(m: &crate::config::schema::Metrics, authorization: Option<&str>) -> bool {
+    use base64::Engine;
+    if !m.requires_auth() {
+        return true;
+    }
+    let Some(given) = authorization else {
+        return false;
+    };
+    let eq = |a: &[u8], b: &[u8]| {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    };
+    let (scheme, value) = given.split_once(' ').unwrap_or((given, ""));
+    let value = value.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return m
+            .auth_token
+            .as_deref()
+            .is_some_and(|t| eq(t.as_bytes(), value.as_bytes()));
+    }
+    if scheme.eq_ignore_ascii_case("basic")
+        && let (Some(u), Some(p)) = (&m.auth_user, &m.auth_password)
+        && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(value)
+    {
+        return eq(format!("{u}:{p}").as_bytes(), &decoded);
+    }
+    false
 }
 
 async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
-    let Ok(Some((method, path))) =
-        tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await
+    let Ok(Some(request)) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await
     else {
         let _ = respond(&mut stream, 400, "text/plain", "bad request\n", false).await;
         return;
     };
+    let Request {
+        method,
+        path,
+        authorization,
+    } = request;
     let head = method == "HEAD";
+    // /healthz says only that the process answers: probes need no secret.
+    if path != "/healthz"
+        && !authorized(&shared.settings().config.metrics, authorization.as_deref())
+    {
+        let _ = respond(
+            &mut stream,
+            401,
+            "text/plain",
+            "authentication required\n",
+            head,
+        )
+        .await;
+        return;
+    }
     if method != "GET" && !head {
         let _ = respond(&mut stream, 405, "text/plain", "only GET and HEAD\n", head).await;
         return;
@@ -187,13 +253,19 @@ async fn respond(
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        401 => "Unauthorized",
         405 => "Method Not Allowed",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n{}\r\n",
+        body.len(),
+        if status == 401 {
+            "www-authenticate: Bearer, Basic realm=\"tidepool\"\r\n"
+        } else {
+            ""
+        }
     );
     if !head_only {
         out.push_str(body);

@@ -73,6 +73,17 @@ impl Proxy {
             })?),
             None => None,
         };
+        if let Some(l) = &metrics
+            && let Ok(addr) = l.local_addr()
+            && !addr.ip().is_loopback()
+            && !config.metrics.requires_auth()
+        {
+            tracing::warn!(
+                %addr,
+                "the metrics endpoint listens beyond this machine without authentication; \
+                 set [metrics] auth_token (or auth_user and auth_password), or listen on 127.0.0.1"
+            );
+        }
         Ok(Proxy {
             listeners,
             metrics,

@@ -43,6 +43,8 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let (m, md) = (&c.metrics, Metrics::default());
     let auth = |a: super::AuthType| a.name().to_owned();
     let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+    // Secrets are never shown: only whether one is set.
+    let secret = |o: &Option<String>| if o.is_some() { "(set)" } else { "" }.to_owned();
     vec![
         row(
             "tidepool",
@@ -332,5 +334,26 @@ pub fn describe(c: &Config) -> Vec<Row> {
             true,
         ),
         row("metrics", "listen", opt(&m.listen), opt(&md.listen), false),
+        row(
+            "metrics",
+            "auth_token",
+            secret(&m.auth_token),
+            String::new(),
+            true,
+        ),
+        row(
+            "metrics",
+            "auth_user",
+            opt(&m.auth_user),
+            opt(&md.auth_user),
+            true,
+        ),
+        row(
+            "metrics",
+            "auth_password",
+            secret(&m.auth_password),
+            String::new(),
+            true,
+        ),
     ]
 }

@@ -104,6 +104,21 @@ impl Default for Stats {
 pub struct Metrics {
     /// IP:port serving `/metrics`, `/healthz`, `/readyz`. Default none (off).
     pub listen: Option<String>,
+    /// A bearer token `/metrics` and `/readyz` require
+    /// (`Authorization: Bearer TOKEN`). Default none.
+    pub auth_token: Option<String>,
+    /// With `auth_password`: HTTP basic authentication for `/metrics` and
+    /// `/readyz`. Default none.
+    pub auth_user: Option<String>,
+    /// The basic-authentication password. Default none.
+    pub auth_password: Option<String>,
+}
+
+impl Metrics {
+    /// Whether requests must authenticate.
+    pub fn requires_auth(&self) -> bool {
+        self.auth_token.is_some() || self.auth_user.is_some()
+    }
 }
 
 /// `[routing]`: read routing to replicas, health checks, read-your-writes.
