@@ -55,6 +55,10 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let peer = if debug { stream.peer_addr().ok() } else { None };
     let work = async move {
         let _ = stream.set_nodelay(true);
+        let keepalive = shared.settings().config.keepalive();
+        if let Err(e) = crate::protocol::keepalive::apply(&stream, &keepalive) {
+            tracing::warn!(error = %e, "could not set TCP keepalive on a client connection");
+        }
         match Box::pin(client::startup::login(stream, &shared, id)).await {
             Some(client::startup::Login::Client {
                 stream,

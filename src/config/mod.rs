@@ -87,6 +87,18 @@ impl Config {
         Ok(config)
     }
 
+    /// The TCP keepalive settings, for client and server sockets.
+    pub fn keepalive(&self) -> crate::protocol::keepalive::KeepAlive {
+        let g = &self.tidepool;
+        crate::protocol::keepalive::KeepAlive {
+            enabled: g.tcp_keepalive,
+            idle: g.tcp_keepidle,
+            interval: g.tcp_keepintvl,
+            count: g.tcp_keepcnt,
+            user_timeout: g.tcp_user_timeout,
+        }
+    }
+
     /// The failed-login throttling settings.
     pub fn throttle_limits(&self) -> crate::auth::throttle::Limits {
         let g = &self.tidepool;

@@ -239,6 +239,22 @@ pub struct General {
     /// verify-full). Default none.
     #[serde(default)]
     pub client_tls_ca_file: Option<String>,
+    /// TCP keepalive on client and server connections. Default true.
+    #[serde(default = "d_true")]
+    pub tcp_keepalive: bool,
+    /// Idle time before the first keepalive probe; `0s`: the OS default.
+    #[serde(default, with = "duration")]
+    pub tcp_keepidle: Duration,
+    /// Time between keepalive probes; `0s`: the OS default.
+    #[serde(default, with = "duration")]
+    pub tcp_keepintvl: Duration,
+    /// Unanswered probes before the connection is dropped; 0: the OS default.
+    #[serde(default)]
+    pub tcp_keepcnt: u32,
+    /// How long sent data may stay unacknowledged before the connection is
+    /// dropped (TCP_USER_TIMEOUT); `0s`: the OS default.
+    #[serde(default, with = "duration")]
+    pub tcp_user_timeout: Duration,
 }
 
 impl Default for General {
@@ -259,6 +275,11 @@ impl Default for General {
             client_tls_cert_file: None,
             client_tls_key_file: None,
             client_tls_ca_file: None,
+            tcp_keepalive: true,
+            tcp_keepidle: Duration::ZERO,
+            tcp_keepintvl: Duration::ZERO,
+            tcp_keepcnt: 0,
+            tcp_user_timeout: Duration::ZERO,
         }
     }
 }

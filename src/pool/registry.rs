@@ -229,6 +229,7 @@ impl Registry {
             creds,
             timeout: c.pool.server_connect_timeout,
             tls: config.server_tls(db_name).map(|t| Arc::new(t.clone())),
+            keepalive: c.keepalive(),
         };
         let pool = Pool::new(
             PoolParts {
@@ -260,10 +261,14 @@ impl Registry {
                 retired.push(Arc::downgrade(pool));
                 return false;
             };
-            // New server connections use the TLS settings in force.
-            lock(&pool.spec).tls = config
-                .server_tls(&key.database)
-                .map(|t| Arc::new(t.clone()));
+            // New server connections use the TLS and keepalive settings in force.
+            {
+                let mut spec = lock(&pool.spec);
+                spec.tls = config
+                    .server_tls(&key.database)
+                    .map(|t| Arc::new(t.clone()));
+                spec.keepalive = config.keepalive();
+            }
             let spec = lock(&pool.spec).clone();
             let (host, port) = target(db, key.backend);
             let dbname = db.dbname.clone().unwrap_or_else(|| key.database.clone());

@@ -9,6 +9,7 @@
 
 pub mod frame;
 pub mod io;
+pub mod keepalive;
 pub mod messages;
 pub mod scan;
 pub mod startup;

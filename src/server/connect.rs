@@ -33,6 +33,7 @@ pub struct ConnectSpec {
     pub timeout: Duration,
     /// How TLS is negotiated (None: plain).
     pub tls: Option<std::sync::Arc<Connector>>,
+    pub keepalive: crate::protocol::keepalive::KeepAlive,
 }
 
 pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
@@ -85,6 +86,7 @@ async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<Stream,
 async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
     let tcp = TcpStream::connect((spec.host.as_str(), spec.port)).await?;
     tcp.set_nodelay(true)?;
+    crate::protocol::keepalive::apply(&tcp, &spec.keepalive)?;
     let addr: SocketAddr = tcp.peer_addr()?;
     let mut stream = negotiate_tls(tcp, spec).await?;
     let mut out = BytesMut::new();
