@@ -12,6 +12,7 @@
 //! a server leaves a client only through `PooledConn::release`, clean, or is
 //! closed; errors for this client go to this client only.
 
+pub mod auth_query;
 pub mod list;
 pub mod memo;
 mod negotiate;
@@ -114,6 +115,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Event-loop stalls and the shutdown deadline.
     pub watchdog: Arc<crate::watchdog::Watchdog>,
+    /// Secrets of users not in the config (`auth_query`).
+    pub auth_query: auth_query::AuthQuery,
     /// Failed logins per source address.
     pub throttle: crate::auth::throttle::Throttle,
     /// The file RELOAD and SIGHUP read, when the config came from one.
@@ -145,6 +148,7 @@ impl Shared {
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
             throttle: Default::default(),
+            auth_query: Default::default(),
             config_path,
             next_id: AtomicU64::new(1),
         }

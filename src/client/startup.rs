@@ -139,6 +139,8 @@ pub struct LoggedIn {
     pub startup: Arc<BTreeMap<String, String>>,
     /// The client's SCRAM ClientKey, for replica pools (passthrough).
     pub client_key: Option<[u8; 32]>,
+    /// The secret auth_query found, for a user not in the config.
+    pub fetched_secret: Option<Arc<crate::auth::secret::Secret>>,
 }
 
 /// A console login: who, and with what rights.
@@ -285,7 +287,30 @@ async fn handshake(
         }
         return Err(Some(ClientError::UnknownDatabase(database)));
     };
-    let auth = settings.users.get(&user);
+    // A user not in the config: the database says who it is (auth_query).
+    let fetched = match (
+        settings.users.contains_key(&user),
+        &config.tidepool.auth_user,
+    ) {
+        (false, Some(_)) => shared
+            .auth_query
+            .lookup(config, &database, db, &user)
+            .await
+            .map_err(Some)?,
+        _ => None,
+    };
+    let fetched_auth = fetched.as_ref().map(|s| super::UserAuth {
+        secret: Some((**s).clone()),
+        verifier: s.scram_verifier(),
+    });
+    let auth = settings.users.get(&user).or(fetched_auth.as_ref());
+    // A password stored as md5 can only be proven with md5.
+    let auth_type = match (&fetched_auth, auth_type) {
+        (Some(a), crate::auth::AuthType::ScramSha256) if a.verifier.is_none() => {
+            crate::auth::AuthType::Md5
+        }
+        (_, t) => t,
+    };
     let mut buf = BytesMut::new();
     let expected = crate::auth::client::Expected {
         user: &user,
@@ -356,6 +381,7 @@ async fn handshake(
     pool.traffic.login();
     Ok(Some(Greeted::Client(LoggedIn {
         client_key: verified.client_key,
+        fetched_secret: fetched,
         startup: pool.intern(client_params),
         params: pool.intern(params),
         policy,

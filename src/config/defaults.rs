@@ -37,6 +37,11 @@ pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(100);
 pub const AUTH_FAILURE_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const AUTH_FAILURE_LIMIT: u32 = 20;
 pub const AUTH_FAILURE_COOLDOWN: Duration = Duration::from_secs(60);
+/// PgBouncer's default auth_query (schema-qualified: it runs with
+/// search_path fixed anyway).
+pub const AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < pg_catalog.now() THEN NULL ELSE rolpassword END FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
+/// How long an auth_query answer is used.
+pub const AUTH_CACHE_LIFETIME: Duration = Duration::from_secs(60);
 /// As in PgBouncer.
 pub const STATS_PERIOD: Duration = Duration::from_secs(60);
 pub const SLOW_QUERY_THRESHOLD: Duration = Duration::from_millis(100);

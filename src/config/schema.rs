@@ -239,6 +239,20 @@ pub struct General {
     /// verify-full). Default none.
     #[serde(default)]
     pub client_tls_ca_file: Option<String>,
+    /// A user of `[users]` (with a plain password) that tidepool logs in as
+    /// to look up users not in the config with `auth_query`. Default none.
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// The query that returns (name, password or verifier) for `$1`.
+    /// Default PgBouncer's, on pg_authid.
+    #[serde(default = "d_auth_query")]
+    pub auth_query: String,
+    /// The database `auth_query` runs in. Default: the one the client asks for.
+    #[serde(default)]
+    pub auth_dbname: Option<String>,
+    /// How long an answer of `auth_query` is used. Default `60s`.
+    #[serde(default = "d_auth_cache", with = "duration")]
+    pub auth_cache_lifetime: Duration,
     /// TCP keepalive on client and server connections. Default true.
     #[serde(default = "d_true")]
     pub tcp_keepalive: bool,
@@ -275,6 +289,10 @@ impl Default for General {
             client_tls_cert_file: None,
             client_tls_key_file: None,
             client_tls_ca_file: None,
+            auth_user: None,
+            auth_query: d_auth_query(),
+            auth_dbname: None,
+            auth_cache_lifetime: d_auth_cache(),
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,
@@ -536,6 +554,12 @@ fn d_auth_limit() -> u32 {
 }
 fn d_auth_cooldown() -> Duration {
     defaults::AUTH_FAILURE_COOLDOWN
+}
+fn d_auth_query() -> String {
+    defaults::AUTH_QUERY.to_owned()
+}
+fn d_auth_cache() -> Duration {
+    defaults::AUTH_CACHE_LIFETIME
 }
 fn d_client_tls() -> crate::tls::Mode {
     crate::tls::Mode::Disable

@@ -108,6 +108,28 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             "must not be below degraded_slow_ratio",
         ));
     }
+    if let Some(u) = &c.tidepool.auth_user {
+        let plain = c
+            .users
+            .get(u)
+            .and_then(|u| u.password.as_deref())
+            .and_then(|p| Secret::parse(p).ok())
+            .is_some_and(|s| matches!(s, Secret::Plain(_)));
+        if !plain {
+            return Err(invalid(
+                &["tidepool", "auth_user"],
+                format!(
+                    "{u:?} must be a [users] entry with a plain password (tidepool logs in as it)"
+                ),
+            ));
+        }
+        if !c.tidepool.auth_query.contains("$1") {
+            return Err(invalid(
+                &["tidepool", "auth_query"],
+                "must take the user name as $1",
+            ));
+        }
+    }
     if let Some(a) = &c.metrics.listen
         && a.parse::<SocketAddr>().is_err()
     {

@@ -9,7 +9,7 @@
 //! `max_replica_lag`, and unbanned after `UNBAN_AFTER` healthy checks in a row.
 
 mod checker;
-mod tls;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

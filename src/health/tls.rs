@@ -1,4 +1,5 @@
-//! TLS for the health checker's tokio-postgres connections: the database's
+//! TLS for tidepool's own tokio-postgres connections (the health checker's,
+//! auth_query's): the database's
 //! `server_tls_*` settings (the same rustls configuration as pooled server
 //! connections), given to tokio-postgres through its `MakeTlsConnect`.
 

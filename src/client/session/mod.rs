@@ -111,6 +111,8 @@ pub struct Session {
     /// Startup-packet parameters: what RESET goes back to.
     startup: Arc<BTreeMap<String, String>>,
     client_key: Option<[u8; 32]>,
+    /// The secret auth_query found (a user not in the config).
+    fetched_secret: Option<Arc<crate::auth::secret::Secret>>,
     /// Replica health of this database (None without replicas).
     health: Option<Arc<Health>>,
     /// Pools of the replicas, by replica index, made on first use.
@@ -191,6 +193,7 @@ impl Session {
             pinned: None,
             startup: l.startup,
             client_key: l.client_key,
+            fetched_secret: l.fetched_secret,
             replica_pools: Vec::new(),
             last_write: None,
             deferred_begin: None,
@@ -223,11 +226,7 @@ impl Session {
         if self.pool.is_retired()
             && let Some(db) = self.settings.config.databases.get(&self.database)
         {
-            let secret = self
-                .settings
-                .users
-                .get(&self.user)
-                .and_then(|u| u.secret.as_ref());
+            let secret = self.secret();
             self.pool = self.shared.registry.pool_for(
                 &self.settings.config,
                 &self.database,
@@ -238,6 +237,15 @@ impl Session {
                 0,
             );
         }
+    }
+
+    /// The user's secret: the config's, or what auth_query found.
+    fn secret(&self) -> Option<&crate::auth::secret::Secret> {
+        self.settings
+            .users
+            .get(&self.user)
+            .and_then(|u| u.secret.as_ref())
+            .or(self.fetched_secret.as_deref())
     }
 
     /// Why this client must leave now, if it must.

@@ -54,15 +54,18 @@ impl Session {
         let s = *self;
         // A waker kept for this task would keep the task's memory.
         s.listed.info.nudge.forget_waker();
-        let rare =
-            (!s.statements.is_empty() || !s.custom_params.is_empty() || s.client_key.is_some())
-                .then(|| {
-                    Box::new(Rare {
-                        statements: s.statements,
-                        custom_params: s.custom_params,
-                        client_key: s.client_key,
-                    })
-                });
+        let rare = (!s.statements.is_empty()
+            || !s.custom_params.is_empty()
+            || s.client_key.is_some()
+            || s.fetched_secret.is_some())
+        .then(|| {
+            Box::new(Rare {
+                statements: s.statements,
+                custom_params: s.custom_params,
+                client_key: s.client_key,
+                fetched_secret: s.fetched_secret,
+            })
+        });
         Ok(Parked {
             slot: crate::client::ClientSlot::new(&s.shared),
             socket: s
@@ -103,6 +106,7 @@ struct Rare {
     statements: HashMap<String, Arc<Statement>>,
     custom_params: std::collections::BTreeSet<String>,
     client_key: Option<[u8; 32]>,
+    fetched_secret: Option<Arc<crate::auth::secret::Secret>>,
 }
 
 impl Parked {
@@ -134,6 +138,7 @@ impl Parked {
         let shared = self.slot.shared().clone();
         let rare = self.rare.map(|r| *r);
         let client_key = rare.as_ref().and_then(|r| r.client_key);
+        let fetched_secret = rare.as_ref().and_then(|r| r.fetched_secret.clone());
         let l = LoggedIn {
             database: self.listed.info.database.to_string(),
             user: self.listed.info.user.to_string(),
@@ -144,6 +149,7 @@ impl Parked {
             policy: self.policy,
             startup: self.startup,
             client_key,
+            fetched_secret,
         };
         let mut session = Box::new(Session::new(stream, shared, l, self.listed));
         // The config may have been reloaded meanwhile: look at the next

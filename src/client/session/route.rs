@@ -112,10 +112,12 @@ impl Session {
         }
         let shared = self.shared.clone();
         let settings = self.settings.clone();
+        let fetched = self.fetched_secret.clone();
         let secret = settings
             .users
             .get(&self.user)
-            .and_then(|u| u.secret.as_ref());
+            .and_then(|u| u.secret.as_ref())
+            .or(fetched.as_deref());
         let pool = match settings.config.databases.get(&self.database) {
             Some(db) => shared.registry.pool_for(
                 &settings.config,
