@@ -82,6 +82,9 @@ pub enum ClientError {
     /// An HBA `cert` line for a client without a TLS client certificate.
     #[error("connection requires a valid client certificate")]
     CertificateRequired,
+    /// An HBA `cert` line, and the certificate names someone else.
+    #[error("certificate authentication failed for user \"{0}\"")]
+    CertificateMismatch(String),
     #[error("database \"{0}\" does not exist")]
     UnknownDatabase(String),
     #[error("unsupported startup parameter: {0}")]
@@ -160,6 +163,7 @@ impl ClientError {
             | ClientError::HbaNoEntry(_)
             | ClientError::HbaRejected(_)
             | ClientError::CertificateRequired
+            | ClientError::CertificateMismatch(_)
             | ClientError::LoginThrottled(_)
             | ClientError::TlsRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,

@@ -309,3 +309,140 @@ impl ServerCertVerifier for Verifier {
 pub fn exists(path: &str) -> bool {
     Path::new(path).is_file()
 }
+
+/// The subject's common name (CN) of a DER certificate, when it has one
+/// in a string type a user name can be compared with (UTF8String,
+/// PrintableString, IA5String). The last CN wins, as in PostgreSQL.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    /// One DER element: (tag, content, what follows).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &d| (acc << 8) | usize::from(d));
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, cert, _) = tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut rest = tbs;
+    // [0] version (optional), serial, signature algorithm, issuer,
+    // validity, then the subject.
+    let (tag, _, after) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    for _ in 0..4 {
+        rest = tlv(rest)?.2;
+    }
+    let (tag, mut names, _) = tlv(rest)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut found = None;
+    while !names.is_empty() {
+        let (tag, mut set, next) = tlv(names)?;
+        names = next;
+        if tag != SET {
+            return None;
+        }
+        while !set.is_empty() {
+            let (tag, attr, next) = tlv(set)?;
+            set = next;
+            if tag != SEQUENCE {
+                return None;
+            }
+            let (tag, oid, value) = tlv(attr)?;
+            if tag == 0x06 && oid == CN {
+                let (kind, text, _) = tlv(value)?;
+                if matches!(kind, 0x0c | 0x13 | 0x16) {
+                    found = std::str::from_utf8(text).ok().map(str::to_owned);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER element.
+    fn el(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        if content.len() < 0x80 {
+            v.push(content.len() as u8);
+        } else {
+            v.push(0x82);
+            v.extend((content.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(content);
+        v
+    }
+
+    fn name(cn: &[u8], string_tag: u8) -> Vec<u8> {
+        let o = el(0x06, &[0x55, 0x04, 0x0a]);
+        let org = el(0x31, &el(0x30, &[o, el(0x0c, b"Org")].concat()));
+        let c = el(0x06, &[0x55, 0x04, 0x03]);
+        let common = el(0x31, &el(0x30, &[c, el(string_tag, cn)].concat()));
+        el(0x30, &[org, common].concat())
+    }
+
+    fn cert(issuer_cn: &[u8], subject_cn: &[u8], string_tag: u8) -> Vec<u8> {
+        let tbs = el(
+            0x30,
+            &[
+                el(0xa0, &el(0x02, &[2])),
+                el(0x02, &[1, 2, 3]),
+                el(0x30, &el(0x06, &[1, 2])),
+                name(issuer_cn, 0x0c),
+                el(
+                    0x30,
+                    &[el(0x17, b"260101000000Z"), el(0x17, b"270101000000Z")].concat(),
+                ),
+                name(subject_cn, string_tag),
+                el(0x30, &[0u8; 200]),
+            ]
+            .concat(),
+        );
+        el(0x30, &[tbs, el(0x30, &[]), el(0x03, &[0])].concat())
+    }
+
+    #[test]
+    fn the_subjects_common_name_not_the_issuers() {
+        assert_eq!(
+            common_name(&cert(b"ca", b"app", 0x0c)).as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            common_name(&cert(b"ca", b"bob", 0x13)).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(common_name(&cert(b"ca", b"x", 0x1e)), None, "BMPString");
+        assert_eq!(common_name(b""), None);
+        assert_eq!(common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        let c = cert(b"ca", b"app", 0x0c);
+        for cut in 0..c.len() {
+            let _ = common_name(&c[..cut]);
+        }
+    }
+}

@@ -407,6 +407,7 @@ async fn client_certificates_are_checked_with_verify_ca() {
         &[
             ("proxy", "/CN=localhost", SERVER_EXT),
             ("client", "/CN=app", CLIENT_EXT),
+            ("other", "/CN=someone_else", CLIENT_EXT),
         ],
     );
     make_certs(&certs, "otherca", &[("stranger", "/CN=app", CLIENT_EXT)]);
@@ -432,7 +433,7 @@ async fn client_certificates_are_checked_with_verify_ca() {
             d = certs.display()
         )
     };
-    for name in ["client", "stranger"] {
+    for name in ["client", "stranger", "other"] {
         let key = certs.join(format!("{name}.key"));
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
@@ -443,6 +444,35 @@ async fn client_certificates_are_checked_with_verify_ca() {
     assert!(!ok, "no client certificate accepted: {err}");
     let (ok, _, err) = psql_at(&with("stranger"), "select 1");
     assert!(!ok, "another CA's client certificate accepted: {err}");
+
+    // The HBA method cert: the certificate's CN is the user, no password.
+    std::fs::write(
+        certs.join("hba.conf"),
+        "hostssl all app 127.0.0.1/32 cert\nhostnossl all all 0.0.0.0/0 reject\n",
+    )
+    .unwrap();
+    let proxy = TestProxy::start(&toml.replace(
+        "[tidepool]\n",
+        &format!(
+            "[tidepool]\nauth_hba_file = \"{}/hba.conf\"\n",
+            certs.display()
+        ),
+    ));
+    let no_password = |name: &str| {
+        format!(
+            "host=localhost port={} user=app dbname={db} sslmode=verify-full sslrootcert={d}/ca.crt \
+             sslcert={d}/{name}.crt sslkey={d}/{name}.key",
+            proxy.port(),
+            d = certs.display()
+        )
+    };
+    let (ok, out, err) = psql_at(&no_password("client"), "select current_user");
+    assert!(ok && out == "app", "{out} {err}");
+    let (ok, _, err) = psql_at(&no_password("other"), "select 1");
+    assert!(
+        !ok && err.contains("certificate authentication failed for user \"app\""),
+        "{err}"
+    );
 }
 
 #[test]

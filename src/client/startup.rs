@@ -197,7 +197,15 @@ fn address_rules(
     match hba.method_for(&peer) {
         None => Err(Some(ClientError::HbaNoEntry(who()))),
         Some(Method::Reject) => Err(Some(ClientError::HbaRejected(who()))),
-        Some(Method::Cert) => Err(Some(ClientError::CertificateRequired)),
+        // The client certificate (verified against client_tls_ca_file)
+        // must name the user, as in PostgreSQL.
+        Some(Method::Cert) => match stream.peer_certificate() {
+            None => Err(Some(ClientError::CertificateRequired)),
+            Some(der) if crate::tls::common_name(&der).as_deref() == Some(user) => {
+                Ok(Some(AuthType::Trust))
+            }
+            Some(_) => Err(Some(ClientError::CertificateMismatch(user.to_owned()))),
+        },
         Some(Method::Trust) => Ok(Some(AuthType::Trust)),
         Some(Method::Md5) => Ok(Some(AuthType::Md5)),
         Some(Method::Password) => Ok(Some(AuthType::Password)),

@@ -178,6 +178,12 @@ impl Stream {
         }
     }
 
+    /// The peer's certificate (DER), when it showed one.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let t = self.lock()?;
+        Some(t.conn.peer_certificates()?.first()?.to_vec())
+    }
+
     /// What was negotiated, in two bytes: the cipher suite's code (which
     /// implies the protocol version; 0: plain). See [`tls_text`].
     pub fn tls_code(&self) -> u16 {
