@@ -230,6 +230,89 @@ mod tests {
         assert_eq!(t.check(a("10.0.0.9"), 100), Ok(()));
     }
 
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Fail(u8),
+        Succeed(u8),
+        Check(u8),
+    }
+
+    fn event() -> impl Strategy<Value = (Event, u64)> {
+        (
+            prop_oneof![
+                (0u8..3).prop_map(Event::Fail),
+                (0u8..3).prop_map(Event::Succeed),
+                (0u8..3).prop_map(Event::Check),
+            ],
+            0u64..20 * S,
+        )
+    }
+
+    proptest! {
+        /// Any interleaving of failures, successes and checks from three
+        /// addresses (times moving forward by up to 20 s): a fourth address
+        /// is never refused; a success lets its address in at once and
+        /// makes its next delay the first one; consecutive failures inside
+        /// the cool-down never shorten the delay (up to the cap) and refuse
+        /// the address once `limit` of them happened.
+        #[test]
+        fn throttling_keeps_its_promises(events in proptest::collection::vec(event(), 1..200)) {
+            let t = Throttle::default();
+            let addr = |i: u8| IpAddr::from([10, 0, 0, i]);
+            let mut now = 0u64;
+            let mut streak = [0u32; 3];
+            let mut last_delay = [Duration::ZERO; 3];
+            let mut last_fail = [0u64; 3];
+            // Refused at some point of the current streak: once the refusal
+            // ends, the streak starts again.
+            let mut was_blocked = [false; 3];
+            for (e, step) in events {
+                now += step;
+                prop_assert_eq!(t.check(addr(9), now), Ok(()));
+                match e {
+                    Event::Fail(i) => {
+                        let k = usize::from(i);
+                        let blocked = t.check(addr(i), now).is_err();
+                        let d = t.failed(addr(i), now, &L);
+                        prop_assert!(d <= L.max_delay.max(L.delay));
+                        let fresh = now - last_fail[k] > 60 * S || streak[k] == 0;
+                        if (fresh || was_blocked[k]) && !blocked {
+                            streak[k] = 1;
+                            was_blocked[k] = false;
+                            prop_assert_eq!(d, L.delay);
+                        } else {
+                            if !blocked {
+                                prop_assert!(d >= last_delay[k]);
+                            }
+                            streak[k] += 1;
+                        }
+                        if streak[k] >= L.limit {
+                            prop_assert!(t.check(addr(i), now).is_err());
+                            was_blocked[k] = true;
+                        }
+                        last_delay[k] = d;
+                        last_fail[k] = now;
+                    }
+                    Event::Succeed(i) => {
+                        let k = usize::from(i);
+                        t.succeeded(addr(i));
+                        prop_assert_eq!(t.check(addr(i), now), Ok(()));
+                        prop_assert_eq!(t.failed(addr(i), now, &L), L.delay);
+                        streak[k] = 1;
+                        was_blocked[k] = false;
+                        last_delay[k] = L.delay;
+                        last_fail[k] = now;
+                    }
+                    Event::Check(i) => {
+                        let _ = t.check(addr(i), now);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_table_is_bounded() {
         let t = Throttle::default();
