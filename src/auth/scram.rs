@@ -65,6 +65,16 @@ impl ServerExchange {
         verifier: ScramVerifier,
         client_first: &[u8],
     ) -> Result<(Self, String), ScramError> {
+        Self::start_with_nonce(verifier, client_first, &self::nonce())
+    }
+
+    /// As [`ServerExchange::start`], with the server's part of the nonce
+    /// given (RFC 7677's test vector fixes it).
+    fn start_with_nonce(
+        verifier: ScramVerifier,
+        client_first: &[u8],
+        server_nonce: &str,
+    ) -> Result<(Self, String), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
         let (gs2_header, bare) = match msg.as_bytes().first() {
             Some(b'n') | Some(b'y') => {
@@ -80,7 +90,7 @@ impl ServerExchange {
         // An empty client nonce is PostgreSQL's to accept too: the server's
         // own random part makes the combined nonce unique.
         let client_nonce = attr(bare, 'r').ok_or(ScramError::Malformed)?;
-        let nonce = format!("{client_nonce}{}", self::nonce());
+        let nonce = format!("{client_nonce}{server_nonce}");
         let server_first = format!(
             "r={nonce},s={},i={}",
             B64.encode(&verifier.salt),
@@ -136,17 +146,23 @@ impl ServerExchange {
 /// Whether `password` gives the verifier's StoredKey (RFC 5802's Hi():
 /// PBKDF2-HMAC-SHA-256 over the verifier's salt and iterations).
 pub fn password_matches(v: &ScramVerifier, password: &[u8]) -> bool {
-    let mut u = hmac(password, &[&v.salt, &1u32.to_be_bytes()]);
+    let salted = salted_password(password, &v.salt, v.iterations);
+    let client_key = hmac(&salted, &[b"Client Key"]);
+    let stored: [u8; 32] = Sha256::digest(client_key).into();
+    constant_time_eq(&stored, &v.stored_key)
+}
+
+/// RFC 5802's Hi(password, salt, iterations): PBKDF2 with HMAC-SHA-256.
+fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut u = hmac(password, &[salt, &1u32.to_be_bytes()]);
     let mut salted = u;
-    for _ in 1..v.iterations {
+    for _ in 1..iterations {
         u = hmac(password, &[&u]);
         for (s, x) in salted.iter_mut().zip(u) {
             *s ^= x;
         }
     }
-    let client_key = hmac(&salted, &[b"Client Key"]);
-    let stored: [u8; 32] = Sha256::digest(client_key).into();
-    constant_time_eq(&stored, &v.stored_key)
+    salted
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -251,6 +267,38 @@ mod tests {
         let cfinal = kc.update(sfirst.as_bytes()).unwrap();
         let (sfinal, _) = server.finish(cfinal.as_bytes()).unwrap();
         kc.finish(sfinal.as_bytes()).unwrap();
+    }
+
+    /// RFC 7677, section 3: the exchange for user "user", password
+    /// "pencil", byte for byte.
+    #[test]
+    fn rfc_7677_test_vector() {
+        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let salted = salted_password(b"pencil", &salt, 4096);
+        let client_key = hmac(&salted, &[b"Client Key"]);
+        let v = ScramVerifier {
+            iterations: 4096,
+            salt,
+            stored_key: Sha256::digest(client_key).into(),
+            server_key: hmac(&salted, &[b"Server Key"]),
+        };
+        let (server, first) = ServerExchange::start_with_nonce(
+            v.clone(),
+            b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
+            "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+        )
+        .unwrap();
+        assert_eq!(
+            first,
+            "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+        );
+        let (fin, key) = server
+            .finish(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+            .unwrap();
+        assert_eq!(fin, "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        assert_eq!(key, client_key);
+        assert!(password_matches(&v, b"pencil"));
+        assert!(!password_matches(&v, b"pencil2"));
     }
 
     #[test]
