@@ -178,6 +178,30 @@ impl Stream {
         }
     }
 
+    /// Cheap liveness check of an idle connection: a closed socket or
+    /// unsolicited data (a FATAL at server shutdown) mean it is unusable.
+    /// Under TLS, records that carry no data (a session ticket, a key
+    /// update) are taken in and do not count.
+    pub fn looks_alive(&self) -> bool {
+        let Some(mut t) = self.lock() else {
+            let mut probe = [0u8; 1];
+            return matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        };
+        loop {
+            match t.conn.read_tls(&mut Nonblocking(&self.tcp)) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Ok(0) | Err(_) => return false,
+                Ok(_) => match t.conn.process_new_packets() {
+                    Ok(state) if state.peer_has_closed() || state.plaintext_bytes_to_read() > 0 => {
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return false,
+                },
+            }
+        }
+    }
+
     /// The peer's certificate (DER), when it showed one.
     pub fn peer_certificate(&self) -> Option<Vec<u8>> {
         let t = self.lock()?;

@@ -155,8 +155,7 @@ impl ServerConn {
     /// Cheap liveness check for an idle connection: a closed socket or any
     /// unsolicited bytes (e.g. a FATAL at server shutdown) mean it is unusable.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.tcp().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.looks_alive()
     }
 
     /// Runs a query tidepool issues itself and reads its whole response.
