@@ -226,19 +226,34 @@ impl Stream {
 
     /// Reads what is available into `buf` without waiting (see
     /// `protocol::io::try_read`).
+    #[inline]
     pub fn try_read(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self.lock() {
+        match &self.tls {
             None => super::io::try_read(&self.tcp, buf),
+            Some(_) => self.try_read_tls(buf),
+        }
+    }
+
+    #[inline(never)]
+    fn try_read_tls(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self.lock() {
             Some(mut t) => t.try_read(&self.tcp, buf),
+            None => super::io::try_read(&self.tcp, buf),
         }
     }
 
     /// Reads what is available once the socket is readable (see
     /// `protocol::io::poll_read`); under TLS, also writes records left over.
+    #[inline]
     pub fn poll_read(&self, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.tls.is_none() {
-            return super::io::poll_read(&self.tcp, buf, cx);
+        match &self.tls {
+            None => super::io::poll_read(&self.tcp, buf, cx),
+            Some(_) => self.poll_read_tls(buf, cx),
         }
+    }
+
+    #[inline(never)]
+    fn poll_read_tls(&self, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if let Some(mut t) = self.lock()
             && t.conn.wants_write()
         {
@@ -272,18 +287,37 @@ impl Stream {
     }
 
     /// Sends what the socket takes now (see `protocol::io::try_send`).
+    #[inline]
     pub fn try_send(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self.lock() {
+        match &self.tls {
             None => super::io::try_send(&self.tcp, buf),
-            Some(mut t) => t.try_send(&self.tcp, buf),
+            Some(_) => self.try_send_tls(buf),
         }
     }
 
-    /// Sends once the socket is writable (see `protocol::io::send`).
-    pub async fn send(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        if self.tls.is_none() {
-            return super::io::send(&self.tcp, buf).await;
+    #[inline(never)]
+    fn try_send_tls(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self.lock() {
+            Some(mut t) => t.try_send(&self.tcp, buf),
+            None => super::io::try_send(&self.tcp, buf),
         }
+    }
+
+    /// Sends once the socket is writable (see `protocol::io::send`). A plain
+    /// socket's future is `io::send`'s own.
+    #[inline]
+    pub fn send<'a>(
+        &'a self,
+        buf: &'a mut BytesMut,
+    ) -> impl std::future::Future<Output = io::Result<usize>> + 'a {
+        use futures_util::future::Either;
+        match &self.tls {
+            None => Either::Left(super::io::send(&self.tcp, buf)),
+            Some(_) => Either::Right(self.send_tls(buf)),
+        }
+    }
+
+    async fn send_tls(&self, buf: &mut BytesMut) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             loop {
                 match self.try_send(buf) {
