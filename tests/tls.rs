@@ -507,3 +507,69 @@ fn unreadable_certificates_fail_the_config_with_the_key() {
         assert!(text.contains(key), "{extra}: {text}");
     }
 }
+
+/// The bytes of an SSLRequest (or, with `code`, another request packet).
+fn request(code: i32) -> Vec<u8> {
+    [8i32.to_be_bytes(), code.to_be_bytes()].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_requests_split_at_every_byte_and_injected_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SSL: i32 = 80_877_103;
+    const GSS: i32 = 80_877_104;
+    let c = cluster();
+    let db = c.create_database("tls_negotiation");
+    let certs = tempdir("negotiation");
+    make_certs(&certs, "ca", &[("proxy", "/CN=localhost", SERVER_EXT)]);
+    let with_tls = TestProxy::start(&harness::proxy::config_toml(c, &db, "", "").replace(
+        "[tidepool]\n",
+        &format!(
+            "[tidepool]\nclient_tls_sslmode = \"prefer\"\n\
+             client_tls_cert_file = \"{d}/proxy.crt\"\nclient_tls_key_file = \"{d}/proxy.key\"\n",
+            d = certs.display()
+        ),
+    ));
+    let without = TestProxy::for_db(c, &db, "");
+    let answer = |port: u16, parts: Vec<Vec<u8>>| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        for p in parts {
+            s.write_all(&p).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(1)) => Some(b[0]),
+            _ => None,
+        }
+    };
+    let ssl = request(SSL);
+    for cut in 0..=ssl.len() {
+        let parts = vec![ssl[..cut].to_vec(), ssl[cut..].to_vec()];
+        assert_eq!(
+            answer(with_tls.port(), parts.clone()).await,
+            Some(b'S'),
+            "cut {cut}"
+        );
+        assert_eq!(answer(without.port(), parts).await, Some(b'N'), "cut {cut}");
+    }
+    // GSSENCRequest: N, then an SSLRequest on the same connection: S.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", with_tls.port()))
+        .await
+        .unwrap();
+    s.write_all(&request(GSS)).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), b'N');
+    s.write_all(&ssl).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), b'S');
+    // Bytes right behind the SSLRequest (a man in the middle's injection):
+    // closed without an answer, as PostgreSQL does.
+    let injected = [ssl.clone(), raw_startup()].concat();
+    assert_eq!(answer(with_tls.port(), vec![injected]).await, None);
+}
+
+fn raw_startup() -> Vec<u8> {
+    harness::raw::startup("app", "postgres")
+}
