@@ -22,6 +22,7 @@ impl SqlState {
     pub const TOO_MANY_CONNECTIONS: Self = Self("53300");
     pub const ADMIN_SHUTDOWN: Self = Self("57P01");
     pub const IDLE_IN_TRANSACTION_TIMEOUT: Self = Self("25P03");
+    pub const IDLE_SESSION_TIMEOUT: Self = Self("57P05");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
@@ -109,6 +110,8 @@ pub enum ClientError {
     LoginTimeout,
     #[error("idle_transaction_timeout: transaction idle for longer than {0:?}")]
     IdleTransactionTimeout(Duration),
+    #[error("client_idle_timeout: connection idle for longer than {0:?}")]
+    ClientIdleTimeout(Duration),
     #[error("tidepool is shutting down")]
     Shutdown,
     #[error("connection killed by an administrator (KILL)")]
@@ -175,6 +178,7 @@ impl ClientError {
             ClientError::ServerLogin { .. } => SqlState::CONNECTION_FAILURE,
             ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+            ClientError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,

@@ -97,6 +97,9 @@ impl Console {
                         Eviction::None => continue,
                         Eviction::Killed => ClientError::Killed,
                         Eviction::Shutdown => ClientError::Shutdown,
+                        Eviction::IdleTimeout => ClientError::ClientIdleTimeout(
+                            self.shared.settings().config.pool.client_idle_timeout,
+                        ),
                     };
                     return self.close_with(e).await;
                 }

@@ -97,8 +97,10 @@ pub enum Eviction {
     None = 0,
     /// The process is shutting down: leave once the transaction is over.
     Shutdown = 1,
+    /// Idle for longer than `client_idle_timeout`: leave now.
+    IdleTimeout = 2,
     /// `KILL`: leave now.
-    Killed = 2,
+    Killed = 3,
 }
 
 /// Kept small (it outlives parking, see `client::park`): 208 bytes, so that
@@ -181,7 +183,7 @@ impl ClientInfo {
             state: AtomicU8::new(ClientState::Idle as u8),
             backend: AtomicU8::new(0),
             request_time: AtomicU64::new(now_us()),
-            wait_start: AtomicU64::new(0),
+            wait_start: AtomicU64::new(now_us()),
             wait_limit_ms: AtomicU32::new(u32::MAX),
             link: AtomicU64::new(0),
             prepared: std::sync::atomic::AtomicU16::new(0),
@@ -264,6 +266,24 @@ impl ClientInfo {
         self.link.store(0, Ordering::Relaxed);
         self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
         self.park.store(0, Ordering::Relaxed);
+        // While idle, `wait_start` is when it became idle.
+        self.wait_start
+            .store(crate::clock::coarse_us(), Ordering::Relaxed);
+    }
+
+    /// The client sweep: a client idle for longer than `limit` (not zero)
+    /// is evicted (`now` from one clock read per sweep). True when it was.
+    pub fn sweep_idle_timeout(&self, now: u64, limit: std::time::Duration) -> bool {
+        let idle_since = self.wait_start.load(Ordering::Relaxed);
+        let expired = !limit.is_zero()
+            && self.state.load(Ordering::Relaxed) == ClientState::Idle as u8
+            && now.saturating_sub(idle_since)
+                > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
+            && self.eviction() == Eviction::None;
+        if expired {
+            self.evict(Eviction::IdleTimeout);
+        }
+        expired
     }
 
     /// The parking sweep: a client seen idle by two sweeps in a row (no
@@ -311,6 +331,7 @@ impl ClientInfo {
         match self.eviction.load(Ordering::Relaxed) {
             0 => Eviction::None,
             1 => Eviction::Shutdown,
+            2 => Eviction::IdleTimeout,
             _ => Eviction::Killed,
         }
     }

@@ -215,12 +215,22 @@ pub async fn run(shared: Arc<Shared>) {
                     }
                     parked_before = parked;
                 }
+                let idle_limit = shared.settings().config.pool.client_idle_timeout;
+                let mut timed_out = false;
                 shared.list.for_each(|c| {
                     c.sweep_wait(wall);
+                    timed_out |= c.sweep_idle_timeout(wall, idle_limit);
                     if park {
                         c.sweep_idle();
                     }
                 });
+                if timed_out {
+                    // Parked clients have no task to nudge: they are
+                    // resumed to be told.
+                    for id in lot.evicted() {
+                        resume(&lot, id);
+                    }
+                }
             }
         }
     }

@@ -202,6 +202,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "client_idle_timeout",
+            d(p.client_idle_timeout),
+            d(pd.client_idle_timeout),
+            true,
+        ),
+        row(
+            "pool",
             "park_idle_clients_after",
             d(p.park_idle_clients_after),
             d(pd.park_idle_clients_after),

@@ -374,6 +374,10 @@ pub struct PoolSettings {
     /// client on its server, `error` refuses the statement. Default `pin`.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// A client idle (outside a transaction) for longer than this is
+    /// closed (57P05). `0s`: never. Default `0s`.
+    #[serde(default, with = "duration")]
+    pub client_idle_timeout: Duration,
     /// TLS to PostgreSQL: `disable`, `allow`, `prefer`, `require`,
     /// `verify-ca`, `verify-full`. Default `prefer`.
     #[serde(default = "d_server_tls")]
@@ -415,6 +419,7 @@ impl Default for PoolSettings {
             server_reset_query: d_reset_query(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
+            client_idle_timeout: Duration::ZERO,
             server_tls_sslmode: d_server_tls(),
             server_tls_ca_file: None,
             server_tls_cert_file: None,

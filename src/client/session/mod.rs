@@ -253,6 +253,9 @@ impl Session {
         match self.listed.info.eviction() {
             Eviction::Killed => Some(ClientError::Killed),
             Eviction::Shutdown if !in_transaction => Some(ClientError::Shutdown),
+            Eviction::IdleTimeout if !in_transaction => Some(ClientError::ClientIdleTimeout(
+                self.settings.config.pool.client_idle_timeout,
+            )),
             _ => None,
         }
     }
