@@ -23,6 +23,7 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: Self = Self("57P01");
     pub const IDLE_IN_TRANSACTION_TIMEOUT: Self = Self("25P03");
     pub const IDLE_SESSION_TIMEOUT: Self = Self("57P05");
+    pub const QUERY_CANCELED: Self = Self("57014");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");

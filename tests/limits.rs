@@ -50,3 +50,62 @@ async fn idle_clients_are_closed_after_client_idle_timeout() {
         assert!(answer.iter().any(|m| m.tag == b'D'), "{answer:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_query_timeout_is_canceled_with_57014() {
+    let c = cluster();
+    let db = c.create_database("query_timeout");
+    let proxy = TestProxy::for_db(c, &db, "query_timeout = \"1s\"\ndefault_pool_size = 1");
+    let client = proxy.client(&db).await;
+    for extended in [false, true] {
+        let started = Instant::now();
+        let e = if extended {
+            client
+                .query("select pg_sleep($1)", &[&30.0f64])
+                .await
+                .err()
+                .unwrap()
+        } else {
+            client
+                .simple_query("select pg_sleep(30)")
+                .await
+                .err()
+                .unwrap()
+        };
+        let db_error = e.as_db_error().expect("a server error");
+        assert_eq!(db_error.code().code(), "57014");
+        assert!(
+            db_error.message().contains("query_timeout"),
+            "{}",
+            db_error.message()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // The client goes on; the pool of one serves it (and others) again.
+        let rows = client.simple_query("select 1").await.unwrap();
+        assert!(rows.len() >= 2);
+        let other = proxy.client(&db).await;
+        other.simple_query("select 2").await.unwrap();
+    }
+    // A transaction of short statements lasting longer than the limit is
+    // left alone: the limit is per request.
+    client.simple_query("begin").await.unwrap();
+    for _ in 0..6 {
+        client.simple_query("select pg_sleep(0.3)").await.unwrap();
+    }
+    client.simple_query("commit").await.unwrap();
+    // No backend is left running the canceled sleeps.
+    let admin = c.admin_client(&db).await;
+    let left = admin
+        .query_one(
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep(%' and state = 'active' and pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(left, 0);
+}

@@ -271,6 +271,26 @@ impl ClientInfo {
             .store(crate::clock::coarse_us(), Ordering::Relaxed);
     }
 
+    /// The client sweep: nudges a client whose request has run past
+    /// `query_timeout` (`limit`, not zero) since `request_time`; the
+    /// forwarding loop then looks at its oldest request, and cancels it or
+    /// moves `request_time` up to it.
+    pub fn sweep_query(&self, now: u64, limit: std::time::Duration) {
+        if !limit.is_zero()
+            && self.state.load(Ordering::Relaxed) == ClientState::Active as u8
+            && now.saturating_sub(self.request_time.load(Ordering::Relaxed))
+                > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
+        {
+            self.nudge.notify();
+        }
+    }
+
+    /// The oldest request in flight started at `wall_us`: the query sweep
+    /// waits from there.
+    pub fn request_started(&self, wall_us: u64) {
+        self.request_time.store(wall_us, Ordering::Relaxed);
+    }
+
     /// The client sweep: a client idle for longer than `limit` (not zero)
     /// is evicted (`now` from one clock read per sweep). True when it was.
     pub fn sweep_idle_timeout(&self, now: u64, limit: std::time::Duration) -> bool {

@@ -216,9 +216,11 @@ pub async fn run(shared: Arc<Shared>) {
                     parked_before = parked;
                 }
                 let idle_limit = shared.settings().config.pool.client_idle_timeout;
+                let query_limit = shared.settings().config.pool.query_timeout;
                 let mut timed_out = false;
                 shared.list.for_each(|c| {
                     c.sweep_wait(wall);
+                    c.sweep_query(wall, query_limit);
                     timed_out |= c.sweep_idle_timeout(wall, idle_limit);
                     if park {
                         c.sweep_idle();

@@ -88,6 +88,14 @@ impl Timing {
         self.delta = Delta::default();
     }
 
+    /// When the oldest request still waiting for its answer was sent
+    /// (monotonic ns), if one is.
+    pub fn oldest_pending(&self) -> Option<u64> {
+        self.queue.front().map(|p| match p {
+            Pending::Statement { start, .. } | Pending::Ready { start } => *start,
+        })
+    }
+
     fn started(&mut self, now: u64) {
         self.xact_start.get_or_insert(now);
         self.query_start.get_or_insert(now);

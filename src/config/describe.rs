@@ -202,6 +202,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "query_timeout",
+            d(p.query_timeout),
+            d(pd.query_timeout),
+            true,
+        ),
+        row(
+            "pool",
             "client_idle_timeout",
             d(p.client_idle_timeout),
             d(pd.client_idle_timeout),

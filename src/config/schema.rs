@@ -374,6 +374,10 @@ pub struct PoolSettings {
     /// client on its server, `error` refuses the statement. Default `pin`.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// A statement running longer than this is canceled on the server and
+    /// the client gets 57014 naming the setting. `0s`: never. Default `0s`.
+    #[serde(default, with = "duration")]
+    pub query_timeout: Duration,
     /// A client idle (outside a transaction) for longer than this is
     /// closed (57P05). `0s`: never. Default `0s`.
     #[serde(default, with = "duration")]
@@ -420,6 +424,7 @@ impl Default for PoolSettings {
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
             client_idle_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             server_tls_sslmode: d_server_tls(),
             server_tls_ca_file: None,
             server_tls_cert_file: None,

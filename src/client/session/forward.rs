@@ -300,6 +300,37 @@ impl Session {
                     if info.eviction() == Eviction::Killed {
                         return TxEnd::Killed;
                     }
+                    let limit = self.settings.config.pool.query_timeout;
+                    if !limit.is_zero() && t.timeout_cancel.is_none() {
+                        let now = crate::clock::mono_ns();
+                        let age = t
+                            .timing
+                            .oldest_pending()
+                            .map_or(0, |s| now.saturating_sub(s));
+                        if age >= u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX) {
+                            // Canceled on the server; the server is closed
+                            // after this transaction, so that a late cancel
+                            // can never reach another client's query.
+                            tracing::info!(
+                                client = info.id,
+                                server = conn.id,
+                                ?limit,
+                                "query_timeout: canceling the request"
+                            );
+                            t.timeout_cancel = Some(format!(
+                                "canceling statement due to query_timeout ({})",
+                                humantime::format_duration(limit)
+                            ));
+                            let key = conn.cancel_key;
+                            tokio::spawn(async move {
+                                let _ = crate::cancel::send_cancel(key).await;
+                            });
+                        } else {
+                            info.request_started(
+                                crate::clock::precise_us().saturating_sub(age / 1000),
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -419,6 +450,7 @@ pub(super) fn scan_server(
                     &msg[5..],
                     statements,
                     t.expect.head_position_shift(),
+                    t.timeout_cancel.as_deref(),
                 ))
             });
             renamed.extend_from_slice(sbuf);

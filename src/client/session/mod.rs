@@ -395,7 +395,13 @@ impl Session {
                             self.params.get("application_name").map_or("", |s| s),
                         );
                     }
-                    server.release(Release::Reuse);
+                    // After a query_timeout cancel the server is closed: a
+                    // cancel that lands late must not reach another client.
+                    server.release(if tracker.timeout_cancel.is_some() {
+                        Release::Close
+                    } else {
+                        Release::Reuse
+                    });
                     self.spare_tracker = Some(tracker);
                 }
                 TxEnd::Killed => {

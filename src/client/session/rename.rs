@@ -6,11 +6,17 @@ use super::*;
 
 /// An ErrorResponse body as the client would have had it: statement names
 /// its own, the position (`P`) in its own text (`shift` characters back).
+///
+/// `canceled`: the message of a 57014 tidepool provoked (`query_timeout`).
 pub(super) fn rewrite_error(
     body: &[u8],
     statements: &HashMap<String, Arc<Statement>>,
     shift: i32,
+    canceled: Option<&str>,
 ) -> Vec<u8> {
+    let is_cancel = canceled.is_some()
+        && crate::protocol::messages::error_fields(body)
+            .is_ok_and(|f| f.code == crate::error::SqlState::QUERY_CANCELED.0);
     let mut out = Vec::with_capacity(body.len());
     let mut fields = body;
     while let [tag, rest @ ..] = fields {
@@ -26,6 +32,9 @@ pub(super) fn rewrite_error(
         {
             Some(p) if *tag == b'P' && shift != 0 && p - shift >= 1 => {
                 out.extend_from_slice((p - shift).to_string().as_bytes());
+            }
+            _ if *tag == b'M' && is_cancel => {
+                out.extend_from_slice(canceled.unwrap_or_default().as_bytes());
             }
             _ => out.extend_from_slice(&rename_statements(value, statements)),
         }

@@ -119,6 +119,9 @@ pub struct Tracker {
     pub timing: Timing,
     /// The safety net of a read on a replica.
     pub misroute: Misroute,
+    /// A request ran past `query_timeout` and was canceled: the message the
+    /// server's 57014 is given instead of "user request".
+    pub timeout_cancel: Option<String>,
     /// Functions of the database that may change session settings (set
     /// by the session for each transaction; a call is a parameter change).
     pub changers: Option<Arc<SessionFunctions>>,
@@ -147,6 +150,7 @@ impl Tracker {
             timing: Timing::default(),
             misroute: Misroute::Off,
             changers: None,
+            timeout_cancel: None,
             memo: Memo::default(),
         }
     }
@@ -171,6 +175,7 @@ impl Tracker {
         self.reroute = false;
         self.timing.clear();
         self.misroute = Misroute::Off;
+        self.timeout_cancel = None;
     }
 
     /// `shapes` fingerprints statements for per-query statistics (None: off).

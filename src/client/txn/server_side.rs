@@ -86,7 +86,9 @@ impl Inspector for ServerSide<'_> {
                     return Ok(Step::Stop);
                 }
                 let rewrite = memchr::memmem::find(body, INTERNAL_NAME_MARK).is_some()
-                    || (t.expect.head_position_shift() != 0 && !fields.position.is_empty());
+                    || (t.expect.head_position_shift() != 0 && !fields.position.is_empty())
+                    || (t.timeout_cancel.is_some()
+                        && fields.code == crate::error::SqlState::QUERY_CANCELED.0);
                 if !std::mem::take(&mut t.error_renamed) && rewrite {
                     // It names one of tidepool's statements, or points into
                     // tidepool's rewrite of the query: the session puts the
