@@ -109,3 +109,74 @@ async fn a_query_past_query_timeout_is_canceled_with_57014() {
         .get::<_, i64>(0);
     assert_eq!(left, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
+    let c = cluster();
+    let db = c.create_database("reserve_pool");
+    let proxy = TestProxy::start(
+        &harness::proxy::config_toml(
+            c,
+            &db,
+            "default_pool_size = 2\nreserve_pool_size = 1\nreserve_pool_timeout = \"1s\"\nquery_wait_timeout = \"30s\"",
+            "",
+        )
+        .replace("[tidepool]\n", "[tidepool]\nstats_users = [\"app\"]\n"),
+    );
+    // Two clients hold both servers.
+    let holders = [proxy.client(&db).await, proxy.client(&db).await];
+    for h in &holders {
+        h.simple_query("begin; select 1").await.unwrap();
+    }
+    // A third waits, then runs on a reserve connection.
+    let third = proxy.client(&db).await;
+    let started = Instant::now();
+    let backends = one(
+        &third,
+        "select count(*) from pg_stat_activity where datname = current_database()",
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "served after {waited:?}"
+    );
+    assert_eq!(backends, "3", "two pooled connections and one reserve");
+    // A fourth waits too: the one reserve connection is in use... until the
+    // third's transaction ended and closed it; then the fourth gets it.
+    let fourth = proxy.client(&db).await;
+    assert_eq!(one(&fourth, "select 4").await, "4");
+    // SHOW DATABASES shows the reserve pool.
+    let console = harness::console(
+        &proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer"),
+        "SHOW DATABASES",
+    )
+    .await;
+    let row = console.iter().find(|r| r["name"] == db).unwrap();
+    assert_eq!(row["reserve_pool_size"], "1");
+    for h in &holders {
+        h.simple_query("commit").await.unwrap();
+    }
+    // Reserve connections do not stay: back to at most two.
+    harness::wait_until_async("reserve closed", Duration::from_secs(10), || async {
+        one(
+            &third,
+            "select count(*) from pg_stat_activity where datname = current_database()",
+        )
+        .await
+            == "2"
+    })
+    .await;
+}
+
+async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}

@@ -228,6 +228,25 @@ impl ClientInfo {
     }
 
     /// The wait's limit has passed.
+    /// How long the client has waited for a server (0 when not waiting).
+    pub fn waited_us(&self) -> u64 {
+        if self.state.load(Ordering::Relaxed) != ClientState::Waiting as u8 {
+            return 0;
+        }
+        now_us().saturating_sub(self.wait_start.load(Ordering::Relaxed))
+    }
+
+    /// The client sweep: nudges a client that has waited `reserve` (the
+    /// reserve pool's timeout) so that it asks for a reserve connection.
+    pub fn sweep_reserve(&self, now: u64, reserve: std::time::Duration) {
+        if self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8
+            && now.saturating_sub(self.wait_start.load(Ordering::Relaxed))
+                >= u64::try_from(reserve.as_micros()).unwrap_or(u64::MAX)
+        {
+            self.nudge.notify();
+        }
+    }
+
     pub fn wait_expired(&self) -> bool {
         now_us() >= self.deadline()
     }

@@ -217,10 +217,19 @@ pub async fn run(shared: Arc<Shared>) {
                 }
                 let idle_limit = shared.settings().config.pool.client_idle_timeout;
                 let query_limit = shared.settings().config.pool.query_timeout;
+                let reserve = {
+                    let s = shared.settings();
+                    let any = s.config.pool.reserve_pool_size > 0
+                        || s.config.databases.values().any(|d| d.reserve_pool_size.unwrap_or(0) > 0);
+                    any.then_some(s.config.pool.reserve_pool_timeout)
+                };
                 let mut timed_out = false;
                 shared.list.for_each(|c| {
                     c.sweep_wait(wall);
                     c.sweep_query(wall, query_limit);
+                    if let Some(r) = reserve {
+                        c.sweep_reserve(wall, r);
+                    }
                     timed_out |= c.sweep_idle_timeout(wall, idle_limit);
                     if park {
                         c.sweep_idle();

@@ -202,6 +202,20 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "reserve_pool_size",
+            p.reserve_pool_size.to_string(),
+            pd.reserve_pool_size.to_string(),
+            true,
+        ),
+        row(
+            "pool",
+            "reserve_pool_timeout",
+            d(p.reserve_pool_timeout),
+            d(pd.reserve_pool_timeout),
+            true,
+        ),
+        row(
+            "pool",
             "query_timeout",
             d(p.query_timeout),
             d(pd.query_timeout),

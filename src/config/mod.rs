@@ -132,6 +132,11 @@ impl Config {
             .unwrap_or(self.pool.default_pool_size)
     }
 
+    /// Reserve connections per pool of `db`.
+    pub fn reserve_pool_size(&self, db: &Database) -> u32 {
+        db.reserve_pool_size.unwrap_or(self.pool.reserve_pool_size)
+    }
+
     pub fn min_pool_size(&self, db: &Database) -> u32 {
         db.min_pool_size.unwrap_or(self.pool.min_pool_size)
     }

@@ -374,6 +374,14 @@ pub struct PoolSettings {
     /// client on its server, `error` refuses the statement. Default `pin`.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// Extra server connections a pool may open for clients that waited
+    /// `reserve_pool_timeout` (PgBouncer's meaning). Default 0.
+    #[serde(default)]
+    pub reserve_pool_size: u32,
+    /// How long a client waits before a reserve connection may serve it.
+    /// Default `5s`.
+    #[serde(default = "d_reserve_timeout", with = "duration")]
+    pub reserve_pool_timeout: Duration,
     /// A statement running longer than this is canceled on the server and
     /// the client gets 57014 naming the setting. `0s`: never. Default `0s`.
     #[serde(default, with = "duration")]
@@ -423,6 +431,8 @@ impl Default for PoolSettings {
             server_reset_query: d_reset_query(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: d_reserve_timeout(),
             client_idle_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
             server_tls_sslmode: d_server_tls(),
@@ -450,6 +460,8 @@ pub struct Database {
     pub password: Option<String>,
     /// Overrides `[pool] default_pool_size` for this database.
     pub pool_size: Option<u32>,
+    /// Overrides `[pool] reserve_pool_size` for this database.
+    pub reserve_pool_size: Option<u32>,
     /// Overrides `[pool] min_pool_size` for this database.
     pub min_pool_size: Option<u32>,
     /// Overrides `[pool] pool_mode` for this database.
@@ -570,6 +582,9 @@ fn d_auth_query() -> String {
 }
 fn d_auth_cache() -> Duration {
     defaults::AUTH_CACHE_LIFETIME
+}
+fn d_reserve_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn d_client_tls() -> crate::tls::Mode {
     crate::tls::Mode::Disable

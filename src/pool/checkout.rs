@@ -32,6 +32,9 @@ pub(super) struct Core {
     /// Checkouts waiting for a permit, oldest first. Every waiter here is
     /// still waiting: one that gives up removes itself under this lock.
     waiters: VecDeque<Arc<Waiter>>,
+    /// Reserve permits lent (each with its connection, closed when it
+    /// comes back): at most the pool's `reserve_size`.
+    pub(super) reserve_out: usize,
 }
 
 impl Core {
@@ -62,6 +65,14 @@ enum Grant {
     Waiting,
     /// A permit, with a connection when the last holder's may serve again.
     Granted(Option<Idle>),
+    /// A reserve permit (the checkout waited `reserve_pool_timeout`).
+    Reserve,
+}
+
+/// What a wait for a permit brought.
+enum Got {
+    Permit(Option<Idle>),
+    Reserve,
 }
 
 impl Waiter {
@@ -80,6 +91,8 @@ impl Waiter {
 pub struct PooledConn {
     idle: Option<Idle>,
     pool: Arc<Pool>,
+    /// Opened on a reserve permit: closed when it comes back.
+    reserve: bool,
 }
 
 /// How a connection comes back.
@@ -117,6 +130,18 @@ impl PooledConn {
             return;
         };
         let pool = &*self.pool;
+        if self.reserve {
+            // The burst it served is over (or not): reserve connections do
+            // not stay.
+            if let Some(l) = &idle.conn.listed {
+                l.info.returned(idle.conn.prepared.len());
+            }
+            pool.in_use.fetch_sub(1, Ordering::Relaxed);
+            lock(&pool.core).reserve_out -= 1;
+            tracing::debug!(pool = %pool.name(), server = idle.conn.id, "reserve connection closed");
+            tokio::spawn(idle.conn.terminate());
+            return;
+        }
         let lifetime = pool.hot.server_lifetime();
         let expired =
             !lifetime.is_zero() && crate::clock::coarse_since(idle.conn.created) >= lifetime;
@@ -149,7 +174,11 @@ impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(idle) = self.idle.take() {
             self.pool.in_use.fetch_sub(1, Ordering::Relaxed);
-            let _ = self.pool.give_back(&mut lock(&self.pool.core), None);
+            if self.reserve {
+                lock(&self.pool.core).reserve_out -= 1;
+            } else {
+                let _ = self.pool.give_back(&mut lock(&self.pool.core), None);
+            }
             tracing::debug!(pool = %self.pool.name(), server = idle.conn.id, "server connection dropped without release; closed");
         }
     }
@@ -160,6 +189,8 @@ impl Drop for PooledConn {
 pub(super) struct Held<'a> {
     pool: &'a Pool,
     armed: bool,
+    /// A reserve permit.
+    reserve: bool,
 }
 
 impl Held<'_> {
@@ -179,7 +210,12 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.pool.give_back(&mut lock(&self.pool.core), None);
+            let mut core = lock(&self.pool.core);
+            if self.reserve {
+                core.reserve_out -= 1;
+            } else {
+                let _ = self.pool.give_back(&mut core, None);
+            }
         }
     }
 }
@@ -192,9 +228,9 @@ struct Wait<'a> {
 }
 
 impl Future for Wait<'_> {
-    type Output = Option<Idle>;
+    type Output = Got;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Idle>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Got> {
         let Some(w) = &self.waiter else {
             return Poll::Pending;
         };
@@ -203,7 +239,12 @@ impl Future for Wait<'_> {
             Grant::Granted(conn) => {
                 drop(mailbox);
                 self.waiter = None;
-                Poll::Ready(conn)
+                Poll::Ready(Got::Permit(conn))
+            }
+            Grant::Reserve => {
+                drop(mailbox);
+                self.waiter = None;
+                Poll::Ready(Got::Reserve)
             }
             other => {
                 mailbox.grant = other;
@@ -230,6 +271,10 @@ impl Drop for Wait<'_> {
             Grant::Granted(conn) => self.pool.give_back(&mut core, conn),
             Grant::Waiting => {
                 core.waiters.retain(|x| !Arc::ptr_eq(x, &w));
+                None
+            }
+            Grant::Reserve => {
+                core.reserve_out -= 1;
                 None
             }
             Grant::Idle => None,
@@ -262,8 +307,8 @@ impl Pool {
         self: &Arc<Self>,
         waiter: &Arc<Waiter>,
     ) -> Result<PooledConn, PoolError> {
-        let found = if self.take_permit(waiter) {
-            self.pop_idle(&mut lock(&self.core))
+        let (found, reserve) = if self.take_permit(waiter) {
+            (self.pop_idle(&mut lock(&self.core)), false)
         } else {
             let granted = Wait {
                 pool: self,
@@ -273,13 +318,16 @@ impl Pool {
             // A connection handed over by the client that released it was
             // clean, alive and within its lifetime a moment ago.
             match granted {
-                Some(i) => Some(i),
-                None => self.pop_idle(&mut lock(&self.core)),
+                Got::Permit(Some(i)) => (Some(i), false),
+                Got::Permit(None) => (self.pop_idle(&mut lock(&self.core)), false),
+                // A reserve permit always opens a connection of its own.
+                Got::Reserve => (None, true),
             }
         };
         // The permit is ours from here; `held` gives it back if opening a
         // connection fails or is abandoned.
-        let held = self.held();
+        let mut held = self.held();
+        held.reserve = reserve;
         let idle = match found {
             Some(i) => i,
             // Rare (the pool grows): boxed, so that every waiting client's
@@ -291,7 +339,39 @@ impl Pool {
         Ok(PooledConn {
             idle: Some(idle),
             pool: self.clone(),
+            reserve,
         })
+    }
+
+    /// A waiting checkout (`waiter`) gets a reserve permit, if the pool has
+    /// one left; true when it did (the checkout then opens a connection).
+    /// The caller decides that it waited `reserve_pool_timeout`.
+    pub fn grant_reserve(&self, waiter: &Arc<Waiter>) -> bool {
+        let size = self.settings().reserve_size as usize;
+        if size == 0 {
+            return false;
+        }
+        let mut core = lock(&self.core);
+        if core.reserve_out >= size {
+            return false;
+        }
+        let mut mailbox = lock(&waiter.state);
+        if !matches!(mailbox.grant, Grant::Waiting) {
+            return false;
+        }
+        core.waiters.retain(|x| !Arc::ptr_eq(x, waiter));
+        core.reserve_out += 1;
+        mailbox.grant = Grant::Reserve;
+        if let Some(w) = &mailbox.waker {
+            w.wake_by_ref();
+        }
+        tracing::info!(pool = %self.name(), "a client waited reserve_pool_timeout: opening a reserve connection");
+        true
+    }
+
+    /// Reserve connections lent now.
+    pub fn reserve_in_use(&self) -> usize {
+        lock(&self.core).reserve_out
     }
 
     /// A permit now (true), or a place in the queue for `waiter`.
@@ -320,6 +400,7 @@ impl Pool {
         Held {
             pool: self,
             armed: true,
+            reserve: false,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct PoolSettings {
     pub mode: PoolMode,
     pub size: u32,
     pub min_size: u32,
+    /// Reserve connections, for clients that waited `reserve_pool_timeout`.
+    pub reserve_size: u32,
     pub query_wait_timeout: Duration,
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,

@@ -306,6 +306,7 @@ fn pool_settings(c: &Config, db: &Database, user: &str) -> PoolSettings {
         mode: c.pool_mode(db),
         size: c.pool_size(db, c.users.get(user)),
         min_size: c.min_pool_size(db),
+        reserve_size: c.reserve_pool_size(db),
         query_wait_timeout: c.pool.query_wait_timeout,
         server_idle_timeout: c.pool.server_idle_timeout,
         server_lifetime: c.pool.server_lifetime,

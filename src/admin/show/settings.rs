@@ -52,7 +52,7 @@ pub(super) fn databases(shared: &Shared) -> ResultSet {
                 db.user.clone().into(),
                 c.pool_size(db, None).into(),
                 c.min_pool_size(db).into(),
-                0i64.into(),
+                c.reserve_pool_size(db).into(),
                 (c.pool.server_lifetime.as_secs()).into(),
                 c.pool_mode(db).as_str().into(),
                 Value::Null,
@@ -64,7 +64,8 @@ pub(super) fn databases(shared: &Shared) -> ResultSet {
                 0i64.into(),
                 role(b).into(),
                 backend_status(shared, name, b, stats_status).into(),
-                0i64.into(),
+                // Older exporters' name for reserve_pool_size.
+                c.reserve_pool_size(db).into(),
             ]);
         }
     }

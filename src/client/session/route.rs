@@ -176,6 +176,13 @@ impl Session {
                     let limit = pool.settings().query_wait_timeout;
                     return Err(pool_error(pool, crate::pool::PoolError::Timeout(limit)));
                 }
+                // Waited reserve_pool_timeout: a reserve connection, if the
+                // pool has one left (the checkout then completes with it).
+                if info.waited_us()
+                    >= self.settings.config.pool.reserve_pool_timeout.as_micros() as u64
+                {
+                    pool.grant_reserve(&waiter);
+                }
             }
         };
         let mut pooled = match checkout {
