@@ -24,6 +24,7 @@ impl SqlState {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: Self = Self("25P03");
     pub const IDLE_SESSION_TIMEOUT: Self = Self("57P05");
     pub const QUERY_CANCELED: Self = Self("57014");
+    pub const CONFIGURATION_LIMIT_EXCEEDED: Self = Self("53400");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
@@ -113,6 +114,9 @@ pub enum ClientError {
     IdleTransactionTimeout(Duration),
     #[error("client_idle_timeout: connection idle for longer than {0:?}")]
     ClientIdleTimeout(Duration),
+    /// Over a `[rate_limits]` tier (the transaction did not run).
+    #[error("rate limit exceeded for {} \"{}\" (tier {}: {})", .0.scope, .0.name, .0.tier.name, .0.tier.describe())]
+    RateLimited(Box<crate::ratelimit::Refused>),
     #[error("tidepool is shutting down")]
     Shutdown,
     #[error("connection killed by an administrator (KILL)")]
@@ -180,6 +184,7 @@ impl ClientError {
             ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             ClientError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
+            ClientError::RateLimited(_) => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,
@@ -193,7 +198,8 @@ impl ClientError {
             ClientError::PoolTimeout { .. }
             | ClientError::ServerConnect { .. }
             | ClientError::ServerLogin { .. }
-            | ClientError::ServerLost(_) => Severity::Error,
+            | ClientError::ServerLost(_)
+            | ClientError::RateLimited(_) => Severity::Error,
             _ => Severity::Fatal,
         }
     }

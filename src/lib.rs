@@ -25,6 +25,7 @@ pub mod listing;
 pub mod memory;
 pub mod pool;
 pub mod protocol;
+pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod snapshot;

@@ -37,6 +37,7 @@ fn every_config_key_is_documented() {
             "routing",
             "stats",
             "metrics",
+            "rate_limits",
         ]
         .contains(&k.as_str())
         {

@@ -180,3 +180,102 @@ async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
         })
         .unwrap()
 }
+
+fn rate_limited_proxy(c: &harness::Cluster, db: &str, tiers: &str, wait: &str) -> TestProxy {
+    let toml = harness::proxy::config_toml(c, db, "default_pool_size = 4", "")
+        .replace("[tidepool]\n", "[tidepool]\nstats_users = [\"app\"]\n")
+        .replace(
+            "[users.app]\n",
+            "[users.app]\nrate_limit_tier = \"limited\"\n",
+        )
+        + &format!("\n[rate_limits]\nrate_limit_wait = \"{wait}\"\n[rate_limits.tiers]\n{tiers}\n");
+    TestProxy::start(&toml)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_admits_rate_times_time_plus_burst_across_clients() {
+    let c = cluster();
+    let db = c.create_database("rate_limit");
+    let proxy = rate_limited_proxy(c, &db, "limited = { per_second = 20, burst = 2 }", "0s");
+    // 20 clients hammer one limit for about a second.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(proxy.client(&db).await);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while started.elapsed() < Duration::from_millis(1000) {
+                    match client.simple_query("select 1").await {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            let d = e.as_db_error().expect("an error from tidepool");
+                            assert_eq!(d.code().code(), "53400");
+                            assert!(d.message().contains("tier limited"), "{}", d.message());
+                            refused += 1;
+                        }
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        ok += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // GCRA: burst + 1 at once, then one per 50 ms.
+    let most = 3 + (elapsed * 20.0).floor() as u64;
+    assert!(ok <= most, "admitted {ok} in {elapsed:.2}s, at most {most}");
+    assert!(
+        ok + 2 >= 3 + (1.0f64 * 20.0) as u64 - 1,
+        "admitted only {ok}"
+    );
+    assert!(refused > 0);
+
+    // The console and /metrics count it.
+    let console = proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer");
+    let rows = harness::console(&console, "SHOW RATE_LIMITS").await;
+    let row = rows
+        .iter()
+        .find(|r| r["scope"] == "user" && r["name"] == "app")
+        .unwrap();
+    assert_eq!(row["tier"], "limited");
+    assert_eq!(row["admitted"], ok.to_string());
+    assert_eq!(row["rejected"], refused.to_string());
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "tidepool_rate_limit_rejected_total{{scope=\"user\",name=\"app\",tier=\"limited\"}} {refused}"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limit_a_transaction_waits_up_to_rate_limit_wait() {
+    let c = cluster();
+    let db = c.create_database("rate_wait");
+    let proxy = rate_limited_proxy(c, &db, "limited = { per_second = 10, burst = 0 }", "2s");
+    let client = proxy.client(&db).await;
+    let started = Instant::now();
+    for _ in 0..10 {
+        client.simple_query("select 1").await.unwrap();
+    }
+    // One at once, then one per 100 ms: nine waits.
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    let console = proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer");
+    let rows = harness::console(&console, "SHOW RATE_LIMITS").await;
+    assert!(rows[0]["waited"].parse::<u64>().unwrap() >= 8, "{rows:?}");
+    assert_eq!(rows[0]["rejected"], "0");
+}

@@ -115,6 +115,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Event-loop stalls and the shutdown deadline.
     pub watchdog: Arc<crate::watchdog::Watchdog>,
+    /// Rate limiters of users and databases (`[rate_limits]`).
+    pub rate_limits: crate::ratelimit::RateLimits,
     /// Secrets of users not in the config (`auth_query`).
     pub auth_query: auth_query::AuthQuery,
     /// Failed logins per source address.
@@ -149,6 +151,7 @@ impl Shared {
             watchdog: Arc::default(),
             throttle: Default::default(),
             auth_query: Default::default(),
+            rate_limits: Default::default(),
             config_path,
             next_id: AtomicU64::new(1),
         }

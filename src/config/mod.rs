@@ -132,6 +132,22 @@ impl Config {
             .unwrap_or(self.pool.default_pool_size)
     }
 
+    /// The rate-limit tier named `name`, if `[rate_limits.tiers]` has it.
+    pub fn rate_tier(&self, name: &str) -> Option<crate::ratelimit::Tier> {
+        let t = self.rate_limits.tiers.get(name)?;
+        let (rate, per) = match (t.per_second, t.per_minute) {
+            (Some(r), None) => (r, std::time::Duration::from_secs(1)),
+            (None, Some(r)) => (r, std::time::Duration::from_secs(60)),
+            _ => return None,
+        };
+        Some(crate::ratelimit::Tier {
+            name: name.to_owned(),
+            rate,
+            per,
+            burst: t.burst,
+        })
+    }
+
     /// Reserve connections per pool of `db`.
     pub fn reserve_pool_size(&self, db: &Database) -> u32 {
         db.reserve_pool_size.unwrap_or(self.pool.reserve_pool_size)

@@ -25,6 +25,8 @@ pub struct Config {
     pub stats: Stats,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub rate_limits: RateLimits,
     /// The rules of `[tidepool] auth_hba_file`, read with the config.
     #[serde(skip)]
     pub(crate) hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
@@ -96,6 +98,33 @@ impl Default for Stats {
             unhealthy_slow_ratio: d_unhealthy(),
         }
     }
+}
+
+/// `[rate_limits]`: named tiers of transactions per second or minute that
+/// users and databases are assigned to (`rate_limit_tier`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Over the limit, how long a transaction waits for its turn before it
+    /// is refused (53400); `0s`: refused at once. Default `0s`.
+    #[serde(default, with = "duration")]
+    pub rate_limit_wait: Duration,
+    /// The tiers, by name.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, RateTier>,
+}
+
+/// One tier: `per_second` or `per_minute` transactions, with a `burst`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateTier {
+    /// Transactions per second.
+    pub per_second: Option<u64>,
+    /// Transactions per minute.
+    pub per_minute: Option<u64>,
+    /// Transactions admitted at once beyond the rate. Default 0.
+    #[serde(default)]
+    pub burst: u64,
 }
 
 /// `[metrics]`: the HTTP endpoint for Prometheus and probes.
@@ -460,6 +489,8 @@ pub struct Database {
     pub password: Option<String>,
     /// Overrides `[pool] default_pool_size` for this database.
     pub pool_size: Option<u32>,
+    /// The `[rate_limits.tiers]` tier limiting this database's transactions.
+    pub rate_limit_tier: Option<String>,
     /// Overrides `[pool] reserve_pool_size` for this database.
     pub reserve_pool_size: Option<u32>,
     /// Overrides `[pool] min_pool_size` for this database.
@@ -509,6 +540,8 @@ pub struct User {
     pub auth_type: Option<AuthType>,
     /// Overrides the pool size for this user's pools.
     pub pool_size: Option<u32>,
+    /// The `[rate_limits.tiers]` tier limiting this user's transactions.
+    pub rate_limit_tier: Option<String>,
 }
 
 fn default_auth_type() -> AuthType {

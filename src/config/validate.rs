@@ -108,6 +108,37 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             "must not be below degraded_slow_ratio",
         ));
     }
+    for (name, t) in &c.rate_limits.tiers {
+        match (t.per_second, t.per_minute) {
+            (Some(r), None) | (None, Some(r)) if r > 0 => {}
+            _ => {
+                return Err(invalid(
+                    &["rate_limits", "tiers", name],
+                    "needs one of per_second or per_minute, above 0",
+                ));
+            }
+        }
+    }
+    for (name, u) in &c.users {
+        if let Some(t) = &u.rate_limit_tier
+            && !c.rate_limits.tiers.contains_key(t)
+        {
+            return Err(invalid(
+                &["users", name, "rate_limit_tier"],
+                format!("no tier {t:?} in [rate_limits.tiers]"),
+            ));
+        }
+    }
+    for (name, d) in &c.databases {
+        if let Some(t) = &d.rate_limit_tier
+            && !c.rate_limits.tiers.contains_key(t)
+        {
+            return Err(invalid(
+                &["databases", name, "rate_limit_tier"],
+                format!("no tier {t:?} in [rate_limits.tiers]"),
+            ));
+        }
+    }
     if let Some(u) = &c.tidepool.auth_user {
         let plain = c
             .users

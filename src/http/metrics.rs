@@ -594,6 +594,48 @@ impl Collector for Snapshot {
         ] {
             counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
         }
+        let limiters = shared.rate_limits.all();
+        let label = |l: &crate::ratelimit::Limiter| {
+            labels(&[
+                ("scope", l.scope),
+                ("name", &l.name),
+                ("tier", &l.tier().name),
+            ])
+        };
+        for (name, help, pick) in [
+            (
+                "tidepool_rate_limit_admitted",
+                "Transactions a rate limit admitted",
+                (|l: &crate::ratelimit::Limiter| &l.admitted)
+                    as fn(&crate::ratelimit::Limiter) -> &std::sync::atomic::AtomicU64,
+            ),
+            (
+                "tidepool_rate_limit_waited",
+                "Transactions a rate limit admitted after a wait",
+                |l| &l.waited,
+            ),
+            (
+                "tidepool_rate_limit_rejected",
+                "Transactions a rate limit refused (53400)",
+                |l| &l.rejected,
+            ),
+        ] {
+            let samples: Vec<(Labels, u64)> = limiters
+                .iter()
+                .map(|l| (label(l), pick(l).load(Relaxed)))
+                .collect();
+            counter(&mut enc, name, help, &samples)?;
+        }
+        let tokens: Vec<(Labels, i64)> = limiters
+            .iter()
+            .map(|l| (label(l), l.tokens() as i64))
+            .collect();
+        gauge(
+            &mut enc,
+            "tidepool_rate_limit_tokens",
+            "Transactions a rate limit would admit at once now",
+            &tokens,
+        )?;
         let t = &shared.throttle;
         counter(
             &mut enc,

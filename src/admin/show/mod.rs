@@ -13,6 +13,7 @@
 
 mod connections;
 mod health;
+mod limits;
 mod logins;
 mod pools;
 mod queries;
@@ -21,6 +22,7 @@ mod stats;
 
 use connections::{clients, servers};
 use health::{health, replicas};
+use limits::rate_limits;
 use logins::auth_failures;
 use pools::pools;
 pub use pools::recommendation;
@@ -112,6 +114,7 @@ pub enum Show {
     Health,
     Replicas,
     AuthFailures,
+    RateLimits,
 }
 
 impl Show {
@@ -137,6 +140,7 @@ impl Show {
             "HEALTH" => Show::Health,
             "REPLICAS" => Show::Replicas,
             "AUTH_FAILURES" => Show::AuthFailures,
+            "RATE_LIMITS" => Show::RateLimits,
             _ => return None,
         })
     }
@@ -167,6 +171,7 @@ impl Show {
             Show::Health => health(shared),
             Show::Replicas => replicas(shared),
             Show::AuthFailures => auth_failures(shared),
+            Show::RateLimits => rate_limits(shared),
         })
     }
 }
@@ -194,7 +199,7 @@ pub const VERSION: &str = concat!(
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
 SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS
-SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES   (tidepool)
+SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
 PAUSE [<db>]

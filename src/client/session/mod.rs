@@ -82,6 +82,9 @@ pub struct Session {
     /// The config this client runs under; refreshed after a reload.
     settings: Arc<Settings>,
     generation: u64,
+    /// The rate limiters this client's transactions pass (its user's, its
+    /// database's); empty for most.
+    limiters: Vec<Arc<crate::ratelimit::Limiter>>,
     /// This client in the client list (SHOW CLIENTS, KILL, shutdown).
     listed: Listed,
     /// PAUSE/RESUME of this client's database.
@@ -169,7 +172,9 @@ impl Session {
         listed
             .info
             .set_application_name(l.params.get("application_name").map_or("", |s| s));
+        let limiters = limiters_for(&shared, &settings.config, &l.user, &l.database);
         Self {
+            limiters,
             stream,
             buf: l.buf,
             out: BytesMut::new(),
@@ -220,6 +225,12 @@ impl Session {
         }
         self.generation = generation;
         self.settings = self.shared.settings();
+        self.limiters = limiters_for(
+            &self.shared,
+            &self.settings.config,
+            &self.user,
+            &self.database,
+        );
         self.limit = self.settings.config.tidepool.max_message_size;
         self.health = self.shared.registry.health(&self.database);
         self.replica_pools.clear();
@@ -246,6 +257,16 @@ impl Session {
             .get(&self.user)
             .and_then(|u| u.secret.as_ref())
             .or(self.fetched_secret.as_deref())
+    }
+
+    /// Passes every rate limiter of this client, waiting up to
+    /// `rate_limit_wait` for each.
+    async fn admit(&self) -> Result<(), crate::ratelimit::Refused> {
+        let wait = self.settings.config.rate_limits.rate_limit_wait;
+        for l in &self.limiters {
+            l.admit(wait).await?;
+        }
+        Ok(())
     }
 
     /// Why this client must leave now, if it must.
@@ -307,6 +328,14 @@ impl Session {
                     return Box::pin(self.fatal(e)).await;
                 }
                 self.refresh();
+            }
+            if !self.limiters.is_empty()
+                && let Err(refused) = Box::pin(self.admit()).await
+            {
+                // Over a rate limit: the transaction does not run; its
+                // request gets the error, as a server's would.
+                self.owe_error = Some(ClientError::RateLimited(Box::new(refused)));
+                continue;
             }
             watchdog::phase(Phase::Route);
             let (route, class) = self.choose_route();
@@ -460,4 +489,38 @@ impl Session {
         let _ = self.stream.write_all(&self.out).await;
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// The limiters of `user` and `database` under `config` (made on first use).
+fn limiters_for(
+    shared: &Shared,
+    config: &crate::config::Config,
+    user: &str,
+    database: &str,
+) -> Vec<Arc<crate::ratelimit::Limiter>> {
+    let mut v = Vec::new();
+    let tiers = [
+        (
+            "user",
+            user,
+            config
+                .users
+                .get(user)
+                .and_then(|u| u.rate_limit_tier.as_deref()),
+        ),
+        (
+            "database",
+            database,
+            config
+                .databases
+                .get(database)
+                .and_then(|d| d.rate_limit_tier.as_deref()),
+        ),
+    ];
+    for (scope, name, tier) in tiers {
+        if let Some(t) = tier.and_then(|t| config.rate_tier(t)) {
+            v.push(shared.rate_limits.limiter(scope, name, &t));
+        }
+    }
+    v
 }
