@@ -27,18 +27,6 @@ async fn login(
         })
 }
 
-async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
-    c.simple_query(sql)
-        .await
-        .unwrap()
-        .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_not_in_the_config_log_in_with_the_servers_secret() {
     let c = cluster();
@@ -86,11 +74,20 @@ async fn users_not_in_the_config_log_in_with_the_servers_secret() {
 
     // SCRAM end to end: the server session is the user's own.
     let qa = login(&proxy, "qa_user", "qa pass", &db).await.unwrap();
-    assert_eq!(one(&qa, "select current_user").await, "qa_user");
-    assert_eq!(one(&qa, "select session_user").await, "qa_user");
+    assert_eq!(
+        harness::first_value(&qa, "select current_user").await,
+        "qa_user"
+    );
+    assert_eq!(
+        harness::first_value(&qa, "select session_user").await,
+        "qa_user"
+    );
     // A password stored as md5 logs in with md5.
     let md5 = login(&proxy, "qa_md5", "md5 pass", &db).await.unwrap();
-    assert_eq!(one(&md5, "select current_user").await, "qa_md5");
+    assert_eq!(
+        harness::first_value(&md5, "select current_user").await,
+        "qa_md5"
+    );
 
     // Wrong passwords, unknown users, names carrying SQL: the same refusal.
     for (user, pw) in [
@@ -109,7 +106,7 @@ async fn users_not_in_the_config_log_in_with_the_servers_secret() {
         );
     }
     assert_eq!(
-        one(&admin, "select count(*) from victim").await,
+        harness::first_value(&admin, "select count(*) from victim").await,
         "0",
         "the table is still there"
     );
@@ -127,7 +124,10 @@ async fn users_not_in_the_config_log_in_with_the_servers_secret() {
         .unwrap();
     assert!(e.starts_with("28P01"), "{e}");
     let qa2 = login(&proxy, "qa_user", "new pass", &db).await.unwrap();
-    assert_eq!(one(&qa2, "select current_user").await, "qa_user");
+    assert_eq!(
+        harness::first_value(&qa2, "select current_user").await,
+        "qa_user"
+    );
     drop(qa);
 }
 
@@ -140,16 +140,6 @@ fn auth_user_needs_a_plain_password_in_the_config() {
         "[tidepool]\nauth_user = \"ghost\"\n[databases.x]\nhost = \"127.0.0.1\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .arg("check")
-        .arg("--config")
-        .arg(dir.join("proxy.toml"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success() && text.contains("auth_user"),
-        "{text}"
-    );
+    let (passed, text) = harness::tidepool_check(&dir.join("proxy.toml"));
+    assert!(!passed && text.contains("auth_user"), "{text}");
 }

@@ -12,8 +12,9 @@ mod harness;
 use std::time::Duration;
 
 use harness::daemon::Daemon;
+use harness::login_from;
 use harness::{TestProxy, cluster};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const RULES: &str = "\
 # The same rules for PostgreSQL and for tidepool.
@@ -27,34 +28,6 @@ host    all       md5user    127.0.0.3/32  password
 host    all       all        127.0.0.3/32  scram-sha-256
 host    all       all        ::1/128       scram-sha-256
 ";
-
-/// Logs in from `source` to `port`; Ok, or the server's (SQLSTATE, message).
-async fn login_from(
-    source: &str,
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> Result<Client, (String, String)> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let stream = sock
-        .connect(format!("127.0.0.1:{port}").parse().unwrap())
-        .await
-        .unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(user).password(password).dbname(db);
-    match cfg.connect_raw(stream, NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            Ok(client)
-        }
-        Err(e) => Err(match e.as_db_error() {
-            Some(d) => (d.code().code().to_owned(), d.message().to_owned()),
-            None => ("none".into(), e.to_string()),
-        }),
-    }
-}
 
 fn outcome(r: &Result<Client, (String, String)>) -> String {
     match r {
@@ -144,15 +117,8 @@ fn a_broken_rules_file_is_refused_with_its_line() {
         "[tidepool]\nauth_hba_file = \"hba.conf\"\n[databases.x]\nhost = \"127.0.0.1\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .arg("check")
-        .arg("--config")
-        .arg(dir.join("proxy.toml"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
+    let (passed, text) = harness::tidepool_check(&dir.join("proxy.toml"));
+    assert!(!passed, "{text}");
     assert!(text.contains("hba.conf:2"), "{text}");
     assert!(text.contains("group membership"), "{text}");
 }

@@ -131,7 +131,7 @@ async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
     // A third waits, then runs on a reserve connection.
     let third = proxy.client(&db).await;
     let started = Instant::now();
-    let backends = one(
+    let backends = harness::first_value(
         &third,
         "select count(*) from pg_stat_activity where datname = current_database()",
     )
@@ -145,7 +145,7 @@ async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
     // A fourth waits too: the one reserve connection is in use... until the
     // third's transaction ended and closed it; then the fourth gets it.
     let fourth = proxy.client(&db).await;
-    assert_eq!(one(&fourth, "select 4").await, "4");
+    assert_eq!(harness::first_value(&fourth, "select 4").await, "4");
     // SHOW DATABASES shows the reserve pool.
     let console = harness::console(
         &proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer"),
@@ -159,7 +159,7 @@ async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
     }
     // Reserve connections do not stay: back to at most two.
     harness::wait_until_async("reserve closed", Duration::from_secs(10), || async {
-        one(
+        harness::first_value(
             &third,
             "select count(*) from pg_stat_activity where datname = current_database()",
         )
@@ -167,18 +167,6 @@ async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
             == "2"
     })
     .await;
-}
-
-async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
-    c.simple_query(sql)
-        .await
-        .unwrap()
-        .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
 }
 
 fn rate_limited_proxy(c: &harness::Cluster, db: &str, tiers: &str, wait: &str) -> TestProxy {

@@ -9,35 +9,8 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
+use harness::login_from;
 use harness::{TestProxy, cluster};
-use tokio_postgres::{Client, NoTls};
-
-async fn login_from(
-    source: &str,
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> Result<Client, (String, String)> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let stream = sock
-        .connect(format!("127.0.0.1:{port}").parse().unwrap())
-        .await
-        .unwrap();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user(user).password(password).dbname(db);
-    match cfg.connect_raw(stream, NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            Ok(client)
-        }
-        Err(e) => Err(match e.as_db_error() {
-            Some(d) => (d.code().code().to_owned(), d.message().to_owned()),
-            None => ("none".into(), e.to_string()),
-        }),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_logins_from_one_address_are_throttled_and_others_are_not() {

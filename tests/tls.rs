@@ -495,15 +495,8 @@ fn unreadable_certificates_fail_the_config_with_the_key() {
             format!("[tidepool]\n{extra}[databases.x]\nhost = \"127.0.0.1\"\n"),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-            .arg("check")
-            .arg("--config")
-            .arg(dir.join("proxy.toml"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{extra}: {text}");
+        let (passed, text) = harness::tidepool_check(&dir.join("proxy.toml"));
+        assert!(!passed, "{extra}: {text}");
         assert!(text.contains(key), "{extra}: {text}");
     }
 }

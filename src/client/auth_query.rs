@@ -145,33 +145,12 @@ async fn connect(
         .pool
         .server_connect_timeout
         .max(Duration::from_secs(1));
-    let tls = config
-        .server_tls(name)
-        .and_then(|t| Some((t.mode, t.config.clone()?)));
-    let client = match tls {
-        Some((mode, tls)) => {
-            cfg.ssl_mode(crate::health::tls::ssl_mode(mode));
-            let (client, conn) =
-                tokio::time::timeout(timeout, cfg.connect(crate::health::tls::MakeRustls(tls)))
-                    .await
-                    .map_err(|_| "connect timed out".to_owned())?
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-        }
-        None => {
-            let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
-                .await
-                .map_err(|_| "connect timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-        }
-    };
+    let client = crate::health::tls::connect(&mut cfg, config.server_tls(name), timeout)
+        .await
+        .map_err(|e| match e {
+            crate::health::tls::ConnectError::Timeout => "connect timed out".to_owned(),
+            crate::health::tls::ConnectError::Postgres(e) => e.to_string(),
+        })?;
     client
         .batch_execute("SET search_path = pg_catalog, pg_temp")
         .await

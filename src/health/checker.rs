@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::{Backend, Health, parse_lsn};
 use crate::router::Functions;
@@ -281,29 +281,12 @@ async fn probe(
             cfg.password(p);
         }
         // The database's server_tls_* settings, as for pooled connections.
-        let c = match tls.and_then(|t| Some((t.mode, t.config.clone()?))) {
-            Some((mode, config)) => {
-                cfg.ssl_mode(super::tls::ssl_mode(mode));
-                let (c, conn) =
-                    tokio::time::timeout(timeout, cfg.connect(super::tls::MakeRustls(config)))
-                        .await
-                        .map_err(|_| Failure::new("unreachable", "connect timed out"))?
-                        .map_err(|e| Failure::from_pg(true, &e))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                c
+        let c = match super::tls::connect(&mut cfg, tls, timeout).await {
+            Ok(c) => c,
+            Err(super::tls::ConnectError::Timeout) => {
+                return Err(Failure::new("unreachable", "connect timed out"));
             }
-            None => {
-                let (c, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
-                    .await
-                    .map_err(|_| Failure::new("unreachable", "connect timed out"))?
-                    .map_err(|e| Failure::from_pg(true, &e))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                c
-            }
+            Err(super::tls::ConnectError::Postgres(e)) => return Err(Failure::from_pg(true, &e)),
         };
         *client = Some(c);
     }

@@ -104,3 +104,42 @@ pub fn ssl_mode(mode: Mode) -> tokio_postgres::config::SslMode {
         _ => SslMode::Require,
     }
 }
+
+/// Why [`connect`] failed.
+pub enum ConnectError {
+    Timeout,
+    Postgres(tokio_postgres::Error),
+}
+
+/// Connects `cfg` within `timeout`, over TLS as `tls` says (a database's
+/// `server_tls_*`; None or disable: plain), and drives the connection in a
+/// task of its own.
+pub async fn connect(
+    cfg: &mut tokio_postgres::Config,
+    tls: Option<&Connector>,
+    timeout: std::time::Duration,
+) -> Result<tokio_postgres::Client, ConnectError> {
+    match tls.and_then(|t| Some((t.mode, t.config.clone()?))) {
+        Some((mode, config)) => {
+            cfg.ssl_mode(ssl_mode(mode));
+            let (client, conn) = tokio::time::timeout(timeout, cfg.connect(MakeRustls(config)))
+                .await
+                .map_err(|_| ConnectError::Timeout)?
+                .map_err(ConnectError::Postgres)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(client)
+        }
+        None => {
+            let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
+                .await
+                .map_err(|_| ConnectError::Timeout)?
+                .map_err(ConnectError::Postgres)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(client)
+        }
+    }
+}

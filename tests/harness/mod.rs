@@ -241,3 +241,60 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Logs in from the loopback address `source` (any 127/8 address is this
+/// machine's) to tidepool or PostgreSQL on `port`: the client, or the
+/// server's (SQLSTATE, message).
+pub async fn login_from(
+    source: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, (String, String)> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = sock
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(user).password(password).dbname(db);
+    match cfg.connect_raw(stream, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            Ok(client)
+        }
+        Err(e) => Err(match e.as_db_error() {
+            Some(d) => (d.code().code().to_owned(), d.message().to_owned()),
+            None => ("none".into(), e.to_string()),
+        }),
+    }
+}
+
+/// `tidepool check --config <config>`: whether it passed, and what it printed.
+pub fn tidepool_check(config: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
+}
+
+/// The first column of the first row `sql` returns (simple protocol).
+pub async fn first_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
