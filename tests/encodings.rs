@@ -9,27 +9,11 @@
 
 mod harness;
 
-use bytes::{BufMut, BytesMut};
 use harness::raw::{self, Msg, Raw};
 use harness::{TestProxy, cluster};
 
 fn startup(user: &str, db: &str, encoding: &str) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    body.put_i32(196_608);
-    for (k, v) in [
-        ("user", user),
-        ("database", db),
-        ("client_encoding", encoding),
-    ] {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut v = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    v.extend_from_slice(&body);
-    v
+    raw::startup_with(user, db, &[("client_encoding", encoding)])
 }
 
 fn cstr(b: &[u8]) -> Vec<u8> {

@@ -134,9 +134,14 @@ pub fn flush() -> Vec<u8> {
 }
 
 pub fn startup(user: &str, db: &str) -> Vec<u8> {
+    startup_with(user, db, &[])
+}
+
+/// A startup packet with more parameters (`client_encoding`, ...).
+pub fn startup_with(user: &str, db: &str, more: &[(&str, &str)]) -> Vec<u8> {
     let mut body = BytesMut::new();
     body.put_i32(196_608);
-    for (k, v) in [("user", user), ("database", db)] {
+    for (k, v) in [("user", user), ("database", db)].iter().chain(more) {
         body.put_slice(k.as_bytes());
         body.put_u8(0);
         body.put_slice(v.as_bytes());
