@@ -94,6 +94,9 @@ pub enum ClientError {
     UnsupportedStartup(String),
     #[error("no more connections allowed (max_client_conn = {0})")]
     TooManyClients(u32),
+    /// A per-database or per-user client cap (its setting, its value).
+    #[error("no more connections allowed ({0} = {1})")]
+    ClientCap(&'static str, u32),
     #[error(
         "query_wait_timeout: no server connection became free in pool {database}/{user} within {waited:?}"
     )]
@@ -176,9 +179,9 @@ impl ClientError {
             | ClientError::TlsRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
             ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
-            ClientError::TooManyClients(_) | ClientError::PoolTimeout { .. } => {
-                SqlState::TOO_MANY_CONNECTIONS
-            }
+            ClientError::TooManyClients(_)
+            | ClientError::ClientCap(..)
+            | ClientError::PoolTimeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::ServerConnect { .. } => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH,
             ClientError::ServerLogin { .. } => SqlState::CONNECTION_FAILURE,
             ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,

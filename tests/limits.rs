@@ -267,3 +267,121 @@ async fn over_the_limit_a_transaction_waits_up_to_rate_limit_wait() {
     assert!(rows[0]["waited"].parse::<u64>().unwrap() >= 8, "{rows:?}");
     assert_eq!(rows[0]["rejected"], "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_caps_per_user_and_per_database() {
+    let c = cluster();
+    let db = c.create_database("client_caps");
+    let proxy = TestProxy::for_db(c, &db, "max_user_client_connections = 2");
+    let _a = proxy.client(&db).await;
+    let _b = proxy.client(&db).await;
+    let e = harness::connect(&proxy.url(&db)).await.err().unwrap();
+    let d = e.as_db_error().unwrap();
+    assert_eq!(d.code().code(), "53300");
+    assert!(
+        d.message().contains("max_user_client_connections = 2"),
+        "{}",
+        d.message()
+    );
+    // Another user is not counted against app.
+    let other =
+        harness::connect(&proxy.url_as(harness::MD5_USER, Some(harness::MD5_PASSWORD), &db)).await;
+    assert!(other.is_ok());
+    drop(_a);
+    harness::wait_until_async("a slot again", Duration::from_secs(10), || async {
+        harness::connect(&proxy.url(&db)).await.is_ok()
+    })
+    .await;
+
+    let per_db = TestProxy::start(&harness::proxy::config_toml(
+        c,
+        &db,
+        "",
+        "max_db_client_connections = 1",
+    ));
+    let _one = per_db.client(&db).await;
+    let e = harness::connect(&per_db.url(&db)).await.err().unwrap();
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .contains("max_db_client_connections = 1"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_holds_and_follows_a_reload() {
+    let c = cluster();
+    let db = c.create_database("db_caps");
+    let toml = |max: u32| {
+        format!(
+            "[tidepool]\nlisten = [\"127.0.0.1:{{port}}\"]\n\
+             [pool]\ndefault_pool_size = 10\nmax_db_connections = {max}\nquery_wait_timeout = \"30s\"\n\
+             [databases.{db}]\nhost = \"127.0.0.1\"\nport = {}\n\
+             [users.app]\npassword = \"{}\"\n",
+            c.primary_port(),
+            harness::APP_PASSWORD
+        )
+    };
+    let d = harness::daemon::Daemon::start(&toml(2));
+    let url = d.url("app", harness::APP_PASSWORD, &db);
+    let admin = c.admin_client(&db).await;
+    let servers = || async {
+        harness::first_value(
+            &admin,
+            "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()",
+        )
+        .await
+        .parse::<u32>()
+        .unwrap()
+    };
+    // Six clients, one transaction each at once: never more than two servers.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(harness::connect(&url).await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for c in clients {
+        tasks.push(tokio::spawn(async move {
+            c.simple_query("select pg_sleep(0.3)").await.unwrap();
+            c
+        }));
+    }
+    let mut most = 0;
+    for _ in 0..10 {
+        most = most.max(servers().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    assert!(most <= 2, "{most} servers under max_db_connections = 2");
+    // Raised by a reload: four at once now.
+    d.write_config(&toml(4).replace("{port}", &d.port.to_string()));
+    d.signal(libc::SIGHUP);
+    harness::wait_until("the reload", Duration::from_secs(10), || {
+        d.log().contains("config reloaded")
+    });
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                c.simple_query("select pg_sleep(0.5)").await.unwrap();
+            })
+        })
+        .collect();
+    let mut most = 0;
+    for _ in 0..8 {
+        most = most.max(servers().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        (3..=4).contains(&most),
+        "{most} servers under max_db_connections = 4"
+    );
+}

@@ -213,6 +213,42 @@ fn address_rules(
     }
 }
 
+/// `max_db_client_connections` and `max_user_client_connections`: this
+/// client would be one too many (the clients counted are those logged in).
+fn client_caps(
+    shared: &Shared,
+    config: &crate::config::Config,
+    db: &crate::config::Database,
+    database: &str,
+    user: &str,
+) -> Result<(), Option<ClientError>> {
+    let (db_max, user_max) = (
+        config.max_db_client_connections(db),
+        config.max_user_client_connections(user),
+    );
+    if db_max == 0 && user_max == 0 {
+        return Ok(());
+    }
+    let (mut same_db, mut same_user) = (0u32, 0u32);
+    for c in shared.list.all() {
+        same_db += u32::from(&*c.database == database);
+        same_user += u32::from(&*c.user == user);
+    }
+    if db_max > 0 && same_db >= db_max {
+        return Err(Some(ClientError::ClientCap(
+            "max_db_client_connections",
+            db_max,
+        )));
+    }
+    if user_max > 0 && same_user >= user_max {
+        return Err(Some(ClientError::ClientCap(
+            "max_user_client_connections",
+            user_max,
+        )));
+    }
+    Ok(())
+}
+
 /// `Err(None)` means: close silently (the peer is gone or spoke nonsense
 /// before a startup packet, where an ErrorResponse would not be understood).
 /// `first` is the first packet after encryption was negotiated;
@@ -336,6 +372,7 @@ async fn handshake(
             other => Some(ClientError::AuthProtocol(other.to_string())),
         })?;
     tracing::debug!(%user, %database, "client authenticated");
+    client_caps(shared, config, db, &database, &user)?;
 
     let pool = shared.registry.pool_for(
         config,

@@ -148,6 +148,34 @@ impl Config {
         })
     }
 
+    /// Server connections `db` may have per backend (0: no cap).
+    pub fn max_db_connections(&self, db: &Database) -> u32 {
+        db.max_db_connections
+            .unwrap_or(self.pool.max_db_connections)
+    }
+
+    /// Server connections `user` may have across its pools (0: no cap).
+    pub fn max_user_connections(&self, user: &str) -> u32 {
+        self.users
+            .get(user)
+            .and_then(|u| u.max_user_connections)
+            .unwrap_or(self.pool.max_user_connections)
+    }
+
+    /// Client connections `db` may have (0: no cap).
+    pub fn max_db_client_connections(&self, db: &Database) -> u32 {
+        db.max_db_client_connections
+            .unwrap_or(self.pool.max_db_client_connections)
+    }
+
+    /// Client connections `user` may have (0: no cap).
+    pub fn max_user_client_connections(&self, user: &str) -> u32 {
+        self.users
+            .get(user)
+            .and_then(|u| u.max_user_client_connections)
+            .unwrap_or(self.pool.max_user_client_connections)
+    }
+
     /// Reserve connections per pool of `db`.
     pub fn reserve_pool_size(&self, db: &Database) -> u32 {
         db.reserve_pool_size.unwrap_or(self.pool.reserve_pool_size)

@@ -368,6 +368,16 @@ pub struct PoolSettings {
     /// Server connections per database across its pools; 0 = unlimited. Default 0.
     #[serde(default)]
     pub max_db_connections: u32,
+    /// Server connections per user across all its pools; 0 = unlimited.
+    /// Default 0.
+    #[serde(default)]
+    pub max_user_connections: u32,
+    /// Client connections per database; 0 = unlimited. Default 0.
+    #[serde(default)]
+    pub max_db_client_connections: u32,
+    /// Client connections per user; 0 = unlimited. Default 0.
+    #[serde(default)]
+    pub max_user_client_connections: u32,
     /// How long a client waits for a server before `53300`. Default `120s`; `0` waits forever.
     #[serde(default = "d_query_wait", with = "duration")]
     pub query_wait_timeout: Duration,
@@ -450,6 +460,9 @@ impl Default for PoolSettings {
             min_pool_size: defaults::MIN_POOL_SIZE,
             max_client_conn: defaults::MAX_CLIENT_CONN,
             max_db_connections: defaults::MAX_DB_CONNECTIONS,
+            max_user_connections: 0,
+            max_db_client_connections: 0,
+            max_user_client_connections: 0,
             query_wait_timeout: defaults::QUERY_WAIT_TIMEOUT,
             client_login_timeout: defaults::CLIENT_LOGIN_TIMEOUT,
             server_connect_timeout: defaults::SERVER_CONNECT_TIMEOUT,
@@ -491,6 +504,10 @@ pub struct Database {
     pub pool_size: Option<u32>,
     /// The `[rate_limits.tiers]` tier limiting this database's transactions.
     pub rate_limit_tier: Option<String>,
+    /// Overrides `[pool] max_db_connections` for this database.
+    pub max_db_connections: Option<u32>,
+    /// Overrides `[pool] max_db_client_connections` for this database.
+    pub max_db_client_connections: Option<u32>,
     /// Overrides `[pool] reserve_pool_size` for this database.
     pub reserve_pool_size: Option<u32>,
     /// Overrides `[pool] min_pool_size` for this database.
@@ -540,6 +557,10 @@ pub struct User {
     pub auth_type: Option<AuthType>,
     /// Overrides the pool size for this user's pools.
     pub pool_size: Option<u32>,
+    /// Overrides `[pool] max_user_connections` for this user.
+    pub max_user_connections: Option<u32>,
+    /// Overrides `[pool] max_user_client_connections` for this user.
+    pub max_user_client_connections: Option<u32>,
     /// The `[rate_limits.tiers]` tier limiting this user's transactions.
     pub rate_limit_tier: Option<String>,
 }

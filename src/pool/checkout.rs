@@ -405,7 +405,7 @@ impl Pool {
     }
 
     /// An idle connection fit to serve; dead or expired ones are dropped.
-    fn pop_idle(&self, core: &mut Core) -> Option<Idle> {
+    pub(super) fn pop_idle(&self, core: &mut Core) -> Option<Idle> {
         while let Some(idle) = core.idle.pop() {
             if self.usable(&idle) {
                 return Some(idle);
@@ -445,6 +445,7 @@ impl Pool {
         let size = self.hot.size();
         if core.idle.len() + self.in_use.load(Ordering::Relaxed) < size {
             core.idle.push(conn);
+            self.idle_ready.notify_waiters();
             return None;
         }
         Some(conn)

@@ -9,11 +9,13 @@
 //! is only opened when no idle one is left). A `PooledConn` dropped without
 //! `release` closes its connection. Locks are never held across `.await`.
 
+mod caps;
 mod catalog;
 mod checkout;
 mod maintain;
 mod registry;
 
+pub use caps::Cap;
 pub use catalog::Catalog;
 pub use checkout::{PooledConn, Release, Waiter};
 pub use registry::{BackendIndex, DbControl, Registry, health_credentials, health_warnings};
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use checkout::Core;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::server::Credentials;
 use crate::config::PoolMode;
@@ -64,7 +66,8 @@ struct Idle {
     /// Boxed: a checked-out connection then costs its client's task one
     /// pointer, not the whole connection state.
     conn: Box<ServerConn>,
-    _db_permit: Option<OwnedSemaphorePermit>,
+    /// Permits of the caps this connection counts under (database, user).
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 /// Which pool: clients' database and user, and the backend (0 = primary,
@@ -86,10 +89,15 @@ pub struct Pool {
     spec: Mutex<ConnectSpec>,
     /// Idle connections, permits and waiting checkouts.
     core: Mutex<Core>,
-    db_permits: Option<Arc<Semaphore>>,
+    /// Caps this pool's connections count under: `max_db_connections`
+    /// (this database and backend), `max_user_connections` (this user).
+    caps: [Arc<Cap>; 2],
     in_use: AtomicUsize,
     /// Connections being opened.
     opening: AtomicUsize,
+    /// A connection went back to the idle list: checkouts waiting on a cap
+    /// (`open`) take it instead of a new one.
+    idle_ready: tokio::sync::Notify,
     /// A reload removed or re-targeted this pool: clients move to the new
     /// one at their next transaction, and its connections close as they
     /// come back.
@@ -171,7 +179,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct PoolParts {
     pub key: PoolKey,
     pub spec: ConnectSpec,
-    pub db_permits: Option<Arc<Semaphore>>,
+    pub caps: [Arc<Cap>; 2],
     pub awaiting_keys: bool,
     pub traffic: Arc<crate::stats::Traffic>,
     pub servers: Arc<crate::server::list::ServerList>,
@@ -184,7 +192,7 @@ impl Pool {
         let PoolParts {
             key,
             spec,
-            db_permits,
+            caps,
             awaiting_keys,
             traffic,
             servers,
@@ -201,9 +209,10 @@ impl Pool {
             settings: ArcSwap::from_pointee(settings),
             hot,
             spec: Mutex::new(spec),
-            db_permits,
+            caps,
             in_use: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
+            idle_ready: tokio::sync::Notify::new(),
             retired: AtomicBool::new(false),
             traffic,
             servers,
@@ -334,13 +343,35 @@ impl Pool {
             let s = self.settings();
             (s.query_wait_timeout_or_max(), s.query_wait_timeout)
         };
-        let db_permit = match &self.db_permits {
-            Some(s) => match tokio::time::timeout(wait, s.clone().acquire_owned()).await {
-                Ok(Ok(p)) => Some(p),
-                _ => return Err(PoolError::Timeout(timeout)),
-            },
-            None => None,
-        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut permits = Vec::with_capacity(self.caps.len());
+        for cap in &self.caps {
+            if let Some(p) = cap.try_acquire() {
+                permits.push(p);
+                continue;
+            }
+            // While a cap is full, a connection of this pool that comes back
+            // serves this checkout instead (it holds its own permits).
+            loop {
+                let notified = self.idle_ready.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(idle) = self.pop_idle(&mut lock(&self.core)) {
+                    return Ok(idle);
+                }
+                tokio::select! {
+                    p = cap.acquire() => match p {
+                        Some(p) => {
+                            permits.push(p);
+                            break;
+                        }
+                        None => return Err(PoolError::Timeout(timeout)),
+                    },
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(deadline) => return Err(PoolError::Timeout(timeout)),
+                }
+            }
+        }
         let spec = lock(&self.spec).clone();
         self.opening.fetch_add(1, Ordering::Relaxed);
         let conn = crate::server::connect(&spec).await;
@@ -371,7 +402,7 @@ impl Pool {
         tracing::debug!(pool = %self.name(), server = conn.id, pid = conn.cancel_key.pid, "server connection opened");
         Ok(Idle {
             conn: Box::new(conn),
-            _db_permit: db_permit,
+            _permits: permits,
         })
     }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::{Pool, PoolKey, PoolParts, PoolSettings, lock};
 use crate::auth::scram::ScramKeys;
@@ -75,7 +75,10 @@ pub struct Registry {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// Pools a reload retired, listed while their connections drain.
     retired: Mutex<Vec<std::sync::Weak<Pool>>>,
-    db_permits: Mutex<HashMap<(String, BackendIndex), Arc<Semaphore>>>,
+    /// `max_db_connections` per (database, backend).
+    db_caps: Mutex<HashMap<(String, BackendIndex), Arc<super::Cap>>>,
+    /// `max_user_connections` per user.
+    user_caps: Mutex<HashMap<String, Arc<super::Cap>>>,
     health: Mutex<HashMap<String, (HealthSource, Arc<Health>)>>,
     controls: Mutex<HashMap<String, Arc<DbControl>>>,
     catalogs: Mutex<HashMap<String, Arc<super::Catalog>>>,
@@ -92,7 +95,8 @@ impl Registry {
         let r = Self {
             pools: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
-            db_permits: Mutex::new(HashMap::new()),
+            db_caps: Mutex::new(HashMap::new()),
+            user_caps: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             controls: Mutex::new(HashMap::new()),
             catalogs: Mutex::new(HashMap::new()),
@@ -215,12 +219,14 @@ impl Registry {
         let settings = pool_settings(config, db, user);
         let (host, port) = target(db, backend);
         let c = config;
-        let db_permits = (c.pool.max_db_connections > 0).then(|| {
-            lock(&self.db_permits)
-                .entry((db_name.to_owned(), backend))
-                .or_insert_with(|| Arc::new(Semaphore::new(c.pool.max_db_connections as usize)))
-                .clone()
-        });
+        let db_cap = lock(&self.db_caps)
+            .entry((db_name.to_owned(), backend))
+            .or_insert_with(|| super::Cap::new(c.max_db_connections(db) as usize))
+            .clone();
+        let user_cap = lock(&self.user_caps)
+            .entry(user.to_owned())
+            .or_insert_with(|| super::Cap::new(c.max_user_connections(user) as usize))
+            .clone();
         let spec = ConnectSpec {
             host,
             port,
@@ -236,7 +242,7 @@ impl Registry {
                 traffic: self.stats.traffic(db_name, backend),
                 key: key.clone(),
                 spec,
-                db_permits,
+                caps: [db_cap, user_cap],
                 awaiting_keys,
                 servers: self.servers.clone(),
                 catalog: self.catalog(db_name),
@@ -253,6 +259,15 @@ impl Registry {
     /// health checkers follow their database's replicas.
     pub fn apply(&self, config: &Config, secret: impl Fn(&str) -> Option<Secret>) {
         self.apply_health(config);
+        // Caps move to their new sizes in place (see `pool::Cap`).
+        for ((db, _), cap) in lock(&self.db_caps).iter() {
+            if let Some(d) = config.databases.get(db) {
+                cap.resize(config.max_db_connections(d) as usize);
+            }
+        }
+        for (user, cap) in lock(&self.user_caps).iter() {
+            cap.resize(config.max_user_connections(user) as usize);
+        }
         let mut pools = lock(&self.pools);
         let mut retired = Vec::new();
         pools.retain(|key, pool| {

@@ -56,9 +56,9 @@ pub(super) fn databases(shared: &Shared) -> ResultSet {
                 (c.pool.server_lifetime.as_secs()).into(),
                 c.pool_mode(db).as_str().into(),
                 Value::Null,
-                c.pool.max_db_connections.into(),
+                c.max_db_connections(db).into(),
                 servers.get(&(name.clone(), b)).copied().unwrap_or(0).into(),
-                0i64.into(),
+                c.max_db_client_connections(db).into(),
                 clients.get(name).copied().unwrap_or(0).into(),
                 paused.into(),
                 0i64.into(),
@@ -122,9 +122,9 @@ pub(super) fn users(shared: &Shared) -> ResultSet {
             u.pool_size.into(),
             0i64.into(),
             Value::Null,
-            0i64.into(),
+            settings.config.max_user_connections(name).into(),
             servers.get(name).copied().unwrap_or(0).into(),
-            0i64.into(),
+            settings.config.max_user_client_connections(name).into(),
             clients.get(name).copied().unwrap_or(0).into(),
         ]);
     }

@@ -1,0 +1,138 @@
+//! Caps on server connections shared by several pools:
+//! `max_db_connections` (per database and backend, primary and replicas
+//! counted apart) and `max_user_connections` (per user, all databases). A
+//! pool takes a permit before it opens a connection and gives it back when
+//! the connection closes.
+//!
+//! Invariants: a reload resizes a cap in place: raising adds permits at
+//! once; lowering takes the free ones at once and the rest as connections
+//! close (never closing a connection in use); the permits in circulation
+//! always move toward the configured size. Zero means no cap.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// What "no cap" counts as.
+const UNLIMITED: usize = Semaphore::MAX_PERMITS >> 4;
+
+#[derive(Debug)]
+pub struct Cap {
+    sem: Arc<Semaphore>,
+    /// The configured size (0: no cap).
+    size: AtomicUsize,
+    /// Permits the semaphore has in circulation (free or held).
+    total: Arc<AtomicUsize>,
+    /// A shrink waiting for held permits to come back.
+    shrinking: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn permits(size: usize) -> usize {
+    if size == 0 { UNLIMITED } else { size }
+}
+
+impl Cap {
+    pub fn new(size: usize) -> Arc<Cap> {
+        Arc::new(Cap {
+            sem: Arc::new(Semaphore::new(permits(size))),
+            size: AtomicUsize::new(size),
+            total: Arc::new(AtomicUsize::new(permits(size))),
+            shrinking: Mutex::new(None),
+        })
+    }
+
+    /// The configured size (0: no cap).
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// A permit if one is free now.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    /// A permit, when one is free (waits otherwise).
+    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.sem.clone().acquire_owned().await.ok()
+    }
+
+    /// Resizes to `size` (see the module's invariants).
+    pub fn resize(&self, size: usize) {
+        let mut shrinking = self
+            .shrinking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = shrinking.take() {
+            // Not yet done: its permits were never taken.
+            task.abort();
+        }
+        self.size.store(size, Ordering::Relaxed);
+        let want = permits(size);
+        let total = self.total.load(Ordering::Acquire);
+        if want > total {
+            self.sem.add_permits(want - total);
+            self.total.store(want, Ordering::Release);
+        } else if want < total {
+            let deficit = total - want;
+            let now = self.sem.forget_permits(deficit);
+            self.total.fetch_sub(now, Ordering::AcqRel);
+            let rest = deficit - now;
+            if rest > 0 {
+                let (sem, total) = (self.sem.clone(), self.total.clone());
+                *shrinking = Some(tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(rest as u32).await {
+                        p.forget();
+                        total.fetch_sub(rest, Ordering::AcqRel);
+                    }
+                }));
+            }
+        }
+    }
+
+    /// Permits held now (connections open or opening under this cap).
+    pub fn in_use(&self) -> usize {
+        self.total
+            .load(Ordering::Acquire)
+            .saturating_sub(self.sem.available_permits())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cap_grows_at_once_and_shrinks_as_permits_come_back() {
+        let cap = Cap::new(2);
+        let a = cap.acquire().await.unwrap();
+        let b = cap.acquire().await.unwrap();
+        assert_eq!(cap.in_use(), 2);
+        cap.resize(3);
+        let c = cap.acquire().await.unwrap();
+        cap.resize(1);
+        drop(a);
+        drop(b);
+        tokio::task::yield_now().await;
+        // c is still held: nothing else gets in until it comes back.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), cap.acquire())
+                .await
+                .is_err()
+        );
+        drop(c);
+        let d = tokio::time::timeout(std::time::Duration::from_secs(1), cap.acquire())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), cap.acquire())
+                .await
+                .is_err()
+        );
+        drop(d);
+        cap.resize(0);
+        let many: Vec<_> = futures_util::future::join_all((0..100).map(|_| cap.acquire())).await;
+        assert!(many.iter().all(Option::is_some));
+    }
+}
