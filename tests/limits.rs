@@ -385,3 +385,56 @@ async fn max_db_connections_holds_and_follows_a_reload() {
         "{most} servers under max_db_connections = 4"
     );
 }
+
+/// The issue's configuration: 1,000 pgbench clients on a pool of 25 (10 kept
+/// warm, 5 in reserve after 3 s, 100 per database at most) never open more
+/// than the pool and its reserve, and every transaction succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_on_a_pool_of_twenty_five() {
+    let c = cluster();
+    let db = c.create_database("thousand");
+    let init = harness::pgbench_async(&c.app_url(&db), &["-i", "-s", "1", "-q"]).await;
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = TestProxy::start(&harness::proxy::config_toml(
+        c,
+        &db,
+        "max_client_conn = 1100\ndefault_pool_size = 25\nmin_pool_size = 10\n\
+         reserve_pool_size = 5\nreserve_pool_timeout = \"3s\"\nmax_db_connections = 100\n\
+         query_wait_timeout = \"120s\"",
+        "",
+    ));
+    let admin = c.admin_client(&db).await;
+    let url = proxy.url(&db);
+    let bench = tokio::spawn(async move {
+        harness::pgbench_async(&url, &["-n", "-S", "-c", "1000", "-j", "4", "-t", "10"]).await
+    });
+    let mut most = 0u32;
+    while !bench.is_finished() {
+        let n: u32 = harness::first_value(
+            &admin,
+            "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()",
+        )
+        .await
+        .parse()
+        .unwrap();
+        most = most.max(n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = bench.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("number of transactions actually processed: 10000/10000"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        most <= 30,
+        "{most} server connections for a pool of 25 and a reserve of 5"
+    );
+    assert!(most >= 10, "{most}: the pool was hardly used");
+}
