@@ -25,6 +25,7 @@ impl SqlState {
     pub const IDLE_SESSION_TIMEOUT: Self = Self("57P05");
     pub const QUERY_CANCELED: Self = Self("57014");
     pub const CONFIGURATION_LIMIT_EXCEEDED: Self = Self("53400");
+    pub const OUT_OF_MEMORY: Self = Self("53200");
     pub const FEATURE_NOT_SUPPORTED: Self = Self("0A000");
     pub const INTERNAL: Self = Self("XX000");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
@@ -117,6 +118,11 @@ pub enum ClientError {
     IdleTransactionTimeout(Duration),
     #[error("client_idle_timeout: connection idle for longer than {0:?}")]
     ClientIdleTimeout(Duration),
+    /// The next message would pass `max_client_buffer_bytes`.
+    #[error(
+        "out of memory: buffering this message would pass max_client_buffer_bytes ({0} bytes for all clients)"
+    )]
+    BufferBudget(usize),
     /// Over a `[rate_limits]` tier (the transaction did not run).
     #[error("rate limit exceeded for {} \"{}\" (tier {}: {})", .0.scope, .0.name, .0.tier.name, .0.tier.describe())]
     RateLimited(Box<crate::ratelimit::Refused>),
@@ -188,6 +194,7 @@ impl ClientError {
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             ClientError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
             ClientError::RateLimited(_) => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+            ClientError::BufferBudget(_) => SqlState::OUT_OF_MEMORY,
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,

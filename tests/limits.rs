@@ -438,3 +438,41 @@ async fn a_thousand_clients_on_a_pool_of_twenty_five() {
     );
     assert!(most >= 10, "{most}: the pool was hardly used");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_messages_are_bounded_by_max_client_buffer_bytes() {
+    let c = cluster();
+    let db = c.create_database("buffer_budget");
+    let proxy = TestProxy::start(&harness::proxy::config_toml(c, &db, "", "").replace(
+        "[tidepool]\n",
+        "[tidepool]\nmax_client_buffer_bytes = 4194304\n",
+    ));
+    let big = |n: usize| format!("select length('{}')", "x".repeat(n));
+    // Under the bound: served, and the charge comes back once idle.
+    let ok = proxy.client(&db).await;
+    assert_eq!(harness::first_value(&ok, &big(3_000_000)).await, "3000000");
+    harness::first_value(&ok, "select 1").await;
+    assert_eq!(proxy.shared.buffers.used(), 0, "released at idle");
+    // Over it (though under max_message_size): a clear 53200, not memory.
+    // Only the message's header is sent: the refusal comes before its body.
+    let mut over = Raw::login_trust(proxy.port(), &db).await;
+    let mut head = vec![b'Q'];
+    head.extend(6_000_004i32.to_be_bytes());
+    head.extend(b"select ");
+    over.send(&head).await;
+    let msgs = over.read_to_close().await;
+    let fatal = msgs.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(fatal.code().as_deref(), Some("53200"));
+    assert!(
+        fatal.message().unwrap().contains("max_client_buffer_bytes"),
+        "{:?}",
+        fatal.message()
+    );
+    // Others go on.
+    assert_eq!(harness::first_value(&ok, "select 2").await, "2");
+    drop(over);
+    harness::wait_until_async("charges back", Duration::from_secs(10), || async {
+        proxy.shared.buffers.used() == 0
+    })
+    .await;
+}

@@ -13,6 +13,7 @@
 //! closed; errors for this client go to this client only.
 
 pub mod auth_query;
+pub mod budget;
 pub mod list;
 pub mod memo;
 mod negotiate;
@@ -115,6 +116,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Event-loop stalls and the shutdown deadline.
     pub watchdog: Arc<crate::watchdog::Watchdog>,
+    /// Bytes buffered for clients' whole messages (`max_client_buffer_bytes`).
+    pub buffers: Arc<budget::Budget>,
     /// Rate limiters of users and databases (`[rate_limits]`).
     pub rate_limits: crate::ratelimit::RateLimits,
     /// Secrets of users not in the config (`auth_query`).
@@ -128,6 +131,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Self {
+        let buffer_limit = config.tidepool.max_client_buffer_bytes;
         let random: u128 = rand::random();
         let decoy = Secret::Plain(format!("{random:x}"))
             .scram_verifier()
@@ -152,6 +156,7 @@ impl Shared {
             throttle: Default::default(),
             auth_query: Default::default(),
             rate_limits: Default::default(),
+            buffers: budget::Budget::new(buffer_limit),
             config_path,
             next_id: AtomicU64::new(1),
         }
@@ -166,6 +171,8 @@ impl Shared {
     /// retired pools drain, and logged-in clients pick it up at their next
     /// transaction. Connected clients are never dropped.
     pub fn apply(&self, config: Config) {
+        self.buffers
+            .set_limit(config.tidepool.max_client_buffer_bytes);
         let old = self.settings.load_full();
         if old.config.tidepool.listen != config.tidepool.listen {
             tracing::warn!("listen addresses change only on restart");

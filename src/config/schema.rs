@@ -282,6 +282,11 @@ pub struct General {
     /// How long an answer of `auth_query` is used. Default `60s`.
     #[serde(default = "d_auth_cache", with = "duration")]
     pub auth_cache_lifetime: Duration,
+    /// Bytes all clients' buffered whole messages may take together (each
+    /// buffer above 64 KiB counts); past it a client gets 53200. Default
+    /// 1 GiB.
+    #[serde(default = "d_client_buffers")]
+    pub max_client_buffer_bytes: usize,
     /// TCP keepalive on client and server connections. Default true.
     #[serde(default = "d_true")]
     pub tcp_keepalive: bool,
@@ -322,6 +327,7 @@ impl Default for General {
             auth_query: d_auth_query(),
             auth_dbname: None,
             auth_cache_lifetime: d_auth_cache(),
+            max_client_buffer_bytes: d_client_buffers(),
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,
@@ -636,6 +642,9 @@ fn d_auth_query() -> String {
 }
 fn d_auth_cache() -> Duration {
     defaults::AUTH_CACHE_LIFETIME
+}
+fn d_client_buffers() -> usize {
+    1 << 30
 }
 fn d_reserve_timeout() -> Duration {
     Duration::from_secs(5)

@@ -76,6 +76,11 @@ impl Session {
             // What the scan left starts at a message boundary: a message
             // that must be seen whole gets room for all of it at once.
             reserve_head(&mut self.buf, self.limit);
+            if self.buf.capacity() > crate::client::budget::CHARGED_ABOVE
+                && !self.charge.cover(self.buf.capacity())
+            {
+                return TxEnd::ClientFatal(ClientError::BufferBudget(self.shared.buffers.limit()));
+            }
             if t.expect.ready_owed() > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
                 // A second request in flight, or too much to hold: the
                 // safety net covers one request's answer only.

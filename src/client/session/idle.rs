@@ -20,6 +20,7 @@ impl Session {
             let parks = !self.settings.config.pool.park_idle_clients_after.is_zero();
             if self.buf.capacity() > IDLE_KEEP || !parks {
                 self.buf = BytesMut::new();
+                self.charge.release();
             } else {
                 // Reclaims the whole allocation in place once the bytes
                 // forwarded from it are gone (no allocation, no growth:
@@ -79,6 +80,9 @@ impl Session {
                 // `max_message_size`), not a doubling per read.
                 if self.buf.len() >= 5 && self.discard == 0 {
                     self.buf.reserve(wanted);
+                    if !self.charge.cover(self.buf.capacity()) {
+                        return Err(ClientError::BufferBudget(self.shared.buffers.limit()));
+                    }
                 }
                 let info = self.listed.info.clone();
                 let read = std::future::poll_fn(|cx| {

@@ -82,6 +82,9 @@ pub struct Session {
     /// The config this client runs under; refreshed after a reload.
     settings: Arc<Settings>,
     generation: u64,
+    /// This client's share of `max_client_buffer_bytes` (see
+    /// `client::budget`).
+    charge: super::budget::Charge,
     /// The rate limiters this client's transactions pass (its user's, its
     /// database's); empty for most.
     limiters: Vec<Arc<crate::ratelimit::Limiter>>,
@@ -174,6 +177,7 @@ impl Session {
             .set_application_name(l.params.get("application_name").map_or("", |s| s));
         let limiters = limiters_for(&shared, &settings.config, &l.user, &l.database);
         Self {
+            charge: super::budget::Charge::new(shared.buffers.clone()),
             limiters,
             stream,
             buf: l.buf,
