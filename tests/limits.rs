@@ -101,7 +101,7 @@ async fn a_query_past_query_timeout_is_canceled_with_57014() {
     let admin = c.admin_client(&db).await;
     let left = admin
         .query_one(
-            "select count(*) from pg_stat_activity where query like 'select pg_sleep(%' and state = 'active' and pid <> pg_backend_pid()",
+            "select count(*) from pg_stat_activity where datname = current_database() and query like 'select pg_sleep(%' and state = 'active' and pid <> pg_backend_pid()",
             &[],
         )
         .await
