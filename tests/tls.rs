@@ -566,3 +566,36 @@ async fn encryption_requests_split_at_every_byte_and_injected_bytes() {
 fn raw_startup() -> Vec<u8> {
     harness::raw::startup("app", "postgres")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tls_client_parks_and_comes_back() {
+    let c = cluster();
+    let db = c.create_database("tls_parking");
+    let certs = tempdir("parking");
+    make_certs(&certs, "ca", &[("proxy", "/CN=localhost", SERVER_EXT)]);
+    let toml = harness::proxy::config_toml(c, &db, "park_idle_clients_after = \"200ms\"", "")
+        .replace(
+            "[tidepool]\n",
+            &format!(
+                "[tidepool]\nclient_tls_sslmode = \"require\"\n\
+                 client_tls_cert_file = \"{d}/proxy.crt\"\nclient_tls_key_file = \"{d}/proxy.key\"\n",
+                d = certs.display()
+            ),
+        );
+    let proxy = TestProxy::start(&toml);
+    let ca = certs.join("ca.crt");
+    let (client, _) = direct_login(proxy.port(), &ca, true, &db).await.unwrap();
+    for round in 0..3 {
+        assert_eq!(
+            harness::first_value(&client, &format!("select {round}")).await,
+            round.to_string()
+        );
+        harness::wait_until_async("the TLS client parked", Duration::from_secs(10), || async {
+            !proxy.shared.lot.is_empty()
+        })
+        .await;
+    }
+    // Back from the lot, it still speaks TLS, including a large answer.
+    let long = harness::first_value(&client, "select repeat('t', 300000)").await;
+    assert_eq!(long.len(), 300_000);
+}

@@ -35,6 +35,9 @@ struct Tls {
     conn: rustls::Connection,
 }
 
+/// A TLS session away from its socket (a parked client's).
+pub struct TlsSession(Box<Mutex<Tls>>);
+
 /// `io::Read`/`io::Write` over a socket without waiting (`WouldBlock`).
 struct Nonblocking<'a>(&'a TcpStream);
 
@@ -168,6 +171,26 @@ impl Stream {
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// The socket and the TLS session apart (parking: the socket waits in
+    /// the lot, the session with it); [`Stream::from_parts`] joins them.
+    pub fn into_parts(self) -> (TcpStream, Option<TlsSession>) {
+        (self.tcp, self.tls.map(TlsSession))
+    }
+
+    pub fn from_parts(tcp: TcpStream, tls: Option<TlsSession>) -> Stream {
+        Stream {
+            tcp,
+            tls: tls.map(|t| t.0),
+        }
+    }
+
+    /// Whether the TLS session holds nothing (no plaintext to hand out, no
+    /// records to write): the socket alone then says when there is more.
+    pub fn is_quiet(&self) -> bool {
+        self.lock()
+            .is_none_or(|t| !t.conn.wants_write() && t.conn.wants_read())
     }
 
     /// The socket, for a plain stream (parking, handshakes).

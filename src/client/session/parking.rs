@@ -15,9 +15,9 @@ impl Session {
             && self.owe_error.is_none()
             && self.deferred_begin.is_none()
             && self.pinned.is_none()
-            // A TLS session's state is not kept by the lot: the client
-            // keeps its task.
-            && !self.stream.is_tls()
+            // A TLS session with something pending keeps its task: the
+            // socket alone would not say so.
+            && self.stream.is_quiet()
     }
 
     /// Moves this client to the parking lot. `None` when it is parked (or
@@ -66,13 +66,12 @@ impl Session {
                 fetched_secret: s.fetched_secret,
             })
         });
+        let (tcp, tls) = s.stream.into_parts();
+        let socket = tcp.into_std()?;
         Ok(Parked {
             slot: crate::client::ClientSlot::new(&s.shared),
-            socket: s
-                .stream
-                .into_tcp()
-                .map_err(|_| std::io::Error::other("a TLS client is not parked"))?
-                .into_std()?,
+            socket,
+            tls,
             listed: s.listed,
             pool: s.pool,
             params: s.params,
@@ -89,6 +88,8 @@ impl Session {
 /// derive again from the config, the registry and the client list.
 pub struct Parked {
     socket: std::net::TcpStream,
+    /// Its TLS session, if it has one (boxed: plain clients pay 8 bytes).
+    tls: Option<crate::protocol::stream::TlsSession>,
     /// Counts the client while it has no task.
     slot: crate::client::ClientSlot,
     listed: Listed,
@@ -134,7 +135,7 @@ impl Parked {
 
     /// Registers the socket with the runtime again and rebuilds the session.
     fn into_session(self) -> std::io::Result<(Box<Session>, crate::client::ClientSlot)> {
-        let stream = Stream::plain(TcpStream::from_std(self.socket)?);
+        let stream = Stream::from_parts(TcpStream::from_std(self.socket)?, self.tls);
         let shared = self.slot.shared().clone();
         let rare = self.rare.map(|r| *r);
         let client_key = rare.as_ref().and_then(|r| r.client_key);
