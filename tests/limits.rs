@@ -92,6 +92,11 @@ async fn a_query_past_query_timeout_is_canceled_with_57014() {
     }
     // A transaction of short statements lasting longer than the limit is
     // left alone: the limit is per request.
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics.contains("tidepool_limit_events_total{reason=\"query_timeout\"} 2"),
+        "{metrics}"
+    );
     client.simple_query("begin").await.unwrap();
     for _ in 0..6 {
         client.simple_query("select pg_sleep(0.3)").await.unwrap();
@@ -142,6 +147,11 @@ async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
         "served after {waited:?}"
     );
     assert_eq!(backends, "3", "two pooled connections and one reserve");
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics.contains("tidepool_limit_events_total{reason=\"reserve_pool\"} 1"),
+        "{metrics}"
+    );
     // A fourth waits too: the one reserve connection is in use... until the
     // third's transaction ended and closed it; then the fourth gets it.
     let fourth = proxy.client(&db).await;
@@ -282,6 +292,11 @@ async fn client_caps_per_user_and_per_database() {
         d.message().contains("max_user_client_connections = 2"),
         "{}",
         d.message()
+    );
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics.contains("tidepool_limit_events_total{reason=\"max_user_client_connections\"} 1"),
+        "{metrics}"
     );
     // Another user is not counted against app.
     let other =

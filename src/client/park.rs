@@ -230,7 +230,12 @@ pub async fn run(shared: Arc<Shared>) {
                     if let Some(r) = reserve {
                         c.sweep_reserve(wall, r);
                     }
-                    timed_out |= c.sweep_idle_timeout(wall, idle_limit);
+                    if c.sweep_idle_timeout(wall, idle_limit) {
+                        timed_out = true;
+                        crate::stats::Counters::add(
+                            &shared.stats.counters.limits.client_idle_timeout,
+                        );
+                    }
                     if park {
                         c.sweep_idle();
                     }

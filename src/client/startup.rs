@@ -234,13 +234,16 @@ fn client_caps(
         same_db += u32::from(&*c.database == database);
         same_user += u32::from(&*c.user == user);
     }
+    let events = &shared.stats.counters.limits;
     if db_max > 0 && same_db >= db_max {
+        crate::stats::Counters::add(&events.max_db_client_connections);
         return Err(Some(ClientError::ClientCap(
             "max_db_client_connections",
             db_max,
         )));
     }
     if user_max > 0 && same_user >= user_max {
+        crate::stats::Counters::add(&events.max_user_client_connections);
         return Err(Some(ClientError::ClientCap(
             "max_user_client_connections",
             user_max,

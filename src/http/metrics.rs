@@ -594,6 +594,18 @@ impl Collector for Snapshot {
         ] {
             counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
         }
+        let events: Vec<(Labels, u64)> = c
+            .limits
+            .rows()
+            .iter()
+            .map(|(reason, n)| (labels(&[("reason", reason)]), *n))
+            .collect();
+        counter(
+            &mut enc,
+            "tidepool_limit_events",
+            "What the limits did: clients closed (client_idle_timeout), requests canceled (query_timeout), reserve connections granted, logins and messages refused",
+            &events,
+        )?;
         let limiters = shared.rate_limits.all();
         let label = |l: &crate::ratelimit::Limiter| {
             labels(&[

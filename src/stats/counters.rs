@@ -17,6 +17,46 @@ pub struct Counters {
     pub param_refreshes: AtomicU64,
     /// Clients pinned to their server by a session feature.
     pub pins: AtomicU64,
+    /// What the limits did, by reason (`tidepool_limit_events_total`).
+    pub limits: LimitEvents,
+}
+
+/// Each limit's refusals and interventions.
+#[derive(Debug, Default)]
+pub struct LimitEvents {
+    /// Clients closed by `client_idle_timeout`.
+    pub client_idle_timeout: AtomicU64,
+    /// Requests canceled by `query_timeout`.
+    pub query_timeout: AtomicU64,
+    /// Reserve connections granted (`reserve_pool_timeout` passed).
+    pub reserve_pool: AtomicU64,
+    /// Logins refused by `max_db_client_connections`.
+    pub max_db_client_connections: AtomicU64,
+    /// Logins refused by `max_user_client_connections`.
+    pub max_user_client_connections: AtomicU64,
+    /// Clients refused by `max_client_buffer_bytes`.
+    pub max_client_buffer_bytes: AtomicU64,
+}
+
+impl LimitEvents {
+    /// (reason, count) for each.
+    pub fn rows(&self) -> [(&'static str, u64); 6] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("client_idle_timeout", g(&self.client_idle_timeout)),
+            ("query_timeout", g(&self.query_timeout)),
+            ("reserve_pool", g(&self.reserve_pool)),
+            (
+                "max_db_client_connections",
+                g(&self.max_db_client_connections),
+            ),
+            (
+                "max_user_client_connections",
+                g(&self.max_user_client_connections),
+            ),
+            ("max_client_buffer_bytes", g(&self.max_client_buffer_bytes)),
+        ]
+    }
 }
 
 impl Counters {

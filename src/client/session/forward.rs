@@ -79,6 +79,7 @@ impl Session {
             if self.buf.capacity() > crate::client::budget::CHARGED_ABOVE
                 && !self.charge.cover(self.buf.capacity())
             {
+                Counters::add(&counters.limits.max_client_buffer_bytes);
                 return TxEnd::ClientFatal(ClientError::BufferBudget(self.shared.buffers.limit()));
             }
             if t.expect.ready_owed() > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
@@ -322,6 +323,7 @@ impl Session {
                                 ?limit,
                                 "query_timeout: canceling the request"
                             );
+                            Counters::add(&counters.limits.query_timeout);
                             t.timeout_cancel = Some(format!(
                                 "canceling statement due to query_timeout ({})",
                                 humantime::format_duration(limit)

@@ -81,6 +81,9 @@ impl Session {
                 if self.buf.len() >= 5 && self.discard == 0 {
                     self.buf.reserve(wanted);
                     if !self.charge.cover(self.buf.capacity()) {
+                        crate::stats::Counters::add(
+                            &self.shared.stats.counters.limits.max_client_buffer_bytes,
+                        );
                         return Err(ClientError::BufferBudget(self.shared.buffers.limit()));
                     }
                 }

@@ -180,8 +180,9 @@ impl Session {
                 // pool has one left (the checkout then completes with it).
                 if info.waited_us()
                     >= self.settings.config.pool.reserve_pool_timeout.as_micros() as u64
+                    && pool.grant_reserve(&waiter)
                 {
-                    pool.grant_reserve(&waiter);
+                    crate::stats::Counters::add(&self.shared.stats.counters.limits.reserve_pool);
                 }
             }
         };
