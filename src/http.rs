@@ -94,9 +94,7 @@ fn authorized(m: &crate::config::schema::Metrics, authorization: Option<&str>) -
     let Some(given) = authorization else {
         return false;
     };
-    let eq = |a: &[u8], b: &[u8]| {
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    };
+    let eq = crate::auth::constant_time_eq;
     let (scheme, value) = given.split_once(' ').unwrap_or((given, ""));
     let value = value.trim();
     if scheme.eq_ignore_ascii_case("bearer") {

@@ -8,7 +8,6 @@
 //! reload changes certificates for new connections without touching
 //! connected ones. The crypto is ring's.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -303,11 +302,6 @@ impl ServerCertVerifier for Verifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// Whether `path` names a readable file (for messages).
-pub fn exists(path: &str) -> bool {
-    Path::new(path).is_file()
 }
 
 /// The subject's common name (CN) of a DER certificate, when it has one

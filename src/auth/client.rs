@@ -132,13 +132,7 @@ async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(AuthError::Failed(user.to_owned()));
     };
     let expected = salted_md5(&stored, salt);
-    if sent.len() == expected.len()
-        && sent
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    {
+    if super::constant_time_eq(sent.as_bytes(), expected.as_bytes()) {
         Ok(Verified::default())
     } else {
         Err(AuthError::Failed(user.to_owned()))

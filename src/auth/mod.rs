@@ -11,6 +11,12 @@ pub mod secret;
 pub mod server;
 pub mod throttle;
 
+/// Equal bytes, compared in time that does not depend on where they differ
+/// (passwords, hashes, proofs, tokens).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// How clients prove who they are (`[tidepool] auth_type`, or per user).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum AuthType {

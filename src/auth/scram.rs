@@ -11,6 +11,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use rand::RngExt;
 use sha2::{Digest, Sha256};
 
+use super::constant_time_eq;
 use super::secret::ScramVerifier;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
@@ -163,10 +164,6 @@ fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
         }
     }
     salted
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Keys recovered from a client's SCRAM login, enough to log in to a server

@@ -71,9 +71,7 @@ impl Secret {
     /// Whether `password` (sent in clear text) is this secret's password.
     /// For a SCRAM verifier this runs its PBKDF2 iterations.
     pub fn matches_password(&self, user: &str, password: &[u8]) -> bool {
-        let eq = |a: &[u8], b: &[u8]| {
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        };
+        let eq = super::constant_time_eq;
         match self {
             Secret::Plain(p) => eq(p.as_bytes(), password),
             Secret::Md5(h) => eq(

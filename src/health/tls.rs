@@ -122,24 +122,27 @@ pub async fn connect(
     match tls.and_then(|t| Some((t.mode, t.config.clone()?))) {
         Some((mode, config)) => {
             cfg.ssl_mode(ssl_mode(mode));
-            let (client, conn) = tokio::time::timeout(timeout, cfg.connect(MakeRustls(config)))
-                .await
-                .map_err(|_| ConnectError::Timeout)?
-                .map_err(ConnectError::Postgres)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
+            connect_with(cfg, MakeRustls(config), timeout).await
         }
-        None => {
-            let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
-                .await
-                .map_err(|_| ConnectError::Timeout)?
-                .map_err(ConnectError::Postgres)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
-        }
+        None => connect_with(cfg, tokio_postgres::NoTls, timeout).await,
     }
+}
+
+async fn connect_with<T>(
+    cfg: &tokio_postgres::Config,
+    tls: T,
+    timeout: std::time::Duration,
+) -> Result<tokio_postgres::Client, ConnectError>
+where
+    T: MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+        .map_err(ConnectError::Postgres)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }

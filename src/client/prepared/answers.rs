@@ -8,7 +8,7 @@ use super::*;
 use crate::error::SqlState;
 
 /// SQLSTATEs of the errors PostgreSQL gives for these cases.
-pub(super) const DUPLICATE_PSTATEMENT: &str = SqlState::DUPLICATE_PREPARED_STATEMENT.0;
+const DUPLICATE_PSTATEMENT: &str = SqlState::DUPLICATE_PREPARED_STATEMENT.0;
 pub(super) const IN_FAILED_TRANSACTION: &str = SqlState::IN_FAILED_TRANSACTION.0;
 pub(super) const UNDEFINED_PSTATEMENT: &str = SqlState::UNDEFINED_PREPARED_STATEMENT.0;
 pub(super) const FEATURE_NOT_SUPPORTED: &str = SqlState::FEATURE_NOT_SUPPORTED.0;
@@ -73,6 +73,18 @@ pub(super) fn plan_changed(catalog: &Catalog) -> BytesMut {
             b.put_u8(0);
         }),
     }
+    out
+}
+
+/// PostgreSQL's answer to a second statement of the same name.
+pub(super) fn duplicate(name: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    write::error_response(
+        &mut out,
+        "ERROR",
+        DUPLICATE_PSTATEMENT,
+        &format!("prepared statement \"{name}\" already exists"),
+    );
     out
 }
 

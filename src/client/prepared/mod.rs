@@ -22,8 +22,7 @@ mod answers;
 
 pub use answers::apply_undos;
 use answers::{
-    DUPLICATE_PSTATEMENT, aborted, plan_changed, position_shift, refused, simple, synthetic,
-    undefined,
+    aborted, duplicate, plan_changed, position_shift, refused, simple, synthetic, undefined,
 };
 
 use std::collections::HashMap;
@@ -194,14 +193,7 @@ impl Handler<'_> {
         match p {
             PreparedSql::Prepare { name, rest } => {
                 if self.statements.contains_key(name) {
-                    let mut out = BytesMut::new();
-                    write::error_response(
-                        &mut out,
-                        "ERROR",
-                        DUPLICATE_PSTATEMENT,
-                        &format!("prepared statement \"{name}\" already exists"),
-                    );
-                    self.fail_query(out);
+                    self.fail_query(duplicate(name));
                     return Ok(());
                 }
                 let stmt = Statement::from_sql_prepare(rest, foreign);
@@ -388,14 +380,7 @@ impl Handler<'_> {
             return self.fail(aborted());
         }
         if self.statements.contains_key(&name) {
-            let mut out = BytesMut::new();
-            write::error_response(
-                &mut out,
-                "ERROR",
-                DUPLICATE_PSTATEMENT,
-                &format!("prepared statement \"{name}\" already exists"),
-            );
-            return self.fail(out);
+            return self.fail(duplicate(&name));
         }
         self.statements.insert(name.clone(), stmt.clone());
         let undo_client = Some(name);

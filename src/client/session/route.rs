@@ -112,19 +112,14 @@ impl Session {
         }
         let shared = self.shared.clone();
         let settings = self.settings.clone();
-        let fetched = self.fetched_secret.clone();
-        let secret = settings
-            .users
-            .get(&self.user)
-            .and_then(|u| u.secret.as_ref())
-            .or(fetched.as_deref());
+        let secret = self.secret().cloned();
         let pool = match settings.config.databases.get(&self.database) {
             Some(db) => shared.registry.pool_for(
                 &settings.config,
                 &self.database,
                 db,
                 &self.user,
-                secret,
+                secret.as_ref(),
                 self.client_key,
                 i + 1,
             ),
