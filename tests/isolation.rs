@@ -101,6 +101,14 @@ const CASES: &[Case] = &[
         steps: &[Simple("SET ROLE r_other"), Simple("RESET ROLE")],
     },
     Case {
+        name: "SQL PREPARE of a set_config, executed in a later transaction",
+        user: "app",
+        steps: &[
+            Simple("PREPARE leak AS select set_config('work_mem', '11MB', false)"),
+            Simple("EXECUTE leak"),
+        ],
+    },
+    Case {
         name: "set_config in a PL/pgSQL function",
         user: "app",
         steps: &[Simple("select leaky()")],

@@ -280,6 +280,9 @@ async fn tls_on_both_sides_to_a_server_that_accepts_only_tls() {
     assert_eq!(out, "t");
     let (ok, out, err) = psql_at(&url, "\\conninfo");
     assert!(ok && out.contains("SSL connection"), "{out} {err}");
+    // psql's own catalog queries (\d sends over 1 KiB) over TLS.
+    let (ok, out, err) = psql_at(&url, "create table tls_t (a int primary key); \\d tls_t");
+    assert!(ok && out.contains("a|integer||not null|"), "{out} {err}");
 
     // Plain text where TLS is required: a clear FATAL naming the setting.
     let (ok, _, err) = psql_at(&via("disable", ""), "select 1");
