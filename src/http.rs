@@ -213,6 +213,19 @@ pub async fn ready(shared: &Shared) -> (bool, String) {
             }
         }
     }
+    // A shared rate-limit backend that is down does not make tidepool
+    // unready (limits go on locally), but says so.
+    if let Some(b) = shared.rate_limits.backend() {
+        body.push_str(&format!(
+            "rate_limit_backend: redis {} {}\n",
+            b.target,
+            if b.is_up() {
+                "reachable (limits shared)".to_owned()
+            } else {
+                format!("unreachable (local limits, share 1/{})", b.instances)
+            }
+        ));
+    }
     if shared
         .lifecycle
         .shutting_down

@@ -105,3 +105,74 @@ fn classify_prints_each_statements_class_under_the_configs_rules() {
         .collect();
     assert_eq!(classes, ["Read", "Write", "Write"], "{text}");
 }
+
+/// Field names of `pub struct {name}` in the config schema.
+fn struct_keys(name: &str) -> Vec<String> {
+    let src = std::fs::read_to_string("src/config/schema.rs").unwrap();
+    let start = src
+        .find(&format!("pub struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &src[start..];
+    let body = &body[..body.find("\n}").unwrap()];
+    body.lines()
+        .skip(1)
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|r| r.split_once(':').map(|(k, _)| k.trim().to_owned()))
+        .collect()
+}
+
+/// Every process-wide setting (all but the per-database and per-user
+/// tables, shown by SHOW DATABASES and SHOW USERS) is a SHOW CONFIG row,
+/// so that an operator sees every limit in force.
+#[test]
+fn show_config_has_every_process_wide_key() {
+    let rows: Vec<String> = tidepool::config::describe(
+        &tidepool::Config::from_toml_str("[databases.d]\nhost = \"h\"\n", "t.toml").unwrap(),
+    )
+    .into_iter()
+    .map(|r| r.0)
+    .collect();
+    let mut missing = Vec::new();
+    for (section, prefix) in [
+        ("General", ""),
+        ("PoolSettings", ""),
+        ("Routing", ""),
+        ("Stats", ""),
+        ("RateLimits", ""),
+        ("Metrics", "metrics_"),
+    ] {
+        for k in struct_keys(section) {
+            let key = format!("{prefix}{k}");
+            // Tiers are a table of their own (SHOW RATE_LIMITS shows them
+            // in use); their names are listed as `rate_limit_tiers`.
+            let key = if key == "tiers" {
+                "rate_limit_tiers".to_owned()
+            } else {
+                key
+            };
+            if !rows.contains(&key) {
+                missing.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "SHOW CONFIG lacks {missing:?}");
+}
+
+#[test]
+fn show_config_hides_the_rate_limit_backends_password() {
+    let c = tidepool::Config::from_toml_str(
+        "[databases.d]\nhost = \"h\"\n[rate_limits]\nrate_limit_backend = \"redis://tp:sekret@10.0.0.5:6379/2\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let rows = tidepool::config::describe(&c);
+    let row = rows.iter().find(|r| r.0 == "rate_limit_backend").unwrap();
+    assert_eq!(row.1, "redis://tp:***@10.0.0.5:6379/2");
+    // And a URL the client cannot use is refused with its key named.
+    let e = tidepool::Config::from_toml_str(
+        "[databases.d]\nhost = \"h\"\n[rate_limits]\nrate_limit_backend = \"http://x\"\n",
+        "t.toml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("rate_limit_backend"), "{e}");
+}

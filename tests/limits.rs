@@ -1,7 +1,10 @@
-//! Limits that protect the database (issue 20, in progress):
-//! `client_idle_timeout` closes a client idle outside a transaction, parked
-//! or not, with PostgreSQL's idle-session code; a client idle inside a
-//! transaction is left to `idle_transaction_timeout`.
+//! Limits that protect the database: idle clients closed
+//! (`client_idle_timeout`, with PostgreSQL's idle-session code; a client
+//! idle inside a transaction is left to `idle_transaction_timeout`),
+//! `query_timeout`, the reserve pool, per-user and per-database caps on
+//! clients and servers, rate limits (their exactness with 1,000 clients)
+//! and the bound on bytes buffered for clients. Shared rate limits are in
+//! tests/shared_limits.rs, peak memory in tests/memory_bound.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -254,6 +257,192 @@ async fn a_rate_limit_admits_rate_times_time_plus_burst_across_clients() {
         )),
         "{metrics}"
     );
+}
+
+/// Logins at once cannot both take the last place under a client cap: the
+/// count and the listing are one step (a test that once passed only
+/// because the logins came one after another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_caps_hold_under_logins_at_once() {
+    let c = cluster();
+    let db = c.create_database("client_caps_race");
+    let proxy = TestProxy::start(&harness::proxy::config_toml(
+        c,
+        &db,
+        "",
+        "max_db_client_connections = 3",
+    ));
+    for _round in 0..3 {
+        let url = proxy.url_as(harness::TRUST_USER, None, &db);
+        let attempts: Vec<_> = (0..24)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { harness::connect(&url).await })
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for a in attempts {
+            match a.await.unwrap() {
+                Ok(client) => kept.push(client),
+                Err(e) => assert_eq!(
+                    e.as_db_error().map(|d| d.code().code()),
+                    Some("53300"),
+                    "{e}"
+                ),
+            }
+        }
+        assert_eq!(
+            kept.len(),
+            3,
+            "logins admitted under max_db_client_connections = 3"
+        );
+        drop(kept);
+        harness::wait_until_async("clients gone", Duration::from_secs(10), || async {
+            proxy.shared.list.is_empty()
+        })
+        .await;
+    }
+}
+
+/// The issue's exactness, at its scale: 1,000 clients on one limit (the
+/// database's) for two seconds admit burst + 1 + rate × time, to within
+/// one, and every other request gets 53400 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_on_one_limit_get_exactly_its_rate() {
+    let c = cluster();
+    let db = c.create_database("rate_thousand");
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 4\nmax_client_conn = 1100",
+        "rate_limit_tier = \"limited\"",
+    ) + "\n[rate_limits]\n[rate_limits.tiers]\nlimited = { per_second = 50, burst = 10 }\n";
+    let proxy = TestProxy::start(&toml);
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        clients.push(Raw::login_trust(proxy.port(), &db).await);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while started.elapsed() < Duration::from_secs(2) {
+                    client.send(&raw::query("select 1")).await;
+                    let msgs = client.read_until_ready().await;
+                    match msgs.iter().find(|m| m.tag == b'E') {
+                        None => ok += 1,
+                        Some(e) => {
+                            assert_eq!(e.code().as_deref(), Some("53400"), "{:?}", e.message());
+                            refused += 1;
+                        }
+                    }
+                    // Each client asks again after a little while, so that
+                    // 1,000 of them keep the limit busy without spinning.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        ok += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed();
+    let most = 11 + elapsed.as_millis() as u64 / 20;
+    assert!(ok <= most, "admitted {ok} in {elapsed:?}, at most {most}");
+    // Demand never stopped for 2 s: at least the burst and 2 s' worth, but one.
+    assert!(ok + 1 >= 11 + 100, "admitted only {ok} in {elapsed:?}");
+    assert!(refused > 1000, "{refused}");
+    let rows = proxy.shared.rate_limits.all();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].admitted.load(std::sync::atomic::Ordering::Relaxed),
+        ok
+    );
+    assert_eq!(
+        rows[0].rejected.load(std::sync::atomic::Ordering::Relaxed),
+        refused
+    );
+}
+
+/// `max_user_connections`: one user's server connections across all its
+/// pools (two databases here) stay under the cap; a reload raises it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_user_connections_caps_a_user_across_databases() {
+    let c = cluster();
+    let (db1, db2) = (
+        c.create_database("user_cap_a"),
+        c.create_database("user_cap_b"),
+    );
+    let toml = harness::proxy::config_toml(
+        c,
+        &db1,
+        "max_user_connections = 2\nquery_wait_timeout = \"30s\"",
+        "",
+    )
+    .replace("[tidepool]\n", "[tidepool]\nstats_users = [\"app\"]\n")
+        + &format!(
+            "\n[databases.{db2}]\nhost = \"127.0.0.1\"\nport = {}\n",
+            c.primary_port()
+        );
+    let proxy = TestProxy::start(&toml);
+    let admin = c.admin_client("postgres").await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(proxy.client(if i % 2 == 0 { &db1 } else { &db2 }).await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                c.simple_query("select pg_sleep(0.3)").await.unwrap();
+            })
+        })
+        .collect();
+    let mut most = 0;
+    let mut dbs_seen = std::collections::HashSet::new();
+    for _ in 0..12 {
+        for row in admin
+            .query(
+                "select datname::text from pg_stat_activity where usename = 'app' and datname = any($1)",
+                &[&vec![db1.clone(), db2.clone()]],
+            )
+            .await
+            .unwrap()
+        {
+            dbs_seen.insert(row.get::<_, String>(0));
+        }
+        let n: i64 = admin
+            .query_one(
+                "select count(*) from pg_stat_activity where usename = 'app' and datname = any($1)",
+                &[&vec![db1.clone(), db2.clone()]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        most = most.max(n);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        most <= 2,
+        "{most} servers for app under max_user_connections = 2"
+    );
+    assert!(most >= 1 && !dbs_seen.is_empty());
+    let rows = harness::console(
+        &proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer"),
+        "SHOW USERS",
+    )
+    .await;
+    let app = rows.iter().find(|r| r["name"] == "app").unwrap();
+    assert_eq!(app["max_user_connections"], "2", "{app:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

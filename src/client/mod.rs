@@ -120,6 +120,9 @@ pub struct Shared {
     pub buffers: Arc<budget::Budget>,
     /// Rate limiters of users and databases (`[rate_limits]`).
     pub rate_limits: crate::ratelimit::RateLimits,
+    /// Held while a login counts the clients of its user and database
+    /// and lists itself, so that the client caps are exact.
+    pub admission: std::sync::Mutex<()>,
     /// Secrets of users not in the config (`auth_query`).
     pub auth_query: auth_query::AuthQuery,
     /// Failed logins per source address.
@@ -142,6 +145,8 @@ impl Shared {
                 server_key: rand::random(),
             });
         let stats = Arc::new(Stats::new(&config.stats));
+        let rate_limits = crate::ratelimit::RateLimits::default();
+        rate_limits.configure(&config);
         Self {
             decoy,
             registry: Registry::new(&config, stats.clone()),
@@ -155,7 +160,8 @@ impl Shared {
             watchdog: Arc::default(),
             throttle: Default::default(),
             auth_query: Default::default(),
-            rate_limits: Default::default(),
+            admission: Default::default(),
+            rate_limits,
             buffers: budget::Budget::new(buffer_limit),
             config_path,
             next_id: AtomicU64::new(1),
@@ -173,6 +179,7 @@ impl Shared {
     pub fn apply(&self, config: Config) {
         self.buffers
             .set_limit(config.tidepool.max_client_buffer_bytes);
+        self.rate_limits.configure(&config);
         let old = self.settings.load_full();
         if old.config.tidepool.listen != config.tidepool.listen {
             tracing::warn!("listen addresses change only on restart");

@@ -57,7 +57,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
     };
     let (mut stream, first) = negotiated?;
     let required = acceptor.as_ref().is_some_and(|a| a.mode.required());
-    let handshaking = handshake(&mut stream, shared, first, required);
+    let handshaking = handshake(&mut stream, shared, first, required, id);
     let result = if timeout.is_zero() {
         handshaking.await
     } else {
@@ -97,14 +97,11 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
         ))
     };
     match result {
-        Ok(Some(Greeted::Client(parts))) => {
-            let listed = listed(&parts.database, &parts.user, parts.cancel.pid);
-            Some(Login::Client {
-                stream,
-                login: Box::new(parts),
-                listed,
-            })
-        }
+        Ok(Some(Greeted::Client(parts, listed))) => Some(Login::Client {
+            stream,
+            login: Box::new(parts),
+            listed,
+        }),
         Ok(Some(Greeted::Admin(a))) => {
             let listed = listed(&a.database, &a.user, a.pid);
             Some(Login::Admin {
@@ -154,7 +151,8 @@ pub struct AdminLogin {
 
 /// A finished handshake.
 pub enum Greeted {
-    Client(LoggedIn),
+    /// A client, listed (counted against the client caps) already.
+    Client(LoggedIn, super::list::Listed),
     Admin(AdminLogin),
 }
 
@@ -261,6 +259,7 @@ async fn handshake(
     shared: &Arc<Shared>,
     first: Result<StartupPacket, StartupError>,
     tls_required: bool,
+    id: u64,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
     let startup = match first {
         Ok(StartupPacket::Cancel { pid, secret }) => {
@@ -375,6 +374,7 @@ async fn handshake(
             other => Some(ClientError::AuthProtocol(other.to_string())),
         })?;
     tracing::debug!(%user, %database, "client authenticated");
+    // A first look, before any server work; the exact check is below.
     client_caps(shared, config, db, &database, &user)?;
 
     let pool = shared.registry.pool_for(
@@ -407,6 +407,24 @@ async fn handshake(
     params.extend(client_params.clone());
 
     let cancel = shared.cancel.register();
+    // Counted and listed in one step, before the client hears it is in:
+    // two logins at once cannot both take the last place.
+    let listed = {
+        let _admitting = shared
+            .admission
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        client_caps(shared, config, db, &database, &user)?;
+        shared.list.add(super::list::ClientInfo::new(
+            id,
+            &user,
+            &database,
+            stream.peer_addr().ok(),
+            stream.local_addr().ok(),
+            cancel.pid,
+            stream.tls_code(),
+        ))
+    };
     let mut out = BytesMut::with_capacity(512);
     write::auth_ok(&mut out);
     for (k, v) in defaults.iter().filter(|(k, _)| !params.contains_key(*k)) {
@@ -427,18 +445,21 @@ async fn handshake(
             && config.session_features(db) == crate::config::SessionFeatures::Error,
     };
     pool.traffic.login();
-    Ok(Some(Greeted::Client(LoggedIn {
-        client_key: verified.client_key,
-        fetched_secret: fetched,
-        startup: pool.intern(client_params),
-        params: pool.intern(params),
-        policy,
-        database,
-        user,
-        pool,
-        buf,
-        cancel,
-    })))
+    Ok(Some(Greeted::Client(
+        LoggedIn {
+            client_key: verified.client_key,
+            fetched_secret: fetched,
+            startup: pool.intern(client_params),
+            params: pool.intern(params),
+            policy,
+            database,
+            user,
+            pool,
+            buf,
+            cancel,
+        },
+        listed,
+    )))
 }
 
 /// Logs a user in to the admin console: only `admin_users` and

@@ -7,8 +7,10 @@ pub fn listen() -> Vec<String> {
     vec!["127.0.0.1:6432".to_owned()]
 }
 pub const AUTH_TYPE: &str = "scram-sha-256";
-/// Largest message accepted from a client (bytes). PostgreSQL itself caps at 1 GiB.
-pub const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
+/// Largest message accepted from a client (bytes): 64 MiB, a statement far
+/// larger than applications send, and a bound that many clients at once
+/// cannot turn into gigabytes. PostgreSQL itself caps at 1 GiB.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
 pub const DEFAULT_POOL_SIZE: u32 = 20;
 pub const MIN_POOL_SIZE: u32 = 0;

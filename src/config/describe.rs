@@ -45,7 +45,150 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let opt = |o: &Option<String>| o.clone().unwrap_or_default();
     // Secrets are never shown: only whether one is set.
     let secret = |o: &Option<String>| if o.is_some() { "(set)" } else { "" }.to_owned();
-    vec![
+    let (l, ld) = (&c.rate_limits, super::schema::RateLimits::default());
+    let mode = |m: crate::tls::Mode| m.name().to_owned();
+    // Keys added after the first release, each (section, key, value,
+    // default); all of them RELOAD applies.
+    let later: [(&str, &str, String, String); 23] = [
+        (
+            "tidepool",
+            "client_tls_sslmode",
+            mode(g.client_tls_sslmode),
+            mode(gd.client_tls_sslmode),
+        ),
+        (
+            "tidepool",
+            "client_tls_cert_file",
+            opt(&g.client_tls_cert_file),
+            String::new(),
+        ),
+        (
+            "tidepool",
+            "client_tls_key_file",
+            opt(&g.client_tls_key_file),
+            String::new(),
+        ),
+        (
+            "tidepool",
+            "client_tls_ca_file",
+            opt(&g.client_tls_ca_file),
+            String::new(),
+        ),
+        ("tidepool", "auth_user", opt(&g.auth_user), String::new()),
+        (
+            "tidepool",
+            "auth_query",
+            g.auth_query.clone(),
+            gd.auth_query.clone(),
+        ),
+        (
+            "tidepool",
+            "auth_dbname",
+            opt(&g.auth_dbname),
+            String::new(),
+        ),
+        (
+            "tidepool",
+            "auth_cache_lifetime",
+            d(g.auth_cache_lifetime),
+            d(gd.auth_cache_lifetime),
+        ),
+        (
+            "tidepool",
+            "max_client_buffer_bytes",
+            g.max_client_buffer_bytes.to_string(),
+            gd.max_client_buffer_bytes.to_string(),
+        ),
+        (
+            "tidepool",
+            "instances",
+            g.instances.to_string(),
+            gd.instances.to_string(),
+        ),
+        (
+            "tidepool",
+            "tcp_keepalive",
+            g.tcp_keepalive.to_string(),
+            gd.tcp_keepalive.to_string(),
+        ),
+        (
+            "tidepool",
+            "tcp_keepidle",
+            d(g.tcp_keepidle),
+            d(gd.tcp_keepidle),
+        ),
+        (
+            "tidepool",
+            "tcp_keepintvl",
+            d(g.tcp_keepintvl),
+            d(gd.tcp_keepintvl),
+        ),
+        (
+            "tidepool",
+            "tcp_keepcnt",
+            g.tcp_keepcnt.to_string(),
+            gd.tcp_keepcnt.to_string(),
+        ),
+        (
+            "tidepool",
+            "tcp_user_timeout",
+            d(g.tcp_user_timeout),
+            d(gd.tcp_user_timeout),
+        ),
+        (
+            "pool",
+            "server_tls_sslmode",
+            mode(p.server_tls_sslmode),
+            mode(pd.server_tls_sslmode),
+        ),
+        (
+            "pool",
+            "server_tls_ca_file",
+            opt(&p.server_tls_ca_file),
+            String::new(),
+        ),
+        (
+            "pool",
+            "server_tls_cert_file",
+            opt(&p.server_tls_cert_file),
+            String::new(),
+        ),
+        (
+            "pool",
+            "server_tls_key_file",
+            opt(&p.server_tls_key_file),
+            String::new(),
+        ),
+        (
+            "rate_limits",
+            "rate_limit_wait",
+            d(l.rate_limit_wait),
+            d(ld.rate_limit_wait),
+        ),
+        // The URL without its password.
+        (
+            "rate_limits",
+            "rate_limit_backend",
+            l.rate_limit_backend
+                .as_deref()
+                .map(redact_url)
+                .unwrap_or_default(),
+            String::new(),
+        ),
+        (
+            "rate_limits",
+            "rate_limit_backend_timeout",
+            d(l.rate_limit_backend_timeout),
+            d(ld.rate_limit_backend_timeout),
+        ),
+        (
+            "rate_limits",
+            "rate_limit_tiers",
+            l.tiers.keys().cloned().collect::<Vec<_>>().join(","),
+            String::new(),
+        ),
+    ];
+    let mut rows = vec![
         row(
             "tidepool",
             "listen",
@@ -404,5 +547,23 @@ pub fn describe(c: &Config) -> Vec<Row> {
             String::new(),
             true,
         ),
-    ]
+    ];
+    rows.extend(
+        later
+            .into_iter()
+            .map(|(section, key, v, dv)| row(section, key, v, dv, true)),
+    );
+    rows
+}
+
+/// `redis://:secret@host/0` as `redis://:***@host/0`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }

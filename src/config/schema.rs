@@ -102,16 +102,36 @@ impl Default for Stats {
 
 /// `[rate_limits]`: named tiers of transactions per second or minute that
 /// users and databases are assigned to (`rate_limit_tier`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimits {
     /// Over the limit, how long a transaction waits for its turn before it
     /// is refused (53400); `0s`: refused at once. Default `0s`.
     #[serde(default, with = "duration")]
     pub rate_limit_wait: Duration,
+    /// Where several instances share their limits' state:
+    /// `redis://[:password@]host:port[/db]`. Unreachable, each instance
+    /// limits locally to its share (`instances`); queries never wait on it
+    /// longer than `rate_limit_backend_timeout`. Default none (local).
+    pub rate_limit_backend: Option<String>,
+    /// How long one decision may wait for the backend before it is made
+    /// locally (and the backend is taken as down). Default `50ms`.
+    #[serde(default = "d_rate_backend_timeout", with = "duration")]
+    pub rate_limit_backend_timeout: Duration,
     /// The tiers, by name.
     #[serde(default)]
     pub tiers: BTreeMap<String, RateTier>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            rate_limit_wait: Duration::ZERO,
+            rate_limit_backend: None,
+            rate_limit_backend_timeout: d_rate_backend_timeout(),
+            tiers: BTreeMap::new(),
+        }
+    }
 }
 
 /// One tier: `per_second` or `per_minute` transactions, with a `burst`.
@@ -228,7 +248,7 @@ pub struct General {
     /// How clients authenticate: `scram-sha-256`, `md5` or `trust`. Default `scram-sha-256`.
     #[serde(default = "default_auth_type")]
     pub auth_type: AuthType,
-    /// Largest client message in bytes. Default 256 MiB.
+    /// Largest client message in bytes. Default 64 MiB.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
     /// On SIGTERM/SIGINT/SHUTDOWN, how long transactions in flight may take
@@ -284,9 +304,14 @@ pub struct General {
     pub auth_cache_lifetime: Duration,
     /// Bytes all clients' buffered whole messages may take together (each
     /// buffer above 64 KiB counts); past it a client gets 53200. Default
-    /// 1 GiB.
+    /// 256 MiB.
     #[serde(default = "d_client_buffers")]
     pub max_client_buffer_bytes: usize,
+    /// How many tidepool instances serve the same databases (sidecars):
+    /// while `rate_limit_backend` is unreachable each instance limits
+    /// locally to `1/instances` of every tier. Default 1.
+    #[serde(default = "d_instances")]
+    pub instances: u64,
     /// TCP keepalive on client and server connections. Default true.
     #[serde(default = "d_true")]
     pub tcp_keepalive: bool,
@@ -328,6 +353,7 @@ impl Default for General {
             auth_dbname: None,
             auth_cache_lifetime: d_auth_cache(),
             max_client_buffer_bytes: d_client_buffers(),
+            instances: d_instances(),
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,
@@ -643,8 +669,14 @@ fn d_auth_query() -> String {
 fn d_auth_cache() -> Duration {
     defaults::AUTH_CACHE_LIFETIME
 }
+fn d_instances() -> u64 {
+    1
+}
+fn d_rate_backend_timeout() -> Duration {
+    Duration::from_millis(50)
+}
 fn d_client_buffers() -> usize {
-    1 << 30
+    256 << 20
 }
 fn d_reserve_timeout() -> Duration {
     Duration::from_secs(5)

@@ -108,6 +108,23 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             "must not be below degraded_slow_ratio",
         ));
     }
+    if let Some(url) = &c.rate_limits.rate_limit_backend
+        && let Err(e) = redis::Client::open(url.as_str())
+    {
+        return Err(invalid(
+            &["rate_limits", "rate_limit_backend"],
+            format!("not a usable Redis URL: {e}"),
+        ));
+    }
+    if c.rate_limits.rate_limit_backend_timeout.is_zero() {
+        return Err(invalid(
+            &["rate_limits", "rate_limit_backend_timeout"],
+            "must be above 0",
+        ));
+    }
+    if c.tidepool.instances == 0 {
+        return Err(invalid(&["tidepool", "instances"], "must be at least 1"));
+    }
     for (name, t) in &c.rate_limits.tiers {
         match (t.per_second, t.per_minute) {
             (Some(r), None) | (None, Some(r)) if r > 0 => {}

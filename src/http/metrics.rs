@@ -648,6 +648,27 @@ impl Collector for Snapshot {
             "Transactions a rate limit would admit at once now",
             &tokens,
         )?;
+        if let Some(b) = shared.rate_limits.backend() {
+            let l = labels(&[("backend", &b.target)]);
+            gauge(
+                &mut enc,
+                "tidepool_rate_limit_backend_up",
+                "Whether the shared rate-limit backend (rate_limit_backend) answers: 1 shared limits, 0 local shares",
+                &[(l.clone(), i64::from(b.is_up()))],
+            )?;
+            counter(
+                &mut enc,
+                "tidepool_rate_limit_backend_errors",
+                "Calls to the shared rate-limit backend that failed or timed out",
+                &[(l.clone(), b.errors.load(Relaxed))],
+            )?;
+            counter(
+                &mut enc,
+                "tidepool_rate_limit_local_decisions",
+                "Rate-limit decisions made locally (with this instance's share) because the shared backend was down",
+                &[(l, b.local_decisions.load(Relaxed))],
+            )?;
+        }
         let t = &shared.throttle;
         counter(
             &mut enc,

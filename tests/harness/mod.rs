@@ -40,6 +40,8 @@ mod process;
 pub mod proxy;
 /// A byte-level protocol client.
 pub mod raw;
+/// A throw-away redis-server.
+pub mod redis;
 /// Split writes and comparable answers, for differential tests.
 pub mod wire;
 

@@ -217,6 +217,19 @@ impl Raw {
         panic!("connection closed before ReadyForQuery: {out:?}");
     }
 
+    /// Messages up to the next ReadyForQuery, or to the close.
+    pub async fn read_until_ready_or_close(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        while let Some(m) = self.next().await {
+            let done = m.tag == b'Z';
+            out.push(m);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
     /// Everything until the peer closes the connection.
     pub async fn read_to_close(&mut self) -> Vec<Msg> {
         let mut out = Vec::new();

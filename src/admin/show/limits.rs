@@ -14,7 +14,13 @@ pub(super) fn rate_limits(shared: &Shared) -> ResultSet {
         ("admitted", Numeric),
         ("waited", Numeric),
         ("rejected", Numeric),
+        ("backend", Text),
     ]);
+    let backend = match shared.rate_limits.backend() {
+        None => "local".to_owned(),
+        Some(b) if b.is_up() => format!("redis {}", b.target),
+        Some(b) => format!("local share 1/{} (redis {} down)", b.instances, b.target),
+    };
     for l in shared.rate_limits.all() {
         let tier = l.tier();
         rs.push(vec![
@@ -27,6 +33,7 @@ pub(super) fn rate_limits(shared: &Shared) -> ResultSet {
             (l.admitted.load(std::sync::atomic::Ordering::Relaxed) as i64).into(),
             (l.waited.load(std::sync::atomic::Ordering::Relaxed) as i64).into(),
             (l.rejected.load(std::sync::atomic::Ordering::Relaxed) as i64).into(),
+            backend.as_str().into(),
         ]);
     }
     rs

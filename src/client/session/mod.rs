@@ -266,9 +266,13 @@ impl Session {
     /// Passes every rate limiter of this client, waiting up to
     /// `rate_limit_wait` for each.
     async fn admit(&self) -> Result<(), crate::ratelimit::Refused> {
+        if self.limiters.is_empty() {
+            return Ok(());
+        }
         let wait = self.settings.config.rate_limits.rate_limit_wait;
+        let backend = self.shared.rate_limits.backend();
         for l in &self.limiters {
-            l.admit(wait).await?;
+            l.admit(wait, backend.as_ref()).await?;
         }
         Ok(())
     }

@@ -10,15 +10,27 @@
 //! exactly, whatever the number of clients (one lock per limiter, integer
 //! nanoseconds, no drift).
 //!
+//! With `rate_limit_backend` the arrival time lives in Redis
+//! ([`shared`]), so that several instances share one limit; while Redis is
+//! down each instance decides locally with its share of the tier.
+//!
 //! Invariants: a limiter's state is only its arrival time (a reload that
 //! changes its tier keeps it); a refused request costs nothing; waiting for
 //! admission is the client's own task sleeping until its turn, never a lock
 //! held across an await.
 
+mod gcra;
+pub mod shared;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+pub use gcra::Gcra;
+pub use shared::Backend;
 
 /// A tier: `per` nanoseconds for `rate` admissions, with `burst`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,28 +56,18 @@ impl Tier {
         };
         format!("{}/{unit}, burst {}", self.rate, self.burst)
     }
-}
 
-/// The pure algorithm: admit at `now` (ns), or say when to come back.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Gcra {
-    /// Theoretical arrival time (ns); 0: a full burst is available.
-    tat: u64,
-}
-
-impl Gcra {
-    /// Ok when admitted (the state moves on); Err(how long until it would
-    /// be) otherwise (the state is unchanged).
-    pub fn admit(&mut self, now: u64, tier: &Tier) -> Result<(), Duration> {
-        let interval = tier.interval();
-        let tolerance = interval.saturating_mul(tier.burst);
-        let tat = self.tat.max(now);
-        let allowed_at = tat.saturating_sub(tolerance);
-        if now < allowed_at {
-            return Err(Duration::from_nanos(allowed_at - now));
+    /// One of `instances`' share of this tier (at least one a period).
+    fn share(&self, instances: u64) -> Tier {
+        if instances <= 1 {
+            return self.clone();
         }
-        self.tat = tat + interval;
-        Ok(())
+        Tier {
+            name: self.name.clone(),
+            rate: (self.rate / instances).max(1),
+            per: self.per,
+            burst: self.burst / instances,
+        }
     }
 }
 
@@ -74,6 +76,8 @@ impl Gcra {
 pub struct Limiter {
     pub scope: &'static str,
     pub name: String,
+    /// `scope:name`, its key in the shared backend.
+    key: String,
     tier: Mutex<Tier>,
     gcra: Mutex<Gcra>,
     pub admitted: AtomicU64,
@@ -98,22 +102,42 @@ impl Limiter {
             .clone()
     }
 
-    fn try_admit(&self, now: u64) -> Result<(), Duration> {
-        let tier = self.tier();
-        self.gcra
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .admit(now, &tier)
+    fn gcra(&self) -> std::sync::MutexGuard<'_, Gcra> {
+        self.gcra.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits one transaction, waiting up to `wait` for its turn.
-    pub async fn admit(&self, wait: Duration) -> Result<(), Refused> {
+    /// One decision: in the shared backend when there is one and it
+    /// answers (the local state then mirrors it, for the token count), else
+    /// here, with this instance's share of the tier when a backend is set.
+    async fn try_admit(&self, backend: Option<&Arc<Backend>>) -> Result<(), Duration> {
+        let tier = self.tier();
+        if let Some(b) = backend {
+            if let Some(remote) = b.admit(&self.key, &tier).await {
+                let lead = u64::try_from(remote.lead.as_nanos()).unwrap_or(u64::MAX);
+                self.gcra().tat = crate::clock::mono_ns().saturating_add(lead);
+                return remote.verdict;
+            }
+            return self
+                .gcra()
+                .admit(crate::clock::mono_ns(), &tier.share(b.instances));
+        }
+        self.gcra().admit(crate::clock::mono_ns(), &tier)
+    }
+
+    /// Admits one transaction, waiting up to `wait` for its turn; decided
+    /// in `backend` when there is one.
+    pub async fn admit(
+        &self,
+        wait: Duration,
+        backend: Option<&Arc<Backend>>,
+    ) -> Result<(), Refused> {
         let deadline = crate::clock::mono_ns()
             .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         let mut waited = false;
         loop {
+            let verdict = self.try_admit(backend).await;
             let now = crate::clock::mono_ns();
-            match self.try_admit(now) {
+            match verdict {
                 Ok(()) => {
                     self.admitted.fetch_add(1, Ordering::Relaxed);
                     if waited {
@@ -143,7 +167,7 @@ impl Limiter {
     /// Admissions available right now (whole tokens).
     pub fn tokens(&self) -> u64 {
         let tier = self.tier();
-        let g = *self.gcra.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = *self.gcra();
         let now = crate::clock::mono_ns();
         let interval = tier.interval();
         let used = g.tat.saturating_sub(now);
@@ -151,13 +175,54 @@ impl Limiter {
     }
 }
 
-/// Every limiter, by (scope, name).
+/// Every limiter, by (scope, name), and the shared backend if any.
 #[derive(Debug, Default)]
 pub struct RateLimits {
     limiters: Mutex<HashMap<(&'static str, String), Arc<Limiter>>>,
+    backend: ArcSwapOption<Backend>,
+    /// What `backend` was made from (URL, timeout, instances).
+    made_from: Mutex<Option<(String, Duration, u64)>>,
 }
 
 impl RateLimits {
+    /// The shared backend in force, if `rate_limit_backend` is set.
+    pub fn backend(&self) -> Option<Arc<Backend>> {
+        self.backend.load_full()
+    }
+
+    /// Puts `config`'s backend in force: made anew when its URL, timeout
+    /// or instance count changed (the old one's connection closes), kept
+    /// otherwise; removed when unset. The limiters' state stays.
+    pub fn configure(&self, config: &crate::config::Config) {
+        let wanted = config.rate_limits.rate_limit_backend.as_ref().map(|url| {
+            (
+                url.clone(),
+                config.rate_limits.rate_limit_backend_timeout,
+                config.tidepool.instances,
+            )
+        });
+        let mut made = self
+            .made_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *made == wanted {
+            return;
+        }
+        let backend = match &wanted {
+            None => None,
+            Some((url, timeout, instances)) => match Backend::new(url, *timeout, *instances) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    // The config check refuses such a URL; keep local limits.
+                    tracing::error!(error = %e, "rate_limit_backend unusable: limits stay local");
+                    None
+                }
+            },
+        };
+        self.backend.store(backend);
+        *made = wanted;
+    }
+
     /// The limiter of `name` in `scope` (`user` or `database`) under `tier`,
     /// made on first use; a changed tier applies from now on.
     pub fn limiter(&self, scope: &'static str, name: &str, tier: &Tier) -> Arc<Limiter> {
@@ -168,6 +233,7 @@ impl RateLimits {
                 Arc::new(Limiter {
                     scope,
                     name: name.to_owned(),
+                    key: format!("{scope}:{name}"),
                     tier: Mutex::new(tier.clone()),
                     gcra: Mutex::new(Gcra::default()),
                     admitted: AtomicU64::new(0),
@@ -195,73 +261,5 @@ impl RateLimits {
             .collect();
         v.sort_by(|a, b| (a.scope, &a.name).cmp(&(b.scope, &b.name)));
         v
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tier(rate: u64, per_secs: u64, burst: u64) -> Tier {
-        Tier {
-            name: "t".into(),
-            rate,
-            per: Duration::from_secs(per_secs),
-            burst,
-        }
-    }
-
-    const SEC: u64 = 1_000_000_000;
-
-    #[test]
-    fn ten_a_minute_with_a_burst_of_two_admits_twelve_in_the_first_minute() {
-        let t = tier(10, 60, 2);
-        let mut g = Gcra::default();
-        let start = 1_000 * SEC;
-        let mut admitted = 0;
-        // A request every 100 ms for a minute.
-        for i in 0..600 {
-            if g.admit(start + i * SEC / 10, &t).is_ok() {
-                admitted += 1;
-            }
-        }
-        assert_eq!(admitted, 12);
-    }
-
-    #[test]
-    fn a_refusal_says_when_to_come_back_and_costs_nothing() {
-        let t = tier(1, 1, 0);
-        let mut g = Gcra::default();
-        assert!(g.admit(10 * SEC, &t).is_ok());
-        let wait = g.admit(10 * SEC, &t).unwrap_err();
-        assert_eq!(wait, Duration::from_secs(1));
-        assert!(g.admit(10 * SEC + SEC / 2, &t).is_err());
-        assert!(g.admit(11 * SEC, &t).is_ok());
-    }
-
-    proptest::proptest! {
-        /// Whatever the arrival pattern, over a window from a full start the
-        /// admissions never exceed burst + 1 + window / interval, and with
-        /// demand at every instant they reach it.
-        #[test]
-        fn admissions_are_rate_times_time_plus_burst(
-            rate in 1u64..1000,
-            burst in 0u64..50,
-            gaps in proptest::collection::vec(0u64..200_000_000, 1..400),
-        ) {
-            let t = tier(rate, 1, burst);
-            let mut g = Gcra::default();
-            let start = 5 * SEC;
-            let mut now = start;
-            let mut admitted = 0u64;
-            for gap in gaps {
-                now += gap;
-                if g.admit(now, &t).is_ok() {
-                    admitted += 1;
-                }
-            }
-            let bound = burst + 1 + (now - start) / t.interval();
-            proptest::prop_assert!(admitted <= bound, "{admitted} > {bound}");
-        }
     }
 }
