@@ -206,15 +206,12 @@ impl Raw {
 
     /// Messages up to and including the next ReadyForQuery.
     pub async fn read_until_ready(&mut self) -> Vec<Msg> {
-        let mut out = Vec::new();
-        while let Some(m) = self.next().await {
-            let done = m.tag == b'Z';
-            out.push(m);
-            if done {
-                return out;
-            }
-        }
-        panic!("connection closed before ReadyForQuery: {out:?}");
+        let out = self.read_until_ready_or_close().await;
+        assert!(
+            out.last().is_some_and(|m| m.tag == b'Z'),
+            "connection closed before ReadyForQuery: {out:?}"
+        );
+        out
     }
 
     /// Messages up to the next ReadyForQuery, or to the close.
