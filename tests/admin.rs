@@ -149,10 +149,12 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
     client.simple_query("select 1").await.unwrap();
     let admin = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
     let expect: &[(&str, &[&str])] = &[
+        // PgBouncer 1.25 (what SHOW VERSION claims), as its stats.c writes them.
         (
             "SHOW STATS",
             &[
                 "database",
+                "total_server_assignment_count",
                 "total_xact_count",
                 "total_query_count",
                 "total_received",
@@ -160,6 +162,11 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
                 "total_xact_time",
                 "total_query_time",
                 "total_wait_time",
+                "total_client_parse_count",
+                "total_server_parse_count",
+                "total_bind_count",
+                "total_client_login_count",
+                "avg_server_assignment_count",
                 "avg_xact_count",
                 "avg_query_count",
                 "avg_recv",
@@ -167,12 +174,17 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
                 "avg_xact_time",
                 "avg_query_time",
                 "avg_wait_time",
+                "avg_client_parse_count",
+                "avg_server_parse_count",
+                "avg_bind_count",
+                "avg_client_login_count",
             ],
         ),
         (
             "SHOW STATS_TOTALS",
             &[
                 "database",
+                "server_assignment_count",
                 "xact_count",
                 "query_count",
                 "bytes_received",
@@ -180,12 +192,17 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
                 "xact_time",
                 "query_time",
                 "wait_time",
+                "client_parse_count",
+                "server_parse_count",
+                "bind_count",
+                "client_login_count",
             ],
         ),
         (
             "SHOW STATS_AVERAGES",
             &[
                 "database",
+                "server_assignment_count",
                 "xact_count",
                 "query_count",
                 "bytes_received",
@@ -193,6 +210,10 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
                 "xact_time",
                 "query_time",
                 "wait_time",
+                "avg_client_parse_count",
+                "avg_server_parse_count",
+                "avg_bind_count",
+                "avg_client_login_count",
             ],
         ),
         ("SHOW TOTALS", &["name", "value"]),
@@ -306,6 +327,7 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
         ),
         ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
         ("SHOW LISTS", &["list", "items"]),
+        ("SHOW MEM", &["name", "size", "used", "free", "memtotal"]),
         ("SHOW VERSION", &["version"]),
         ("SHOW STATE", &["key", "value"]),
     ];
@@ -317,6 +339,22 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
             .unwrap();
         assert!(got.len() >= cols.len(), "{cmd}: {got:?}");
         assert_eq!(&got[..cols.len()], *cols, "{cmd}");
+    }
+    // SHOW MEM counts what the structures hold: this test's client and its
+    // server; memtotal is size × (used + free).
+    let mem = show(&admin, "SHOW MEM").await;
+    let clients = row_for(&mem, "name", "client_cache");
+    assert!(num(clients, "used") >= 1, "{mem:?}");
+    assert!(
+        num(row_for(&mem, "name", "server_cache"), "used") >= 1,
+        "{mem:?}"
+    );
+    for row in &mem {
+        assert_eq!(
+            num(row, "memtotal"),
+            num(row, "size") * (num(row, "used") + num(row, "free")),
+            "{row:?}"
+        );
     }
     // Legacy names old exporters read are still there, at the end.
     let stats = show(&admin, "SHOW STATS").await;

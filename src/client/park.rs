@@ -75,6 +75,12 @@ impl Lot {
     }
 
     /// Clients parked now.
+    /// Bytes one parked client takes in the lot (its record, besides the
+    /// socket the kernel keeps).
+    pub fn item_size() -> usize {
+        std::mem::size_of::<Parked>() + std::mem::size_of::<u64>()
+    }
+
     pub fn len(&self) -> usize {
         self.map().len()
     }

@@ -15,6 +15,7 @@ mod connections;
 mod health;
 mod limits;
 mod logins;
+mod memory;
 mod pools;
 mod queries;
 mod settings;
@@ -24,6 +25,7 @@ use connections::{clients, servers};
 use health::{health, replicas};
 use limits::rate_limits;
 use logins::auth_failures;
+use memory::mem;
 use pools::pools;
 pub use pools::recommendation;
 use queries::{queries, slow_queries};
@@ -115,6 +117,7 @@ pub enum Show {
     Replicas,
     AuthFailures,
     RateLimits,
+    Mem,
 }
 
 impl Show {
@@ -141,6 +144,7 @@ impl Show {
             "REPLICAS" => Show::Replicas,
             "AUTH_FAILURES" => Show::AuthFailures,
             "RATE_LIMITS" => Show::RateLimits,
+            "MEM" => Show::Mem,
             _ => return None,
         })
     }
@@ -172,6 +176,7 @@ impl Show {
             Show::Replicas => replicas(shared),
             Show::AuthFailures => auth_failures(shared),
             Show::RateLimits => rate_limits(shared),
+            Show::Mem => mem(shared),
         })
     }
 }
@@ -198,7 +203,7 @@ pub const VERSION: &str = concat!(
 
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
-SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS
+SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|MEM
 SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
