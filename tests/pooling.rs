@@ -411,3 +411,95 @@ async fn custom_settings_follow_their_client_and_never_leak() {
         .get(0);
     assert!(v.as_deref().unwrap_or("").is_empty());
 }
+
+/// `server_check_delay` / `server_check_query`: a connection idle past the
+/// delay is `sv_used`, checked before it serves (`sv_tested` meanwhile) and
+/// kept when it answers; one that fails the check is replaced without the
+/// client seeing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_checked_before_they_serve_again() {
+    let c = cluster();
+    let db = c.create_database("server_check");
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 1\nserver_check_delay = \"1s\"\nserver_check_query = \"select pg_sleep(0.8)\"",
+        "",
+    )
+    .replace("[tidepool]\n", "[tidepool]\nstats_users = [\"app\"]\n");
+    let proxy = TestProxy::start(&toml);
+    let console = proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer");
+    let pool = || {
+        let console = console.clone();
+        let db = db.clone();
+        async move {
+            let rows = harness::console(&console, "SHOW POOLS").await;
+            let row = rows.into_iter().find(|r| r["database"] == db).unwrap();
+            let n = |k: &str| row[k].parse::<u32>().unwrap();
+            (n("sv_idle"), n("sv_used"), n("sv_tested"))
+        }
+    };
+    let client = proxy.client(&db).await;
+    let first: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pool().await, (1, 0, 0), "fresh: idle");
+    harness::wait_until_async(
+        "idle past server_check_delay",
+        Duration::from_secs(10),
+        || async { pool().await == (0, 1, 0) },
+    )
+    .await;
+    let (again, tested) = tokio::join!(
+        async {
+            client
+                .query_one("select pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0)
+        },
+        async {
+            let mut seen = false;
+            for _ in 0..40 {
+                if pool().await.2 == 1 {
+                    seen = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        }
+    );
+    assert!(tested, "sv_tested while the check ran");
+    assert_eq!(again, first, "it passed the check: the same server serves");
+    drop(proxy);
+
+    // A check that fails: the connection is closed and another serves.
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 1\nserver_check_delay = \"0s\"\nserver_check_query = \"select 1/0\"",
+        "",
+    );
+    let proxy = TestProxy::start(&toml);
+    let client = proxy.client(&db).await;
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        pids.push(
+            client
+                .query_one("select pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+        );
+    }
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        3,
+        "each checkout found the idle one failing: {pids:?}"
+    );
+    assert!(proxy.server_count() <= 1);
+}

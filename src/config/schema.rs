@@ -436,6 +436,16 @@ pub struct PoolSettings {
     /// Run on a server when a session-mode client leaves. Default `DISCARD ALL`; empty = none.
     #[serde(default = "d_reset_query")]
     pub server_reset_query: String,
+    /// An idle server connection unused for this long is checked with
+    /// `server_check_query` before a client gets it (PgBouncer's meaning;
+    /// `0s`: checked every time). Default `30s`.
+    #[serde(default = "d_check_delay", with = "duration")]
+    pub server_check_delay: Duration,
+    /// The check: a query the server must answer without error. Default
+    /// empty: an empty query (PostgreSQL answers EmptyQueryResponse, the
+    /// cheapest round trip), as PgBouncer 1.25.
+    #[serde(default)]
+    pub server_check_query: String,
     /// Named prepared statements kept per server connection (LRU); 0 turns
     /// statement tracking off in transaction mode. Default 200.
     #[serde(default = "d_max_prepared")]
@@ -503,6 +513,8 @@ impl Default for PoolSettings {
             idle_transaction_timeout: defaults::IDLE_TRANSACTION_TIMEOUT,
             park_idle_clients_after: defaults::PARK_IDLE_CLIENTS_AFTER,
             server_reset_query: d_reset_query(),
+            server_check_delay: d_check_delay(),
+            server_check_query: String::new(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
             reserve_pool_size: 0,
@@ -707,6 +719,9 @@ fn d_degraded() -> f64 {
 }
 fn d_unhealthy() -> f64 {
     defaults::UNHEALTHY_SLOW_RATIO
+}
+fn d_check_delay() -> Duration {
+    Duration::from_secs(30)
 }
 fn d_reset_query() -> String {
     defaults::SERVER_RESET_QUERY.to_owned()

@@ -328,6 +328,11 @@ impl Pool {
         // connection fails or is abandoned.
         let mut held = self.held();
         held.reserve = reserve;
+        let found = match found {
+            // Unused for server_check_delay: it must answer the check first.
+            Some(i) if self.due_for_check(&i) => Box::pin(self.check(i)).await,
+            found => found,
+        };
         let idle = match found {
             Some(i) => i,
             // Rare (the pool grows): boxed, so that every waiting client's
@@ -412,6 +417,35 @@ impl Pool {
             }
         }
         None
+    }
+
+    fn due_for_check(&self, idle: &Idle) -> bool {
+        crate::clock::coarse_since(idle.conn.last_used) >= self.settings().server_check_delay
+    }
+
+    /// Runs `server_check_query` on a connection that sat idle: it serves
+    /// when the server answers in time; otherwise it is closed (None: open
+    /// another).
+    async fn check(&self, mut idle: Idle) -> Option<Idle> {
+        let settings = self.settings();
+        let _testing = super::Counted::new(&self.testing);
+        let answered = tokio::time::timeout(
+            settings.server_check_timeout,
+            idle.conn.run_internal(&settings.server_check_query),
+        )
+        .await;
+        match answered {
+            Ok(Ok(_)) if idle.conn.tx == crate::protocol::TxStatus::Idle => Some(idle),
+            other => {
+                let why = match other {
+                    Err(_) => "no answer in time".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(_)) => "left a transaction open".to_owned(),
+                };
+                tracing::info!(pool = %self.name(), server = idle.conn.id, reason = %why, "server_check_query failed: closing the connection");
+                None
+            }
+        }
     }
 
     fn usable(&self, idle: &Idle) -> bool {

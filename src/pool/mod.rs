@@ -46,6 +46,11 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,
     pub server_reset_query: String,
+    /// Idle this long, a connection is checked before it serves.
+    pub server_check_delay: Duration,
+    pub server_check_query: String,
+    /// How long the check may take (`server_connect_timeout`).
+    pub server_check_timeout: Duration,
     /// Statements slower than this are slow.
     pub slow_query_threshold: Duration,
 }
@@ -68,6 +73,23 @@ struct Idle {
     conn: Box<ServerConn>,
     /// Permits of the caps this connection counts under (database, user).
     _permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// One more in a gauge while it lives (a connection being opened or
+/// tested), one less when dropped, however the work ends.
+pub(crate) struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    pub(crate) fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Which pool: clients' database and user, and the backend (0 = primary,
@@ -95,6 +117,8 @@ pub struct Pool {
     in_use: AtomicUsize,
     /// Connections being opened.
     opening: AtomicUsize,
+    /// Connections running `server_check_query` before they serve.
+    testing: AtomicUsize,
     /// A connection went back to the idle list: checkouts waiting on a cap
     /// (`open`) take it instead of a new one.
     idle_ready: tokio::sync::Notify,
@@ -212,6 +236,7 @@ impl Pool {
             caps,
             in_use: AtomicUsize::new(0),
             opening: AtomicUsize::new(0),
+            testing: AtomicUsize::new(0),
             idle_ready: tokio::sync::Notify::new(),
             retired: AtomicBool::new(false),
             traffic,
@@ -245,6 +270,24 @@ impl Pool {
 
     pub fn opening_count(&self) -> usize {
         self.opening.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections as (ready, due for a check): those unused for
+    /// `server_check_delay` are PgBouncer's `sv_used`.
+    pub fn idle_split(&self) -> (usize, usize) {
+        let delay = self.settings().server_check_delay;
+        let core = lock(&self.core);
+        let due = core
+            .idle
+            .iter()
+            .filter(|i| crate::clock::coarse_since(i.conn.last_used) >= delay)
+            .count();
+        (core.idle.len() - due, due)
+    }
+
+    /// Connections running `server_check_query` now (`sv_tested`).
+    pub fn testing_count(&self) -> usize {
+        self.testing.load(Ordering::Relaxed)
     }
 
     pub fn is_retired(&self) -> bool {
@@ -373,9 +416,11 @@ impl Pool {
             }
         }
         let spec = lock(&self.spec).clone();
-        self.opening.fetch_add(1, Ordering::Relaxed);
-        let conn = crate::server::connect(&spec).await;
-        self.opening.fetch_sub(1, Ordering::Relaxed);
+        let conn = {
+            // Counted while it lasts, also when the checkout is abandoned.
+            let _opening = Counted::new(&self.opening);
+            crate::server::connect(&spec).await
+        };
         let mut conn = conn?;
         let addr = conn.cancel_key.addr;
         let local = conn.stream.local_addr().ok();

@@ -326,6 +326,9 @@ fn pool_settings(c: &Config, db: &Database, user: &str) -> PoolSettings {
         server_idle_timeout: c.pool.server_idle_timeout,
         server_lifetime: c.pool.server_lifetime,
         server_reset_query: c.pool.server_reset_query.clone(),
+        server_check_delay: c.pool.server_check_delay,
+        server_check_query: c.pool.server_check_query.clone(),
+        server_check_timeout: c.pool.server_connect_timeout,
         slow_query_threshold: db
             .slow_query_threshold
             .unwrap_or(c.stats.slow_query_threshold),

@@ -65,7 +65,8 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
         let (active, waiting, maxwait) = (c.active, c.waiting, c.max_wait_us);
         let health = shared.stats.health(&p.database, &cfg);
         let sv_active = p.active_count();
-        let sv_idle = p.idle_count();
+        let (sv_idle, sv_used) = p.idle_split();
+        let sv_tested = p.testing_count();
         let sv_login = p.opening_count();
         rs.push(vec![
             backend_name(&p.database, p.backend).into(),
@@ -78,8 +79,8 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
             0i64.into(),
             0i64.into(),
             sv_idle.into(),
-            0i64.into(),
-            0i64.into(),
+            sv_used.into(),
+            sv_tested.into(),
             sv_login.into(),
             (maxwait / 1_000_000).into(),
             (maxwait % 1_000_000).into(),
@@ -92,7 +93,7 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
             recommendation(
                 waiting,
                 maxwait,
-                sv_active + sv_idle + sv_login,
+                sv_active + sv_idle + sv_used + sv_tested + sv_login,
                 s.size,
                 &health,
                 s.slow_query_threshold.as_millis(),
