@@ -29,8 +29,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config file and exit.
-    Check,
+    /// Validate the config file and exit; with --probe, also check that a
+    /// tidepool running with it answers (a container's health check).
+    Check {
+        /// Connect to the first `listen` address and, when `[metrics]
+        /// listen` is set, GET /healthz; exit 1 if either fails.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Print where each statement would be routed (its class under the
     /// config's `[routing]` rules); with --bench, also what classifying it
     /// costs: parsed, from the shared text cache, from a client's memo.
@@ -66,6 +72,51 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `check --probe`: the first listen address accepts a connection and
+/// `/healthz` (when the metrics endpoint is on) answers 200, each within
+/// two seconds. A wildcard address is probed on loopback.
+fn probe_running(config: &tidepool::Config) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+    const WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+    let resolve = |addr: &str| -> Result<SocketAddr, String> {
+        let mut a = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("{addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr}: no address"))?;
+        if a.ip().is_unspecified() {
+            a.set_ip(if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        Ok(a)
+    };
+    let listen = config.tidepool.listen.first().ok_or("no listen address")?;
+    let a = resolve(listen)?;
+    TcpStream::connect_timeout(&a, WITHIN).map_err(|e| format!("{a}: {e}"))?;
+    if let Some(m) = &config.metrics.listen {
+        let a = resolve(m)?;
+        let mut s = TcpStream::connect_timeout(&a, WITHIN).map_err(|e| format!("{a}: {e}"))?;
+        s.set_read_timeout(Some(WITHIN))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .map_err(|e| format!("{a}: {e}"))?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .map_err(|e| format!("{a}: {e}"))?;
+        if !answer.starts_with("HTTP/1.1 200") {
+            return Err(format!(
+                "{a}/healthz answered {:?}",
+                answer.lines().next().unwrap_or("")
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match tidepool::Config::load(&cli.config) {
@@ -76,11 +127,18 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Check) => {
+        Some(Command::Check { probe }) => {
             for w in tidepool::pool::health_warnings(&config) {
                 eprintln!("warning: {w}");
             }
             println!("{}: OK", cli.config.display());
+            if probe {
+                if let Err(e) = probe_running(&config) {
+                    eprintln!("tidepool: probe failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+                println!("tidepool answers");
+            }
             return ExitCode::SUCCESS;
         }
         Some(Command::Classify {
