@@ -178,11 +178,22 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
 /// Whether every configured database's primary accepts a TCP connection.
 pub async fn ready(shared: &Shared) -> (bool, String) {
     let settings = shared.settings();
+    // The backend that takes writes: the primary, or the replica that
+    // replaced it after a failover.
     let targets: Vec<(String, String)> = settings
         .config
         .databases
         .iter()
-        .map(|(name, db)| (name.clone(), format!("{}:{}", db.host, db.port)))
+        .map(|(name, db)| {
+            let addr = match shared.registry.health(name) {
+                Some(h) if h.writer() > 0 => {
+                    let w = h.writer_backend();
+                    format!("{}:{}", w.host, w.port)
+                }
+                _ => format!("{}:{}", db.host, db.port),
+            };
+            (name.clone(), addr)
+        })
         .collect();
     let checks = targets.into_iter().map(|(name, addr)| async move {
         let r = tokio::time::timeout(READY_TIMEOUT, TcpStream::connect(&addr)).await;

@@ -49,7 +49,7 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let mode = |m: crate::tls::Mode| m.name().to_owned();
     // Keys added after the first release, each (section, key, value,
     // default); all of them RELOAD applies.
-    let later: [(&str, &str, String, String); 25] = [
+    let later: [(&str, &str, String, String); 26] = [
         (
             "tidepool",
             "client_tls_sslmode",
@@ -134,6 +134,12 @@ pub fn describe(c: &Config) -> Vec<Row> {
             "tcp_user_timeout",
             d(g.tcp_user_timeout),
             d(gd.tcp_user_timeout),
+        ),
+        (
+            "routing",
+            "failover",
+            c.routing.failover.name().to_owned(),
+            rd.failover.name().to_owned(),
         ),
         (
             "pool",

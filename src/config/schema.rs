@@ -199,6 +199,29 @@ pub struct Routing {
     /// or are routed by their `first_statement`. Default `primary`.
     #[serde(default)]
     pub transaction_routing: TransactionRouting,
+    /// When the primary is unreachable (or in recovery) and a configured
+    /// replica is no longer in recovery (an operator or Patroni promoted
+    /// it), `auto` sends writes there; `manual` waits for a RELOAD with a
+    /// new primary. Default `auto`.
+    #[serde(default)]
+    pub failover: Failover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failover {
+    #[default]
+    Auto,
+    Manual,
+}
+
+impl Failover {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failover::Auto => "auto",
+            Failover::Manual => "manual",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -220,6 +243,7 @@ impl Default for Routing {
             write_functions: Vec::new(),
             read_only_functions: Vec::new(),
             transaction_routing: TransactionRouting::Primary,
+            failover: Failover::Auto,
         }
     }
 }

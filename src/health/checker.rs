@@ -110,6 +110,7 @@ pub fn spawn_checker(
     max_lag: Duration,
     name: String,
     tls: Option<crate::tls::Connector>,
+    failover: crate::config::Failover,
 ) {
     let weak = Arc::downgrade(health);
     tokio::spawn(async move {
@@ -118,6 +119,8 @@ pub fn spawn_checker(
         let mut logs: Vec<LogLimit> = Vec::new();
         let mut who = 0usize;
         let mut functions_loaded: Option<std::time::Instant> = None;
+        // Two primaries were seen last round (logged once per episode).
+        let mut split = false;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let keep = (max_lag * 4).max(Duration::from_secs(60)).as_nanos() as u64;
@@ -129,6 +132,9 @@ pub fn spawn_checker(
             };
             replicas.resize_with(h.replicas.len(), || None);
             logs.resize_with(h.replicas.len() + 1, LogLimit::default);
+            // Which backends answered as a primary this round.
+            let mut writable = vec![false; h.replicas.len() + 1];
+            let writer = h.writer();
             match probe(
                 &mut primary,
                 &h.primary,
@@ -141,8 +147,11 @@ pub fn spawn_checker(
             {
                 Ok((in_recovery, lsn)) => {
                     logs[0].clear();
+                    writable[0] = !in_recovery;
                     if in_recovery {
-                        tracing::error!(database = %name, "the primary is in recovery: it was demoted or is a standby; check the configuration");
+                        if writer == 0 {
+                            tracing::error!(database = %name, "the primary is in recovery: it was demoted or is a standby; check the configuration");
+                        }
                         h.primary.primary_failed(super::Problem {
                             kind: "in_recovery",
                             detail: "the primary is in recovery (demoted, or a standby)".into(),
@@ -199,7 +208,10 @@ pub fn spawn_checker(
                 .await
                 {
                     Ok((false, _)) => {
-                        tracing::error!(database = %name, replica = %format!("{}:{}", r.host, r.port), "replica is not in recovery: it was promoted; no reads go there");
+                        writable[i + 1] = true;
+                        if writer != i + 1 {
+                            tracing::error!(database = %name, replica = %format!("{}:{}", r.host, r.port), "replica is not in recovery: it was promoted; no reads go there");
+                        }
                         r.ban("promoted", "not in recovery: it was promoted");
                     }
                     Ok((true, replay)) => {
@@ -238,8 +250,55 @@ pub fn spawn_checker(
                 }
             }
             h.checked.store(true, Ordering::Relaxed);
+            split = decide_writer(&h, &writable, failover, &name, split);
         }
     });
+}
+
+/// After a round of checks: with `failover = "auto"`, writes move from a
+/// writer that cannot take them to a backend that answered as a primary
+/// (see [`super::next_writer`]); a second primary beside a working writer
+/// is reported (once while it lasts: `split` says whether it was last
+/// round; the new value is returned), never followed.
+fn decide_writer(
+    h: &Health,
+    writable: &[bool],
+    failover: crate::config::Failover,
+    name: &str,
+    split: bool,
+) -> bool {
+    let writer = h.writer();
+    let addr = |k: usize| {
+        let b = if k == 0 {
+            &h.primary
+        } else {
+            &h.replicas[k - 1]
+        };
+        format!("{}:{}", b.host, b.port)
+    };
+    if failover == crate::config::Failover::Manual {
+        if !writable.get(writer).copied().unwrap_or(false)
+            && let Some(k) = writable.iter().position(|w| *w)
+        {
+            tracing::warn!(database = %name, promoted = %addr(k), "the primary cannot take writes and another backend is a primary; failover = \"manual\": RELOAD with the new primary to move writes");
+        }
+        return false;
+    }
+    let next = super::next_writer(writer, writable);
+    if next != writer {
+        h.writer.store(next, Ordering::Relaxed);
+        h.failovers.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(database = %name, from = %addr(writer), to = %addr(next), "failover: the writer cannot take writes and this backend is a primary; writes go there now");
+    }
+    let others = writable
+        .iter()
+        .enumerate()
+        .filter(|(k, w)| **w && *k != next)
+        .count();
+    if others > 0 && !split {
+        tracing::error!(database = %name, writer = %addr(next), "more than one backend answers as a primary (split brain): writes stay on the current writer; fence the other");
+    }
+    others > 0
 }
 
 /// Loads the database's function volatilities from the primary.

@@ -165,6 +165,12 @@ pub struct Health {
     /// to the primary from then on. Bounded by `MISROUTES_KEPT`.
     misrouted: Mutex<std::collections::HashSet<u64>>,
     any_misrouted: AtomicBool,
+    /// The backend that takes writes: 0, the configured primary, or `i + 1`
+    /// when replica `i` was promoted and `failover = "auto"` moved writes
+    /// there. Only the checker changes it.
+    writer: AtomicUsize,
+    /// Times writes moved to another backend.
+    pub failovers: AtomicU64,
 }
 
 /// Fingerprints of misrouted statements kept per database (the set starts
@@ -188,6 +194,22 @@ impl Health {
             functions_stale: AtomicBool::new(true),
             misrouted: Mutex::new(std::collections::HashSet::new()),
             any_misrouted: AtomicBool::new(false),
+            writer: AtomicUsize::new(0),
+            failovers: AtomicU64::new(0),
+        }
+    }
+
+    /// The backend that takes writes now (0: the configured primary,
+    /// `i + 1`: replica `i`, promoted).
+    pub fn writer(&self) -> usize {
+        self.writer.load(Ordering::Relaxed)
+    }
+
+    /// The writer's backend record.
+    pub fn writer_backend(&self) -> &Backend {
+        match self.writer() {
+            0 => &self.primary,
+            i => self.replicas.get(i - 1).unwrap_or(&self.primary),
         }
     }
 
@@ -268,6 +290,18 @@ impl Health {
     }
 }
 
+/// Where writes go after one round of checks: `writable[k]` says whether
+/// backend `k` (0 the configured primary, `i + 1` replica `i`) answered and
+/// is not in recovery. The writer stays while it is writable; otherwise the
+/// first writable backend takes over; with none, nothing changes (writes
+/// fail until one is). Pure, for the checker and its tests.
+pub fn next_writer(writer: usize, writable: &[bool]) -> usize {
+    if writable.get(writer).copied().unwrap_or(false) {
+        return writer;
+    }
+    writable.iter().position(|w| *w).unwrap_or(writer)
+}
+
 /// `X/Y` text LSN to a number.
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
@@ -277,6 +311,21 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_move_only_from_a_writer_that_cannot_take_them() {
+        // The primary is fine: it stays, even with a promoted replica
+        // beside it (split brain is reported, not followed).
+        assert_eq!(next_writer(0, &[true, true, false]), 0);
+        // The primary is down, replica 1 (backend 2) was promoted.
+        assert_eq!(next_writer(0, &[false, false, true]), 2);
+        // Nothing writable: no move.
+        assert_eq!(next_writer(0, &[false, false, false]), 0);
+        // The promoted one stays even when the old primary comes back.
+        assert_eq!(next_writer(2, &[true, false, true]), 2);
+        // It failed and the old primary is a primary again: back there.
+        assert_eq!(next_writer(2, &[true, false, false]), 0);
+    }
 
     #[test]
     fn lsn_parsing() {

@@ -490,6 +490,34 @@ impl Collector for Snapshot {
             "Times a replica was banned",
             &bans,
         )?;
+        let (mut writers, mut failovers) = (Vec::new(), Vec::new());
+        for name in cfg.databases.keys() {
+            if let Some(h) = shared.registry.health(name) {
+                let w = h.writer();
+                let b = h.writer_backend();
+                writers.push((
+                    labels(&[
+                        ("database", name),
+                        ("writer", &backend_name(name, w)),
+                        ("backend", &format!("{}:{}", b.host, b.port)),
+                    ]),
+                    w as i64,
+                ));
+                failovers.push((labels(&[("database", name)]), h.failovers.load(Relaxed)));
+            }
+        }
+        gauge(
+            &mut enc,
+            "tidepool_writer_backend",
+            "The backend that takes writes: 0 the configured primary, N replica N after a failover",
+            &writers,
+        )?;
+        counter(
+            &mut enc,
+            "tidepool_failovers",
+            "Times writes moved to another backend (failover = \"auto\")",
+            &failovers,
+        )?;
 
         // Per-query top N.
         let top: Vec<_> = shared

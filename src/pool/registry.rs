@@ -69,6 +69,7 @@ struct HealthSource {
     creds: Vec<HealthCredentials>,
     period: Duration,
     max_lag: Duration,
+    failover: crate::config::Failover,
 }
 
 pub struct Registry {
@@ -130,6 +131,7 @@ impl Registry {
                 creds: health_credentials(config, name, db),
                 period: config.routing.health_check_period,
                 max_lag: config.routing.max_replica_lag,
+                failover: config.routing.failover,
             };
             if health.get(name).is_some_and(|(s, _)| *s == source) {
                 continue;
@@ -148,6 +150,7 @@ impl Registry {
                     source.max_lag,
                     name.clone(),
                     config.server_tls(name).cloned(),
+                    source.failover,
                 );
             }
             health.insert(name.clone(), (source, h));

@@ -214,6 +214,45 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("start_replica: {e}"));
     }
 
+    /// `kill -9` of the primary's postmaster (no shutdown: its backends
+    /// die with it and unflushed work is lost, as in a crash); waits until
+    /// it has exited. `start_primary` runs crash recovery.
+    pub fn kill_primary(&self) {
+        self.primary.signal_postmaster(libc::SIGKILL);
+        let mut guard = self.primary.lock();
+        if let Some(mut child) = guard.take() {
+            let _ = child.wait();
+        }
+        drop(guard);
+        // Orphaned backends notice the postmaster is gone and exit; the
+        // next start waits for the port and shared memory to be free.
+    }
+
+    /// Sends `sig` to replica `i`'s postmaster (SIGSTOP: it stops
+    /// answering without closing connections; SIGCONT resumes it).
+    pub fn signal_replica(&self, i: usize, sig: i32) {
+        self.replicas[i].signal_postmaster(sig);
+    }
+
+    /// `pg_ctl promote` of replica `i`: it leaves recovery and takes
+    /// writes; waits until it has.
+    pub fn promote_replica(&self, i: usize) {
+        let mut cmd = Command::new(os::pg_bin("pg_ctl"));
+        cmd.args(["promote", "-w", "-t", "60", "-D"])
+            .arg(&self.replicas[i].data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        server_env(&mut cmd).unwrap_or_else(|e| panic!("promote_replica: {e}"));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("promote_replica: pg_ctl: {e}"));
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Whether the primary's postmaster process is alive.
     pub fn primary_is_running(&self) -> bool {
         self.primary.is_running()
@@ -470,6 +509,13 @@ impl Server {
         Err(format!(
             "{name}: no usable port after {PORT_ATTEMPTS} attempts; last error: {last}"
         ))
+    }
+
+    fn signal_postmaster(&self, sig: i32) {
+        if let Some(child) = self.lock().as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Child>> {

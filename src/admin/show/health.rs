@@ -87,6 +87,7 @@ pub(super) fn replicas(shared: &Shared) -> ResultSet {
         ("writes", Numeric),
         ("bans", Numeric),
         ("reason", Text),
+        ("writer", Int4),
     ]);
     use std::sync::atomic::Ordering::Relaxed;
     let settings = shared.settings();
@@ -109,6 +110,7 @@ pub(super) fn replicas(shared: &Shared) -> ResultSet {
                 r.writes.load(Relaxed).into(),
                 r.bans.load(Relaxed).into(),
                 r.problem().map(|p| p.to_string()).into(),
+                (h.writer() == b).into(),
             ]);
         }
     }

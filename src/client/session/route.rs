@@ -69,7 +69,7 @@ impl Session {
         loop {
             match route {
                 Route::Primary => {
-                    let pool = self.pool.clone();
+                    let pool = self.writer_pool();
                     return Ok((self.acquire(&pool).await?, Route::Primary, None));
                 }
                 Route::NoReplica => {
@@ -100,6 +100,15 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// The pool of the backend that takes writes: the primary's, or a
+    /// promoted replica's after a failover (`[routing] failover`).
+    fn writer_pool(&mut self) -> Arc<Pool> {
+        match self.health.as_ref().map(|h| h.writer()) {
+            Some(w) if w > 0 => self.replica_pool(w - 1),
+            _ => self.pool.clone(),
         }
     }
 
