@@ -337,12 +337,36 @@ impl Session {
                                 crate::clock::precise_us().saturating_sub(age / 1000),
                             );
                         }
+                    } else if !limit.is_zero() {
+                        // Canceled already. A server that has not answered
+                        // the cancel after a grace (stopped, partitioned
+                        // away) is given up: the client gets an error now
+                        // instead of waiting on it for ever.
+                        let grace = limit.max(CANCEL_GRACE);
+                        let age = t
+                            .timing
+                            .oldest_pending()
+                            .map_or(0, |s| crate::clock::mono_ns().saturating_sub(s));
+                        if age >= u64::try_from((limit + grace).as_nanos()).unwrap_or(u64::MAX) {
+                            return lost(
+                                format!(
+                                    "query_timeout ({}) canceled the request and the server did not answer within {} more; its connection is closed",
+                                    humantime::format_duration(limit),
+                                    humantime::format_duration(grace)
+                                ),
+                                &cscan,
+                            );
+                        }
                     }
                 }
             }
         }
     }
 }
+
+/// After `query_timeout` canceled a request, how long (at least) the server
+/// has to answer before it is given up as unresponsive.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Appends `chunk` to `out` without copying when `out` is empty.
 pub(super) fn append(out: &mut BytesMut, chunk: BytesMut) {
