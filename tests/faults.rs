@@ -187,3 +187,42 @@ async fn the_primary_killed_under_load_and_restarted() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The sibling: a server that stops answering while tidepool runs its own
+/// query on it (here bringing its session parameters to a client's) fails
+/// that client's request after `INTERNAL_TIMEOUT` (15 s), even without
+/// `query_timeout`, and the connection is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_tidepools_own_query_is_given_up() {
+    let c = cluster();
+    let db = c.create_database("sigstop_internal");
+    let proxy = TestProxy::for_db(
+        c,
+        &db,
+        "default_pool_size = 1\nquery_wait_timeout = \"60s\"",
+    );
+    let first = proxy.client(&db).await;
+    let pid: i32 = first
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(first);
+    // A client with another setting logs in (tidepool learns the value's
+    // spelling now); the idle server must be brought to it before it serves.
+    let url = format!("{}?options=-c%20statement_timeout%3D4321", proxy.url(&db));
+    let other = harness::connect(&url).await.unwrap();
+    signal(pid, libc::SIGSTOP);
+    let answer =
+        tokio::time::timeout(Duration::from_secs(40), other.simple_query("select 1")).await;
+    signal(pid, libc::SIGCONT);
+    let err = answer.expect("hung on tidepool's own query").unwrap_err();
+    let d = err.as_db_error().expect("an error from tidepool");
+    assert!(d.message().contains("did not answer"), "{}", d.message());
+    let p2: i32 = other
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(p2, pid);
+}

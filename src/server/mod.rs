@@ -42,6 +42,10 @@ pub struct CancelKey {
     pub secret: i32,
 }
 
+/// How long tidepool's own queries on a server may take (they are short:
+/// SET, parameter and catalog reads, checks).
+pub const INTERNAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
@@ -56,6 +60,10 @@ pub enum ServerError {
     Query(ErrorFields),
     #[error("server closed the connection")]
     Closed,
+    /// tidepool's own query (parameters, checks, catalog reads) got no
+    /// answer in time: the server stopped answering.
+    #[error("the server did not answer tidepool's query within {0:?}")]
+    Unresponsive(std::time::Duration),
     #[error("{0}")]
     Tls(String),
 }
@@ -217,6 +225,13 @@ impl ServerConn {
     /// ParameterStatus changes (also applied to `self.params`), the final
     /// transaction status; an ErrorResponse becomes the error.
     async fn exchange(&mut self, sql: &str) -> Result<Exchange, ServerError> {
+        // A server that stopped answering must not hold its client for ever.
+        tokio::time::timeout(INTERNAL_TIMEOUT, self.exchange_untimed(sql))
+            .await
+            .unwrap_or(Err(ServerError::Unresponsive(INTERNAL_TIMEOUT)))
+    }
+
+    async fn exchange_untimed(&mut self, sql: &str) -> Result<Exchange, ServerError> {
         let mut out = BytesMut::new();
         write::query(&mut out, sql);
         self.stream.write_all(&out).await?;
