@@ -31,6 +31,7 @@ pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod tls;
+pub mod upgrade;
 pub mod watchdog;
 
 use std::future::Future;
@@ -48,6 +49,8 @@ pub struct Proxy {
     listeners: Vec<TcpListener>,
     metrics: Option<TcpListener>,
     shared: Arc<client::Shared>,
+    /// The listeners came from a takeover (`upgrade_socket` is replaced).
+    took_over: bool,
 }
 
 impl Proxy {
@@ -58,11 +61,27 @@ impl Proxy {
 
     /// Like [`Proxy::bind`]; RELOAD and SIGHUP re-read `path`.
     pub async fn bind_with_path(config: Config, path: Option<PathBuf>) -> std::io::Result<Proxy> {
+        Self::bind_with(config, path, false).await
+    }
+
+    /// Like [`Proxy::bind_with_path`]; with `takeover`, the listening
+    /// sockets come from the tidepool running on `upgrade_socket` (see
+    /// [`upgrade`]) instead of being bound here.
+    pub async fn bind_with(
+        config: Config,
+        path: Option<PathBuf>,
+        takeover: bool,
+    ) -> std::io::Result<Proxy> {
+        if takeover {
+            return Self::take_over(config, path).await;
+        }
         let mut listeners = Vec::new();
         for addr in &config.tidepool.listen {
-            let l = TcpListener::bind(addr.as_str()).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?;
+            let l = listener::bind(addr, config.tidepool.so_reuseport)
+                .await
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
             listeners.push(l);
         }
         let metrics = match &config.metrics.listen {
@@ -89,6 +108,45 @@ impl Proxy {
             listeners,
             metrics,
             shared: Arc::new(client::Shared::new(config, path)),
+            took_over: false,
+        })
+    }
+
+    async fn take_over(config: Config, path: Option<PathBuf>) -> std::io::Result<Proxy> {
+        let Some(socket) = config.tidepool.upgrade_socket.clone() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "--takeover needs [tidepool] upgrade_socket",
+            ));
+        };
+        let got = tokio::task::spawn_blocking(move || upgrade::take_over(socket.as_ref()))
+            .await
+            .map_err(std::io::Error::other)??;
+        if got.listeners.len() != config.tidepool.listen.len()
+            || got.metrics.is_some() != config.metrics.listen.is_some()
+        {
+            // The old process already stopped accepting: serve what it gave.
+            tracing::warn!(
+                inherited = got.listeners.len(),
+                configured = config.tidepool.listen.len(),
+                "the running tidepool listened on other addresses than this config: serving its sockets; restart to change them"
+            );
+        }
+        let listeners = got
+            .listeners
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<Result<Vec<_>, _>>()?;
+        let metrics = got.metrics.map(TcpListener::from_std).transpose()?;
+        tracing::info!(
+            listeners = listeners.len(),
+            "took over the listening sockets of the running tidepool"
+        );
+        Ok(Proxy {
+            listeners,
+            metrics,
+            shared: Arc::new(client::Shared::new(config, path)),
+            took_over: true,
         })
     }
 
@@ -115,6 +173,27 @@ impl Proxy {
     /// `drain` (default: `shutdown_timeout`).
     pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Option<Duration>) {
         let (tx, rx) = tokio::sync::watch::channel(false);
+        if let Some(socket) = self
+            .shared
+            .settings()
+            .config
+            .tidepool
+            .upgrade_socket
+            .clone()
+        {
+            use std::os::fd::AsRawFd;
+            let mut fds: Vec<_> = self.listeners.iter().map(|l| l.as_raw_fd()).collect();
+            fds.extend(self.metrics.as_ref().map(|l| l.as_raw_fd()));
+            if let Err(e) = upgrade::serve(
+                socket.as_ref(),
+                fds,
+                self.metrics.is_some(),
+                self.shared.clone(),
+                self.took_over,
+            ) {
+                tracing::warn!(error = %e, socket = %socket, "no takeover socket: upgrades will refuse connections");
+            }
+        }
         for l in self.listeners {
             tracing::info!(addr = ?l.local_addr().ok(), "listening");
             tokio::spawn(listener::accept_loop(l, self.shared.clone(), rx.clone()));
@@ -135,8 +214,9 @@ impl Proxy {
         }
         let heartbeat = tokio::spawn(self.shared.watchdog.clone().heartbeat());
         let lot = tokio::spawn(client::park::run(self.shared.clone()));
+        tokio::pin!(shutdown);
         tokio::select! {
-            _ = shutdown => {}
+            _ = &mut shutdown => {}
             _ = self.shared.lifecycle.shutdown_requested.notified() => {
                 tracing::info!("SHUTDOWN from the admin console");
             }
@@ -146,6 +226,39 @@ impl Proxy {
             .shutting_down
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send(true);
+        if self
+            .shared
+            .lifecycle
+            .wait_for_clients
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Another process (so_reuseport) takes the new clients; these
+            // stay until they leave, or until a signal or SHUTDOWN says
+            // not to wait any longer.
+            let limit_ms = self
+                .shared
+                .lifecycle
+                .wait_limit_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let limit = async {
+                if limit_ms == 0 {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(Duration::from_millis(limit_ms)).await;
+                    tracing::info!(
+                        "shutdown_timeout passed after the takeover: closing the remaining clients at their next transaction boundary"
+                    );
+                }
+            };
+            tokio::select! {
+                _ = lifecycle::clients_gone(&self.shared) => {}
+                _ = limit => {}
+                _ = &mut shutdown => tracing::info!("no longer waiting for clients to leave"),
+                _ = self.shared.lifecycle.shutdown_requested.notified() => {
+                    tracing::info!("SHUTDOWN: no longer waiting for clients to leave");
+                }
+            }
+        }
         let limit = drain.unwrap_or(self.shared.settings().config.tidepool.shutdown_timeout);
         self.shared.watchdog.shutdown_started(limit);
         lifecycle::shut_down(&self.shared, limit).await;

@@ -86,6 +86,22 @@ pub fn reload(shared: &Shared) -> Result<(), ReloadError> {
     }
 }
 
+/// Resolves once no client connection is left (SHUTDOWN WAIT_FOR_CLIENTS).
+pub async fn clients_gone(shared: &Arc<Shared>) {
+    let mut logged = std::time::Instant::now();
+    while shared.clients.load(Ordering::Relaxed) > 0 {
+        if logged.elapsed() >= Duration::from_secs(10) {
+            logged = std::time::Instant::now();
+            tracing::info!(
+                clients = shared.clients.load(Ordering::Relaxed),
+                "waiting for clients to leave (SHUTDOWN WAIT_FOR_CLIENTS)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("all clients left");
+}
+
 /// Asks every client to leave: idle ones now, busy ones after their
 /// transaction. Then waits until all have left, or `limit` passes.
 pub async fn shut_down(shared: &Arc<Shared>, limit: Duration) {

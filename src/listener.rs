@@ -14,6 +14,31 @@ use tracing::Instrument;
 use crate::client::{self, Shared};
 
 /// Accepts until `shutdown` resolves.
+/// A listening socket on `addr`; with `reuseport` (`so_reuseport`),
+/// another tidepool may listen on the same address at the same time (the
+/// kernel spreads new connections between them): the way to upgrade or
+/// restart without refusing a client.
+pub async fn bind(addr: &str, reuseport: bool) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if reuseport {
+            socket.set_reuseport(true)?;
+        }
+        match socket.bind(a).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address")))
+}
+
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,

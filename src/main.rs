@@ -23,6 +23,11 @@ struct Cli {
     /// multi-threaded runtime, for when one core is not enough.
     #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
+    /// Take over the listening sockets of the tidepool running on
+    /// `upgrade_socket` (an upgrade): it stops accepting and its clients
+    /// finish there.
+    #[arg(long)]
+    takeover: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -171,7 +176,9 @@ fn main() -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let proxy = match tidepool::Proxy::bind_with_path(config, Some(cli.config.clone())).await {
+        let proxy = match tidepool::Proxy::bind_with(config, Some(cli.config.clone()), cli.takeover)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

@@ -446,3 +446,102 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
     );
     drop(sleeping);
 }
+
+/// An upgrade without refusing or dropping a client: a second tidepool
+/// started with `--takeover` receives the first one's listening sockets over
+/// `upgrade_socket`; the first stops accepting and exits once its clients
+/// have left on their own. pgbench, with long-lived clients and with
+/// clients connecting for every transaction (-C) throughout, sees no error
+/// at all. (`so_reuseport` alone loses the connections queued on the socket
+/// that closes: they are refused.)
+#[test]
+fn an_upgrade_under_pgbench_drops_no_client() {
+    let db = cluster().create_database("upgrade");
+    pgbench_init(&db);
+    let socket = std::env::temp_dir().join(format!("tidepool-upgrade-{}.sock", std::process::id()));
+    let toml = config(&db, 4, "").replace(
+        "shutdown_timeout = \"20s\"",
+        &format!(
+            "shutdown_timeout = \"20s\"\nupgrade_socket = \"{}\"",
+            socket.display()
+        ),
+    );
+    let mut old = Daemon::start(&toml);
+    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let (u1, u2) = (url.clone(), url.clone());
+    let steady = std::thread::spawn(move || {
+        harness::pgbench(
+            &u1,
+            &["-n", "-c", "6", "-j", "2", "-T", "8", "-M", "extended"],
+        )
+    });
+    let churn = std::thread::spawn(move || {
+        harness::pgbench(&u2, &["-n", "-C", "-c", "2", "-j", "1", "-T", "8", "-S"])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
+    harness::wait_until("the takeover", Duration::from_secs(10), || {
+        old.log()
+            .contains("a new tidepool took over the listening sockets")
+    });
+    assert!(
+        new.log().contains("took over the listening sockets"),
+        "{}",
+        new.log()
+    );
+    for (name, out) in [
+        ("steady", steady.join().unwrap()),
+        ("churn", churn.join().unwrap()),
+    ] {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {text}{err}");
+        assert!(!err.contains("error"), "{name}: {err}");
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{name}: {text}"
+        );
+    }
+    // Its clients gone, the old process exits; the new one serves, and can
+    // itself be taken over later (it listens on the socket now).
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old process exits once its clients left");
+    assert!(status.success(), "{status:?}\n{}", old.log());
+    let served = harness::pgbench(&url, &["-n", "-c", "2", "-t", "20", "-S"]);
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    let stats = console(&new, "SHOW STATS").unwrap();
+    let row = stats.iter().find(|r| r["database"] == db).unwrap();
+    assert!(row["total_xact_count"].parse::<u64>().unwrap() >= 40);
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    assert!(balances_match(&db));
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// `SHUTDOWN WAIT_FOR_CLIENTS`: no new clients; the connected one keeps
+/// working, and the process exits when it leaves.
+#[test]
+fn shutdown_wait_for_clients_waits_for_the_last_client() {
+    let db = cluster().create_database("wait_for_clients");
+    let mut d = Daemon::start(&config(&db, 4, ""));
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let rt = rt();
+    let client = rt.block_on(harness::connect(&url)).unwrap();
+    rt.block_on(client.simple_query("select 1")).unwrap();
+    console(&d, "SHUTDOWN WAIT_FOR_CLIENTS").unwrap();
+    harness::wait_until("no new clients", Duration::from_secs(10), || {
+        rt.block_on(harness::connect(&url)).is_err()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.is_running(), "it waits for the client");
+    rt.block_on(client.simple_query("select 2")).unwrap();
+    drop(client);
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits once the client left");
+    assert!(status.success());
+}

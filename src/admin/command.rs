@@ -14,7 +14,11 @@ pub enum Command {
     Resume(Option<String>),
     Kill(Option<String>),
     Reload,
+    /// SHUTDOWN: idle clients now, busy ones after their transaction.
     Shutdown,
+    /// SHUTDOWN WAIT_FOR_CLIENTS: stop accepting, exit once every client
+    /// has left on its own (a rolling upgrade with `so_reuseport`).
+    ShutdownWaitForClients,
 }
 
 impl Command {
@@ -59,6 +63,9 @@ pub fn parse(stmt: &str) -> Result<Command, AdminError> {
         "KILL" => Ok(Command::Kill(arg()?)),
         "RELOAD" if rest.is_empty() => Ok(Command::Reload),
         "SHUTDOWN" if rest.is_empty() => Ok(Command::Shutdown),
+        "SHUTDOWN" if rest.len() == 1 && rest[0].eq_ignore_ascii_case("WAIT_FOR_CLIENTS") => {
+            Ok(Command::ShutdownWaitForClients)
+        }
         _ => Err(invalid()),
     }
 }

@@ -197,6 +197,12 @@ impl Console {
                 output::command_complete(out, "SHUTDOWN");
                 Ok(())
             }
+            Command::ShutdownWaitForClients => {
+                tracing::info!(user = %self.login.user, "SHUTDOWN WAIT_FOR_CLIENTS requested on the admin console: no new clients; exiting once the connected ones have left");
+                shared.request_shutdown_when_clients_leave();
+                output::command_complete(out, "SHUTDOWN");
+                Ok(())
+            }
         }
     }
 }

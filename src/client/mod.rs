@@ -98,6 +98,11 @@ fn same_rules(a: &Config, b: &Config) -> bool {
 pub struct Lifecycle {
     pub shutting_down: AtomicBool,
     pub shutdown_requested: Notify,
+    /// The shutdown asked for waits for clients to leave on their own
+    /// (SHUTDOWN WAIT_FOR_CLIENTS) instead of asking them to.
+    pub wait_for_clients: AtomicBool,
+    /// How long that wait may last (0: until they leave).
+    pub wait_limit_ms: AtomicU64,
 }
 
 /// What every client task shares.
@@ -202,6 +207,27 @@ impl Shared {
     /// Starts a shutdown (SIGTERM, SIGINT or the console's SHUTDOWN).
     pub fn request_shutdown(&self) {
         self.lifecycle.shutdown_requested.notify_one();
+    }
+
+    /// Starts a shutdown that lets every client stay until it leaves
+    /// (SHUTDOWN WAIT_FOR_CLIENTS); a later SHUTDOWN or signal still ends
+    /// it the usual way.
+    pub fn request_shutdown_when_clients_leave(&self) {
+        self.lifecycle
+            .wait_for_clients
+            .store(true, Ordering::Relaxed);
+        self.lifecycle.shutdown_requested.notify_one();
+    }
+
+    /// After a takeover (`upgrade_socket`): clients stay until they leave,
+    /// for up to `shutdown_timeout`; then the usual shutdown closes them at
+    /// their next transaction boundary.
+    pub fn request_shutdown_after_takeover(&self) {
+        let limit = self.settings().config.tidepool.shutdown_timeout;
+        self.lifecycle
+            .wait_limit_ms
+            .store(limit.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.request_shutdown_when_clients_leave();
     }
 }
 

@@ -49,7 +49,7 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let mode = |m: crate::tls::Mode| m.name().to_owned();
     // Keys added after the first release, each (section, key, value,
     // default); all of them RELOAD applies.
-    let later: [(&str, &str, String, String); 26] = [
+    let later: [(&str, &str, String, String); 28] = [
         (
             "tidepool",
             "client_tls_sslmode",
@@ -98,6 +98,18 @@ pub fn describe(c: &Config) -> Vec<Row> {
             "max_client_buffer_bytes",
             g.max_client_buffer_bytes.to_string(),
             gd.max_client_buffer_bytes.to_string(),
+        ),
+        (
+            "tidepool",
+            "upgrade_socket",
+            opt(&g.upgrade_socket),
+            String::new(),
+        ),
+        (
+            "tidepool",
+            "so_reuseport",
+            g.so_reuseport.to_string(),
+            gd.so_reuseport.to_string(),
         ),
         (
             "tidepool",
@@ -569,7 +581,16 @@ pub fn describe(c: &Config) -> Vec<Row> {
     rows.extend(
         later
             .into_iter()
-            .map(|(section, key, v, dv)| row(section, key, v, dv, true)),
+            // Listening options apply at start only.
+            .map(|(section, key, v, dv)| {
+                row(
+                    section,
+                    key,
+                    v,
+                    dv,
+                    !matches!(key, "so_reuseport" | "upgrade_socket"),
+                )
+            }),
     );
     rows
 }

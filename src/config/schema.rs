@@ -336,6 +336,14 @@ pub struct General {
     /// locally to `1/instances` of every tier. Default 1.
     #[serde(default = "d_instances")]
     pub instances: u64,
+    /// Listen with SO_REUSEPORT, so that a second tidepool can listen on the
+    /// same addresses during an upgrade (PgBouncer's name). Default false.
+    #[serde(default)]
+    pub so_reuseport: bool,
+    /// A Unix socket on which this tidepool hands its listening sockets to
+    /// a new one started with `--takeover` (upgrades without refusing a
+    /// connection). Default none.
+    pub upgrade_socket: Option<String>,
     /// TCP keepalive on client and server connections. Default true.
     #[serde(default = "d_true")]
     pub tcp_keepalive: bool,
@@ -378,6 +386,8 @@ impl Default for General {
             auth_cache_lifetime: d_auth_cache(),
             max_client_buffer_bytes: d_client_buffers(),
             instances: d_instances(),
+            so_reuseport: false,
+            upgrade_socket: None,
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,

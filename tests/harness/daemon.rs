@@ -30,7 +30,17 @@ impl Daemon {
     /// Starts tidepool with `toml`, in which `{port}` and `{metrics_port}`
     /// are replaced by free ports. Logs are JSON lines, kept in memory.
     pub fn start(toml: &str) -> Daemon {
-        let port = free_port();
+        Self::start_on(toml, free_port())
+    }
+
+    /// Like [`Daemon::start`], listening on `port` (another tidepool may
+    /// already listen there with `so_reuseport`).
+    pub fn start_on(toml: &str, port: u16) -> Daemon {
+        Self::start_with(toml, port, &[])
+    }
+
+    /// Like [`Daemon::start_on`], with more command-line arguments.
+    pub fn start_with(toml: &str, port: u16, args: &[&str]) -> Daemon {
         let metrics_port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tidepool-daemon-{}-{port}", std::process::id()));
@@ -44,6 +54,7 @@ impl Daemon {
             .arg("--config")
             .arg(&config_path)
             .args(["--log-format", "json", "--threads", "2"])
+            .args(args)
             .env("TIDEPOOL_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

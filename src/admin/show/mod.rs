@@ -210,7 +210,8 @@ RELOAD
 PAUSE [<db>]
 RESUME [<db>]
 KILL [<db>]
-SHUTDOWN";
+SHUTDOWN
+SHUTDOWN WAIT_FOR_CLIENTS";
 
 fn backend_addr(shared: &Shared, database: &str, backend: usize) -> Value {
     let settings = shared.settings();
