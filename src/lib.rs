@@ -48,6 +48,8 @@ pub use config::Config;
 pub struct Proxy {
     listeners: Vec<TcpListener>,
     metrics: Option<TcpListener>,
+    /// The Unix socket (`unix_socket_dir`) and its path.
+    unix: Option<(tokio::net::UnixListener, PathBuf)>,
     shared: Arc<client::Shared>,
     /// The listeners came from a takeover (`upgrade_socket` is replaced).
     took_over: bool,
@@ -104,12 +106,33 @@ impl Proxy {
                  set [metrics] auth_token (or auth_user and auth_password), or listen on 127.0.0.1"
             );
         }
+        let unix = Self::bind_unix(&config, &listeners, false)?;
         Ok(Proxy {
             listeners,
             metrics,
+            unix,
             shared: Arc::new(client::Shared::new(config, path)),
             took_over: false,
         })
+    }
+
+    /// The Unix socket of `unix_socket_dir`, named after the first TCP
+    /// listener's port.
+    fn bind_unix(
+        config: &Config,
+        listeners: &[TcpListener],
+        replacing: bool,
+    ) -> std::io::Result<Option<(tokio::net::UnixListener, PathBuf)>> {
+        let Some(dir) = &config.tidepool.unix_socket_dir else {
+            return Ok(None);
+        };
+        let port = listeners
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(6432, |a| a.port());
+        listener::bind_unix(dir, port, replacing)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("unix_socket_dir {dir}: {e}")))
     }
 
     async fn take_over(config: Config, path: Option<PathBuf>) -> std::io::Result<Proxy> {
@@ -142,9 +165,11 @@ impl Proxy {
             listeners = listeners.len(),
             "took over the listening sockets of the running tidepool"
         );
+        let unix = Self::bind_unix(&config, &listeners, true)?;
         Ok(Proxy {
             listeners,
             metrics,
+            unix,
             shared: Arc::new(client::Shared::new(config, path)),
             took_over: true,
         })
@@ -193,6 +218,15 @@ impl Proxy {
             ) {
                 tracing::warn!(error = %e, socket = %socket, "no takeover socket: upgrades will refuse connections");
             }
+        }
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, path)) = self.unix {
+            tracing::info!(path = %path.display(), "listening on the Unix socket");
+            tokio::spawn(listener::accept_unix_loop(
+                l,
+                self.shared.clone(),
+                rx.clone(),
+            ));
         }
         for l in self.listeners {
             tracing::info!(addr = ?l.local_addr().ok(), "listening");
@@ -263,6 +297,18 @@ impl Proxy {
         self.shared.watchdog.shutdown_started(limit);
         lifecycle::shut_down(&self.shared, limit).await;
         let _ = http_tx.send(true);
+        // The socket file goes with the process, unless a takeover's new
+        // process has put its own there.
+        if let Some(path) = unix_path
+            && self
+                .shared
+                .lifecycle
+                .wait_limit_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+        {
+            let _ = std::fs::remove_file(path);
+        }
         ticker.abort();
         lot.abort();
         heartbeat.abort();

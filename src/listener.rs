@@ -67,6 +67,53 @@ pub async fn accept_loop(
 /// Serves one accepted connection: logs it in, then runs its session as a
 /// task of its own (so that each poll of a busy client starts at the
 /// session's own loop, not down through the login's futures).
+/// Accepts clients on the Unix socket (`unix_socket_dir`) until shutdown.
+pub async fn accept_unix_loop(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r.and_then(|(s, _)| crate::protocol::stream::unix_as_tcp(s)) {
+                Ok(stream) => {
+                    tokio::spawn(crate::watchdog::Watched::new(0, serve(stream, shared.clone())));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the Unix socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The Unix socket for clients: `DIR/.s.PGSQL.PORT`, PostgreSQL's and
+/// PgBouncer's name, so `psql -h DIR -p PORT` finds it. A file left by a
+/// process that is gone is replaced; one that answers is an error.
+/// `replacing`: a takeover, whose old process still has the file.
+pub fn bind_unix(
+    dir: &str,
+    port: u16,
+    replacing: bool,
+) -> std::io::Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+    let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{port}"));
+    if !replacing && std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by another server", path.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(&path);
+    let l = tokio::net::UnixListener::bind(&path)?;
+    // Who may log in is decided by authentication (and `local` lines of
+    // auth_hba_file), as with PgBouncer's default unix_socket_mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+    Ok((l, path))
+}
+
 async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let slot = client::ClientSlot::new(&shared);
     let id = shared.next_client_id();
@@ -79,10 +126,13 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let debug = tracing::enabled!(tracing::Level::DEBUG);
     let peer = if debug { stream.peer_addr().ok() } else { None };
     let work = async move {
-        let _ = stream.set_nodelay(true);
-        let keepalive = shared.settings().config.keepalive();
-        if let Err(e) = crate::protocol::keepalive::apply(&stream, &keepalive) {
-            tracing::warn!(error = %e, "could not set TCP keepalive on a client connection");
+        if stream.peer_addr().is_ok() {
+            // TCP only (a Unix socket has neither).
+            let _ = stream.set_nodelay(true);
+            let keepalive = shared.settings().config.keepalive();
+            if let Err(e) = crate::protocol::keepalive::apply(&stream, &keepalive) {
+                tracing::warn!(error = %e, "could not set TCP keepalive on a client connection");
+            }
         }
         match Box::pin(client::startup::login(stream, &shared, id)).await {
             Some(client::startup::Login::Client {

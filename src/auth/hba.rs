@@ -4,8 +4,8 @@
 //! authentication.
 //!
 //! Lines: `TYPE DATABASE USER [ADDRESS [MASK]] METHOD [OPTIONS]`.
-//! - TYPE: `local` (never matches: tidepool listens on TCP only), `host`,
-//!   `hostssl`, `hostnossl`.
+//! - TYPE: `local` (clients on the Unix socket, `unix_socket_dir`), `host`,
+//!   `hostssl`, `hostnossl` (TCP clients).
 //! - DATABASE: `all`, `sameuser`, or names separated by commas; a quoted
 //!   name is a name, never a keyword.
 //! - USER: `all` or names separated by commas.
@@ -75,7 +75,8 @@ pub struct Hba {
 /// Who is logging in, and how.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer<'a> {
-    pub addr: IpAddr,
+    /// The client's address; None for a client on the Unix socket.
+    pub addr: Option<IpAddr>,
     pub tls: bool,
     pub database: &'a str,
     pub user: &'a str,
@@ -126,15 +127,15 @@ impl Hba {
     /// The method of the first line that matches `peer`; None when no line
     /// does (the login is refused).
     pub fn method_for(&self, peer: &Peer<'_>) -> Option<Method> {
-        let addr = canonical(peer.addr);
+        let addr = peer.addr.map(canonical);
         self.rules
             .iter()
             .find(|r| {
                 let kind = match r.kind {
-                    Kind::Local => false,
-                    Kind::Host => true,
-                    Kind::HostSsl => peer.tls,
-                    Kind::HostNoSsl => !peer.tls,
+                    Kind::Local => addr.is_none(),
+                    Kind::Host => addr.is_some(),
+                    Kind::HostSsl => addr.is_some() && peer.tls,
+                    Kind::HostNoSsl => addr.is_some() && !peer.tls,
                 };
                 kind && r.databases.iter().any(|d| match d {
                     Name::All => true,
@@ -144,7 +145,7 @@ impl Hba {
                     Name::All => true,
                     Name::SameUser => false,
                     Name::Exact(n) => n == peer.user,
-                }) && matches_address(&r.address, addr)
+                }) && addr.is_none_or(|a| matches_address(&r.address, a))
             })
             .map(|r| r.method)
     }
@@ -367,7 +368,11 @@ mod tests {
 
     fn peer<'a>(addr: &str, tls: bool, database: &'a str, user: &'a str) -> Peer<'a> {
         Peer {
-            addr: addr.parse().unwrap(),
+            addr: if addr == "unix" {
+                None
+            } else {
+                Some(addr.parse().unwrap())
+            },
             tls,
             database,
             user,
@@ -415,6 +420,10 @@ mod tests {
         );
         assert_eq!(m(peer("::1", false, "x", "y")), Some(Method::ScramSha256));
         assert_eq!(m(peer("::2", false, "x", "y")), None);
+        // The Unix socket: `local` lines only.
+        assert_eq!(m(peer("unix", false, "x", "y")), Some(Method::Trust));
+        let tcp_only = Hba::parse("host all all all trust\n").unwrap();
+        assert_eq!(tcp_only.method_for(&peer("unix", false, "x", "y")), None);
     }
 
     #[test]

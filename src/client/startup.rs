@@ -174,10 +174,17 @@ fn address_rules(
     let Some(hba) = config.hba() else {
         return Ok(None);
     };
-    let addr = stream
-        .peer_addr()
-        .map(|a| a.ip().to_canonical())
-        .map_err(|_| None)?;
+    // A client on the Unix socket has no IP address: `local` lines apply.
+    let addr = if stream.is_unix() {
+        None
+    } else {
+        Some(
+            stream
+                .peer_addr()
+                .map(|a| a.ip().to_canonical())
+                .map_err(|_| None)?,
+        )
+    };
     let peer = Peer {
         addr,
         tls: stream.is_tls(),
@@ -186,7 +193,7 @@ fn address_rules(
     };
     let who = || {
         Box::new(crate::error::HbaPeer {
-            host: addr.to_string(),
+            host: addr.map_or_else(|| "[local]".to_owned(), |a| a.to_string()),
             user: user.to_owned(),
             database: database.to_owned(),
             tls: peer.tls,

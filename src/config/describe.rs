@@ -49,7 +49,7 @@ pub fn describe(c: &Config) -> Vec<Row> {
     let mode = |m: crate::tls::Mode| m.name().to_owned();
     // Keys added after the first release, each (section, key, value,
     // default); all of them RELOAD applies.
-    let later: [(&str, &str, String, String); 28] = [
+    let later: [(&str, &str, String, String); 29] = [
         (
             "tidepool",
             "client_tls_sslmode",
@@ -98,6 +98,12 @@ pub fn describe(c: &Config) -> Vec<Row> {
             "max_client_buffer_bytes",
             g.max_client_buffer_bytes.to_string(),
             gd.max_client_buffer_bytes.to_string(),
+        ),
+        (
+            "tidepool",
+            "unix_socket_dir",
+            opt(&g.unix_socket_dir),
+            String::new(),
         ),
         (
             "tidepool",
@@ -588,7 +594,7 @@ pub fn describe(c: &Config) -> Vec<Row> {
                     key,
                     v,
                     dv,
-                    !matches!(key, "so_reuseport" | "upgrade_socket"),
+                    !matches!(key, "so_reuseport" | "upgrade_socket" | "unix_socket_dir"),
                 )
             }),
     );

@@ -344,6 +344,9 @@ pub struct General {
     /// a new one started with `--takeover` (upgrades without refusing a
     /// connection). Default none.
     pub upgrade_socket: Option<String>,
+    /// A directory for a Unix-domain listening socket `.s.PGSQL.PORT` (the
+    /// port of the first `listen` address), as PgBouncer's. Default none.
+    pub unix_socket_dir: Option<String>,
     /// TCP keepalive on client and server connections. Default true.
     #[serde(default = "d_true")]
     pub tcp_keepalive: bool,
@@ -388,6 +391,7 @@ impl Default for General {
             instances: d_instances(),
             so_reuseport: false,
             upgrade_socket: None,
+            unix_socket_dir: None,
             tcp_keepalive: true,
             tcp_keepidle: Duration::ZERO,
             tcp_keepintvl: Duration::ZERO,

@@ -396,8 +396,42 @@ impl Stream {
         self.tcp.peer_addr()
     }
 
+    /// Whether the socket is a Unix-domain one (a client of
+    /// `unix_socket_dir`; see [`unix_as_tcp`]).
+    pub fn is_unix(&self) -> bool {
+        is_unix_socket(&self.tcp)
+    }
+
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.tcp.local_addr()
+    }
+}
+
+/// A Unix-domain stream socket in a `TcpStream`: every operation tidepool
+/// uses on a client socket (reads, writes, readiness, peek, shutdown) is the
+/// same system call on either family, so the data path serves both with
+/// one type. Only the addresses differ: `peer_addr` fails on it, which
+/// callers treat as "no IP address" (see [`Stream::is_unix`]).
+pub fn unix_as_tcp(s: tokio::net::UnixStream) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = s.into_std()?.into_raw_fd();
+    // SAFETY: `fd` is an open stream socket this process owns (just taken
+    // out of the UnixStream, which no longer closes it); the TcpStream owns
+    // it from here on.
+    let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
+fn is_unix_socket(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockname on an open socket into a zeroed sockaddr_storage
+    // of the size passed.
+    unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        libc::getsockname(s.as_raw_fd(), (&raw mut addr).cast(), &mut len) == 0
+            && i32::from(addr.ss_family) == libc::AF_UNIX
     }
 }
 
