@@ -371,9 +371,11 @@ async fn tls_on_both_sides_to_a_server_that_accepts_only_tls() {
     // listed again, is seen for what it is: not in recovery).
     harness::wait_until("health checks over TLS", Duration::from_secs(20), || {
         let (ok, out, _) = psql_at(&console, "show replicas");
-        ok && out
-            .lines()
-            .any(|l| l.contains("|primary|") && l.ends_with('|'))
+        // The primary's row with an empty `reason` (column 12).
+        ok && out.lines().any(|l| {
+            let cols: Vec<&str> = l.split('|').collect();
+            cols.get(1) == Some(&"primary") && cols.get(11) == Some(&"")
+        })
     });
     let (_, out, _) = psql_at(&console, "show replicas");
     assert!(
