@@ -211,6 +211,27 @@ pub async fn pgbench_async(url: &str, args: &[&str]) -> Output {
     .expect("pgbench_async: blocking task failed")
 }
 
+/// Runs `script` (SQL) with pgbench on 4 clients (2 threads), 50
+/// transactions each, and asserts that all 200 succeeded.
+pub async fn pgbench_script_all_succeed(url: &str, script: &str) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "tidepool-pgbench-{}-{}.sql",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::write(&path, script).expect("write the pgbench script");
+    let file = path.to_str().expect("a UTF-8 temp path").to_owned();
+    let out = pgbench_async(url, &["-n", "-c", "4", "-j", "2", "-t", "50", "-f", &file]).await;
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("number of transactions actually processed: 200/200"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Polls `cond` (every 20 ms) until it returns true; panics with `what` if
 /// that does not happen within `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
