@@ -2,7 +2,10 @@
 //! into an error by the timeouts, never a hang, and its server is not used
 //! again; the primary killed (`kill -9`) under load and restarted: every
 //! client gets an answer or an error, and tidepool serves again by itself;
-//! a replica stopped and started under read load.
+//! a partition between tidepool and a replica (a relay that stops
+//! forwarding: no data, no reset), healed afterwards. A replica stopped and
+//! started under read load is in tests/routing.rs, a promotion in
+//! tests/failover.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -202,4 +205,166 @@ async fn a_server_that_stops_answering_tidepools_own_query_is_given_up() {
         .unwrap()
         .get(0);
     assert_ne!(p2, pid);
+}
+
+/// A TCP relay in front of a server that can be cut: while cut it reads
+/// and writes nothing (no data, no reset: a network partition as the two
+/// ends see it; bytes wait in the kernel and flow again once healed), and
+/// connections made meanwhile get nowhere. This machine has no iptables,
+/// and the harness cannot start PostgreSQL inside a network namespace, so
+/// the partition is made here, between tidepool and the replica.
+struct Relay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+async fn relay(target: u16) -> Relay {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = cut.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let cut = cut2.clone();
+            tokio::spawn(async move {
+                while cut.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, cut.clone()));
+                tokio::spawn(pipe(sr, cw, cut));
+            });
+        }
+    });
+    Relay { port, cut }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while cut.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Looked at again every 50 ms, so that a cut stops the flow.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        };
+        while cut.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn server_port(c: &tokio_postgres::Client) -> Result<u16, tokio_postgres::Error> {
+    let rows = c.simple_query("select inet_server_port()").await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|p| p.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap())
+}
+
+/// A partition between tidepool and a replica: the read in flight there
+/// becomes an error (query_timeout, then the server given up), not a hang;
+/// the replica is banned by its timed-out health checks and reads go to the
+/// primary; once the partition heals, reads go back to the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_between_tidepool_and_a_replica() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("partition");
+    let r = relay(c.replica_ports()[0]).await;
+    let toml = format!(
+        "{}\n[routing]\nhealth_check_period = \"200ms\"\n",
+        harness::proxy::config_toml(
+            c,
+            &db,
+            "default_pool_size = 4\nquery_timeout = \"1s\"\nserver_connect_timeout = \"1s\"\nquery_wait_timeout = \"20s\"",
+            &format!("replicas = [{{ host = \"127.0.0.1\", port = {} }}]", r.port),
+        )
+    );
+    let proxy = TestProxy::start(&toml);
+    let client = proxy.client(&db).await;
+    let replica = c.replica_ports()[0];
+    harness::wait_until_async("reads on the replica", Duration::from_secs(30), || async {
+        server_port(&client).await.ok() == Some(replica)
+    })
+    .await;
+
+    // A read in flight on the replica when the partition starts.
+    let reader = proxy.client(&db).await;
+    let in_flight = tokio::spawn(async move {
+        tokio::time::timeout(
+            Duration::from_secs(40),
+            reader.simple_query("select pg_sleep(0.5), inet_server_port()"),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    r.cut.store(true, Ordering::Relaxed);
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("a read hung across a partition");
+    // Its answer cannot cross the partition: an error naming
+    // query_timeout (the cancel cannot cross either), not a hang.
+    let e = answer.expect_err("the answer crossed a cut link");
+    let d = e.as_db_error().expect("an error from tidepool");
+    assert!(d.message().contains("query_timeout"), "{d:?}");
+
+    // Banned by its health checks; reads go to the primary meanwhile.
+    harness::wait_until_async(
+        "reads move to the primary",
+        Duration::from_secs(30),
+        || async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(10), server_port(&client)).await,
+                Ok(Ok(p)) if p == c.primary_port()
+            )
+        },
+    )
+    .await;
+    let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tidepool_backend_up{")
+                && l.contains("replica")
+                && l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // Healed: the replica is checked healthy again and serves reads.
+    r.cut.store(false, Ordering::Relaxed);
+    harness::wait_until_async(
+        "reads back on the replica",
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(10), server_port(&client)).await,
+                Ok(Ok(p)) if p == replica
+            )
+        },
+    )
+    .await;
 }

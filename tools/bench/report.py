@@ -975,8 +975,15 @@ def main():
     w("")
 
     md = os.path.join(args.out, "benchmarks.md")
+    # The soak section (scripts/soak, a separate 10-minute run) stays.
+    soak = ""
+    if os.path.exists(md):
+        m = re.search(r"<!-- soak: written by scripts/soak -->.*?<!-- /soak -->\n", open(md).read(), re.S)
+        soak = m.group(0) if m else ""
     with open(md, "w") as f:
         f.write("\n".join(L))
+        if soak:
+            f.write("\n\n" + soak)
     print(f"report: {md}" + "".join(f", {os.path.basename(x)}" for x in files), file=sys.stderr)
 
 
