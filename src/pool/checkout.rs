@@ -419,8 +419,11 @@ impl Pool {
         None
     }
 
+    /// On every checkout of an idle connection: two plain loads and a
+    /// subtraction (the coarse clock is refreshed by the ticker).
     fn due_for_check(&self, idle: &Idle) -> bool {
-        crate::clock::coarse_since(idle.conn.last_used) >= self.settings().server_check_delay
+        crate::clock::coarse_mono_us().saturating_sub(idle.conn.last_used)
+            >= self.hot.server_check_delay_us()
     }
 
     /// Runs `server_check_query` on a connection that sat idle: it serves

@@ -152,6 +152,8 @@ pub struct HotSettings {
     server_lifetime_ms: AtomicU64,
     slow_query_us: AtomicU64,
     query_wait_timeout_ms: AtomicU64,
+    /// `server_check_delay` in microseconds (compared with `last_used`).
+    server_check_delay_us: AtomicU64,
     session_mode: AtomicBool,
 }
 
@@ -166,6 +168,13 @@ impl HotSettings {
             .store(s.mode == PoolMode::Session, Ordering::Relaxed);
         self.query_wait_timeout_ms
             .store(s.query_wait_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.server_check_delay_us
+            .store(s.server_check_delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// `server_check_delay` in microseconds.
+    pub fn server_check_delay_us(&self) -> u64 {
+        self.server_check_delay_us.load(Ordering::Relaxed)
     }
 
     /// `query_wait_timeout` (zero: wait forever).
