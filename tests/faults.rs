@@ -368,3 +368,33 @@ async fn a_partition_between_tidepool_and_a_replica() {
     )
     .await;
 }
+
+/// The other side of giving up on a silent server: a client that is slow
+/// to read a large answer is not a silent server. Past `query_timeout` and
+/// its grace it gets its rows (or the server's own 57014), never 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slow_to_read_its_answer_is_not_given_up() {
+    let c = cluster();
+    let db = c.create_database("slow_reader");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1\nquery_timeout = \"1s\"");
+    let mut slow = harness::raw::Raw::login_trust(proxy.port(), &db).await;
+    // About 20 MB of rows, far more than the sockets buffer.
+    slow.send(&harness::raw::query(
+        "select repeat('x', 1000) from generate_series(1, 20000)",
+    ))
+    .await;
+    // Nothing read for longer than query_timeout and the 5 s grace.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let msgs = slow.read_until_ready_or_close().await;
+    let codes: Vec<String> = msgs.iter().filter_map(|m| m.code()).collect();
+    assert!(
+        !codes.iter().any(|c| c == "08006"),
+        "the server was given up under a slow client: {codes:?}"
+    );
+    assert!(
+        msgs.last().is_some_and(|m| m.tag == b'Z'),
+        "the session goes on"
+    );
+    let rows = msgs.iter().filter(|m| m.tag == b'D').count();
+    assert!(rows > 1000, "{rows} rows, {codes:?}");
+}

@@ -33,6 +33,9 @@ impl Session {
         let mut to_client = BytesMut::new();
         let mut changed = Vec::new();
         let mut client_closed = false;
+        // When the server last sent something (for a server that may have
+        // stopped answering after query_timeout's cancel).
+        let mut server_heard = crate::clock::mono_ns();
 
         let stats = &*self.shared.stats;
         let counters = &stats.counters;
@@ -214,6 +217,7 @@ impl Session {
                     }
                 }
                 Event::ServerRead(r) => {
+                    server_heard = crate::clock::mono_ns();
                     match r {
                         Ok(0) => return lost("server closed the connection".into(), &cscan),
                         Err(e) => return lost(e.to_string(), &cscan),
@@ -342,12 +346,20 @@ impl Session {
                         // the cancel after a grace (stopped, partitioned
                         // away) is given up: the client gets an error now
                         // instead of waiting on it for ever.
+                        // Only a server that is silent while tidepool waits
+                        // on it: a client slow to take its answer, or a
+                        // server still sending, is not that.
                         let grace = limit.max(CANCEL_GRACE);
+                        let now = crate::clock::mono_ns();
                         let age = t
                             .timing
                             .oldest_pending()
-                            .map_or(0, |s| crate::clock::mono_ns().saturating_sub(s));
-                        if age >= u64::try_from((limit + grace).as_nanos()).unwrap_or(u64::MAX) {
+                            .map_or(0, |s| now.saturating_sub(s));
+                        let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+                        if to_client.is_empty()
+                            && now.saturating_sub(server_heard) >= grace_ns
+                            && age >= u64::try_from((limit + grace).as_nanos()).unwrap_or(u64::MAX)
+                        {
                             return lost(
                                 format!(
                                     "query_timeout ({}) canceled the request and the server did not answer within {} more; its connection is closed",
