@@ -123,7 +123,19 @@ impl Proxy {
         listeners: &[TcpListener],
         replacing: bool,
     ) -> std::io::Result<Option<(tokio::net::UnixListener, PathBuf)>> {
-        let Some(dir) = &config.tidepool.unix_socket_dir else {
+        Self::bind_unix_in(
+            config.tidepool.unix_socket_dir.as_deref(),
+            listeners,
+            replacing,
+        )
+    }
+
+    fn bind_unix_in(
+        dir: Option<&str>,
+        listeners: &[TcpListener],
+        replacing: bool,
+    ) -> std::io::Result<Option<(tokio::net::UnixListener, PathBuf)>> {
+        let Some(dir) = dir else {
             return Ok(None);
         };
         let port = listeners
@@ -142,30 +154,40 @@ impl Proxy {
                 "--takeover needs [tidepool] upgrade_socket",
             ));
         };
-        let got = tokio::task::spawn_blocking(move || upgrade::take_over(socket.as_ref()))
-            .await
-            .map_err(std::io::Error::other)??;
-        if got.listeners.len() != config.tidepool.listen.len()
-            || got.metrics.is_some() != config.metrics.listen.is_some()
-        {
-            // The old process already stopped accepting: serve what it gave.
-            tracing::warn!(
-                inherited = got.listeners.len(),
-                configured = config.tidepool.listen.len(),
-                "the running tidepool listened on other addresses than this config: serving its sockets; restart to change them"
-            );
-        }
-        let listeners = got
-            .listeners
-            .into_iter()
-            .map(TcpListener::from_std)
-            .collect::<Result<Vec<_>, _>>()?;
-        let metrics = got.metrics.map(TcpListener::from_std).transpose()?;
+        // Everything that can fail happens before the old process is told
+        // to stop accepting (inside `take_over`).
+        let rt = tokio::runtime::Handle::current();
+        let (want_listeners, want_metrics) = (
+            config.tidepool.listen.len(),
+            config.metrics.listen.is_some(),
+        );
+        let unix_dir = config.tidepool.unix_socket_dir.clone();
+        let (listeners, metrics, unix) = tokio::task::spawn_blocking(move || {
+            upgrade::take_over(socket.as_ref(), |got| {
+                let _runtime = rt.enter();
+                if got.listeners.len() != want_listeners || got.metrics.is_some() != want_metrics {
+                    tracing::warn!(
+                        inherited = got.listeners.len(),
+                        configured = want_listeners,
+                        "the running tidepool listened on other addresses than this config: serving its sockets; restart to change them"
+                    );
+                }
+                let listeners = got
+                    .listeners
+                    .into_iter()
+                    .map(TcpListener::from_std)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let metrics = got.metrics.map(TcpListener::from_std).transpose()?;
+                let unix = Self::bind_unix_in(unix_dir.as_deref(), &listeners, true)?;
+                Ok((listeners, metrics, unix))
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         tracing::info!(
             listeners = listeners.len(),
             "took over the listening sockets of the running tidepool"
         );
-        let unix = Self::bind_unix(&config, &listeners, true)?;
         Ok(Proxy {
             listeners,
             metrics,
@@ -198,28 +220,49 @@ impl Proxy {
     /// `drain` (default: `shutdown_timeout`).
     pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Option<Duration>) {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        if let Some(socket) = self
+        let mut handoff = None;
+        let upgrade_socket = self
             .shared
             .settings()
             .config
             .tidepool
             .upgrade_socket
-            .clone()
-        {
-            use std::os::fd::AsRawFd;
-            let mut fds: Vec<_> = self.listeners.iter().map(|l| l.as_raw_fd()).collect();
-            fds.extend(self.metrics.as_ref().map(|l| l.as_raw_fd()));
-            if let Err(e) = upgrade::serve(
-                socket.as_ref(),
-                fds,
-                self.metrics.is_some(),
-                self.shared.clone(),
-                self.took_over,
-            ) {
-                tracing::warn!(error = %e, socket = %socket, "no takeover socket: upgrades will refuse connections");
+            .clone();
+        if let Some(socket) = upgrade_socket {
+            use std::os::fd::AsFd;
+            // Copies of the listening sockets for the takeover thread; they
+            // are closed with the listeners (see `upgrade::Handoff`).
+            let mut fds = Vec::new();
+            for l in &self.listeners {
+                fds.push(l.as_fd().try_clone_to_owned());
+            }
+            if let Some(m) = &self.metrics {
+                fds.push(m.as_fd().try_clone_to_owned());
+            }
+            let made = fds
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|fds| {
+                    upgrade::serve(
+                        socket.as_ref(),
+                        fds,
+                        self.metrics.is_some(),
+                        self.shared.clone(),
+                        self.took_over,
+                    )
+                });
+            match made {
+                Ok(h) => handoff = Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, socket = %socket, "no takeover socket: upgrades will refuse connections")
+                }
             }
         }
-        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        // The socket file, and which file it is (a successor may replace it).
+        let unix_path = self
+            .unix
+            .as_ref()
+            .map(|(_, p)| (p.clone(), listener::file_id(p)));
         if let Some((l, path)) = self.unix {
             tracing::info!(path = %path.display(), "listening on the Unix socket");
             tokio::spawn(listener::accept_unix_loop(
@@ -249,22 +292,29 @@ impl Proxy {
         let heartbeat = tokio::spawn(self.shared.watchdog.clone().heartbeat());
         let lot = tokio::spawn(client::park::run(self.shared.clone()));
         tokio::pin!(shutdown);
-        tokio::select! {
-            _ = &mut shutdown => {}
+        // A future that has finished must not be polled again.
+        let signaled = tokio::select! {
+            _ = &mut shutdown => true,
             _ = self.shared.lifecycle.shutdown_requested.notified() => {
                 tracing::info!("SHUTDOWN from the admin console");
+                false
             }
+        };
+        // Handed over: no more takeovers from here (the sockets go).
+        if let Some(h) = &handoff {
+            h.close();
         }
         self.shared
             .lifecycle
             .shutting_down
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send(true);
-        if self
-            .shared
-            .lifecycle
-            .wait_for_clients
-            .load(std::sync::atomic::Ordering::Relaxed)
+        if !signaled
+            && self
+                .shared
+                .lifecycle
+                .wait_for_clients
+                .load(std::sync::atomic::Ordering::Relaxed)
         {
             // Another process (so_reuseport) takes the new clients; these
             // stay until they leave, or until a signal or SHUTDOWN says
@@ -274,6 +324,12 @@ impl Proxy {
                 .lifecycle
                 .wait_limit_ms
                 .load(std::sync::atomic::Ordering::Relaxed);
+            if limit_ms > 0 {
+                // Taken over: the new process answers /metrics and probes
+                // on the same socket; this one stops, so that probes and
+                // scrapes do not alternate between the two.
+                let _ = http_tx.send(true);
+            }
             let limit = async {
                 if limit_ms == 0 {
                     std::future::pending::<()>().await
@@ -299,15 +355,8 @@ impl Proxy {
         let _ = http_tx.send(true);
         // The socket file goes with the process, unless a takeover's new
         // process has put its own there.
-        if let Some(path) = unix_path
-            && self
-                .shared
-                .lifecycle
-                .wait_limit_ms
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 0
-        {
-            let _ = std::fs::remove_file(path);
+        if let Some((path, ours)) = unix_path {
+            listener::remove_unix_if_ours(&path, ours);
         }
         ticker.abort();
         lot.abort();

@@ -105,7 +105,17 @@ pub fn bind_unix(
             format!("{} is in use by another server", path.display()),
         ));
     }
-    let _ = std::fs::remove_file(&path);
+    // Only a socket file is replaced, never another kind of file.
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
     let l = tokio::net::UnixListener::bind(&path)?;
     // Who may log in is decided by authentication (and `local` lines of
     // auth_hba_file), as with PgBouncer's default unix_socket_mode.
@@ -114,10 +124,31 @@ pub fn bind_unix(
     Ok((l, path))
 }
 
+/// (device, inode) of a file, to know it again.
+pub fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket file at exit if it is still the one this process
+/// made (a successor may have put its own there).
+pub fn remove_unix_if_ours(path: &std::path::Path, ours: Option<(u64, u64)>) {
+    if ours.is_some() && file_id(path) == ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let slot = client::ClientSlot::new(&shared);
     let id = shared.next_client_id();
-    if shared.lifecycle.shutting_down.load(Ordering::Relaxed) {
+    // Shutting down: a connection accepted just before is refused, unless
+    // the process waits for its clients (a takeover, WAIT_FOR_CLIENTS):
+    // then it is served like the others.
+    if shared.lifecycle.shutting_down.load(Ordering::Relaxed)
+        && !shared.lifecycle.wait_for_clients.load(Ordering::Relaxed)
+    {
         return;
     }
     // A debug-level span, and only when debug logging is on: otherwise the

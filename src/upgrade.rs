@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::client::Shared;
@@ -33,8 +33,13 @@ pub struct Inherited {
     pub metrics: Option<std::net::TcpListener>,
 }
 
-/// Asks the tidepool listening on `path` for its listening sockets.
-pub fn take_over(path: &Path) -> std::io::Result<Inherited> {
+/// Asks the tidepool listening on `path` for its listening sockets, makes
+/// this process ready with them (`setup`), and only then tells the old one
+/// to stop accepting: a setup that fails leaves the old process serving.
+pub fn take_over<T>(
+    path: &Path,
+    setup: impl FnOnce(Inherited) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let mut s = UnixStream::connect(path).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -68,11 +73,23 @@ pub fn take_over(path: &Path) -> std::io::Result<Inherited> {
         })
         .collect::<Result<_, _>>()?;
     let metrics = if m == 1 { all.pop() } else { None };
-    s.write_all(b"OK\n")?;
-    Ok(Inherited {
+    let ready = setup(Inherited {
         listeners: all,
         metrics,
-    })
+    })?;
+    s.write_all(b"OK\n")?;
+    Ok(ready)
+}
+
+/// The takeover thread's copies of the listening sockets. [`Handoff::close`]
+/// drops them when the listeners close (a shutdown), so that nothing keeps
+/// the sockets open and nothing hands over a closed one.
+pub struct Handoff(Arc<Mutex<Option<Vec<OwnedFd>>>>);
+
+impl Handoff {
+    pub fn close(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
 }
 
 /// Serves takeover requests on `path` until one succeeds: then the running
@@ -82,11 +99,11 @@ pub fn take_over(path: &Path) -> std::io::Result<Inherited> {
 /// `path`, whose socket file it replaces.
 pub fn serve(
     path: &Path,
-    fds: Vec<RawFd>,
+    fds: Vec<OwnedFd>,
     metrics: bool,
     shared: Arc<Shared>,
     replacing: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<Handoff> {
     // A socket file left by a process that is gone is replaced; one that
     // answers belongs to a running tidepool.
     if !replacing && UnixStream::connect(path).is_ok() {
@@ -101,21 +118,25 @@ pub fn serve(
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     let path = path.to_owned();
+    let held = Arc::new(Mutex::new(Some(fds)));
+    let handoff = Handoff(held.clone());
     std::thread::Builder::new()
         .name("tidepool-upgrade".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                if shared
-                    .lifecycle
-                    .shutting_down
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    // The listeners are closing: nothing to hand over.
+                // Held while handing over: the listeners cannot close
+                // meanwhile (`Handoff::close` waits).
+                let mut guard = held.lock().unwrap_or_else(PoisonError::into_inner);
+                let Some(fds) = guard.as_ref() else {
+                    // Closed: a shutdown is under way, nothing to hand over.
                     return;
-                }
-                match hand_over(&conn, &fds, metrics) {
+                };
+                let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                match hand_over(&conn, &raw, metrics) {
                     Ok(()) => {
+                        guard.take();
+                        drop(guard);
                         tracing::info!(socket = %path.display(), "a new tidepool took over the listening sockets: no longer accepting; clients finish here");
                         shared.request_shutdown_after_takeover();
                         return;
@@ -124,12 +145,14 @@ pub fn serve(
                 }
             }
         })?;
-    Ok(())
+    Ok(handoff)
 }
 
 fn hand_over(conn: &UnixStream, fds: &[RawFd], metrics: bool) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(conn);
+    // A line of at most a few bytes: a peer that never ends it cannot
+    // make this grow.
+    let mut reader = BufReader::new(conn.take(64));
     let mut hello = String::new();
     reader.read_line(&mut hello)?;
     if hello != HELLO {

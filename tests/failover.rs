@@ -186,6 +186,20 @@ async fn auto_failover_sends_writes_to_the_promoted_replica() {
     );
     let (ready, body) = tidepool::http::ready(&proxy.shared).await;
     assert!(ready, "ready again once writes have a home: {body}");
+
+    // A RELOAD of the same config keeps writes where failover put them
+    // (the old primary is fenced, even once it is back as a primary).
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || c2.start_primary())
+        .await
+        .unwrap();
+    proxy
+        .shared
+        .apply(tidepool::Config::from_toml_str(&config(&c, &db, "auto"), "reload.toml").unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in 0..5 {
+        assert_eq!(write(&url, 900 + n).await, Ok(promoted), "after the reload");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,8 +119,9 @@ pub fn spawn_checker(
         let mut logs: Vec<LogLimit> = Vec::new();
         let mut who = 0usize;
         let mut functions_loaded: Option<std::time::Instant> = None;
-        // Two primaries were seen last round (logged once per episode).
-        let mut split = false;
+        // The writer's failed rounds in a row (writes move after
+        // `FAILOVER_AFTER`).
+        let mut misses = 0u32;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let keep = (max_lag * 4).max(Duration::from_secs(60)).as_nanos() as u64;
@@ -250,23 +251,28 @@ pub fn spawn_checker(
                 }
             }
             h.checked.store(true, Ordering::Relaxed);
-            split = decide_writer(&h, &writable, failover, &name, split);
+            decide_writer(&h, &writable, failover, &name, &mut misses);
         }
     });
 }
 
+/// Rounds in a row the writer must fail before writes move: one missed
+/// check is not a dead primary.
+const FAILOVER_AFTER: u32 = 2;
+
 /// After a round of checks: with `failover = "auto"`, writes move from a
-/// writer that cannot take them to a backend that answered as a primary
-/// (see [`super::next_writer`]); a second primary beside a working writer
-/// is reported (once while it lasts: `split` says whether it was last
-/// round; the new value is returned), never followed.
+/// writer that failed [`FAILOVER_AFTER`] rounds in a row to a backend that
+/// answered as a primary and is not fenced (see [`super::next_writer`]); the
+/// old writer is fenced then. A second primary seen beside a working writer
+/// is fenced and reported, never followed. Fences last until a RELOAD
+/// changes the backends.
 fn decide_writer(
     h: &Health,
     writable: &[bool],
     failover: crate::config::Failover,
     name: &str,
-    split: bool,
-) -> bool {
+    misses: &mut u32,
+) {
     let writer = h.writer();
     let addr = |k: usize| {
         let b = if k == 0 {
@@ -276,29 +282,42 @@ fn decide_writer(
         };
         format!("{}:{}", b.host, b.port)
     };
+    let writer_ok = writable.get(writer).copied().unwrap_or(false);
     if failover == crate::config::Failover::Manual {
-        if !writable.get(writer).copied().unwrap_or(false)
-            && let Some(k) = writable.iter().position(|w| *w)
-        {
+        if !writer_ok && let Some(k) = writable.iter().position(|w| *w) {
             tracing::warn!(database = %name, promoted = %addr(k), "the primary cannot take writes and another backend is a primary; failover = \"manual\": RELOAD with the new primary to move writes");
         }
-        return false;
+        return;
     }
-    let next = super::next_writer(writer, writable);
+    let fence = |k: usize, why: &str| {
+        if k < 64 && h.fenced.fetch_or(1 << k, Ordering::Relaxed) & (1 << k) == 0 {
+            tracing::error!(database = %name, backend = %addr(k), writer = %addr(h.writer()), "{why}: fenced; it takes no writes until a RELOAD changes the backends");
+        }
+    };
+    if writer_ok {
+        *misses = 0;
+        for (k, w) in writable.iter().enumerate() {
+            if *w && k != writer {
+                fence(
+                    k,
+                    "a second backend answers as a primary beside the writer (split brain)",
+                );
+            }
+        }
+        return;
+    }
+    *misses += 1;
+    if *misses < FAILOVER_AFTER {
+        return;
+    }
+    let next = super::next_writer(writer, writable, h.fenced());
     if next != writer {
+        fence(writer, "writes moved away from this backend");
         h.writer.store(next, Ordering::Relaxed);
         h.failovers.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(database = %name, from = %addr(writer), to = %addr(next), "failover: the writer cannot take writes and this backend is a primary; writes go there now");
+        *misses = 0;
+        tracing::warn!(database = %name, from = %addr(writer), to = %addr(next), "failover: the writer failed its checks and this backend is a primary; writes go there now");
     }
-    let others = writable
-        .iter()
-        .enumerate()
-        .filter(|(k, w)| **w && *k != next)
-        .count();
-    if others > 0 && !split {
-        tracing::error!(database = %name, writer = %addr(next), "more than one backend answers as a primary (split brain): writes stay on the current writer; fence the other");
-    }
-    others > 0
 }
 
 /// Loads the database's function volatilities from the primary.

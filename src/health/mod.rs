@@ -169,6 +169,10 @@ pub struct Health {
     /// when replica `i` was promoted and `failover = "auto"` moved writes
     /// there. Only the checker changes it.
     writer: AtomicUsize,
+    /// Backends never to take writes again without a RELOAD (bit `k`:
+    /// backend `k`): a second primary seen beside the writer, and a writer
+    /// that writes moved away from (it may have diverged).
+    fenced: AtomicU64,
     /// Times writes moved to another backend.
     pub failovers: AtomicU64,
 }
@@ -195,8 +199,35 @@ impl Health {
             misrouted: Mutex::new(std::collections::HashSet::new()),
             any_misrouted: AtomicBool::new(false),
             writer: AtomicUsize::new(0),
+            fenced: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps where writes go across a RELOAD that left the backends as they
+    /// were (`old` checked the same servers): a reload must not send writes
+    /// back to a fenced former primary.
+    pub fn inherit(&self, old: &Health) {
+        let same = self.primary.host == old.primary.host
+            && self.primary.port == old.primary.port
+            && self.replicas.len() == old.replicas.len()
+            && self
+                .replicas
+                .iter()
+                .zip(&old.replicas)
+                .all(|(a, b)| a.host == b.host && a.port == b.port);
+        if same {
+            self.writer.store(old.writer(), Ordering::Relaxed);
+            self.fenced
+                .store(old.fenced.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.failovers
+                .store(old.failovers.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// The fenced backends (bit `k`: backend `k`).
+    pub fn fenced(&self) -> u64 {
+        self.fenced.load(Ordering::Relaxed)
     }
 
     /// The backend that takes writes now (0: the configured primary,
@@ -290,16 +321,21 @@ impl Health {
     }
 }
 
-/// Where writes go after one round of checks: `writable[k]` says whether
-/// backend `k` (0 the configured primary, `i + 1` replica `i`) answered and
-/// is not in recovery. The writer stays while it is writable; otherwise the
-/// first writable backend takes over; with none, nothing changes (writes
-/// fail until one is). Pure, for the checker and its tests.
-pub fn next_writer(writer: usize, writable: &[bool]) -> usize {
+/// Where writes go once the writer has failed enough rounds in a row:
+/// `writable[k]` says whether backend `k` (0 the configured primary, `i + 1`
+/// replica `i`) answered and is not in recovery; `fenced` (bit `k`) are
+/// never chosen. The writer stays while it is writable; otherwise the first
+/// writable backend that is not fenced takes over; with none, nothing
+/// changes (writes fail until one is). Pure, for the checker and its tests.
+pub fn next_writer(writer: usize, writable: &[bool], fenced: u64) -> usize {
     if writable.get(writer).copied().unwrap_or(false) {
         return writer;
     }
-    writable.iter().position(|w| *w).unwrap_or(writer)
+    writable
+        .iter()
+        .enumerate()
+        .position(|(k, w)| *w && (k >= 64 || fenced & (1 << k) == 0))
+        .unwrap_or(writer)
 }
 
 /// `X/Y` text LSN to a number.
@@ -316,15 +352,18 @@ mod tests {
     fn writes_move_only_from_a_writer_that_cannot_take_them() {
         // The primary is fine: it stays, even with a promoted replica
         // beside it (split brain is reported, not followed).
-        assert_eq!(next_writer(0, &[true, true, false]), 0);
+        assert_eq!(next_writer(0, &[true, true, false], 0), 0);
         // The primary is down, replica 1 (backend 2) was promoted.
-        assert_eq!(next_writer(0, &[false, false, true]), 2);
+        assert_eq!(next_writer(0, &[false, false, true], 0), 2);
         // Nothing writable: no move.
-        assert_eq!(next_writer(0, &[false, false, false]), 0);
+        assert_eq!(next_writer(0, &[false, false, false], 0), 0);
         // The promoted one stays even when the old primary comes back.
-        assert_eq!(next_writer(2, &[true, false, true]), 2);
-        // It failed and the old primary is a primary again: back there.
-        assert_eq!(next_writer(2, &[true, false, false]), 0);
+        assert_eq!(next_writer(2, &[true, false, true], 0b001), 2);
+        // It failed; the old primary is a primary again but fenced (writes
+        // moved away from it): no move back without a RELOAD.
+        assert_eq!(next_writer(2, &[true, false, false], 0b001), 2);
+        // A fenced second primary is never chosen; another one may be.
+        assert_eq!(next_writer(0, &[false, true, true], 0b010), 2);
     }
 
     #[test]

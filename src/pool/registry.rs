@@ -137,6 +137,10 @@ impl Registry {
                 continue;
             }
             let h = Arc::new(Health::new(db));
+            // Same servers: writes stay where failover put them.
+            if let Some((_, old)) = health.get(name) {
+                h.inherit(old);
+            }
             if source.creds.is_empty() {
                 tracing::warn!(
                     database = %name,

@@ -22,6 +22,7 @@ use super::Tier;
 /// ARGV: interval (µs), burst. Returns {wait µs (0: admitted), the
 /// arrival time's lead over now in µs after the decision}.
 const SCRIPT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])

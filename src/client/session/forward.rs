@@ -356,7 +356,13 @@ impl Session {
                             .oldest_pending()
                             .map_or(0, |s| now.saturating_sub(s));
                         let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+                        // In COPY FROM STDIN the server waits for the client.
+                        let server_waits_for_client = matches!(
+                            t.copy,
+                            crate::client::txn::Copy::In | crate::client::txn::Copy::Both
+                        );
                         if to_client.is_empty()
+                            && !server_waits_for_client
                             && now.saturating_sub(server_heard) >= grace_ns
                             && age >= u64::try_from((limit + grace).as_nanos()).unwrap_or(u64::MAX)
                         {
