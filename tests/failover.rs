@@ -21,7 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 fn config(c: &Cluster, db: &str, failover: &str) -> String {
     let ports = c.replica_ports();
     format!(
-        "{}\n[routing]\nhealth_check_period = \"200ms\"\nfailover = \"{failover}\"\n",
+        "{}\n[routing]\nhealth_check_period = \"200ms\"\nmax_replica_lag = \"3s\"\nfailover = \"{failover}\"\n",
         harness::proxy::config_toml(
             c,
             db,
@@ -179,6 +179,16 @@ async fn auto_failover_sends_writes_to_the_promoted_replica() {
         .map(|r| &r["database"])
         .collect();
     assert_eq!(writer, [&format!("{db}@replica1")], "{replicas:?}");
+    // The other replica still follows the dead primary: measured against
+    // the new writer's WAL, it falls behind and stops serving reads (it
+    // would serve stale rows).
+    harness::wait_until_async("the stale replica is banned", DEADLINE, || async {
+        harness::console(&console, "SHOW REPLICAS")
+            .await
+            .iter()
+            .any(|r| r["database"] == format!("{db}@replica2") && r["reason"].contains("lagging"))
+    })
+    .await;
     let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();
     assert!(
         metrics.contains(&format!("tidepool_failovers_total{{database=\"{db}\"}} 1")),

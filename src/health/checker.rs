@@ -160,7 +160,11 @@ pub fn spawn_checker(
                     } else {
                         h.primary.primary_ok();
                     }
-                    h.record_primary(lsn, keep);
+                    // The WAL history replicas are measured against is the
+                    // writer's (after a failover, the promoted replica's).
+                    if writer == 0 {
+                        h.record_primary(lsn, keep);
+                    }
                     let stale = h.functions_stale.swap(false, Ordering::AcqRel)
                         || functions_loaded.is_none_or(|at| at.elapsed() >= FUNCTIONS_REFRESH);
                     if stale && let Some(c) = &primary {
@@ -203,13 +207,20 @@ pub fn spawn_checker(
                     r,
                     creds,
                     period,
-                    "pg_last_wal_replay_lsn()",
+                    if writer == i + 1 {
+                        "pg_current_wal_insert_lsn()"
+                    } else {
+                        "pg_last_wal_replay_lsn()"
+                    },
                     tls.as_ref(),
                 )
                 .await
                 {
-                    Ok((false, _)) => {
+                    Ok((false, lsn)) => {
                         writable[i + 1] = true;
+                        if writer == i + 1 {
+                            h.record_primary(lsn, keep);
+                        }
                         if writer != i + 1 {
                             tracing::error!(database = %name, replica = %format!("{}:{}", r.host, r.port), "replica is not in recovery: it was promoted; no reads go there");
                         }
