@@ -86,10 +86,23 @@ pub fn reload(shared: &Shared) -> Result<(), ReloadError> {
     }
 }
 
-/// Resolves once no client connection is left (SHUTDOWN WAIT_FOR_CLIENTS).
+/// Resolves once no client connection is left (SHUTDOWN WAIT_FOR_CLIENTS);
+/// console sessions (the one that asked, among others) are not waited for.
 pub async fn clients_gone(shared: &Arc<Shared>) {
     let mut logged = std::time::Instant::now();
-    while shared.clients.load(Ordering::Relaxed) > 0 {
+    let left = || {
+        let consoles = shared
+            .list
+            .all()
+            .iter()
+            .filter(|c| crate::client::startup::ADMIN_DATABASES.contains(&&*c.database))
+            .count();
+        shared
+            .clients
+            .load(Ordering::Relaxed)
+            .saturating_sub(consoles as u32)
+    };
+    while left() > 0 {
         if logged.elapsed() >= Duration::from_secs(10) {
             logged = std::time::Instant::now();
             tracing::info!(

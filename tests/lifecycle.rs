@@ -532,7 +532,13 @@ fn shutdown_wait_for_clients_waits_for_the_last_client() {
     let rt = rt();
     let client = rt.block_on(harness::connect(&url)).unwrap();
     rt.block_on(client.simple_query("select 1")).unwrap();
-    console(&d, "SHUTDOWN WAIT_FOR_CLIENTS").unwrap();
+    // Asked from a console session that stays connected: consoles are not
+    // waited for.
+    let admin = rt
+        .block_on(harness::connect(&d.url("admin", "adminpw", "pgbouncer")))
+        .unwrap();
+    rt.block_on(admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS"))
+        .unwrap();
     harness::wait_until("no new clients", Duration::from_secs(10), || {
         rt.block_on(harness::connect(&url)).is_err()
     });
@@ -542,6 +548,7 @@ fn shutdown_wait_for_clients_waits_for_the_last_client() {
     drop(client);
     let status = d
         .wait_exit(Duration::from_secs(20))
-        .expect("exits once the client left");
+        .expect("exits once the client left, the console session still open");
     assert!(status.success());
+    drop(admin);
 }
