@@ -77,6 +77,18 @@ async fn psql_and_pgbench_reach_tidepool_on_its_unix_socket() {
     )
     .await;
     parked.simple_query("select 2").await.unwrap();
+    // SHOW CLIENTS names it as PgBouncer does.
+    let clients = harness::console(
+        &proxy.url_as("app", Some(harness::APP_PASSWORD), "pgbouncer"),
+        "SHOW CLIENTS",
+    )
+    .await;
+    assert!(
+        clients
+            .iter()
+            .any(|r| r["database"] == db && r["addr"] == "unix"),
+        "{clients:?}"
+    );
 
     // `local` lines are for the socket only: over TCP, the password.
     let tcp_no_password = harness::connect(&proxy.url_as("app", None, &db)).await;

@@ -37,8 +37,16 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
     cols.push(("backend_role", Text));
     let mut rs = ResultSet::new(&cols);
     for c in snapshot::clients(shared) {
-        let (addr, port) = addr_parts(c.addr);
-        let (laddr, lport) = addr_parts(c.local);
+        let (addr, port, laddr, lport) = if c.addr.is_none() && c.local.is_none() {
+            // A client of the Unix socket (a TCP one always has both):
+            // `unix`, as PgBouncer shows it.
+            let unix = || Value::from("unix");
+            (unix(), Value::Null, unix(), Value::Null)
+        } else {
+            let (addr, port) = addr_parts(c.addr);
+            let (laddr, lport) = addr_parts(c.local);
+            (addr, port, laddr, lport)
+        };
         let active = c.state == ClientState::Active;
         rs.push(vec![
             "C".into(),
