@@ -106,7 +106,11 @@ impl Proxy {
                  set [metrics] auth_token (or auth_user and auth_password), or listen on 127.0.0.1"
             );
         }
-        let unix = Self::bind_unix(&config, &listeners, false)?;
+        let unix = Self::bind_unix(
+            config.tidepool.unix_socket_dir.as_deref(),
+            &listeners,
+            false,
+        )?;
         Ok(Proxy {
             listeners,
             metrics,
@@ -116,21 +120,9 @@ impl Proxy {
         })
     }
 
-    /// The Unix socket of `unix_socket_dir`, named after the first TCP
-    /// listener's port.
+    /// The Unix socket in `dir` (`unix_socket_dir`), named after the first
+    /// TCP listener's port.
     fn bind_unix(
-        config: &Config,
-        listeners: &[TcpListener],
-        replacing: bool,
-    ) -> std::io::Result<Option<(tokio::net::UnixListener, PathBuf)>> {
-        Self::bind_unix_in(
-            config.tidepool.unix_socket_dir.as_deref(),
-            listeners,
-            replacing,
-        )
-    }
-
-    fn bind_unix_in(
         dir: Option<&str>,
         listeners: &[TcpListener],
         replacing: bool,
@@ -178,7 +170,7 @@ impl Proxy {
                     .map(TcpListener::from_std)
                     .collect::<Result<Vec<_>, _>>()?;
                 let metrics = got.metrics.map(TcpListener::from_std).transpose()?;
-                let unix = Self::bind_unix_in(unix_dir.as_deref(), &listeners, true)?;
+                let unix = Self::bind_unix(unix_dir.as_deref(), &listeners, true)?;
                 Ok((listeners, metrics, unix))
             })
         })

@@ -157,7 +157,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let debug = tracing::enabled!(tracing::Level::DEBUG);
     let peer = if debug { stream.peer_addr().ok() } else { None };
     let work = async move {
-        if stream.peer_addr().is_ok() {
+        if !crate::protocol::stream::is_unix_socket(&stream) {
             // TCP only (a Unix socket has neither).
             let _ = stream.set_nodelay(true);
             let keepalive = shared.settings().config.keepalive();

@@ -286,11 +286,7 @@ fn decide_writer(
 ) {
     let writer = h.writer();
     let addr = |k: usize| {
-        let b = if k == 0 {
-            &h.primary
-        } else {
-            &h.replicas[k - 1]
-        };
+        let b = h.backend(k);
         format!("{}:{}", b.host, b.port)
     };
     let writer_ok = writable.get(writer).copied().unwrap_or(false);

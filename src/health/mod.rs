@@ -236,12 +236,18 @@ impl Health {
         self.writer.load(Ordering::Relaxed)
     }
 
-    /// The writer's backend record.
-    pub fn writer_backend(&self) -> &Backend {
-        match self.writer() {
+    /// Backend `k`: 0 the configured primary, `i + 1` replica `i` (the
+    /// primary for an index out of range).
+    pub fn backend(&self, k: usize) -> &Backend {
+        match k {
             0 => &self.primary,
             i => self.replicas.get(i - 1).unwrap_or(&self.primary),
         }
+    }
+
+    /// The writer's backend record.
+    pub fn writer_backend(&self) -> &Backend {
+        self.backend(self.writer())
     }
 
     /// Whether any statement was found misrouted (then fingerprints are

@@ -421,7 +421,7 @@ impl Pool {
 
     /// On every checkout of an idle connection: two plain loads and a
     /// subtraction (the coarse clock is refreshed by the ticker).
-    fn due_for_check(&self, idle: &Idle) -> bool {
+    pub(super) fn due_for_check(&self, idle: &Idle) -> bool {
         crate::clock::coarse_mono_us().saturating_sub(idle.conn.last_used)
             >= self.hot.server_check_delay_us()
     }

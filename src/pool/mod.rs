@@ -284,13 +284,8 @@ impl Pool {
     /// Idle connections as (ready, due for a check): those unused for
     /// `server_check_delay` are PgBouncer's `sv_used`.
     pub fn idle_split(&self) -> (usize, usize) {
-        let delay = self.settings().server_check_delay;
         let core = lock(&self.core);
-        let due = core
-            .idle
-            .iter()
-            .filter(|i| crate::clock::coarse_since(i.conn.last_used) >= delay)
-            .count();
+        let due = core.idle.iter().filter(|i| self.due_for_check(i)).count();
         (core.idle.len() - due, due)
     }
 

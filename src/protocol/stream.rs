@@ -423,7 +423,8 @@ pub fn unix_as_tcp(s: tokio::net::UnixStream) -> io::Result<TcpStream> {
     TcpStream::from_std(std)
 }
 
-fn is_unix_socket(s: &TcpStream) -> bool {
+/// Whether `s` is a Unix-domain socket (see [`unix_as_tcp`]).
+pub fn is_unix_socket(s: &TcpStream) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: getsockname on an open socket into a zeroed sockaddr_storage
     // of the size passed.

@@ -78,7 +78,8 @@ pub struct Limiter {
     pub name: String,
     /// `scope:name`, its key in the shared backend.
     key: String,
-    tier: Mutex<Tier>,
+    /// Shared, so that reading it on every admission copies no name.
+    tier: Mutex<Arc<Tier>>,
     gcra: Mutex<Gcra>,
     pub admitted: AtomicU64,
     /// Admitted after waiting.
@@ -91,11 +92,11 @@ pub struct Limiter {
 pub struct Refused {
     pub scope: &'static str,
     pub name: String,
-    pub tier: Tier,
+    pub tier: Arc<Tier>,
 }
 
 impl Limiter {
-    pub fn tier(&self) -> Tier {
+    pub fn tier(&self) -> Arc<Tier> {
         self.tier
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -234,7 +235,7 @@ impl RateLimits {
                     scope,
                     name: name.to_owned(),
                     key: format!("{scope}:{name}"),
-                    tier: Mutex::new(tier.clone()),
+                    tier: Mutex::new(Arc::new(tier.clone())),
                     gcra: Mutex::new(Gcra::default()),
                     admitted: AtomicU64::new(0),
                     waited: AtomicU64::new(0),
@@ -243,8 +244,8 @@ impl RateLimits {
             })
             .clone();
         let mut t = l.tier.lock().unwrap_or_else(PoisonError::into_inner);
-        if *t != *tier {
-            *t = tier.clone();
+        if **t != *tier {
+            *t = Arc::new(tier.clone());
         }
         drop(t);
         l

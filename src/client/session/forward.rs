@@ -311,13 +311,18 @@ impl Session {
                         return TxEnd::Killed;
                     }
                     let limit = self.settings.config.pool.query_timeout;
-                    if !limit.is_zero() && t.timeout_cancel.is_none() {
-                        let now = crate::clock::mono_ns();
-                        let age = t
-                            .timing
-                            .oldest_pending()
-                            .map_or(0, |s| now.saturating_sub(s));
-                        if age >= u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX) {
+                    if limit.is_zero() {
+                        continue;
+                    }
+                    let ns =
+                        |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+                    let now = crate::clock::mono_ns();
+                    let age = t
+                        .timing
+                        .oldest_pending()
+                        .map_or(0, |s| now.saturating_sub(s));
+                    if t.timeout_cancel.is_none() {
+                        if age >= ns(limit) {
                             // Canceled on the server; the server is closed
                             // after this transaction, so that a late cancel
                             // can never reach another client's query.
@@ -341,40 +346,32 @@ impl Session {
                                 crate::clock::precise_us().saturating_sub(age / 1000),
                             );
                         }
-                    } else if !limit.is_zero() {
-                        // Canceled already. A server that has not answered
-                        // the cancel after a grace (stopped, partitioned
-                        // away) is given up: the client gets an error now
-                        // instead of waiting on it for ever.
-                        // Only a server that is silent while tidepool waits
-                        // on it: a client slow to take its answer, or a
-                        // server still sending, is not that.
-                        let grace = limit.max(CANCEL_GRACE);
-                        let now = crate::clock::mono_ns();
-                        let age = t
-                            .timing
-                            .oldest_pending()
-                            .map_or(0, |s| now.saturating_sub(s));
-                        let grace_ns = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
-                        // In COPY FROM STDIN the server waits for the client.
-                        let server_waits_for_client = matches!(
-                            t.copy,
-                            crate::client::txn::Copy::In | crate::client::txn::Copy::Both
+                        continue;
+                    }
+                    // Canceled already. A server that is silent while
+                    // tidepool waits on it (stopped, partitioned away) is
+                    // given up after a grace: the client gets an error now
+                    // instead of waiting on it for ever. A client slow to
+                    // take its answer, a server still sending, or COPY FROM
+                    // STDIN (the server waits for the client) is not that.
+                    let grace = limit.max(CANCEL_GRACE);
+                    let server_waits_for_client = matches!(
+                        t.copy,
+                        crate::client::txn::Copy::In | crate::client::txn::Copy::Both
+                    );
+                    if to_client.is_empty()
+                        && !server_waits_for_client
+                        && now.saturating_sub(server_heard) >= ns(grace)
+                        && age >= ns(limit + grace)
+                    {
+                        return lost(
+                            format!(
+                                "query_timeout ({}) canceled the request and the server did not answer within {} more; its connection is closed",
+                                humantime::format_duration(limit),
+                                humantime::format_duration(grace)
+                            ),
+                            &cscan,
                         );
-                        if to_client.is_empty()
-                            && !server_waits_for_client
-                            && now.saturating_sub(server_heard) >= grace_ns
-                            && age >= u64::try_from((limit + grace).as_nanos()).unwrap_or(u64::MAX)
-                        {
-                            return lost(
-                                format!(
-                                    "query_timeout ({}) canceled the request and the server did not answer within {} more; its connection is closed",
-                                    humantime::format_duration(limit),
-                                    humantime::format_duration(grace)
-                                ),
-                                &cscan,
-                            );
-                        }
                     }
                 }
             }
