@@ -46,6 +46,19 @@ async fn setup(prefix: &'static str) -> (Arc<Cluster>, String) {
     .unwrap()
 }
 
+/// tidepool in front of the cluster with `failover = mode`, and the table
+/// the writes go to; the client URL.
+async fn start(c: &Cluster, db: &str, mode: &str) -> (TestProxy, String) {
+    let proxy = TestProxy::start(&config(c, db, mode));
+    c.admin_client(db)
+        .await
+        .simple_query("create table t (id bigint primary key); grant all on t to app")
+        .await
+        .unwrap();
+    let url = proxy.url(db);
+    (proxy, url)
+}
+
 /// A write through tidepool; Ok(the port of the server that took it).
 async fn write(url: &str, id: i64) -> Result<u16, String> {
     let run = async {
@@ -106,13 +119,7 @@ fn read_load(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_failover_sends_writes_to_the_promoted_replica() {
     let (c, db) = setup("failover_auto").await;
-    let proxy = TestProxy::start(&config(&c, &db, "auto"));
-    let url = proxy.url(&db);
-    let admin = c.admin_client(&db).await;
-    admin
-        .simple_query("create table t (id bigint primary key); grant all on t to app")
-        .await
-        .unwrap();
+    let (proxy, url) = start(&c, &db, "auto").await;
     let primary = c.primary_port();
     assert_eq!(write(&url, 1).await.unwrap(), primary);
     let c2 = c.clone();
@@ -215,13 +222,7 @@ async fn auto_failover_sends_writes_to_the_promoted_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_failover_waits_for_a_reload_naming_the_new_primary() {
     let (c, db) = setup("failover_manual").await;
-    let proxy = TestProxy::start(&config(&c, &db, "manual"));
-    let url = proxy.url(&db);
-    let admin = c.admin_client(&db).await;
-    admin
-        .simple_query("create table t (id bigint primary key); grant all on t to app")
-        .await
-        .unwrap();
+    let (proxy, url) = start(&c, &db, "manual").await;
     write(&url, 1).await.unwrap();
     let c2 = c.clone();
     tokio::task::spawn_blocking(move || {

@@ -274,17 +274,6 @@ async fn pipe(
     }
 }
 
-async fn server_port(c: &tokio_postgres::Client) -> Result<u16, tokio_postgres::Error> {
-    let rows = c.simple_query("select inet_server_port()").await?;
-    Ok(rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|p| p.parse().unwrap()),
-            _ => None,
-        })
-        .unwrap())
-}
-
 /// A partition between tidepool and a replica: the read in flight there
 /// becomes an error (query_timeout, then the server given up), not a hang;
 /// the replica is banned by its timed-out health checks and reads go to the
@@ -307,7 +296,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
     let client = proxy.client(&db).await;
     let replica = c.replica_ports()[0];
     harness::wait_until_async("reads on the replica", Duration::from_secs(30), || async {
-        server_port(&client).await.ok() == Some(replica)
+        harness::server_port(&client).await.ok() == Some(replica)
     })
     .await;
 
@@ -338,7 +327,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
         Duration::from_secs(30),
         || async {
             matches!(
-                tokio::time::timeout(Duration::from_secs(10), server_port(&client)).await,
+                tokio::time::timeout(Duration::from_secs(10), harness::server_port(&client)).await,
                 Ok(Ok(p)) if p == c.primary_port()
             )
         },
@@ -361,7 +350,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
         Duration::from_secs(60),
         || async {
             matches!(
-                tokio::time::timeout(Duration::from_secs(10), server_port(&client)).await,
+                tokio::time::timeout(Duration::from_secs(10), harness::server_port(&client)).await,
                 Ok(Ok(p)) if p == replica
             )
         },

@@ -52,13 +52,7 @@ async fn setup(prefix: &'static str, routing_extra: &str) -> Setup {
 }
 
 async fn server_port(c: &tokio_postgres::Client) -> u16 {
-    let rows = c.simple_query("select inet_server_port()").await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|p| p.parse().unwrap()),
-            _ => None,
-        })
-        .unwrap()
+    harness::server_port(c).await.unwrap()
 }
 
 fn replica_banned(s: &Setup, i: usize) -> bool {

@@ -211,6 +211,19 @@ pub async fn pgbench_async(url: &str, args: &[&str]) -> Output {
     .expect("pgbench_async: blocking task failed")
 }
 
+/// The port of the server a statement through `c` ran on
+/// (`inet_server_port()`): which backend tidepool chose.
+pub async fn server_port(c: &tokio_postgres::Client) -> Result<u16, tokio_postgres::Error> {
+    let rows = c.simple_query("select inet_server_port()").await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|p| p.parse().ok()),
+            _ => None,
+        })
+        .expect("inet_server_port() returned no port"))
+}
+
 /// Runs `script` (SQL) with pgbench on 4 clients (2 threads), 50
 /// transactions each, and asserts that all 200 succeeded.
 pub async fn pgbench_script_all_succeed(url: &str, script: &str) {
