@@ -387,3 +387,38 @@ async fn a_client_slow_to_read_its_answer_is_not_given_up() {
     let rows = msgs.iter().filter(|m| m.tag == b'D').count();
     assert!(rows > 1000, "{rows} rows, {codes:?}");
 }
+
+/// The other exception: in COPY FROM STDIN the server waits for the client,
+/// so a client that pauses its COPY past `query_timeout` and its grace is
+/// answered by the server (its own cancel error or the COPY's result),
+/// never given up with 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_copy_from_stdin_is_not_given_up() {
+    let c = cluster();
+    let db = c.create_database("paused_copy");
+    c.admin_client(&db)
+        .await
+        .simple_query("create table t (id int); grant all on t to public")
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1\nquery_timeout = \"1s\"");
+    let mut copy = harness::raw::Raw::login_trust(proxy.port(), &db).await;
+    copy.send(&harness::raw::query("copy t from stdin")).await;
+    let started = copy.next().await.expect("an answer to COPY");
+    assert_eq!(started.tag, b'G', "CopyInResponse");
+    // Nothing sent for longer than query_timeout and the 5 s grace.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut rest = harness::raw::msg(b'd', b"1\n");
+    rest.extend(harness::raw::msg(b'c', b""));
+    copy.send(&rest).await;
+    let msgs = copy.read_until_ready_or_close().await;
+    let codes: Vec<String> = msgs.iter().filter_map(|m| m.code()).collect();
+    assert!(
+        !codes.iter().any(|c| c == "08006"),
+        "the server was given up during a paused COPY: {codes:?}"
+    );
+    assert!(
+        msgs.last().is_some_and(|m| m.tag == b'Z'),
+        "the session goes on: {codes:?}"
+    );
+}
