@@ -18,10 +18,11 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, global = true, default_value = "human")]
     log_format: LogFormat,
-    /// Worker threads. Default 1: one event loop, PgBouncer's model and the
-    /// least CPU per transaction. More (e.g. the number of cores) gives a
-    /// multi-threaded runtime, for when one core is not enough.
-    #[arg(long, global = true, default_value_t = 1)]
+    /// Worker threads. Default 0: one per core the process may use (a
+    /// multi-threaded runtime sharing one pool). 1: a single event loop,
+    /// PgBouncer's model and the least CPU per transaction when the
+    /// database, not the pooler, is the bottleneck.
+    #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
     /// Take over the listening sockets of the tidepool running on
     /// `upgrade_socket` (an upgrade): it stops accepting and its clients
@@ -158,8 +159,13 @@ fn main() -> ExitCode {
     }
     init_logging(cli.log_format);
     // One thread: a single-threaded runtime (no work stealing, no waking of
-    // idle workers), like PgBouncer's event loop. More: a multi-threaded one.
-    let mut rt = match cli.threads {
+    // idle workers), like PgBouncer's event loop. More: a multi-threaded one;
+    // 0 (the default) means one worker per core this process may run on.
+    let threads = match cli.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut rt = match threads {
         0 | 1 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -176,6 +182,7 @@ fn main() -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
+        tracing::info!(threads, "runtime");
         let proxy = match tidepool::Proxy::bind_with(config, Some(cli.config.clone()), cli.takeover)
             .await
         {

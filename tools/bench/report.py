@@ -19,10 +19,20 @@ import statistics
 import subprocess
 import sys
 
-TARGETS = ["direct", "pgbouncer", "tidepool"]
-POOLERS = ["pgbouncer", "tidepool"]
+# tidepool: --threads 1 (one event loop, PgBouncer's model); tidepool_mt:
+# tidepool's default runtime, a worker per core.
+TARGETS = ["direct", "pgbouncer", "tidepool", "tidepool_mt"]
+POOLERS = ["pgbouncer", "tidepool", "tidepool_mt"]
+TIDEPOOLS = ["tidepool", "tidepool_mt"]
 MODES = ["simple", "extended", "prepared"]
-COLORS = {"direct": "#7f7f7f", "pgbouncer": "#1f77b4", "tidepool": "#2ca02c"}
+COLORS = {"direct": "#7f7f7f", "pgbouncer": "#1f77b4", "tidepool": "#2ca02c", "tidepool_mt": "#98df8a"}
+LABELS = {"direct": "direct", "pgbouncer": "PgBouncer", "tidepool": "tidepool, 1 thread",
+          "tidepool_mt": "tidepool, all cores"}
+
+
+def offset(i, n, width):
+    """x offset of the i-th of n bars in a group."""
+    return (i - (n - 1) / 2) * width
 
 
 def load(args):
@@ -120,7 +130,7 @@ def pgbench_stats(runs):
     }
 
 
-def paired_ratio(results, scenario, mode):
+def paired_ratio(results, scenario, mode, target="tidepool"):
     """tidepool / PgBouncer per round (the two ran back to back in that
     round, so they shared its background noise): median and range."""
     def per_txn(r):
@@ -128,11 +138,11 @@ def paired_ratio(results, scenario, mode):
             return None
         return r["pooler_cpu_ticks"] / r["clk_tck"] * 1e6 / r["txns"]
     by_round = {}
-    for t in POOLERS:
+    for t in ("pgbouncer", target):
         for r in pgbench_runs(results, scenario, mode, t):
             by_round.setdefault(r["round"], {})[t] = per_txn(r)
-    xs = [v["tidepool"] / v["pgbouncer"] for v in by_round.values()
-          if v.get("tidepool") is not None and v.get("pgbouncer")]
+    xs = [v[target] / v["pgbouncer"] for v in by_round.values()
+          if v.get(target) is not None and v.get("pgbouncer")]
     if not xs:
         return None
     lo, hi = rng(xs)
@@ -352,12 +362,12 @@ def routing_stats(results, variant, mode):
 # --- plots ----------------------------------------------------------------------
 
 
-def note_missing(ax, groups, S, targets, width, offset=-1):
+def note_missing(ax, groups, S, targets, width):
     """Writes "not run" where a target has no bar (e.g. PgBouncer < 1.21, -M prepared)."""
     for g, (scen, mode, _) in enumerate(groups):
         for i, t in enumerate(targets):
             if not S.get((scen, mode, t)):
-                ax.text(g + (i + offset) * width, ax.get_ylim()[1] * 0.02, f"{t}: not run",
+                ax.text(g + offset(i, len(targets), width), ax.get_ylim()[1] * 0.02, f"{LABELS[t]}: not run",
                         rotation=90, ha="center", va="bottom", fontsize=8, color=COLORS[t])
 
 
@@ -373,17 +383,17 @@ def plots(out, S, lat, many):
     # Throughput
     groups = [("select50", m, f"-M {m}\n50 clients") for m in MODES] + [("select500", "simple", "-M simple\n500 clients")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [4, 1.3]})
-    width = 0.26
+    width = 0.2
     for i, t in enumerate(TARGETS):
         xs, ys, lo, hi = [], [], [], []
         for g, (scen, mode, _) in enumerate(groups):
             s = S.get((scen, mode, t))
             if s and s["tps"] is not None:
-                xs.append(g + (i - 1) * width)
+                xs.append(g + offset(i, len(TARGETS), width))
                 ys.append(s["tps"])
                 lo.append(s["tps"] - s["tps_range"][0])
                 hi.append(s["tps_range"][1] - s["tps"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=t, color=COLORS[t])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=LABELS[t], color=COLORS[t])
     note_missing(ax, groups, S, TARGETS, width)
     ax.set_xticks(range(len(groups)), [g[2] for g in groups])
     ax.set_ylabel("transactions / s (pgbench -S)")
@@ -394,7 +404,7 @@ def plots(out, S, lat, many):
         if m and m["qps"] is not None:
             lo_, hi_ = m["qps_range"]
             ax2.bar(i, m["qps"], 0.6, yerr=[[m["qps"] - lo_], [hi_ - m["qps"]]], capsize=2, color=COLORS[t])
-    ax2.set_xticks(range(len(POOLERS)), POOLERS)
+    ax2.set_xticks(range(len(POOLERS)), [LABELS[t].replace(", ", "\n") for t in POOLERS])
     ax2.set_title("10,000 clients, select 1")
     ax2.set_ylabel("queries / s")
     fig.tight_layout()
@@ -410,10 +420,10 @@ def plots(out, S, lat, many):
         for g, (scen, mode, _) in enumerate(groups):
             s = S.get((scen, mode, t))
             if s and s["pooler_us"] is not None:
-                xs.append(g + (i - 0.5) * 0.36)
+                xs.append(g + offset(i, len(POOLERS), 0.26))
                 ys.append(s["pooler_us"])
-        ax.bar(xs, ys, 0.36, label=t, color=COLORS[t])
-    note_missing(ax, groups, S, POOLERS, 0.36, offset=-0.5)
+        ax.bar(xs, ys, 0.26, label=LABELS[t], color=COLORS[t])
+    note_missing(ax, groups, S, POOLERS, 0.26)
     ax.set_xticks(range(len(groups)), [g[2] for g in groups])
     ax.set_ylabel("pooler CPU µs / transaction")
     ax.set_title("Pooler process CPU per transaction (utime+stime)")
@@ -423,9 +433,9 @@ def plots(out, S, lat, many):
         for g, (scen, mode, _) in enumerate(groups):
             s = S.get((scen, mode, t))
             if s and s["machine_us"] is not None:
-                xs.append(g + (i - 1) * width)
+                xs.append(g + offset(i, len(TARGETS), width))
                 ys.append(s["machine_us"])
-        ax2.bar(xs, ys, width, label=t, color=COLORS[t])
+        ax2.bar(xs, ys, width, label=LABELS[t], color=COLORS[t])
     note_missing(ax2, groups, S, TARGETS, width)
     ax2.set_xticks(range(len(groups)), [g[2] for g in groups])
     ax2.set_ylabel("machine CPU µs / transaction")
@@ -444,8 +454,8 @@ def plots(out, S, lat, many):
         L = lat.get(t)
         if not L:
             continue
-        ax.bar([k + (i - 1) * width for k in range(len(stats))], [L[s] for s in stats], width,
-               label=t, color=COLORS[t])
+        ax.bar([k + offset(i, len(TARGETS), width) for k in range(len(stats))], [L[s] for s in stats], width,
+               label=LABELS[t], color=COLORS[t])
     ax.set_xticks(range(len(stats)), ["mean", "p50", "p90", "p99", "p99.9"])
     ax.set_ylabel("latency µs")
     ax.set_title("Latency, 1 client, pgbench -S -M simple")
@@ -525,78 +535,87 @@ def main():
     w("")
     w("Everything runs on one machine over loopback: PostgreSQL, the poolers, pgbench and the "
       "load generator share its CPUs. Each scenario runs direct PostgreSQL, PgBouncer and tidepool "
-      "one after another in every round (the order rotates each round) so that background noise "
+      "(one thread, and all cores) one after another in every round (the order rotates each round) so that background noise "
       "is shared. Figures are medians over rounds; ranges are min–max. Nothing is asserted.")
     w("")
 
     # Summary
     w("## Summary")
     w("")
-    w("| measure | direct | PgBouncer | tidepool | tidepool / PgBouncer | tidepool / direct |")
-    w("|---|---:|---:|---:|---:|---:|")
+    w("| measure | direct | PgBouncer | tidepool, 1 thread | tidepool, all cores | 1 thread / PgBouncer | "
+      "all cores / PgBouncer | 1 thread / direct |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(label, d, p, t, m, digits=0, direct=None, ratio_d=None):
+        """One summary row: the four figures (None: not run), tidepool's
+        ratios to PgBouncer and (1 thread) to direct."""
+        dcell = direct if direct is not None else ("—" if d is None else fnum(d, digits))
+        rd = ratio_d if ratio_d is not None else ("—" if d is None else ratio(t, d))
+        pcell = "—" if p is None else fnum(p, digits)
+        w(f"| {label} | {dcell} | {pcell} | {fnum(t, digits)} | {fnum(m, digits)} | "
+          f"{ratio(t, p) if p is not None else '—'} | {ratio(m, p) if p is not None else '—'} | {rd} |")
+
+    def fig(stats, key):
+        return stats and stats.get(key)
+
     for mode in MODES:
-        d, p, t = (S[("select50", mode, x)] for x in TARGETS)
-        w(f"| pooler CPU µs/txn, -M {mode}, 50 clients | — | {fnum(p and p['pooler_us'], 1)} | "
-          f"{fnum(t and t['pooler_us'], 1)} | {ratio(t and t['pooler_us'], p and p['pooler_us'])} | — |")
+        p, t, m = (S[("select50", mode, x)] for x in POOLERS)
+        row(f"pooler CPU µs/txn, -M {mode}, 50 clients", None, fig(p, "pooler_us") if p else None,
+            fig(t, "pooler_us"), fig(m, "pooler_us"), 1, direct="—")
     for mode in MODES:
-        pr = paired_ratio(results, "select50", mode)
-        if pr:
-            w(f"| pooler CPU, tidepool / PgBouncer in the same round (paired), -M {mode}: median (range) | — | — | "
-              f"lower in {pr['below']} of {pr['n']} rounds | {pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×) | — |")
+        prs = [paired_ratio(results, "select50", mode, x) for x in TIDEPOOLS]
+        if any(prs):
+            cells = [f"{pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×), lower in {pr['below']} of {pr['n']}"
+                     if pr else "n/a" for pr in prs]
+            w(f"| pooler CPU / PgBouncer's in the same round (paired), -M {mode}: median (range) | — | — | "
+              f"— | — | {cells[0]} | {cells[1]} | — |")
     for mode in ("simple", "extended"):
         p, t = I.get(("pgbouncer", mode)), I.get(("tidepool", mode))
         if p or t:
-            w(f"| pooler user-space instructions/txn, -M {mode} (callgrind) | — | {fnum(p)} | {fnum(t)} | "
-              f"{ratio(t, p)} | — |")
+            row(f"pooler user-space instructions/txn, -M {mode} (callgrind, one thread)", None, p, t, None,
+                direct="—")
     for mode in MODES:
-        d, p, t = (S[("select50", mode, x)] for x in TARGETS)
-        w(f"| machine CPU µs/txn, -M {mode}, 50 clients | {fnum(d and d['machine_us'], 1)} | "
-          f"{fnum(p and p['machine_us'], 1)} | {fnum(t and t['machine_us'], 1)} | "
-          f"{ratio(t and t['machine_us'], p and p['machine_us'])} | {ratio(t and t['machine_us'], d and d['machine_us'])} |")
+        d, p, t, m = (S[("select50", mode, x)] for x in TARGETS)
+        row(f"machine CPU µs/txn, -M {mode}, 50 clients", fig(d, "machine_us"), fig(p, "machine_us") if p else None,
+            fig(t, "machine_us"), fig(m, "machine_us"), 1)
     for scen, mode, label in [("select50", m, f"-M {m}, 50 clients") for m in MODES] + [("select500", "simple", "-M simple, 500 clients")]:
-        d, p, t = (S[(scen, mode, x)] for x in TARGETS)
-        w(f"| throughput tps, {label} | {fnum(d and d['tps'])} | {fnum(p and p['tps'])} | "
-          f"{fnum(t and t['tps'])} | {ratio(t and t['tps'], p and p['tps'])} | {ratio(t and t['tps'], d and d['tps'])} |")
-    ld, lp, lt = (lat[x] for x in TARGETS)
+        d, p, t, m = (S[(scen, mode, x)] for x in TARGETS)
+        row(f"throughput tps, {label}", fig(d, "tps"), fig(p, "tps") if p else None, fig(t, "tps"), fig(m, "tps"))
+    ld = lat["direct"]
     if ld:
-        w(f"| added mean latency µs, 1 client | (base {fnum(ld['mean'], 1)}) | "
-          f"{fnum(lp and lp['mean'] - ld['mean'], 1)} | {fnum(lt and lt['mean'] - ld['mean'], 1)} | "
-          f"{ratio(lt and lt['mean'] - ld['mean'], lp and lp['mean'] - ld['mean'])} | "
-          f"{ratio(lt and lt['mean'], ld['mean'])} (mean) |")
-        w(f"| added p99 latency µs, 1 client | (base {fnum(ld['p99'])}) | "
-          f"{fnum(lp and lp['p99'] - ld['p99'])} | {fnum(lt and lt['p99'] - ld['p99'])} | "
-          f"{ratio(lt and lt['p99'] - ld['p99'], lp and lp['p99'] - ld['p99'])} | "
-          f"{ratio(lt and lt['p99'], ld['p99'])} (p99) |")
+        for k, digits in (("mean", 1), ("p99", 0)):
+            added = [lat[x] and lat[x][k] - ld[k] for x in POOLERS]
+            row(f"added {k} latency µs, 1 client", None, added[0], added[1], added[2], digits,
+                direct=f"(base {fnum(ld[k], digits)})",
+                ratio_d=f"{ratio(lat['tidepool'] and lat['tidepool'][k], ld[k])} ({k})")
     if lat_rounds:
         for k in ("mean", "p50"):
-            (p, _), (t, _) = lat_added[("pgbouncer", k)], lat_added[("tidepool", k)]
-            w(f"| added {k} latency µs, 1 client: median of per-round differences | — | {fnum(p, 1)} | "
-              f"{fnum(t, 1)} | {ratio(t, p)} | — |")
-    ip, it, idd = idle["pgbouncer"], idle["tidepool"], idle["direct"]
-    w(f"| memory KiB per idle client | {fnum(idd and idd['per_client_kib'], 1)} (PSS per backend) | "
-      f"{fnum(ip and ip['per_client_kib'], 2)} | {fnum(it and it['per_client_kib'], 2)} | "
-      f"{ratio(it and it['per_client_kib'], ip and ip['per_client_kib'])} | "
-      f"{ratio(it and it['per_client_kib'], idd and idd['per_client_kib'], 4)} |")
-    mp, mt = many["pgbouncer"], many["tidepool"]
-    w(f"| {env['many_clients']:,} clients: errors | — | {fnum(mp and mp['errors'])} | {fnum(mt and mt['errors'])} | | — |")
-    w(f"| {env['many_clients']:,} clients: queries/s | — | {fnum(mp and mp['qps'])} | {fnum(mt and mt['qps'])} | "
-      f"{ratio(mt and mt['qps'], mp and mp['qps'])} | — |")
-    w(f"| {env['many_clients']:,} clients: p99 latency ms | — | {fnum(mp and mp['p99'] / 1000, 1)} | "
-      f"{fnum(mt and mt['p99'] / 1000, 1)} | {ratio(mt and mt['p99'], mp and mp['p99'])} | — |")
+            row(f"added {k} latency µs, 1 client: median of per-round differences", None,
+                *(lat_added[(x, k)][0] for x in POOLERS), 1, direct="—")
+    idd = idle["direct"]
+    per = [idle[x] and idle[x]["per_client_kib"] for x in POOLERS]
+    row("memory KiB per idle client", None, per[0], per[1], per[2], 2,
+        direct=f"{fnum(idd and idd['per_client_kib'], 1)} (PSS per backend)",
+        ratio_d=ratio(per[1], idd and idd["per_client_kib"], 4))
+    mc = [many[x] for x in POOLERS]
+    row(f"{env['many_clients']:,} clients: errors", None, *(x and x["errors"] for x in mc), direct="—")
+    row(f"{env['many_clients']:,} clients: queries/s", None, *(x and x["qps"] for x in mc), direct="—")
+    row(f"{env['many_clients']:,} clients: p99 latency ms", None, *(x and x["p99"] / 1000 for x in mc), 1,
+        direct="—")
     po, rp = R[("primary_only", "extended")], R[("replicas", "extended")]
     if po and rp:
-        w(f"| read scaling: tps, primary + 2 replicas vs primary alone (-M extended, 50 clients) | — | — | "
-          f"{fnum(rp['tps'])} vs {fnum(po['tps'])} | — | {ratio(rp['tps'], po['tps'])} (vs primary alone) |")
+        w(f"| read scaling: tps, primary + 2 replicas vs primary alone (-M extended, 50 clients, 1 thread) | — | — | "
+          f"{fnum(rp['tps'])} vs {fnum(po['tps'])} | — | — | — | {ratio(rp['tps'], po['tps'])} (vs primary alone) |")
     micro = micro_stats(results)
     if micro:
         x = micro[0]
         w(f"| classifier ns/statement, `{x['statement'][:40]}…`: parsed / text cache / template memo "
           f"(micro-benchmark) | — | — | {fnum(x['parsed_ns'])} / {fnum(x['text_cache_ns'])} / "
-          f"{fnum(x['template_memo_ns'])} | — | — |")
+          f"{fnum(x['template_memo_ns'])} | — | — | — | — |")
     for m, what in (("simple", "new literals each time: the client's template memo"), ("extended", "one text: cached")):
         a, c = R[("primary_only", m)], R[("classify_only", m)]
         if a and c and a["pooler_us"] is not None and c["pooler_us"] is not None:
-            w(f"| classifier cost µs/txn, -M {m} ({what}) | — | — | {fnum(c['pooler_us'] - a['pooler_us'], 1)} | — | "
+            w(f"| classifier cost µs/txn, -M {m} ({what}) | — | — | {fnum(c['pooler_us'] - a['pooler_us'], 1)} | — | — | — | "
               f"{ratio(c['pooler_us'], a['pooler_us'])} (pooler CPU vs no routing) |")
     w("")
     w("Ratios: above 1× means tidepool has more of it (good for throughput, bad for CPU, latency "
@@ -626,9 +645,9 @@ def main():
                      ("pgbouncer", "PgBouncer"), ("rustc", "rustc")]:
         w(f"| {label} | {env.get(k, '')} |")
     dirty = " (with uncommitted changes in src/)" if env.get("tidepool_dirty") else ""
-    threads = env.get("tidepool_threads") or ""
-    threads = (f"`--threads {threads}`" + (" (single-threaded runtime)" if threads == "1" else "")
-               if threads else "default threads (one: a single-threaded runtime)")
+    mt = env.get("tidepool_mt_threads")
+    threads = ("two processes: “1 thread” (`--threads 1`, a single-threaded runtime) and “all cores” "
+               + (f"(`--threads {mt}`, a multi-threaded runtime)" if mt else "(not run)"))
     w(f"| tidepool | commit `{env.get('tidepool_commit', '?')}`{dirty}, release build, {threads} |")
     w(f"| open files | {env.get('fd_note', '')} |")
     bg = []
@@ -675,7 +694,7 @@ def main():
                 s = S[(scen, mode, t)]
                 if not s:
                     why = skipped(results, scen, mode, t) or "no data"
-                    w(f"| {clients} | {mode} | {t} | skipped: {why} | | | | | | | | |")
+                    w(f"| {clients} | {mode} | {LABELS[t]} | skipped: {why} | | | | | | | | |")
                     continue
                 lo, hi = s["tps_range"]
                 plo, phi = s["pooler_range"]
@@ -684,9 +703,9 @@ def main():
                 fails = fnum(s["failed"])
                 if s["bad_status"]:
                     fails += f" ({s['bad_status']} run(s) exited non-zero)"
-                w(f"| {clients} | {mode} | {t} | {fnum(s['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
+                w(f"| {clients} | {mode} | {LABELS[t]} | {fnum(s['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
                   f"{ratio(s['tps'], d and d['tps']) if t != 'direct' else '—'} | "
-                  f"{ratio(s['tps'], p and p['tps']) if t == 'tidepool' else '—'} | {cpu} | "
+                  f"{ratio(s['tps'], p and p['tps']) if t in TIDEPOOLS else '—'} | {cpu} | "
                   f"{split_cell(s)} | "
                   f"{fnum(s['pooler_cores'], 2) if s['pooler_cores'] is not None else '—'} | "
                   f"{switch_cell(s)} | "
@@ -697,12 +716,13 @@ def main():
       "round's ratio cancels most of the noise the rounds do not share):")
     w("")
     for scen, mode, label in [("select50", m, f"-M {m}, 50 clients") for m in MODES] + [("select500", "simple", "-M simple, 500 clients")]:
-        p, t = S[(scen, mode, "pgbouncer")], S[(scen, mode, "tidepool")]
-        pr = paired_ratio(results, scen, mode)
-        w(f"- {label}: {ratio(t and t['pooler_us'], p and p['pooler_us'])}"
-          + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else "")
-          + (f"; per round {pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×), tidepool lower in "
-             f"{pr['below']} of {pr['n']}" if pr else ""))
+        for x in TIDEPOOLS:
+            p, t = S[(scen, mode, "pgbouncer")], S[(scen, mode, x)]
+            pr = paired_ratio(results, scen, mode, x)
+            w(f"- {label}, {LABELS[x]}: {ratio(t and t['pooler_us'], p and p['pooler_us'])}"
+              + (f" ({fnum(t['pooler_us'], 1)} vs {fnum(p['pooler_us'], 1)} µs)" if t and p and t['pooler_us'] and p['pooler_us'] else "")
+              + (f"; per round {pr['median']:.2f}× ({pr['lo']:.2f}–{pr['hi']:.2f}×), lower in "
+                 f"{pr['below']} of {pr['n']}" if pr else ""))
     w("")
 
     w("The pooler's CPU time is mostly system time: the kernel's work for its `send`/`recv` "
@@ -757,32 +777,34 @@ def main():
     for t in TARGETS:
         x = lat[t]
         if not x:
-            w(f"| {t} | no data | | | | | | | | | | |")
+            w(f"| {LABELS[t]} | no data | | | | | | | | | | |")
             continue
         am = fnum(x["mean"] - ld["mean"], 1) if ld and t != "direct" else "—"
         a99 = fnum(x["p99"] - ld["p99"]) if ld and t != "direct" else "—"
-        w(f"| {t} | {fnum(x['n'])} | {fnum(x['tps'])} | {fnum(x['mean'], 1)} | {fnum(x['p50'])} | "
+        w(f"| {LABELS[t]} | {fnum(x['n'])} | {fnum(x['tps'])} | {fnum(x['mean'], 1)} | {fnum(x['p50'])} | "
           f"{fnum(x['p90'])} | {fnum(x['p99'])} | {fnum(x['p999'])} | {fnum(x['max'])} | {am} | {a99} | "
           f"{fnum(x['pooler_us'], 1) if x['pooler_us'] is not None else '—'} |")
     w("")
     if lat_rounds:
-        w("Per round (each round runs the three back to back, so a disturbance that hits one round "
+        w("Per round (each round runs the four back to back, so a disturbance that hits one round "
           "shows here instead of swamping the pooled figures): mean / p50 / p99 µs.")
         w("")
-        w("| round | direct | pgbouncer | tidepool | added mean, pgbouncer | added mean, tidepool |")
-        w("|---:|---:|---:|---:|---:|---:|")
+        w("| round | direct | PgBouncer | tidepool, 1 thread | tidepool, all cores | added mean, PgBouncer | "
+          "added mean, 1 thread | added mean, all cores |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for rnd in sorted(lat_rounds):
             v = lat_rounds[rnd]
             cell = lambda t: (f"{fnum(v[t]['mean'], 1)} / {fnum(v[t]['p50'])} / {fnum(v[t]['p99'])}"
                               if t in v else "—")
             add = lambda t: fnum(v[t]["mean"] - v["direct"]["mean"], 1) if t in v and "direct" in v else "—"
-            w(f"| {rnd} | {cell('direct')} | {cell('pgbouncer')} | {cell('tidepool')} | {add('pgbouncer')} | {add('tidepool')} |")
+            w(f"| {rnd} | {cell('direct')} | {cell('pgbouncer')} | {cell('tidepool')} | {cell('tidepool_mt')} | "
+              f"{add('pgbouncer')} | {add('tidepool')} | {add('tidepool_mt')} |")
         w("")
         for k in ("mean", "p50", "p99"):
             parts = []
             for t in POOLERS:
                 m, (lo, hi) = lat_added[(t, k)]
-                parts.append(f"{t} {fnum(m, 1)} ({fnum(lo, 1)} to {fnum(hi, 1)})")
+                parts.append(f"{LABELS[t]} {fnum(m, 1)} ({fnum(lo, 1)} to {fnum(hi, 1)})")
             w(f"- added {k} µs, median of the per-round differences (range): " + "; ".join(parts))
         w("")
 
@@ -809,7 +831,7 @@ def main():
             continue
         lo, hi = x["range"]
         unit = "KiB PSS" if x["metric"] != "rss" else "KiB RSS"
-        w(f"| {t} | {fnum(x['clients'])} | {fnum(x['connected'])} | {fnum(x['errors'])} | "
+        w(f"| {LABELS[t]} | {fnum(x['clients'])} | {fnum(x['connected'])} | {fnum(x['errors'])} | "
           f"{fnum(x['connect_secs'], 1)} | {fnum(x['before_kb'])} {unit} | {fnum(x['after_kb'])} | "
           f"{fnum(x['after_close_kb'])} | {fnum(x['per_client_kib'], 2)} ({fnum(lo, 2)}–{fnum(hi, 2)}) |")
     kinds = [k for t in TARGETS if idle[t] for k in idle[t]["error_kinds"]]
@@ -835,7 +857,7 @@ def main():
             continue
         lo, hi = x["qps_range"]
         ms = lambda v: fnum(v / 1000, 1) if v is not None else "n/a"  # noqa: E731
-        w(f"| {t} | {fnum(x['connected_min'])} / {fnum(x['clients'])} | {fnum(x['errors'])} | "
+        w(f"| {LABELS[t]} | {fnum(x['connected_min'])} / {fnum(x['clients'])} | {fnum(x['errors'])} | "
           f"{fnum(x['qps'])} ({fnum(lo)}–{fnum(hi)}) | {ms(x['mean'])} | {ms(x['p50'])} | {ms(x['p99'])} | "
           f"{ms(x['p999'])} | {ms(x['max'])} | {fnum(x['per_client_min'])} / {fnum(x['per_client_median'])} | "
           f"{fnum(x['pooler_us'], 1)} | {fnum(x['connect_secs'], 1)} |")
@@ -967,8 +989,10 @@ def main():
     w("")
     w("- One machine: pgbench and the load generator take CPU from the pooler and PostgreSQL; "
       "throughput is of the whole system, not the pooler alone.")
-    w("- PgBouncer is single-threaded (at most one core); tidepool runs one thread by default too "
-      "(`--threads N` for more). The “pooler cores” column shows how much each used.")
+    w("- PgBouncer is single-threaded (at most one core). tidepool's default runtime has a worker per "
+      "core (“all cores”); `--threads 1` gives one event loop (“1 thread”). On this machine "
+      "PostgreSQL and pgbench share the same cores, so the pooler is rarely the bottleneck: the "
+      "“pooler cores” column shows how much each used.")
     w("- CPU time comes from `/proc` in clock ticks "
       f"(1/{env['clk_tck']} s); short (`--quick`) runs are coarse.")
     w("- Direct PostgreSQL gets one backend per client, not a pool of 20.")
