@@ -41,6 +41,8 @@ impl SqlState {
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: Self = Self("55000");
     pub const CONFIG_FILE_ERROR: Self = Self("F0000");
     pub const SUCCESSFUL_COMPLETION: Self = Self("00000");
+    pub const PROGRAM_LIMIT_EXCEEDED: Self = Self("54000");
+    pub const CANNOT_CONNECT_NOW: Self = Self("57P03");
 }
 
 /// ERROR ends the current request; FATAL ends the client's connection.
@@ -134,6 +136,15 @@ pub enum ClientError {
     AdminNotAllowed(String),
     #[error("internal error in tidepool: {0}")]
     Internal(String),
+    /// A LISTEN tidepool could not make good (`listen_mode = "shared"`).
+    #[error("could not LISTEN: {0}")]
+    Listen(String),
+    /// More notifications waited for the client than
+    /// `max_queued_notifications`: it was not taking them.
+    #[error(
+        "too many notifications queued for this client (max_queued_notifications = {0}): it is not reading them"
+    )]
+    NotificationOverflow(u32),
     /// PostgreSQL refused a startup parameter's value (its code and words).
     #[error("{}", .0.message)]
     ParameterRefused(Box<crate::protocol::messages::ErrorFields>),
@@ -198,6 +209,8 @@ impl ClientError {
             ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,
+            ClientError::Listen(_) => SqlState::CANNOT_CONNECT_NOW,
+            ClientError::NotificationOverflow(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
             ClientError::ParameterRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
         }
     }
@@ -209,6 +222,7 @@ impl ClientError {
             | ClientError::ServerConnect { .. }
             | ClientError::ServerLogin { .. }
             | ClientError::ServerLost(_)
+            | ClientError::Listen(_)
             | ClientError::RateLimited(_) => Severity::Error,
             _ => Severity::Fatal,
         }

@@ -279,6 +279,44 @@ async fn node_postgres_named_queries() {
     target.assert_pool_respected();
 }
 
+/// LISTEN/NOTIFY workers, unchanged, on tidepool's shared LISTEN
+/// (`listen_mode = "shared"`, the default): psycopg 3's `notifies()` and
+/// asyncpg's `add_listener`, each receiving every notification in order
+/// while their connections keep running queries on a pool of 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_listen_workers_psycopg_notifies_and_asyncpg_add_listener() {
+    require(
+        "python3 with asyncpg and psycopg",
+        Command::new("python3").args(["-c", "import asyncpg, psycopg"]),
+    );
+    let c = cluster();
+    let db = c.create_database("pylisten");
+    let target = Target::new(c, &db, 2, "");
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("python/listen_workers.py"))
+        .arg(target.url());
+    let out = run_async(cmd, "listen_workers.py").await;
+    assert_ok("listen_workers.py", &out, "listen workers: OK");
+    target.assert_pool_respected();
+}
+
+/// node-postgres' `client.on('notification')` worker, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_listen_worker() {
+    let node_dir = clients_dir().join("node");
+    require("node", Command::new("node").arg("--version"));
+    let c = cluster();
+    let db = c.create_database("nodelisten");
+    let target = Target::new(c, &db, 2, "");
+    let mut cmd = Command::new("node");
+    cmd.arg(node_dir.join("listen_worker.js"))
+        .arg(target.url())
+        .current_dir(&node_dir);
+    let out = run_async(cmd, "listen_worker.js").await;
+    assert_ok("listen_worker.js", &out, "node listen: OK");
+    target.assert_pool_respected();
+}
+
 /// Compiles `java/<class>.java` into a fresh directory under the target dir.
 fn compile_java(class: &str) -> PathBuf {
     let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(

@@ -579,9 +579,10 @@ async fn next_notification(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_pins_the_client_and_receives_notifications() {
+    // listen_mode = "pin" (the shared default is tests/listen.rs').
     let c = cluster();
     let db = c.create_database("listen");
-    let t = Target::new(c, &db, POOL2);
+    let t = Target::new(c, &db, &format!("{POOL2}\nlisten_mode = \"pin\""));
     let (listener, mut rx) = listening_client(&t.url).await;
     listener.batch_execute("LISTEN chan").await.unwrap();
     let listener_pid = pid(&listener).await;
@@ -656,7 +657,14 @@ async fn session_features_error_mode_refuses_listen() {
     }
     let c = cluster();
     let db = c.create_database("listenerr");
-    let t = Target::with_db_extra(c, &db, POOL2, "session_features = \"error\"");
+    // With listen_mode = "pin", LISTEN is a session feature (shared, it is
+    // tidepool's own and refused by nothing).
+    let t = Target::with_db_extra(
+        c,
+        &db,
+        &format!("{POOL2}\nlisten_mode = \"pin\""),
+        "session_features = \"error\"",
+    );
     let client = t.client().await;
     let err = client
         .batch_execute("LISTEN chan")

@@ -15,9 +15,11 @@
 pub mod auth_query;
 pub mod budget;
 pub mod list;
+pub mod listen;
 pub mod memo;
 mod negotiate;
 pub mod park;
+pub mod pins;
 mod prepared;
 pub(crate) mod session;
 pub mod sql;
@@ -118,6 +120,11 @@ pub struct Shared {
     pub list: Arc<list::ClientList>,
     /// Idle clients without a task.
     pub lot: Arc<park::Lot>,
+    /// Clients pinned to their server, and why.
+    pub pins: Arc<pins::Pins>,
+    /// Shared LISTEN: per database, the listener connection and who
+    /// listens on what.
+    pub listen: Arc<listen::Listeners>,
     pub lifecycle: Lifecycle,
     /// Event-loop stalls and the shutdown deadline.
     pub watchdog: Arc<crate::watchdog::Watchdog>,
@@ -152,6 +159,7 @@ impl Shared {
         let stats = Arc::new(Stats::new(&config.stats));
         let rate_limits = crate::ratelimit::RateLimits::default();
         rate_limits.configure(&config);
+        let lot = Arc::new(park::Lot::default());
         Self {
             decoy,
             registry: Registry::new(&config, stats.clone()),
@@ -160,7 +168,9 @@ impl Shared {
             clients: AtomicU32::new(0),
             stats,
             list: Arc::new(list::ClientList::default()),
-            lot: Arc::new(park::Lot::default()),
+            listen: listen::Listeners::new(lot.clone()),
+            lot,
+            pins: Arc::default(),
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
             throttle: Default::default(),

@@ -42,8 +42,13 @@ pub struct Lot {
     /// Taken by the lot's task when it starts.
     poll: Mutex<Option<Poll>>,
     parked: Mutex<HashMap<u64, Parked>>,
-    /// Wakes the lot's task to let evicted clients out.
+    /// Wakes the lot's task to let evicted (or woken) clients out.
     kick: Notify,
+    /// Clients to resume because something waits for them (a
+    /// notification), whether or not they are parked yet.
+    woken: Mutex<Vec<u64>>,
+    /// Some parked client was asked to leave since the last look.
+    evictions: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Lot {
@@ -55,6 +60,8 @@ impl Default for Lot {
                 poll: Mutex::new(Some(poll)),
                 parked: Mutex::default(),
                 kick: Notify::new(),
+                woken: Mutex::default(),
+                evictions: Default::default(),
             },
             Err(e) => {
                 tracing::warn!(error = %e, "no epoll set for the parking lot; idle clients will not be parked");
@@ -63,6 +70,8 @@ impl Default for Lot {
                     poll: Mutex::new(None),
                     parked: Mutex::default(),
                     kick: Notify::new(),
+                    woken: Mutex::default(),
+                    evictions: Default::default(),
                 }
             }
         }
@@ -125,6 +134,21 @@ impl Lot {
     /// Lets parked clients that were asked to leave (KILL, shutdown) out,
     /// so that their tasks say goodbye.
     pub fn wake_evicted(&self) {
+        self.evictions
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kick.notify_one();
+    }
+
+    /// Resumes client `id` if it is parked (a notification waits for it);
+    /// nothing if it is not.
+    pub fn wake(&self, id: u64) {
+        if self.registry.is_none() {
+            return;
+        }
+        self.woken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(id);
         self.kick.notify_one();
     }
 
@@ -202,8 +226,16 @@ pub async fn run(shared: Arc<Shared>) {
                 }
             }
             _ = lot.kick.notified() => {
-                for id in lot.evicted() {
+                let woken = std::mem::take(&mut *lot.woken.lock().unwrap_or_else(PoisonError::into_inner));
+                for id in woken {
                     resume(&lot, id);
+                }
+                // Only when asked: a notification's wake-up must not scan
+                // every parked client.
+                if lot.evictions.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    for id in lot.evicted() {
+                        resume(&lot, id);
+                    }
                 }
             }
             now = tick.tick() => {

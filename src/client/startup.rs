@@ -451,6 +451,8 @@ async fn handshake(
             && config.pool.max_prepared_statements > 0,
         refuse_session_features: config.pool_mode(db) == crate::config::PoolMode::Transaction
             && config.session_features(db) == crate::config::SessionFeatures::Error,
+        listen_shared: config.pool_mode(db) == crate::config::PoolMode::Transaction
+            && config.pool.listen_mode == crate::config::ListenMode::Shared,
     };
     pool.traffic.login();
     Ok(Some(Greeted::Client(

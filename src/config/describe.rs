@@ -457,6 +457,20 @@ pub fn describe(c: &Config) -> Vec<Row> {
             true,
         ),
         row(
+            "pool",
+            "listen_mode",
+            format!("{:?}", p.listen_mode).to_lowercase(),
+            format!("{:?}", pd.listen_mode).to_lowercase(),
+            true,
+        ),
+        row(
+            "pool",
+            "max_queued_notifications",
+            p.max_queued_notifications.to_string(),
+            pd.max_queued_notifications.to_string(),
+            true,
+        ),
+        row(
             "routing",
             "health_check_period",
             d(r.health_check_period),

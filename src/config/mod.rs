@@ -13,7 +13,9 @@ use std::path::Path;
 
 pub use crate::auth::AuthType;
 pub use describe::describe;
-pub use schema::{Config, Database, Failover, PoolMode, PoolSettings, SessionFeatures, User};
+pub use schema::{
+    Config, Database, Failover, ListenMode, PoolMode, PoolSettings, SessionFeatures, User,
+};
 
 /// A problem with the config file, located where possible.
 #[derive(Debug, Clone, thiserror::Error)]

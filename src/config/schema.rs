@@ -493,6 +493,17 @@ pub struct PoolSettings {
     /// client on its server, `error` refuses the statement. Default `pin`.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// LISTEN in transaction mode: `shared` (tidepool listens for its
+    /// clients on one connection per database and delivers to them; no
+    /// pin) or `pin` (a session feature, as `session_features` says).
+    /// Default `shared`.
+    #[serde(default)]
+    pub listen_mode: ListenMode,
+    /// Notifications queued for one client that has not taken them yet
+    /// (busy in a transaction, or not reading); past that the client is
+    /// closed (54000). Default 10000.
+    #[serde(default = "d_max_queued_notifications")]
+    pub max_queued_notifications: u32,
     /// Extra server connections a pool may open for clients that waited
     /// `reserve_pool_timeout` (PgBouncer's meaning). Default 0.
     #[serde(default)]
@@ -526,6 +537,14 @@ pub struct PoolSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum ListenMode {
+    #[default]
+    Shared,
+    Pin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SessionFeatures {
     #[default]
     Pin,
@@ -555,6 +574,8 @@ impl Default for PoolSettings {
             server_check_query: String::new(),
             max_prepared_statements: defaults::MAX_PREPARED_STATEMENTS,
             session_features: SessionFeatures::Pin,
+            listen_mode: ListenMode::Shared,
+            max_queued_notifications: d_max_queued_notifications(),
             reserve_pool_size: 0,
             reserve_pool_timeout: d_reserve_timeout(),
             client_idle_timeout: Duration::ZERO,
@@ -757,6 +778,9 @@ fn d_degraded() -> f64 {
 }
 fn d_unhealthy() -> f64 {
     defaults::UNHEALTHY_SLOW_RATIO
+}
+fn d_max_queued_notifications() -> u32 {
+    10_000
 }
 fn d_check_delay() -> Duration {
     Duration::from_secs(30)

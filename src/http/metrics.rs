@@ -15,6 +15,8 @@ use crate::client::Shared;
 use crate::stats::HealthStatus;
 use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
 
+mod sessions;
+
 /// Per-query series exported (the top N by total time).
 const TOP_QUERIES: usize = 20;
 /// Query text in labels is cut to this many bytes.
@@ -614,14 +616,10 @@ impl Collector for Snapshot {
                 "Reads of session settings after a client changed them",
                 &c.param_refreshes,
             ),
-            (
-                "tidepool_pins",
-                "Clients pinned to their server by a session feature",
-                &c.pins,
-            ),
         ] {
             counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
         }
+        sessions::encode(&mut enc, shared)?;
         let events: Vec<(Labels, u64)> = c
             .limits
             .rows()

@@ -260,6 +260,12 @@ impl Pool {
     }
 
     /// The current settings (a reload may replace them).
+    /// How this pool connects (for a connection of tidepool's own outside
+    /// the pool, such as the LISTEN connection).
+    pub fn connect_spec(&self) -> ConnectSpec {
+        lock(&self.spec).clone()
+    }
+
     pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
         self.settings.load()
     }

@@ -33,7 +33,24 @@ pub fn error_response_with(
     msg: &str,
     more: &[(u8, &str)],
 ) {
-    message(buf, BackendTag::ErrorResponse.byte(), |b| {
+    fields_message(buf, BackendTag::ErrorResponse, severity, code, msg, more);
+}
+
+/// A NoticeResponse (severity WARNING): something the client should know
+/// that is not an error.
+pub fn notice_response(buf: &mut BytesMut, code: &str, msg: &str) {
+    fields_message(buf, BackendTag::NoticeResponse, "WARNING", code, msg, &[]);
+}
+
+fn fields_message(
+    buf: &mut BytesMut,
+    tag: BackendTag,
+    severity: &str,
+    code: &str,
+    msg: &str,
+    more: &[(u8, &str)],
+) {
+    message(buf, tag.byte(), |b| {
         b.put_u8(b'S');
         cstr(b, severity);
         b.put_u8(b'V');

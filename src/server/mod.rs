@@ -14,6 +14,7 @@ pub mod list;
 pub mod params;
 pub mod prepared;
 pub mod session_functions;
+pub mod session_state;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -119,6 +120,9 @@ impl std::fmt::Debug for ServerConn {
 struct Exchange {
     changed: Vec<(String, String)>,
     rows: Vec<Vec<String>>,
+    /// NotificationResponse messages that came meanwhile (a server that
+    /// listens for its pinned client), whole, for that client.
+    notifications: BytesMut,
 }
 
 /// A DataRow's columns as text (NULL as empty).
@@ -183,6 +187,40 @@ impl ServerConn {
         ))
     }
 
+    /// Runs `sql` (its answer is not needed) and returns the
+    /// NotificationResponse messages that came meanwhile, whole.
+    pub async fn run_collecting(&mut self, sql: &str) -> Result<BytesMut, ServerError> {
+        Ok(self.exchange(sql).await?.notifications)
+    }
+
+    /// The channels this connection listens on, and the notifications that
+    /// came meanwhile.
+    pub async fn listening_channels(&mut self) -> Result<(Vec<String>, BytesMut), ServerError> {
+        let e = self
+            .exchange("select pg_catalog.pg_listening_channels()")
+            .await?;
+        let channels = e
+            .rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next())
+            .collect();
+        Ok((channels, e.notifications))
+    }
+
+    /// The session state this connection holds (see [`session_state`];
+    /// None: an answer of another shape), and the notifications that
+    /// arrived while it was asked.
+    pub async fn session_state(
+        &mut self,
+    ) -> Result<(Option<session_state::SessionState>, BytesMut), ServerError> {
+        let e = self.exchange(session_state::QUERY).await?;
+        let state = e
+            .rows
+            .first()
+            .and_then(|r| session_state::SessionState::from_row(r));
+        Ok((state, e.notifications))
+    }
+
     /// The database's functions that may change session settings (see
     /// [`session_functions::QUERY`]).
     pub async fn session_functions(
@@ -245,6 +283,11 @@ impl ServerConn {
                     break;
                 }
                 BackendTag::DataRow => result.rows.push(text_row(&frame.body)?),
+                BackendTag::NotificationResponse => {
+                    write::message(&mut result.notifications, frame.tag, |b| {
+                        b.extend_from_slice(&frame.body)
+                    });
+                }
                 BackendTag::ErrorResponse => failure = Some(error_fields(&frame.body)?),
                 BackendTag::ParameterStatus => {
                     let (k, v) = parameter_status(&frame.body)?;

@@ -15,8 +15,6 @@ pub struct Counters {
     pub param_syncs: AtomicU64,
     /// Reads of a server's session settings after a client changed them.
     pub param_refreshes: AtomicU64,
-    /// Clients pinned to their server by a session feature.
-    pub pins: AtomicU64,
     /// What the limits did, by reason (`tidepool_limit_events_total`).
     pub limits: LimitEvents,
 }

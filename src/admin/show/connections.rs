@@ -34,7 +34,11 @@ pub(super) fn ptr(kind: char, id: u64) -> String {
 
 pub(super) fn clients(shared: &Shared) -> ResultSet {
     let mut cols = CONNECTION_COLUMNS.to_vec();
-    cols.push(("backend_role", Text));
+    cols.extend([
+        ("backend_role", Text),
+        ("pinned", Text),
+        ("pinned_since", Text),
+    ]);
     let mut rs = ResultSet::new(&cols);
     for c in snapshot::clients(shared) {
         let (addr, port, laddr, lport) = if c.addr.is_none() && c.local.is_none() {
@@ -48,6 +52,7 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             (addr, port, laddr, lport)
         };
         let active = c.state == ClientState::Active;
+        let pin = shared.pins.of(c.id);
         rs.push(vec![
             "C".into(),
             c.user.into(),
@@ -79,6 +84,8 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             } else {
                 role(c.backend).into()
             },
+            pin.map_or("", |p| p.0).into(),
+            pin.map_or(Value::Null, |p| timestamp(p.1).into()),
         ]);
     }
     rs

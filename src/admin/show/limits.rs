@@ -1,5 +1,6 @@
 //! SHOW RATE_LIMITS (tidepool): each user's and database's rate limiter,
-//! its tier and what it admitted, made wait and refused.
+//! its tier and what it admitted, made wait and refused; SHOW LISTENERS
+//! (tidepool): who listens on what through the shared LISTEN connection.
 
 use super::*;
 
@@ -34,6 +35,29 @@ pub(super) fn rate_limits(shared: &Shared) -> ResultSet {
             (l.waited.load(std::sync::atomic::Ordering::Relaxed) as i64).into(),
             (l.rejected.load(std::sync::atomic::Ordering::Relaxed) as i64).into(),
             backend.as_str().into(),
+        ]);
+    }
+    rs
+}
+
+/// SHOW LISTENERS: shared LISTEN, one row per (database, channel) with the
+/// clients listening on it, and whether the database's listener
+/// connection to the primary is up.
+pub(super) fn listeners(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        ("database", Text),
+        ("channel", Text),
+        ("clients", Numeric),
+        ("connected", Text),
+    ]);
+    let dbs = shared.listen.databases();
+    for (db, channel, clients) in shared.listen.channels() {
+        let up = dbs.get(&db).is_some_and(|d| d.2);
+        rs.push(vec![
+            db.into(),
+            channel.into(),
+            (clients as i64).into(),
+            if up { "yes" } else { "no" }.into(),
         ]);
     }
     rs

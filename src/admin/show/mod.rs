@@ -23,7 +23,7 @@ mod stats;
 
 use connections::{clients, servers};
 use health::{health, replicas};
-use limits::rate_limits;
+use limits::{listeners, rate_limits};
 use logins::auth_failures;
 use memory::mem;
 use pools::pools;
@@ -118,6 +118,7 @@ pub enum Show {
     AuthFailures,
     RateLimits,
     Mem,
+    Listeners,
 }
 
 impl Show {
@@ -145,6 +146,7 @@ impl Show {
             "AUTH_FAILURES" => Show::AuthFailures,
             "RATE_LIMITS" => Show::RateLimits,
             "MEM" => Show::Mem,
+            "LISTENERS" => Show::Listeners,
             _ => return None,
         })
     }
@@ -177,6 +179,7 @@ impl Show {
             Show::AuthFailures => auth_failures(shared),
             Show::RateLimits => rate_limits(shared),
             Show::Mem => mem(shared),
+            Show::Listeners => listeners(shared),
         })
     }
 }
@@ -204,7 +207,7 @@ pub const VERSION: &str = concat!(
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
 SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|MEM
-SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS   (tidepool)
+SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS|LISTENERS   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
 PAUSE [<db>]

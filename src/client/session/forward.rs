@@ -30,7 +30,9 @@ impl Session {
         let info = self.listed.info.clone();
         let mut cscan = Scanner::frontend(self.limit);
         let mut sscan = Scanner::new(SERVER_MESSAGE_LIMIT);
-        let mut to_client = BytesMut::new();
+        // What the session owes the client already (notifications that
+        // came while a pinned server was asked about its state) goes first.
+        let mut to_client = std::mem::take(&mut self.out);
         let mut changed = Vec::new();
         let mut client_closed = false;
         // When the server last sent something (for a server that may have
@@ -131,22 +133,29 @@ impl Session {
                         mid_message: cscan.mid_message() || sscan.mid_message(),
                     };
                 }
-                if let (None, Some(reason)) = (self.pinned, t.pin) {
-                    self.pinned = Some(reason);
-                    Counters::add(&counters.pins);
+                if let (None, Some(reason)) = (&self.pinned, t.pin) {
+                    self.pinned = Some(self.shared.pins.pin(info.id, reason));
                     tracing::info!(
                         client = info.id,
                         reason,
-                        "client pinned to its server for the rest of its session"
+                        "client pinned to its server while its session state lasts"
                     );
                 }
                 let half_sent = cscan.mid_message() || sscan.mid_message() || !conn.buf.is_empty();
                 if mode == PoolMode::Transaction
-                    && self.pinned.is_none()
                     && t.verdict(half_sent) == crate::client::txn::Verdict::Reuse
                 {
-                    conn.tx = t.status;
-                    return TxEnd::Done;
+                    match &self.pinned {
+                        None => {
+                            conn.tx = t.status;
+                            return TxEnd::Done;
+                        }
+                        Some(pin) if t.pin_check_due && crate::client::pins::ends(pin.reason()) => {
+                            conn.tx = t.status;
+                            return TxEnd::PinCheck;
+                        }
+                        Some(_) => {}
+                    }
                 }
             }
             let idle_in_tx =

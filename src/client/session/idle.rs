@@ -73,7 +73,9 @@ impl Session {
                 self.head_shortfall()?
             };
             if wanted > 0 {
-                if self.flush_out().await.is_err() {
+                // Notifications go out between messages, while idle.
+                self.take_notifications()?;
+                if !self.flush_idle().await? {
                     return Ok(Next::Exit);
                 }
                 // Room for the whole message at once (bounded by
@@ -153,6 +155,7 @@ impl Session {
                     self.skip_until_sync = true;
                 }
                 FrontendTag::Parse | FrontendTag::Close if self.answer_without_server() => {}
+                FrontendTag::Query | FrontendTag::Parse if self.answer_listen().await => {}
                 t if t.starts_transaction() => {
                     if self.flush_out().await.is_err() {
                         return Ok(Next::Exit);

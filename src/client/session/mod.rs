@@ -16,8 +16,10 @@
 mod cleanup;
 mod forward;
 mod idle;
+mod listen;
 mod params;
 mod parking;
+mod pin;
 mod record;
 mod rename;
 mod route;
@@ -73,6 +75,8 @@ const IDLE_KEEP: usize = 4 * 1024;
 const SERVER_MESSAGE_LIMIT: usize = (1 << 30) + 64;
 /// How long a ROLLBACK on behalf of a vanished client may take.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing client gets to take its last error.
+const FATAL_WRITE: Duration = Duration::from_secs(5);
 
 pub struct Session {
     stream: Stream,
@@ -112,8 +116,12 @@ pub struct Session {
     /// This client's named prepared statements.
     statements: HashMap<String, Arc<Statement>>,
     policy: Policy,
-    /// Set once a session feature tied the client to its server.
-    pinned: Option<&'static str>,
+    /// Set while session state (a held cursor, a temp table, ...) ties
+    /// the client to its server.
+    pinned: Option<crate::client::pins::Pin>,
+    /// Shared LISTEN: this client's place in its database's hub, once it
+    /// listened.
+    listen: Option<crate::client::listen::Membership>,
     /// Startup-packet parameters: what RESET goes back to.
     startup: Arc<BTreeMap<String, String>>,
     client_key: Option<[u8; 32]>,
@@ -150,6 +158,10 @@ enum Next {
 enum TxEnd {
     /// The server is idle and clean; give it back.
     Done,
+    /// A transaction is over on the server of a pinned client whose
+    /// session state may be gone: ask the server, then give it back or
+    /// forward on.
+    PinCheck,
     /// The client went away (or sent Terminate) with the server in this state.
     ClientGone { mid_message: bool },
     /// The server connection failed. `client_skip` bytes of a client message
@@ -200,6 +212,7 @@ impl Session {
             statements: HashMap::new(),
             policy: l.policy,
             pinned: None,
+            listen: None,
             startup: l.startup,
             client_key: l.client_key,
             fetched_secret: l.fetched_secret,
@@ -382,7 +395,7 @@ impl Session {
                 tracker.expect.push(crate::server::expect::Owed::Internal);
                 server.conn().prepend = Some(out);
             }
-            if let (Route::Replica(_), None) = (route, self.pinned) {
+            if let (Route::Replica(_), true) = (route, self.pinned.is_none()) {
                 tracker.replica_guard = Some(super::txn::ReplicaGuard {
                     classifier: self.settings.classifier.clone(),
                     functions: self.health.as_ref().and_then(|h| h.functions.load_full()),
@@ -394,7 +407,17 @@ impl Session {
                 }
             }
             watchdog::phase(Phase::Forward);
-            let end = self.forward(&mut server, &mut tracker).await;
+            let end = loop {
+                match self.forward(&mut server, &mut tracker).await {
+                    TxEnd::PinCheck => {
+                        tracker.pin_check_due = false;
+                        if Box::pin(self.pin_ended(&mut server)).await {
+                            break TxEnd::Done;
+                        }
+                    }
+                    end => break end,
+                }
+            };
             watchdog::phase(Phase::Release);
             drop(on_replica);
             self.after_route(route, class);
@@ -423,7 +446,11 @@ impl Session {
                     )
                     .await;
                 }
-                TxEnd::Done => {
+                TxEnd::Done | TxEnd::PinCheck => {
+                    let mut clean = true;
+                    if tracker.listen_changed || !tracker.unlistens.is_empty() {
+                        clean = Box::pin(self.move_listens(&mut server, &tracker)).await;
+                    }
                     if tracker.params_changed {
                         self.custom_params.extend(tracker.custom_params.drain(..));
                         let refreshing = Box::pin(self.refresh_params(&mut server));
@@ -434,7 +461,7 @@ impl Session {
                     }
                     // After a query_timeout cancel the server is closed: a
                     // cancel that lands late must not reach another client.
-                    server.release(if tracker.timeout_cancel.is_some() {
+                    server.release(if tracker.timeout_cancel.is_some() || !clean {
                         Release::Close
                     } else {
                         Release::Reuse
@@ -494,8 +521,13 @@ impl Session {
     async fn fatal(&mut self, e: ClientError) {
         tracing::info!(client = self.listed.info.id, peer = ?self.listed.info.addr, error = %e, "closing client");
         e.write_to(&mut self.out);
-        let _ = self.stream.write_all(&self.out).await;
-        let _ = self.stream.shutdown().await;
+        // Bounded: a client that does not read (the reason it may be
+        // closed) must not hold its task here.
+        let _ = tokio::time::timeout(FATAL_WRITE, async {
+            let _ = self.stream.write_all(&self.out).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 }
 

@@ -15,6 +15,7 @@ impl Session {
             && self.owe_error.is_none()
             && self.deferred_begin.is_none()
             && self.pinned.is_none()
+            && !self.notifications_pending()
             // A TLS session with something pending keeps its task: the
             // socket alone would not say so.
             && self.stream.is_quiet()
@@ -25,6 +26,7 @@ impl Session {
     pub(super) fn park(self: Box<Self>) -> Option<Box<Self>> {
         let lot = self.shared.lot.clone();
         let id = self.listed.info.id;
+        let hub = self.listen.as_ref().map(|m| m.hub.clone());
         let parked = match self.into_parked() {
             Ok(p) => p,
             Err(e) => {
@@ -35,6 +37,11 @@ impl Session {
         match lot.park(parked) {
             Ok(()) => {
                 tracing::debug!(client = id, "client parked");
+                // A notification queued while it was parking found no
+                // task to wake and no parked record: resume it now.
+                if hub.is_some_and(|h| h.has_pending(id)) {
+                    lot.wake(id);
+                }
                 None
             }
             Err(p) => match p.into_session() {
@@ -57,13 +64,15 @@ impl Session {
         let rare = (!s.statements.is_empty()
             || !s.custom_params.is_empty()
             || s.client_key.is_some()
-            || s.fetched_secret.is_some())
+            || s.fetched_secret.is_some()
+            || s.listen.is_some())
         .then(|| {
             Box::new(Rare {
                 statements: s.statements,
                 custom_params: s.custom_params,
                 client_key: s.client_key,
                 fetched_secret: s.fetched_secret,
+                listen: s.listen,
             })
         });
         let (tcp, tls) = s.stream.into_parts();
@@ -108,6 +117,8 @@ struct Rare {
     custom_params: std::collections::BTreeSet<String>,
     client_key: Option<[u8; 32]>,
     fetched_secret: Option<Arc<crate::auth::secret::Secret>>,
+    /// Its place in a LISTEN hub: its subscriptions outlive parking.
+    listen: Option<crate::client::listen::Membership>,
 }
 
 impl Parked {
@@ -160,6 +171,7 @@ impl Parked {
         if let Some(r) = rare {
             session.statements = r.statements;
             session.custom_params = r.custom_params;
+            session.listen = r.listen;
         }
         Ok((session, self.slot))
     }

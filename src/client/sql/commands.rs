@@ -143,19 +143,30 @@ pub(crate) fn setting_name(stmt: &str, i: usize) -> Option<String> {
     }
 }
 
-/// Whether `sql` calls `set_config`, and a session-level advisory lock
-/// function: one pass over the text's underscores (all three names have one).
-pub(crate) fn session_functions(sql: &str) -> (bool, bool) {
+/// What `sql` calls that touches the session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Calls {
+    pub set_config: bool,
+    /// A session-level advisory lock function.
+    pub advisory_lock: bool,
+    /// `pg_advisory_unlock[_shared|_all]`: a session lock may be gone.
+    pub advisory_unlock: bool,
+}
+
+/// What `sql` calls of [`Calls`]: one pass over the text's underscores
+/// (every name has one).
+pub(crate) fn session_functions(sql: &str) -> Calls {
     let h = sql.as_bytes();
     let at = |i: usize, back: usize, name: &[u8]| {
         i >= back
             && h.get(i - back..i - back + name.len())
                 .is_some_and(|w| w.eq_ignore_ascii_case(name))
     };
-    let (mut set_config, mut advisory) = (false, false);
+    let mut c = Calls::default();
     for i in memchr::memchr_iter(b'_', h) {
-        set_config |= at(i, 3, b"set_config");
-        advisory |= at(i, 2, b"pg_advisory_lock") || at(i, 2, b"pg_try_advisory_lock");
+        c.set_config |= at(i, 3, b"set_config");
+        c.advisory_lock |= at(i, 2, b"pg_advisory_lock") || at(i, 2, b"pg_try_advisory_lock");
+        c.advisory_unlock |= at(i, 2, b"pg_advisory_unlock");
     }
-    (set_config, advisory)
+    c
 }

@@ -16,6 +16,7 @@ pub(crate) use lex::{
     leading_words, skip_space, split_statements,
 };
 
+use crate::client::pins;
 use crate::stats::fingerprint::{block_comment_end, is_space, line_comment_end, string_end};
 
 /// What a query string does to the session.
@@ -23,8 +24,17 @@ use crate::stats::fingerprint::{block_comment_end, is_space, line_comment_end, s
 pub struct Effects {
     /// SET/RESET/DISCARD/set_config: the session parameters may have changed.
     pub params_changed: bool,
-    /// A feature that ties the client to its server, named for messages.
+    /// A feature that ties the client to its server, named for messages
+    /// (one of [`crate::client::pins::REASONS`]).
     pub session_feature: Option<&'static str>,
+    /// May end session state that pinned a client (CLOSE, DISCARD, DROP,
+    /// UNLISTEN, an advisory unlock): worth asking the server
+    /// whether the pin can end.
+    pub releases_session_state: bool,
+    /// A `LISTEN` statement.
+    pub listen: bool,
+    /// `UNLISTEN` statements: their channels (None: `UNLISTEN *`).
+    pub unlisten: Vec<Option<String>>,
     /// DISCARD ALL or DEALLOCATE ALL: every prepared statement is gone.
     pub drops_all_statements: bool,
     /// `DEALLOCATE [PREPARE] name` as the only statement.
@@ -79,14 +89,15 @@ pub fn effects(sql: &str) -> Effects {
     let body = sql.trim_end().strip_suffix(';').unwrap_or(sql);
     e.lists_statements = contains_ignore_case(sql, "pg_prepared_statements");
     if !body.contains(';') && starts_with_plain_statement(body) {
-        let (set_config, advisory) = session_functions(sql);
-        if set_config {
+        let calls = session_functions(sql);
+        if calls.set_config {
             e.params_changed = true;
             e.custom_params.extend(set_config_names(sql));
         }
-        if advisory {
-            e.session_feature = Some("session advisory locks (pg_advisory_lock)");
+        if calls.advisory_lock {
+            e.session_feature = Some(pins::ADVISORY_LOCK);
         }
+        e.releases_session_state = calls.advisory_unlock;
         return e;
     }
     let lower_has = |needle: &str| contains_ignore_case(sql, needle);
@@ -95,8 +106,9 @@ pub fn effects(sql: &str) -> Effects {
         e.custom_params.extend(set_config_names(sql));
     }
     if lower_has("pg_advisory_lock") || lower_has("pg_try_advisory_lock") {
-        e.session_feature = Some("session advisory locks (pg_advisory_lock)");
+        e.session_feature = Some(pins::ADVISORY_LOCK);
     }
+    e.releases_session_state = lower_has("pg_advisory_unlock");
     let statements: Vec<&str> = split_statements(sql);
     let single = statements.len() == 1;
     for stmt in statements {
@@ -128,7 +140,7 @@ pub fn effects(sql: &str) -> Effects {
                 continue;
             }
             "prepare" => {
-                e.session_feature = Some("PREPARE in a multi-statement query");
+                e.session_feature = Some(pins::SQL_PREPARE);
                 continue;
             }
             "deallocate" => {
@@ -159,6 +171,7 @@ pub fn effects(sql: &str) -> Effects {
             }
             "discard" => {
                 e.params_changed = true;
+                e.releases_session_state = true;
                 if w(1) == "all" {
                     e.drops_all_statements = true;
                 }
@@ -166,9 +179,20 @@ pub fn effects(sql: &str) -> Effects {
             // A DO block or a procedure may SET anything (set_config, SET
             // ROLE): the session's settings are read back afterwards.
             "do" | "call" => e.params_changed = true,
-            "listen" => e.session_feature = Some("LISTEN"),
+            "listen" => {
+                e.session_feature = Some(pins::LISTEN);
+                e.listen = true;
+            }
+            "unlisten" => {
+                e.releases_session_state = true;
+                e.unlisten.push(listen_channel(stmt, kw_end));
+            }
             "declare" if contains_ignore_case(stmt, "with hold") => {
-                e.session_feature = Some("WITH HOLD cursors")
+                e.session_feature = Some(pins::HOLD_CURSOR)
+            }
+            "close" | "drop" => {
+                e.releases_session_state = true;
+                e.ddl |= w(0) == "drop";
             }
             "create"
                 if w(1) == "temp"
@@ -176,14 +200,24 @@ pub fn effects(sql: &str) -> Effects {
                     || ((w(1) == "global" || w(1) == "local")
                         && (w(2) == "temp" || w(2) == "temporary")) =>
             {
-                e.session_feature = Some("temporary tables")
+                e.session_feature = Some(pins::TEMP_TABLE)
             }
-            "create" | "alter" | "drop" | "import" => e.ddl = true,
-            "load" => e.session_feature = Some("LOAD"),
+            "create" | "alter" | "import" => e.ddl = true,
+            "load" => e.session_feature = Some(pins::LOAD),
             _ => {}
         }
     }
     e
+}
+
+/// The channel of a `LISTEN`/`UNLISTEN` whose keyword ends at `at`
+/// (None: `*`, or no name).
+pub fn listen_channel(stmt: &str, at: usize) -> Option<String> {
+    let i = skip_space(stmt, at);
+    if stmt.as_bytes().get(i) == Some(&b'*') {
+        return None;
+    }
+    identifier(stmt, i).map(|(name, _)| name)
 }
 
 /// Whether `sql` ends a transaction (COMMIT, END, ROLLBACK [TO], ABORT,

@@ -34,6 +34,9 @@ pub struct Policy {
     pub named_statements: bool,
     /// Session features are refused instead of pinning the client.
     pub refuse_session_features: bool,
+    /// `listen_mode = "shared"` in transaction mode: LISTEN is tidepool's
+    /// (answered and delivered by it), not a session feature.
+    pub listen_shared: bool,
 }
 
 /// Client bytes and held answer kept for the safety net, at most.
@@ -90,6 +93,15 @@ pub struct Tracker {
     pub params_changed: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
+    /// Session state that pins the client may have ended (or just began:
+    /// a rolled-back or `ON COMMIT DROP` one ends with its transaction):
+    /// the server is asked at the next transaction boundary.
+    pub pin_check_due: bool,
+    /// Shared LISTEN: a LISTEN ran on the server in this transaction; its
+    /// channels move to tidepool's listener once it is over.
+    pub listen_changed: bool,
+    /// Shared LISTEN: UNLISTENs of this transaction (None: `*`).
+    pub unlistens: Vec<Option<String>>,
     /// The ErrorResponse at the head of the server's bytes names one of
     /// tidepool's statements: the session renames it before it passes.
     pub rename_error: bool,
@@ -137,6 +149,9 @@ impl Tracker {
             server_fatal: None,
             params_changed: false,
             pin: None,
+            pin_check_due: false,
+            listen_changed: false,
+            unlistens: Vec::new(),
             stale: Vec::new(),
             rename_error: false,
             error_renamed: false,
@@ -163,6 +178,9 @@ impl Tracker {
         self.server_fatal = None;
         self.params_changed = false;
         self.pin = None;
+        self.pin_check_due = false;
+        self.listen_changed = false;
+        self.unlistens.clear();
         self.stale.clear();
         self.rename_error = false;
         self.error_renamed = false;
@@ -206,6 +224,9 @@ impl Tracker {
     pub fn effects_of(&self, sql: &str) -> Effects {
         let mut e = effects(sql);
         e.params_changed |= self.calls_changer(sql);
+        if self.policy.listen_shared && e.session_feature == Some(crate::client::pins::LISTEN) {
+            e.session_feature = None;
+        }
         e
     }
 
@@ -247,10 +268,16 @@ impl Tracker {
         self.params_changed |= e.params_changed || e.drops_all_statements;
         self.ddl |= e.ddl;
         self.custom_params.extend(e.custom_params.iter().cloned());
+        self.pin_check_due |= e.releases_session_state;
+        if self.policy.listen_shared {
+            self.listen_changed |= e.listen;
+            self.unlistens.extend(e.unlisten.iter().cloned());
+        }
         match e.session_feature {
             Some(_) if self.policy.refuse_session_features => true,
             Some(f) => {
                 self.pin.get_or_insert(f);
+                self.pin_check_due = true;
                 false
             }
             None => false,
