@@ -595,3 +595,151 @@ async fn java_pgjdbc_sees_a_migration_as_it_would_directly() {
         "migrations through tidepool vs PostgreSQL"
     );
 }
+
+// --- more drivers, unmodified, with their defaults (issue 25) ----------------------
+//
+// Each runs the same workload (tests/clients/<driver>): more workers than the
+// pool has servers, each with its own connection, running a query by id
+// (checked), an update and an insert in a transaction, with a column added
+// half way through by one of them; the sums and counts are checked at the end.
+// With TIDEPOOL_TEST_DIRECT=1 they run against PostgreSQL itself.
+
+/// Pool size of the driver tests: fewer servers than the drivers' workers.
+const DRIVER_POOL: usize = 3;
+const DRIVER_WORKERS: usize = 8;
+
+/// A database with the drivers' tables: 100 items, no events.
+async fn driver_database(c: &harness::Cluster, name: &str) -> String {
+    let db = c.create_database(name);
+    let owner = harness::connect(&c.app_url(&db)).await.expect("owner");
+    owner
+        .batch_execute(
+            "create table items (id int primary key, name varchar(50) not null, qty int not null default 0);
+             insert into items select g, 'item' || g, 0 from generate_series(1, 100) g;
+             create table events (worker int not null, n int not null);",
+        )
+        .await
+        .expect("driver tables");
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn php_pdo_with_native_prepares() {
+    require(
+        "php with pdo_pgsql (php-cli php-pgsql)",
+        Command::new("php").args(["-r", "exit(extension_loaded('pdo_pgsql') ? 0 : 1);"]),
+    );
+    let c = cluster();
+    let db = driver_database(c, "phppdo").await;
+    let target = Target::new(c, &db, DRIVER_POOL, "");
+    let mut cmd = Command::new("php");
+    cmd.arg(clients_dir().join("php/pdo_check.php"))
+        .arg(harness::HOST)
+        .arg(target.port.to_string())
+        .arg(&db)
+        .arg(harness::APP_USER)
+        .arg(harness::APP_PASSWORD)
+        .arg(DRIVER_WORKERS.to_string())
+        .arg("200");
+    let out = run_async(cmd, "pdo_check.php").await;
+    assert_ok("pdo_check.php", &out, "php pdo: OK");
+    target.assert_pool_respected();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ruby_activerecord_with_prepared_statements_and_threads() {
+    require(
+        "ruby with activerecord and pg (ruby-activerecord ruby-pg)",
+        Command::new("ruby").args(["-e", "require 'active_record'; require 'pg'"]),
+    );
+    let c = cluster();
+    let db = driver_database(c, "rubyar").await;
+    let target = Target::new(c, &db, DRIVER_POOL, "");
+    let mut cmd = Command::new("ruby");
+    cmd.arg(clients_dir().join("ruby/activerecord_check.rb"))
+        .arg(target.url())
+        .arg("10")
+        .arg("100");
+    let out = run_async(cmd, "activerecord_check.rb").await;
+    assert_ok("activerecord_check.rb", &out, "ruby activerecord: OK");
+    target.assert_pool_respected();
+}
+
+/// Builds tests/clients/go/pgx_check offline against Debian's pgx v4.
+fn build_pgx_check() -> PathBuf {
+    let bin =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pgx_check-{}", std::process::id()));
+    let mut go = Command::new("go");
+    go.args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(clients_dir().join("go/pgx_check"))
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("gocache"),
+        );
+    let out = run(go, "go build");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("go build pgx_check", &out)
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_pgx_with_its_statement_cache() {
+    require("go (golang-go)", Command::new("go").arg("version"));
+    assert!(
+        Path::new("/usr/share/gocode/src/github.com/jackc/pgx/v4").is_dir(),
+        "pgx v4 is missing: run scripts/test (apt-get install golang-github-jackc-pgx-v4-dev)"
+    );
+    let bin = tokio::task::spawn_blocking(build_pgx_check)
+        .await
+        .expect("go build thread");
+    let c = cluster();
+    let db = driver_database(c, "gopgx").await;
+    let target = Target::new(c, &db, DRIVER_POOL, "");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(target.url())
+        .arg(DRIVER_WORKERS.to_string())
+        .arg("200");
+    let out = run_async(cmd, "pgx_check").await;
+    let _ = std::fs::remove_file(&bin);
+    assert_ok("pgx_check", &out, "go pgx: OK");
+    target.assert_pool_respected();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_pgjdbc_metadata_of_statements_never_executed() {
+    require_java();
+    let classes = tokio::task::spawn_blocking(|| compile_java("JdbcMetadataCheck"))
+        .await
+        .expect("javac thread");
+    let c = cluster();
+    let db = driver_database(c, "jdbcmeta").await;
+    let target = Target::new(c, &db, DRIVER_POOL, "");
+    // pgjdbc's defaults (prepareThreshold 5).
+    let jdbc_url = format!(
+        "jdbc:postgresql://{}:{}/{}?connectTimeout=10&socketTimeout=90",
+        harness::HOST,
+        target.port,
+        db
+    );
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{PGJDBC_JAR}:{}", classes.display()))
+        .arg("JdbcMetadataCheck")
+        .arg(&jdbc_url)
+        .arg(harness::APP_USER)
+        .arg(harness::APP_PASSWORD)
+        .arg(DRIVER_WORKERS.to_string())
+        .arg("40");
+    let out = run_async(cmd, "JdbcMetadataCheck").await;
+    let _ = std::fs::remove_dir_all(&classes);
+    assert_ok("JdbcMetadataCheck", &out, "pgjdbc metadata: OK");
+    target.assert_pool_respected();
+}
