@@ -210,12 +210,61 @@ async fn a_server_that_stops_answering_tidepools_own_query_is_given_up() {
 /// A TCP relay in front of a server that can be cut: while cut it reads
 /// and writes nothing (no data, no reset: a network partition as the two
 /// ends see it; bytes wait in the kernel and flow again once healed), and
-/// connections made meanwhile get nowhere. This machine has no iptables,
-/// and the harness cannot start PostgreSQL inside a network namespace, so
-/// the partition is made here, between tidepool and the replica.
+/// connections made meanwhile get nowhere. Used where the machine cannot
+/// make network namespaces (see [`Link`]).
 struct Relay {
     port: u16,
     cut: Arc<AtomicBool>,
+}
+
+/// The link between tidepool and a server that a test cuts: a veth pair
+/// into a network namespace (the kernel drops what crosses a cut link),
+/// or, where this machine cannot make namespaces (not root, no iproute2),
+/// a relay in this process, said so on stderr.
+enum Link {
+    Netns(harness::netns::Netns, std::net::SocketAddr),
+    Relay(Relay),
+}
+
+impl Link {
+    async fn to(target: u16) -> Link {
+        match harness::netns::Netns::new() {
+            Ok(n) => {
+                let at = n.link_to(target).await;
+                Link::Netns(n, at)
+            }
+            Err(why) => {
+                eprintln!(
+                    "network namespaces unavailable ({why}): the partition is made by a relay in the test instead"
+                );
+                Link::Relay(relay(target).await)
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Where tidepool connects to reach the server across the link.
+    fn addr(&self) -> (String, u16) {
+        match self {
+            Link::Netns(_, at) => (at.ip().to_string(), at.port()),
+            Link::Relay(r) => ("127.0.0.1".into(), r.port),
+        }
+    }
+
+    fn cut(&self) {
+        match self {
+            Link::Netns(n, _) => n.cut(),
+            Link::Relay(r) => r.cut.store(true, Ordering::Relaxed),
+        }
+    }
+
+    fn heal(&self) {
+        match self {
+            Link::Netns(n, _) => n.heal(),
+            Link::Relay(r) => r.cut.store(false, Ordering::Relaxed),
+        }
+    }
 }
 
 async fn relay(target: u16) -> Relay {
@@ -282,14 +331,18 @@ async fn pipe(
 async fn a_partition_between_tidepool_and_a_replica() {
     let c = harness::cluster_with_replica();
     let db = c.create_database("partition");
-    let r = relay(c.replica_ports()[0]).await;
+    let r = Link::to(c.replica_ports()[0]).await;
     let toml = format!(
         "{}\n[routing]\nhealth_check_period = \"200ms\"\n",
         harness::proxy::config_toml(
             c,
             &db,
             "default_pool_size = 4\nquery_timeout = \"1s\"\nserver_connect_timeout = \"1s\"\nquery_wait_timeout = \"20s\"",
-            &format!("replicas = [{{ host = \"127.0.0.1\", port = {} }}]", r.port),
+            &format!(
+                "replicas = [{{ host = \"{}\", port = {} }}]",
+                r.addr().0,
+                r.addr().1
+            ),
         )
     );
     let proxy = TestProxy::start(&toml);
@@ -310,7 +363,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    r.cut.store(true, Ordering::Relaxed);
+    r.cut();
     let answer = in_flight
         .await
         .unwrap()
@@ -344,7 +397,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
     );
 
     // Healed: the replica is checked healthy again and serves reads.
-    r.cut.store(false, Ordering::Relaxed);
+    r.heal();
     harness::wait_until_async(
         "reads back on the replica",
         Duration::from_secs(60),

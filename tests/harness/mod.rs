@@ -33,6 +33,8 @@ mod cluster;
 /// Running the tidepool binary as a child process.
 pub mod daemon;
 mod keeper;
+/// A network namespace on a veth pair: a link a test can cut.
+pub mod netns;
 mod os;
 mod process;
 
