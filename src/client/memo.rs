@@ -45,6 +45,9 @@ pub struct Memo {
 impl Memo {
     /// The entry whose template `sql` matches.
     pub fn find(&mut self, sql: &str) -> Option<&mut Entry> {
+        // Templates are of the text without its edge comments (see
+        // `stats::trace`): a per-query trace comment still finds its entry.
+        let sql = crate::stats::trace::without_edge_comments(sql);
         self.entries
             .iter_mut()
             .find(|e| e.template.matches(sql.as_bytes()))
@@ -68,6 +71,7 @@ impl Memo {
         }
         let verdict = classifier.classify(sql);
         let class = verdict.resolve(functions);
+        let sql = crate::stats::trace::without_edge_comments(sql);
         if let Some(template) = hash_and_template(sql).1 {
             let plain = super::sql::effects(sql).is_plain();
             self.remember(template, None, plain).class = Some(verdict);

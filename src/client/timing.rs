@@ -16,12 +16,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::protocol::TxStatus;
+use crate::stats::trace::Trace;
 use crate::stats::{Delta, Shape};
 
 /// A statement the server answered.
 #[derive(Debug)]
 pub struct Finished {
     pub shape: Option<Arc<Shape>>,
+    /// The caller's trace context, from a sqlcommenter comment.
+    pub trace: Option<Trace>,
     pub us: u64,
     pub rows: u64,
     pub error: bool,
@@ -31,6 +34,7 @@ pub struct Finished {
 enum Pending {
     Statement {
         shape: Option<Arc<Shape>>,
+        trace: Option<Trace>,
         start: u64,
         rows: u64,
         error: bool,
@@ -48,6 +52,9 @@ pub struct Timing {
     unnamed: Option<Arc<Shape>>,
     /// Shape of the unnamed portal, bound in this batch.
     unnamed_portal: Option<Arc<Shape>>,
+    /// Trace context of the unnamed statement, and of the unnamed portal.
+    unnamed_trace: Option<Trace>,
+    portal_trace: Option<Trace>,
     /// Named portals bound (few).
     portals: Vec<(String, Option<Arc<Shape>>)>,
     xact_start: Option<u64>,
@@ -80,6 +87,8 @@ impl Timing {
         self.queue.clear();
         self.unnamed = None;
         self.unnamed_portal = None;
+        self.unnamed_trace = None;
+        self.portal_trace = None;
         self.portals.clear();
         self.xact_start = None;
         self.query_start = None;
@@ -102,11 +111,12 @@ impl Timing {
     }
 
     /// A simple-protocol Query was forwarded.
-    pub fn query(&mut self, shape: Option<Arc<Shape>>) {
+    pub fn query(&mut self, shape: Option<Arc<Shape>>, trace: Option<Trace>) {
         let now = crate::clock::mono_ns();
         self.started(now);
         self.queue.push_back(Pending::Statement {
             shape,
+            trace,
             start: now,
             rows: 0,
             error: false,
@@ -115,9 +125,10 @@ impl Timing {
     }
 
     /// An unnamed statement was parsed (forwarded as is).
-    pub fn parse_unnamed(&mut self, shape: Option<Arc<Shape>>) {
+    pub fn parse_unnamed(&mut self, shape: Option<Arc<Shape>>, trace: Option<Trace>) {
         self.delta.client_parses += 1;
         self.unnamed = shape;
+        self.unnamed_trace = trace;
     }
 
     /// A named statement was parsed (or answered from the pool's cache).
@@ -126,11 +137,19 @@ impl Timing {
     }
 
     /// A portal was bound: to `shape`, or with `None` to the unnamed statement.
-    pub fn bind(&mut self, portal: &str, shape: Option<Option<Arc<Shape>>>) {
+    /// `trace`: the named statement's trace context (the unnamed one's is
+    /// known from its Parse).
+    pub fn bind(&mut self, portal: &str, shape: Option<Option<Arc<Shape>>>, trace: Option<Trace>) {
         self.delta.binds += 1;
+        let trace = if shape.is_none() {
+            self.unnamed_trace
+        } else {
+            trace
+        };
         let shape = shape.unwrap_or_else(|| self.unnamed.clone());
         if portal.is_empty() {
             self.unnamed_portal = shape;
+            self.portal_trace = trace;
             return;
         }
         match self.portals.iter_mut().find(|(p, _)| p == portal) {
@@ -142,16 +161,19 @@ impl Timing {
     pub fn execute(&mut self, portal: &str) {
         let now = crate::clock::mono_ns();
         self.started(now);
-        let shape = if portal.is_empty() {
-            self.unnamed_portal.clone()
+        let (shape, trace) = if portal.is_empty() {
+            (self.unnamed_portal.clone(), self.portal_trace)
         } else {
-            self.portals
+            let shape = self
+                .portals
                 .iter()
                 .find(|(p, _)| p == portal)
-                .and_then(|(_, s)| s.clone())
+                .and_then(|(_, s)| s.clone());
+            (shape, None)
         };
         self.queue.push_back(Pending::Statement {
             shape,
+            trace,
             start: now,
             rows: 0,
             error: false,
@@ -168,28 +190,39 @@ impl Timing {
         self.queue.push_back(Pending::Ready { start: now });
         // The unnamed portal ends with the batch's transaction step.
         self.unnamed_portal = None;
+        self.portal_trace = None;
     }
 
     fn finish_head(&mut self) {
         if let Some(Pending::Statement {
             shape,
+            trace,
             start,
             rows,
             error,
             ..
         }) = self.queue.pop_front()
         {
-            self.record(shape, start, crate::clock::mono_ns(), rows, error);
+            self.record(shape, trace, start, crate::clock::mono_ns(), rows, error);
         }
     }
 
-    fn record(&mut self, shape: Option<Arc<Shape>>, start: u64, now: u64, rows: u64, error: bool) {
+    fn record(
+        &mut self,
+        shape: Option<Arc<Shape>>,
+        trace: Option<Trace>,
+        start: u64,
+        now: u64,
+        rows: u64,
+        error: bool,
+    ) {
         self.delta.statements += 1;
         if error {
             self.delta.errors += 1;
         }
         self.done.push(Finished {
             shape,
+            trace,
             us: now.saturating_sub(start) / 1000,
             rows,
             error,
@@ -243,11 +276,12 @@ impl Timing {
         match self.queue.pop_front() {
             Some(Pending::Statement {
                 shape,
+                trace,
                 start,
                 rows,
                 error,
                 ..
-            }) => self.record(shape, start, now, rows, error),
+            }) => self.record(shape, trace, start, now, rows, error),
             Some(Pending::Ready { .. }) | None => {}
         }
         self.delta.queries += 1;
@@ -298,13 +332,13 @@ mod tests {
     #[test]
     fn simple_queries_and_transactions() {
         let mut t = Timing::default();
-        t.query(shape(1));
+        t.query(shape(1), None);
         t.command_complete(b"BEGIN\0");
         t.ready(TxStatus::InTransaction);
-        t.query(shape(2));
+        t.query(shape(2), None);
         t.command_complete(b"SELECT 3\0");
         t.ready(TxStatus::InTransaction);
-        t.query(shape(3));
+        t.query(shape(3), None);
         t.command_complete(b"COMMIT\0");
         t.ready(TxStatus::Idle);
         assert_eq!(t.delta.queries, 3);
@@ -317,8 +351,8 @@ mod tests {
     #[test]
     fn extended_batches_and_skipped_executes() {
         let mut t = Timing::default();
-        t.parse_unnamed(shape(7));
-        t.bind("", None);
+        t.parse_unnamed(shape(7), None);
+        t.bind("", None, None);
         t.execute("");
         t.sync(false);
         t.command_complete(b"SELECT 1\0");
@@ -327,7 +361,7 @@ mod tests {
         assert_eq!(t.done[0].shape.as_ref().map(|s| s.id), Some(7));
         assert_eq!(t.delta.xacts, 1);
         // An error at the first Execute: the second never runs.
-        t.bind("", None);
+        t.bind("", None, None);
         t.execute("");
         t.execute("");
         t.sync(false);

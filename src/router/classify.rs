@@ -409,6 +409,9 @@ pub struct Classifier {
     rules: Rules,
     shards: Vec<Mutex<HashMap<u128, Verdict>>>,
     keys: (u64, u64),
+    /// Classifications answered from the cache, and parsed.
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -423,7 +426,15 @@ impl Classifier {
             rules,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             keys: (rand::random(), rand::random()),
+            hits: Default::default(),
+            misses: Default::default(),
         }
+    }
+
+    /// (answered from the cache, parsed) since this classifier was made.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed))
     }
 
     fn key(&self, sql: &str) -> u128 {
@@ -434,6 +445,9 @@ impl Classifier {
     }
 
     pub fn classify(&self, sql: &str) -> Verdict {
+        // A comment at either edge (sqlcommenter's trace context, unique
+        // per query) changes nothing about the statement: not its key.
+        let sql = crate::stats::trace::without_edge_comments(sql);
         let key = self.key(sql);
         let shard = &self.shards[(key as usize) % SHARDS];
         if let Some(v) = shard
@@ -441,8 +455,11 @@ impl Classifier {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
         {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return v.clone();
         }
+        self.misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let verdict = classify(sql, &self.rules);
         let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= SHARD_CAPACITY {

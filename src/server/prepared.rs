@@ -43,6 +43,8 @@ pub struct Statement {
     /// Whether running it leaves the session as it was (set by the client
     /// side on first use: `client::sql::effects`).
     pub plain: std::sync::OnceLock<bool>,
+    /// The trace context of its text's sqlcommenter comment.
+    pub trace: Option<crate::stats::trace::Trace>,
 }
 
 impl Statement {
@@ -61,9 +63,20 @@ impl Statement {
             return Err(ProtocolError::Malformed("Parse"));
         }
         q.bytes(n as usize * 4)?;
+        // Keyed by the text without its edge comments (a sqlcommenter
+        // trace context unique to each query shares one server statement)
+        // and the parameter types.
+        let text_len = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+        let key_text = if foreign {
+            &rest[..text_len]
+        } else {
+            crate::stats::trace::without_edge_comments(&query).as_bytes()
+        };
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        rest.hash(&mut h);
+        key_text.hash(&mut h);
+        rest[text_len..].hash(&mut h);
         let hash = h.finish();
+        let trace = crate::stats::trace::traceparent(&query);
         let name = format!("tidepool_{hash:016x}");
         let mut parse = BytesMut::with_capacity(rest.len() + name.len() + 6);
         write::message(
@@ -88,6 +101,7 @@ impl Statement {
                 generation: 0,
                 promised: std::sync::OnceLock::new(),
                 plain: std::sync::OnceLock::new(),
+                trace,
             }),
         ))
     }
@@ -111,6 +125,7 @@ impl Statement {
             generation: 0,
             promised: std::sync::OnceLock::new(),
             plain: std::sync::OnceLock::new(),
+            trace: None,
         })
     }
 }

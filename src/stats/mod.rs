@@ -18,6 +18,7 @@ pub mod fingerprint;
 pub mod histogram;
 pub mod queries;
 pub mod slow;
+pub mod trace;
 pub mod traffic;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -31,6 +31,8 @@ pub struct SlowQuery {
     pub fingerprint: u64,
     /// The shape's text, literals masked.
     pub query: Arc<str>,
+    /// The caller's trace context (sqlcommenter's `traceparent`).
+    pub trace: Option<super::trace::Trace>,
 }
 
 /// A bounded ring of [`SlowQuery`] (see the module docs).
@@ -112,6 +114,7 @@ mod tests {
             error: false,
             fingerprint: 42,
             query: Arc::from("select $1"),
+            trace: None,
         }
     }
 

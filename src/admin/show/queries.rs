@@ -68,6 +68,8 @@ pub(super) fn slow_queries(shared: &Shared) -> ResultSet {
         ("error", Int4),
         ("fingerprint", Text),
         ("query", Text),
+        ("trace_id", Text),
+        ("span_id", Text),
     ]);
     for s in shared.stats.slow.snapshot() {
         rs.push(vec![
@@ -83,6 +85,8 @@ pub(super) fn slow_queries(shared: &Shared) -> ResultSet {
             s.error.into(),
             format!("{:016x}", s.fingerprint).into(),
             (*s.query).into(),
+            s.trace.map_or(Value::Null, |t| t.trace_hex().into()),
+            s.trace.map_or(Value::Null, |t| t.span_hex().into()),
         ]);
     }
     rs

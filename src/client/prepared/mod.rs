@@ -177,7 +177,10 @@ impl Handler<'_> {
             position_shift,
             bound,
         });
-        t.timing.query(shape_of(self.shapes, sql));
+        t.timing.query(
+            shape_of(self.shapes, sql),
+            crate::stats::trace::traceparent(sql),
+        );
     }
 
     /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared
@@ -240,7 +243,7 @@ impl Handler<'_> {
                     ),
                     bound: None,
                 });
-                self.t.timing.query(shape_of(self.shapes, &sql));
+                self.t.timing.query(shape_of(self.shapes, &sql), None);
             }
             PreparedSql::Execute { name, rest } => {
                 let Some(stmt) = self.lookup(name) else {
@@ -251,7 +254,7 @@ impl Handler<'_> {
                         position_shift: 0,
                         bound: None,
                     });
-                    self.t.timing.query(None);
+                    self.t.timing.query(None, None);
                     self.to_server.extend_from_slice(msg);
                     return Ok(());
                 };
@@ -277,7 +280,7 @@ impl Handler<'_> {
                     bound: Some((stmt.hash, self.catalog.version(stmt.hash))),
                 });
                 let shape = self.shape(&stmt);
-                self.t.timing.query(shape);
+                self.t.timing.query(shape, None);
             }
         }
         Ok(())
@@ -363,7 +366,10 @@ impl Handler<'_> {
                 undo: Undo::default(),
             });
             if name.is_empty() {
-                t.timing.parse_unnamed(shape_of(self.shapes, &stmt.query));
+                t.timing.parse_unnamed(
+                    shape_of(self.shapes, &stmt.query),
+                    crate::stats::trace::traceparent(&stmt.query),
+                );
             } else {
                 t.timing.parse_named();
             }
@@ -484,7 +490,7 @@ impl Handler<'_> {
             version,
         });
         let shape = self.shape(&stmt);
-        self.t.timing.bind(portal, Some(shape));
+        self.t.timing.bind(portal, Some(shape), stmt.trace);
         Ok(())
     }
 

@@ -41,6 +41,10 @@ impl StatementCtx<'_> {
             timing.delta.slow += 1;
             let app = params.get("application_name").map_or("", |s| s.as_str());
             let client = self.client.map(|a| a.to_string()).unwrap_or_default();
+            let (trace_id, span_id) = f
+                .trace
+                .map(|t| (t.trace_hex(), t.span_hex()))
+                .unwrap_or_default();
             tracing::warn!(
                 target: "tidepool::slow_query",
                 database = &**self.database,
@@ -54,6 +58,8 @@ impl StatementCtx<'_> {
                 error = f.error,
                 fingerprint = %format_args!("{:016x}", shape.id),
                 query = &*shape.text,
+                trace_id = trace_id.as_str(),
+                span_id = span_id.as_str(),
                 "slow query"
             );
             stats.slow.push(SlowQuery {
@@ -69,6 +75,7 @@ impl StatementCtx<'_> {
                 error: f.error,
                 fingerprint: shape.id,
                 query: shape.text.clone(),
+                trace: f.trace,
             });
         }
     }

@@ -54,12 +54,15 @@ impl ClientSide<'_> {
             );
         }
         let e = t.effects_of(sql);
+        // Shapes and templates of the text without its edge comments: a
+        // trace comment unique to each query still finds them.
+        let key = crate::stats::trace::without_edge_comments(sql);
         let (shape, template) = match self.shapes {
             Some(s) => {
-                let (shape, template) = s.shape_and_template(sql);
+                let (shape, template) = s.shape_and_template(key);
                 (Some(shape), template)
             }
-            None => (None, hash_and_template(sql).1),
+            None => (None, hash_and_template(key).1),
         };
         let plain = e.is_plain();
         if let Some(template) = template {
@@ -127,7 +130,8 @@ impl Inspector for ClientSide<'_> {
                     position_shift: 0,
                     bound: None,
                 });
-                t.timing.query(shape);
+                t.timing
+                    .query(shape, crate::stats::trace::traceparent(&sql));
             }
             FrontendTag::Parse => {
                 let mut b = Body::new(body, "Parse");
@@ -157,7 +161,8 @@ impl Inspector for ClientSide<'_> {
                     undo: Undo::default(),
                 });
                 if name.is_empty() {
-                    t.timing.parse_unnamed(shape);
+                    t.timing
+                        .parse_unnamed(shape, crate::stats::trace::traceparent(&sql));
                 } else {
                     t.timing.parse_named();
                 }
@@ -172,7 +177,7 @@ impl Inspector for ClientSide<'_> {
                 t.batch.open();
                 t.expect.push(Owed::Bind);
                 let shape = (!statement.is_empty()).then_some(None);
-                t.timing.bind(portal, shape);
+                t.timing.bind(portal, shape, None);
             }
             FrontendTag::Execute => {
                 let portal = Body::new(body, "Execute").cstr()?;

@@ -1,5 +1,6 @@
 //! Metric families of client sessions' own state: pins (why clients keep
-//! their server) and the shared LISTEN hubs.
+//! their server), the shared LISTEN hubs, and the classification cache
+//! their statements go through.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -91,5 +92,20 @@ pub(super) fn encode(enc: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::
         "Clients pinned to their server now, by reason",
         &pinned,
     )?;
+    let (hits, misses) = shared.settings().classifier.counts();
+    for (name, help, v) in [
+        (
+            "tidepool_classifier_cache_hits",
+            "Statements classified from the classification cache (texts keyed without their edge comments)",
+            hits,
+        ),
+        (
+            "tidepool_classifier_cache_misses",
+            "Statements the classifier parsed (not in its cache)",
+            misses,
+        ),
+    ] {
+        counter(enc, name, help, &[(Labels::new(), v)])?;
+    }
     Ok(())
 }
