@@ -350,6 +350,14 @@ impl ClientInfo {
         self.park.store(0, Ordering::Relaxed);
     }
 
+    /// The client's current `application_name`.
+    pub fn application_name(&self) -> String {
+        self.application_name
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .to_string()
+    }
+
     pub fn set_application_name(&self, name: &str) {
         let mut a = self
             .application_name

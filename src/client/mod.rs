@@ -14,6 +14,7 @@
 
 pub mod auth_query;
 pub mod budget;
+pub mod leaks;
 pub mod list;
 pub mod listen;
 pub mod memo;
@@ -122,6 +123,8 @@ pub struct Shared {
     pub lot: Arc<park::Lot>,
     /// Clients pinned to their server, and why.
     pub pins: Arc<pins::Pins>,
+    /// Clients holding a server without using it (`leak_warn_after`).
+    pub leaks: Arc<leaks::Leaks>,
     /// Shared LISTEN: per database, the listener connection and who
     /// listens on what.
     pub listen: Arc<listen::Listeners>,
@@ -171,6 +174,7 @@ impl Shared {
             listen: listen::Listeners::new(lot.clone()),
             lot,
             pins: Arc::default(),
+            leaks: Arc::default(),
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
             throttle: Default::default(),

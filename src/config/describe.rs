@@ -402,6 +402,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "leak_warn_after",
+            d(p.leak_warn_after),
+            d(pd.leak_warn_after),
+            true,
+        ),
+        row(
+            "pool",
             "reserve_pool_size",
             p.reserve_pool_size.to_string(),
             pd.reserve_pool_size.to_string(),

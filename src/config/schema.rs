@@ -466,6 +466,11 @@ pub struct PoolSettings {
     /// A client idle inside a transaction this long is disconnected. Default `0` (off).
     #[serde(default, with = "duration")]
     pub idle_transaction_timeout: Duration,
+    /// A client that holds a server without using it (idle in a
+    /// transaction, or pinned and idle) this long is reported once: a
+    /// warning, SHOW LEAKS, a counter. Default `10s`; `0` off.
+    #[serde(default = "d_leak_warn_after", with = "duration")]
+    pub leak_warn_after: Duration,
     /// A client idle (between transactions) this long is parked: it gives up
     /// its task and runtime registration until it sends something. Default
     /// `1s`; `0` never parks.
@@ -568,6 +573,7 @@ impl Default for PoolSettings {
             server_idle_timeout: defaults::SERVER_IDLE_TIMEOUT,
             server_lifetime: defaults::SERVER_LIFETIME,
             idle_transaction_timeout: defaults::IDLE_TRANSACTION_TIMEOUT,
+            leak_warn_after: d_leak_warn_after(),
             park_idle_clients_after: defaults::PARK_IDLE_CLIENTS_AFTER,
             server_reset_query: d_reset_query(),
             server_check_delay: d_check_delay(),
@@ -778,6 +784,9 @@ fn d_degraded() -> f64 {
 }
 fn d_unhealthy() -> f64 {
     defaults::UNHEALTHY_SLOW_RATIO
+}
+fn d_leak_warn_after() -> Duration {
+    Duration::from_secs(10)
 }
 fn d_max_queued_notifications() -> u32 {
     10_000

@@ -178,8 +178,14 @@ mod tests {
         // Dollar quotes: trailing comments are left alone; parameters and
         // names with `$` are no dollar quotes.
         assert_eq!(e("select $$ /* $$ /* c */"), "select $$ /* $$ /* c */");
-        assert_eq!(e("select $tag$ x $tag$ /* c */"), "select $tag$ x $tag$ /* c */");
-        assert_eq!(e("select a$b from t where id = $1 /* c */"), "select a$b from t where id = $1");
+        assert_eq!(
+            e("select $tag$ x $tag$ /* c */"),
+            "select $tag$ x $tag$ /* c */"
+        );
+        assert_eq!(
+            e("select a$b from t where id = $1 /* c */"),
+            "select a$b from t where id = $1"
+        );
         // A comment in the middle stays; a text that is all comment stays.
         assert_eq!(e("select /* m */ 1"), "select /* m */ 1");
         assert_eq!(e("/* only */"), "");

@@ -1,5 +1,5 @@
 //! SHOW CLIENTS and SHOW SERVERS: one row per connection, PgBouncer's
-//! columns.
+//! columns; SHOW LEAKS (tidepool): clients holding a server unused.
 
 use super::*;
 use crate::client::list::ClientState;
@@ -125,6 +125,38 @@ pub(super) fn servers(shared: &Shared) -> ResultSet {
             s.prepared.into(),
             s.id.into(),
             role(s.backend).into(),
+        ]);
+    }
+    rs
+}
+
+/// SHOW LEAKS: clients that hold a server without using it (idle in a
+/// transaction, or pinned and idle) for longer than `leak_warn_after`.
+pub(super) fn leaks(shared: &Shared) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        ("id", Int8),
+        ("user", Text),
+        ("database", Text),
+        ("application_name", Text),
+        ("addr", Text),
+        ("state", Text),
+        ("since", Text),
+        ("held_s", Numeric),
+        ("fingerprint", Text),
+    ]);
+    for l in shared.leaks.rows() {
+        let held = l.since.elapsed().unwrap_or_default().as_secs() as i64;
+        rs.push(vec![
+            (l.client as i64).into(),
+            l.user.into(),
+            l.database.into(),
+            l.application_name.into(),
+            l.addr.into(),
+            l.state.into(),
+            timestamp(l.since).into(),
+            held.into(),
+            l.fingerprint
+                .map_or(Value::Null, |f| format!("{f:016x}").into()),
         ]);
     }
     rs

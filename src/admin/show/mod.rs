@@ -21,7 +21,7 @@ mod queries;
 mod settings;
 mod stats;
 
-use connections::{clients, servers};
+use connections::{clients, leaks, servers};
 use health::{health, replicas};
 use limits::{listeners, rate_limits};
 use logins::auth_failures;
@@ -119,6 +119,7 @@ pub enum Show {
     RateLimits,
     Mem,
     Listeners,
+    Leaks,
 }
 
 impl Show {
@@ -147,6 +148,7 @@ impl Show {
             "RATE_LIMITS" => Show::RateLimits,
             "MEM" => Show::Mem,
             "LISTENERS" => Show::Listeners,
+            "LEAKS" => Show::Leaks,
             _ => return None,
         })
     }
@@ -180,6 +182,7 @@ impl Show {
             Show::RateLimits => rate_limits(shared),
             Show::Mem => mem(shared),
             Show::Listeners => listeners(shared),
+            Show::Leaks => leaks(shared),
         })
     }
 }
@@ -207,7 +210,7 @@ pub const VERSION: &str = concat!(
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
 SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|MEM
-SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS|LISTENERS   (tidepool)
+SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS|LISTENERS|LEAKS   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
 PAUSE [<db>]

@@ -53,6 +53,13 @@ impl Session {
         // are scanned on the first pass.
         let mut to_server = conn.prepend.take().unwrap_or_default();
         let mut rescan = true;
+        // Leak detection: since when the client, holding this server, has
+        // left it unused (monotonic ns), its reported hold, and its last
+        // statement's fingerprint (for the report).
+        let leak_after = self.settings.config.pool.leak_warn_after;
+        let mut quiet_since: Option<u64> = None;
+        let mut leak: Option<crate::client::leaks::LeakGuard> = None;
+        let mut last_fingerprint: Option<u64> = None;
         let (ss, cs) = (&conn.stream, &self.stream);
         loop {
             if t.reroute
@@ -160,6 +167,20 @@ impl Session {
             }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
+            let held_unused = !leak_after.is_zero()
+                && to_server.is_empty()
+                && to_client.is_empty()
+                && t.is_quiet()
+                && (t.status != TxStatus::Idle || self.pinned.is_some());
+            if !held_unused {
+                quiet_since = None;
+                leak = None;
+            }
+            let leak_due = (held_unused && leak.is_none()).then(|| {
+                let since = *quiet_since.get_or_insert_with(crate::clock::mono_ns);
+                let quiet = Duration::from_nanos(crate::clock::mono_ns().saturating_sub(since));
+                tokio::time::Instant::now() + leak_after.saturating_sub(quiet)
+            });
             let read_client =
                 to_server.is_empty() && !client_closed && !t.terminated && t.batch != Batch::Held;
             // Sends first, without a wait: a socket is nearly always writable,
@@ -173,7 +194,11 @@ impl Session {
             };
             let event = if let Some(sent) = sent {
                 sent
-            } else if to_server.is_empty() && to_client.is_empty() && !idle_in_tx {
+            } else if to_server.is_empty()
+                && to_client.is_empty()
+                && !idle_in_tx
+                && leak_due.is_none()
+            {
                 // The usual wait, between a request sent and its answer:
                 // polled by hand, without building a select! of futures.
                 std::future::poll_fn(|cx| {
@@ -200,6 +225,7 @@ impl Session {
                     // Made on first poll (the timer and its clock read cost
                     // nothing while the branch is off), afresh each time round.
                     _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
+                    _ = async { tokio::time::sleep_until(leak_due.unwrap_or_else(tokio::time::Instant::now)).await }, if leak_due.is_some() => Event::Leak,
                     _ = info.nudge.nudged() => Event::Nudged,
                 }
             };
@@ -290,6 +316,15 @@ impl Session {
                         }
                     }
                     if !t.timing.done.is_empty() || !t.timing.xacts_done.is_empty() {
+                        if let Some(id) = t
+                            .timing
+                            .done
+                            .iter()
+                            .rev()
+                            .find_map(|f| f.shape.as_ref().map(|s| s.id))
+                        {
+                            last_fingerprint = Some(id);
+                        }
                         stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
                     }
 
@@ -312,6 +347,31 @@ impl Session {
                     return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(
                         idle_tx_timeout,
                     ));
+                }
+                Event::Leak => {
+                    let state = match (t.status, &self.pinned) {
+                        (TxStatus::Failed, _) => "idle in transaction (aborted)".to_owned(),
+                        (TxStatus::InTransaction, _) => "idle in transaction".to_owned(),
+                        (TxStatus::Idle, Some(p)) => format!("pinned idle ({})", p.reason()),
+                        (TxStatus::Idle, None) => "idle".to_owned(),
+                    };
+                    let quiet = quiet_since
+                        .map(|s| Duration::from_nanos(crate::clock::mono_ns().saturating_sub(s)))
+                        .unwrap_or_default();
+                    leak = Some(
+                        self.shared.leaks.report(crate::client::leaks::Leak {
+                            client: info.id,
+                            user: self.user.clone(),
+                            database: self.database.clone(),
+                            application_name: info.application_name(),
+                            addr: info
+                                .addr
+                                .map_or_else(|| "unix".to_owned(), |a| a.to_string()),
+                            state,
+                            since: std::time::SystemTime::now() - quiet,
+                            fingerprint: last_fingerprint,
+                        }),
+                    );
                 }
                 // KILL wakes this; a shutdown (or a parking sweep) does not
                 // interrupt a transaction.
@@ -600,5 +660,7 @@ pub(super) enum Event {
     ServerRead(std::io::Result<usize>),
     ClientRead(std::io::Result<usize>),
     IdleTimeout,
+    /// A client held its server unused past `leak_warn_after`.
+    Leak,
     Nudged,
 }

@@ -92,6 +92,18 @@ pub(super) fn encode(enc: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::
         "Clients pinned to their server now, by reason",
         &pinned,
     )?;
+    counter(
+        enc,
+        "tidepool_leaks",
+        "Clients reported for holding a server unused past leak_warn_after",
+        &[(Labels::new(), shared.leaks.reported.load(Relaxed))],
+    )?;
+    gauge(
+        enc,
+        "tidepool_leaking_clients",
+        "Clients holding a server unused past leak_warn_after now (SHOW LEAKS)",
+        &[(Labels::new(), shared.leaks.rows().len() as i64)],
+    )?;
     let (hits, misses) = shared.settings().classifier.counts();
     for (name, help, v) in [
         (
