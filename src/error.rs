@@ -101,12 +101,14 @@ pub enum ClientError {
     #[error("no more connections allowed ({0} = {1})")]
     ClientCap(&'static str, u32),
     #[error(
-        "query_wait_timeout: no server connection became free in pool {database}/{user} within {waited:?}"
+        "query_wait_timeout: no server connection became free in pool {database}/{user} within {waited:?}{detail}"
     )]
     PoolTimeout {
         database: String,
         user: String,
         waited: Duration,
+        /// Who holds the pool and what to change (empty when unknown).
+        detail: String,
     },
     #[error("could not connect to server for database \"{database}\": {reason}")]
     ServerConnect { database: String, reason: String },
@@ -260,6 +262,7 @@ mod tests {
             database: "d".into(),
             user: "u".into(),
             waited: Duration::from_secs(1),
+            detail: String::new(),
         };
         assert_eq!(t.sqlstate().0, "53300");
         assert_eq!(t.severity(), Severity::Error);

@@ -253,10 +253,16 @@ impl ClientInfo {
 
     /// The client sweep: nudges a client whose wait passed its limit (`now`
     /// from one clock read per sweep).
-    pub fn sweep_wait(&self, now: u64) {
-        if self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8
-            && now >= self.deadline()
-        {
+    /// The client sweep (every `period_us`): nudges a waiting client whose
+    /// wait passed its limit, or passed `notify_us` (not zero) since the
+    /// last sweep (its session then tells it, once: `query_wait_notify`).
+    pub fn sweep_wait(&self, now: u64, notify_us: u64, period_us: u64) {
+        if self.state.load(Ordering::Relaxed) != ClientState::Waiting as u8 {
+            return;
+        }
+        let waited = now.saturating_sub(self.wait_start.load(Ordering::Relaxed));
+        let notify = notify_us > 0 && waited >= notify_us && waited < notify_us + period_us;
+        if notify || now >= self.deadline() {
             self.nudge.notify();
         }
     }

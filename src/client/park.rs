@@ -262,8 +262,10 @@ pub async fn run(shared: Arc<Shared>) {
                     any.then_some(s.config.pool.reserve_pool_timeout)
                 };
                 let mut timed_out = false;
+                let notify_us = shared.settings().config.pool.query_wait_notify.as_micros() as u64;
+                let period_us = WAIT_SWEEP.as_micros() as u64;
                 shared.list.for_each(|c| {
-                    c.sweep_wait(wall);
+                    c.sweep_wait(wall, notify_us, period_us);
                     c.sweep_query(wall, query_limit);
                     if let Some(r) = reserve {
                         c.sweep_reserve(wall, r);

@@ -542,10 +542,21 @@ async fn canonical_values(
     defaults: &BTreeMap<String, String>,
     mut params: BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, Option<ClientError>> {
+    // An application_name of printable ASCII is spelled as it is (cut to
+    // 63 bytes): no server needed, so a login with a new name does not
+    // wait behind a busy pool.
+    for (k, v) in params.iter_mut() {
+        if k == "application_name" && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            v.truncate(63);
+        }
+    }
     let unknown: Vec<(String, String)> = params
         .iter()
         .filter(|(k, v)| {
-            is_tracked(k) && defaults.get(*k) != Some(*v) && pool.canonical_value(k, v).is_none()
+            is_tracked(k)
+                && defaults.get(*k) != Some(*v)
+                && pool.canonical_value(k, v).is_none()
+                && !(*k == "application_name" && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
@@ -613,6 +624,7 @@ pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
             database: pool.database.clone(),
             user: pool.user.clone(),
             waited,
+            detail: String::new(),
         },
         PoolError::Connect(ServerError::Query(f)) => server_login(f),
         PoolError::Connect(ServerError::Login(AuthError::Server(f))) => server_login(*f),

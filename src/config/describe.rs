@@ -402,6 +402,13 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
         row(
             "pool",
+            "query_wait_notify",
+            d(p.query_wait_notify),
+            d(pd.query_wait_notify),
+            true,
+        ),
+        row(
+            "pool",
             "leak_warn_after",
             d(p.leak_warn_after),
             d(pd.leak_warn_after),

@@ -451,6 +451,10 @@ pub struct PoolSettings {
     /// How long a client waits for a server before `53300`. Default `120s`; `0` waits forever.
     #[serde(default = "d_query_wait", with = "duration")]
     pub query_wait_timeout: Duration,
+    /// A client that has waited this long for a server gets a NOTICE
+    /// saying so (PgBouncer 1.25's name and meaning). Default `5s`; `0` off.
+    #[serde(default = "d_query_wait_notify", with = "duration")]
+    pub query_wait_notify: Duration,
     /// Time allowed for a client's startup and authentication. Default `60s`.
     #[serde(default = "d_login", with = "duration")]
     pub client_login_timeout: Duration,
@@ -568,6 +572,7 @@ impl Default for PoolSettings {
             max_db_client_connections: 0,
             max_user_client_connections: 0,
             query_wait_timeout: defaults::QUERY_WAIT_TIMEOUT,
+            query_wait_notify: d_query_wait_notify(),
             client_login_timeout: defaults::CLIENT_LOGIN_TIMEOUT,
             server_connect_timeout: defaults::SERVER_CONNECT_TIMEOUT,
             server_idle_timeout: defaults::SERVER_IDLE_TIMEOUT,
@@ -784,6 +789,9 @@ fn d_degraded() -> f64 {
 }
 fn d_unhealthy() -> f64 {
     defaults::UNHEALTHY_SLOW_RATIO
+}
+fn d_query_wait_notify() -> Duration {
+    Duration::from_secs(5)
 }
 fn d_leak_warn_after() -> Duration {
     Duration::from_secs(10)

@@ -160,6 +160,8 @@ impl Session {
             info.requested(pool.backend);
             r
         } else {
+            let notify_us = self.settings.config.pool.query_wait_notify.as_micros() as u64;
+            let mut notified = false;
             loop {
                 let done = std::future::poll_fn(|cx| {
                     if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
@@ -176,9 +178,37 @@ impl Session {
                     return Err(ClientError::Killed);
                 }
                 if info.wait_expired() {
-                    info.idle();
                     let limit = pool.settings().query_wait_timeout;
-                    return Err(pool_error(pool, crate::pool::PoolError::Timeout(limit)));
+                    let holders = self.pool_holders(pool);
+                    info.idle();
+                    return Err(
+                        match pool_error(pool, crate::pool::PoolError::Timeout(limit)) {
+                            ClientError::PoolTimeout {
+                                database,
+                                user,
+                                waited,
+                                ..
+                            } => ClientError::PoolTimeout {
+                                database,
+                                user,
+                                waited,
+                                detail: holders.detail(),
+                            },
+                            e => e,
+                        },
+                    );
+                }
+                if !notified && notify_us > 0 && info.waited_us() >= notify_us {
+                    // query_wait_notify: told once per wait.
+                    notified = true;
+                    let holders = self.pool_holders(pool);
+                    let mut out = BytesMut::new();
+                    write::notice_response(&mut out, "01000", &holders.notice(info.waited_us()));
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        self.stream.send_all(&mut out),
+                    )
+                    .await;
                 }
                 // Waited reserve_pool_timeout: a reserve connection, if the
                 // pool has one left (the checkout then completes with it).
@@ -219,5 +249,112 @@ impl Session {
         }
         self.cancel.point_at(Some(pooled.conn().cancel_key));
         Ok(pooled)
+    }
+}
+
+/// Who holds a pool's servers while a client waits: for the
+/// `query_wait_notify` NOTICE and the `query_wait_timeout` error.
+struct Holders {
+    pool: String,
+    size: usize,
+    cap: u32,
+    waiting: usize,
+    /// (application_name, clients holding, longest hold in seconds), most
+    /// clients first.
+    by_app: Vec<(String, usize, f64)>,
+}
+
+impl Holders {
+    fn held_by(&self) -> String {
+        if self.by_app.is_empty() {
+            return "no client (servers are opening or closing)".to_owned();
+        }
+        self.by_app
+            .iter()
+            .take(3)
+            .map(|(app, n, longest)| {
+                let app = if app.is_empty() {
+                    "(no application_name)"
+                } else {
+                    app
+                };
+                format!("{app} x{n} (longest {longest:.1} s)")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn limits(&self) -> String {
+        let cap = if self.cap > 0 {
+            format!(", max_db_connections {}", self.cap)
+        } else {
+            String::new()
+        };
+        format!(
+            "pool size {}{cap}, {} clients waiting",
+            self.size, self.waiting
+        )
+    }
+
+    /// The `query_wait_notify` NOTICE.
+    fn notice(&self, waited_us: u64) -> String {
+        format!(
+            "waiting {:.1} s for a server connection of pool {}: {}; held by {} (query_wait_notify)",
+            waited_us as f64 / 1e6,
+            self.pool,
+            self.limits(),
+            self.held_by()
+        )
+    }
+
+    /// What the `query_wait_timeout` error adds after its first words.
+    fn detail(&self) -> String {
+        format!(
+            "; {}; held by {}; raise default_pool_size (or max_db_connections) if the servers are busy, or see SHOW LEAKS and SHOW CLIENTS for clients that hold them idle",
+            self.limits(),
+            self.held_by()
+        )
+    }
+}
+
+impl Session {
+    /// The clients holding and waiting for `pool`'s servers now (a rare
+    /// path: a long wait or its end).
+    fn pool_holders(&self, pool: &Pool) -> Holders {
+        let now = crate::clock::coarse_us();
+        let mut waiting = 0;
+        let mut apps: std::collections::HashMap<String, (usize, f64)> = Default::default();
+        for c in crate::snapshot::clients(&self.shared) {
+            if c.database != pool.database || c.user != pool.user || c.backend != pool.backend {
+                continue;
+            }
+            match c.state {
+                crate::client::list::ClientState::Waiting => waiting += 1,
+                crate::client::list::ClientState::Active => {
+                    let held = now.saturating_sub(c.request_time_us) as f64 / 1e6;
+                    let e = apps.entry(c.application_name).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.max(held);
+                }
+                _ => {}
+            }
+        }
+        let mut by_app: Vec<(String, usize, f64)> =
+            apps.into_iter().map(|(a, (n, l))| (a, n, l)).collect();
+        by_app.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
+        let cap = self
+            .settings
+            .config
+            .databases
+            .get(&pool.database)
+            .and_then(|d| d.max_db_connections)
+            .unwrap_or(self.settings.config.pool.max_db_connections);
+        Holders {
+            pool: format!("{}/{}", pool.database, pool.user),
+            size: pool.hot.size(),
+            cap,
+            waiting,
+            by_app,
+        }
     }
 }
