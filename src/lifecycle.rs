@@ -160,6 +160,15 @@ pub async fn stats_ticker(shared: Arc<Shared>) {
         let roll = now.duration_since(last_roll) >= cfg.stats_period;
         if roll {
             last_roll = now;
+            // Sizing advice needs each server's max_connections: read
+            // once per pool (a short connection of its own).
+            let pools = shared.registry.pools();
+            tokio::spawn(async move {
+                for p in pools {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), p.learn_max_connections())
+                        .await;
+                }
+            });
         }
         shared.stats.tick(now, cfg.health_window, roll);
     }

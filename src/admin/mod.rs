@@ -181,7 +181,20 @@ impl Console {
         }
         let shared = self.shared.clone();
         match cmd {
-            Command::Show(what) => show::show(&shared, &what, out),
+            Command::Show(what) => {
+                if what == "ADVICE" {
+                    // The servers' max_connections bound the advice: read
+                    // once per pool, on a short connection of its own.
+                    for p in shared.registry.pools() {
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            p.learn_max_connections(),
+                        )
+                        .await;
+                    }
+                }
+                show::show(&shared, &what, out)
+            }
             Command::Set => {
                 output::notice(out, "SET ignored", None);
                 output::command_complete(out, "SET");

@@ -15,6 +15,7 @@ use crate::client::Shared;
 use crate::stats::HealthStatus;
 use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
 
+mod advice;
 mod sessions;
 
 /// Per-query series exported (the top N by total time).
@@ -620,6 +621,7 @@ impl Collector for Snapshot {
             counter(&mut enc, name, help, &[(Labels::new(), v.load(Relaxed))])?;
         }
         sessions::encode(&mut enc, shared)?;
+        advice::encode(&mut enc, shared)?;
         let events: Vec<(Labels, u64)> = c
             .limits
             .rows()

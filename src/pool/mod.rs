@@ -141,6 +141,8 @@ pub struct Pool {
     canonical: Mutex<std::collections::HashMap<(String, String), String>>,
     /// The database's statement generations (see [`Catalog`]).
     pub catalog: Arc<Catalog>,
+    /// The server's `max_connections` (0: not read yet), for sizing advice.
+    pub max_connections: std::sync::atomic::AtomicU32,
 }
 
 /// The few settings read on every transaction (checkout, forwarding,
@@ -254,6 +256,7 @@ impl Pool {
             defaults: Mutex::new(None),
             known_statements: Mutex::new(std::collections::HashSet::new()),
             canonical: Mutex::new(std::collections::HashMap::new()),
+            max_connections: Default::default(),
             catalog,
             interned: Mutex::new(Vec::new()),
         })
@@ -264,6 +267,25 @@ impl Pool {
     /// the pool, such as the LISTEN connection).
     pub fn connect_spec(&self) -> ConnectSpec {
         lock(&self.spec).clone()
+    }
+
+    /// Reads the server's `max_connections` once, on a short connection of
+    /// its own (not one of the pool's: a saturated pool must not hide it).
+    pub async fn learn_max_connections(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.max_connections.load(Relaxed) != 0 {
+            return;
+        }
+        let spec = self.connect_spec();
+        let Ok(mut conn) = crate::server::connect(&spec).await else {
+            return;
+        };
+        if let Ok(n) = conn.setting("max_connections").await
+            && let Ok(n) = n.parse::<u32>()
+        {
+            self.max_connections.store(n, Relaxed);
+        }
+        conn.terminate().await;
     }
 
     pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {

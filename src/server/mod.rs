@@ -193,6 +193,16 @@ impl ServerConn {
         Ok(self.exchange(sql).await?.notifications)
     }
 
+    /// The value of setting `name` (`SHOW name`).
+    pub async fn setting(&mut self, name: &str) -> Result<String, ServerError> {
+        let e = self.exchange(&format!("SHOW {name}")).await?;
+        Ok(e.rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .unwrap_or_default())
+    }
+
     /// The channels this connection listens on, and the notifications that
     /// came meanwhile.
     pub async fn listening_channels(&mut self) -> Result<(Vec<String>, BytesMut), ServerError> {

@@ -11,6 +11,7 @@
 //! `SHOW` is parsed into [`Show`]; one file per family of result sets, this
 //! one for what they share.
 
+mod advice;
 mod connections;
 mod health;
 mod limits;
@@ -21,6 +22,7 @@ mod queries;
 mod settings;
 mod stats;
 
+pub use advice::{Advice, advise};
 use connections::{clients, leaks, servers};
 use health::{health, replicas};
 use limits::{listeners, rate_limits};
@@ -120,6 +122,7 @@ pub enum Show {
     Mem,
     Listeners,
     Leaks,
+    Advice,
 }
 
 impl Show {
@@ -149,6 +152,7 @@ impl Show {
             "MEM" => Show::Mem,
             "LISTENERS" => Show::Listeners,
             "LEAKS" => Show::Leaks,
+            "ADVICE" => Show::Advice,
             _ => return None,
         })
     }
@@ -183,6 +187,7 @@ impl Show {
             Show::Mem => mem(shared),
             Show::Listeners => listeners(shared),
             Show::Leaks => leaks(shared),
+            Show::Advice => advice::advice(shared),
         })
     }
 }
@@ -210,7 +215,7 @@ pub const VERSION: &str = concat!(
 const HELP: &str = "\
 SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE
 SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|MEM
-SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS|LISTENERS|LEAKS   (tidepool)
+SHOW QUERIES|SLOW_QUERIES|HEALTH|REPLICAS|AUTH_FAILURES|RATE_LIMITS|LISTENERS|LEAKS|ADVICE   (tidepool)
 SET key = arg   (accepted and ignored)
 RELOAD
 PAUSE [<db>]

@@ -50,7 +50,9 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
         ("pool_size", Int4),
         ("status", Text),
         ("recommendation", Text),
+        ("utilization", Numeric),
     ]);
+    let advice = super::advise(shared);
     let counts = snapshot::pool_clients(&snapshot::clients(shared));
     let cfg = shared.settings().config.stats.clone();
     for p in shared.registry.pools() {
@@ -99,6 +101,12 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
                 s.slow_query_threshold.as_millis(),
             )
             .into(),
+            advice
+                .iter()
+                .find(|a| a.database == p.database && a.user == p.user && a.backend == p.backend)
+                .map_or(Value::Null, |a| {
+                    Value::Text(format!("{:.2}", a.utilization * 100.0))
+                }),
         ]);
     }
     rs
