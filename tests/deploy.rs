@@ -111,6 +111,13 @@ fn the_compose_file_runs_a_primary_two_replicas_tidepool_prometheus_and_grafana(
     let prom = yaml("deploy/prometheus/prometheus.yml");
     let targets = strings(&prom["scrape_configs"][0]["static_configs"][0]["targets"]);
     assert_eq!(targets, ["tidepool:9930"]);
+    // The alerting rules are loaded, from the file the compose file mounts.
+    assert_eq!(strings(&prom["rule_files"]), ["/etc/prometheus/alerts.yml"]);
+    let mounts = strings(&c["services"]["prometheus"]["volumes"]);
+    assert!(
+        mounts.contains(&"./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro".to_owned()),
+        "{mounts:?}"
+    );
     let ds = yaml("deploy/grafana/provisioning/datasources/prometheus.yml");
     assert_eq!(ds["datasources"][0]["url"], "http://prometheus:9090");
     assert_eq!(ds["datasources"][0]["uid"], "prometheus");
@@ -195,8 +202,18 @@ async fn every_dashboard_panel_queries_metrics_tidepool_exports() {
     }
     assert!(panels >= 10, "{panels} panels");
 
-    // A real tidepool in front of a primary and a replica, after traffic
-    // (routing metrics appear once replicas are configured).
+    let exported = exported_metrics().await;
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics /metrics does not export: {missing:?}"
+    );
+}
+
+/// The metric names a real tidepool exports (samples, and families
+/// declared without samples yet), in front of a primary and a replica,
+/// after some traffic (routing metrics appear once replicas are configured).
+async fn exported_metrics() -> BTreeSet<String> {
     let c = harness::cluster_with_replica();
     let db = c.create_database("dashboard");
     let toml = harness::proxy::config_toml(
@@ -213,16 +230,71 @@ async fn every_dashboard_panel_queries_metrics_tidepool_exports() {
     for _ in 0..5 {
         client.simple_query("select 1").await.unwrap();
     }
-    let exported: BTreeSet<String> = tidepool::http::metrics::render(&proxy.shared)
-        .unwrap()
+    let text = tidepool::http::metrics::render(&proxy.shared).unwrap();
+    let mut names: BTreeSet<String> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
         .collect();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut w = rest.split(' ');
+            let (name, kind) = (w.next().unwrap(), w.next().unwrap_or(""));
+            names.insert(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            });
+        }
+    }
+    names
+}
+
+/// The alerting rules (deploy/prometheus/alerts.yml: pool saturated,
+/// clients waiting, replica banned, replication lag, slow-query ratio,
+/// leaks, rate-limit rejections) pass `promtool check rules` and their unit
+/// tests (`promtool test rules`), and name only metrics tidepool exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_rules_pass_promtool_and_query_exported_metrics() {
+    let promtool = std::process::Command::new("promtool")
+        .arg("--version")
+        .output();
+    assert!(
+        promtool.is_ok_and(|o| o.status.success()),
+        "promtool is missing: run scripts/test (apt-get install prometheus)"
+    );
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir("deploy/prometheus")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let mut wanted = BTreeSet::new();
+    let mut alerts = Vec::new();
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            alerts.push(r["alert"].as_str().unwrap().to_owned());
+            wanted.extend(metric_names(r["expr"].as_str().unwrap()));
+        }
+    }
+    assert_eq!(alerts.len(), 7, "{alerts:?}");
+    let exported = exported_metrics().await;
     let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(*m)).collect();
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics /metrics does not export: {missing:?}"
+        "alerts on metrics /metrics does not export: {missing:?}"
     );
 }
 
