@@ -85,3 +85,58 @@ async fn a_waiting_client_is_told_who_holds_the_pool() {
         let _ = q.await;
     }
 }
+
+/// Who holds the pool: SHOW CLIENTS and SHOW SERVERS link each client to
+/// its server both ways, SHOW CLIENTS carries each client's totals after
+/// PgBouncer's columns, and `/metrics` has totals per application_name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_servers_are_linked_and_counted() {
+    let c = cluster();
+    let db = c.create_database("holders");
+    let p = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    // The harness config has no admin user: the rows come in-process,
+    // from the same functions SHOW CLIENTS and SHOW SERVERS use.
+    let url = |app: &str| format!("{}?application_name={app}", p.url(&db));
+    let a = harness::connect(&url("checkout")).await.unwrap();
+    let b = harness::connect(&url("reports")).await.unwrap();
+    for i in 0..7 {
+        a.batch_execute(&format!("select {i}")).await.unwrap();
+    }
+    for i in 0..3 {
+        b.batch_execute(&format!("begin; select {i}; commit"))
+            .await
+            .unwrap();
+    }
+    // `a` holds a server in an open transaction.
+    a.batch_execute("begin; select 'held'").await.unwrap();
+    let shared = &p.shared;
+    let clients = tidepool::snapshot::clients(shared);
+    let ca = clients
+        .iter()
+        .find(|r| r.application_name == "checkout")
+        .unwrap();
+    let cb = clients
+        .iter()
+        .find(|r| r.application_name == "reports")
+        .unwrap();
+    assert_eq!(ca.counts.xacts, 7, "{ca:?}");
+    assert_eq!(cb.counts.xacts, 3, "{cb:?}");
+    assert!(ca.counts.bytes > 0 && ca.counts.queries >= 7, "{ca:?}");
+    // Linked both ways.
+    assert_ne!(ca.link, 0, "the active client names its server");
+    let servers = tidepool::server::list::rows(&shared.registry.servers);
+    let s = servers
+        .iter()
+        .find(|s| s.id == ca.link)
+        .expect("its server");
+    assert!(s.active);
+    assert_eq!(s.link, ca.id, "the server names its client");
+    let metrics = tidepool::http::metrics::render(shared).unwrap();
+    assert!(
+        metrics.contains("tidepool_app_transactions_total{application_name=\"checkout\"} 7"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tidepool_app_transactions_total{application_name=\"reports\"} 3"));
+    assert!(metrics.contains("tidepool_app_transactions_total{application_name=\"other\"}"));
+    a.batch_execute("commit").await.unwrap();
+}

@@ -12,6 +12,7 @@
 //! a server leaves a client only through `PooledConn::release`, clean, or is
 //! closed; errors for this client go to this client only.
 
+pub mod apps;
 pub mod auth_query;
 pub mod budget;
 pub mod leaks;
@@ -125,6 +126,8 @@ pub struct Shared {
     pub pins: Arc<pins::Pins>,
     /// Clients holding a server without using it (`leak_warn_after`).
     pub leaks: Arc<leaks::Leaks>,
+    /// Totals per application_name (bounded).
+    pub apps: apps::Apps,
     /// Shared LISTEN: per database, the listener connection and who
     /// listens on what.
     pub listen: Arc<listen::Listeners>,
@@ -175,6 +178,7 @@ impl Shared {
             lot,
             pins: Arc::default(),
             leaks: Arc::default(),
+            apps: Default::default(),
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
             throttle: Default::default(),

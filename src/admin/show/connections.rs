@@ -38,6 +38,11 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
         ("backend_role", Text),
         ("pinned", Text),
         ("pinned_since", Text),
+        ("xact_count", Numeric),
+        ("query_count", Numeric),
+        ("wait_time_us", Numeric),
+        ("bytes", Numeric),
+        ("state_since", Text),
     ]);
     let mut rs = ResultSet::new(&cols);
     for c in snapshot::clients(shared) {
@@ -86,6 +91,11 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             },
             pin.map_or("", |p| p.0).into(),
             pin.map_or(Value::Null, |p| timestamp(p.1).into()),
+            (c.counts.xacts as i64).into(),
+            (c.counts.queries as i64).into(),
+            (c.counts.wait_us as i64).into(),
+            (c.counts.bytes as i64).into(),
+            timestamp_us(c.state_since_us).into(),
         ]);
     }
     rs

@@ -145,6 +145,8 @@ pub struct Session {
     spare_tracker: Option<Box<Tracker>>,
     /// This client's mailbox while it waits for a server.
     waiter: Arc<Waiter>,
+    /// The totals of its application_name.
+    app: Arc<crate::client::apps::Counts>,
 }
 
 enum Next {
@@ -188,6 +190,9 @@ impl Session {
             .info
             .set_application_name(l.params.get("application_name").map_or("", |s| s));
         let limiters = limiters_for(&shared, &settings.config, &l.user, &l.database);
+        let app = shared
+            .apps
+            .counts(l.params.get("application_name").map_or("", |s| s));
         Self {
             charge: super::budget::Charge::new(shared.buffers.clone()),
             limiters,
@@ -224,6 +229,7 @@ impl Session {
             health: None,
             spare_tracker: None,
             waiter: Waiter::new(),
+            app,
         }
         .with_health()
     }
@@ -424,6 +430,15 @@ impl Session {
             self.cancel.point_at(None);
             server.conn().tx = tracker.status;
             server.pool().traffic.apply(&tracker.timing.delta);
+            {
+                let d = &tracker.timing.delta;
+                let bytes = d.received + d.sent;
+                self.listed
+                    .info
+                    .counts
+                    .transaction(d.xacts, d.queries, bytes);
+                self.app.transaction(d.xacts, d.queries, bytes);
+            }
             self.listed.info.idle();
             // SHOW CLIENTS' prepared_statements: this client's named ones.
             self.listed.info.prepared.store(
@@ -455,9 +470,11 @@ impl Session {
                         self.custom_params.extend(tracker.custom_params.drain(..));
                         let refreshing = Box::pin(self.refresh_params(&mut server));
                         refreshing.await;
-                        self.listed.info.set_application_name(
-                            self.params.get("application_name").map_or("", |s| s),
-                        );
+                        let app = self.params.get("application_name").map_or("", |s| s);
+                        if self.listed.info.application_name() != app {
+                            self.app = self.shared.apps.counts(app);
+                        }
+                        self.listed.info.set_application_name(app);
                     }
                     // After a query_timeout cancel the server is closed: a
                     // cancel that lands late must not reach another client.

@@ -227,9 +227,15 @@ impl Session {
                 return Err(pool_error(pool, e));
             }
         };
-        pool.traffic.assigned(started.map_or(Duration::ZERO, |s| {
+        let waited = started.map_or(Duration::ZERO, |s| {
             Duration::from_micros(crate::clock::precise_us().saturating_sub(s))
-        }));
+        });
+        pool.traffic.assigned(waited);
+        if !waited.is_zero() {
+            let us = waited.as_micros() as u64;
+            info.counts.waited(us);
+            self.app.waited(us);
+        }
         info.active(pooled.conn().id);
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);

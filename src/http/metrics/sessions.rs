@@ -104,6 +104,48 @@ pub(super) fn encode(enc: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::
         "Clients holding a server unused past leak_warn_after now (SHOW LEAKS)",
         &[(Labels::new(), shared.leaks.rows().len() as i64)],
     )?;
+    // Per application_name: the top 20 by transactions, the rest `other`.
+    let apps = shared.apps.top(20);
+    for (name, help, pick) in [
+        (
+            "tidepool_app_transactions",
+            "Transactions by application_name (top 20, the rest as other)",
+            0usize,
+        ),
+        (
+            "tidepool_app_queries",
+            "Queries by application_name (top 20, the rest as other)",
+            1,
+        ),
+        (
+            "tidepool_app_bytes",
+            "Bytes received and sent by application_name (top 20, the rest as other)",
+            2,
+        ),
+    ] {
+        let samples: Vec<(Labels, u64)> = apps
+            .iter()
+            .map(|(app, t)| {
+                let v = match pick {
+                    0 => t.xacts,
+                    1 => t.queries,
+                    _ => t.bytes,
+                };
+                (labels(&[("application_name", app)]), v)
+            })
+            .collect();
+        counter(enc, name, help, &samples)?;
+    }
+    let waits: Vec<(Labels, f64)> = apps
+        .iter()
+        .map(|(app, t)| (labels(&[("application_name", app)]), t.wait_us as f64 / 1e6))
+        .collect();
+    counter(
+        enc,
+        "tidepool_app_wait_seconds",
+        "Time clients waited for a server, by application_name (top 20, the rest as other)",
+        &waits,
+    )?;
     let (hits, misses) = shared.settings().classifier.counts();
     for (name, help, v) in [
         (
