@@ -743,3 +743,71 @@ async fn java_pgjdbc_metadata_of_statements_never_executed() {
     assert_ok("JdbcMetadataCheck", &out, "pgjdbc metadata: OK");
     target.assert_pool_respected();
 }
+
+/// Rust sqlx with its defaults: a PgPool whose connections cache every
+/// query as a named prepared statement (capacity 100 per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_sqlx_with_its_statement_cache() {
+    let c = cluster();
+    let db = driver_database(c, "sqlx").await;
+    let target = Target::new(c, &db, DRIVER_POOL, "");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(DRIVER_WORKERS as u32)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect(&target.url())
+        .await
+        .expect("sqlx pool");
+    let iterations = 200usize;
+    let mut tasks = Vec::new();
+    for w in 0..DRIVER_WORKERS {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.expect("a connection");
+            for i in 0..iterations {
+                let id = ((w * 7 + i) % 100 + 1) as i32;
+                let (got, name, _qty): (i32, String, i32) =
+                    sqlx::query_as("SELECT id, name, qty FROM items WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("worker {w}: select {id}: {e}"));
+                assert_eq!((got, name), (id, format!("item{id}")));
+                let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
+                let done = sqlx::query("UPDATE items SET qty = qty + 1 WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("update");
+                assert_eq!(done.rows_affected(), 1);
+                sqlx::query("INSERT INTO events (worker, n) VALUES ($1, $2)")
+                    .bind(w as i32)
+                    .bind(i as i32)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                tx.commit().await.expect("commit");
+                if w == 0 && i == iterations / 2 {
+                    sqlx::query("ALTER TABLE items ADD COLUMN note text")
+                        .execute(&mut *conn)
+                        .await
+                        .expect("alter");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("the workers finish")
+            .expect("a worker failed");
+    }
+    let (sum, events): (i64, i64) =
+        sqlx::query_as("SELECT sum(qty)::int8, (SELECT count(*) FROM events) FROM items")
+            .fetch_one(&pool)
+            .await
+            .expect("totals");
+    let want = (DRIVER_WORKERS * iterations) as i64;
+    assert_eq!((sum, events), (want, want));
+    pool.close().await;
+    target.assert_pool_respected();
+}
