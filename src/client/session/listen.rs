@@ -199,6 +199,11 @@ impl Session {
         }
         let first = checked_len(b[0], &b[1..5], self.limit).ok()?;
         if FrontendTag::from_byte(b[0]) == FrontendTag::Query {
+            // Most statements show at their first byte that they are no
+            // LISTEN: no text decoding for them.
+            if !may_be_listen(b.get(5..first)?) {
+                return None;
+            }
             let mut body = crate::protocol::messages::Body::new(b.get(5..first)?, "Query");
             let sql = body.cstr().ok()?;
             return Some((listen_ops(sql)?, None, first));
@@ -218,6 +223,10 @@ impl Session {
             let mut m = crate::protocol::messages::Body::new(body, "message");
             match FrontendTag::from_byte(rest[0]) {
                 FrontendTag::Parse if ops.is_none() => {
+                    // The statement name (empty: one byte), then the text.
+                    if body.first() != Some(&0) || !may_be_listen(&body[1..]) {
+                        return None;
+                    }
                     let name = m.cstr().ok()?;
                     let sql = m.cstr().ok()?;
                     let params = m.i16().ok()?;
@@ -331,6 +340,14 @@ impl Session {
     }
 }
 
+/// Whether a statement's text (raw bytes) may start with LISTEN or
+/// UNLISTEN: its first byte after spaces is `l`, `u`, or starts a comment.
+fn may_be_listen(text: &[u8]) -> bool {
+    text.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'l' | b'L' | b'u' | b'U' | b'/' | b'-'))
+}
+
 fn empty(out: &mut BytesMut, tag: BackendTag) {
     write::message(out, tag.byte(), |_| {});
 }
@@ -338,6 +355,16 @@ fn empty(out: &mut BytesMut, tag: BackendTag) {
 /// The statements of `sql` when every one is a LISTEN or UNLISTEN of one
 /// channel (or `UNLISTEN *`); None otherwise.
 fn listen_ops(sql: &str) -> Option<Vec<Op>> {
+    // Every statement is checked on its way in: one look at the first
+    // word before any splitting (a batch starts with LISTEN or UNLISTEN).
+    let head = sql.as_bytes().get(skip_space(sql, 0)..)?;
+    let starts = |w: &[u8]| {
+        head.get(..w.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(w))
+    };
+    if !starts(b"listen") && !starts(b"unlisten") {
+        return None;
+    }
     let stmts = split_statements(sql);
     if stmts.is_empty() {
         return None;
