@@ -65,6 +65,15 @@ impl Leaks {
         }
     }
 
+    /// Holds reported and still going.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The holds reported and still going, by client id.
     pub fn rows(&self) -> Vec<Leak> {
         self.lock().values().cloned().collect()

@@ -429,11 +429,7 @@ impl ClientInfo {
             link: self.link.load(Ordering::Relaxed),
             prepared: u32::from(self.prepared.load(Ordering::Relaxed)),
             tls: crate::protocol::stream::tls_text(self.tls),
-            application_name: self
-                .application_name
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .to_string(),
+            application_name: self.application_name(),
         }
     }
 }

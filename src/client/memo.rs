@@ -47,10 +47,14 @@ impl Memo {
     pub fn find(&mut self, sql: &str) -> Option<&mut Entry> {
         // Templates are of the text without its edge comments (see
         // `stats::trace`): a per-query trace comment still finds its entry.
-        let sql = crate::stats::trace::without_edge_comments(sql);
+        self.find_key(crate::stats::trace::without_edge_comments(sql))
+    }
+
+    /// [`Memo::find`] for a text already without its edge comments.
+    pub fn find_key(&mut self, key: &str) -> Option<&mut Entry> {
         self.entries
             .iter_mut()
-            .find(|e| e.template.matches(sql.as_bytes()))
+            .find(|e| e.template.matches(key.as_bytes()))
     }
 
     /// The routing class of `sql`: from the entry it matches (classified

@@ -59,8 +59,12 @@ fn p95_ms(b: &crate::stats::histogram::BucketsSnapshot) -> f64 {
     f64::INFINITY
 }
 
-/// Every pool's advice, in SHOW POOLS' order.
-pub fn advise(shared: &Shared) -> Vec<Advice> {
+/// Every pool's advice, in SHOW POOLS' order; `counts`: the clients of
+/// each pool (`snapshot::pool_clients`), which the caller may have already.
+pub fn advise(
+    shared: &Shared,
+    counts: &HashMap<(String, String, usize), snapshot::PoolClients>,
+) -> Vec<Advice> {
     let settings = shared.settings();
     let instances = u32::try_from(settings.config.tidepool.instances.max(1)).unwrap_or(u32::MAX);
     let pools: Vec<_> = shared
@@ -69,7 +73,6 @@ pub fn advise(shared: &Shared) -> Vec<Advice> {
         .into_iter()
         .filter(|p| !p.is_retired())
         .collect();
-    let counts = snapshot::pool_clients(&snapshot::clients(shared));
     pools
         .iter()
         .map(|p| {
@@ -172,7 +175,8 @@ pub(super) fn advice(shared: &Shared) -> ResultSet {
         ("reasoning", Text),
     ]);
     let num = |x: f64| Value::Text(format!("{x:.2}"));
-    for a in advise(shared) {
+    let counts = snapshot::pool_clients(&snapshot::clients(shared));
+    for a in advise(shared, &counts) {
         rs.push(vec![
             backend_name(&a.database, a.backend).into(),
             a.user.into(),

@@ -52,8 +52,8 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
         ("recommendation", Text),
         ("utilization", Numeric),
     ]);
-    let advice = super::advise(shared);
     let counts = snapshot::pool_clients(&snapshot::clients(shared));
+    let advice = super::advise(shared, &counts);
     let cfg = shared.settings().config.stats.clone();
     for p in shared.registry.pools() {
         if p.is_retired() && p.server_count() == 0 {

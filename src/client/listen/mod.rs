@@ -171,10 +171,6 @@ impl Hub {
         }
     }
 
-    pub fn database(&self) -> &str {
-        &self.database
-    }
-
     /// Subscribes the client (`info`) to `channels`, returning once the
     /// listener connection listens on all of them.
     pub async fn listen(

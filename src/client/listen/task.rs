@@ -229,7 +229,7 @@ fn deliver(hub: &Hub, message: Bytes) {
         return;
     };
     let limit = hub.queue_limit.load(Relaxed);
-    hub.deliver(&channel, message.clone(), limit);
+    hub.deliver(&channel, message, limit);
 }
 
 /// The channel named by a whole NotificationResponse.

@@ -41,7 +41,10 @@ impl ClientSide<'_> {
     #[inline]
     fn look_utf8(&mut self, sql: &str) -> (Option<Arc<Shape>>, Option<Effects>) {
         let t = &mut *self.t;
-        if let Some(hit) = t.memo.find(sql) {
+        // Shapes and templates are of the text without its edge comments:
+        // a trace comment unique to each query still finds them.
+        let key = crate::stats::trace::without_edge_comments(sql);
+        if let Some(hit) = t.memo.find_key(key) {
             let shape = match self.shapes {
                 // Remembered for routing, before statistics wanted its shape.
                 Some(s) => Some(hit.shape.get_or_insert_with(|| s.shape(sql)).clone()),
@@ -54,9 +57,6 @@ impl ClientSide<'_> {
             );
         }
         let e = t.effects_of(sql);
-        // Shapes and templates of the text without its edge comments: a
-        // trace comment unique to each query still finds them.
-        let key = crate::stats::trace::without_edge_comments(sql);
         let (shape, template) = match self.shapes {
             Some(s) => {
                 let (shape, template) = s.shape_and_template(key);

@@ -8,7 +8,8 @@ use crate::admin::show::{advise, backend_name};
 use crate::client::Shared;
 
 pub(super) fn encode(enc: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::Result {
-    let advice = advise(shared);
+    let counts = crate::snapshot::pool_clients(&crate::snapshot::clients(shared));
+    let advice = advise(shared, &counts);
     let key = |a: &crate::admin::show::Advice| {
         let db = backend_name(&a.database, a.backend);
         labels(&[

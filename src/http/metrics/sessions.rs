@@ -102,7 +102,7 @@ pub(super) fn encode(enc: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::
         enc,
         "tidepool_leaking_clients",
         "Clients holding a server unused past leak_warn_after now (SHOW LEAKS)",
-        &[(Labels::new(), shared.leaks.rows().len() as i64)],
+        &[(Labels::new(), shared.leaks.len() as i64)],
     )?;
     // Per application_name: the top 20 by transactions, the rest `other`.
     let apps = shared.apps.top(20);
