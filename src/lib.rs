@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod listing;
 pub mod memory;
+pub mod otlp;
 pub mod pool;
 pub mod protocol;
 pub mod ratelimit;
@@ -274,6 +275,16 @@ impl Proxy {
             tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
             tokio::spawn(http::serve(l, self.shared.clone(), http_rx));
         }
+        // Transaction spans (`[tracing]`): exported until the clients are
+        // gone, then flushed once.
+        let (spans_tx, spans_rx) = tokio::sync::watch::channel(false);
+        let spans = self.shared.spans.enabled().then(|| {
+            tokio::spawn(otlp::run(
+                self.shared.spans.clone(),
+                self.shared.settings().config.tracing.clone(),
+                spans_rx,
+            ))
+        });
         let ticker = tokio::spawn(lifecycle::stats_ticker(self.shared.clone()));
         // The watchdog's thread (stall reports, the shutdown deadline) lives
         // as long as this call; its heartbeat runs on the event loop.
@@ -345,6 +356,12 @@ impl Proxy {
         self.shared.watchdog.shutdown_started(limit);
         lifecycle::shut_down(&self.shared, limit).await;
         let _ = http_tx.send(true);
+        let _ = spans_tx.send(true);
+        if let Some(task) = spans {
+            let limit = self.shared.settings().config.tracing.otlp_timeout;
+            let limit = limit.min(otlp::LAST_EXPORT) + Duration::from_secs(1);
+            let _ = tokio::time::timeout(limit, task).await;
+        }
         // The socket file goes with the process, unless a takeover's new
         // process has put its own there.
         if let Some((path, ours)) = unix_path {

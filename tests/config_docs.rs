@@ -7,7 +7,8 @@ use std::process::Command;
 
 /// Field names of every `pub struct` in the config schema.
 fn schema_keys() -> Vec<String> {
-    let src = std::fs::read_to_string("src/config/schema.rs").unwrap();
+    let src = std::fs::read_to_string("src/config/schema.rs").unwrap()
+        + &std::fs::read_to_string("src/config/otlp.rs").unwrap();
     let mut keys = Vec::new();
     for line in src.lines() {
         let t = line.trim();
@@ -38,6 +39,7 @@ fn every_config_key_is_documented() {
             "stats",
             "metrics",
             "rate_limits",
+            "tracing",
         ]
         .contains(&k.as_str())
         {

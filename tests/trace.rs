@@ -204,3 +204,406 @@ async fn prepared_statements_with_unique_trace_comments_share_server_statements(
         "{parses} server parses for one shape: {stats:?}"
     );
 }
+
+/// A small OTLP/HTTP collector: takes `POST /v1/traces` (protobuf or
+/// JSON), keeps every span with its resource's service name, and answers
+/// 200 — or, when `hang`, reads requests and never answers.
+struct Collector {
+    port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, Span)>>>,
+    json: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+impl Collector {
+    async fn start(hang: bool) -> Collector {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c = Collector {
+            port,
+            spans: Default::default(),
+            json: Default::default(),
+            requests: Default::default(),
+        };
+        let (spans, json, requests) = (c.spans.clone(), c.json.clone(), c.requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (spans, json, requests) = (spans.clone(), json.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: headers, then Content-Length bytes.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 8192];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        assert!(head.starts_with("post /v1/traces "), "{head}");
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 8192];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+                        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if hang {
+                            continue;
+                        }
+                        if head.contains("content-type: application/json") {
+                            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            json.lock().unwrap().push(v);
+                        } else {
+                            use prost::Message;
+                            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+                            let mut got = spans.lock().unwrap();
+                            for rs in req.resource_spans {
+                                let service = rs
+                                    .resource
+                                    .iter()
+                                    .flat_map(|r| r.attributes.iter())
+                                    .find(|kv| kv.key == "service.name")
+                                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                                    .map(|v| match v {
+                                        AnyValue::StringValue(s) => s.clone(),
+                                        other => format!("{other:?}"),
+                                    })
+                                    .unwrap_or_default();
+                                for ss in rs.scope_spans {
+                                    for s in ss.spans {
+                                        got.push((service.clone(), s));
+                                    }
+                                }
+                            }
+                        }
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        if sock.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        c
+    }
+
+    /// The spans received so far whose trace id is `trace`.
+    fn of_trace(&self, trace: u128) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.trace_id == trace.to_be_bytes())
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+fn attr(s: &Span, key: &str) -> Option<AnyValue> {
+    s.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.clone())
+}
+
+fn int_attr(s: &Span, key: &str) -> i64 {
+    match attr(s, key) {
+        Some(AnyValue::IntValue(v)) => v,
+        other => panic!("{key}: {other:?} in {s:?}"),
+    }
+}
+
+fn str_attr(s: &Span, key: &str) -> String {
+    match attr(s, key) {
+        Some(AnyValue::StringValue(v)) => v,
+        other => panic!("{key}: {other:?} in {s:?}"),
+    }
+}
+
+fn traced_proxy(c: &harness::Cluster, db: &str, tracing: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        r#"
+[tidepool]
+listen = ["127.0.0.1:0"]
+admin_users = ["admin"]
+
+[pool]
+default_pool_size = 1
+
+[tracing]
+{tracing}
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+replicas = [{{ host = "127.0.0.1", port = {replica} }}]
+
+[users.app]
+password = "{app_pw}"
+
+[users.admin]
+password = "{ADMIN_PW}"
+"#,
+        port = c.primary_port(),
+        replica = c.replica_ports()[0],
+        app_pw = harness::APP_PASSWORD,
+    ))
+}
+
+/// A collector gets one span per transaction: a child of the client's
+/// traceparent (by its sampled flag), with the pool wait, the server time,
+/// the backend, the statement's fingerprint and the row count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_spans_are_children_of_the_client_trace() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("traceotlp");
+    let owner = harness::connect(&c.app_url(&db)).await.unwrap();
+    owner
+        .batch_execute(
+            "create table items (id int primary key, v int);
+             insert into items select g, g from generate_series(1, 10) g",
+        )
+        .await
+        .unwrap();
+    c.wait_for_replicas();
+    let collector = Collector::start(false).await;
+    let p = traced_proxy(
+        c,
+        &db,
+        &format!(
+            "otlp_endpoint = \"http://127.0.0.1:{}\"\notlp_flush_interval = \"50ms\"\nsample_ratio = 1.0",
+            collector.port
+        ),
+    );
+    let holder = p.client(&db).await;
+    let waiter = std::sync::Arc::new(p.client(&db).await);
+
+    // The pool's one primary server is held; the traced transaction waits
+    // for it, at least 300 ms after it was seen waiting.
+    holder
+        .batch_execute("begin; update items set v = v where id = 1")
+        .await
+        .unwrap();
+    let tp = traceparent(901);
+    let w = waiter.clone();
+    let tp2 = tp.clone();
+    // As an ORM sends it: one statement per query, the comment on the
+    // statement.
+    let traced = tokio::spawn(async move {
+        w.batch_execute("begin").await?;
+        w.batch_execute(&format!(
+            "update items set v = v + 1 where id <= 7 /*traceparent='{tp2}'*/"
+        ))
+        .await?;
+        w.batch_execute("commit").await
+    });
+    harness::wait_until_async(
+        "the traced client waits",
+        std::time::Duration::from_secs(10),
+        || async {
+            rows(&p, "SHOW POOLS")
+                .await
+                .iter()
+                .any(|r| r["database"] == db && r["cl_waiting"] == "1")
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holder.batch_execute("commit").await.unwrap();
+    traced.await.unwrap().unwrap();
+
+    // An unsampled parent is not exported; a read goes to the replica (a
+    // client that wrote nothing: read-your-writes keeps no one to the
+    // primary).
+    let reader = p.client(&db).await;
+    let replica = c.replica_ports()[0];
+    harness::wait_until_async(
+        "a read to reach the replica (its first health check)",
+        std::time::Duration::from_secs(20),
+        || async { harness::server_port(&reader).await.ok() == Some(replica) },
+    )
+    .await;
+    let unsampled = traceparent(902).replace("-01", "-00");
+    reader
+        .simple_query(&format!("select 1 /*traceparent='{unsampled}'*/"))
+        .await
+        .unwrap();
+    let tp3 = traceparent(903);
+    let got = reader
+        .simple_query(&format!(
+            "select id from items where id <= 3 /*traceparent='{tp3}'*/"
+        ))
+        .await
+        .unwrap();
+    let n = got
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(n, 3);
+
+    let trace = |i: u64| 0xabc0_0000_u128 + u128::from(i);
+    harness::wait_until(
+        "the read's span",
+        std::time::Duration::from_secs(20),
+        || !collector.of_trace(trace(903)).is_empty(),
+    );
+    // Spans of one client are exported in order: the unsampled one, sent
+    // before, would be here by now.
+    assert!(collector.of_trace(trace(902)).is_empty());
+
+    let write = collector.of_trace(trace(901));
+    assert_eq!(write.len(), 1, "one span per transaction: {write:?}");
+    let w = &write[0];
+    assert_eq!(w.parent_span_id, (0x5000u64 + 901).to_be_bytes());
+    assert_ne!(w.span_id, (0x5000u64 + 901).to_be_bytes());
+    assert_eq!(w.name, "transaction");
+    assert_eq!(str_attr(w, "tidepool.backend"), "primary");
+    assert_eq!(str_attr(w, "db.namespace"), db);
+    assert!(int_attr(w, "tidepool.pool_wait_us") >= 300_000, "{w:?}");
+    assert!(int_attr(w, "tidepool.server_us") > 0, "{w:?}");
+    assert_eq!(int_attr(w, "db.response.returned_rows"), 7);
+    // The UPDATE and the COMMIT (tidepool answered the BEGIN itself and
+    // sent it ahead of the UPDATE).
+    assert_eq!(int_attr(w, "tidepool.statements"), 2);
+    let text = str_attr(w, "db.query.text");
+    assert!(text.starts_with("update items set v = v + $1"), "{text}");
+    assert!(!text.contains("traceparent"), "{text}");
+    // The fingerprint is SHOW QUERIES' for the same statement.
+    let queries = rows(&p, "SHOW QUERIES").await;
+    let fp = str_attr(w, "tidepool.fingerprint");
+    assert!(
+        queries
+            .iter()
+            .any(|r| r["query"].starts_with("update items") && r["fingerprint"] == fp),
+        "{fp} not in {queries:?}"
+    );
+    // The span covers the wait and the server time.
+    assert!(
+        w.end_time_unix_nano - w.start_time_unix_nano
+            >= (int_attr(w, "tidepool.pool_wait_us") as u64) * 1000,
+        "{w:?}"
+    );
+
+    let read = &collector.of_trace(trace(903))[0];
+    assert_eq!(str_attr(read, "tidepool.backend"), "replica 1");
+    assert_eq!(int_attr(read, "db.response.returned_rows"), 3);
+    assert_eq!(int_attr(read, "tidepool.pool_wait_us"), 0);
+    assert!(
+        collector
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(service, _)| service == "tidepool")
+    );
+    let metrics = tidepool::http::metrics::render(&p.shared).unwrap();
+    assert!(
+        counter(&metrics, "tidepool_otlp_spans_total{result=\"exported\"}") >= 2,
+        "{metrics}"
+    );
+}
+
+/// Without a client trace, `sample_ratio` decides: 0 exports nothing of
+/// those, 1 everything; http/json carries the same span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_spans_follow_sample_ratio_and_json_works() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("traceratio");
+    let collector = Collector::start(false).await;
+    let p = traced_proxy(
+        c,
+        &db,
+        &format!(
+            "otlp_endpoint = \"http://127.0.0.1:{}/v1/traces\"\notlp_protocol = \"http/json\"\notlp_flush_interval = \"50ms\"\nsample_ratio = 0.0\nservice_name = \"pooler-a\"",
+            collector.port
+        ),
+    );
+    let client = p.client(&db).await;
+    for _ in 0..20 {
+        client.simple_query("select 1").await.unwrap();
+    }
+    let tp = traceparent(911);
+    client
+        .simple_query(&format!("select 2 /*traceparent='{tp}'*/"))
+        .await
+        .unwrap();
+    harness::wait_until(
+        "the traced span",
+        std::time::Duration::from_secs(20),
+        || !collector.json.lock().unwrap().is_empty(),
+    );
+    let bodies = collector.json.lock().unwrap().clone();
+    let spans: Vec<&serde_json::Value> = bodies
+        .iter()
+        .flat_map(|b| b["resourceSpans"].as_array().unwrap())
+        .flat_map(|rs| rs["scopeSpans"].as_array().unwrap())
+        .flat_map(|ss| ss["spans"].as_array().unwrap())
+        .collect();
+    assert_eq!(spans.len(), 1, "only the traced transaction: {bodies:?}");
+    assert_eq!(
+        spans[0]["traceId"],
+        format!("{:032x}", 0xabc0_0000_u128 + 911)
+    );
+    assert_eq!(spans[0]["parentSpanId"], format!("{:016x}", 0x5000 + 911));
+    let service = &bodies[0]["resourceSpans"][0]["resource"]["attributes"];
+    assert!(service.to_string().contains("pooler-a"), "{service}");
+}
+
+/// A collector that never answers: transactions go on at full speed, the
+/// queue holds `otlp_queue_size` spans, and the rest are dropped and
+/// counted; shutdown is not held up beyond `otlp_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_collector_drops_spans_and_blocks_nothing() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("tracestuck");
+    let collector = Collector::start(true).await;
+    let p = traced_proxy(
+        c,
+        &db,
+        &format!(
+            "otlp_endpoint = \"http://127.0.0.1:{}\"\notlp_queue_size = 4\notlp_batch_size = 1\notlp_flush_interval = \"1ms\"\notlp_timeout = \"1h\"",
+            collector.port
+        ),
+    );
+    let client = p.client(&db).await;
+    for i in 0..50 {
+        client.simple_query(&format!("select {i}")).await.unwrap();
+    }
+    harness::wait_until(
+        "the export hangs",
+        std::time::Duration::from_secs(20),
+        || collector.requests.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+    );
+    let metrics = tidepool::http::metrics::render(&p.shared).unwrap();
+    let dropped = counter(&metrics, "tidepool_otlp_spans_total{result=\"dropped\"}");
+    let queued = counter(&metrics, "tidepool_otlp_queue_spans");
+    // One span is in the export that hangs (taken before or after the
+    // queue filled), four wait, the rest were dropped.
+    assert_eq!(queued, 4, "{metrics}");
+    assert!((45..=46).contains(&dropped), "{metrics}");
+    assert_eq!(
+        counter(&metrics, "tidepool_otlp_spans_total{result=\"exported\"}"),
+        0
+    );
+    drop(client);
+}

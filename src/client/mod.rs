@@ -128,6 +128,9 @@ pub struct Shared {
     pub leaks: Arc<leaks::Leaks>,
     /// Totals per application_name (bounded).
     pub apps: apps::Apps,
+    /// Transactions sampled for OpenTelemetry, on their way to the
+    /// exporter (`[tracing]`).
+    pub spans: Arc<crate::stats::spans::Spans>,
     /// Shared LISTEN: per database, the listener connection and who
     /// listens on what.
     pub listen: Arc<listen::Listeners>,
@@ -166,6 +169,7 @@ impl Shared {
         let rate_limits = crate::ratelimit::RateLimits::default();
         rate_limits.configure(&config);
         let lot = Arc::new(park::Lot::default());
+        let spans = Arc::new(crate::stats::spans::Spans::new(&config.tracing));
         Self {
             decoy,
             registry: Registry::new(&config, stats.clone()),
@@ -179,6 +183,7 @@ impl Shared {
             pins: Arc::default(),
             leaks: Arc::default(),
             apps: Default::default(),
+            spans,
             lifecycle: Lifecycle::default(),
             watchdog: Arc::default(),
             throttle: Default::default(),
@@ -209,6 +214,14 @@ impl Shared {
         }
         if old.config.metrics != config.metrics {
             tracing::warn!("[metrics] changes only on restart");
+        }
+        self.spans.set_ratio(config.tracing.sample_ratio);
+        let tracing_restart = crate::config::otlp::Tracing {
+            sample_ratio: old.config.tracing.sample_ratio,
+            ..config.tracing.clone()
+        };
+        if old.config.tracing != tracing_restart {
+            tracing::warn!("[tracing] changes other than sample_ratio apply only on restart");
         }
         let new = Arc::new(Settings::new(config, Some(&old)));
         self.settings.store(new.clone());

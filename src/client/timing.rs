@@ -30,6 +30,61 @@ pub struct Finished {
     pub error: bool,
 }
 
+/// A transaction the server finished (ReadyForQuery `I`).
+#[derive(Debug)]
+pub struct XactDone {
+    /// When its first request was forwarded, and when it ended (monotonic
+    /// ns).
+    pub start: u64,
+    pub end: u64,
+    pub statements: u32,
+    pub rows: u64,
+    pub error: bool,
+    /// Its first statement other than transaction control (BEGIN,
+    /// COMMIT, SAVEPOINT, ...), or its first statement when all are.
+    pub first: Option<Arc<Shape>>,
+    /// The first trace context its statements carried.
+    pub trace: Option<Trace>,
+}
+
+impl XactDone {
+    pub fn us(&self) -> u64 {
+        self.end.saturating_sub(self.start) / 1000
+    }
+}
+
+/// What the transaction under way has done so far.
+#[derive(Debug, Default)]
+struct XactSoFar {
+    statements: u32,
+    rows: u64,
+    error: bool,
+    first: Option<Arc<Shape>>,
+    trace: Option<Trace>,
+}
+
+/// A transaction-control statement (by its first word): a transaction is
+/// named by what it does, not by its BEGIN.
+fn is_control(text: &str) -> bool {
+    let word = text
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    [
+        "begin",
+        "start",
+        "commit",
+        "end",
+        "rollback",
+        "abort",
+        "savepoint",
+        "release",
+    ]
+    .iter()
+    .any(|w| word.eq_ignore_ascii_case(w))
+}
+
 #[derive(Debug)]
 enum Pending {
     Statement {
@@ -62,8 +117,9 @@ pub struct Timing {
     query_start: Option<u64>,
     /// Statements finished since the session last looked.
     pub done: Vec<Finished>,
-    /// Transactions finished since the session last looked (microseconds).
-    pub xacts_done: Vec<u64>,
+    /// Transactions finished since the session last looked.
+    pub xacts_done: Vec<XactDone>,
+    xact: XactSoFar,
     /// Totals to add to the pool's traffic counters.
     pub delta: Delta,
 }
@@ -94,6 +150,7 @@ impl Timing {
         self.query_start = None;
         self.done.clear();
         self.xacts_done.clear();
+        self.xact = XactSoFar::default();
         self.delta = Delta::default();
     }
 
@@ -220,6 +277,20 @@ impl Timing {
         if error {
             self.delta.errors += 1;
         }
+        let x = &mut self.xact;
+        x.statements += 1;
+        x.rows += rows;
+        x.error |= error;
+        if x.trace.is_none() {
+            x.trace = trace;
+        }
+        if let Some(s) = &shape
+            && x.first
+                .as_ref()
+                .is_none_or(|f| is_control(&f.text) && !is_control(&s.text))
+        {
+            x.first = Some(s.clone());
+        }
         self.done.push(Finished {
             shape,
             trace,
@@ -298,11 +369,20 @@ impl Timing {
             };
         }
         if status == TxStatus::Idle {
-            if let Some(x) = self.xact_start.take() {
-                let us = now.saturating_sub(x) / 1000;
+            if let Some(start) = self.xact_start.take() {
+                let x = std::mem::take(&mut self.xact);
+                let done = XactDone {
+                    start,
+                    end: now,
+                    statements: x.statements,
+                    rows: x.rows,
+                    error: x.error,
+                    first: x.first,
+                    trace: x.trace,
+                };
                 self.delta.xacts += 1;
-                self.delta.xact_us += us;
-                self.xacts_done.push(us);
+                self.delta.xact_us += done.us();
+                self.xacts_done.push(done);
             }
         } else if self.xact_start.is_none() {
             self.xact_start = Some(now);
@@ -346,6 +426,51 @@ mod tests {
         assert_eq!(t.delta.statements, 3);
         assert_eq!(t.done[1].rows, 3);
         assert_eq!(t.done[1].shape.as_ref().map(|s| s.id), Some(2));
+        let x = &t.xacts_done[0];
+        assert_eq!((x.statements, x.rows, x.error), (3, 3, false));
+    }
+
+    #[test]
+    fn a_transaction_is_named_by_what_follows_its_begin() {
+        let named = |id: u64, text: &str| {
+            Some(Arc::new(Shape {
+                id,
+                text: text.into(),
+            }))
+        };
+        let trace = crate::stats::trace::Trace {
+            trace_id: 9,
+            span_id: 8,
+            flags: 1,
+        };
+        let mut t = Timing::default();
+        t.query(named(1, "BEGIN"), None);
+        t.command_complete(b"BEGIN\0");
+        t.ready(TxStatus::InTransaction);
+        t.query(named(2, "update t set v = $1"), Some(trace));
+        t.command_complete(b"UPDATE 2\0");
+        t.ready(TxStatus::InTransaction);
+        t.query(named(3, "select $1"), None);
+        t.error();
+        t.ready(TxStatus::Failed);
+        t.query(named(4, "ROLLBACK"), None);
+        t.command_complete(b"ROLLBACK\0");
+        t.ready(TxStatus::Idle);
+        // A lone BEGIN names its transaction; the next one starts afresh.
+        t.query(named(1, "begin"), None);
+        t.command_complete(b"BEGIN\0");
+        t.ready(TxStatus::InTransaction);
+        t.query(named(5, "commit"), None);
+        t.command_complete(b"COMMIT\0");
+        t.ready(TxStatus::Idle);
+        let x = &t.xacts_done[0];
+        assert_eq!((x.statements, x.rows, x.error), (4, 2, true));
+        assert_eq!(x.first.as_ref().map(|s| s.id), Some(2));
+        assert_eq!(x.trace, Some(trace));
+        assert!(x.end >= x.start);
+        let y = &t.xacts_done[1];
+        assert_eq!((y.statements, y.error, y.trace), (2, false, None));
+        assert_eq!(y.first.as_ref().map(|s| s.id), Some(1));
     }
 
     #[test]

@@ -613,6 +613,12 @@ pub fn describe(c: &Config) -> Vec<Row> {
         ),
     ];
     rows.extend(
+        c.tracing
+            .describe(&super::otlp::Tracing::default())
+            .into_iter()
+            .map(|(key, v, dv)| row("tracing", key, v, dv, key == "sample_ratio")),
+    );
+    rows.extend(
         later
             .into_iter()
             // Listening options apply at start only.

@@ -6,6 +6,7 @@
 
 pub mod defaults;
 mod describe;
+pub mod otlp;
 pub mod schema;
 mod validate;
 

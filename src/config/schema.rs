@@ -27,6 +27,8 @@ pub struct Config {
     pub metrics: Metrics,
     #[serde(default)]
     pub rate_limits: RateLimits,
+    #[serde(default)]
+    pub tracing: super::otlp::Tracing,
     /// The rules of `[tidepool] auth_hba_file`, read with the config.
     #[serde(skip)]
     pub(crate) hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
@@ -818,7 +820,7 @@ mod opt_duration {
 }
 
 /// Durations are written `"30s"`, `"500ms"`, `"2m"`, or as a number of seconds.
-mod duration {
+pub(super) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, de::Error};

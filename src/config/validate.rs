@@ -186,6 +186,9 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             format!("{a:?} is not an IP:port address"),
         ));
     }
+    c.tracing
+        .check()
+        .map_err(|(key, message)| invalid(&["tracing", key], message))?;
     if c.routing.health_check_period.is_zero() {
         return Err(invalid(
             &["routing", "health_check_period"],

@@ -17,6 +17,7 @@ use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
 
 mod advice;
 mod sessions;
+mod spans;
 
 /// Per-query series exported (the top N by total time).
 const TOP_QUERIES: usize = 20;
@@ -622,6 +623,7 @@ impl Collector for Snapshot {
         }
         sessions::encode(&mut enc, shared)?;
         advice::encode(&mut enc, shared)?;
+        spans::encode(&mut enc, shared)?;
         let events: Vec<(Labels, u64)> = c
             .limits
             .rows()

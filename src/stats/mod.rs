@@ -5,6 +5,8 @@
 //! - [`QueryStats`]: per normalized query calls, rows, errors, latency
 //!   percentiles, bounded to the top N by total time — `SHOW QUERIES`.
 //! - [`SlowLog`]: the most recent slow statements — `SHOW SLOW_QUERIES`.
+//! - [`spans::Spans`]: transactions sampled for OpenTelemetry, queued for
+//!   the exporter.
 //! - pool health: the share of slow statements per database over the last
 //!   `health_window`.
 //!
@@ -18,6 +20,7 @@ pub mod fingerprint;
 pub mod histogram;
 pub mod queries;
 pub mod slow;
+pub mod spans;
 pub mod trace;
 pub mod traffic;
 

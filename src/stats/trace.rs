@@ -16,6 +16,8 @@ use super::fingerprint::{block_comment_end, is_space, line_comment_end, string_e
 pub struct Trace {
     pub trace_id: u128,
     pub span_id: u64,
+    /// The trace flags; bit 0: the caller records (samples) this trace.
+    pub flags: u8,
 }
 
 impl Trace {
@@ -25,6 +27,11 @@ impl Trace {
 
     pub fn span_hex(&self) -> String {
         format!("{:016x}", self.span_id)
+    }
+
+    /// Whether the caller samples this trace (the `sampled` flag).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 }
 
@@ -54,8 +61,12 @@ pub fn traceparent(sql: &str) -> Option<Trace> {
 
     let trace_id = u128::from_str_radix(hex(&v[3..35])?, 16).ok()?;
     let span_id = u64::from_str_radix(hex(&v[36..52])?, 16).ok()?;
-    hex(&v[53..55])?;
-    (trace_id != 0 && span_id != 0).then_some(Trace { trace_id, span_id })
+    let flags = u8::from_str_radix(hex(&v[53..55])?, 16).ok()?;
+    (trace_id != 0 && span_id != 0).then_some(Trace {
+        trace_id,
+        span_id,
+        flags,
+    })
 }
 
 /// `s` as text when it is all hex digits.
@@ -163,6 +174,9 @@ mod tests {
         let t = traceparent(&sql).unwrap();
         assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.span_hex(), "00f067aa0ba902b7");
+        assert!(t.sampled());
+        let unsampled = sql.replace("-01'", "-00'");
+        assert!(!traceparent(&unsampled).unwrap().sampled());
         assert_eq!(traceparent("select 1"), None);
         assert_eq!(traceparent("select 'traceparent=x'"), None);
         let zero = format!(

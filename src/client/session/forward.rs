@@ -15,6 +15,8 @@ impl Session {
         let mode = self.pool.hot.mode();
         let idle_tx_timeout = self.settings.config.pool.idle_transaction_timeout;
         let (server_pool, conn) = pooled.parts();
+        // The checkout's wait belongs to its first transaction only.
+        let pool_wait_us = std::mem::take(&mut self.pool_wait_us);
         let stmt_ctx = StatementCtx {
             database: &self.db_label,
             user: &self.user,
@@ -26,6 +28,9 @@ impl Session {
             },
             client: self.listed.info.addr,
             slow_us: server_pool.hot.slow_query_us(),
+            backend_index: server_pool.backend,
+            spans: &self.shared.spans,
+            pool_wait_us: std::cell::Cell::new(pool_wait_us),
         };
         let info = self.listed.info.clone();
         let mut cscan = Scanner::frontend(self.limit);

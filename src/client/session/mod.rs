@@ -147,6 +147,9 @@ pub struct Session {
     waiter: Arc<Waiter>,
     /// The totals of its application_name.
     app: Arc<crate::client::apps::Counts>,
+    /// How long the last checkout waited for a server (µs), for the span
+    /// of the transaction it served.
+    pool_wait_us: u64,
 }
 
 enum Next {
@@ -230,6 +233,7 @@ impl Session {
             spare_tracker: None,
             waiter: Waiter::new(),
             app,
+            pool_wait_us: 0,
         }
         .with_health()
     }

@@ -11,6 +11,13 @@ pub(super) struct StatementCtx<'a> {
     pub(super) role: Role,
     pub(super) client: Option<std::net::SocketAddr>,
     pub(super) slow_us: u64,
+    /// 0: the primary; n: replica n.
+    pub(super) backend_index: usize,
+    /// Transactions sampled for OpenTelemetry go here.
+    pub(super) spans: &'a crate::stats::spans::Spans,
+    /// The checkout's wait for a server, until the first transaction's
+    /// span takes it.
+    pub(super) pool_wait_us: std::cell::Cell<u64>,
 }
 
 impl StatementCtx<'_> {
@@ -24,8 +31,11 @@ impl StatementCtx<'_> {
         params: &BTreeMap<String, String>,
         timing: &mut crate::client::timing::Timing,
     ) {
-        for us in timing.xacts_done.drain(..) {
-            traffic.transaction_latency(us);
+        for x in timing.xacts_done.drain(..) {
+            traffic.transaction_latency(x.us());
+            if let Some(ids) = self.spans.sample(x.trace) {
+                self.span(ids, x, params);
+            }
         }
         for f in timing.done.drain(..) {
             traffic.statement_latency(f.us);
@@ -78,5 +88,46 @@ impl StatementCtx<'_> {
                 trace: f.trace,
             });
         }
+    }
+
+    /// Queues the span of transaction `x` for export.
+    fn span(
+        &self,
+        (trace_id, span_id): (u128, u64),
+        x: crate::client::timing::XactDone,
+        params: &BTreeMap<String, String>,
+    ) {
+        // Monotonic instants as wall-clock times, through one reading of both.
+        let (now_wall, now_mono) = (std::time::SystemTime::now(), crate::clock::mono_ns());
+        let wall = |mono: u64| {
+            now_wall
+                .checked_sub(std::time::Duration::from_nanos(
+                    now_mono.saturating_sub(mono),
+                ))
+                .unwrap_or(now_wall)
+        };
+        let pool_wait_us = self.pool_wait_us.take();
+        let start = wall(x.start)
+            .checked_sub(std::time::Duration::from_micros(pool_wait_us))
+            .unwrap_or(now_wall);
+        self.spans.offer(crate::stats::spans::TxSpan {
+            trace_id,
+            span_id,
+            parent_span_id: x.trace.map_or(0, |t| t.span_id),
+            start,
+            end: wall(x.end),
+            pool_wait_us,
+            server_us: x.us(),
+            database: self.database.clone(),
+            user: self.user.to_owned(),
+            application_name: params.get("application_name").cloned().unwrap_or_default(),
+            backend: self.backend_index,
+            server_addr: self.backend.clone(),
+            client_addr: self.client,
+            statements: x.statements,
+            rows: x.rows,
+            error: x.error,
+            statement: x.first,
+        });
     }
 }

@@ -231,6 +231,7 @@ impl Session {
             Duration::from_micros(crate::clock::precise_us().saturating_sub(s))
         });
         pool.traffic.assigned(waited);
+        self.pool_wait_us = waited.as_micros() as u64;
         if !waited.is_zero() {
             let us = waited.as_micros() as u64;
             info.counts.waited(us);
