@@ -120,6 +120,9 @@ pub struct Timing {
     /// Transactions finished since the session last looked.
     pub xacts_done: Vec<XactDone>,
     xact: XactSoFar,
+    /// Whether transactions keep their statement count, rows, name and
+    /// trace (for spans); off, only their times are kept.
+    pub detail: bool,
     /// Totals to add to the pool's traffic counters.
     pub delta: Delta,
 }
@@ -277,19 +280,21 @@ impl Timing {
         if error {
             self.delta.errors += 1;
         }
-        let x = &mut self.xact;
-        x.statements += 1;
-        x.rows += rows;
-        x.error |= error;
-        if x.trace.is_none() {
-            x.trace = trace;
-        }
-        if let Some(s) = &shape
-            && x.first
-                .as_ref()
-                .is_none_or(|f| is_control(&f.text) && !is_control(&s.text))
-        {
-            x.first = Some(s.clone());
+        if self.detail {
+            let x = &mut self.xact;
+            x.statements += 1;
+            x.rows += rows;
+            x.error |= error;
+            if x.trace.is_none() {
+                x.trace = trace;
+            }
+            if let Some(s) = &shape
+                && x.first
+                    .as_ref()
+                    .is_none_or(|f| is_control(&f.text) && !is_control(&s.text))
+            {
+                x.first = Some(s.clone());
+            }
         }
         self.done.push(Finished {
             shape,
@@ -411,7 +416,10 @@ mod tests {
 
     #[test]
     fn simple_queries_and_transactions() {
-        let mut t = Timing::default();
+        let mut t = Timing {
+            detail: true,
+            ..Timing::default()
+        };
         t.query(shape(1), None);
         t.command_complete(b"BEGIN\0");
         t.ready(TxStatus::InTransaction);
@@ -443,7 +451,10 @@ mod tests {
             span_id: 8,
             flags: 1,
         };
-        let mut t = Timing::default();
+        let mut t = Timing {
+            detail: true,
+            ..Timing::default()
+        };
         t.query(named(1, "BEGIN"), None);
         t.command_complete(b"BEGIN\0");
         t.ready(TxStatus::InTransaction);

@@ -396,6 +396,7 @@ impl Session {
                 None => Box::new(Tracker::new(server.conn().tx, self.policy)),
             };
             tracker.changers = server.pool().catalog.changers();
+            tracker.timing.detail = self.shared.spans.enabled();
             let had_prepend = self.deferred_begin.is_some();
             if let Some(begin) = self.deferred_begin.take() {
                 // The client's BEGIN, run first on the chosen backend; its
