@@ -1,5 +1,5 @@
 //! OpenTelemetry export: the task that takes transaction spans off the
-//! queue ([`Spans`]), batches them and posts them to an OTLP/HTTP collector
+//! queue ([`Spans`]), batches them and posts them to an OTLP/HTTP(S) collector
 //! with the `opentelemetry-otlp` exporter.
 //!
 //! Invariants: this task is the queue's only reader and the data path never
@@ -45,8 +45,23 @@ pub fn exporter(cfg: &Tracing) -> Result<opentelemetry_otlp::SpanExporter, Strin
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // hyper with rustls (ring): http and https endpoints alike.
+    let tls = crate::tls::https_client_config(cfg.otlp_ca_file.as_deref());
+    let tls = match (tls, url.starts_with("https://")) {
+        (Ok(t), _) => t,
+        (Err(e), true) => return Err(e),
+        // Plain http needs no roots (a machine may have none).
+        (Err(_), false) => crate::tls::https_client_config_without_roots()?,
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = opentelemetry_http::hyper::HyperClient::new(connector, cfg.otlp_timeout, None);
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(client)
         .with_endpoint(url)
         .with_protocol(protocol)
         .with_timeout(cfg.otlp_timeout)

@@ -86,6 +86,43 @@ fn roots(path: &str, what: &str) -> Result<Arc<RootCertStore>, String> {
     Ok(Arc::new(roots))
 }
 
+/// Where Debian (and most distributions) keep the system's trusted roots.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A client config for HTTPS (the OTLP exporter): certificates checked
+/// against `ca_file`, or against the system's roots when there is none.
+pub fn https_client_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let roots = match ca_file {
+        Some(path) => roots(path, "CA file")?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            // A system bundle may hold certificates rustls cannot use; the
+            // others still count.
+            let (added, _) =
+                roots.add_parsable_certificates(read_certs(SYSTEM_ROOTS, "system CA bundle")?);
+            if added == 0 {
+                return Err(format!("{SYSTEM_ROOTS}: no usable certificate"));
+            }
+            Arc::new(roots)
+        }
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// A client config that trusts no one: for a connector that only ever
+/// speaks plain http.
+pub fn https_client_config_without_roots() -> Result<rustls::ClientConfig, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// The client side: what tidepool offers its clients.
 #[derive(Debug, Clone)]
 pub struct Acceptor {

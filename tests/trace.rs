@@ -210,8 +210,8 @@ async fn prepared_statements_with_unique_trace_comments_share_server_statements(
 /// 200 — or, when `hang`, reads requests and never answers.
 struct Collector {
     port: u16,
-    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, Span)>>>,
-    json: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    spans: Received,
+    json: ReceivedJson,
     requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -219,9 +219,91 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Span)>>>;
+type ReceivedJson = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// Serves one connection's requests (see [`Collector`]).
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut sock: S,
+    hang: bool,
+    spans: Received,
+    json: ReceivedJson,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    loop {
+        // One request: headers, then Content-Length bytes.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 8192];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        assert!(head.starts_with("post /v1/traces "), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 8192];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if hang {
+            continue;
+        }
+        if head.contains("content-type: application/json") {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            json.lock().unwrap().push(v);
+        } else {
+            use prost::Message;
+            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            let mut got = spans.lock().unwrap();
+            for rs in req.resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                    .map(|v| match v {
+                        AnyValue::StringValue(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        got.push((service.clone(), s));
+                    }
+                }
+            }
+        }
+        let answer =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if sock.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Collector {
     async fn start(hang: bool) -> Collector {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Self::start_with(hang, None).await
+    }
+
+    /// With `tls`: over https.
+    async fn start_with(hang: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let c = Collector {
@@ -233,72 +315,18 @@ impl Collector {
         let (spans, json, requests) = (c.spans.clone(), c.json.clone(), c.requests.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
+                let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
                 let (spans, json, requests) = (spans.clone(), json.clone(), requests.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        // One request: headers, then Content-Length bytes.
-                        let head_end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
+                    match tls {
+                        None => serve(sock, hang, spans, json, requests).await,
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(sock).await {
+                                serve(s, hang, spans, json, requests).await
                             }
-                            let mut chunk = [0u8; 8192];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                        assert!(head.starts_with("post /v1/traces "), "{head}");
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map(|v| v.trim().parse().unwrap())
-                            .unwrap_or(0);
-                        while buf.len() < head_end + len {
-                            let mut chunk = [0u8; 8192];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
-                        requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if hang {
-                            continue;
-                        }
-                        if head.contains("content-type: application/json") {
-                            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                            json.lock().unwrap().push(v);
-                        } else {
-                            use prost::Message;
-                            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
-                            let mut got = spans.lock().unwrap();
-                            for rs in req.resource_spans {
-                                let service = rs
-                                    .resource
-                                    .iter()
-                                    .flat_map(|r| r.attributes.iter())
-                                    .find(|kv| kv.key == "service.name")
-                                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                                    .map(|v| match v {
-                                        AnyValue::StringValue(s) => s.clone(),
-                                        other => format!("{other:?}"),
-                                    })
-                                    .unwrap_or_default();
-                                for ss in rs.scope_spans {
-                                    for s in ss.spans {
-                                        got.push((service.clone(), s));
-                                    }
-                                }
-                            }
-                        }
-                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                        if sock.write_all(answer.as_bytes()).await.is_err() {
-                            return;
                         }
                     }
                 });
@@ -606,4 +634,72 @@ async fn a_stuck_collector_drops_spans_and_blocks_nothing() {
         0
     );
     drop(client);
+}
+
+/// An https collector: its certificate is checked against `otlp_ca_file`;
+/// one signed by another CA gets nothing (the export fails, counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_over_https_checks_the_collector_certificate() {
+    let dir = std::env::temp_dir().join(format!("tidepool-otlp-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ext =
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
+    harness::certs::make_certs(&dir, "ca", &[("collector", "/CN=collector", ext)]);
+    harness::certs::make_certs(&dir, "other-ca", &[]);
+    // tidepool's own acceptor: a rustls server with that certificate.
+    let (cert, key) = (dir.join("collector.crt"), dir.join("collector.key"));
+    let built = tidepool::tls::Acceptor::build(tidepool::tls::AcceptorFiles {
+        mode: tidepool::tls::Mode::Require,
+        cert: cert.to_str(),
+        key: key.to_str(),
+        ca: None,
+    })
+    .unwrap()
+    .unwrap();
+    let mut config = (*built.config).clone();
+    config.alpn_protocols.clear();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let collector = Collector::start_with(false, Some(acceptor)).await;
+
+    let c = harness::cluster_with_replica();
+    for (ca, trusted) in [("ca", true), ("other-ca", false)] {
+        let db = c.create_database("tracetls");
+        let p = traced_proxy(
+            c,
+            &db,
+            &format!(
+                "otlp_endpoint = \"https://127.0.0.1:{}\"\notlp_ca_file = \"{}\"\notlp_flush_interval = \"50ms\"",
+                collector.port,
+                dir.join(format!("{ca}.crt")).display()
+            ),
+        );
+        let client = p.client(&db).await;
+        let i = if trusted { 921 } else { 922 };
+        let tp = traceparent(i);
+        client
+            .simple_query(&format!("select 1 /*traceparent='{tp}'*/"))
+            .await
+            .unwrap();
+        let trace = 0xabc0_0000_u128 + u128::from(i);
+        if trusted {
+            harness::wait_until(
+                "the span over https",
+                std::time::Duration::from_secs(20),
+                || !collector.of_trace(trace).is_empty(),
+            );
+        } else {
+            // Retried, then counted as failed; never received.
+            harness::wait_until(
+                "the failed export",
+                std::time::Duration::from_secs(30),
+                || {
+                    let m = tidepool::http::metrics::render(&p.shared).unwrap();
+                    counter(&m, "tidepool_otlp_spans_total{result=\"failed\"}") == 1
+                },
+            );
+            assert!(collector.of_trace(trace).is_empty());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,5 +1,5 @@
 //! `[tracing]`: OpenTelemetry export of one span per transaction over
-//! OTLP/HTTP. Off unless `otlp_endpoint` is set.
+//! OTLP/HTTP(S). Off unless `otlp_endpoint` is set.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -53,6 +53,9 @@ pub struct Tracing {
     /// Deadline of one export request. Default `10s`.
     #[serde(default = "d_timeout", with = "super::schema::duration")]
     pub otlp_timeout: Duration,
+    /// PEM file of the CAs an `https` collector's certificate is checked
+    /// against. Default none: the system's roots.
+    pub otlp_ca_file: Option<String>,
     /// HTTP headers sent with every export (a hosted collector's key).
     /// Default none.
     #[serde(default)]
@@ -72,6 +75,7 @@ impl Default for Tracing {
             otlp_batch_size: d_batch(),
             otlp_flush_interval: d_flush(),
             otlp_timeout: d_timeout(),
+            otlp_ca_file: None,
             otlp_headers: BTreeMap::new(),
             service_name: d_service(),
         }
@@ -128,6 +132,11 @@ impl Tracing {
                 dur(d.otlp_flush_interval),
             ),
             ("otlp_timeout", dur(self.otlp_timeout), dur(d.otlp_timeout)),
+            (
+                "otlp_ca_file",
+                self.otlp_ca_file.clone().unwrap_or_default(),
+                String::new(),
+            ),
             ("otlp_headers", headers(self), headers(d)),
             (
                 "service_name",
@@ -153,24 +162,24 @@ impl Tracing {
         }
         if let Some(e) = &self.otlp_endpoint {
             let e = e.trim();
-            if e.starts_with("https://") {
+            let Some(rest) = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+            else {
                 return Err((
                     "otlp_endpoint",
-                    "https is not supported: send spans to a collector over http \
-                     (an OpenTelemetry Collector beside tidepool forwards them with TLS)"
-                        .into(),
-                ));
-            }
-            let Some(rest) = e.strip_prefix("http://") else {
-                return Err((
-                    "otlp_endpoint",
-                    format!("{e:?} is not an http:// URL (e.g. \"http://127.0.0.1:4318\")"),
+                    format!(
+                        "{e:?} is not an http:// or https:// URL (e.g. \"http://127.0.0.1:4318\")"
+                    ),
                 ));
             };
             let host = rest.split('/').next().unwrap_or_default();
             if host.is_empty() {
                 return Err(("otlp_endpoint", format!("{e:?} names no host")));
             }
+        }
+        if let Some(path) = &self.otlp_ca_file {
+            crate::tls::https_client_config(Some(path)).map_err(|e| ("otlp_ca_file", e))?;
         }
         for (k, v) in &self.otlp_headers {
             let name_ok = !k.is_empty()
@@ -243,7 +252,13 @@ mod tests {
         let key = |t: Tracing| t.check().err().map(|(k, _)| k);
         assert_eq!(key(Tracing::default()), None);
         assert_eq!(key(with_endpoint("http://c:4318")), None);
-        assert_eq!(key(with_endpoint("https://c:4318")), Some("otlp_endpoint"));
+        assert_eq!(key(with_endpoint("https://c:4318")), None);
+        assert_eq!(key(with_endpoint("ftp://c:4318")), Some("otlp_endpoint"));
+        let ca = Tracing {
+            otlp_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Tracing::default()
+        };
+        assert_eq!(key(ca), Some("otlp_ca_file"));
         assert_eq!(key(with_endpoint("c:4318")), Some("otlp_endpoint"));
         assert_eq!(key(with_endpoint("http:///v1")), Some("otlp_endpoint"));
         let ratio = Tracing {

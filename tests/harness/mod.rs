@@ -29,6 +29,8 @@
 #![allow(dead_code)]
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+/// Certificates made with openssl, for TLS tests.
+pub mod certs;
 mod cluster;
 /// Running the tidepool binary as a child process.
 pub mod daemon;
