@@ -157,17 +157,6 @@ pub async fn run(spans: Arc<Spans>, cfg: Tracing, mut stop: watch::Receiver<bool
     }
 }
 
-fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 /// `s` as OpenTelemetry span data, with the database semantic conventions
 /// where one fits and `tidepool.*` attributes for the rest.
 pub fn span_data(s: TxSpan, scope: &InstrumentationScope) -> SpanData {
@@ -198,7 +187,7 @@ pub fn span_data(s: TxSpan, scope: &InstrumentationScope) -> SpanData {
         ));
         attributes.push(KeyValue::new(
             "db.query.text",
-            cut(&shape.text, STATEMENT_TEXT),
+            crate::stats::cut_text(&shape.text, STATEMENT_TEXT),
         ));
     }
     if !s.application_name.is_empty() {

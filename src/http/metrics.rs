@@ -111,14 +111,7 @@ fn secs(us: u64) -> f64 {
 }
 
 fn cut(s: &str) -> String {
-    if s.len() <= LABEL_TEXT {
-        return s.to_owned();
-    }
-    let mut end = LABEL_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::stats::cut_text(s, LABEL_TEXT)
 }
 
 impl Collector for Snapshot {

@@ -36,6 +36,19 @@ pub use traffic::{Averages, Delta, Latencies, Totals, Traffic};
 
 use crate::config::schema::Stats as StatsConfig;
 
+/// `s` cut to at most `max` bytes (at a character boundary), with `…`
+/// when cut: text shown outside (metric labels, spans) stays bounded.
+pub fn cut_text(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// A small number for the current thread, distinct per thread (assigned on
 /// first use). Hot-path statistics index their stripes with it so that each
 /// worker thread writes its own cache lines.
