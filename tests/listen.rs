@@ -488,3 +488,61 @@ async fn extended_protocol_listen_gets_postgresqls_answers() {
     .await;
     assert!(rows.is_empty(), "{rows:?}");
 }
+
+/// UNLISTEN takes effect when its transaction commits, as in PostgreSQL:
+/// rolled back, in a failed transaction, or in an implicit transaction
+/// that failed, the client keeps listening; DISCARD ALL unlistens all.
+/// The same steps run against PostgreSQL directly hear the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisten_takes_effect_at_commit_as_in_postgresql() {
+    let c = cluster();
+    let db = c.create_database("unlistensem");
+    let p = proxy(&db, "default_pool_size = 2");
+    for url in [p.url(&db), c.app_url(&db)] {
+        let (a, mut rx) = listener(&url).await;
+        let sender = harness::connect(&url).await.unwrap();
+        a.batch_execute("listen ch").await.unwrap();
+        a.batch_execute("begin; unlisten ch; rollback")
+            .await
+            .unwrap();
+        a.batch_execute("begin").await.unwrap();
+        a.batch_execute("unlisten ch").await.unwrap();
+        a.batch_execute("select 1/0").await.unwrap_err();
+        a.batch_execute("commit").await.unwrap();
+        a.batch_execute("unlisten ch; select 1/0")
+            .await
+            .unwrap_err();
+        sender.batch_execute("notify ch, 'still'").await.unwrap();
+        assert_eq!(
+            notification(&mut rx, "still listening").await,
+            ("ch".into(), "still".into()),
+            "{url}"
+        );
+        // Committed, it stops delivery: from one sender's transaction,
+        // `ch` would come first.
+        a.batch_execute("begin; unlisten ch; commit").await.unwrap();
+        a.batch_execute("listen other").await.unwrap();
+        sender
+            .batch_execute("begin; notify ch, 'no'; notify other, 'yes'; commit")
+            .await
+            .unwrap();
+        assert_eq!(
+            notification(&mut rx, "after the committed unlisten").await,
+            ("other".into(), "yes".into()),
+            "{url}"
+        );
+        // DISCARD ALL includes UNLISTEN *.
+        a.batch_execute("discard all").await.unwrap();
+        a.batch_execute("listen third").await.unwrap();
+        sender
+            .batch_execute("begin; notify other, 'no'; notify third, 'yes'; commit")
+            .await
+            .unwrap();
+        assert_eq!(
+            notification(&mut rx, "after discard all").await,
+            ("third".into(), "yes".into()),
+            "{url}"
+        );
+        a.batch_execute("unlisten *").await.unwrap();
+    }
+}

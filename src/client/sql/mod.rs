@@ -174,6 +174,8 @@ pub fn effects(sql: &str) -> Effects {
                 e.releases_session_state = true;
                 if w(1) == "all" {
                     e.drops_all_statements = true;
+                    // DISCARD ALL includes UNLISTEN *.
+                    e.unlisten.push(None);
                 }
             }
             // A DO block or a procedure may SET anything (set_config, SET

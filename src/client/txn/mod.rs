@@ -100,8 +100,11 @@ pub struct Tracker {
     /// Shared LISTEN: a LISTEN ran on the server in this transaction; its
     /// channels move to tidepool's listener once it is over.
     pub listen_changed: bool,
-    /// Shared LISTEN: UNLISTENs of this transaction (None: `*`).
+    /// Shared LISTEN: UNLISTENs (None: `*`) whose transaction committed;
+    /// they apply to the hub once the server is idle.
     pub unlistens: Vec<Option<String>>,
+    /// What becomes of UNLISTENs forwarded to the server.
+    pub unlisten_fate: UnlistenFate,
     /// The ErrorResponse at the head of the server's bytes names one of
     /// tidepool's statements: the session renames it before it passes.
     pub rename_error: bool,
@@ -152,6 +155,7 @@ impl Tracker {
             pin_check_due: false,
             listen_changed: false,
             unlistens: Vec::new(),
+            unlisten_fate: UnlistenFate::default(),
             stale: Vec::new(),
             rename_error: false,
             error_renamed: false,
@@ -181,6 +185,7 @@ impl Tracker {
         self.pin_check_due = false;
         self.listen_changed = false;
         self.unlistens.clear();
+        self.unlisten_fate = UnlistenFate::default();
         self.stale.clear();
         self.rename_error = false;
         self.error_renamed = false;
@@ -271,7 +276,7 @@ impl Tracker {
         self.pin_check_due |= e.releases_session_state;
         if self.policy.listen_shared {
             self.listen_changed |= e.listen;
-            self.unlistens.extend(e.unlisten.iter().cloned());
+            self.unlisten_fate.sent.extend(e.unlisten.iter().cloned());
         }
         match e.session_feature {
             Some(_) if self.policy.refuse_session_features => true,
@@ -282,6 +287,54 @@ impl Tracker {
             }
             None => false,
         }
+    }
+}
+
+/// UNLISTENs forwarded to the server take effect as PostgreSQL's do: when
+/// the server ran them (CommandComplete `UNLISTEN`, or `DISCARD ALL`,
+/// which includes `UNLISTEN *`) and their transaction then committed. A rolled-back or failed one leaves the client listening.
+#[derive(Debug, Default)]
+pub struct UnlistenFate {
+    /// Forwarded, in order; the server has not answered them yet.
+    sent: std::collections::VecDeque<Option<String>>,
+    /// Run by the server in the transaction under way.
+    ran: Vec<Option<String>>,
+    /// Since the last ReadyForQuery: an error, or a ROLLBACK tag last.
+    failed: bool,
+    rolled_back: bool,
+}
+
+impl UnlistenFate {
+    /// A CommandComplete with `tag`.
+    pub fn completed(&mut self, tag: &[u8]) {
+        self.rolled_back = tag.starts_with(b"ROLLBACK");
+        if (tag.starts_with(b"UNLISTEN") || tag.starts_with(b"DISCARD ALL"))
+            && let Some(ch) = self.sent.pop_front()
+        {
+            self.ran.push(ch);
+        }
+    }
+
+    /// A (non-fatal) ErrorResponse: the implicit transaction of the
+    /// statements since the last ReadyForQuery, if that is where they
+    /// ran, rolls back.
+    pub fn error(&mut self) {
+        self.failed = true;
+    }
+
+    /// A ReadyForQuery: at `I`, the transaction is over, committed unless
+    /// it failed or ended with ROLLBACK; what committed goes to
+    /// `committed`.
+    pub fn ready(&mut self, status: TxStatus, committed: &mut Vec<Option<String>>) {
+        if status == TxStatus::Idle {
+            if self.failed || self.rolled_back {
+                self.ran.clear();
+            } else {
+                committed.append(&mut self.ran);
+            }
+        }
+        self.failed = false;
+        self.rolled_back = false;
     }
 }
 

@@ -73,8 +73,16 @@ impl Inspector for ServerSide<'_> {
                 }
                 t.misroute.disarm();
                 t.timing.ready(status);
+                if t.policy.listen_shared {
+                    t.unlisten_fate.ready(status, &mut t.unlistens);
+                }
             }
-            BackendTag::CommandComplete => t.timing.command_complete(body),
+            BackendTag::CommandComplete => {
+                t.timing.command_complete(body);
+                if t.policy.listen_shared {
+                    t.unlisten_fate.completed(body);
+                }
+            }
             BackendTag::ParameterStatus => {
                 let (k, v) = parameter_status(body)?;
                 self.params.push((k.to_owned(), v.to_owned()));
@@ -113,6 +121,7 @@ impl Inspector for ServerSide<'_> {
                     }
                 }
                 t.timing.error();
+                t.unlisten_fate.error();
             }
             _ => {}
         }

@@ -237,3 +237,71 @@ mod verdict_props {
         }
     }
 }
+
+mod unlisten_fate {
+    use super::super::UnlistenFate;
+    use crate::protocol::TxStatus;
+
+    fn fate(sent: &[&str]) -> UnlistenFate {
+        let mut f = UnlistenFate::default();
+        f.sent.extend(sent.iter().map(|c| Some((*c).to_owned())));
+        f
+    }
+
+    #[test]
+    fn committed_unlistens_apply_and_rolled_back_ones_do_not() {
+        let mut out = Vec::new();
+        // Autocommit: applies at once.
+        let mut f = fate(&["a"]);
+        f.completed(b"UNLISTEN\0");
+        f.ready(TxStatus::Idle, &mut out);
+        assert_eq!(out, [Some("a".to_owned())]);
+
+        // BEGIN; UNLISTEN b; ROLLBACK
+        out.clear();
+        let mut f = fate(&["b"]);
+        f.completed(b"BEGIN\0");
+        f.ready(TxStatus::InTransaction, &mut out);
+        f.completed(b"UNLISTEN\0");
+        f.ready(TxStatus::InTransaction, &mut out);
+        f.completed(b"ROLLBACK\0");
+        f.ready(TxStatus::Idle, &mut out);
+        assert!(out.is_empty());
+
+        // BEGIN; UNLISTEN c; <error>; COMMIT (answered ROLLBACK)
+        let mut f = fate(&["c"]);
+        f.completed(b"UNLISTEN\0");
+        f.ready(TxStatus::InTransaction, &mut out);
+        f.error();
+        f.ready(TxStatus::Failed, &mut out);
+        f.completed(b"ROLLBACK\0");
+        f.ready(TxStatus::Idle, &mut out);
+        assert!(out.is_empty());
+
+        // One implicit transaction: UNLISTEN d; SELECT 1/0
+        let mut f = fate(&["d"]);
+        f.completed(b"UNLISTEN\0");
+        f.error();
+        f.ready(TxStatus::Idle, &mut out);
+        assert!(out.is_empty());
+
+        // An error that a savepoint undid does not stop the COMMIT.
+        let mut f = fate(&["e"]);
+        f.completed(b"UNLISTEN\0");
+        f.ready(TxStatus::InTransaction, &mut out);
+        f.error();
+        f.ready(TxStatus::Failed, &mut out);
+        f.completed(b"ROLLBACK\0"); // ROLLBACK TO SAVEPOINT's tag
+        f.ready(TxStatus::InTransaction, &mut out);
+        f.completed(b"COMMIT\0");
+        f.ready(TxStatus::Idle, &mut out);
+        assert_eq!(out, [Some("e".to_owned())]);
+
+        // An UNLISTEN that failed never ran: nothing to apply.
+        out.clear();
+        let mut f = fate(&["f"]);
+        f.error();
+        f.ready(TxStatus::Idle, &mut out);
+        assert!(out.is_empty());
+    }
+}
