@@ -546,3 +546,43 @@ async fn unlisten_takes_effect_at_commit_as_in_postgresql() {
         a.batch_execute("unlisten *").await.unwrap();
     }
 }
+
+/// A client that reads slowly: its socket fills while notifications keep
+/// coming (their nudges reach the task while it waits to send). Once it
+/// reads, every notification arrives, the last one included, without
+/// another one to push it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_every_notification_after_its_socket_filled() {
+    const SENT: usize = 2000;
+    let c = cluster();
+    let db = c.create_database("listenslow");
+    let p = proxy(&db, "");
+    let mut slow = harness::raw::Raw::login_trust(p.port(), &db).await;
+    slow.send(&harness::raw::query("LISTEN slow")).await;
+    slow.read_until_ready().await;
+    let sender = harness::connect(&p.url(&db)).await.unwrap();
+    // 16 MB of 8,000-byte payloads: more than the loopback socket buffers
+    // hold, so tidepool waits to send while the rest are queued.
+    let payload = "x".repeat(7990);
+    for n in 0..SENT {
+        sender
+            .batch_execute(&format!("notify slow, '{payload}{n:05}'"))
+            .await
+            .unwrap();
+    }
+    sender.batch_execute("notify slow, 'last'").await.unwrap();
+    let mut got = 0;
+    loop {
+        let m = tokio::time::timeout(WAIT, slow.next())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {got} of {SENT} notifications"))
+            .expect("connection open");
+        assert_eq!(m.tag, b'A', "only notifications: {m:?}");
+        if m.body.ends_with(b"last\0") {
+            break;
+        }
+        assert!(m.body.ends_with(format!("{got:05}\0").as_bytes()));
+        got += 1;
+    }
+    assert_eq!(got, SENT);
+}

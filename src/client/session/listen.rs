@@ -82,7 +82,15 @@ impl Session {
             match sent {
                 Some(Ok(())) => {
                     self.out.clear();
-                    return Ok(true);
+                    // A nudge taken by this send (not by the idle wait
+                    // after it) may be for a notification queued since the
+                    // last drain: it goes now, or it would wait for the
+                    // next nudge. One drain at a time: what waits stays in
+                    // the hub's bounded queue.
+                    self.take_notifications()?;
+                    if self.out.is_empty() {
+                        return Ok(true);
+                    }
                 }
                 Some(Err(_)) => return Ok(false),
                 None => {
