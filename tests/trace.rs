@@ -368,7 +368,10 @@ fn str_attr(s: &Span, key: &str) -> String {
     }
 }
 
-fn traced_proxy(c: &harness::Cluster, db: &str, tracing: &str) -> TestProxy {
+/// tidepool (pool of 1, a replica) exporting spans to `endpoint`, with the
+/// other `[tracing]` lines given.
+fn traced_proxy(c: &harness::Cluster, db: &str, endpoint: &str, lines: &[&str]) -> TestProxy {
+    let tracing = format!("otlp_endpoint = \"{endpoint}\"\n{}", lines.join("\n"));
     TestProxy::start(&format!(
         r#"
 [tidepool]
@@ -398,6 +401,22 @@ password = "{ADMIN_PW}"
     ))
 }
 
+/// A fresh database, a collector (`hang`: one that never answers) and
+/// tidepool exporting to it at `path` with the other `[tracing]` lines.
+async fn traced(
+    prefix: &str,
+    hang: bool,
+    path: &str,
+    lines: &[&str],
+) -> (Collector, TestProxy, String) {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database(prefix);
+    let collector = Collector::start(hang).await;
+    let endpoint = format!("http://127.0.0.1:{}{path}", collector.port);
+    let p = traced_proxy(c, &db, &endpoint, lines);
+    (collector, p, db)
+}
+
 /// A collector gets one span per transaction: a child of the client's
 /// traceparent (by its sampled flag), with the pool wait, the server time,
 /// the backend, the statement's fingerprint and the row count.
@@ -418,10 +437,8 @@ async fn otlp_spans_are_children_of_the_client_trace() {
     let p = traced_proxy(
         c,
         &db,
-        &format!(
-            "otlp_endpoint = \"http://127.0.0.1:{}\"\notlp_flush_interval = \"50ms\"\nsample_ratio = 1.0",
-            collector.port
-        ),
+        &format!("http://127.0.0.1:{}", collector.port),
+        &["otlp_flush_interval = \"50ms\"", "sample_ratio = 1.0"],
     );
     let holder = p.client(&db).await;
     let waiter = std::sync::Arc::new(p.client(&db).await);
@@ -555,17 +572,18 @@ async fn otlp_spans_are_children_of_the_client_trace() {
 /// those, 1 everything; http/json carries the same span.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_spans_follow_sample_ratio_and_json_works() {
-    let c = harness::cluster_with_replica();
-    let db = c.create_database("traceratio");
-    let collector = Collector::start(false).await;
-    let p = traced_proxy(
-        c,
-        &db,
-        &format!(
-            "otlp_endpoint = \"http://127.0.0.1:{}/v1/traces\"\notlp_protocol = \"http/json\"\notlp_flush_interval = \"50ms\"\nsample_ratio = 0.0\nservice_name = \"pooler-a\"",
-            collector.port
-        ),
-    );
+    let (collector, p, db) = traced(
+        "traceratio",
+        false,
+        "/v1/traces",
+        &[
+            "otlp_protocol = \"http/json\"",
+            "otlp_flush_interval = \"50ms\"",
+            "sample_ratio = 0.0",
+            "service_name = \"pooler-a\"",
+        ],
+    )
+    .await;
     let client = p.client(&db).await;
     for _ in 0..20 {
         client.simple_query("select 1").await.unwrap();
@@ -602,17 +620,18 @@ async fn root_spans_follow_sample_ratio_and_json_works() {
 /// counted; shutdown is not held up beyond `otlp_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_collector_drops_spans_and_blocks_nothing() {
-    let c = harness::cluster_with_replica();
-    let db = c.create_database("tracestuck");
-    let collector = Collector::start(true).await;
-    let p = traced_proxy(
-        c,
-        &db,
-        &format!(
-            "otlp_endpoint = \"http://127.0.0.1:{}\"\notlp_queue_size = 4\notlp_batch_size = 1\notlp_flush_interval = \"1ms\"\notlp_timeout = \"1h\"",
-            collector.port
-        ),
-    );
+    let (collector, p, db) = traced(
+        "tracestuck",
+        true,
+        "",
+        &[
+            "otlp_queue_size = 4",
+            "otlp_batch_size = 1",
+            "otlp_flush_interval = \"1ms\"",
+            "otlp_timeout = \"1h\"",
+        ],
+    )
+    .await;
     let client = p.client(&db).await;
     for i in 0..50 {
         client.simple_query(&format!("select {i}")).await.unwrap();
@@ -665,14 +684,15 @@ async fn otlp_over_https_checks_the_collector_certificate() {
     let c = harness::cluster_with_replica();
     for (ca, trusted) in [("ca", true), ("other-ca", false)] {
         let db = c.create_database("tracetls");
+        let ca_file = format!(
+            "otlp_ca_file = \"{}\"",
+            dir.join(format!("{ca}.crt")).display()
+        );
         let p = traced_proxy(
             c,
             &db,
-            &format!(
-                "otlp_endpoint = \"https://127.0.0.1:{}\"\notlp_ca_file = \"{}\"\notlp_flush_interval = \"50ms\"",
-                collector.port,
-                dir.join(format!("{ca}.crt")).display()
-            ),
+            &format!("https://127.0.0.1:{}", collector.port),
+            &[&ca_file, "otlp_flush_interval = \"50ms\""],
         );
         let client = p.client(&db).await;
         let i = if trusted { 921 } else { 922 };
