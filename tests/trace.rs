@@ -15,6 +15,12 @@ use harness::TestProxy;
 const ADMIN_PW: &str = "adminpw";
 
 fn proxy(c: &harness::Cluster, db: &str) -> TestProxy {
+    proxy_with(c, db, 4, "[stats]\nslow_query_threshold = \"40ms\"")
+}
+
+/// tidepool in front of `db` (and the cluster's replica) with a pool of
+/// `pool_size` and the `sections` given.
+fn proxy_with(c: &harness::Cluster, db: &str, pool_size: u32, sections: &str) -> TestProxy {
     TestProxy::start(&format!(
         r#"
 [tidepool]
@@ -22,10 +28,9 @@ listen = ["127.0.0.1:0"]
 admin_users = ["admin"]
 
 [pool]
-default_pool_size = 4
+default_pool_size = {pool_size}
 
-[stats]
-slow_query_threshold = "40ms"
+{sections}
 
 [databases.{db}]
 host = "127.0.0.1"
@@ -371,34 +376,11 @@ fn str_attr(s: &Span, key: &str) -> String {
 /// tidepool (pool of 1, a replica) exporting spans to `endpoint`, with the
 /// other `[tracing]` lines given.
 fn traced_proxy(c: &harness::Cluster, db: &str, endpoint: &str, lines: &[&str]) -> TestProxy {
-    let tracing = format!("otlp_endpoint = \"{endpoint}\"\n{}", lines.join("\n"));
-    TestProxy::start(&format!(
-        r#"
-[tidepool]
-listen = ["127.0.0.1:0"]
-admin_users = ["admin"]
-
-[pool]
-default_pool_size = 1
-
-[tracing]
-{tracing}
-
-[databases.{db}]
-host = "127.0.0.1"
-port = {port}
-replicas = [{{ host = "127.0.0.1", port = {replica} }}]
-
-[users.app]
-password = "{app_pw}"
-
-[users.admin]
-password = "{ADMIN_PW}"
-"#,
-        port = c.primary_port(),
-        replica = c.replica_ports()[0],
-        app_pw = harness::APP_PASSWORD,
-    ))
+    let tracing = format!(
+        "[tracing]\notlp_endpoint = \"{endpoint}\"\n{}",
+        lines.join("\n")
+    );
+    proxy_with(c, db, 1, &tracing)
 }
 
 /// A fresh database, a collector (`hang`: one that never answers) and
