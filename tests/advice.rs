@@ -16,32 +16,13 @@ use harness::{TestProxy, cluster};
 const ADMIN_PW: &str = "adminpw";
 
 fn proxy(db: &str, size: u32) -> TestProxy {
-    let c = cluster();
-    TestProxy::start(&format!(
-        r#"
-[tidepool]
-listen = ["127.0.0.1:0"]
-admin_users = ["admin"]
-
-[pool]
-default_pool_size = {size}
-max_client_conn = 100
-
-[stats]
-stats_period = "1s"
-
-[databases.{db}]
-host = "127.0.0.1"
-port = {port}
-
-[users.app]
-password = "{app_pw}"
-
-[users.admin]
-password = "{ADMIN_PW}"
-"#,
-        port = c.primary_port(),
-        app_pw = harness::APP_PASSWORD,
+    TestProxy::start(&harness::proxy::admin_config(
+        cluster(),
+        db,
+        ADMIN_PW,
+        &format!("default_pool_size = {size}\nmax_client_conn = 100"),
+        "",
+        "[stats]\nstats_period = \"1s\"",
     ))
 }
 

@@ -18,30 +18,15 @@ const ADMIN_PW: &str = "adminpw";
 /// client that waits for a server longer than 5 s gets an error, so a
 /// client stuck behind pinned servers fails instead of hanging.
 fn proxy(db: &str, size: u32) -> TestProxy {
-    let c = cluster();
-    TestProxy::start(&format!(
-        r#"
-[tidepool]
-listen = ["127.0.0.1:0"]
-admin_users = ["admin"]
-
-[pool]
-default_pool_size = {size}
-query_wait_timeout = "5s"
-client_login_timeout = "5s"
-
-[databases.{db}]
-host = "127.0.0.1"
-port = {port}
-
-[users.app]
-password = "{app_pw}"
-
-[users.admin]
-password = "{ADMIN_PW}"
-"#,
-        port = c.primary_port(),
-        app_pw = harness::APP_PASSWORD,
+    TestProxy::start(&harness::proxy::admin_config(
+        cluster(),
+        db,
+        ADMIN_PW,
+        &format!(
+            "default_pool_size = {size}\nquery_wait_timeout = \"5s\"\nclient_login_timeout = \"5s\""
+        ),
+        "",
+        "",
     ))
 }
 

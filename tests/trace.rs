@@ -21,31 +21,17 @@ fn proxy(c: &harness::Cluster, db: &str) -> TestProxy {
 /// tidepool in front of `db` (and the cluster's replica) with a pool of
 /// `pool_size` and the `sections` given.
 fn proxy_with(c: &harness::Cluster, db: &str, pool_size: u32, sections: &str) -> TestProxy {
-    TestProxy::start(&format!(
-        r#"
-[tidepool]
-listen = ["127.0.0.1:0"]
-admin_users = ["admin"]
-
-[pool]
-default_pool_size = {pool_size}
-
-{sections}
-
-[databases.{db}]
-host = "127.0.0.1"
-port = {port}
-replicas = [{{ host = "127.0.0.1", port = {replica} }}]
-
-[users.app]
-password = "{app_pw}"
-
-[users.admin]
-password = "{ADMIN_PW}"
-"#,
-        port = c.primary_port(),
-        replica = c.replica_ports()[0],
-        app_pw = harness::APP_PASSWORD,
+    let replica = format!(
+        "replicas = [{{ host = \"127.0.0.1\", port = {} }}]",
+        c.replica_ports()[0]
+    );
+    TestProxy::start(&harness::proxy::admin_config(
+        c,
+        db,
+        ADMIN_PW,
+        &format!("default_pool_size = {pool_size}"),
+        &replica,
+        sections,
     ))
 }
 

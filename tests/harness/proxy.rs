@@ -61,6 +61,44 @@ auth_type = "trust"
     )
 }
 
+/// A config for `db` with the application user and an admin console user
+/// (`admin`, password `admin_password`): `pool` lines go into `[pool]`,
+/// `db_lines` into the database table, `sections` (whole tables) between.
+pub fn admin_config(
+    cluster: &Cluster,
+    db: &str,
+    admin_password: &str,
+    pool: &str,
+    db_lines: &str,
+    sections: &str,
+) -> String {
+    format!(
+        r#"
+[tidepool]
+listen = ["127.0.0.1:0"]
+admin_users = ["admin"]
+
+[pool]
+{pool}
+
+{sections}
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+{db_lines}
+
+[users.app]
+password = "{app_pw}"
+
+[users.admin]
+password = "{admin_password}"
+"#,
+        port = cluster.primary_port(),
+        app_pw = super::APP_PASSWORD,
+    )
+}
+
 impl TestProxy {
     /// Starts tidepool with the given TOML (its `listen` should use port 0).
     pub fn start(toml: &str) -> TestProxy {
