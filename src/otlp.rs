@@ -46,12 +46,11 @@ pub fn exporter(cfg: &Tracing) -> Result<opentelemetry_otlp::SpanExporter, Strin
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     // hyper with rustls (ring): http and https endpoints alike.
-    let tls = crate::tls::https_client_config(cfg.otlp_ca_file.as_deref());
-    let tls = match (tls, url.starts_with("https://")) {
-        (Ok(t), _) => t,
-        (Err(e), true) => return Err(e),
-        // Plain http needs no roots (a machine may have none).
-        (Err(_), false) => crate::tls::https_client_config_without_roots()?,
+    // Roots are read only for https; plain http needs none.
+    let tls = if url.starts_with("https://") {
+        crate::tls::https_client_config(cfg.otlp_ca_file.as_deref())?
+    } else {
+        crate::tls::https_client_config_without_roots()?
     };
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -106,20 +106,20 @@ pub fn https_client_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig
             Arc::new(roots)
         }
     };
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    https_config(roots)
 }
 
 /// A client config that trusts no one: for a connector that only ever
 /// speaks plain http.
 pub fn https_client_config_without_roots() -> Result<rustls::ClientConfig, String> {
+    https_config(Arc::new(RootCertStore::empty()))
+}
+
+fn https_config(roots: Arc<RootCertStore>) -> Result<rustls::ClientConfig, String> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(RootCertStore::empty())
+        .with_root_certificates(roots)
         .with_no_client_auth())
 }
 

@@ -51,7 +51,6 @@ pub struct TxSpan {
 pub struct Spans {
     sender: Option<mpsc::Sender<TxSpan>>,
     receiver: Mutex<Option<mpsc::Receiver<TxSpan>>>,
-    capacity: usize,
     /// `sample_ratio` over 2^64, compared with a new trace id's low bits;
     /// `u64::MAX`: every transaction.
     threshold: AtomicU64,
@@ -84,7 +83,6 @@ impl Spans {
         Self {
             sender,
             receiver: Mutex::new(receiver),
-            capacity: cfg.otlp_queue_size.max(1),
             threshold: AtomicU64::new(threshold(cfg.sample_ratio)),
             dropped: AtomicU64::new(0),
             exported: AtomicU64::new(0),
@@ -146,7 +144,7 @@ impl Spans {
     pub fn queued(&self) -> usize {
         self.sender
             .as_ref()
-            .map_or(0, |tx| self.capacity.saturating_sub(tx.capacity()))
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 
     /// The exporter's outcome for `n` spans.

@@ -121,7 +121,9 @@ impl Inspector for ServerSide<'_> {
                     }
                 }
                 t.timing.error();
-                t.unlisten_fate.error();
+                if t.policy.listen_shared {
+                    t.unlisten_fate.error();
+                }
             }
             _ => {}
         }
