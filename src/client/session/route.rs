@@ -181,22 +181,11 @@ impl Session {
                     let limit = pool.settings().query_wait_timeout;
                     let holders = self.pool_holders(pool);
                     info.idle();
-                    return Err(
-                        match pool_error(pool, crate::pool::PoolError::Timeout(limit)) {
-                            ClientError::PoolTimeout {
-                                database,
-                                user,
-                                waited,
-                                ..
-                            } => ClientError::PoolTimeout {
-                                database,
-                                user,
-                                waited,
-                                detail: holders.detail(),
-                            },
-                            e => e,
-                        },
-                    );
+                    let mut e = pool_error(pool, crate::pool::PoolError::Timeout(limit));
+                    if let ClientError::PoolTimeout { detail, .. } = &mut e {
+                        *detail = holders.detail();
+                    }
+                    return Err(e);
                 }
                 if !notified && notify_us > 0 && info.waited_us() >= notify_us {
                     // query_wait_notify: told once per wait.
@@ -231,12 +220,10 @@ impl Session {
             Duration::from_micros(crate::clock::precise_us().saturating_sub(s))
         });
         pool.traffic.assigned(waited);
-        self.pool_wait_us = waited.as_micros() as u64;
-        if !waited.is_zero() {
-            let us = waited.as_micros() as u64;
-            info.counts.waited(us);
-            self.app.waited(us);
-        }
+        let us = waited.as_micros() as u64;
+        self.pool_wait_us = us;
+        info.counts.waited(us);
+        self.app.waited(us);
         info.active(pooled.conn().id);
         if let Some(l) = &pooled.conn().listed {
             l.info.lent(info.id);
