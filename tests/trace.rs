@@ -561,24 +561,39 @@ async fn root_spans_follow_sample_ratio_and_json_works() {
         .simple_query(&format!("select 2 /*traceparent='{tp}'*/"))
         .await
         .unwrap();
+    // The extended protocol (tokio-postgres prepares a named statement):
+    // the trace comes with the statement's Parse.
+    let tp = traceparent(912);
+    client
+        .query(&format!("select $1::int /*traceparent='{tp}'*/"), &[&5i32])
+        .await
+        .unwrap();
+    let spans = || -> Vec<serde_json::Value> {
+        collector
+            .json
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["resourceSpans"].as_array().unwrap().clone())
+            .flat_map(|rs| rs["scopeSpans"].as_array().unwrap().clone())
+            .flat_map(|ss| ss["spans"].as_array().unwrap().clone())
+            .collect()
+    };
     harness::wait_until(
-        "the traced span",
+        "the traced spans",
         std::time::Duration::from_secs(20),
-        || !collector.json.lock().unwrap().is_empty(),
+        || spans().len() >= 2,
     );
     let bodies = collector.json.lock().unwrap().clone();
-    let spans: Vec<&serde_json::Value> = bodies
-        .iter()
-        .flat_map(|b| b["resourceSpans"].as_array().unwrap())
-        .flat_map(|rs| rs["scopeSpans"].as_array().unwrap())
-        .flat_map(|ss| ss["spans"].as_array().unwrap())
-        .collect();
-    assert_eq!(spans.len(), 1, "only the traced transaction: {bodies:?}");
-    assert_eq!(
-        spans[0]["traceId"],
-        format!("{:032x}", 0xabc0_0000_u128 + 911)
-    );
-    assert_eq!(spans[0]["parentSpanId"], format!("{:016x}", 0x5000 + 911));
+    let spans = spans();
+    assert_eq!(spans.len(), 2, "only the traced transactions: {bodies:?}");
+    for (span, i) in spans.iter().zip([911u64, 912]) {
+        assert_eq!(
+            span["traceId"],
+            format!("{:032x}", 0xabc0_0000_u128 + u128::from(i))
+        );
+        assert_eq!(span["parentSpanId"], format!("{:016x}", 0x5000 + i));
+    }
     let service = &bodies[0]["resourceSpans"][0]["resource"]["attributes"];
     assert!(service.to_string().contains("pooler-a"), "{service}");
 }
