@@ -57,6 +57,30 @@ impl CancelRegistry {
         }
     }
 
+    /// Registers the key a client already holds (one a takeover moved
+    /// here); a fresh key when another client here has that pid (the
+    /// moved client's cancels then go nowhere, as after a lost key).
+    pub fn adopt(self: &Arc<Self>, pid: i32, secret: i32) -> CancelHandle {
+        let slot: Slot = Arc::new(Mutex::new(None));
+        {
+            let mut map = lock(&self.map);
+            if pid > 0 && !map.contains_key(&pid) {
+                map.insert(pid, (secret, slot.clone()));
+                return CancelHandle {
+                    registry: self.clone(),
+                    pid,
+                    secret,
+                    slot,
+                };
+            }
+        }
+        tracing::warn!(
+            pid,
+            "a moved client's cancel key is taken here; it gets a new one"
+        );
+        self.register()
+    }
+
     /// The server key a valid request should be forwarded to, if any.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
         let slot = {

@@ -17,6 +17,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fdpass;
 pub mod health;
 pub mod http;
 pub mod lifecycle;
@@ -54,6 +55,8 @@ pub struct Proxy {
     shared: Arc<client::Shared>,
     /// The listeners came from a takeover (`upgrade_socket` is replaced).
     took_over: bool,
+    /// After a takeover: where the old process's clients come from.
+    moved_in: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Proxy {
@@ -118,6 +121,7 @@ impl Proxy {
             unix,
             shared: Arc::new(client::Shared::new(config, path)),
             took_over: false,
+            moved_in: None,
         })
     }
 
@@ -155,7 +159,7 @@ impl Proxy {
             config.metrics.listen.is_some(),
         );
         let unix_dir = config.tidepool.unix_socket_dir.clone();
-        let (listeners, metrics, unix) = tokio::task::spawn_blocking(move || {
+        let taken = tokio::task::spawn_blocking(move || {
             upgrade::take_over(socket.as_ref(), |got| {
                 let _runtime = rt.enter();
                 if got.listeners.len() != want_listeners || got.metrics.is_some() != want_metrics {
@@ -177,8 +181,10 @@ impl Proxy {
         })
         .await
         .map_err(std::io::Error::other)??;
+        let (listeners, metrics, unix) = taken.ready;
         tracing::info!(
             listeners = listeners.len(),
+            moves_clients = taken.clients.is_some(),
             "took over the listening sockets of the running tidepool"
         );
         Ok(Proxy {
@@ -187,7 +193,27 @@ impl Proxy {
             unix,
             shared: Arc::new(client::Shared::new(config, path)),
             took_over: true,
+            moved_in: taken.clients,
         })
+    }
+
+    /// Serves the clients the old process moves here, from a thread that
+    /// reads them (`client::migrate::receive`) until it is done.
+    fn receive_clients(from: std::os::unix::net::UnixStream, shared: Arc<client::Shared>) {
+        let runtime = tokio::runtime::Handle::current();
+        let started = std::thread::Builder::new()
+            .name("tidepool-moves".into())
+            .spawn(move || {
+                let mut n = 0u64;
+                client::migrate::receive(from, |record, fd| {
+                    n += 1;
+                    runtime.spawn(client::session::adopt(shared.clone(), record, fd));
+                });
+                tracing::info!(moved = n, "the old process has handed over its clients");
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot take the old process's clients; they finish there");
+        }
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -294,6 +320,9 @@ impl Proxy {
         }
         let heartbeat = tokio::spawn(self.shared.watchdog.clone().heartbeat());
         let lot = tokio::spawn(client::park::run(self.shared.clone()));
+        if let Some(from) = self.moved_in {
+            Self::receive_clients(from, self.shared.clone());
+        }
         tokio::pin!(shutdown);
         // A future that has finished must not be polled again.
         let signaled = tokio::select! {
@@ -343,6 +372,7 @@ impl Proxy {
                     );
                 }
             };
+            let moved = &self.shared.outbox.moved;
             tokio::select! {
                 _ = lifecycle::clients_gone(&self.shared) => {}
                 _ = limit => {}
@@ -350,6 +380,10 @@ impl Proxy {
                 _ = self.shared.lifecycle.shutdown_requested.notified() => {
                     tracing::info!("SHUTDOWN: no longer waiting for clients to leave");
                 }
+            }
+            let moved = moved.load(std::sync::atomic::Ordering::Relaxed);
+            if moved > 0 {
+                tracing::info!(moved, "clients moved to the new process");
             }
         }
         let limit = drain.unwrap_or(self.shared.settings().config.tidepool.shutdown_timeout);

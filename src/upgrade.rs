@@ -7,15 +7,23 @@
 //! processes accept from the same sockets in between, so no connection
 //! attempt is refused or lost.
 //!
+//! Clients move too (`client::migrate`): each one between transactions
+//! is sent to the new process with its session, and the old process exits
+//! once none is left. Only clients that cannot move (TLS, pinned) stay
+//! until they leave or `shutdown_timeout` ends them.
+//!
 //! The exchange: the new process writes `TAKEOVER 1\n`; the old answers
 //! one message carrying the descriptors and the text `LISTENERS n METRICS
-//! m\n` (n client listeners in config order, then m = 0 or 1 metrics
-//! listener); the new process writes `OK\n` once it holds them. Invariant:
-//! the old process stops accepting only after that `OK`, so an aborted
-//! takeover leaves it serving as before.
+//! m CLIENTS\n` (n client listeners in config order, then m = 0 or 1
+//! metrics listener; `CLIENTS`: it can move its clients); the new process
+//! writes `OK\n` once it holds them, then `CLIENTS\n` if it takes clients,
+//! and the connection carries them from then on. A process of an earlier
+//! version neither offers nor takes clients, and the takeover works as
+//! without moves. Invariant: the old process stops accepting only after
+//! that `OK`, so an aborted takeover leaves it serving as before.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,13 +32,19 @@ use std::time::Duration;
 use crate::client::Shared;
 
 const HELLO: &str = "TAKEOVER 1\n";
-/// Most descriptors one takeover carries (listen addresses + metrics).
-const MAX_FDS: usize = 32;
 
 /// The listening sockets received from the old process.
 pub struct Inherited {
     pub listeners: Vec<std::net::TcpListener>,
     pub metrics: Option<std::net::TcpListener>,
+}
+
+/// What a takeover brings besides the caller's setup: the connection
+/// the old process's clients come over (`client::migrate::receive`),
+/// when it moves them.
+pub struct TakenOver<T> {
+    pub ready: T,
+    pub clients: Option<UnixStream>,
 }
 
 /// Asks the tidepool listening on `path` for its listening sockets, makes
@@ -39,7 +53,7 @@ pub struct Inherited {
 pub fn take_over<T>(
     path: &Path,
     setup: impl FnOnce(Inherited) -> std::io::Result<T>,
-) -> std::io::Result<T> {
+) -> std::io::Result<TakenOver<T>> {
     let mut s = UnixStream::connect(path).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -55,6 +69,7 @@ pub fn take_over<T>(
     else {
         return Err(invalid(&format!("unexpected answer {text:?}")));
     };
+    let moves = words.next() == Some("CLIENTS");
     let (n, m): (usize, usize) = (
         n.parse().map_err(|_| invalid("bad count"))?,
         m.parse().map_err(|_| invalid("bad count"))?,
@@ -77,8 +92,17 @@ pub fn take_over<T>(
         listeners: all,
         metrics,
     })?;
-    s.write_all(b"OK\n")?;
-    Ok(ready)
+    if moves {
+        s.write_all(b"OK\nCLIENTS\n")?;
+        // Clients may come at any pace from here on.
+        s.set_read_timeout(None)?;
+    } else {
+        s.write_all(b"OK\n")?;
+    }
+    Ok(TakenOver {
+        ready,
+        clients: moves.then_some(s),
+    })
 }
 
 /// The takeover thread's copies of the listening sockets. [`Handoff::close`]
@@ -119,6 +143,7 @@ pub fn serve(
     let listener = UnixListener::bind(path)?;
     let path = path.to_owned();
     let held = Arc::new(Mutex::new(Some(fds)));
+    let runtime = tokio::runtime::Handle::current();
     let handoff = Handoff(held.clone());
     std::thread::Builder::new()
         .name("tidepool-upgrade".into())
@@ -134,10 +159,15 @@ pub fn serve(
                 };
                 let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
                 match hand_over(&conn, &raw, metrics) {
-                    Ok(()) => {
+                    Ok(moves) => {
                         guard.take();
                         drop(guard);
-                        tracing::info!(socket = %path.display(), "a new tidepool took over the listening sockets: no longer accepting; clients finish here");
+                        if moves {
+                            tracing::info!(socket = %path.display(), "a new tidepool took over the listening sockets: no longer accepting; clients move to it between transactions");
+                            start_moves(conn, &shared, &runtime);
+                        } else {
+                            tracing::info!(socket = %path.display(), "a new tidepool took over the listening sockets: no longer accepting; clients finish here");
+                        }
                         shared.request_shutdown_after_takeover();
                         return;
                     }
@@ -148,7 +178,30 @@ pub fn serve(
     Ok(handoff)
 }
 
-fn hand_over(conn: &UnixStream, fds: &[RawFd], metrics: bool) -> std::io::Result<()> {
+/// Opens the outbox on `conn` and asks every client to move (see
+/// `client::migrate`).
+fn start_moves(conn: UnixStream, shared: &Shared, runtime: &tokio::runtime::Handle) {
+    let _entered = runtime.enter();
+    let stream = conn
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(conn));
+    match stream {
+        Ok(s) => {
+            shared.outbox.open(s);
+            for c in shared.list.all() {
+                c.evict(crate::client::list::Eviction::Migrate);
+            }
+            shared.lot.wake_evicted();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot move clients to the new process; they finish here")
+        }
+    }
+}
+
+/// Hands the listeners over; true when the new process takes the clients
+/// too.
+fn hand_over(conn: &UnixStream, fds: &[RawFd], metrics: bool) -> std::io::Result<bool> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     // A line of at most a few bytes: a peer that never ends it cannot
     // make this grow.
@@ -159,99 +212,37 @@ fn hand_over(conn: &UnixStream, fds: &[RawFd], metrics: bool) -> std::io::Result
         return Err(invalid(&format!("unexpected request {hello:?}")));
     }
     let m = usize::from(metrics);
-    let text = format!("LISTENERS {} METRICS {m}\n", fds.len() - m);
+    let text = format!("LISTENERS {} METRICS {m} CLIENTS\n", fds.len() - m);
     send_fds(conn, text.as_bytes(), fds)?;
     let mut ok = [0u8; 3];
     reader.read_exact(&mut ok)?;
     if &ok != b"OK\n" {
         return Err(invalid("the new process did not confirm"));
     }
-    Ok(())
+    // The new process writes `CLIENTS` with its OK when it takes them; one
+    // of an earlier version closes the connection instead.
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut clients = String::new();
+    let takes = reader.read_line(&mut clients).is_ok() && clients == "CLIENTS\n";
+    conn.set_read_timeout(None)?;
+    Ok(takes)
 }
 
 fn invalid(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("takeover: {what}"))
 }
 
-/// Control-message buffer for up to [`MAX_FDS`] descriptors, aligned for
-/// `cmsghdr`.
-#[repr(C, align(8))]
-struct CmsgBuf([u8; 256]);
-
 fn send_fds(s: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    if fds.len() > MAX_FDS {
-        return Err(invalid("too many descriptors"));
-    }
-    let mut cbuf = CmsgBuf([0; 256]);
-    let payload = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
-    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the
-    // sendmsg call, and the control buffer is large and aligned enough for
-    // one cmsghdr with `fds.len()` descriptors (checked above).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() {
-            return Err(invalid("no room for the descriptors"));
-        }
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload);
-        if libc::sendmsg(s.as_raw_fd(), &msg, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    let n = crate::fdpass::send(s.as_raw_fd(), data, fds)?;
+    if n != data.len() {
+        return Err(invalid("short write"));
     }
     Ok(())
 }
 
 fn recv_fds(s: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
     let mut data = [0u8; 256];
-    let mut cbuf = CmsgBuf([0; 256]);
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
     let mut fds = Vec::new();
-    // SAFETY: as in `send_fds`; the kernel writes at most `msg_controllen`
-    // bytes of control data and `iov_len` bytes of data, and each received
-    // descriptor is owned by this process from here on (wrapped at once).
-    let n = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = cbuf.0.len() as _;
-        let n = libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let count = bytes / std::mem::size_of::<RawFd>();
-                let first = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(first.add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(invalid("descriptors truncated"));
-        }
-        n as usize
-    };
+    let n = crate::fdpass::recv(s.as_raw_fd(), &mut data, &mut fds)?;
     Ok((String::from_utf8_lossy(&data[..n]).into_owned(), fds))
 }

@@ -447,36 +447,47 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
     drop(sleeping);
 }
 
-/// An upgrade without refusing or dropping a client: a second tidepool
-/// started with `--takeover` receives the first one's listening sockets over
-/// `upgrade_socket`; the first stops accepting and exits once its clients
-/// have left on their own. pgbench, with long-lived clients and with
-/// clients connecting for every transaction (-C) throughout, sees no error
-/// at all. (`so_reuseport` alone loses the connections queued on the socket
-/// that closes: they are refused.)
+/// The config of a tidepool that can be taken over on `socket`, with
+/// `shutdown_timeout` as given.
+fn upgradable(db: &str, socket: &std::path::Path, shutdown_timeout: &str) -> String {
+    config(db, 4, "").replace(
+        "shutdown_timeout = \"20s\"",
+        &format!(
+            "shutdown_timeout = \"{shutdown_timeout}\"\nupgrade_socket = \"{}\"",
+            socket.display()
+        ),
+    )
+}
+
+fn upgrade_socket(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tidepool-{name}-{}.sock", std::process::id()))
+}
+
+/// An upgrade that refuses and drops no client: a second tidepool started
+/// with `--takeover` receives the first one's listening sockets over
+/// `upgrade_socket`, then its clients, each between two transactions, with
+/// their sessions; the first exits once none is left. pgbench's long-lived
+/// clients outlive the old process's `shutdown_timeout` (2 s) by far, so
+/// they can only have finished their run by moving; clients connecting for
+/// every transaction (-C) run throughout. (`so_reuseport` alone loses the
+/// connections queued on the socket that closes: they are refused.)
 #[test]
 fn an_upgrade_under_pgbench_drops_no_client() {
     let db = cluster().create_database("upgrade");
     pgbench_init(&db);
-    let socket = std::env::temp_dir().join(format!("tidepool-upgrade-{}.sock", std::process::id()));
-    let toml = config(&db, 4, "").replace(
-        "shutdown_timeout = \"20s\"",
-        &format!(
-            "shutdown_timeout = \"20s\"\nupgrade_socket = \"{}\"",
-            socket.display()
-        ),
-    );
+    let socket = upgrade_socket("upgrade");
+    let toml = upgradable(&db, &socket, "2s");
     let mut old = Daemon::start(&toml);
     let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let (u1, u2) = (url.clone(), url.clone());
     let steady = std::thread::spawn(move || {
         harness::pgbench(
             &u1,
-            &["-n", "-c", "6", "-j", "2", "-T", "8", "-M", "extended"],
+            &["-n", "-c", "6", "-j", "2", "-T", "12", "-M", "extended"],
         )
     });
     let churn = std::thread::spawn(move || {
-        harness::pgbench(&u2, &["-n", "-C", "-c", "2", "-j", "1", "-T", "8", "-S"])
+        harness::pgbench(&u2, &["-n", "-C", "-c", "2", "-j", "1", "-T", "12", "-S"])
     });
     std::thread::sleep(Duration::from_secs(2));
     let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
@@ -488,6 +499,21 @@ fn an_upgrade_under_pgbench_drops_no_client() {
         new.log().contains("took over the listening sockets"),
         "{}",
         new.log()
+    );
+    // The old process exits while pgbench still runs: its clients moved.
+    let status = old
+        .wait_exit(Duration::from_secs(8))
+        .expect("the old process exits once its clients moved");
+    assert!(status.success(), "{status:?}\n{}", old.log());
+    assert!(
+        old.log().contains("clients moved to the new process"),
+        "{}",
+        old.log()
+    );
+    assert!(
+        !old.log().contains("closing the remaining"),
+        "no client was left to close: {}",
+        old.log()
     );
     for (name, out) in [
         ("steady", steady.join().unwrap()),
@@ -502,12 +528,6 @@ fn an_upgrade_under_pgbench_drops_no_client() {
             "{name}: {text}"
         );
     }
-    // Its clients gone, the old process exits; the new one serves, and can
-    // itself be taken over later (it listens on the socket now).
-    let status = old
-        .wait_exit(Duration::from_secs(30))
-        .expect("the old process exits once its clients left");
-    assert!(status.success(), "{status:?}\n{}", old.log());
     let served = harness::pgbench(&url, &["-n", "-c", "2", "-t", "20", "-S"]);
     assert!(
         served.status.success(),
@@ -517,8 +537,147 @@ fn an_upgrade_under_pgbench_drops_no_client() {
     let stats = console(&new, "SHOW STATS").unwrap();
     let row = stats.iter().find(|r| r["database"] == db).unwrap();
     assert!(row["total_xact_count"].parse::<u64>().unwrap() >= 40);
+    // The new one can itself be taken over later (it listens on the socket).
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
     assert!(balances_match(&db));
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// What a client holds in its session moves with it: parameters it set,
+/// a custom one, its named prepared statement, its LISTEN channel (with a
+/// NOTICE that notifications sent during the move may be missing) and its
+/// cancel key. A client inside a transaction at the takeover finishes it
+/// on the old process, then moves; what it wrote is committed.
+#[test]
+fn a_moved_client_keeps_its_session() {
+    use tokio_postgres::AsyncMessage;
+    let db = cluster().create_database("upgrade_session");
+    let socket = upgrade_socket("upgrade-session");
+    let toml = upgradable(&db, &socket, "30s");
+    let mut old = Daemon::start(&toml);
+    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let rt = rt();
+    let (a, b, stmt, mut heard) = rt.block_on(async {
+        let (a, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                match m {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(format!("notification {} {}", n.channel(), n.payload()));
+                    }
+                    Ok(AsyncMessage::Notice(n)) => {
+                        let _ = tx.send(format!("notice {}", n.message()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        a.batch_execute(
+            "create table t (n int); set statement_timeout = '7s'; set my.var = 'kept'; listen jobs",
+        )
+        .await
+        .unwrap();
+        let stmt = a.prepare("select $1::int + 1").await.unwrap();
+        assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
+        let b = harness::connect(&url).await.unwrap();
+        b.batch_execute("begin; insert into t values (1)").await.unwrap();
+        (a, b, stmt, rx)
+    });
+    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
+    harness::wait_until("the takeover", Duration::from_secs(10), || {
+        old.log().contains("a new tidepool took over")
+    });
+    rt.block_on(async {
+        // `a` moved at once (it was idle); the old process waits for `b`.
+        let admin = new.url("admin", "adminpw", "pgbouncer");
+        harness::wait_until_async("the idle client moved", Duration::from_secs(10), || {
+            let admin = admin.clone();
+            async move {
+                let c = harness::connect(&admin).await.unwrap();
+                let rows = harness::rows(c.simple_query("SHOW CLIENTS").await.unwrap());
+                rows.iter().any(|r| r["user"] == harness::APP_USER)
+            }
+        })
+        .await;
+        let show = |q: &'static str| {
+            let a = &a;
+            async move {
+                a.simple_query(q)
+                    .await
+                    .map(harness::rows)
+                    .map(|r| r[0].values().next().cloned().unwrap_or_default())
+                    .unwrap()
+            }
+        };
+        assert_eq!(show("show statement_timeout").await, "7s");
+        assert_eq!(show("select current_setting('my.var')").await, "kept");
+        assert_eq!(
+            a.query_one(&stmt, &[&41i32])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+            42
+        );
+        // The NOTICE of the move, then notifications as before.
+        let notice = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            notice.starts_with("notice tidepool was upgraded"),
+            "{notice}"
+        );
+        let c = harness::connect(&url).await.unwrap();
+        c.batch_execute("notify jobs, 'after the move'")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, "notification jobs after the move");
+        // The cancel key it was given at login still works.
+        let cancel = a.cancel_token();
+        let (slept, ()) = tokio::time::timeout(Duration::from_secs(15), async {
+            tokio::join!(a.simple_query("select pg_sleep(30)"), async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+            })
+        })
+        .await
+        .expect("canceled within 15 s");
+        let err = slept.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        );
+        // `b` commits on the old process, then moves.
+        b.batch_execute("insert into t values (2); commit")
+            .await
+            .unwrap();
+        assert_eq!(
+            show("select count(*) from t").await,
+            "2",
+            "both rows of b's transaction are there"
+        );
+        b.batch_execute("insert into t values (3)").await.unwrap();
+    });
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits once b moved, before its 30 s shutdown_timeout");
+    assert!(status.success(), "{}", old.log());
+    rt.block_on(async {
+        let n: i64 = b
+            .query_one("select count(*) from t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3);
+    });
     let _ = std::fs::remove_file(&socket);
 }
 

@@ -94,7 +94,8 @@ impl Console {
                     // Nudges also ask idle clients to park; consoles never do
                     // (reading a frame is cancel-safe: bytes stay in `buf`).
                     let e = match info.eviction() {
-                        Eviction::None => continue,
+                        // Console sessions are not moved by a takeover.
+                        Eviction::None | Eviction::Migrate => continue,
                         Eviction::Killed => ClientError::Killed,
                         Eviction::Shutdown => ClientError::Shutdown,
                         Eviction::IdleTimeout => ClientError::ClientIdleTimeout(

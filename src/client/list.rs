@@ -95,12 +95,16 @@ impl Nudge {
 #[repr(u8)]
 pub enum Eviction {
     None = 0,
+    /// A new process took over (`upgrade`): move to it at the next
+    /// transaction boundary where the session can be moved
+    /// (`client::migrate`); stay here otherwise.
+    Migrate = 1,
     /// The process is shutting down: leave once the transaction is over.
-    Shutdown = 1,
+    Shutdown = 2,
     /// Idle for longer than `client_idle_timeout`: leave now.
-    IdleTimeout = 2,
+    IdleTimeout = 3,
     /// `KILL`: leave now.
-    Killed = 3,
+    Killed = 4,
 }
 
 /// Kept small (it outlives parking, see `client::park`): with its reference
@@ -331,7 +335,7 @@ impl ClientInfo {
             && self.state.load(Ordering::Relaxed) == ClientState::Idle as u8
             && now.saturating_sub(idle_since)
                 > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
-            && self.eviction() == Eviction::None;
+            && matches!(self.eviction(), Eviction::None | Eviction::Migrate);
         if expired {
             self.evict(Eviction::IdleTimeout);
         }
@@ -381,8 +385,19 @@ impl ClientInfo {
         }
     }
 
+    /// When the client connected (microseconds since the epoch).
+    pub fn connect_us(&self) -> u64 {
+        self.connect_us
+    }
+
+    /// The same client, connected at `us` (one a takeover moved here).
+    pub fn connected_at(mut self, us: u64) -> Self {
+        self.connect_us = us;
+        self
+    }
+
     pub fn evict(&self, why: Eviction) {
-        // A kill outranks a shutdown.
+        // A kill outranks a shutdown, which outranks a move.
         self.eviction.fetch_max(why as u8, Ordering::Relaxed);
         self.nudge.notify();
     }
@@ -390,8 +405,9 @@ impl ClientInfo {
     pub fn eviction(&self) -> Eviction {
         match self.eviction.load(Ordering::Relaxed) {
             0 => Eviction::None,
-            1 => Eviction::Shutdown,
-            2 => Eviction::IdleTimeout,
+            1 => Eviction::Migrate,
+            2 => Eviction::Shutdown,
+            3 => Eviction::IdleTimeout,
             _ => Eviction::Killed,
         }
     }

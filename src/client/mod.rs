@@ -19,6 +19,7 @@ pub mod leaks;
 pub mod list;
 pub mod listen;
 pub mod memo;
+pub mod migrate;
 mod negotiate;
 pub mod park;
 pub mod pins;
@@ -150,6 +151,8 @@ pub struct Shared {
     pub throttle: crate::auth::throttle::Throttle,
     /// The file RELOAD and SIGHUP read, when the config came from one.
     pub config_path: Option<PathBuf>,
+    /// After a takeover: where clients move to the new process.
+    pub outbox: migrate::Outbox,
     next_id: AtomicU64,
 }
 
@@ -192,6 +195,7 @@ impl Shared {
             rate_limits,
             buffers: budget::Budget::new(buffer_limit),
             config_path,
+            outbox: Default::default(),
             next_id: AtomicU64::new(1),
         }
     }

@@ -155,7 +155,12 @@ impl Lot {
     fn evicted(&self) -> Vec<u64> {
         self.map()
             .iter()
-            .filter(|(_, p)| p.info().eviction() != Eviction::None)
+            .filter(|(_, p)| match p.info().eviction() {
+                Eviction::None => false,
+                // Woken to move to the new process, if it can.
+                Eviction::Migrate => p.movable(),
+                _ => true,
+            })
             .map(|(id, _)| *id)
             .collect()
     }

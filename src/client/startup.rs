@@ -446,14 +446,7 @@ async fn handshake(
     write::backend_key_data(&mut out, cancel.pid, cancel.secret);
     write::ready_for_query(&mut out, TxStatus::Idle);
     stream.write_all(&out).await.map_err(|_| None)?;
-    let policy = super::txn::Policy {
-        named_statements: config.pool_mode(db) == crate::config::PoolMode::Transaction
-            && config.pool.max_prepared_statements > 0,
-        refuse_session_features: config.pool_mode(db) == crate::config::PoolMode::Transaction
-            && config.session_features(db) == crate::config::SessionFeatures::Error,
-        listen_shared: config.pool_mode(db) == crate::config::PoolMode::Transaction
-            && config.pool.listen_mode == crate::config::ListenMode::Shared,
-    };
+    let policy = policy_for(config, db);
     pool.traffic.login();
     Ok(Some(Greeted::Client(
         LoggedIn {
@@ -599,7 +592,24 @@ async fn canonical_values(
     Ok(params)
 }
 
-async fn learn_defaults(pool: &Arc<Pool>) -> Result<Arc<BTreeMap<String, String>>, ClientError> {
+/// What the config says of how this database's clients are served.
+pub(crate) fn policy_for(
+    config: &crate::config::Config,
+    db: &crate::config::Database,
+) -> super::txn::Policy {
+    use crate::config::{ListenMode, PoolMode, SessionFeatures};
+    let transaction = config.pool_mode(db) == PoolMode::Transaction;
+    super::txn::Policy {
+        named_statements: transaction && config.pool.max_prepared_statements > 0,
+        refuse_session_features: transaction
+            && config.session_features(db) == SessionFeatures::Error,
+        listen_shared: transaction && config.pool.listen_mode == ListenMode::Shared,
+    }
+}
+
+pub(crate) async fn learn_defaults(
+    pool: &Arc<Pool>,
+) -> Result<Arc<BTreeMap<String, String>>, ClientError> {
     let conn = pool.checkout().await.map_err(|e| pool_error(pool, e))?;
     conn.release(Release::Reuse);
     pool.defaults().ok_or_else(|| ClientError::ServerConnect {

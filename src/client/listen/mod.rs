@@ -230,6 +230,19 @@ impl Hub {
         }
     }
 
+    /// The channels client `id` is subscribed to (a takeover moves them).
+    pub fn channels_of(&self, id: u64) -> Vec<String> {
+        let s = self.state();
+        let mut v: Vec<String> = s
+            .channels
+            .iter()
+            .filter(|(_, ids)| ids.contains_key(&id))
+            .map(|(ch, _)| ch.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The client left: its subscriptions and queue go.
     fn forget(&self, id: u64) {
         let mut s = self.state();

@@ -100,6 +100,7 @@ impl Session {
                 let Some(read) = read else {
                     match self.evicted(self.deferred_begin.is_some()) {
                         Some(e) => return Err(e),
+                        None if self.may_move() => return Ok(Next::Move),
                         None if info.park_requested() && self.parkable() => {
                             return Ok(Next::Park);
                         }

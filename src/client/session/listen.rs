@@ -40,6 +40,20 @@ impl Session {
         hub
     }
 
+    /// A client a takeover moved here listens again on its channels; it is
+    /// told that notifications sent during the move may be missing.
+    pub(super) async fn listen_again(&mut self, channels: &[String]) {
+        let hub = self.hub();
+        let limit = self.settings.config.pool.max_queued_notifications as usize;
+        let note = match hub.listen(&self.listed.info, channels, limit).await {
+            Ok(()) => "tidepool was upgraded: notifications sent while this connection moved to the new process may have been missed".to_owned(),
+            Err(e) => format!(
+                "tidepool was upgraded and could not listen again on this connection's channels: {e}"
+            ),
+        };
+        write::notice_response(&mut self.out, "01000", &note);
+    }
+
     /// Writes what waits for the client (notifications, a NOTICE that
     /// some may have been missed) into `out`; an overflowed queue ends it.
     pub(super) fn take_notifications(&mut self) -> Result<(), ClientError> {

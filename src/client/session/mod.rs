@@ -17,6 +17,7 @@ mod cleanup;
 mod forward;
 mod idle;
 mod listen;
+mod moved;
 mod params;
 mod parking;
 mod pin;
@@ -26,6 +27,7 @@ mod route;
 
 use forward::poll_read_into;
 use idle::{first_statement, reserve_head, spare_tracker};
+pub use moved::adopt;
 pub use parking::Parked;
 use record::StatementCtx;
 use rename::rewrite_error;
@@ -157,6 +159,8 @@ enum Next {
     Exit,
     /// Asked to park, and nothing stands in the way.
     Park,
+    /// Asked to move to the process that took over, and it can.
+    Move,
 }
 
 /// How forwarding ended.
@@ -192,6 +196,10 @@ impl Session {
         listed
             .info
             .set_application_name(l.params.get("application_name").map_or("", |s| s));
+        if shared.outbox.is_open() {
+            // Logged in during a takeover: moves along with the others.
+            listed.info.evict(Eviction::Migrate);
+        }
         let limiters = limiters_for(&shared, &settings.config, &l.user, &l.database);
         let app = shared
             .apps
@@ -327,8 +335,20 @@ impl Session {
             if let Some(e) = self.evicted(idle_in_tx) {
                 return Box::pin(self.fatal(e)).await;
             }
-            match self.wait_for_work().await {
+            let next = if self.may_move() {
+                Ok(Next::Move)
+            } else {
+                self.wait_for_work().await
+            };
+            match next {
                 Ok(Next::Exit) => return,
+                Ok(Next::Move) => match Box::pin(self.move_out()).await {
+                    None => return,
+                    Some(back) => {
+                        self = back;
+                        continue;
+                    }
+                },
                 Ok(Next::Park) => match self.park() {
                     None => return,
                     Some(back) => {

@@ -130,6 +130,50 @@ impl Parked {
         &self.socket
     }
 
+    /// Whether a takeover can move it (`client::migrate`): a TLS session
+    /// cannot leave this process.
+    pub fn movable(&self) -> bool {
+        self.tls.is_none()
+    }
+
+    /// What the new process needs to serve it (see `client::migrate`).
+    pub(super) fn record(&self) -> crate::client::migrate::Record {
+        use crate::client::migrate::{MovedSecret, MovedStatement, Record, encode_key};
+        let rare = self.rare.as_deref();
+        let info = &self.listed.info;
+        let mut statements: Vec<MovedStatement> = rare
+            .map(|r| {
+                r.statements
+                    .iter()
+                    .map(|(name, s)| MovedStatement::of(name, s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        statements.sort_by(|a, b| a.name.cmp(&b.name));
+        Record {
+            database: info.database.to_string(),
+            user: info.user.to_string(),
+            params: (*self.params).clone(),
+            startup: (*self.startup).clone(),
+            pid: self.cancel.pid,
+            secret: self.cancel.secret,
+            statements,
+            custom_params: rare
+                .map(|r| r.custom_params.iter().cloned().collect())
+                .unwrap_or_default(),
+            client_key: rare.and_then(|r| r.client_key.as_ref()).map(encode_key),
+            fetched_secret: rare
+                .and_then(|r| r.fetched_secret.as_deref())
+                .map(MovedSecret::of),
+            channels: rare
+                .and_then(|r| r.listen.as_ref())
+                .map(|m| m.hub.channels_of(info.id))
+                .unwrap_or_default(),
+            connect_us: info.connect_us(),
+            wrote: self.last_write.is_some(),
+        }
+    }
+
     /// Runs the client again in a task of its own.
     pub fn resume(self) {
         let id = self.listed.info.id;
@@ -145,7 +189,7 @@ impl Parked {
     }
 
     /// Registers the socket with the runtime again and rebuilds the session.
-    fn into_session(self) -> std::io::Result<(Box<Session>, crate::client::ClientSlot)> {
+    pub(super) fn into_session(self) -> std::io::Result<(Box<Session>, crate::client::ClientSlot)> {
         let stream = Stream::from_parts(TcpStream::from_std(self.socket)?, self.tls);
         let shared = self.slot.shared().clone();
         let rare = self.rare.map(|r| *r);

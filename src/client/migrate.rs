@@ -1,0 +1,418 @@
+//! Moving clients to the process that took over (`upgrade`): after a
+//! takeover, each client of the old process that is between transactions
+//! and can be moved (a plain or Unix-socket connection, nothing buffered,
+//! no server held or pinned) is sent to the new process, its socket by
+//! SCM_RIGHTS and its session as a [`Record`]; the new process serves it
+//! from its next request on. The client sees nothing: same connection,
+//! same parameters, prepared statements, LISTEN channels and cancel key.
+//!
+//! The stream carries frames `u32 length (big-endian) | JSON record`, each
+//! with exactly one descriptor sent along with its first byte; records and
+//! descriptors therefore pair up in order however the bytes are split.
+//!
+//! Invariants: a client whose record could not be sent stays served here
+//! ([`Outbox::send`] fails before the socket is given up, and the outbox
+//! closes so that nobody else tries); one frame is written whole before the
+//! next starts (the outbox's lock); frames over [`MAX_RECORD`] are refused.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::secret::Secret;
+use crate::server::prepared::Statement;
+
+/// Largest record sent or accepted (a client with more prepared statement
+/// text than this stays in the old process until it leaves).
+pub const MAX_RECORD: usize = 16 << 20;
+
+/// What a moved client's session is made of again in the new process.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct Record {
+    pub database: String,
+    pub user: String,
+    /// Session parameters as the client sees them.
+    pub params: BTreeMap<String, String>,
+    /// Startup-packet parameters (what RESET returns to).
+    pub startup: BTreeMap<String, String>,
+    /// The cancel key the client was given.
+    pub pid: i32,
+    pub secret: i32,
+    pub statements: Vec<MovedStatement>,
+    pub custom_params: Vec<String>,
+    /// The SCRAM ClientKey (base64), for passthrough to replicas.
+    pub client_key: Option<String>,
+    /// What auth_query found for a user not in the config.
+    pub fetched_secret: Option<MovedSecret>,
+    /// Shared-LISTEN channels.
+    pub channels: Vec<String>,
+    /// Microseconds since the epoch.
+    pub connect_us: u64,
+    /// The client wrote recently (read-your-writes applies again).
+    pub wrote: bool,
+}
+
+/// A named prepared statement of the client.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct MovedStatement {
+    pub name: String,
+    /// The Parse body after the statement name (base64), or
+    pub parse: Option<String>,
+    /// for SQL `PREPARE`, what follows its name.
+    pub sql: Option<String>,
+    pub foreign: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub enum MovedSecret {
+    Plain(String),
+    Md5(String),
+    /// In `pg_authid`'s text form.
+    Scram(String),
+}
+
+impl MovedStatement {
+    pub fn of(name: &str, s: &Statement) -> Self {
+        // The Parse message is `P len name\0 rest`.
+        let rest = s.parse.get(5 + s.name.len() + 1..).unwrap_or_default();
+        MovedStatement {
+            name: name.to_owned(),
+            parse: s.sql_prepare.is_none().then(|| B64.encode(rest)),
+            sql: s.sql_prepare.as_ref().map(|_| s.query.clone()),
+            foreign: s.foreign,
+        }
+    }
+
+    /// The statement again, under its client name.
+    pub fn statement(&self) -> Option<(String, std::sync::Arc<Statement>)> {
+        match (&self.parse, &self.sql) {
+            (Some(p), _) => {
+                let rest = B64.decode(p).ok()?;
+                let mut body = Vec::with_capacity(self.name.len() + 1 + rest.len());
+                body.extend_from_slice(self.name.as_bytes());
+                body.push(0);
+                body.extend_from_slice(&rest);
+                Statement::from_parse(&body).ok()
+            }
+            (None, Some(sql)) => Some((
+                self.name.clone(),
+                Statement::from_sql_prepare(sql, self.foreign),
+            )),
+            (None, None) => None,
+        }
+    }
+}
+
+impl MovedSecret {
+    pub fn of(s: &Secret) -> Self {
+        match s {
+            Secret::Plain(p) => MovedSecret::Plain(p.clone()),
+            Secret::Md5(m) => MovedSecret::Md5(m.clone()),
+            Secret::Scram(v) => MovedSecret::Scram(format!(
+                "SCRAM-SHA-256${}:{}${}:{}",
+                v.iterations,
+                B64.encode(&v.salt),
+                B64.encode(v.stored_key),
+                B64.encode(v.server_key)
+            )),
+        }
+    }
+
+    pub fn secret(&self) -> Option<Secret> {
+        match self {
+            MovedSecret::Plain(p) => Some(Secret::Plain(p.clone())),
+            MovedSecret::Md5(m) => Some(Secret::Md5(m.clone())),
+            MovedSecret::Scram(s) => Secret::parse(s)
+                .ok()
+                .filter(|s| matches!(s, Secret::Scram(_))),
+        }
+    }
+}
+
+pub fn encode_key(k: &[u8; 32]) -> String {
+    B64.encode(k)
+}
+
+pub fn decode_key(k: &str) -> Option<[u8; 32]> {
+    B64.decode(k).ok()?.try_into().ok()
+}
+
+/// A record as one frame.
+pub fn frame(r: &Record) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; 4];
+    serde_json::to_writer(&mut out, r).map_err(io::Error::other)?;
+    let len = out.len() - 4;
+    if len > MAX_RECORD {
+        return Err(io::Error::other("session too large to move"));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// The old process's side: where moving clients send themselves.
+#[derive(Default)]
+pub struct Outbox {
+    stream: tokio::sync::Mutex<Option<tokio::net::UnixStream>>,
+    open: AtomicBool,
+    /// Clients moved so far.
+    pub moved: AtomicU64,
+}
+
+impl Outbox {
+    /// Clients may move from now on, over `s` (the takeover's connection).
+    pub fn open(&self, s: tokio::net::UnixStream) {
+        if let Ok(mut g) = self.stream.try_lock() {
+            *g = Some(s);
+            self.open.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Sends one client: its record and its socket. On an error nothing
+    /// of it was handed over (the caller keeps serving it) and the outbox
+    /// closes: the new process is gone or broken.
+    pub async fn send(&self, r: &Record, socket: RawFd) -> io::Result<()> {
+        let frame = frame(r)?;
+        let mut g = self.stream.lock().await;
+        let Some(s) = g.as_ref() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no new process",
+            ));
+        };
+        match write_frame(s, &frame, socket).await {
+            Ok(()) => {
+                self.moved.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.open.store(false, Ordering::Release);
+                *g = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn write_frame(s: &tokio::net::UnixStream, frame: &[u8], socket: RawFd) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < frame.len() {
+        // The descriptor goes with the first byte only.
+        let fds: &[RawFd] = if sent == 0 { &[socket] } else { &[] };
+        let n = s
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                crate::fdpass::send(s.as_raw_fd(), &frame[sent..], fds)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        sent += n;
+    }
+    Ok(())
+}
+
+/// The new process's side: reads frames and their descriptors from the old
+/// process (blocking; run on a thread of its own) and hands each client to
+/// `adopt`, until the old process closes the stream.
+pub fn receive(s: std::os::unix::net::UnixStream, mut adopt: impl FnMut(Record, OwnedFd)) {
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    loop {
+        match crate::fdpass::recv(s.as_raw_fd(), &mut chunk, &mut got) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.extend_from_slice(&chunk[..n]);
+                fds.extend(got.drain(..));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "takeover: reading moved clients failed; the rest stay with the old process");
+                return;
+            }
+        }
+        loop {
+            match take_frame(&mut bytes, &mut fds) {
+                Ok(Some((r, fd))) => adopt(r, fd),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "takeover: a moved client's record is broken; stopping");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The next whole frame and its descriptor, if both are here.
+fn take_frame(
+    bytes: &mut Vec<u8>,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<Option<(Record, OwnedFd)>> {
+    let Some(head) = bytes.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_RECORD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "record too large",
+        ));
+    }
+    if bytes.len() < 4 + len {
+        return Ok(None);
+    }
+    let Some(fd) = fds.pop_front() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a record came without its socket",
+        ));
+    };
+    let r = serde_json::from_slice(&bytes[4..4 + len])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+    bytes.drain(..4 + len);
+    Ok(Some((r?, fd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    const VERIFIER: &str = "SCRAM-SHA-256$4096:4HvP4XjXzAPlnna+XirHAg==$Ue/uundsTOxDgRkS4GuNr7SK6yor+KjCYscdV8OmM2s=:5c7unTzU2ZCZH0lyzXNMWV0X02s9LuyHZF0194PCLm0=";
+
+    fn record(n: usize) -> Record {
+        let (name, parse) = {
+            let mut body = b"s1\0select $1::int + ".to_vec();
+            body.extend_from_slice(n.to_string().as_bytes());
+            body.extend_from_slice(b"\0\0\x01\0\0\0\x17");
+            Statement::from_parse(&body).unwrap()
+        };
+        Record {
+            database: "db".into(),
+            user: format!("u{n}"),
+            params: [("application_name".to_owned(), "x".to_owned())].into(),
+            startup: BTreeMap::new(),
+            pid: 7,
+            secret: -3,
+            statements: vec![
+                MovedStatement::of(&name, &parse),
+                MovedStatement::of("p2", &Statement::from_sql_prepare(" AS select 1", false)),
+            ],
+            custom_params: vec!["my.x".into()],
+            client_key: Some(encode_key(&[9; 32])),
+            fetched_secret: Some(MovedSecret::of(&Secret::parse(VERIFIER).unwrap())),
+            channels: vec!["jobs".into()],
+            connect_us: 42,
+            wrote: true,
+        }
+    }
+
+    #[test]
+    fn statements_and_secrets_come_back_as_they_were() {
+        let r = record(5);
+        let (name, s) = r.statements[0].statement().unwrap();
+        assert_eq!(name, "s1");
+        assert_eq!(s.query, "select $1::int + 5");
+        let (_, orig) = Statement::from_parse(b"s1\0select $1::int + 5\0\0\x01\0\0\0\x17").unwrap();
+        assert_eq!((s.hash, &s.parse), (orig.hash, &orig.parse));
+        let (name, s) = r.statements[1].statement().unwrap();
+        assert_eq!(name, "p2");
+        assert!(s.sql_prepare.as_deref().unwrap().ends_with(" AS select 1"));
+        // Each form of secret comes back as it was.
+        assert_eq!(
+            r.fetched_secret,
+            Some(MovedSecret::Scram(VERIFIER.to_owned()))
+        );
+        for text in [
+            VERIFIER,
+            "md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "md5-looking plain",
+        ] {
+            let moved = MovedSecret::of(&Secret::parse(text).unwrap());
+            assert_eq!(MovedSecret::of(&moved.secret().unwrap()), moved);
+        }
+        assert_eq!(
+            MovedSecret::Scram("SCRAM-SHA-256$x".into())
+                .secret()
+                .map(|_| ()),
+            None
+        );
+        assert_eq!(decode_key(r.client_key.as_ref().unwrap()), Some([9; 32]));
+    }
+
+    /// Frames split at every byte, and several in one read, pair with
+    /// their descriptors in order.
+    #[test]
+    fn frames_pair_with_their_sockets_however_split() {
+        let frames: Vec<Vec<u8>> = (0..3).map(|n| frame(&record(n)).unwrap()).collect();
+        let all: Vec<u8> = frames.concat();
+        for cut in 0..all.len() {
+            let mut bytes = Vec::new();
+            let mut fds = VecDeque::new();
+            let mut out = Vec::new();
+            // Descriptors come no later than their frame's first byte.
+            for _ in &frames {
+                let (a, _b) = UnixStream::pair().unwrap();
+                fds.push_back(OwnedFd::from(a));
+            }
+            for part in [&all[..cut], &all[cut..]] {
+                bytes.extend_from_slice(part);
+                while let Some((r, _fd)) = take_frame(&mut bytes, &mut fds).unwrap() {
+                    out.push(r);
+                }
+            }
+            assert!(bytes.is_empty() && fds.is_empty());
+            let users: Vec<String> = out.into_iter().map(|r| r.user).collect();
+            assert_eq!(users, ["u0", "u1", "u2"], "cut at {cut}");
+        }
+        // A frame without a socket, and an oversized one, are errors.
+        let mut bytes = frames[0].clone();
+        assert!(take_frame(&mut bytes, &mut VecDeque::new()).is_err());
+        let mut huge = ((MAX_RECORD + 1) as u32).to_be_bytes().to_vec();
+        assert!(take_frame(&mut huge, &mut VecDeque::new()).is_err());
+    }
+
+    /// Over a real socket pair: the receiver hands over each record with
+    /// the very socket sent along.
+    #[tokio::test]
+    async fn the_receiver_gets_each_client_with_its_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let outbox = Outbox::default();
+        outbox.open(tokio::net::UnixStream::from_std(a).unwrap());
+        let got = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            receive(b, |r, fd| v.push((r, fd)));
+            v
+        });
+        let mut keep = Vec::new();
+        for n in 0..3 {
+            let (x, y) = UnixStream::pair().unwrap();
+            outbox.send(&record(n), y.as_raw_fd()).await.unwrap();
+            keep.push(x);
+        }
+        drop(outbox);
+        let got = got.join().unwrap();
+        assert_eq!(got.len(), 3);
+        for ((r, fd), (n, x)) in got.into_iter().zip(keep.iter_mut().enumerate()) {
+            assert_eq!(r, record(n));
+            let mut y = UnixStream::from(fd);
+            x.write_all(&[n as u8]).unwrap();
+            let mut b = [0u8; 1];
+            y.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], n as u8);
+        }
+    }
+}
