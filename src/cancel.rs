@@ -4,8 +4,14 @@
 //! has a server checked out, its entry names that server's own key; a
 //! CancelRequest carrying the client's key is forwarded there, and only there.
 //!
+//! During a takeover (`upgrade`), a request whose key is not known here is
+//! passed to the old process, whose clients that have not moved yet still
+//! hold their keys there (`CANCEL pid secret` lines over the takeover's
+//! connection, see `client::migrate`).
+//!
 //! Invariants: secrets are random; a request with a wrong secret does
-//! nothing; the lock is held only for map lookups, never across I/O.
+//! nothing; the lock is held only for map lookups, never across I/O (the
+//! pass to the old process is one non-blocking send).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +29,9 @@ type Slot = Arc<Mutex<Option<CancelKey>>>;
 #[derive(Default)]
 pub struct CancelRegistry {
     map: Mutex<HashMap<i32, (i32, Slot)>>,
+    /// After a takeover, while the old process runs: where requests with
+    /// keys unknown here go.
+    old_process: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 /// A client's registration; removed from the registry when dropped.
@@ -97,12 +106,59 @@ impl CancelRegistry {
     /// PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) {
         let Some(key) = self.target(pid, secret) else {
+            if !lock(&self.map).contains_key(&pid) && self.pass_to_old_process(pid, secret) {
+                tracing::debug!(pid, "cancel request passed to the old process");
+                return;
+            }
             tracing::debug!(pid, "cancel request with unknown key ignored");
             return;
         };
         if let Err(e) = send_cancel(key).await {
             tracing::warn!(error = %e, server = %key.addr, "could not forward cancel request");
         }
+    }
+}
+
+impl CancelRegistry {
+    /// Requests with keys unknown here go to the old process over `s`
+    /// from now on, until it is gone.
+    pub fn pass_unknown_to(&self, s: std::os::unix::net::UnixStream) {
+        *lock(&self.old_process) = Some(s);
+    }
+
+    /// One non-blocking send of `CANCEL pid secret`; false when there is
+    /// no old process (any more).
+    fn pass_to_old_process(&self, pid: i32, secret: i32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut old = lock(&self.old_process);
+        let Some(s) = old.as_ref() else {
+            return false;
+        };
+        let line = format!("CANCEL {pid} {secret}\n");
+        // SAFETY: send(2) on an open socket this process owns, from a
+        // buffer of the length given.
+        let n = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                line.as_ptr().cast(),
+                line.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n == line.len() as isize {
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        if n < 0 && e.kind() == std::io::ErrorKind::WouldBlock {
+            tracing::warn!(
+                pid,
+                "cancel request for the old process dropped: its connection is full"
+            );
+            return true;
+        }
+        // Gone (or a partial line, which would garble the next): stop.
+        *old = None;
+        false
     }
 }
 

@@ -201,6 +201,13 @@ impl Proxy {
     /// reads them (`client::migrate::receive`) until it is done.
     fn receive_clients(from: std::os::unix::net::UnixStream, shared: Arc<client::Shared>) {
         let runtime = tokio::runtime::Handle::current();
+        // The clients still there keep their cancel keys there.
+        match from.try_clone() {
+            Ok(back) => shared.cancel.pass_unknown_to(back),
+            Err(e) => {
+                tracing::warn!(error = %e, "cancel requests for the old process's clients will be ignored")
+            }
+        }
         let started = std::thread::Builder::new()
             .name("tidepool-moves".into())
             .spawn(move || {

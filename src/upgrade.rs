@@ -187,7 +187,7 @@ fn start_moves(conn: UnixStream, shared: &Shared, runtime: &tokio::runtime::Hand
         .and_then(|()| tokio::net::UnixStream::from_std(conn));
     match stream {
         Ok(s) => {
-            shared.outbox.open(s);
+            shared.outbox.open(s, shared.cancel.clone());
             for c in shared.list.all() {
                 c.evict(crate::client::list::Eviction::Migrate);
             }

@@ -547,7 +547,8 @@ fn an_upgrade_under_pgbench_drops_no_client() {
 /// a custom one, its named prepared statement, its LISTEN channel (with a
 /// NOTICE that notifications sent during the move may be missing) and its
 /// cancel key. A client inside a transaction at the takeover finishes it
-/// on the old process, then moves; what it wrote is committed.
+/// on the old process (a cancel for it reaches it there through the new
+/// process), then moves; what it wrote is committed.
 #[test]
 fn a_moved_client_keeps_its_session() {
     use tokio_postgres::AsyncMessage;
@@ -655,8 +656,24 @@ fn a_moved_client_keeps_its_session() {
             err.code(),
             Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
         );
+        // `b`, still on the old process inside its transaction: its cancel
+        // request reaches the new process, which passes it on.
+        b.batch_execute("savepoint s").await.unwrap();
+        let cancel = b.cancel_token();
+        let (slept, ()) = tokio::time::timeout(Duration::from_secs(15), async {
+            tokio::join!(b.simple_query("select pg_sleep(30)"), async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+            })
+        })
+        .await
+        .expect("b's query canceled within 15 s");
+        assert_eq!(
+            slept.unwrap_err().code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        );
         // `b` commits on the old process, then moves.
-        b.batch_execute("insert into t values (2); commit")
+        b.batch_execute("rollback to savepoint s; insert into t values (2); commit")
             .await
             .unwrap();
         assert_eq!(

@@ -10,6 +10,10 @@
 //! with exactly one descriptor sent along with its first byte; records and
 //! descriptors therefore pair up in order however the bytes are split.
 //!
+//! The other way, the new process writes `CANCEL pid secret` lines: cancel
+//! requests whose key it does not know, for the clients still here
+//! (`cancel`).
+//!
 //! Invariants: a client whose record could not be sent stays served here
 //! ([`Outbox::send`] fails before the socket is given up, and the outbox
 //! closes so that nobody else tries); one frame is written whole before the
@@ -24,7 +28,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::auth::secret::Secret;
+use crate::cancel::CancelRegistry;
 use crate::server::prepared::Statement;
 
 /// Largest record sent or accepted (a client with more prepared statement
@@ -157,19 +164,23 @@ pub fn frame(r: &Record) -> io::Result<Vec<u8>> {
 /// The old process's side: where moving clients send themselves.
 #[derive(Default)]
 pub struct Outbox {
-    stream: tokio::sync::Mutex<Option<tokio::net::UnixStream>>,
+    stream: tokio::sync::Mutex<Option<Arc<tokio::net::UnixStream>>>,
     open: AtomicBool,
     /// Clients moved so far.
     pub moved: AtomicU64,
 }
 
 impl Outbox {
-    /// Clients may move from now on, over `s` (the takeover's connection).
-    pub fn open(&self, s: tokio::net::UnixStream) {
+    /// Clients may move from now on, over `s` (the takeover's connection);
+    /// the cancel requests that come back on it go to `cancel`. Runs in the
+    /// runtime's context.
+    pub fn open(&self, s: tokio::net::UnixStream, cancel: Arc<CancelRegistry>) {
+        let s = Arc::new(s);
         if let Ok(mut g) = self.stream.try_lock() {
-            *g = Some(s);
+            *g = Some(s.clone());
             self.open.store(true, Ordering::Release);
         }
+        tokio::spawn(pass_cancels(s, cancel));
     }
 
     pub fn is_open(&self) -> bool {
@@ -199,6 +210,51 @@ impl Outbox {
                 Err(e)
             }
         }
+    }
+}
+
+/// Longest `CANCEL pid secret` line.
+const CANCEL_LINE: usize = 64;
+
+/// Serves the new process's `CANCEL pid secret` lines until it closes.
+async fn pass_cancels(s: Arc<tokio::net::UnixStream>, cancel: Arc<CancelRegistry>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        match s.try_read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            if let Some((pid, secret)) = cancel_line(&line) {
+                let cancel = cancel.clone();
+                tokio::spawn(async move { cancel.cancel(pid, secret).await });
+            }
+        }
+        if buf.len() > CANCEL_LINE {
+            tracing::warn!(
+                "takeover: the new process sent something other than cancel requests; no longer read"
+            );
+            return;
+        }
+    }
+}
+
+/// `CANCEL pid secret\n`.
+fn cancel_line(line: &[u8]) -> Option<(i32, i32)> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut w = text.split_whitespace();
+    match (w.next(), w.next(), w.next(), w.next()) {
+        (Some("CANCEL"), Some(pid), Some(secret), None) => {
+            Some((pid.parse().ok()?, secret.parse().ok()?))
+        }
+        _ => None,
     }
 }
 
@@ -384,6 +440,20 @@ mod tests {
         assert!(take_frame(&mut huge, &mut VecDeque::new()).is_err());
     }
 
+    #[test]
+    fn cancel_lines() {
+        assert_eq!(cancel_line(b"CANCEL 12 -7\n"), Some((12, -7)));
+        for bad in [
+            &b"CANCEL 12\n"[..],
+            b"CANCEL 1 2 3\n",
+            b"cancel 1 2\n",
+            b"CANCEL x 2\n",
+            b"\xff\n",
+        ] {
+            assert_eq!(cancel_line(bad), None, "{bad:?}");
+        }
+    }
+
     /// Over a real socket pair: the receiver hands over each record with
     /// the very socket sent along.
     #[tokio::test]
@@ -391,11 +461,17 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let outbox = Outbox::default();
-        outbox.open(tokio::net::UnixStream::from_std(a).unwrap());
-        let got = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            receive(b, |r, fd| v.push((r, fd)));
-            v
+        outbox.open(
+            tokio::net::UnixStream::from_std(a).unwrap(),
+            Arc::new(CancelRegistry::default()),
+        );
+        // The receiver runs until the stream closes, which the outbox's
+        // cancel reader keeps open: records are collected as they come.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            receive(b, |r, fd| {
+                let _ = tx.send((r, fd));
+            })
         });
         let mut keep = Vec::new();
         for n in 0..3 {
@@ -403,9 +479,10 @@ mod tests {
             outbox.send(&record(n), y.as_raw_fd()).await.unwrap();
             keep.push(x);
         }
-        drop(outbox);
-        let got = got.join().unwrap();
-        assert_eq!(got.len(), 3);
+        let got: Vec<(Record, OwnedFd)> = (0..3)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(outbox.moved.load(Ordering::Relaxed), 3);
         for ((r, fd), (n, x)) in got.into_iter().zip(keep.iter_mut().enumerate()) {
             assert_eq!(r, record(n));
             let mut y = UnixStream::from(fd);
