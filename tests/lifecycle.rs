@@ -543,6 +543,25 @@ fn an_upgrade_under_pgbench_drops_no_client() {
     let _ = std::fs::remove_file(&socket);
 }
 
+/// A `pg_sleep(30)` of `c`, canceled with its cancel key half a second in,
+/// ends with 57014 well before its time.
+async fn assert_canceled(c: &tokio_postgres::Client, what: &str) {
+    let cancel = c.cancel_token();
+    let (slept, ()) = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::join!(c.simple_query("select pg_sleep(30)"), async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        })
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not canceled within 15 s"));
+    assert_eq!(
+        slept.unwrap_err().code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{what}"
+    );
+}
+
 /// What a client holds in its session moves with it: parameters it set,
 /// a custom one, its named prepared statement, its LISTEN channel (with a
 /// NOTICE that notifications sent during the move may be missing) and its
@@ -642,36 +661,11 @@ fn a_moved_client_keeps_its_session() {
             .unwrap();
         assert_eq!(n, "notification jobs after the move");
         // The cancel key it was given at login still works.
-        let cancel = a.cancel_token();
-        let (slept, ()) = tokio::time::timeout(Duration::from_secs(15), async {
-            tokio::join!(a.simple_query("select pg_sleep(30)"), async {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-            })
-        })
-        .await
-        .expect("canceled within 15 s");
-        let err = slept.unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-        );
+        assert_canceled(&a, "a's sleep").await;
         // `b`, still on the old process inside its transaction: its cancel
         // request reaches the new process, which passes it on.
         b.batch_execute("savepoint s").await.unwrap();
-        let cancel = b.cancel_token();
-        let (slept, ()) = tokio::time::timeout(Duration::from_secs(15), async {
-            tokio::join!(b.simple_query("select pg_sleep(30)"), async {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-            })
-        })
-        .await
-        .expect("b's query canceled within 15 s");
-        assert_eq!(
-            slept.unwrap_err().code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-        );
+        assert_canceled(&b, "b's sleep").await;
         // `b` commits on the old process, then moves.
         b.batch_execute("rollback to savepoint s; insert into t values (2); commit")
             .await

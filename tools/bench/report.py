@@ -999,15 +999,18 @@ def main():
     w("")
 
     md = os.path.join(args.out, "benchmarks.md")
-    # The soak section (scripts/soak, a separate 10-minute run) stays.
-    soak = ""
+    # The sections of separate long runs (scripts/soak, scripts/faults) stay.
+    kept = []
     if os.path.exists(md):
-        m = re.search(r"<!-- soak: written by scripts/soak -->.*?<!-- /soak -->\n", open(md).read(), re.S)
-        soak = m.group(0) if m else ""
+        text = open(md).read()
+        for name in ("soak", "faults"):
+            m = re.search(rf"<!-- {name}: written by scripts/{name} -->.*?<!-- /{name} -->\n", text, re.S)
+            if m:
+                kept.append(m.group(0))
     with open(md, "w") as f:
         f.write("\n".join(L))
-        if soak:
-            f.write("\n\n" + soak)
+        for section in kept:
+            f.write("\n\n" + section)
     print(f"report: {md}" + "".join(f", {os.path.basename(x)}" for x in files), file=sys.stderr)
 
 
