@@ -244,3 +244,50 @@ async fn state_that_ends_with_its_transaction_leaves_no_pin() {
     let temp = totals.iter().find(|t| t.0 == "temp_table").unwrap();
     assert_eq!((temp.1, temp.2), (3, 3), "{totals:?}");
 }
+
+/// Django's `QuerySet.iterator()`, as a Django app runs it (autocommit, a
+/// WITH HOLD cursor per call, connections kept as with CONN_MAX_AGE): 8
+/// threads on a pool of 5 read with it, then each runs 20 transactions,
+/// and while all 8 connections are open SHOW CLIENTS shows none pinned
+/// (tests/clients/python/django_iterator.py). Django comes from PyPI
+/// (scripts/test installs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_iterator_leaves_no_client_pinned() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import django, psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 with django and psycopg is missing: run scripts/test to install it"
+    );
+    let c = cluster();
+    let db = c.create_database("djangoiter");
+    let p = proxy(&db, 5);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients/python/django_iterator.py");
+    let (url, admin) = (p.url(&db), admin_url(&p));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("180")
+            .arg("python3")
+            .arg(script)
+            .args([&url, &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("django iterator: OK"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let totals = p.shared.pins.totals();
+    let cursor = totals.iter().find(|t| t.0 == "with_hold_cursor").unwrap();
+    assert!(
+        cursor.1 >= 8 && cursor.1 == cursor.2,
+        "every pin ended: {totals:?}"
+    );
+}
