@@ -38,6 +38,10 @@ use crate::server::prepared::Statement;
 /// text than this stays in the old process until it leaves).
 pub const MAX_RECORD: usize = 16 << 20;
 
+/// How long one client's record may take to send before the outbox gives
+/// up on the new process (the client then stays here).
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a moved client's session is made of again in the new process.
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 pub struct Record {
@@ -199,7 +203,12 @@ impl Outbox {
                 "no new process",
             ));
         };
-        match write_frame(s, &frame, socket).await {
+        // A new process that stops reading must not hold the clients
+        // waiting to move (and their requests) for ever.
+        let written = tokio::time::timeout(SEND_TIMEOUT, write_frame(s, &frame, socket))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+        match written {
             Ok(()) => {
                 self.moved.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -438,6 +447,26 @@ mod tests {
         assert!(take_frame(&mut bytes, &mut VecDeque::new()).is_err());
         let mut huge = ((MAX_RECORD + 1) as u32).to_be_bytes().to_vec();
         assert!(take_frame(&mut huge, &mut VecDeque::new()).is_err());
+    }
+
+    /// A new process that is gone: the send fails, nothing is counted as
+    /// moved, and the outbox closes so that no other client tries.
+    #[tokio::test]
+    async fn a_gone_receiver_closes_the_outbox() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let outbox = Outbox::default();
+        outbox.open(
+            tokio::net::UnixStream::from_std(a).unwrap(),
+            Arc::new(CancelRegistry::default()),
+        );
+        assert!(outbox.is_open());
+        drop(b);
+        let (_x, y) = UnixStream::pair().unwrap();
+        assert!(outbox.send(&record(0), y.as_raw_fd()).await.is_err());
+        assert!(!outbox.is_open());
+        assert!(outbox.send(&record(1), y.as_raw_fd()).await.is_err());
+        assert_eq!(outbox.moved.load(Ordering::Relaxed), 0);
     }
 
     #[test]
