@@ -567,7 +567,8 @@ async fn assert_canceled(c: &tokio_postgres::Client, what: &str) {
 /// NOTICE that notifications sent during the move may be missing) and its
 /// cancel key. A client inside a transaction at the takeover finishes it
 /// on the old process (a cancel for it reaches it there through the new
-/// process), then moves; what it wrote is committed.
+/// process), then moves; what it wrote is committed. Parked idle clients
+/// move as well.
 #[test]
 fn a_moved_client_keeps_its_session() {
     use tokio_postgres::AsyncMessage;
@@ -577,7 +578,7 @@ fn a_moved_client_keeps_its_session() {
     let mut old = Daemon::start(&toml);
     let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let rt = rt();
-    let (a, b, stmt, mut heard) = rt.block_on(async {
+    let (a, b, stmt, mut heard, idle) = rt.block_on(async {
         let (a, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .unwrap();
@@ -605,8 +606,26 @@ fn a_moved_client_keeps_its_session() {
         assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
         let b = harness::connect(&url).await.unwrap();
         b.batch_execute("begin; insert into t values (1)").await.unwrap();
-        (a, b, stmt, rx)
+        // Idle long enough to be parked (park_idle_clients_after, 1 s):
+        // parked clients move too.
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            let c = harness::connect(&url).await.unwrap();
+            c.batch_execute("select 1").await.unwrap();
+            idle.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        (a, b, stmt, rx, idle)
     });
+    let mem = console(&old, "SHOW MEM").unwrap();
+    let parked: u64 = mem
+        .iter()
+        .find(|r| r["name"] == "parked_client_cache")
+        .map_or(0, |r| r["used"].parse().unwrap());
+    assert!(
+        parked >= 20,
+        "the idle clients are parked before the takeover: {mem:?}"
+    );
     let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
     harness::wait_until("the takeover", Duration::from_secs(10), || {
         old.log().contains("a new tidepool took over")
@@ -688,6 +707,12 @@ fn a_moved_client_keeps_its_session() {
             .unwrap()
             .get(0);
         assert_eq!(n, 3);
+    });
+    // The clients parked on the old process serve here now.
+    rt.block_on(async {
+        for c in &idle {
+            c.batch_execute("select 1").await.unwrap();
+        }
     });
     let _ = std::fs::remove_file(&socket);
 }
