@@ -14,8 +14,9 @@
 //!
 //! The exchange: the new process writes `TAKEOVER 1\n`; the old answers
 //! one message carrying the descriptors and the text `LISTENERS n METRICS
-//! m CLIENTS\n` (n client listeners in config order, then m = 0 or 1
-//! metrics listener; `CLIENTS`: it can move its clients); the new process
+//! m CLIENTS 1\n` (n client listeners in config order, then m = 0 or 1
+//! metrics listener; `CLIENTS 1`: it can move its clients, in record format
+//! 1); the new process
 //! writes `OK\n` once it holds them, then `CLIENTS\n` if it takes clients,
 //! and the connection carries them from then on. A process of an earlier
 //! version neither offers nor takes clients, and the takeover works as
@@ -69,7 +70,8 @@ pub fn take_over<T>(
     else {
         return Err(invalid(&format!("unexpected answer {text:?}")));
     };
-    let moves = words.next() == Some("CLIENTS");
+    // Clients in the record format this version reads (`client::migrate`).
+    let moves = (words.next(), words.next()) == (Some("CLIENTS"), Some("1"));
     let (n, m): (usize, usize) = (
         n.parse().map_err(|_| invalid("bad count"))?,
         m.parse().map_err(|_| invalid("bad count"))?,
@@ -212,7 +214,7 @@ fn hand_over(conn: &UnixStream, fds: &[RawFd], metrics: bool) -> std::io::Result
         return Err(invalid(&format!("unexpected request {hello:?}")));
     }
     let m = usize::from(metrics);
-    let text = format!("LISTENERS {} METRICS {m} CLIENTS\n", fds.len() - m);
+    let text = format!("LISTENERS {} METRICS {m} CLIENTS 1\n", fds.len() - m);
     send_fds(conn, text.as_bytes(), fds)?;
     let mut ok = [0u8; 3];
     reader.read_exact(&mut ok)?;

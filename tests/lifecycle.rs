@@ -717,6 +717,115 @@ fn a_moved_client_keeps_its_session() {
     let _ = std::fs::remove_file(&socket);
 }
 
+/// A client whose session cannot be sent (a prepared statement of 17 MB,
+/// over the 16 MiB a record may take) stays on the old process and is
+/// served there as before, while the others move; the old process exits
+/// once it leaves.
+#[test]
+fn a_client_that_cannot_move_stays_and_is_served() {
+    let db = cluster().create_database("upgrade_stays");
+    let socket = upgrade_socket("upgrade-stays");
+    let toml = upgradable(&db, &socket, "60s");
+    let mut old = Daemon::start(&toml);
+    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let rt = rt();
+    let (big, small) = rt.block_on(async {
+        let big = harness::connect(&url).await.unwrap();
+        let text = format!("prepare big as select 1 /* {} */", "x".repeat(17 << 20));
+        big.batch_execute(&text).await.unwrap();
+        let small = harness::connect(&url).await.unwrap();
+        small.batch_execute("select 1").await.unwrap();
+        (big, small)
+    });
+    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
+    harness::wait_until("the takeover", Duration::from_secs(10), || {
+        old.log().contains("a new tidepool took over")
+    });
+    rt.block_on(async {
+        let admin = new.url("admin", "adminpw", "pgbouncer");
+        harness::wait_until_async("the small client moved", Duration::from_secs(10), || {
+            let admin = admin.clone();
+            async move {
+                let c = harness::connect(&admin).await.unwrap();
+                let rows = harness::rows(c.simple_query("SHOW CLIENTS").await.unwrap());
+                rows.iter().any(|r| r["user"] == harness::APP_USER)
+            }
+        })
+        .await;
+        small.batch_execute("select 1").await.unwrap();
+        // The big one is still served, request after request.
+        for i in 0..5 {
+            let r = tokio::time::timeout(Duration::from_secs(5), big.simple_query("select 2"))
+                .await
+                .unwrap_or_else(|_| panic!("request {i} of the client that stays got no answer"));
+            r.unwrap();
+        }
+    });
+    assert!(
+        old.log()
+            .contains("could not move client to the new process; it stays here"),
+        "{}",
+        old.log()
+    );
+    assert!(
+        old.wait_exit(Duration::from_millis(500)).is_none(),
+        "the old process waits for it"
+    );
+    drop(big);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits once its last client left");
+    assert!(status.success(), "{}", old.log());
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// A PAUSE holds its clients through a takeover: the move's nudge does not
+/// let a paused request run; RESUME (on the old process's console) does,
+/// and the client then moves.
+#[test]
+fn pause_holds_through_a_takeover() {
+    let db = cluster().create_database("upgrade_pause");
+    let socket = upgrade_socket("upgrade-pause");
+    let toml = upgradable(&db, &socket, "60s");
+    let mut old = Daemon::start(&toml);
+    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let admin_url = old.url("admin", "adminpw", "pgbouncer");
+    let rt = rt();
+    rt.block_on(async {
+        let admin = harness::connect(&admin_url).await.unwrap();
+        let c = harness::connect(&url).await.unwrap();
+        c.batch_execute("select 1").await.unwrap();
+        admin.batch_execute(&format!("PAUSE {db}")).await.unwrap();
+        let held = tokio::spawn(async move {
+            c.batch_execute("select 2").await.unwrap();
+            c
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _new = tokio::task::spawn_blocking({
+            let toml = toml.clone();
+            let port = old.port;
+            move || Daemon::start_with(&toml, port, &["--takeover"])
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !held.is_finished(),
+            "a paused request ran during the takeover"
+        );
+        admin.batch_execute(&format!("RESUME {db}")).await.unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("RESUME lets it run")
+            .unwrap();
+        drop(admin);
+        c.batch_execute("select 3").await.unwrap();
+        drop(_new);
+    });
+    let _ = old.wait_exit(Duration::from_secs(15));
+    let _ = std::fs::remove_file(&socket);
+}
+
 /// `SHUTDOWN WAIT_FOR_CLIENTS`: no new clients; the connected one keeps
 /// working, and the process exits when it leaves.
 #[test]

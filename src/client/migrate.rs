@@ -43,7 +43,9 @@ pub const MAX_RECORD: usize = 16 << 20;
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a moved client's session is made of again in the new process.
-#[derive(Serialize, Deserialize, Debug, PartialEq)]
+/// Fields a later version adds are read as their defaults.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Default)]
+#[serde(default)]
 pub struct Record {
     pub database: String,
     pub user: String,
@@ -191,10 +193,16 @@ impl Outbox {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Sends one client: its record and its socket. On an error nothing
-    /// of it was handed over (the caller keeps serving it) and the outbox
-    /// closes: the new process is gone or broken.
-    pub async fn send(&self, r: &Record, socket: RawFd) -> io::Result<()> {
+    /// Sends one client: its record and its socket, if `still` says it
+    /// is still to move once its turn comes. On an error nothing of it was
+    /// handed over (the caller keeps serving it); an error of the
+    /// connection closes the outbox: the new process is gone or broken.
+    pub async fn send(
+        &self,
+        r: &Record,
+        socket: RawFd,
+        still: impl Fn() -> bool,
+    ) -> io::Result<()> {
         let frame = frame(r)?;
         let mut g = self.stream.lock().await;
         let Some(s) = g.as_ref() else {
@@ -203,6 +211,9 @@ impl Outbox {
                 "no new process",
             ));
         };
+        if !still() {
+            return Err(io::Error::other("no longer moving"));
+        }
         // A new process that stops reading must not hold the clients
         // waiting to move (and their requests) for ever.
         let written = tokio::time::timeout(SEND_TIMEOUT, write_frame(s, &frame, socket))
@@ -215,11 +226,20 @@ impl Outbox {
             }
             Err(e) => {
                 self.open.store(false, Ordering::Release);
+                // A frame cut short must not stay half sent: the new
+                // process sees the end and drops it (and its socket copy).
+                shut(s.as_raw_fd(), libc::SHUT_WR);
                 *g = None;
                 Err(e)
             }
         }
     }
+}
+
+/// shutdown(2), best effort (the other end then sees the stream end).
+fn shut(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown on a socket this process holds open.
+    unsafe { libc::shutdown(fd, how) };
 }
 
 /// Longest `CANCEL pid secret` line.
@@ -303,6 +323,9 @@ pub fn receive(s: std::os::unix::net::UnixStream, mut adopt: impl FnMut(Record, 
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "takeover: reading moved clients failed; the rest stay with the old process");
+                // The old process's next send fails: it stops moving
+                // clients instead of handing them to nobody.
+                shut(s.as_raw_fd(), libc::SHUT_RDWR);
                 return;
             }
         }
@@ -312,6 +335,7 @@ pub fn receive(s: std::os::unix::net::UnixStream, mut adopt: impl FnMut(Record, 
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "takeover: a moved client's record is broken; stopping");
+                    shut(s.as_raw_fd(), libc::SHUT_RDWR);
                     return;
                 }
             }
@@ -463,9 +487,19 @@ mod tests {
         assert!(outbox.is_open());
         drop(b);
         let (_x, y) = UnixStream::pair().unwrap();
-        assert!(outbox.send(&record(0), y.as_raw_fd()).await.is_err());
+        assert!(
+            outbox
+                .send(&record(0), y.as_raw_fd(), || true)
+                .await
+                .is_err()
+        );
         assert!(!outbox.is_open());
-        assert!(outbox.send(&record(1), y.as_raw_fd()).await.is_err());
+        assert!(
+            outbox
+                .send(&record(1), y.as_raw_fd(), || true)
+                .await
+                .is_err()
+        );
         assert_eq!(outbox.moved.load(Ordering::Relaxed), 0);
     }
 
@@ -505,7 +539,10 @@ mod tests {
         let mut keep = Vec::new();
         for n in 0..3 {
             let (x, y) = UnixStream::pair().unwrap();
-            outbox.send(&record(n), y.as_raw_fd()).await.unwrap();
+            outbox
+                .send(&record(n), y.as_raw_fd(), || true)
+                .await
+                .unwrap();
             keep.push(x);
         }
         let got: Vec<(Record, OwnedFd)> = (0..3)

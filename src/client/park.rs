@@ -152,13 +152,14 @@ impl Lot {
         self.kick.notify_one();
     }
 
-    fn evicted(&self) -> Vec<u64> {
+    /// Parked clients to let out: asked to leave, or to move (`moving`:
+    /// the new process takes clients) and able to.
+    fn evicted(&self, moving: bool) -> Vec<u64> {
         self.map()
             .iter()
             .filter(|(_, p)| match p.info().eviction() {
                 Eviction::None => false,
-                // Woken to move to the new process, if it can.
-                Eviction::Migrate => p.movable(),
+                Eviction::Migrate => moving && p.movable(),
                 _ => true,
             })
             .map(|(id, _)| *id)
@@ -238,7 +239,7 @@ pub async fn run(shared: Arc<Shared>) {
                 // Only when asked: a notification's wake-up must not scan
                 // every parked client.
                 if lot.evictions.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                    for id in lot.evicted() {
+                    for id in lot.evicted(shared.outbox.is_open()) {
                         resume(&lot, id);
                     }
                 }
@@ -288,7 +289,7 @@ pub async fn run(shared: Arc<Shared>) {
                 if timed_out {
                     // Parked clients have no task to nudge: they are
                     // resumed to be told.
-                    for id in lot.evicted() {
+                    for id in lot.evicted(shared.outbox.is_open()) {
                         resume(&lot, id);
                     }
                 }

@@ -78,6 +78,10 @@ impl Session {
                 if !self.flush_idle().await? {
                     return Ok(Next::Exit);
                 }
+                // A move asked for while notifications were going out.
+                if self.may_move() {
+                    return Ok(Next::Move);
+                }
                 // Room for the whole message at once (bounded by
                 // `max_message_size`), not a doubling per read.
                 if self.buf.len() >= 5 && self.discard == 0 {

@@ -152,6 +152,8 @@ pub struct Session {
     /// How long the last checkout waited for a server (µs), for the span
     /// of the transaction it served.
     pool_wait_us: u64,
+    /// A takeover could not move it: it is served here until it leaves.
+    stays: bool,
 }
 
 enum Next {
@@ -242,6 +244,7 @@ impl Session {
             waiter: Waiter::new(),
             app,
             pool_wait_us: 0,
+            stays: false,
         }
         .with_health()
     }
@@ -368,9 +371,15 @@ impl Session {
                 self.listed.info.waiting(0);
                 let (control, info) = (self.control.clone(), self.listed.info.clone());
                 Box::pin(async move {
-                    tokio::select! {
-                        _ = control.wait_resumed() => {}
-                        _ = info.nudge.nudged() => {}
+                    // Other nudges (a takeover's move, a park request) do
+                    // not end a PAUSE: only RESUME or an eviction does.
+                    while control.is_paused()
+                        && matches!(info.eviction(), Eviction::None | Eviction::Migrate)
+                    {
+                        tokio::select! {
+                            _ = control.wait_resumed() => {}
+                            _ = info.nudge.nudged() => {}
+                        }
                     }
                 })
                 .await;

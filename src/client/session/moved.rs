@@ -12,6 +12,7 @@ impl Session {
     /// buffered or owed, no server, not pinned, no TLS session.
     pub(super) fn may_move(&self) -> bool {
         self.listed.info.eviction() == Eviction::Migrate
+            && !self.stays
             && !self.stream.is_tls()
             && self.shared.outbox.is_open()
             && self.parkable()
@@ -31,9 +32,12 @@ impl Session {
             }
         };
         let record = parked.record();
+        // A KILL (or a shutdown) while it waited for its turn: it stays.
+        let info = parked.info();
+        let still = || info.eviction() == Eviction::Migrate;
         match shared
             .outbox
-            .send(&record, parked.socket().as_raw_fd())
+            .send(&record, parked.socket().as_raw_fd(), still)
             .await
         {
             Ok(()) => {
@@ -45,7 +49,11 @@ impl Session {
             Err(e) => {
                 tracing::warn!(client = id, error = %e, "could not move client to the new process; it stays here");
                 match parked.into_session() {
-                    Ok((session, _slot)) => Some(session),
+                    Ok((mut session, _slot)) => {
+                        // Not again: it is served here until it leaves.
+                        session.stays = true;
+                        Some(session)
+                    }
                     Err(e) => {
                         tracing::warn!(client = id, error = %e, "could not resume client; closing it");
                         None
@@ -109,6 +117,8 @@ async fn rebuild(
         .and_then(|u| u.secret.as_ref())
         .or(fetched.as_deref());
     let client_key = r.client_key.as_deref().and_then(decode_key);
+    // The key first: a cancel sent meanwhile finds the client.
+    let cancel = shared.cancel.adopt(r.pid, r.secret);
     let pool = shared
         .registry
         .pool_for(config, &r.database, db, &r.user, secret, client_key, 0);
@@ -117,7 +127,6 @@ async fn rebuild(
     {
         return Err((stream, e));
     }
-    let cancel = shared.cancel.adopt(r.pid, r.secret);
     // Already admitted by the old process: listed without the caps, which
     // would turn a move into a dropped client.
     let listed = {

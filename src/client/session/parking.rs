@@ -27,6 +27,7 @@ impl Session {
         let lot = self.shared.lot.clone();
         let id = self.listed.info.id;
         let hub = self.listen.as_ref().map(|m| m.hub.clone());
+        let info = self.listed.info.clone();
         let parked = match self.into_parked() {
             Ok(p) => p,
             Err(e) => {
@@ -41,6 +42,11 @@ impl Session {
                 // task to wake and no parked record: resume it now.
                 if hub.is_some_and(|h| h.has_pending(id)) {
                     lot.wake(id);
+                }
+                // Asked to leave (or move) while it was parking, after
+                // the lot last looked: let it out.
+                if info.eviction() != Eviction::None {
+                    lot.wake_evicted();
                 }
                 None
             }
