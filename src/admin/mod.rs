@@ -95,7 +95,7 @@ impl Console {
                     // (reading a frame is cancel-safe: bytes stay in `buf`).
                     let e = match info.eviction() {
                         // Console sessions are not moved by a takeover.
-                        Eviction::None | Eviction::Migrate => continue,
+                        Eviction::None | Eviction::Migrate | Eviction::Stay => continue,
                         Eviction::Killed => ClientError::Killed,
                         Eviction::Shutdown => ClientError::Shutdown,
                         Eviction::IdleTimeout => ClientError::ClientIdleTimeout(

@@ -99,12 +99,15 @@ pub enum Eviction {
     /// transaction boundary where the session can be moved
     /// (`client::migrate`); stay here otherwise.
     Migrate = 1,
+    /// A takeover could not move it (see `Migrate`): it is served here
+    /// until it leaves, and not tried again.
+    Stay = 2,
     /// The process is shutting down: leave once the transaction is over.
-    Shutdown = 2,
+    Shutdown = 3,
     /// Idle for longer than `client_idle_timeout`: leave now.
-    IdleTimeout = 3,
+    IdleTimeout = 4,
     /// `KILL`: leave now.
-    Killed = 4,
+    Killed = 5,
 }
 
 /// Kept small (it outlives parking, see `client::park`): with its reference
@@ -335,7 +338,10 @@ impl ClientInfo {
             && self.state.load(Ordering::Relaxed) == ClientState::Idle as u8
             && now.saturating_sub(idle_since)
                 > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
-            && matches!(self.eviction(), Eviction::None | Eviction::Migrate);
+            && matches!(
+                self.eviction(),
+                Eviction::None | Eviction::Migrate | Eviction::Stay
+            );
         if expired {
             self.evict(Eviction::IdleTimeout);
         }
@@ -406,8 +412,9 @@ impl ClientInfo {
         match self.eviction.load(Ordering::Relaxed) {
             0 => Eviction::None,
             1 => Eviction::Migrate,
-            2 => Eviction::Shutdown,
-            3 => Eviction::IdleTimeout,
+            2 => Eviction::Stay,
+            3 => Eviction::Shutdown,
+            4 => Eviction::IdleTimeout,
             _ => Eviction::Killed,
         }
     }

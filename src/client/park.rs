@@ -158,7 +158,7 @@ impl Lot {
         self.map()
             .iter()
             .filter(|(_, p)| match p.info().eviction() {
-                Eviction::None => false,
+                Eviction::None | Eviction::Stay => false,
                 Eviction::Migrate => moving && p.movable(),
                 _ => true,
             })

@@ -152,8 +152,6 @@ pub struct Session {
     /// How long the last checkout waited for a server (µs), for the span
     /// of the transaction it served.
     pool_wait_us: u64,
-    /// A takeover could not move it: it is served here until it leaves.
-    stays: bool,
 }
 
 enum Next {
@@ -244,7 +242,6 @@ impl Session {
             waiter: Waiter::new(),
             app,
             pool_wait_us: 0,
-            stays: false,
         }
         .with_health()
     }
@@ -374,7 +371,10 @@ impl Session {
                     // Other nudges (a takeover's move, a park request) do
                     // not end a PAUSE: only RESUME or an eviction does.
                     while control.is_paused()
-                        && matches!(info.eviction(), Eviction::None | Eviction::Migrate)
+                        && matches!(
+                            info.eviction(),
+                            Eviction::None | Eviction::Migrate | Eviction::Stay
+                        )
                     {
                         tokio::select! {
                             _ = control.wait_resumed() => {}

@@ -12,7 +12,6 @@ impl Session {
     /// buffered or owed, no server, not pinned, no TLS session.
     pub(super) fn may_move(&self) -> bool {
         self.listed.info.eviction() == Eviction::Migrate
-            && !self.stays
             && !self.stream.is_tls()
             && self.shared.outbox.is_open()
             && self.parkable()
@@ -48,12 +47,11 @@ impl Session {
             }
             Err(e) => {
                 tracing::warn!(client = id, error = %e, "could not move client to the new process; it stays here");
+                // Not again (a parked record forgets nothing of this): it
+                // is served here until it leaves.
+                parked.info().evict(Eviction::Stay);
                 match parked.into_session() {
-                    Ok((mut session, _slot)) => {
-                        // Not again: it is served here until it leaves.
-                        session.stays = true;
-                        Some(session)
-                    }
+                    Ok((session, _slot)) => Some(session),
                     Err(e) => {
                         tracing::warn!(client = id, error = %e, "could not resume client; closing it");
                         None

@@ -45,7 +45,7 @@ impl Session {
                 }
                 // Asked to leave (or move) while it was parking, after
                 // the lot last looked: let it out.
-                if info.eviction() != Eviction::None {
+                if !matches!(info.eviction(), Eviction::None | Eviction::Stay) {
                     lot.wake_evicted();
                 }
                 None
