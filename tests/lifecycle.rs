@@ -490,11 +490,7 @@ fn an_upgrade_under_pgbench_drops_no_client() {
         harness::pgbench(&u2, &["-n", "-C", "-c", "2", "-j", "1", "-T", "12", "-S"])
     });
     std::thread::sleep(Duration::from_secs(2));
-    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
-    harness::wait_until("the takeover", Duration::from_secs(10), || {
-        old.log()
-            .contains("a new tidepool took over the listening sockets")
-    });
+    let new = take_over(&old, &toml);
     assert!(
         new.log().contains("took over the listening sockets"),
         "{}",
@@ -541,6 +537,30 @@ fn an_upgrade_under_pgbench_drops_no_client() {
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
     assert!(balances_match(&db));
     let _ = std::fs::remove_file(&socket);
+}
+
+/// A second tidepool started with `--takeover` of `old`, once `old` says
+/// it took over.
+fn take_over(old: &Daemon, toml: &str) -> Daemon {
+    let new = Daemon::start_with(toml, old.port, &["--takeover"]);
+    harness::wait_until("the takeover", Duration::from_secs(10), || {
+        old.log().contains("a new tidepool took over")
+    });
+    new
+}
+
+/// Waits until `d`'s SHOW CLIENTS lists a client of the application user.
+async fn wait_for_app_client(d: &Daemon, what: &str) {
+    let admin = d.url("admin", "adminpw", "pgbouncer");
+    harness::wait_until_async(what, Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let c = harness::connect(&admin).await.unwrap();
+            let rows = harness::rows(c.simple_query("SHOW CLIENTS").await.unwrap());
+            rows.iter().any(|r| r["user"] == harness::APP_USER)
+        }
+    })
+    .await;
 }
 
 /// A `pg_sleep(30)` of `c`, canceled with its cancel key half a second in,
@@ -626,22 +646,10 @@ fn a_moved_client_keeps_its_session() {
         parked >= 20,
         "the idle clients are parked before the takeover: {mem:?}"
     );
-    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
-    harness::wait_until("the takeover", Duration::from_secs(10), || {
-        old.log().contains("a new tidepool took over")
-    });
+    let new = take_over(&old, &toml);
     rt.block_on(async {
         // `a` moved at once (it was idle); the old process waits for `b`.
-        let admin = new.url("admin", "adminpw", "pgbouncer");
-        harness::wait_until_async("the idle client moved", Duration::from_secs(10), || {
-            let admin = admin.clone();
-            async move {
-                let c = harness::connect(&admin).await.unwrap();
-                let rows = harness::rows(c.simple_query("SHOW CLIENTS").await.unwrap());
-                rows.iter().any(|r| r["user"] == harness::APP_USER)
-            }
-        })
-        .await;
+        wait_for_app_client(&new, "the idle client moved").await;
         let show = |q: &'static str| {
             let a = &a;
             async move {
@@ -737,21 +745,9 @@ fn a_client_that_cannot_move_stays_and_is_served() {
         small.batch_execute("select 1").await.unwrap();
         (big, small)
     });
-    let new = Daemon::start_with(&toml, old.port, &["--takeover"]);
-    harness::wait_until("the takeover", Duration::from_secs(10), || {
-        old.log().contains("a new tidepool took over")
-    });
+    let new = take_over(&old, &toml);
     rt.block_on(async {
-        let admin = new.url("admin", "adminpw", "pgbouncer");
-        harness::wait_until_async("the small client moved", Duration::from_secs(10), || {
-            let admin = admin.clone();
-            async move {
-                let c = harness::connect(&admin).await.unwrap();
-                let rows = harness::rows(c.simple_query("SHOW CLIENTS").await.unwrap());
-                rows.iter().any(|r| r["user"] == harness::APP_USER)
-            }
-        })
-        .await;
+        wait_for_app_client(&new, "the small client moved").await;
         small.batch_execute("select 1").await.unwrap();
         // The big one is still served, request after request.
         for i in 0..5 {

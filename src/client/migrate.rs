@@ -473,10 +473,8 @@ mod tests {
         assert!(take_frame(&mut huge, &mut VecDeque::new()).is_err());
     }
 
-    /// A new process that is gone: the send fails, nothing is counted as
-    /// moved, and the outbox closes so that no other client tries.
-    #[tokio::test]
-    async fn a_gone_receiver_closes_the_outbox() {
+    /// An open outbox and the new process's end of its connection.
+    fn open_outbox() -> (Outbox, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let outbox = Outbox::default();
@@ -484,6 +482,14 @@ mod tests {
             tokio::net::UnixStream::from_std(a).unwrap(),
             Arc::new(CancelRegistry::default()),
         );
+        (outbox, b)
+    }
+
+    /// A new process that is gone: the send fails, nothing is counted as
+    /// moved, and the outbox closes so that no other client tries.
+    #[tokio::test]
+    async fn a_gone_receiver_closes_the_outbox() {
+        let (outbox, b) = open_outbox();
         assert!(outbox.is_open());
         drop(b);
         let (_x, y) = UnixStream::pair().unwrap();
@@ -521,13 +527,7 @@ mod tests {
     /// the very socket sent along.
     #[tokio::test]
     async fn the_receiver_gets_each_client_with_its_socket() {
-        let (a, b) = UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let outbox = Outbox::default();
-        outbox.open(
-            tokio::net::UnixStream::from_std(a).unwrap(),
-            Arc::new(CancelRegistry::default()),
-        );
+        let (outbox, b) = open_outbox();
         // The receiver runs until the stream closes, which the outbox's
         // cancel reader keeps open: records are collected as they come.
         let (tx, rx) = std::sync::mpsc::channel();
