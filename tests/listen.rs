@@ -547,6 +547,62 @@ async fn unlisten_takes_effect_at_commit_as_in_postgresql() {
     }
 }
 
+/// An UNLISTEN that ran on the server (a named extended-protocol
+/// statement) is in force once the client sees it done: a notification
+/// sent after that never reaches the client, as directly. (It used to
+/// apply to the hub only after the ReadyForQuery had gone out, so a
+/// notification could slip in between.) A fresh channel each round: a
+/// LISTEN again could rightly catch a notification still on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_sent_after_an_unlisten_returned_is_not_delivered() {
+    let c = cluster();
+    let db = c.create_database("unlistenrace");
+    let p = proxy(&db, "default_pool_size = 2");
+    for url in [p.url(&db), c.app_url(&db)] {
+        // Eight at once: the moment between the client seeing its UNLISTEN
+        // done and the hub hearing of it was widest under load.
+        let mut tasks = Vec::new();
+        for k in 0..8 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let (a, mut rx) = listener(&url).await;
+                let sender = harness::connect(&url).await.unwrap();
+                a.batch_execute(&format!("listen ctl{k}")).await.unwrap();
+                for i in 0..60 {
+                    a.execute(format!("LISTEN q{k}_{i}").as_str(), &[])
+                        .await
+                        .unwrap();
+                    a.execute(format!("UNLISTEN q{k}_{i}").as_str(), &[])
+                        .await
+                        .unwrap();
+                    sender
+                        .batch_execute(&format!("notify q{k}_{i}, 'late'; notify ctl{k}, '{i}'"))
+                        .await
+                        .unwrap();
+                }
+                sender
+                    .batch_execute(&format!("notify ctl{k}, 'end'"))
+                    .await
+                    .unwrap();
+                loop {
+                    let (ch, payload) = notification(&mut rx, "the end marker").await;
+                    assert_eq!(
+                        ch,
+                        format!("ctl{k}"),
+                        "{url}: a notification after its UNLISTEN returned"
+                    );
+                    if payload == "end" {
+                        break;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
 /// A client that reads slowly: its socket fills while notifications keep
 /// coming (their nudges reach the task while it waits to send). Once it
 /// reads, every notification arrives, the last one included, without

@@ -159,6 +159,14 @@ pub struct Drained {
     pub overflowed: bool,
 }
 
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Hub {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)

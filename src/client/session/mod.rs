@@ -426,6 +426,9 @@ impl Session {
             };
             tracker.changers = server.pool().catalog.changers();
             tracker.timing.detail = self.shared.spans.enabled();
+            if let Some(m) = &self.listen {
+                tracker.hub = Some((m.hub.clone(), self.listed.info.id));
+            }
             let had_prepend = self.deferred_begin.is_some();
             if let Some(begin) = self.deferred_begin.take() {
                 // The client's BEGIN, run first on the chosen backend; its

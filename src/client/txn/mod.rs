@@ -100,9 +100,14 @@ pub struct Tracker {
     /// Shared LISTEN: a LISTEN ran on the server in this transaction; its
     /// channels move to tidepool's listener once it is over.
     pub listen_changed: bool,
-    /// Shared LISTEN: UNLISTENs (None: `*`) whose transaction committed;
-    /// they apply to the hub once the server is idle.
+    /// Shared LISTEN: UNLISTENs (None: `*`) whose transaction committed.
+    /// They apply to `hub` as the ReadyForQuery that ends it is read,
+    /// before the client can see it (a notification sent after the client
+    /// saw its UNLISTEN done must not reach it), and again once the server
+    /// is idle.
     pub unlistens: Vec<Option<String>>,
+    /// The client's LISTEN hub and its id there, when it is a member.
+    pub hub: Option<(std::sync::Arc<crate::client::listen::Hub>, u64)>,
     /// What becomes of UNLISTENs forwarded to the server.
     pub unlisten_fate: UnlistenFate,
     /// The ErrorResponse at the head of the server's bytes names one of
@@ -155,6 +160,7 @@ impl Tracker {
             pin_check_due: false,
             listen_changed: false,
             unlistens: Vec::new(),
+            hub: None,
             unlisten_fate: UnlistenFate::default(),
             stale: Vec::new(),
             rename_error: false,
@@ -185,6 +191,7 @@ impl Tracker {
         self.pin_check_due = false;
         self.listen_changed = false;
         self.unlistens.clear();
+        self.hub = None;
         self.unlisten_fate = UnlistenFate::default();
         self.stale.clear();
         self.rename_error = false;

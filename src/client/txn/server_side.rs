@@ -75,6 +75,11 @@ impl Inspector for ServerSide<'_> {
                 t.timing.ready(status);
                 if t.policy.listen_shared {
                     t.unlisten_fate.ready(status, &mut t.unlistens);
+                    if let Some((hub, id)) = &t.hub {
+                        for ch in &t.unlistens {
+                            hub.unlisten(*id, ch.as_deref());
+                        }
+                    }
                 }
             }
             BackendTag::CommandComplete => {
