@@ -598,7 +598,7 @@ fn a_moved_client_keeps_its_session() {
     let mut old = Daemon::start(&toml);
     let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let rt = rt();
-    let (a, b, stmt, mut heard, idle) = rt.block_on(async {
+    let (a, b, stmt, rows_of_t, mut heard, idle) = rt.block_on(async {
         let (a, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .unwrap();
@@ -623,6 +623,8 @@ fn a_moved_client_keeps_its_session() {
         .await
         .unwrap();
         let stmt = a.prepare("select $1::int + 1").await.unwrap();
+        let rows_of_t = a.prepare("select * from t").await.unwrap();
+        a.query(&rows_of_t, &[]).await.unwrap();
         assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
         let b = harness::connect(&url).await.unwrap();
         b.batch_execute("begin; insert into t values (1)").await.unwrap();
@@ -635,7 +637,7 @@ fn a_moved_client_keeps_its_session() {
             idle.push(c);
         }
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        (a, b, stmt, rx, idle)
+        (a, b, stmt, rows_of_t, rx, idle)
     });
     let mem = console(&old, "SHOW MEM").unwrap();
     let parked: u64 = mem
@@ -721,6 +723,17 @@ fn a_moved_client_keeps_its_session() {
         for c in &idle {
             c.batch_execute("select 1").await.unwrap();
         }
+        // The row shape `a` was told moved too: a migration that changes
+        // it gets PostgreSQL's answer (0A000), not rows of another shape.
+        b.batch_execute("alter table t add column extra int")
+            .await
+            .unwrap();
+        let e = a.query(&rows_of_t, &[]).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+            "{e:?}"
+        );
     });
     let _ = std::fs::remove_file(&socket);
 }

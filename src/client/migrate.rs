@@ -71,7 +71,8 @@ pub struct Record {
 }
 
 /// A named prepared statement of the client.
-#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, PartialEq, Default)]
+#[serde(default)]
 pub struct MovedStatement {
     pub name: String,
     /// The Parse body after the statement name (base64), or
@@ -79,6 +80,9 @@ pub struct MovedStatement {
     /// for SQL `PREPARE`, what follows its name.
     pub sql: Option<String>,
     pub foreign: bool,
+    /// The row shape the client was told (`Statement::promised`): a
+    /// migration that changes it is reported after the move as before.
+    pub shape: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -98,11 +102,24 @@ impl MovedStatement {
             parse: s.sql_prepare.is_none().then(|| B64.encode(rest)),
             sql: s.sql_prepare.as_ref().map(|_| s.query.clone()),
             foreign: s.foreign,
+            shape: s.promised.get().map(|d| d.shape),
         }
     }
 
-    /// The statement again, under its client name.
+    /// The statement again, under its client name, promised the shape the
+    /// client was told (as told before anything this process describes).
     pub fn statement(&self) -> Option<(String, std::sync::Arc<Statement>)> {
+        let made = self.made()?;
+        if let Some(shape) = self.shape {
+            let _ = made
+                .1
+                .promised
+                .set(crate::server::prepared::Described::now(shape));
+        }
+        Some(made)
+    }
+
+    fn made(&self) -> Option<(String, std::sync::Arc<Statement>)> {
         match (&self.parse, &self.sql) {
             (Some(p), _) => {
                 let rest = B64.decode(p).ok()?;
@@ -416,6 +433,13 @@ mod tests {
         assert_eq!(s.query, "select $1::int + 5");
         let (_, orig) = Statement::from_parse(b"s1\0select $1::int + 5\0\0\x01\0\0\0\x17").unwrap();
         assert_eq!((s.hash, &s.parse), (orig.hash, &orig.parse));
+        assert!(s.promised.get().is_none(), "no shape was told");
+        let told = MovedStatement {
+            shape: Some(99),
+            ..MovedStatement::of(&name, &orig)
+        };
+        let (_, again) = told.statement().unwrap();
+        assert_eq!(again.promised.get().map(|d| d.shape), Some(99));
         let (name, s) = r.statements[1].statement().unwrap();
         assert_eq!(name, "p2");
         assert!(s.sql_prepare.as_deref().unwrap().ends_with(" AS select 1"));
