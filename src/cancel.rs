@@ -49,7 +49,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl CancelRegistry {
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         let mut rng = rand::rng();
-        let slot: Slot = Arc::new(Mutex::new(None));
         let mut map = lock(&self.map);
         let (pid, secret) = loop {
             let pid = rng.random_range(1..i32::MAX);
@@ -57,30 +56,17 @@ impl CancelRegistry {
                 break (pid, rng.random::<i32>());
             }
         };
-        map.insert(pid, (secret, slot.clone()));
-        CancelHandle {
-            registry: self.clone(),
-            pid,
-            secret,
-            slot,
-        }
+        self.insert(&mut map, pid, secret)
     }
 
     /// Registers the key a client already holds (one a takeover moved
     /// here); a fresh key when another client here has that pid (the
     /// moved client's cancels then go nowhere, as after a lost key).
     pub fn adopt(self: &Arc<Self>, pid: i32, secret: i32) -> CancelHandle {
-        let slot: Slot = Arc::new(Mutex::new(None));
         {
             let mut map = lock(&self.map);
             if pid > 0 && !map.contains_key(&pid) {
-                map.insert(pid, (secret, slot.clone()));
-                return CancelHandle {
-                    registry: self.clone(),
-                    pid,
-                    secret,
-                    slot,
-                };
+                return self.insert(&mut map, pid, secret);
             }
         }
         tracing::warn!(
@@ -88,6 +74,23 @@ impl CancelRegistry {
             "a moved client's cancel key is taken here; it gets a new one"
         );
         self.register()
+    }
+
+    /// The entry for a free `pid`, and its handle.
+    fn insert(
+        self: &Arc<Self>,
+        map: &mut HashMap<i32, (i32, Slot)>,
+        pid: i32,
+        secret: i32,
+    ) -> CancelHandle {
+        let slot: Slot = Arc::new(Mutex::new(None));
+        map.insert(pid, (secret, slot.clone()));
+        CancelHandle {
+            registry: self.clone(),
+            pid,
+            secret,
+            slot,
+        }
     }
 
     /// The server key a valid request should be forwarded to, if any.

@@ -110,6 +110,14 @@ pub enum Eviction {
     Killed = 5,
 }
 
+impl Eviction {
+    /// Not asked to leave: nothing, or only a takeover's move (done or
+    /// not), which the client may ignore.
+    pub fn stays(self) -> bool {
+        matches!(self, Eviction::None | Eviction::Migrate | Eviction::Stay)
+    }
+}
+
 /// Kept small (it outlives parking, see `client::park`): with its reference
 /// counts it stays within a 256-byte allocator class (224 before it carried
 /// the client's totals, PgBouncer's #889 ask).
@@ -338,10 +346,7 @@ impl ClientInfo {
             && self.state.load(Ordering::Relaxed) == ClientState::Idle as u8
             && now.saturating_sub(idle_since)
                 > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
-            && matches!(
-                self.eviction(),
-                Eviction::None | Eviction::Migrate | Eviction::Stay
-            );
+            && self.eviction().stays();
         if expired {
             self.evict(Eviction::IdleTimeout);
         }

@@ -78,7 +78,9 @@ impl Session {
                 if !self.flush_idle().await? {
                     return Ok(Next::Exit);
                 }
-                // A move asked for while notifications were going out.
+                // Asked to move (a takeover), and nothing is left to send
+                // or to read first: here, before any wait, so that a nudge
+                // or a transaction's end comes back to it.
                 if self.may_move() {
                     return Ok(Next::Move);
                 }
@@ -104,7 +106,6 @@ impl Session {
                 let Some(read) = read else {
                     match self.evicted(self.deferred_begin.is_some()) {
                         Some(e) => return Err(e),
-                        None if self.may_move() => return Ok(Next::Move),
                         None if info.park_requested() && self.parkable() => {
                             return Ok(Next::Park);
                         }

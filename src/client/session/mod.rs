@@ -308,6 +308,14 @@ impl Session {
         Ok(())
     }
 
+    /// SHOW CLIENTS' prepared_statements: this client's named ones.
+    fn count_statements(&self) {
+        self.listed.info.prepared.store(
+            self.statements.len().min(usize::from(u16::MAX)) as u16,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Why this client must leave now, if it must.
     fn evicted(&self, in_transaction: bool) -> Option<ClientError> {
         match self.listed.info.eviction() {
@@ -335,12 +343,7 @@ impl Session {
             if let Some(e) = self.evicted(idle_in_tx) {
                 return Box::pin(self.fatal(e)).await;
             }
-            let next = if self.may_move() {
-                Ok(Next::Move)
-            } else {
-                self.wait_for_work().await
-            };
-            match next {
+            match self.wait_for_work().await {
                 Ok(Next::Exit) => return,
                 Ok(Next::Move) => match Box::pin(self.move_out()).await {
                     None => return,
@@ -370,12 +373,7 @@ impl Session {
                 Box::pin(async move {
                     // Other nudges (a takeover's move, a park request) do
                     // not end a PAUSE: only RESUME or an eviction does.
-                    while control.is_paused()
-                        && matches!(
-                            info.eviction(),
-                            Eviction::None | Eviction::Migrate | Eviction::Stay
-                        )
-                    {
+                    while control.is_paused() && info.eviction().stays() {
                         tokio::select! {
                             _ = control.wait_resumed() => {}
                             _ = info.nudge.nudged() => {}
@@ -477,11 +475,7 @@ impl Session {
                 self.app.transaction(d.xacts, d.queries, bytes);
             }
             self.listed.info.idle();
-            // SHOW CLIENTS' prepared_statements: this client's named ones.
-            self.listed.info.prepared.store(
-                self.statements.len().min(usize::from(u16::MAX)) as u16,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.count_statements();
             let progressed = tracker.timing.delta.received > 0 || had_prepend;
             match end {
                 TxEnd::Done if !progressed => {

@@ -159,10 +159,7 @@ async fn rebuild(
     };
     let mut session = Box::new(Session::new(stream, shared.clone(), l, listed));
     session.statements = r.statements.iter().filter_map(|s| s.statement()).collect();
-    session.listed.info.prepared.store(
-        session.statements.len().min(usize::from(u16::MAX)) as u16,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    session.count_statements();
     session.custom_params = r.custom_params.into_iter().collect();
     if r.wrote {
         // Its last write's position is the old process's: reads wait for
