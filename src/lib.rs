@@ -379,7 +379,6 @@ impl Proxy {
                     );
                 }
             };
-            let moved = &self.shared.outbox.moved;
             tokio::select! {
                 _ = lifecycle::clients_gone(&self.shared) => {}
                 _ = limit => {}
@@ -388,7 +387,11 @@ impl Proxy {
                     tracing::info!("SHUTDOWN: no longer waiting for clients to leave");
                 }
             }
-            let moved = moved.load(std::sync::atomic::Ordering::Relaxed);
+            let moved = self
+                .shared
+                .outbox
+                .moved
+                .load(std::sync::atomic::Ordering::Relaxed);
             if moved > 0 {
                 tracing::info!(moved, "clients moved to the new process");
             }

@@ -16,9 +16,8 @@
 //! one message carrying the descriptors and the text `LISTENERS n METRICS
 //! m CLIENTS 1\n` (n client listeners in config order, then m = 0 or 1
 //! metrics listener; `CLIENTS 1`: it can move its clients, in record format
-//! 1); the new process
-//! writes `OK\n` once it holds them, then `CLIENTS\n` if it takes clients,
-//! and the connection carries them from then on. A process of an earlier
+//! 1); the new process writes `OK\n` once it holds them, then `CLIENTS\n`
+//! if it takes clients, and the connection carries them from then on. A process of an earlier
 //! version neither offers nor takes clients, and the takeover works as
 //! without moves. Invariant: the old process stops accepting only after
 //! that `OK`, so an aborted takeover leaves it serving as before.
