@@ -447,20 +447,35 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
     drop(sleeping);
 }
 
-/// The config of a tidepool that can be taken over on `socket`, with
-/// `shutdown_timeout` as given.
-fn upgradable(db: &str, socket: &std::path::Path, shutdown_timeout: &str) -> String {
-    config(db, 4, "").replace(
+/// A database named after `name`, and a tidepool in front of it that can
+/// be taken over (`upgrade_socket`), with `shutdown_timeout` as given.
+struct Upgradable {
+    db: String,
+    socket: std::path::PathBuf,
+    toml: String,
+    old: Daemon,
+    url: String,
+}
+
+fn upgradable(name: &str, shutdown_timeout: &str) -> Upgradable {
+    let db = cluster().create_database(name);
+    let socket = std::env::temp_dir().join(format!("tidepool-{name}-{}.sock", std::process::id()));
+    let toml = config(&db, 4, "").replace(
         "shutdown_timeout = \"20s\"",
         &format!(
             "shutdown_timeout = \"{shutdown_timeout}\"\nupgrade_socket = \"{}\"",
             socket.display()
         ),
-    )
-}
-
-fn upgrade_socket(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("tidepool-{name}-{}.sock", std::process::id()))
+    );
+    let old = Daemon::start(&toml);
+    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    Upgradable {
+        db,
+        socket,
+        toml,
+        old,
+        url,
+    }
 }
 
 /// An upgrade that refuses and drops no client: a second tidepool started
@@ -473,12 +488,14 @@ fn upgrade_socket(name: &str) -> std::path::PathBuf {
 /// connections queued on the socket that closes: they are refused.)
 #[test]
 fn an_upgrade_under_pgbench_drops_no_client() {
-    let db = cluster().create_database("upgrade");
+    let Upgradable {
+        db,
+        socket,
+        toml,
+        mut old,
+        url,
+    } = upgradable("upgrade", "2s");
     pgbench_init(&db);
-    let socket = upgrade_socket("upgrade");
-    let toml = upgradable(&db, &socket, "2s");
-    let mut old = Daemon::start(&toml);
-    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
     let (u1, u2) = (url.clone(), url.clone());
     let steady = std::thread::spawn(move || {
         harness::pgbench(
@@ -592,11 +609,13 @@ async fn assert_canceled(c: &tokio_postgres::Client, what: &str) {
 #[test]
 fn a_moved_client_keeps_its_session() {
     use tokio_postgres::AsyncMessage;
-    let db = cluster().create_database("upgrade_session");
-    let socket = upgrade_socket("upgrade-session");
-    let toml = upgradable(&db, &socket, "30s");
-    let mut old = Daemon::start(&toml);
-    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let Upgradable {
+        db: _,
+        socket,
+        toml,
+        mut old,
+        url,
+    } = upgradable("upgrade_session", "30s");
     let rt = rt();
     let (a, b, stmt, rows_of_t, mut heard, idle) = rt.block_on(async {
         let (a, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -744,11 +763,13 @@ fn a_moved_client_keeps_its_session() {
 /// once it leaves.
 #[test]
 fn a_client_that_cannot_move_stays_and_is_served() {
-    let db = cluster().create_database("upgrade_stays");
-    let socket = upgrade_socket("upgrade-stays");
-    let toml = upgradable(&db, &socket, "60s");
-    let mut old = Daemon::start(&toml);
-    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let Upgradable {
+        db: _,
+        socket,
+        toml,
+        mut old,
+        url,
+    } = upgradable("upgrade_stays", "60s");
     let rt = rt();
     let (big, small) = rt.block_on(async {
         let big = harness::connect(&url).await.unwrap();
@@ -797,11 +818,13 @@ fn a_client_that_cannot_move_stays_and_is_served() {
 /// and the client then moves.
 #[test]
 fn pause_holds_through_a_takeover() {
-    let db = cluster().create_database("upgrade_pause");
-    let socket = upgrade_socket("upgrade-pause");
-    let toml = upgradable(&db, &socket, "60s");
-    let mut old = Daemon::start(&toml);
-    let url = old.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let Upgradable {
+        db,
+        socket,
+        toml,
+        mut old,
+        url,
+    } = upgradable("upgrade_pause", "60s");
     let admin_url = old.url("admin", "adminpw", "pgbouncer");
     let rt = rt();
     rt.block_on(async {
