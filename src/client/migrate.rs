@@ -465,6 +465,27 @@ mod tests {
         assert_eq!(decode_key(r.client_key.as_ref().unwrap()), Some([9; 32]));
     }
 
+    /// A statement whose text came in another encoding than UTF-8 (a
+    /// LATIN1 client's `é`, byte 0xE9) moves byte for byte: the same
+    /// server statement and the same Parse.
+    #[test]
+    fn a_statement_in_another_encoding_moves_byte_for_byte() {
+        let body = b"s\0select '\xe9'\0\0\0";
+        let (name, orig) = Statement::from_parse(body).unwrap();
+        assert!(orig.foreign);
+        let moved = MovedStatement::of(&name, &orig);
+        let json = serde_json::to_string(&moved).unwrap();
+        let back: MovedStatement = serde_json::from_str(&json).unwrap();
+        let (_, again) = back.statement().unwrap();
+        assert_eq!(
+            (again.hash, &again.parse, again.foreign),
+            (orig.hash, &orig.parse, true)
+        );
+        let sql = Statement::from_sql_prepare(" AS select '\u{e9}'", true);
+        let (_, again) = MovedStatement::of("p", &sql).statement().unwrap();
+        assert_eq!((again.hash, again.foreign), (sql.hash, true));
+    }
+
     /// Frames split at every byte, and several in one read, pair with
     /// their descriptors in order.
     #[test]
