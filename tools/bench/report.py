@@ -332,6 +332,12 @@ def many_stats(results, env, target):
     }
 
 
+def db_cpu(results):
+    """Scenario 6b: the CPU cap each PostgreSQL server had (fraction of a core)."""
+    caps = [r["db_cpu"] for r in results if r.get("scenario") == "routing" and r.get("db_cpu") is not None]
+    return f"{caps[0]:g}" if caps else "?"
+
+
 def routing_stats(results, variant, mode):
     """Scenarios 6-7: one variant of the routing tidepool, medians over rounds."""
     runs = [r for r in results if r.get("scenario") == "routing" and r.get("variant") == variant
@@ -515,8 +521,10 @@ def main():
     lat_rounds, lat_added = latency_rounds(args, results)
     idle = {t: idle_stats(results, t) for t in TARGETS}
     many = {t: many_stats(results, env, t) for t in POOLERS}
-    stubs = {r["scenario"]: r["skipped"] for r in results if r.get("scenario") in ("read_scaling", "classifier")}
-    R = {(v, m): routing_stats(results, v, m) for v in ("primary_only", "replicas", "classify_only")
+    stubs = {r["scenario"]: r["skipped"] for r in results
+             if r.get("scenario") in ("read_scaling", "classifier", "read_scaling_capped")}
+    R = {(v, m): routing_stats(results, v, m) for v in ("primary_only", "replicas", "classify_only",
+                                                          "primary_only_capped", "replicas_capped")
          for m in ("simple", "extended")}
     I = instruction_stats(results)
 
@@ -606,6 +614,13 @@ def main():
     if po and rp:
         w(f"| read scaling: tps, primary + 2 replicas vs primary alone (-M extended, 50 clients, 1 thread) | — | — | "
           f"{fnum(rp['tps'])} vs {fnum(po['tps'])} | — | — | — | {ratio(rp['tps'], po['tps'])} (vs primary alone) |")
+    pc, rc = R[("primary_only_capped", "extended")], R[("replicas_capped", "extended")]
+    if pc and rc:
+        w(f"| read scaling where the database is the bottleneck (each server capped at {db_cpu(results)} of a core): "
+          f"tps, primary + 2 replicas vs primary alone (-M extended, 50 clients, 1 thread) | — | — | "
+          f"{fnum(rc['tps'])} vs {fnum(pc['tps'])} | — | — | — | {ratio(rc['tps'], pc['tps'])} (vs primary alone) |")
+    elif "read_scaling_capped" in stubs:
+        w(f"| read scaling where the database is the bottleneck | — | — | {stubs['read_scaling_capped']} | — | — | — | — |")
     micro = micro_stats(results)
     if micro:
         x = micro[0]
@@ -870,7 +885,7 @@ def main():
     w("")
 
     # Scenarios 6 and 7
-    if stubs or not any(R.values()):
+    if "read_scaling" in stubs or "classifier" in stubs or not any(R.values()):
         w("## 6. Read scaling and 7. classifier cost")
         w("")
         for key, label in (("read_scaling", "6. Read scaling (primary + two replicas vs primary alone)"),
@@ -890,8 +905,14 @@ def main():
         w("")
         w("| variant | tps (range) | vs primary alone | pooler CPU µs/txn | server CPU µs/txn | server CPU: primary / replica 1 / replica 2 | failed txns |")
         w("|---|---:|---:|---:|---:|---:|---:|")
-        for v, label in (("primary_only", "primary alone (`bench`)"), ("replicas", "primary + 2 replicas (`bench_routed`)"),
-                         ("classify_only", "`bench_routed`, `tidepool.route=primary`")):
+        cap = db_cpu(results)
+        for v, label, base in (
+                ("primary_only", "primary alone (`bench`)", "primary_only"),
+                ("replicas", "primary + 2 replicas (`bench_routed`)", "primary_only"),
+                ("classify_only", "`bench_routed`, `tidepool.route=primary`", "primary_only"),
+                ("primary_only_capped", f"6b: primary alone, each server capped at {cap} of a core", "primary_only_capped"),
+                ("replicas_capped", f"6b: primary + 2 replicas, each server capped at {cap} of a core",
+                 "primary_only_capped")):
             x = R[(v, "extended")]
             if not x:
                 continue
@@ -899,12 +920,24 @@ def main():
             sh = " / ".join(f"{100 * y:.0f}%" for y in x["shares"]) if x["shares"] else "n/a"
             fails = fnum(x["failed"]) + (f" ({x['bad_status']} run(s) exited non-zero)" if x["bad_status"] else "")
             w(f"| {label} | {fnum(x['tps'])} ({fnum(lo)}–{fnum(hi)}) | "
-              f"{ratio(x['tps'], R[('primary_only', 'extended')]['tps']) if R[('primary_only', 'extended')] else 'n/a'} | "
+              f"{ratio(x['tps'], R[(base, 'extended')]['tps']) if R[(base, 'extended')] else 'n/a'} | "
               f"{fnum(x['pooler_us'], 1)} | {fnum(x['server_us'], 1)} | {sh} | {fails} |")
         w("")
         w(f"All three PostgreSQL servers, pgbench and tidepool share this machine's {env['cores']} cores, "
-          "so replicas add no CPU here: this shows that reads move to the replicas and what routing "
-          "costs, not the scaling that replicas on other hosts would give.")
+          "so in the first two rows replicas add no CPU: they show that reads move to the replicas and what "
+          "routing costs, not the scaling that replicas on other hosts would give.")
+        w("")
+        if R[("replicas_capped", "extended")]:
+            w(f"**6b, the database as the bottleneck.** As on separate hosts, each PostgreSQL server gets its own "
+              f"CPU: a CPU cgroup per cluster (postmaster and every backend) capped at {cap} of a core "
+              "(`cpu.cfs_quota_us`/`cpu.max`, `./scripts/bench --db-cpu`), for these runs only. The primary "
+              "alone then has that much CPU for every read, the routed database has the two replicas' caps "
+              "(reads go to replicas only; the primary's cap is idle but for health checks), so the ideal is "
+              "2×; what keeps it below is in the server CPU µs/txn column (a read costs a hot standby more than "
+              "the primary, and a throttled server's backends wait for their next period). pgbench and tidepool "
+              f"are not capped. Runs of {env['duration']} s.")
+        elif "read_scaling_capped" in stubs:
+            w(f"6b (the database as the bottleneck, each server's CPU capped): {stubs['read_scaling_capped']}.")
         w("")
         w("## 7. Classifier cost")
         w("")
