@@ -95,7 +95,7 @@ pub async fn clients_gone(shared: &Arc<Shared>) {
             .list
             .all()
             .iter()
-            .filter(|c| crate::client::startup::ADMIN_DATABASES.contains(&&*c.database))
+            .filter(|c| crate::client::startup::ADMIN_DATABASES.contains(&c.database()))
             .count();
         shared
             .clients

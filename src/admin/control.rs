@@ -93,7 +93,7 @@ pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(),
     }
     let mut killed = 0;
     for c in shared.list.all() {
-        if dbs.iter().any(|d| **d == *c.database) {
+        if dbs.iter().any(|d| **d == *c.database()) {
             c.evict(Eviction::Killed);
             killed += 1;
         }

@@ -237,8 +237,8 @@ fn client_caps(
     // Counted in place (no copy of the list per login).
     let (mut same_db, mut same_user) = (0u32, 0u32);
     shared.list.for_each(|c| {
-        same_db += u32::from(&*c.database == database);
-        same_user += u32::from(&*c.user == user);
+        same_db += u32::from(c.database() == database);
+        same_user += u32::from(c.user() == user);
     });
     let events = &shared.stats.counters.limits;
     if db_max > 0 && same_db >= db_max {

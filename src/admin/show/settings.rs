@@ -34,7 +34,7 @@ pub(super) fn databases(shared: &Shared) -> ResultSet {
     }
     let mut clients: HashMap<String, u64> = HashMap::new();
     for cl in shared.list.all() {
-        *clients.entry(cl.database.to_string()).or_default() += 1;
+        *clients.entry(cl.database().to_string()).or_default() += 1;
     }
     for (name, db) in &c.databases {
         let paused = shared.registry.control(name).is_paused();
@@ -114,7 +114,7 @@ pub(super) fn users(shared: &Shared) -> ResultSet {
     }
     let mut clients: HashMap<String, u64> = HashMap::new();
     for c in shared.list.all() {
-        *clients.entry(c.user.to_string()).or_default() += 1;
+        *clients.entry(c.user().to_string()).or_default() += 1;
     }
     for (name, u) in &settings.config.users {
         rs.push(vec![

@@ -26,7 +26,7 @@ impl Session {
             } else {
                 Role::Replica
             },
-            client: self.listed.info.addr,
+            client: self.listed.info.addr(),
             slow_us: server_pool.hot.slow_query_us(),
             backend_index: server_pool.backend,
             spans: &self.shared.spans,
@@ -370,7 +370,7 @@ impl Session {
                             database: self.database.clone(),
                             application_name: info.application_name(),
                             addr: info
-                                .addr
+                                .addr()
                                 .map_or_else(|| "unix".to_owned(), |a| a.to_string()),
                             state,
                             since: std::time::SystemTime::now() - quiet,
