@@ -174,6 +174,9 @@ fn main() -> ExitCode {
         }
     };
     rt.enable_all();
+    // After clients park, every thread gives its allocator cache back when
+    // it next goes idle (see tidepool::memory).
+    rt.on_thread_park(tidepool::memory::flush_if_asked);
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -181,7 +184,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = rt.block_on(async move {
+    // The proxy runs as a task, on a worker, not in block_on on this
+    // thread: the main thread then never allocates for clients (its
+    // allocator cache would not be flushed: it has no park hook).
+    let main = async move {
         tracing::info!(threads, "runtime");
         let proxy = match tidepool::Proxy::bind_with(config, Some(cli.config.clone()), cli.takeover)
             .await
@@ -199,6 +205,12 @@ fn main() -> ExitCode {
         tokio::spawn(tidepool::lifecycle::reload_on_sighup(proxy.shared()));
         proxy.run(tidepool::lifecycle::signal(), None).await;
         ExitCode::SUCCESS
+    };
+    let code = rt.block_on(async move {
+        tokio::spawn(main).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the proxy's task failed");
+            ExitCode::FAILURE
+        })
     });
     // Tasks still running (clients closed at the deadline, blocking work)
     // are dropped, not waited for.

@@ -12,6 +12,8 @@
 //! slabs (pages) in use. After clients park, [`flush_thread_cache`] gives
 //! them back.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -31,6 +33,37 @@ pub fn usage() -> Option<Usage> {
         allocated: tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64,
         resident: tikv_jemalloc_ctl::stats::resident::read().ok()? as u64,
     })
+}
+
+/// Asks every runtime thread to flush its cache (see
+/// [`flush_thread_cache`]): the calling thread now, the others the next time
+/// they go idle ([`flush_if_asked`], the runtime's park hook). With several
+/// workers, clients park on all of them, and the caches of the threads that
+/// did not run the parking sweep kept their slabs too (10,000 parked
+/// clients on two workers: ~750 KB of cached objects pinning ~4 MB).
+pub fn flush_all_thread_caches() {
+    flush_thread_cache();
+    FLUSH_ASKED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The runtime's park hook: flushes this thread's cache if a flush was asked
+/// for since its last one. Costs a load and a compare otherwise.
+pub fn flush_if_asked() {
+    let asked = FLUSH_ASKED.load(Ordering::Relaxed);
+    FLUSHED.with(|seen| {
+        if seen.get() != asked {
+            seen.set(asked);
+            flush_thread_cache();
+        }
+    });
+}
+
+/// Flushes asked for so far ([`flush_all_thread_caches`]).
+static FLUSH_ASKED: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The last flush this thread did, as a count of [`FLUSH_ASKED`].
+    static FLUSHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Returns the calling thread's cached free objects to their slabs, so that

@@ -257,9 +257,10 @@ pub async fn run(shared: Arc<Shared>) {
                     next_park_sweep = now + period;
                     let parked = lot.len();
                     if parked > parked_before {
-                        // The freed sessions wait in this thread's allocator
-                        // cache, keeping their pages: give them back.
-                        crate::memory::flush_thread_cache();
+                        // The freed sessions wait in the allocator caches
+                        // of the threads that ran them, keeping their
+                        // pages: give them back.
+                        crate::memory::flush_all_thread_caches();
                     }
                     parked_before = parked;
                 }
