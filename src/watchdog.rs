@@ -100,24 +100,28 @@ thread_local! {
 /// a handful), so a thread-local can point at them without a count.
 static SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
 
+/// This thread's slot: a thread-local load on the hot path (inlined; the
+/// first call on a thread makes the slot, out of line).
+#[inline]
 fn slot() -> &'static Slot {
-    SLOT.with(|s| match s.get() {
-        Some(slot) => slot,
-        None => {
-            let slot: &'static Slot = Box::leak(Box::default());
-            if let Ok(mut name) = slot.thread.lock() {
-                *name = std::thread::current()
-                    .name()
-                    .unwrap_or("unnamed")
-                    .to_owned();
-            }
-            if let Ok(mut all) = SLOTS.lock() {
-                all.push(slot);
-            }
-            s.set(Some(slot));
-            slot
-        }
-    })
+    SLOT.with(|s| s.get()).unwrap_or_else(new_slot)
+}
+
+#[cold]
+#[inline(never)]
+fn new_slot() -> &'static Slot {
+    let slot: &'static Slot = Box::leak(Box::default());
+    if let Ok(mut name) = slot.thread.lock() {
+        *name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+    }
+    if let Ok(mut all) = SLOTS.lock() {
+        all.push(slot);
+    }
+    SLOT.with(|s| s.set(Some(slot)));
+    slot
 }
 
 fn now_us() -> u64 {
