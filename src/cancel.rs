@@ -1,8 +1,11 @@
 //! Proxy-issued cancel keys and the server each one currently points at.
 //!
-//! Every client gets a random (pid, secret) pair at login. While the client
-//! has a server checked out, its entry names that server's own key; a
-//! CancelRequest carrying the client's key is forwarded there, and only there.
+//! Every client gets a random (pid, secret) pair at login; its entry names
+//! the client. A CancelRequest carrying the key is forwarded to the server
+//! the client holds at that moment (its own key, found through the client
+//! and server lists by the registry's `target`), and only there: none while
+//! the client holds none. No per-client allocation, and nothing to update
+//! per transaction: the client and server lists already say who holds what.
 //!
 //! During a takeover (`upgrade`), a request whose key is not known here is
 //! passed to the old process, whose clients that have not moved yet still
@@ -24,11 +27,13 @@ use tokio::net::TcpStream;
 use crate::protocol::write;
 use crate::server::CancelKey;
 
-type Slot = Arc<Mutex<Option<CancelKey>>>;
+/// The server a client (by id) holds now, as that server's cancel key.
+type Target = Box<dyn Fn(u64) -> Option<CancelKey> + Send + Sync>;
 
-#[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<i32, (i32, Slot)>>,
+    /// pid → (secret, the client's id).
+    map: Mutex<HashMap<i32, (i32, u64)>>,
+    target: Target,
     /// After a takeover, while the old process runs: where requests with
     /// keys unknown here go.
     old_process: Mutex<Option<std::os::unix::net::UnixStream>>,
@@ -39,15 +44,31 @@ pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub secret: i32,
-    slot: Slot,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+impl Default for CancelRegistry {
+    /// A registry whose clients never hold a server (tests).
+    fn default() -> Self {
+        Self::new(|_| None)
+    }
+}
+
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
+    /// `target`: the server a client holds now, if any.
+    pub fn new(target: impl Fn(u64) -> Option<CancelKey> + Send + Sync + 'static) -> Self {
+        Self {
+            map: Mutex::default(),
+            target: Box::new(target),
+            old_process: Mutex::default(),
+        }
+    }
+
+    /// A fresh key for client `client`.
+    pub fn register(self: &Arc<Self>, client: u64) -> CancelHandle {
         let mut rng = rand::rng();
         let mut map = lock(&self.map);
         let (pid, secret) = loop {
@@ -56,53 +77,49 @@ impl CancelRegistry {
                 break (pid, rng.random::<i32>());
             }
         };
-        self.insert(&mut map, pid, secret)
+        self.insert(&mut map, pid, secret, client)
     }
 
     /// Registers the key a client already holds (one a takeover moved
     /// here); a fresh key when another client here has that pid (the
     /// moved client's cancels then go nowhere, as after a lost key).
-    pub fn adopt(self: &Arc<Self>, pid: i32, secret: i32) -> CancelHandle {
+    pub fn adopt(self: &Arc<Self>, pid: i32, secret: i32, client: u64) -> CancelHandle {
         {
             let mut map = lock(&self.map);
             if pid > 0 && !map.contains_key(&pid) {
-                return self.insert(&mut map, pid, secret);
+                return self.insert(&mut map, pid, secret, client);
             }
         }
         tracing::warn!(
             pid,
             "a moved client's cancel key is taken here; it gets a new one"
         );
-        self.register()
+        self.register(client)
     }
 
     /// The entry for a free `pid`, and its handle.
     fn insert(
         self: &Arc<Self>,
-        map: &mut HashMap<i32, (i32, Slot)>,
+        map: &mut HashMap<i32, (i32, u64)>,
         pid: i32,
         secret: i32,
+        client: u64,
     ) -> CancelHandle {
-        let slot: Slot = Arc::new(Mutex::new(None));
-        map.insert(pid, (secret, slot.clone()));
+        map.insert(pid, (secret, client));
         CancelHandle {
             registry: self.clone(),
             pid,
             secret,
-            slot,
         }
     }
 
     /// The server key a valid request should be forwarded to, if any.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
-        let slot = {
-            let map = lock(&self.map);
-            match map.get(&pid) {
-                Some((s, slot)) if *s == secret => slot.clone(),
-                _ => return None,
-            }
+        let client = match lock(&self.map).get(&pid) {
+            Some(&(s, client)) if s == secret => client,
+            _ => return None,
         };
-        *lock(&slot)
+        (self.target)(client)
     }
 
     /// Forwards a client's CancelRequest; silently ignores bad keys, as
@@ -174,13 +191,6 @@ pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
     s.shutdown().await
 }
 
-impl CancelHandle {
-    /// Points this client's key at the server it now uses (or at nothing).
-    pub fn point_at(&self, key: Option<CancelKey>) {
-        *lock(&self.slot) = key;
-    }
-}
-
 impl Drop for CancelHandle {
     fn drop(&mut self) {
         lock(&self.registry.map).remove(&self.pid);
@@ -193,19 +203,27 @@ mod tests {
 
     #[test]
     fn only_the_right_secret_finds_the_server() {
-        let reg = Arc::new(CancelRegistry::default());
-        let h = reg.register();
         let key = CancelKey {
             addr: "127.0.0.1:5432".parse().unwrap(),
             pid: 7,
             secret: 9,
         };
-        assert_eq!(reg.target(h.pid, h.secret), None);
-        h.point_at(Some(key));
+        // Client 5 holds a server; client 6 holds none.
+        let reg = Arc::new(CancelRegistry::new(move |c| (c == 5).then_some(key)));
+        let h = reg.register(5);
+        let idle = reg.register(6);
         assert_eq!(reg.target(h.pid, h.secret), Some(key));
         assert_eq!(reg.target(h.pid, h.secret.wrapping_add(1)), None);
+        assert_eq!(reg.target(idle.pid, idle.secret), None);
         let pid = h.pid;
         drop(h);
         assert_eq!(reg.target(pid, 0), None);
+        // A moved client's key is adopted for it, unless the pid is taken.
+        let moved = reg.adopt(1234, 42, 5);
+        assert_eq!(reg.target(1234, 42), Some(key));
+        let clash = reg.adopt(1234, 43, 6);
+        assert_ne!(clash.pid, 1234);
+        drop(moved);
+        assert_eq!(reg.target(1234, 42), None);
     }
 }

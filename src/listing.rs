@@ -56,6 +56,11 @@ impl<T: Listable> Listing<T> {
         }
     }
 
+    /// The item listed under `id`, if any.
+    pub fn get(&self, id: u64) -> Option<Arc<T>> {
+        self.shard(id).get(&id).cloned()
+    }
+
     /// Every listed item, by id.
     pub fn all(&self) -> Vec<Arc<T>> {
         let mut v: Vec<Arc<T>> = self

@@ -463,6 +463,11 @@ impl ClientInfo {
         self.names.split_once('\0').map_or("", |(_, d)| d)
     }
 
+    /// The server it holds (0: none).
+    pub fn link(&self) -> u64 {
+        self.link.load(Ordering::Relaxed)
+    }
+
     /// The client's address (none for a Unix socket).
     pub fn addr(&self) -> Option<SocketAddr> {
         self.addr.get()
@@ -536,6 +541,23 @@ impl crate::listing::Listable for ClientInfo {
 
 /// Every logged-in client.
 pub type ClientList = crate::listing::Listing<ClientInfo>;
+
+/// Where a cancel request for `client` goes (`cancel::CancelRegistry`'s
+/// target): the server it holds, once that server is lent to it, which is
+/// after the session's parameters were applied (a cancel must not hit
+/// tidepool's own SET, which would fail the client's login to the server).
+pub fn cancel_target(
+    clients: &ClientList,
+    servers: &crate::server::list::ServerList,
+    client: u64,
+) -> Option<crate::server::CancelKey> {
+    let link = clients.get(client)?.link();
+    if link == 0 {
+        return None;
+    }
+    let server = servers.get(link)?;
+    (server.link() == client).then(|| server.cancel_key())
+}
 /// Keeps a client listed while its task lives.
 pub type Listed = crate::listing::Entry<ClientInfo>;
 
@@ -549,6 +571,33 @@ mod tests {
         // stay within 224 bytes, and above 192 it is in that class.
         let size = std::mem::size_of::<ClientInfo>() + 16;
         assert!(size <= INFO_CLASS, "{size}");
+    }
+
+    #[test]
+    fn a_cancel_goes_to_the_server_lent_to_the_client_and_nowhere_else() {
+        use crate::server::CancelKey;
+        use crate::server::list::{ServerInfo, ServerList};
+        let clients = std::sync::Arc::new(ClientList::default());
+        let servers = std::sync::Arc::new(ServerList::default());
+        let key = CancelKey {
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            pid: 4242,
+            secret: -7,
+        };
+        let c = clients.add(ClientInfo::new(1, "u", "d", None, None, 9, 0));
+        let s = servers.add(ServerInfo::new(7, "d", 0, "u", key.addr, None, key));
+        let target = || cancel_target(&clients, &servers, 1);
+        assert_eq!(target(), None, "holds nothing");
+        c.info.active(7);
+        assert_eq!(target(), None, "checked out, parameters not applied yet");
+        s.info.lent(1);
+        assert_eq!(target(), Some(key));
+        s.info.returned(0);
+        s.info.lent(2);
+        assert_eq!(target(), None, "the server went to another client");
+        c.info.idle();
+        assert_eq!(target(), None);
+        assert_eq!(cancel_target(&clients, &servers, 3), None, "unknown client");
     }
 
     #[test]

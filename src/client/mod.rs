@@ -173,14 +173,20 @@ impl Shared {
         rate_limits.configure(&config);
         let lot = Arc::new(park::Lot::default());
         let spans = Arc::new(crate::stats::spans::Spans::new(&config.tracing));
+        let registry = Registry::new(&config, stats.clone());
+        let list = Arc::new(list::ClientList::default());
+        let cancel = {
+            let (clients, servers) = (list.clone(), registry.servers.clone());
+            CancelRegistry::new(move |client| list::cancel_target(&clients, &servers, client))
+        };
         Self {
             decoy,
-            registry: Registry::new(&config, stats.clone()),
+            registry,
             settings: ArcSwap::from_pointee(Settings::new(config, None)),
-            cancel: Arc::new(CancelRegistry::default()),
+            cancel: Arc::new(cancel),
             clients: AtomicU32::new(0),
             stats,
-            list: Arc::new(list::ClientList::default()),
+            list,
             listen: listen::Listeners::new(lot.clone()),
             lot,
             pins: Arc::default(),

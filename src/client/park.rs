@@ -43,7 +43,7 @@ pub struct Lot {
     poll: Mutex<Option<Poll>>,
     /// Boxed: the map's buckets stay small (a map grows by doubling, and
     /// its empty buckets would cost a whole record each), and the records,
-    /// 112 bytes, fill allocator pages of a class that no active session
+    /// 96 bytes, fill allocator pages of a class that no active session
     /// uses, so clients that park leave no holes among them.
     parked: Mutex<HashMap<u64, Box<Parked>>>,
     /// Wakes the lot's task to let evicted (or woken) clients out.

@@ -414,7 +414,7 @@ async fn handshake(
     let client_params = Box::pin(canonical_values(&pool, &defaults, client_params)).await?;
     params.extend(client_params.clone());
 
-    let cancel = shared.cancel.register();
+    let cancel = shared.cancel.register(id);
     // Counted and listed in one step, before the client hears it is in:
     // two logins at once cannot both take the last place.
     let listed = {

@@ -465,7 +465,7 @@ impl Pool {
                     &self.user,
                     addr,
                     local,
-                    conn.cancel_key.pid,
+                    conn.cancel_key,
                 )
                 .with_tls(conn.stream.tls_summary()),
             ),

@@ -20,6 +20,8 @@ pub struct ServerInfo {
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
     pub pid: i32,
+    /// The server's cancel secret (with `addr` and `pid`, its cancel key).
+    secret: i32,
     /// True while lent to a client.
     active: AtomicU8,
     link: AtomicU64,
@@ -54,7 +56,7 @@ impl ServerInfo {
         user: &str,
         addr: SocketAddr,
         local: Option<SocketAddr>,
-        pid: i32,
+        key: crate::server::CancelKey,
     ) -> Self {
         Self {
             tls: String::new(),
@@ -65,7 +67,8 @@ impl ServerInfo {
             addr,
             local,
             connect_time: SystemTime::now(),
-            pid,
+            pid: key.pid,
+            secret: key.secret,
             active: AtomicU8::new(0),
             link: AtomicU64::new(0),
             request_time: AtomicU64::new(now_us()),
@@ -77,6 +80,19 @@ impl ServerInfo {
     pub fn with_tls(mut self, tls: String) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// The client it is lent to (0: none).
+    pub fn link(&self) -> u64 {
+        self.link.load(Ordering::Relaxed)
+    }
+
+    pub fn cancel_key(&self) -> crate::server::CancelKey {
+        crate::server::CancelKey {
+            addr: self.addr,
+            pid: self.pid,
+            secret: self.secret,
+        }
     }
 
     pub fn lent(&self, client: u64) {

@@ -462,7 +462,6 @@ impl Session {
             watchdog::phase(Phase::Release);
             drop(on_replica);
             self.after_route(route, class);
-            self.cancel.point_at(None);
             server.conn().tx = tracker.status;
             server.pool().traffic.apply(&tracker.timing.delta);
             {

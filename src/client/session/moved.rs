@@ -116,7 +116,7 @@ async fn rebuild(
         .or(fetched.as_deref());
     let client_key = r.client_key.as_deref().and_then(decode_key);
     // The key first: a cancel sent meanwhile finds the client.
-    let cancel = shared.cancel.adopt(r.pid, r.secret);
+    let cancel = shared.cancel.adopt(r.pid, r.secret, id);
     let pool = shared
         .registry
         .pool_for(config, &r.database, db, &r.user, secret, client_key, 0);

@@ -225,9 +225,6 @@ impl Session {
         info.counts.waited(us);
         self.app.waited(us);
         info.active(pooled.conn().id);
-        if let Some(l) = &pooled.conn().listed {
-            l.info.lent(info.id);
-        }
         if pooled.pool().catalog.changers_due() {
             pooled = Box::pin(self.read_changers(pooled)).await?;
         }
@@ -241,7 +238,11 @@ impl Session {
         if !in_sync {
             pooled = Box::pin(self.sync_params(pooled)).await?;
         }
-        self.cancel.point_at(Some(pooled.conn().cancel_key));
+        // Lent from here: cancel requests reach it (see
+        // `list::cancel_target`), now that tidepool's own queries are done.
+        if let Some(l) = &pooled.conn().listed {
+            l.info.lent(info.id);
+        }
         Ok(pooled)
     }
 }
