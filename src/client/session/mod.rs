@@ -104,6 +104,10 @@ pub struct Session {
     /// Session parameters as the client sees them; shared (copy on write)
     /// between clients whose parameters are the same.
     params: Arc<BTreeMap<String, String>>,
+    /// Whether `params` says `tidepool.route = primary`, for that very
+    /// parameter set (held, so its address cannot be reused): routing reads
+    /// the map again only when the parameters changed.
+    route_param: Option<(Arc<BTreeMap<String, String>>, bool)>,
     cancel: CancelHandle,
     /// An error owed to the client's next request (server lost while idle in
     /// a transaction, or no server could be had).
@@ -239,6 +243,7 @@ impl Session {
             defaults: pool_defaults,
             health: None,
             spare_tracker: None,
+            route_param: None,
             waiter: Waiter::new(),
             app,
             pool_wait_us: 0,

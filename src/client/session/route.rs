@@ -36,10 +36,7 @@ impl Session {
         let request = policy::Request {
             class,
             hint,
-            forced_primary: self
-                .params
-                .get("tidepool.route")
-                .is_some_and(|v| v.eq_ignore_ascii_case("primary")),
+            forced_primary: forced_primary(&mut self.route_param, &self.params),
             after_deferred_begin: self.deferred_begin.is_some(),
             last_write: self.last_write,
         };
@@ -351,5 +348,42 @@ impl Session {
             waiting,
             by_app,
         }
+    }
+}
+
+/// `tidepool.route = primary` in the session's parameters `params`; `cache`
+/// remembers the answer for that very parameter set, so the map is searched
+/// again only when the parameters changed.
+type ParamSet = Arc<std::collections::BTreeMap<String, String>>;
+fn forced_primary(cache: &mut Option<(ParamSet, bool)>, params: &ParamSet) -> bool {
+    if let Some((seen, forced)) = cache
+        && Arc::ptr_eq(seen, params)
+    {
+        return *forced;
+    }
+    let forced = params
+        .get("tidepool.route")
+        .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
+    *cache = Some((params.clone(), forced));
+    forced
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_hint_follows_the_parameter_set() {
+        let mut cache = None;
+        let mut params: ParamSet = Arc::default();
+        assert!(!forced_primary(&mut cache, &params));
+        // SET tidepool.route = primary: a new set (copy on write).
+        Arc::make_mut(&mut params).insert("tidepool.route".into(), "Primary".into());
+        assert!(forced_primary(&mut cache, &params));
+        assert!(forced_primary(&mut cache, &params), "cached");
+        Arc::make_mut(&mut params).insert("tidepool.route".into(), "any".into());
+        assert!(!forced_primary(&mut cache, &params));
+        let reset: ParamSet = Arc::default();
+        assert!(!forced_primary(&mut cache, &reset));
     }
 }
