@@ -172,6 +172,24 @@ def instruction_stats(results):
     return out
 
 
+def routing_instruction_stats(results):
+    """Scenario 7b: instructions per transaction of the routing tidepool, per
+    (variant, mode), as in `instruction_stats`."""
+    out = {}
+    for v in ("primary_only", "classify_only"):
+        for m in ("simple", "extended"):
+            rs = [r for r in results if r.get("scenario") == "routing_instructions" and r["variant"] == v
+                  and r["mode"] == m and isinstance(r.get("instructions"), (int, float))]
+            if len(rs) < 2:
+                continue
+            rs.sort(key=lambda r: r["txns_per_client"])
+            a, b = rs[0], rs[-1]
+            txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
+            if txns > 0:
+                out[(v, m)] = (b["instructions"] - a["instructions"]) / txns
+    return out
+
+
 def steal_percent(d):
     """Share of all CPU time the hypervisor took (steal) during the run."""
     try:
@@ -627,6 +645,20 @@ def main():
         w(f"| classifier ns/statement, `{x['statement'][:40]}…`: parsed / text cache / template memo "
           f"(micro-benchmark) | — | — | {fnum(x['parsed_ns'])} / {fnum(x['text_cache_ns'])} / "
           f"{fnum(x['template_memo_ns'])} | — | — | — | — |")
+    RI = routing_instruction_stats(results)
+    for m in ("simple", "extended"):
+        a, c = RI.get(("primary_only", m)), RI.get(("classify_only", m))
+        if a is None or c is None:
+            continue
+        # Instructions to µs at the pace tidepool ran them in scenario 1
+        # (its user CPU per transaction over its instructions per transaction).
+        s1, i1 = S[("select50", m, "tidepool")], I.get(("tidepool", m))
+        est = ""
+        if s1 and s1.get("user_us") and i1:
+            est = f" ≈ {fnum((c - a) * s1['user_us'] / i1, 2)} µs"
+        w(f"| routing decision, user-space instructions/txn, -M {m} (callgrind: `bench_routed` with "
+          f"`tidepool.route=primary` minus `bench`) | — | — | {fnum(c - a)}{est} ({fnum(c)} vs {fnum(a)}) | — | — | — | "
+          f"{ratio(c, a)} |")
     for m, what in (("simple", "new literals each time: the client's template memo"), ("extended", "one text: cached")):
         a, c = R[("primary_only", m)], R[("classify_only", m)]
         if a and c and a["pooler_us"] is not None and c["pooler_us"] is not None:
