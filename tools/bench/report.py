@@ -995,6 +995,19 @@ def main():
             w(f"| {m} | {fnum(a['pooler_us'], 1)} | {fnum(c['pooler_us'], 1)} | {fnum(cost, 1)} | "
               f"{ratio(c['pooler_us'], a['pooler_us'])} | {fnum(a['tps'])} | {fnum(c['tps'])} | {rep_share} |")
         w("")
+        RI = routing_instruction_stats(results)
+        if RI:
+            w("**7b, exact.** The same two databases with the routing tidepool started afresh under "
+              "`valgrind --tool=callgrind` for `pgbench -S -c 50` with 20 and then 80 transactions per "
+              "client (as in 1b): user-space instructions per transaction.")
+            w("")
+            w("| mode | `bench` (no routing) | `bench_routed`, `tidepool.route=primary` | routing decision |")
+            w("|---|---:|---:|---:|")
+            for m in ("simple", "extended"):
+                a, c = RI.get(("primary_only", m)), RI.get(("classify_only", m))
+                if a is not None and c is not None:
+                    w(f"| {m} | {fnum(a)} | {fnum(c)} | {fnum(c - a)} |")
+            w("")
 
     # Profile
     perf = os.path.join(args.dir, "perf-top.txt")
