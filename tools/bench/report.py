@@ -154,40 +154,42 @@ def micro_stats(results):
     return [r for r in results if r.get("scenario") == "classifier_micro"]
 
 
-def instruction_stats(results):
-    """User-space instructions per transaction from the callgrind runs: the
-    difference between the two run lengths, per (target, mode)."""
+def per_txn_instructions(rs):
+    """Instructions per transaction from callgrind runs of two lengths: the
+    difference between the shortest and the longest over the difference in
+    transactions (start-up and shutdown cancel out); None without two."""
+    rs = sorted((r for r in rs if isinstance(r.get("instructions"), (int, float))),
+                key=lambda r: r["txns_per_client"])
+    if len(rs) < 2:
+        return None
+    a, b = rs[0], rs[-1]
+    txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
+    return (b["instructions"] - a["instructions"]) / txns if txns > 0 else None
+
+
+def instruction_table(results, scenario, field, keys):
+    """Instructions per transaction of `scenario`'s callgrind runs, per
+    (record[field] in keys, mode)."""
     out = {}
-    for t in POOLERS:
+    for k in keys:
         for m in ("simple", "extended"):
-            rs = [r for r in results if r.get("scenario") == "instructions" and r["target"] == t
-                  and r["mode"] == m and isinstance(r.get("instructions"), (int, float))]
-            if len(rs) < 2:
-                continue
-            rs.sort(key=lambda r: r["txns_per_client"])
-            a, b = rs[0], rs[-1]
-            txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
-            if txns > 0:
-                out[(t, m)] = (b["instructions"] - a["instructions"]) / txns
+            per = per_txn_instructions(r for r in results if r.get("scenario") == scenario
+                                       and r.get(field) == k and r["mode"] == m)
+            if per is not None:
+                out[(k, m)] = per
     return out
+
+
+def instruction_stats(results):
+    """User-space instructions per transaction from the callgrind runs, per
+    (target, mode)."""
+    return instruction_table(results, "instructions", "target", POOLERS)
 
 
 def routing_instruction_stats(results):
     """Scenario 7b: instructions per transaction of the routing tidepool, per
     (variant, mode), as in `instruction_stats`."""
-    out = {}
-    for v in ("primary_only", "classify_only"):
-        for m in ("simple", "extended"):
-            rs = [r for r in results if r.get("scenario") == "routing_instructions" and r["variant"] == v
-                  and r["mode"] == m and isinstance(r.get("instructions"), (int, float))]
-            if len(rs) < 2:
-                continue
-            rs.sort(key=lambda r: r["txns_per_client"])
-            a, b = rs[0], rs[-1]
-            txns = (b["txns_per_client"] - a["txns_per_client"]) * b["clients"]
-            if txns > 0:
-                out[(v, m)] = (b["instructions"] - a["instructions"]) / txns
-    return out
+    return instruction_table(results, "routing_instructions", "variant", ("primary_only", "classify_only"))
 
 
 def steal_percent(d):
