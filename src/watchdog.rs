@@ -89,6 +89,8 @@ struct Slot {
     since: AtomicU64,
     phase: AtomicU8,
     thread: Mutex<String>,
+    /// The thread's kernel id (0: unknown), to read its scheduling delays.
+    tid: std::sync::atomic::AtomicI32,
 }
 
 thread_local! {
@@ -111,6 +113,8 @@ fn slot() -> &'static Slot {
 #[inline(never)]
 fn new_slot() -> &'static Slot {
     let slot: &'static Slot = Box::leak(Box::default());
+    // SAFETY: gettid(2) takes nothing and cannot fail.
+    slot.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
     if let Ok(mut name) = slot.thread.lock() {
         *name = std::thread::current()
             .name()
@@ -122,6 +126,62 @@ fn new_slot() -> &'static Slot {
     }
     SLOT.with(|s| s.set(Some(slot)));
     slot
+}
+
+/// Nanoseconds thread `tid` of this process has spent runnable but waiting
+/// for a CPU (`/proc/self/task/TID/schedstat`, second field); `None` where
+/// the kernel does not keep it.
+fn runqueue_wait_ns(tid: i32) -> Option<u64> {
+    if tid <= 0 {
+        return None;
+    }
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A thread that waited for a CPU for at least half of `elapsed_us` was not
+/// held up by the event loop: the machine did not run it.
+fn starved(waited_ns: u64, elapsed_us: u64) -> bool {
+    elapsed_us > 0 && waited_ns / 1000 * 2 >= elapsed_us
+}
+
+/// The scheduling delays of some threads, read when something (a poll, the
+/// heartbeat) first ran late, to judge the delay by if it becomes a stall.
+#[derive(Default)]
+struct Baseline {
+    /// What ran late: a poll's start or a heartbeat reading (0: none).
+    key: u64,
+    at_us: u64,
+    waits: Vec<Option<u64>>,
+}
+
+impl Baseline {
+    /// Reads `tids`' delays now, for `key`, unless already read for it.
+    fn take(&mut self, key: u64, now: u64, tids: &[i32]) {
+        if self.key != key {
+            *self = Baseline {
+                key,
+                at_us: now,
+                waits: tids.iter().map(|&t| runqueue_wait_ns(t)).collect(),
+            };
+        }
+    }
+
+    /// Whether every thread read for `key` waited for a CPU for at least
+    /// half the time since: then the delay was the machine's. False when
+    /// nothing could be read.
+    fn starved(&self, key: u64, now: u64, tids: &[i32]) -> bool {
+        if self.key != key || self.waits.is_empty() {
+            return false;
+        }
+        let elapsed = now.saturating_sub(self.at_us);
+        tids.iter()
+            .zip(&self.waits)
+            .all(|(&tid, before)| match (before, runqueue_wait_ns(tid)) {
+                (Some(b), Some(n)) => starved(n.saturating_sub(*b), elapsed),
+                _ => false,
+            })
+    }
 }
 
 fn now_us() -> u64 {
@@ -250,24 +310,54 @@ impl Watchdog {
         Ok(WatchGuard(self.clone()))
     }
 
+    /// Every tick: a poll or a heartbeat gap past [`STALL`] is a stall,
+    /// unless the threads involved spent most of it waiting for a CPU (the
+    /// machine was short of CPU: logged at warn level, not counted). Their
+    /// delays are read once something is 2 ticks late, and again at
+    /// [`STALL`].
     fn watch(&self) {
         let stall_us = STALL.as_micros() as u64;
+        let late_us = 2 * TICK.as_micros() as u64;
         // Poll starts (per slot) and heartbeat readings already reported.
         let mut reported: Vec<u64> = Vec::new();
         let mut beat_reported = 0;
+        let mut poll_base: Vec<Baseline> = Vec::new();
+        let mut beat_base = Baseline::default();
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(TICK);
             let now = now_us();
             let slots: Vec<&'static Slot> = SLOTS.lock().map(|s| s.clone()).unwrap_or_default();
+            let tids: Vec<i32> = slots
+                .iter()
+                .map(|s| s.tid.load(Ordering::Relaxed))
+                .collect();
             reported.resize(slots.len(), 0);
+            poll_base.resize_with(slots.len(), Baseline::default);
             let beat = self.beat.load(Ordering::Relaxed);
+            if now.saturating_sub(beat) > late_us {
+                beat_base.take(beat, now, &tids);
+            }
             let beat_stale = now.saturating_sub(beat) > stall_us;
             for (i, s) in slots.iter().enumerate() {
                 let since = s.since.load(Ordering::Relaxed);
-                if since == 0 || reported[i] == since || now.saturating_sub(since) <= stall_us {
+                if since == 0 || reported[i] == since || now.saturating_sub(since) <= late_us {
+                    continue;
+                }
+                let tid = &tids[i..=i];
+                poll_base[i].take(since, now, tid);
+                if now.saturating_sub(since) <= stall_us {
                     continue;
                 }
                 reported[i] = since;
+                if poll_base[i].starved(since, now, tid) {
+                    tracing::warn!(
+                        client = s.client.load(Ordering::Relaxed),
+                        delayed_ms = now.saturating_sub(since) / 1000,
+                        "a client task's poll took over {} ms, most of it waiting for a CPU: the machine is short of CPU (not counted as a stall)",
+                        STALL.as_millis()
+                    );
+                    continue;
+                }
                 self.stalls.fetch_add(1, Ordering::Relaxed);
                 if beat_stale {
                     // The same stall: count it once.
@@ -286,12 +376,20 @@ impl Watchdog {
             }
             if beat_stale && beat_reported != beat {
                 beat_reported = beat;
-                self.stalls.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    blocked_ms = now.saturating_sub(beat) / 1000,
-                    "event loop blocked: no task ran for over {} ms",
-                    STALL.as_millis()
-                );
+                if beat_base.starved(beat, now, &tids) {
+                    tracing::warn!(
+                        delayed_ms = now.saturating_sub(beat) / 1000,
+                        "event loop delayed over {} ms while its threads waited for a CPU: the machine is short of CPU (not counted as a stall)",
+                        STALL.as_millis()
+                    );
+                } else {
+                    self.stalls.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        blocked_ms = now.saturating_sub(beat) / 1000,
+                        "event loop blocked: its heartbeat was not renewed for over {} ms (a task ran long, a call blocked its thread, or too many tasks were runnable)",
+                        STALL.as_millis()
+                    );
+                }
             }
             self.check_shutdown(now);
         }
@@ -348,5 +446,57 @@ mod tests {
         });
         // At least this one (a loaded machine may add heartbeat gaps).
         assert!(w.stalls() >= 1, "a blocked poll is a stall");
+    }
+
+    #[test]
+    fn waiting_for_a_cpu_is_told_from_being_busy_or_blocked() {
+        assert!(starved(60_000_000, 100_000));
+        assert!(!starved(40_000_000, 100_000));
+        assert!(!starved(0, 0));
+        let me = unsafe { libc::gettid() };
+        if runqueue_wait_ns(me).is_none() {
+            return; // a kernel without scheduler statistics: nothing to tell
+        }
+        // A thread that sleeps (a blocking call) is not starved.
+        let mut base = Baseline::default();
+        base.take(1, now_us(), &[me]);
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!base.starved(1, now_us(), &[me]));
+
+        // Four busy threads on one CPU: each runs about a quarter of the time
+        // and waits for the CPU the rest.
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls get its size.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut set) }, 0);
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let busy: Vec<_> = (0..4)
+            .map(|_| {
+                let (stop, tx) = (stop.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                    unsafe { libc::CPU_SET(cpu, &mut one) };
+                    unsafe { libc::sched_setaffinity(0, size, &one) };
+                    tx.send(unsafe { libc::gettid() }).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let tids: Vec<i32> = (0..4).map(|_| rx.recv().unwrap()).collect();
+        let mut base = Baseline::default();
+        base.take(2, now_us(), &tids);
+        std::thread::sleep(Duration::from_millis(300));
+        let kept_off = base.starved(2, now_us(), &tids);
+        stop.store(true, Ordering::Relaxed);
+        for b in busy {
+            b.join().unwrap();
+        }
+        assert!(kept_off, "four busy threads on one CPU wait for it");
     }
 }

@@ -148,7 +148,7 @@ impl Collector for Snapshot {
         counter(
             &mut enc,
             "tidepool_event_loop_stalls",
-            "Times a runtime thread ran one task, or no task ran, for over 100 ms (each is logged)",
+            "Times a runtime thread ran one task for over 100 ms, or the event loop's heartbeat was over 100 ms late (each is logged; delays while its threads waited for a CPU are logged, not counted)",
             &[(Labels::new(), shared.watchdog.stalls())],
         )?;
         if let Some(m) = crate::memory::usage() {
