@@ -145,42 +145,78 @@ fn starved(waited_ns: u64, elapsed_us: u64) -> bool {
     elapsed_us > 0 && waited_ns / 1000 * 2 >= elapsed_us
 }
 
-/// The scheduling delays of some threads, read when something (a poll, the
-/// heartbeat) first ran late, to judge the delay by if it becomes a stall.
-#[derive(Default)]
-struct Baseline {
-    /// What ran late: a poll's start or a heartbeat reading (0: none).
-    key: u64,
+/// The run-queue waits of the runtime threads at one moment. The watchdog
+/// reads them every tick, so that a delay is judged from a reading taken
+/// before it began, even when the watchdog's own thread was kept off the CPU
+/// too.
+#[derive(Default, Clone)]
+struct Reading {
     at_us: u64,
     waits: Vec<Option<u64>>,
 }
 
-impl Baseline {
-    /// Reads `tids`' delays now, for `key`, unless already read for it.
-    fn take(&mut self, key: u64, now: u64, tids: &[i32]) {
-        if self.key != key {
-            *self = Baseline {
-                key,
-                at_us: now,
-                waits: tids.iter().map(|&t| runqueue_wait_ns(t)).collect(),
-            };
+impl Reading {
+    fn of(tids: &[i32], now: u64) -> Self {
+        Self {
+            at_us: now,
+            waits: tids.iter().map(|&t| runqueue_wait_ns(t)).collect(),
         }
     }
 
-    /// Whether every thread read for `key` waited for a CPU for at least
-    /// half the time since: then the delay was the machine's. False when
-    /// nothing could be read.
-    fn starved(&self, key: u64, now: u64, tids: &[i32]) -> bool {
-        if self.key != key || self.waits.is_empty() {
-            return false;
+    /// The reading of thread `i` alone.
+    fn only(&self, i: usize) -> Self {
+        Self {
+            at_us: self.at_us,
+            waits: vec![self.waits.get(i).copied().flatten()],
         }
-        let elapsed = now.saturating_sub(self.at_us);
-        tids.iter()
-            .zip(&self.waits)
-            .all(|(&tid, before)| match (before, runqueue_wait_ns(tid)) {
-                (Some(b), Some(n)) => starved(n.saturating_sub(*b), elapsed),
-                _ => false,
-            })
+    }
+}
+
+/// What ran late (a poll's start or a heartbeat reading) and the reading
+/// taken just before it was seen late.
+#[derive(Default)]
+struct Baseline {
+    /// 0: none.
+    key: u64,
+    from: Reading,
+}
+
+impl Baseline {
+    /// Keeps `before` for `key`, unless it already has one for it.
+    fn take(&mut self, key: u64, before: Reading) {
+        if self.key != key {
+            *self = Baseline { key, from: before };
+        }
+    }
+}
+
+/// A delay past [`STALL`], reported one tick after it was seen: a thread's
+/// wait for a CPU is added to its statistics when it gets one, so by then a
+/// machine that was short of CPU shows in them.
+struct Delay {
+    from: Reading,
+    /// The threads involved (the polling one, or every runtime thread).
+    tids: Vec<i32>,
+    ms: u64,
+    /// A client task's poll (client, what it was doing, thread), or the
+    /// heartbeat (`None`).
+    poll: Option<(u64, &'static str, String)>,
+}
+
+impl Delay {
+    /// Whether the threads involved waited for a CPU for at least half the
+    /// time since the reading (all of them together: an idle thread neither
+    /// waits nor runs). False when nothing could be read.
+    fn machine_short(&self, now: u64) -> bool {
+        let mut waited = 0u64;
+        let mut read = false;
+        for (&tid, before) in self.tids.iter().zip(&self.from.waits) {
+            if let (Some(b), Some(n)) = (before, runqueue_wait_ns(tid)) {
+                waited += n.saturating_sub(*b);
+                read = true;
+            }
+        }
+        read && starved(waited, now.saturating_sub(self.from.at_us))
     }
 }
 
@@ -313,8 +349,8 @@ impl Watchdog {
     /// Every tick: a poll or a heartbeat gap past [`STALL`] is a stall,
     /// unless the threads involved spent most of it waiting for a CPU (the
     /// machine was short of CPU: logged at warn level, not counted). Their
-    /// delays are read once something is 2 ticks late, and again at
-    /// [`STALL`].
+    /// delays are read every tick; a delay is judged from the reading taken
+    /// the tick before it was first seen 2 ticks late.
     fn watch(&self) {
         let stall_us = STALL.as_micros() as u64;
         let late_us = 2 * TICK.as_micros() as u64;
@@ -323,9 +359,14 @@ impl Watchdog {
         let mut beat_reported = 0;
         let mut poll_base: Vec<Baseline> = Vec::new();
         let mut beat_base = Baseline::default();
+        let mut last = Reading::default();
+        let mut due: Vec<Delay> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(TICK);
             let now = now_us();
+            for d in due.drain(..) {
+                self.report(d, now);
+            }
             let slots: Vec<&'static Slot> = SLOTS.lock().map(|s| s.clone()).unwrap_or_default();
             let tids: Vec<i32> = slots
                 .iter()
@@ -335,7 +376,7 @@ impl Watchdog {
             poll_base.resize_with(slots.len(), Baseline::default);
             let beat = self.beat.load(Ordering::Relaxed);
             if now.saturating_sub(beat) > late_us {
-                beat_base.take(beat, now, &tids);
+                beat_base.take(beat, last.clone());
             }
             let beat_stale = now.saturating_sub(beat) > stall_us;
             for (i, s) in slots.iter().enumerate() {
@@ -343,55 +384,74 @@ impl Watchdog {
                 if since == 0 || reported[i] == since || now.saturating_sub(since) <= late_us {
                     continue;
                 }
-                let tid = &tids[i..=i];
-                poll_base[i].take(since, now, tid);
+                poll_base[i].take(since, last.only(i));
                 if now.saturating_sub(since) <= stall_us {
                     continue;
                 }
                 reported[i] = since;
-                if poll_base[i].starved(since, now, tid) {
-                    tracing::warn!(
-                        client = s.client.load(Ordering::Relaxed),
-                        delayed_ms = now.saturating_sub(since) / 1000,
-                        "a client task's poll took over {} ms, most of it waiting for a CPU: the machine is short of CPU (not counted as a stall)",
-                        STALL.as_millis()
-                    );
-                    continue;
-                }
-                self.stalls.fetch_add(1, Ordering::Relaxed);
                 if beat_stale {
-                    // The same stall: count it once.
+                    // The same delay: reported once.
                     beat_reported = beat;
                 }
                 let thread = s.thread.lock().map(|t| t.clone()).unwrap_or_default();
-                // Client 0: a connection still logging in.
-                tracing::error!(
-                    client = s.client.load(Ordering::Relaxed),
-                    doing = Phase::from_u8(s.phase.load(Ordering::Relaxed)).as_str(),
-                    blocked_ms = now.saturating_sub(since) / 1000,
-                    thread,
-                    "event loop blocked: one client task has run for over {} ms without yielding",
-                    STALL.as_millis()
-                );
+                due.push(Delay {
+                    from: poll_base[i].from.clone(),
+                    tids: vec![tids[i]],
+                    ms: now.saturating_sub(since) / 1000,
+                    // Client 0: a connection still logging in.
+                    poll: Some((
+                        s.client.load(Ordering::Relaxed),
+                        Phase::from_u8(s.phase.load(Ordering::Relaxed)).as_str(),
+                        thread,
+                    )),
+                });
             }
             if beat_stale && beat_reported != beat {
                 beat_reported = beat;
-                if beat_base.starved(beat, now, &tids) {
-                    tracing::warn!(
-                        delayed_ms = now.saturating_sub(beat) / 1000,
-                        "event loop delayed over {} ms while its threads waited for a CPU: the machine is short of CPU (not counted as a stall)",
-                        STALL.as_millis()
-                    );
-                } else {
-                    self.stalls.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        blocked_ms = now.saturating_sub(beat) / 1000,
-                        "event loop blocked: its heartbeat was not renewed for over {} ms (a task ran long, a call blocked its thread, or too many tasks were runnable)",
-                        STALL.as_millis()
-                    );
-                }
+                due.push(Delay {
+                    from: beat_base.from.clone(),
+                    tids: tids.clone(),
+                    ms: now.saturating_sub(beat) / 1000,
+                    poll: None,
+                });
             }
             self.check_shutdown(now);
+            last = Reading::of(&tids, now);
+        }
+    }
+
+    /// Logs a delay: a stall (counted), or the machine's (warn level).
+    fn report(&self, d: Delay, now: u64) {
+        let short = d.machine_short(now);
+        if !short {
+            self.stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        match (d.poll, short) {
+            (Some((client, doing, thread)), false) => tracing::error!(
+                client,
+                doing,
+                blocked_ms = d.ms,
+                thread,
+                "event loop blocked: one client task has run for over {} ms without yielding",
+                STALL.as_millis()
+            ),
+            (Some((client, _, thread)), true) => tracing::warn!(
+                client,
+                delayed_ms = d.ms,
+                thread,
+                "a client task's poll took over {} ms, most of it waiting for a CPU: the machine is short of CPU (not counted as a stall)",
+                STALL.as_millis()
+            ),
+            (None, false) => tracing::error!(
+                blocked_ms = d.ms,
+                "event loop blocked: its heartbeat was not renewed for over {} ms (a task ran long, a call blocked its thread, or too many tasks were runnable)",
+                STALL.as_millis()
+            ),
+            (None, true) => tracing::warn!(
+                delayed_ms = d.ms,
+                "event loop delayed over {} ms while its threads waited for a CPU: the machine is short of CPU (not counted as a stall)",
+                STALL.as_millis()
+            ),
         }
     }
 
@@ -458,10 +518,15 @@ mod tests {
             return; // a kernel without scheduler statistics: nothing to tell
         }
         // A thread that sleeps (a blocking call) is not starved.
-        let mut base = Baseline::default();
-        base.take(1, now_us(), &[me]);
+        let delay = |tids: &[i32]| Delay {
+            from: Reading::of(tids, now_us()),
+            tids: tids.to_vec(),
+            ms: 0,
+            poll: None,
+        };
+        let slept = delay(&[me]);
         std::thread::sleep(Duration::from_millis(150));
-        assert!(!base.starved(1, now_us(), &[me]));
+        assert!(!slept.machine_short(now_us()));
 
         // Four busy threads on one CPU: each runs about a quarter of the time
         // and waits for the CPU the rest.
@@ -489,10 +554,10 @@ mod tests {
             })
             .collect();
         let tids: Vec<i32> = (0..4).map(|_| rx.recv().unwrap()).collect();
-        let mut base = Baseline::default();
-        base.take(2, now_us(), &tids);
+        // Only one of them judged: it waited about three quarters of the time.
+        let busy_one = delay(&tids[..1]);
         std::thread::sleep(Duration::from_millis(300));
-        let kept_off = base.starved(2, now_us(), &tids);
+        let kept_off = busy_one.machine_short(now_us());
         stop.store(true, Ordering::Relaxed);
         for b in busy {
             b.join().unwrap();
