@@ -556,12 +556,14 @@ fn an_upgrade_under_pgbench_drops_no_client() {
     let _ = std::fs::remove_file(&socket);
 }
 
-/// A second tidepool started with `--takeover` of `old`, once `old` says
+/// A second tidepool started with `--takeover` of `old`, once both say
 /// it took over.
 fn take_over(old: &Daemon, toml: &str) -> Daemon {
     let new = Daemon::start_with(toml, old.port, &["--takeover"]);
+    // Both sides: each logs its half when it is done, in no fixed order.
     harness::wait_until("the takeover", Duration::from_secs(10), || {
         old.log().contains("a new tidepool took over")
+            && new.log().contains("took over the listening sockets")
     });
     new
 }
