@@ -454,7 +454,6 @@ impl ClientInfo {
         self.connect_us
     }
 
-    /// The same client, connected at `us` (one a takeover moved here).
     pub fn user(&self) -> &str {
         self.names.split('\0').next().unwrap_or_default()
     }
@@ -473,6 +472,7 @@ impl ClientInfo {
         self.addr.get()
     }
 
+    /// The same client, connected at `us` (one a takeover moved here).
     pub fn connected_at(mut self, us: u64) -> Self {
         self.connect_us = us;
         self
@@ -558,6 +558,7 @@ pub fn cancel_target(
     let server = servers.get(link)?;
     (server.link() == client).then(|| server.cancel_key())
 }
+
 /// Keeps a client listed while its task lives.
 pub type Listed = crate::listing::Entry<ClientInfo>;
 
@@ -585,7 +586,7 @@ mod tests {
             secret: -7,
         };
         let c = clients.add(ClientInfo::new(1, "u", "d", None, None, 9, 0));
-        let s = servers.add(ServerInfo::new(7, "d", 0, "u", key.addr, None, key));
+        let s = servers.add(ServerInfo::new(7, "d", 0, "u", None, key));
         let target = || cancel_target(&clients, &servers, 1);
         assert_eq!(target(), None, "holds nothing");
         c.info.active(7);

@@ -245,7 +245,7 @@ impl Outbox {
                 self.open.store(false, Ordering::Release);
                 // A frame cut short must not stay half sent: the new
                 // process sees the end and drops it (and its socket copy).
-                shut(s.as_raw_fd(), libc::SHUT_WR);
+                shut_write(s.as_raw_fd());
                 *g = None;
                 Err(e)
             }
@@ -253,10 +253,11 @@ impl Outbox {
     }
 }
 
-/// shutdown(2), best effort (the other end then sees the stream end).
-fn shut(fd: RawFd, how: libc::c_int) {
+/// Ends the writing half of the outbox's stream (a tokio stream, which has
+/// no synchronous shutdown), best effort: the other end sees the stream end.
+fn shut_write(fd: RawFd) {
     // SAFETY: shutdown on a socket this process holds open.
-    unsafe { libc::shutdown(fd, how) };
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
 
 /// Longest `CANCEL pid secret` line.
@@ -342,7 +343,7 @@ pub fn receive(s: std::os::unix::net::UnixStream, mut adopt: impl FnMut(Record, 
                 tracing::warn!(error = %e, "takeover: reading moved clients failed; the rest stay with the old process");
                 // The old process's next send fails: it stops moving
                 // clients instead of handing them to nobody.
-                shut(s.as_raw_fd(), libc::SHUT_RDWR);
+                let _ = s.shutdown(std::net::Shutdown::Both);
                 return;
             }
         }
@@ -352,7 +353,7 @@ pub fn receive(s: std::os::unix::net::UnixStream, mut adopt: impl FnMut(Record, 
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "takeover: a moved client's record is broken; stopping");
-                    shut(s.as_raw_fd(), libc::SHUT_RDWR);
+                    let _ = s.shutdown(std::net::Shutdown::Both);
                     return;
                 }
             }

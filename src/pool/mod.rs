@@ -454,7 +454,6 @@ impl Pool {
             crate::server::connect(&spec).await
         };
         let mut conn = conn?;
-        let addr = conn.cancel_key.addr;
         let local = conn.stream.local_addr().ok();
         conn.listed = Some(
             self.servers.add(
@@ -463,7 +462,6 @@ impl Pool {
                     &self.database,
                     self.backend,
                     &self.user,
-                    addr,
                     local,
                     conn.cancel_key,
                 )

@@ -54,7 +54,6 @@ impl ServerInfo {
         database: &str,
         backend: usize,
         user: &str,
-        addr: SocketAddr,
         local: Option<SocketAddr>,
         key: crate::server::CancelKey,
     ) -> Self {
@@ -64,7 +63,7 @@ impl ServerInfo {
             database: database.to_owned(),
             backend,
             user: user.to_owned(),
-            addr,
+            addr: key.addr,
             local,
             connect_time: SystemTime::now(),
             pid: key.pid,

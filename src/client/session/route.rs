@@ -351,10 +351,12 @@ impl Session {
     }
 }
 
+/// A session's parameters (shared, copy on write).
+type ParamSet = Arc<std::collections::BTreeMap<String, String>>;
+
 /// `tidepool.route = primary` in the session's parameters `params`; `cache`
 /// remembers the answer for that very parameter set, so the map is searched
 /// again only when the parameters changed.
-type ParamSet = Arc<std::collections::BTreeMap<String, String>>;
 fn forced_primary(cache: &mut Option<(ParamSet, bool)>, params: &ParamSet) -> bool {
     if let Some((seen, forced)) = cache
         && Arc::ptr_eq(seen, params)
