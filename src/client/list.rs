@@ -9,10 +9,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
 use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 
 use crate::clock::precise_us as now_us;
 
@@ -39,32 +42,26 @@ impl ClientState {
 }
 
 /// A wake-up call for one task (the client's own): a flag and a waker. It is
-/// awaited on every idle wait, checkout and transaction, so it costs a flag
-/// load there: the task's waker is kept from its first wait (the same task
-/// waits every time) instead of being registered on every poll.
+/// awaited on every idle wait, checkout and transaction; polling it again
+/// from the same task keeps the registered waker (no clone, no lock).
 #[derive(Default)]
 pub struct Nudge {
     nudged: AtomicBool,
-    /// `waker` holds the current task's waker.
-    has_waker: AtomicBool,
-    waker: Mutex<Option<std::task::Waker>>,
+    waker: AtomicWaker,
 }
 
 impl Nudge {
     /// Wakes the waiting task, or the next one to wait.
     pub fn notify(&self) {
         self.nudged.store(true, Ordering::SeqCst);
-        if let Some(w) = &*self.waker.lock().unwrap_or_else(PoisonError::into_inner) {
-            w.wake_by_ref();
-        }
+        self.waker.wake();
     }
 
     /// The client's task ends (it parks) or another one takes over (it
-    /// resumed): the kept waker is stale, and must not keep the finished
-    /// task's memory alive.
+    /// resumed): the registered waker is stale, and must not keep the
+    /// finished task's memory alive.
     pub fn forget_waker(&self) {
-        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.has_waker.store(false, Ordering::SeqCst);
+        drop(self.waker.take());
     }
 
     /// Resolves once nudged since it last resolved. Meant for one task at a
@@ -78,13 +75,10 @@ impl Nudge {
         if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::SeqCst) {
             return Poll::Ready(());
         }
-        if !self.has_waker.load(Ordering::Relaxed) {
-            *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-            self.has_waker.store(true, Ordering::SeqCst);
-            // A notify that came before the waker was kept.
-            if self.nudged.swap(false, Ordering::SeqCst) {
-                return Poll::Ready(());
-            }
+        self.waker.register(cx.waker());
+        // A notify that came before the waker was registered.
+        if self.nudged.swap(false, Ordering::SeqCst) {
+            return Poll::Ready(());
         }
         Poll::Pending
     }
@@ -119,12 +113,12 @@ impl Eviction {
 }
 
 /// Kept small (it outlives parking, see `client::park`): with its reference
-/// counts it fits the allocator's 224-byte class (see [`INFO_CLASS`]).
+/// counts it fits the allocator's 192-byte class (see [`INFO_CLASS`]).
 pub struct ClientInfo {
     pub id: u64,
     /// `user`, a NUL, `database` (neither can hold a NUL: protocol strings
-    /// end at one): one allocation instead of two.
-    names: Box<str>,
+    /// end at one), shared by every client of the pair (`client::intern`).
+    names: Arc<String>,
     addr: PackedAddr,
     local: PackedAddr,
     /// Microseconds since the epoch.
@@ -144,7 +138,8 @@ pub struct ClientInfo {
     link: AtomicU64,
     /// Its named prepared statements (saturating at 65,535).
     pub prepared: std::sync::atomic::AtomicU16,
-    application_name: Mutex<Box<str>>,
+    /// Shared by every client of that name (`client::intern`).
+    application_name: ArcSwap<String>,
     eviction: AtomicU8,
     /// Parking: 0 = busy since the last sweep, 1 = seen idle by one sweep,
     /// 2 = asked to park.
@@ -187,9 +182,9 @@ pub struct ClientRow {
 /// 256-byte objects (its socket's registration with the runtime), which go
 /// when it parks; records of that class would sit among their holes, and
 /// 10,000 parked clients kept ~200 bytes each of half-empty pages.
-/// Nothing of an active session is of this class, so parked clients' records
-/// fill whole pages.
-pub const INFO_CLASS: usize = 224;
+/// Nothing an active session keeps is of this class, so parked clients'
+/// records fill whole pages.
+pub const INFO_CLASS: usize = 192;
 
 /// A socket address in 19 bytes (`Option<SocketAddr>` takes 32), for
 /// [`ClientInfo`]. IPv6 flow info and scope ids are not kept (nothing shows
@@ -249,7 +244,7 @@ impl ClientInfo {
         Self {
             tls,
             id,
-            names: format!("{user}\0{database}").into(),
+            names: super::intern::intern(&format!("{user}\0{database}")),
             addr: PackedAddr::pack(addr),
             local: PackedAddr::pack(local),
             connect_us: now_us(),
@@ -261,7 +256,7 @@ impl ClientInfo {
             wait_limit_ms: AtomicU32::new(u32::MAX),
             link: AtomicU64::new(0),
             prepared: std::sync::atomic::AtomicU16::new(0),
-            application_name: Mutex::new(Box::default()),
+            application_name: ArcSwap::new(super::intern::intern("")),
             eviction: AtomicU8::new(Eviction::None as u8),
             park: AtomicU8::new(0),
             nudge: Nudge::default(),
@@ -433,19 +428,12 @@ impl ClientInfo {
 
     /// The client's current `application_name`.
     pub fn application_name(&self) -> String {
-        self.application_name
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .to_string()
+        self.application_name.load().to_string()
     }
 
     pub fn set_application_name(&self, name: &str) {
-        let mut a = self
-            .application_name
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if **a != *name {
-            *a = name.into();
+        if **self.application_name.load() != *name {
+            self.application_name.store(super::intern::intern(name));
         }
     }
 
@@ -569,7 +557,7 @@ mod tests {
     #[test]
     fn client_info_fits_its_allocator_class() {
         // See INFO_CLASS: with the two reference counts of its `Arc` it must
-        // stay within 224 bytes, and above 192 it is in that class.
+        // stay within its class.
         let size = std::mem::size_of::<ClientInfo>() + 16;
         assert!(size <= INFO_CLASS, "{size}");
     }

@@ -15,6 +15,7 @@
 pub mod apps;
 pub mod auth_query;
 pub mod budget;
+mod intern;
 pub mod leaks;
 pub mod list;
 pub mod listen;
