@@ -31,12 +31,33 @@ use crate::server::CancelKey;
 type Target = Box<dyn Fn(u64) -> Option<CancelKey> + Send + Sync>;
 
 pub struct CancelRegistry {
-    /// pid → (secret, the client's id).
-    map: Mutex<HashMap<i32, (i32, u64)>>,
+    /// pid → its secret and client.
+    map: Mutex<HashMap<i32, Owner>>,
     target: Target,
     /// After a takeover, while the old process runs: where requests with
     /// keys unknown here go.
     old_process: Mutex<Option<std::os::unix::net::UnixStream>>,
+}
+
+/// A key's secret and the client it names: 4-byte aligned, so that an entry
+/// of the map is 16 bytes, not 24 (one per client; see `client::park`).
+#[derive(Clone, Copy)]
+struct Owner {
+    secret: i32,
+    client: [u32; 2],
+}
+
+impl Owner {
+    fn new(secret: i32, client: u64) -> Self {
+        Self {
+            secret,
+            client: [client as u32, (client >> 32) as u32],
+        }
+    }
+
+    fn client(self) -> u64 {
+        u64::from(self.client[0]) | (u64::from(self.client[1]) << 32)
+    }
 }
 
 /// A client's registration; removed from the registry when dropped.
@@ -100,12 +121,12 @@ impl CancelRegistry {
     /// The entry for a free `pid`, and its handle.
     fn insert(
         self: &Arc<Self>,
-        map: &mut HashMap<i32, (i32, u64)>,
+        map: &mut HashMap<i32, Owner>,
         pid: i32,
         secret: i32,
         client: u64,
     ) -> CancelHandle {
-        map.insert(pid, (secret, client));
+        map.insert(pid, Owner::new(secret, client));
         CancelHandle {
             registry: self.clone(),
             pid,
@@ -116,7 +137,7 @@ impl CancelRegistry {
     /// The server key a valid request should be forwarded to, if any.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
         let client = match lock(&self.map).get(&pid) {
-            Some(&(s, client)) if s == secret => client,
+            Some(o) if o.secret == secret => o.client(),
             _ => return None,
         };
         (self.target)(client)
@@ -225,5 +246,22 @@ mod tests {
         assert_ne!(clash.pid, 1234);
         drop(moved);
         assert_eq!(reg.target(1234, 42), None);
+    }
+
+    #[test]
+    fn an_entry_is_16_bytes_and_keeps_any_client_id() {
+        assert_eq!(std::mem::size_of::<(i32, Owner)>(), 16);
+        for id in [0, 1, u64::from(u32::MAX), u64::from(u32::MAX) + 1, u64::MAX] {
+            assert_eq!(Owner::new(-1, id).client(), id);
+        }
+        let key = CancelKey {
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            pid: 7,
+            secret: 9,
+        };
+        let big = u64::from(u32::MAX) + 5;
+        let reg = Arc::new(CancelRegistry::new(move |c| (c == big).then_some(key)));
+        let h = reg.register(big);
+        assert_eq!(reg.target(h.pid, h.secret), Some(key));
     }
 }

@@ -18,11 +18,11 @@
 //! an idle client; a record is in the map exactly while its socket is
 //! registered in the lot's epoll set.
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use tokio::io::unix::AsyncFd;
@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use super::Shared;
 use super::list::Eviction;
 use super::session::Parked;
+use crate::listing::id_hash;
 
 /// Readiness events taken from the lot's epoll set per system call.
 const EVENTS: usize = 256;
@@ -41,11 +42,12 @@ pub struct Lot {
     registry: Option<mio::Registry>,
     /// Taken by the lot's task when it starts.
     poll: Mutex<Option<Poll>>,
-    /// Boxed: the map's buckets stay small (a map grows by doubling, and
-    /// its empty buckets would cost a whole record each), and the records,
-    /// 96 bytes, fill allocator pages of a class that no active session
-    /// uses, so clients that park leave no holes among them.
-    parked: Mutex<HashMap<u64, Box<Parked>>>,
+    /// Boxed, found by the id in their client record: a bucket is one
+    /// pointer (a table grows by doubling, and its empty buckets would cost
+    /// a whole record each), and the records, 96 bytes, fill allocator pages
+    /// of a class that no active session uses, so clients that park leave no
+    /// holes among them.
+    parked: Mutex<HashTable<Box<Parked>>>,
     /// Wakes the lot's task to let evicted (or woken) clients out.
     kick: Notify,
     /// Clients to resume because something waits for them (a
@@ -83,7 +85,7 @@ impl Default for Lot {
 }
 
 impl Lot {
-    fn map(&self) -> MutexGuard<'_, HashMap<u64, Box<Parked>>> {
+    fn map(&self) -> MutexGuard<'_, HashTable<Box<Parked>>> {
         self.parked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -91,7 +93,7 @@ impl Lot {
     /// Bytes one parked client takes in the lot (its record, besides the
     /// socket the kernel keeps).
     pub fn item_size() -> usize {
-        std::mem::size_of::<Parked>() + std::mem::size_of::<(u64, Box<Parked>)>()
+        std::mem::size_of::<Parked>() + std::mem::size_of::<Box<Parked>>()
     }
 
     pub fn len(&self) -> usize {
@@ -121,13 +123,18 @@ impl Lot {
             tracing::debug!(client = id, error = %e, "could not park client");
             return Err(p);
         }
-        map.insert(id, Box::new(p));
+        map.insert_unique(id_hash(id), Box::new(p), |p| id_hash(p.info().id));
         Ok(())
     }
 
     /// Takes a client out of the lot, its socket out of the epoll set.
     fn take(&self, id: u64) -> Option<Parked> {
-        let p = self.map().remove(&id)?;
+        let p = self
+            .map()
+            .find_entry(id_hash(id), |p| p.info().id == id)
+            .ok()?
+            .remove()
+            .0;
         if let Some(registry) = &self.registry {
             let fd: RawFd = p.socket().as_raw_fd();
             let _ = registry.deregister(&mut SourceFd(&fd));
@@ -161,12 +168,12 @@ impl Lot {
     fn evicted(&self, moving: bool) -> Vec<u64> {
         self.map()
             .iter()
-            .filter(|(_, p)| match p.info().eviction() {
+            .filter(|p| match p.info().eviction() {
                 Eviction::None | Eviction::Stay => false,
                 Eviction::Migrate => moving && p.movable(),
                 _ => true,
             })
-            .map(|(id, _)| *id)
+            .map(|p| p.info().id)
             .collect()
     }
 }
