@@ -5,7 +5,8 @@
 //! `max_message_size`, a message gets a FATAL 08P01 naming the limit and
 //! closes only that client.
 //!
-//! Thresholds: tidepool's read buffers start at 1 KiB, are kept up to 4 KiB
+//! Thresholds: tidepool's read buffers start at 896 bytes (then 1,792,
+//! 3,584, ...; 1 KiB until 2026-12), are kept up to 4 KiB
 //! while idle and grow in steps of up to 16 KiB; PostgreSQL reads in 8 KiB
 //! and limits startup packets to 10,000 bytes after the length word, SASL
 //! messages to a length word of 1,024 and messages without client data
@@ -29,9 +30,15 @@ const MAX: usize = 2 << 20;
 const SIZES: &[usize] = &[
     0,
     1,
+    895,
+    896,
+    897,
     1023,
     1024,
     1025,
+    1791,
+    1792,
+    1793,
     4095,
     4096,
     4097,

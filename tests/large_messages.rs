@@ -109,8 +109,10 @@ async fn statements_of_every_size_answer_like_postgres_while_others_are_served()
     // The reported case, then every read-buffer threshold and the sizes
     // the issue names.
     for total in [
+        897,
         1_100,
         1_536,
+        1_793,
         4_095,
         4_096,
         4_097,
