@@ -291,9 +291,8 @@ impl Session {
             return false;
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
-        let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         // BEGIN calls no function: no volatilities needed.
-        if !single || memo.classify(sql, &self.settings.classifier, None) != Class::Begin {
+        if !single || self.memo.class(sql, &self.settings.classifier, None) != Class::Begin {
             return false;
         }
         let sql = sql.to_owned();
@@ -310,12 +309,6 @@ impl Session {
         self.deferred_begin = Some(sql);
         true
     }
-}
-
-/// The kept tracker (made when there is none yet), for its statement memo
-/// before a transaction has a server.
-pub(super) fn spare_tracker(spare: &mut Option<Box<Tracker>>, policy: Policy) -> &mut Tracker {
-    spare.get_or_insert_with(|| Box::new(Tracker::new(TxStatus::Idle, policy)))
 }
 
 /// The SQL of the message at the head of `b` that starts a transaction, if

@@ -26,7 +26,7 @@ mod rename;
 mod route;
 
 use forward::poll_read_into;
-use idle::{first_statement, reserve_head, spare_tracker};
+use idle::{first_statement, reserve_head};
 pub use moved::adopt;
 pub use parking::Parked;
 use record::StatementCtx;
@@ -153,8 +153,8 @@ pub struct Session {
     custom_params: std::collections::BTreeSet<String>,
     /// What a fresh server of this pool reports (fixed after login).
     defaults: Arc<BTreeMap<String, String>>,
-    /// The last transaction's tracker, kept for its allocations.
-    spare_tracker: Option<Box<Tracker>>,
+    /// The statements it sent lately (lent to each transaction's tracker).
+    memo: crate::client::memo::Memo,
     /// This client's mailbox while it waits for a server.
     waiter: Arc<Waiter>,
     /// The totals of its application_name.
@@ -248,7 +248,7 @@ impl Session {
             custom_params: std::collections::BTreeSet::new(),
             defaults: pool_defaults,
             health: None,
-            spare_tracker: None,
+            memo: Default::default(),
             route_param: None,
             waiter: Waiter::new(),
             app,
@@ -424,15 +424,10 @@ impl Session {
                     continue;
                 }
             };
-            // The last transaction's tracker, emptied: its queues keep their
-            // allocations.
-            let mut tracker = match self.spare_tracker.take() {
-                Some(mut t) => {
-                    t.reset(server.conn().tx, self.policy);
-                    t
-                }
-                None => Box::new(Tracker::new(server.conn().tx, self.policy)),
-            };
+            // A spare tracker of this thread, emptied: its queues keep their
+            // allocations (see `txn::spare`).
+            let mut tracker =
+                super::txn::spare::take(server.conn().tx, self.policy, &mut self.memo);
             tracker.changers = server.pool().catalog.changers();
             tracker.timing.detail = self.shared.spans.enabled();
             if let Some(m) = &self.listen {
@@ -524,7 +519,7 @@ impl Session {
                     } else {
                         Release::Reuse
                     });
-                    self.spare_tracker = Some(tracker);
+                    super::txn::spare::give_back(tracker, &mut self.memo);
                 }
                 TxEnd::Killed => {
                     // KILL drops the server connection too, after stopping
@@ -568,7 +563,7 @@ impl Session {
                         ..Default::default()
                     });
                     server.release(Release::Reuse);
-                    self.spare_tracker = Some(tracker);
+                    super::txn::spare::give_back(tracker, &mut self.memo);
                     self.misrouted(replay);
                 }
             }

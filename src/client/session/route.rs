@@ -17,7 +17,6 @@ impl Session {
         if h.replicas.is_empty() || self.pinned.is_some() {
             return (Route::Primary, Class::Write);
         }
-        let memo = spare_tracker(&mut self.spare_tracker, self.policy);
         let functions = h.functions.load();
         let (class, hint) = match first_statement(&self.buf, self.limit, &self.statements) {
             // A statement a replica refused before goes to the primary.
@@ -28,7 +27,8 @@ impl Session {
                 (Class::Write, None)
             }
             Some(sql) => (
-                memo.classify(sql, &self.settings.classifier, functions.as_deref()),
+                self.memo
+                    .class(sql, &self.settings.classifier, functions.as_deref()),
                 hint(sql),
             ),
             None => (Class::Write, None),

@@ -5,6 +5,7 @@
 
 mod client_side;
 mod server_side;
+pub mod spare;
 
 pub use client_side::{ClientSide, shape_of};
 pub use server_side::{INTERNAL_NAME_MARK, PLAN_CHANGED, ServerSide};
@@ -145,7 +146,8 @@ pub struct Tracker {
     /// Functions of the database that may change session settings (set
     /// by the session for each transaction; a call is a parameter change).
     pub changers: Option<Arc<SessionFunctions>>,
-    /// Statements this client sent lately; kept across [`Tracker::reset`].
+    /// Statements this client sent lately: the client's own, lent to the
+    /// tracker for a transaction (see [`spare`]).
     memo: Memo,
 }
 
@@ -178,6 +180,13 @@ impl Tracker {
             timeout_cancel: None,
             memo: Memo::default(),
         }
+    }
+
+    /// A tracker that was [`reset`](Tracker::reset) starts a transaction in
+    /// `status`.
+    fn start(&mut self, status: TxStatus, policy: Policy) {
+        self.exchange.status = status;
+        self.policy = policy;
     }
 
     /// Starts afresh for the next transaction, keeping the allocations (the
