@@ -131,12 +131,41 @@ fn new_slot() -> &'static Slot {
 /// Nanoseconds thread `tid` of this process has spent runnable but waiting
 /// for a CPU (`/proc/self/task/TID/schedstat`, second field); `None` where
 /// the kernel does not keep it.
+/// Each thread's file stays open (in the calling thread: the watchdog's),
+/// so that a reading is one `pread`, not an open, a stat, two reads and a
+/// close: the watchdog reads every runtime thread's every 10 ms.
 fn runqueue_wait_ns(tid: i32) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static OPEN: std::cell::RefCell<Vec<(i32, std::fs::File)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
     if tid <= 0 {
         return None;
     }
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-    s.split_whitespace().nth(1)?.parse().ok()
+    OPEN.with(|open| {
+        let mut open = open.borrow_mut();
+        let i = match open.iter().position(|(t, _)| *t == tid) {
+            Some(i) => i,
+            None => {
+                let f = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+                open.push((tid, f));
+                open.len() - 1
+            }
+        };
+        // Three decimal numbers and a newline.
+        let mut buf = [0u8; 96];
+        let n = match open[i].1.read_at(&mut buf, 0) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                // The thread is gone: its file with it.
+                open.swap_remove(i);
+                return None;
+            }
+        };
+        let text = std::str::from_utf8(buf.get(..n)?).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    })
 }
 
 /// A thread that waited for a CPU for at least half of `elapsed_us` was not
@@ -563,5 +592,35 @@ mod tests {
             b.join().unwrap();
         }
         assert!(kept_off, "four busy threads on one CPU wait for it");
+        // Their files stay open while they live; a thread that ended reads
+        // as nothing (and its file is closed), not as its last value.
+        for &t in &tids {
+            assert_eq!(runqueue_wait_ns(t), None, "thread {t} ended");
+        }
+    }
+
+    #[test]
+    fn a_thread_read_again_is_read_afresh() {
+        let me = unsafe { libc::gettid() };
+        let Some(first) = runqueue_wait_ns(me) else {
+            return; // a kernel without scheduler statistics
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        assert!(runqueue_wait_ns(tid).is_some());
+        // Waiting for a CPU only adds up: a second reading of the same file
+        // is not the first one's bytes again or a parse of leftovers.
+        for _ in 0..100 {
+            std::thread::yield_now();
+            assert!(runqueue_wait_ns(me).is_some_and(|n| n >= first));
+        }
+        done_tx.send(()).unwrap();
+        other.join().unwrap();
+        assert_eq!(runqueue_wait_ns(tid), None);
     }
 }
