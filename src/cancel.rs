@@ -1,20 +1,23 @@
 //! Proxy-issued cancel keys and the server each one currently points at.
 //!
-//! Every client gets a random (pid, secret) pair at login; its entry names
-//! the client. A CancelRequest carrying the key is forwarded to the server
-//! the client holds at that moment (its own key, found through the client
-//! and server lists by the registry's `target`), and only there: none while
-//! the client holds none. No per-client allocation, and nothing to update
-//! per transaction: the client and server lists already say who holds what.
+//! Every client gets a key at login: its process id is the client's own id
+//! (as PostgreSQL's is its backend's), its secret is random. A CancelRequest
+//! carrying the key is forwarded to the server the client holds at that
+//! moment (that server's own key, found through the client and server lists
+//! by the registry's `holder`), and only there: none while the client holds
+//! none. So a client's key costs no entry here and nothing per transaction:
+//! the client list already says who holds what.
 //!
-//! During a takeover (`upgrade`), a request whose key is not known here is
-//! passed to the old process, whose clients that have not moved yet still
-//! hold their keys there (`CANCEL pid secret` lines over the takeover's
-//! connection, see `client::migrate`).
+//! Keys that are not a client's id are kept in a map: those a takeover
+//! (`upgrade`) moved here with their clients, and those of ids past
+//! `i32::MAX` (random pids). During a takeover, a request whose key is not
+//! known here is passed to the old process, whose clients that have not
+//! moved yet still hold their keys there (`CANCEL pid secret` lines over the
+//! takeover's connection, see `client::migrate`).
 //!
 //! Invariants: secrets are random; a request with a wrong secret does
-//! nothing; the lock is held only for map lookups, never across I/O (the
-//! pass to the old process is one non-blocking send).
+//! nothing here; the lock is held only for map lookups, never across I/O
+//! (the pass to the old process is one non-blocking send).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,13 +30,22 @@ use tokio::net::TcpStream;
 use crate::protocol::write;
 use crate::server::CancelKey;
 
-/// The server a client (by id) holds now, as that server's cancel key.
-type Target = Box<dyn Fn(u64) -> Option<CancelKey> + Send + Sync>;
+/// What the client list says of a client (by id): the key it was given and
+/// the server key a request for it goes to now (`None`: it holds no server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: i32,
+    pub secret: i32,
+    pub target: Option<CancelKey>,
+}
+
+/// Looks a client up by id.
+type Lookup = Box<dyn Fn(u64) -> Option<Holder> + Send + Sync>;
 
 pub struct CancelRegistry {
-    /// pid → its secret and client.
+    /// Keys whose pid is not their client's id: pid → its secret and client.
     map: Mutex<HashMap<i32, Owner>>,
-    target: Target,
+    holder: Lookup,
     /// After a takeover, while the old process runs: where requests with
     /// keys unknown here go.
     old_process: Mutex<Option<std::os::unix::net::UnixStream>>,
@@ -72,38 +84,51 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Default for CancelRegistry {
-    /// A registry whose clients never hold a server (tests).
+    /// A registry with no clients (tests).
     fn default() -> Self {
         Self::new(|_| None)
     }
 }
 
 impl CancelRegistry {
-    /// `target`: the server a client holds now, if any.
-    pub fn new(target: impl Fn(u64) -> Option<CancelKey> + Send + Sync + 'static) -> Self {
+    /// `holder`: a client's key and the server it holds now, by id.
+    pub fn new(holder: impl Fn(u64) -> Option<Holder> + Send + Sync + 'static) -> Self {
         Self {
             map: Mutex::default(),
-            target: Box::new(target),
+            holder: Box::new(holder),
             old_process: Mutex::default(),
         }
     }
 
-    /// A fresh key for client `client`.
+    /// A fresh key for client `client`: its id as the pid (a random one,
+    /// kept in the map, past `i32::MAX`) and a random secret.
     pub fn register(self: &Arc<Self>, client: u64) -> CancelHandle {
         let mut rng = rand::rng();
+        let secret = rng.random::<i32>();
+        if let Ok(pid) = i32::try_from(client)
+            && pid > 0
+        {
+            return CancelHandle {
+                registry: self.clone(),
+                pid,
+                secret,
+            };
+        }
         let mut map = lock(&self.map);
-        let (pid, secret) = loop {
+        let pid = loop {
             let pid = rng.random_range(1..i32::MAX);
             if !map.contains_key(&pid) {
-                break (pid, rng.random::<i32>());
+                break pid;
             }
         };
         self.insert(&mut map, pid, secret, client)
     }
 
     /// Registers the key a client already holds (one a takeover moved
-    /// here); a fresh key when another client here has that pid (the
-    /// moved client's cancels then go nowhere, as after a lost key).
+    /// here); a fresh key when another moved client here has that pid (the
+    /// moved client's cancels then go nowhere, as after a lost key). A pid
+    /// that is also a client's id here is no conflict: the secrets tell
+    /// the two apart.
     pub fn adopt(self: &Arc<Self>, pid: i32, secret: i32, client: u64) -> CancelHandle {
         {
             let mut map = lock(&self.map);
@@ -134,20 +159,33 @@ impl CancelRegistry {
         }
     }
 
+    /// `None` when no client here has this key; else the server key a
+    /// request should be forwarded to, if its client holds a server.
+    fn resolve(&self, pid: i32, secret: i32) -> Option<Option<CancelKey>> {
+        if pid <= 0 {
+            return None;
+        }
+        let mapped = match lock(&self.map).get(&pid) {
+            Some(o) if o.secret == secret => Some(o.client()),
+            _ => None,
+        };
+        // A mapped key first (a moved client's pid may also be an id here).
+        let client = mapped.unwrap_or(pid as u64);
+        let h = (self.holder)(client)?;
+        (h.pid == pid && h.secret == secret).then_some(h.target)
+    }
+
     /// The server key a valid request should be forwarded to, if any.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
-        let client = match lock(&self.map).get(&pid) {
-            Some(o) if o.secret == secret => o.client(),
-            _ => return None,
-        };
-        (self.target)(client)
+        self.resolve(pid, secret).flatten()
     }
 
     /// Forwards a client's CancelRequest; silently ignores bad keys, as
     /// PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let Some(key) = self.target(pid, secret) else {
-            if !lock(&self.map).contains_key(&pid) && self.pass_to_old_process(pid, secret) {
+        let resolved = self.resolve(pid, secret);
+        let Some(key) = resolved.flatten() else {
+            if resolved.is_none() && self.pass_to_old_process(pid, secret) {
                 tracing::debug!(pid, "cancel request passed to the old process");
                 return;
             }
@@ -213,8 +251,12 @@ pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
 }
 
 impl Drop for CancelHandle {
+    /// Removes its map entry, if it has one (most keys have none).
     fn drop(&mut self) {
-        lock(&self.registry.map).remove(&self.pid);
+        let mut map = lock(&self.registry.map);
+        if map.get(&self.pid).is_some_and(|o| o.secret == self.secret) {
+            map.remove(&self.pid);
+        }
     }
 }
 
@@ -222,46 +264,104 @@ impl Drop for CancelHandle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_the_right_secret_finds_the_server() {
-        let key = CancelKey {
+    fn server_key() -> CancelKey {
+        CancelKey {
             addr: "127.0.0.1:5432".parse().unwrap(),
             pid: 7,
             secret: 9,
-        };
-        // Client 5 holds a server; client 6 holds none.
-        let reg = Arc::new(CancelRegistry::new(move |c| (c == 5).then_some(key)));
-        let h = reg.register(5);
-        let idle = reg.register(6);
-        assert_eq!(reg.target(h.pid, h.secret), Some(key));
-        assert_eq!(reg.target(h.pid, h.secret.wrapping_add(1)), None);
-        assert_eq!(reg.target(idle.pid, idle.secret), None);
-        let pid = h.pid;
-        drop(h);
-        assert_eq!(reg.target(pid, 0), None);
-        // A moved client's key is adopted for it, unless the pid is taken.
-        let moved = reg.adopt(1234, 42, 5);
-        assert_eq!(reg.target(1234, 42), Some(key));
-        let clash = reg.adopt(1234, 43, 6);
-        assert_ne!(clash.pid, 1234);
-        drop(moved);
-        assert_eq!(reg.target(1234, 42), None);
+        }
+    }
+
+    /// A client list in a map: id → (pid, secret, holds a server).
+    type Clients = Arc<Mutex<HashMap<u64, (i32, i32, bool)>>>;
+
+    fn registry(clients: &Clients) -> Arc<CancelRegistry> {
+        let clients = clients.clone();
+        Arc::new(CancelRegistry::new(move |id| {
+            let (pid, secret, holds) = *lock(&clients).get(&id)?;
+            Some(Holder {
+                pid,
+                secret,
+                target: holds.then_some(server_key()),
+            })
+        }))
     }
 
     #[test]
-    fn an_entry_is_16_bytes_and_keeps_any_client_id() {
+    fn only_the_right_secret_finds_the_server() {
+        let clients = Clients::default();
+        let reg = registry(&clients);
+        // Client 5 holds a server; client 6 holds none.
+        let h = reg.register(5);
+        let idle = reg.register(6);
+        assert_eq!((h.pid, idle.pid), (5, 6), "a client's pid is its id");
+        lock(&clients).insert(5, (h.pid, h.secret, true));
+        lock(&clients).insert(6, (idle.pid, idle.secret, false));
+        assert!(lock(&reg.map).is_empty(), "no entry for them");
+        assert_eq!(reg.target(h.pid, h.secret), Some(server_key()));
+        assert_eq!(reg.target(h.pid, h.secret.wrapping_add(1)), None);
+        assert_eq!(
+            reg.resolve(h.pid, h.secret.wrapping_add(1)),
+            None,
+            "unknown key"
+        );
+        assert_eq!(reg.target(idle.pid, idle.secret), None);
+        assert_eq!(
+            reg.resolve(idle.pid, idle.secret),
+            Some(None),
+            "known, holds none"
+        );
+        assert_eq!(reg.target(0, 0), None);
+        assert_eq!(reg.target(-5, h.secret), None);
+        // Gone from the list: its key finds nothing.
+        lock(&clients).remove(&5);
+        assert_eq!(reg.target(h.pid, h.secret), None);
+    }
+
+    #[test]
+    fn moved_keys_are_mapped_and_told_apart_from_ids_by_their_secret() {
+        let clients = Clients::default();
+        let reg = registry(&clients);
+        // Client 3 here; a moved client (id 8 here) kept pid 3 and its own
+        // secret from the old process.
+        let native = reg.register(3);
+        lock(&clients).insert(3, (3, native.secret, true));
+        let secret = native.secret.wrapping_add(1);
+        let moved = reg.adopt(3, secret, 8);
+        assert_eq!((moved.pid, moved.secret), (3, secret));
+        lock(&clients).insert(8, (3, secret, false));
+        assert_eq!(reg.target(3, native.secret), Some(server_key()));
+        assert_eq!(
+            reg.resolve(3, secret),
+            Some(None),
+            "the moved one, holding none"
+        );
+        lock(&clients).insert(8, (3, secret, true));
+        assert_eq!(reg.target(3, secret), Some(server_key()));
+        // A second moved client with that pid gets a fresh key.
+        let clash = reg.adopt(3, 42, 9);
+        assert_eq!(clash.pid, 9);
+        // The native key's drop leaves the moved key's entry alone.
+        drop(native);
+        assert_eq!(lock(&reg.map).len(), 1);
+        drop(moved);
+        assert!(lock(&reg.map).is_empty());
+    }
+
+    #[test]
+    fn ids_past_i32_get_a_mapped_random_pid() {
         assert_eq!(std::mem::size_of::<(i32, Owner)>(), 16);
         for id in [0, 1, u64::from(u32::MAX), u64::from(u32::MAX) + 1, u64::MAX] {
             assert_eq!(Owner::new(-1, id).client(), id);
         }
-        let key = CancelKey {
-            addr: "127.0.0.1:5432".parse().unwrap(),
-            pid: 7,
-            secret: 9,
-        };
+        let clients = Clients::default();
+        let reg = registry(&clients);
         let big = u64::from(u32::MAX) + 5;
-        let reg = Arc::new(CancelRegistry::new(move |c| (c == big).then_some(key)));
         let h = reg.register(big);
-        assert_eq!(reg.target(h.pid, h.secret), Some(key));
+        assert!(h.pid > 0);
+        lock(&clients).insert(big, (h.pid, h.secret, true));
+        assert_eq!(reg.target(h.pid, h.secret), Some(server_key()));
+        drop(h);
+        assert!(lock(&reg.map).is_empty());
     }
 }

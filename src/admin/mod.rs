@@ -90,7 +90,7 @@ impl Console {
             let info = self.listed.info.clone();
             let frame = tokio::select! {
                 f = read_frame(&mut self.stream, &mut buf, QUERY_LIMIT) => f,
-                _ = info.nudge.nudged() => {
+                _ = info.nudged() => {
                     // Nudges also ask idle clients to park; consoles never do
                     // (reading a frame is cancel-safe: bytes stay in `buf`).
                     let e = match info.eviction() {

@@ -41,49 +41,6 @@ impl ClientState {
     }
 }
 
-/// A wake-up call for one task (the client's own): a flag and a waker. It is
-/// awaited on every idle wait, checkout and transaction; polling it again
-/// from the same task keeps the registered waker (no clone, no lock).
-#[derive(Default)]
-pub struct Nudge {
-    nudged: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Nudge {
-    /// Wakes the waiting task, or the next one to wait.
-    pub fn notify(&self) {
-        self.nudged.store(true, Ordering::SeqCst);
-        self.waker.wake();
-    }
-
-    /// The client's task ends (it parks) or another one takes over (it
-    /// resumed): the registered waker is stale, and must not keep the
-    /// finished task's memory alive.
-    pub fn forget_waker(&self) {
-        drop(self.waker.take());
-    }
-
-    /// Resolves once nudged since it last resolved. Meant for one task at a
-    /// time (a second waiter would take the first one's place).
-    pub fn nudged(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| self.poll_nudged(cx))
-    }
-
-    /// [`Nudge::nudged`] for hand-written polls.
-    pub fn poll_nudged(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        // A notify that came before the waker was registered.
-        if self.nudged.swap(false, Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    }
-}
-
 /// Why a client is asked to leave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -123,8 +80,10 @@ pub struct ClientInfo {
     local: PackedAddr,
     /// Microseconds since the epoch.
     connect_us: u64,
-    /// The proxy-issued process id the client knows (cancel key).
+    /// The proxy-issued cancel key the client knows: its process id (for
+    /// most clients their id, see `cancel`) and secret.
     pub pid: i32,
+    secret: i32,
     state: AtomicU8,
     /// Backend index of the server held or waited for (0 = primary).
     backend: AtomicU8,
@@ -144,8 +103,13 @@ pub struct ClientInfo {
     /// Parking: 0 = busy since the last sweep, 1 = seen idle by one sweep,
     /// 2 = asked to park.
     park: AtomicU8,
-    /// Wakes the client task: it is asked to leave, or to park.
-    pub nudge: Nudge,
+    /// A wake-up call for the client task (it is asked to leave, or to
+    /// park): a flag and the waker of the task that waits for it (see
+    /// [`ClientInfo::poll_nudged`]). Two fields, not a struct of their own:
+    /// the flag fills a byte of this record's padding instead of 7 bytes
+    /// of its own.
+    nudged: AtomicBool,
+    waker: AtomicWaker,
     /// The TLS cipher suite negotiated (`protocol::stream::tls_text`), 0:
     /// plain. Two bytes: this struct must stay in its allocator class.
     pub tls: u16,
@@ -238,12 +202,13 @@ impl ClientInfo {
         database: &str,
         addr: Option<SocketAddr>,
         local: Option<SocketAddr>,
-        pid: i32,
+        (pid, secret): (i32, i32),
         tls: u16,
     ) -> Self {
         Self {
             tls,
             id,
+            secret,
             names: super::intern::intern(&format!("{user}\0{database}")),
             addr: PackedAddr::pack(addr),
             local: PackedAddr::pack(local),
@@ -259,9 +224,43 @@ impl ClientInfo {
             application_name: ArcSwap::new(super::intern::intern("")),
             eviction: AtomicU8::new(Eviction::None as u8),
             park: AtomicU8::new(0),
-            nudge: Nudge::default(),
+            nudged: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             counts: Default::default(),
         }
+    }
+
+    /// Wakes the client task waiting for a nudge, or the next one to wait.
+    pub fn notify(&self) {
+        self.nudged.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// The client's task ends (it parks) or another one takes over (it
+    /// resumed): the registered waker is stale, and must not keep the
+    /// finished task's memory alive.
+    pub fn forget_waker(&self) {
+        drop(self.waker.take());
+    }
+
+    /// Resolves once nudged since it last resolved. Meant for one task at a
+    /// time (a second waiter would take the first one's place).
+    pub fn nudged(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| self.poll_nudged(cx))
+    }
+
+    /// [`ClientInfo::nudged`] for hand-written polls. Polling it again
+    /// from the same task keeps the registered waker (no clone, no lock).
+    pub fn poll_nudged(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A notify that came before the waker was registered.
+        if self.nudged.swap(false, Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     /// A request found a server at once (no wait): only the request time,
@@ -313,7 +312,7 @@ impl ClientInfo {
             && now.saturating_sub(self.wait_start.load(Ordering::Relaxed))
                 >= u64::try_from(reserve.as_micros()).unwrap_or(u64::MAX)
         {
-            self.nudge.notify();
+            self.notify();
         }
     }
 
@@ -333,7 +332,7 @@ impl ClientInfo {
         let waited = now.saturating_sub(self.wait_start.load(Ordering::Relaxed));
         let notify = notify_us > 0 && waited >= notify_us && waited < notify_us + period_us;
         if notify || now >= self.deadline() {
-            self.nudge.notify();
+            self.notify();
         }
     }
 
@@ -376,7 +375,7 @@ impl ClientInfo {
             && now.saturating_sub(self.request_time.load(Ordering::Relaxed))
                 > u64::try_from(limit.as_micros()).unwrap_or(u64::MAX)
         {
-            self.nudge.notify();
+            self.notify();
         }
     }
 
@@ -413,7 +412,7 @@ impl ClientInfo {
             == Err(1)
         {
             self.park.store(2, Ordering::Relaxed);
-            self.nudge.notify();
+            self.notify();
         }
     }
 
@@ -469,7 +468,7 @@ impl ClientInfo {
     pub fn evict(&self, why: Eviction) {
         // A kill outranks a shutdown, which outranks a move.
         self.eviction.fetch_max(why as u8, Ordering::Relaxed);
-        self.nudge.notify();
+        self.notify();
     }
 
     pub fn eviction(&self) -> Eviction {
@@ -530,21 +529,31 @@ impl crate::listing::Listable for ClientInfo {
 /// Every logged-in client.
 pub type ClientList = crate::listing::Listing<ClientInfo>;
 
-/// Where a cancel request for `client` goes (`cancel::CancelRegistry`'s
-/// target): the server it holds, once that server is lent to it, which is
-/// after the session's parameters were applied (a cancel must not hit
-/// tidepool's own SET, which would fail the client's login to the server).
-pub fn cancel_target(
+/// What a cancel request for `client` needs (`cancel::CancelRegistry`'s
+/// lookup): the key the client was given, and the server it holds, once that
+/// server is lent to it, which is after the session's parameters were
+/// applied (a cancel must not hit tidepool's own SET, which would fail the
+/// client's login to the server).
+pub fn cancel_holder(
     clients: &ClientList,
     servers: &crate::server::list::ServerList,
     client: u64,
-) -> Option<crate::server::CancelKey> {
-    let link = clients.get(client)?.link();
-    if link == 0 {
-        return None;
-    }
-    let server = servers.get(link)?;
-    (server.link() == client).then(|| server.cancel_key())
+) -> Option<crate::cancel::Holder> {
+    let info = clients.get(client)?;
+    let link = info.link();
+    let target = if link == 0 {
+        None
+    } else {
+        servers
+            .get(link)
+            .filter(|s| s.link() == client)
+            .map(|s| s.cancel_key())
+    };
+    Some(crate::cancel::Holder {
+        pid: info.pid,
+        secret: info.secret,
+        target,
+    })
 }
 
 /// Keeps a client listed while its task lives.
@@ -573,9 +582,9 @@ mod tests {
             pid: 4242,
             secret: -7,
         };
-        let c = clients.add(ClientInfo::new(1, "u", "d", None, None, 9, 0));
+        let c = clients.add(ClientInfo::new(1, "u", "d", None, None, (9, 1), 0));
         let s = servers.add(ServerInfo::new(7, "d", 0, "u", None, key));
-        let target = || cancel_target(&clients, &servers, 1);
+        let target = || cancel_holder(&clients, &servers, 1).and_then(|h| h.target);
         assert_eq!(target(), None, "holds nothing");
         c.info.active(7);
         assert_eq!(target(), None, "checked out, parameters not applied yet");
@@ -586,7 +595,9 @@ mod tests {
         assert_eq!(target(), None, "the server went to another client");
         c.info.idle();
         assert_eq!(target(), None);
-        assert_eq!(cancel_target(&clients, &servers, 3), None, "unknown client");
+        assert_eq!(cancel_holder(&clients, &servers, 3), None, "unknown client");
+        let h = cancel_holder(&clients, &servers, 1).unwrap();
+        assert_eq!((h.pid, h.secret), (9, 1), "the key it was given");
     }
 
     #[test]
@@ -594,14 +605,14 @@ mod tests {
         for (user, db) in [("bench", "bench"), ("", "d"), ("u", ""), ("ü ser", "db.x")] {
             let v4: SocketAddr = "10.1.2.3:5432".parse().unwrap();
             let v6: SocketAddr = "[2001:db8::1]:65535".parse().unwrap();
-            let c = ClientInfo::new(1, user, db, Some(v6), Some(v4), 7, 0);
+            let c = ClientInfo::new(1, user, db, Some(v6), Some(v4), (7, 1), 0);
             assert_eq!((c.user(), c.database()), (user, db));
             assert_eq!(c.addr(), Some(v6));
             let row = c.row();
             assert_eq!((row.addr, row.local), (Some(v6), Some(v4)));
             assert_eq!((row.user.as_str(), row.database.as_str()), (user, db));
         }
-        let unix = ClientInfo::new(2, "u", "d", None, None, 7, 0);
+        let unix = ClientInfo::new(2, "u", "d", None, None, (7, 1), 0);
         assert_eq!((unix.addr(), unix.row().local), (None, None));
     }
 
@@ -618,7 +629,7 @@ mod tests {
     fn a_nudge_wakes_the_kept_waker_and_forgets_it_on_request() {
         use std::sync::Arc;
         use std::task::{Context, Poll, Waker};
-        let nudge = super::Nudge::default();
+        let nudge = ClientInfo::new(1, "u", "d", None, None, (7, 1), 0);
         let task = Arc::new(Task(Default::default()));
         let waker = Waker::from(task.clone());
         let mut cx = Context::from_waker(&waker);

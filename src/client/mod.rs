@@ -178,7 +178,7 @@ impl Shared {
         let list = Arc::new(list::ClientList::default());
         let cancel = {
             let (clients, servers) = (list.clone(), registry.servers.clone());
-            CancelRegistry::new(move |client| list::cancel_target(&clients, &servers, client))
+            CancelRegistry::new(move |client| list::cancel_holder(&clients, &servers, client))
         };
         Self {
             decoy,

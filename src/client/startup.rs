@@ -85,6 +85,8 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
         (Ok(Some(_)), Some(ip)) => shared.throttle.succeeded(ip),
         _ => {}
     }
+    // Admin consoles get a key that cancels nothing (secret 0: never matched,
+    // see `cancel`).
     let listed = |database: &str, user: &str, pid: i32| {
         shared.list.add(super::list::ClientInfo::new(
             id,
@@ -92,7 +94,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
             database,
             stream.peer_addr().ok(),
             stream.local_addr().ok(),
-            pid,
+            (pid, 0),
             stream.tls_code(),
         ))
     };
@@ -429,7 +431,7 @@ async fn handshake(
             &database,
             stream.peer_addr().ok(),
             stream.local_addr().ok(),
-            cancel.pid,
+            (cancel.pid, cancel.secret),
             stream.tls_code(),
         ))
     };

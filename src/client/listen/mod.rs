@@ -407,7 +407,7 @@ impl Hub {
 
 /// Wakes a client's task, or resumes it from the parking lot.
 fn wake(lot: &Lot, info: &ClientInfo) {
-    info.nudge.notify();
+    info.notify();
     lot.wake(info.id);
 }
 

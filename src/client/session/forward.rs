@@ -213,7 +213,7 @@ impl Session {
                     if read_client && let Poll::Ready(r) = poll_read_into(cs, &mut self.buf, cx) {
                         return Poll::Ready(Event::ClientRead(r));
                     }
-                    info.nudge.poll_nudged(cx).map(|()| Event::Nudged)
+                    info.poll_nudged(cx).map(|()| Event::Nudged)
                 })
                 .await
             } else {
@@ -231,7 +231,7 @@ impl Session {
                     // nothing while the branch is off), afresh each time round.
                     _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
                     _ = async { tokio::time::sleep_until(leak_due.unwrap_or_else(tokio::time::Instant::now)).await }, if leak_due.is_some() => Event::Leak,
-                    _ = info.nudge.nudged() => Event::Nudged,
+                    _ = info.nudged() => Event::Nudged,
                 }
             };
             match event {

@@ -100,7 +100,7 @@ impl Session {
                     if let Poll::Ready(r) = self.poll_read_more(cx) {
                         return Poll::Ready(Some(r));
                     }
-                    info.nudge.poll_nudged(cx).map(|()| None)
+                    info.poll_nudged(cx).map(|()| None)
                 })
                 .await;
                 let Some(read) = read else {

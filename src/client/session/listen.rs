@@ -91,7 +91,7 @@ impl Session {
         loop {
             let sent = tokio::select! {
                 r = self.stream.send_all(&mut self.out) => Some(r),
-                _ = info.nudge.nudged() => None,
+                _ = info.nudged() => None,
             };
             match sent {
                 Some(Ok(())) => {

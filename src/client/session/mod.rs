@@ -343,7 +343,7 @@ impl Session {
     /// meanwhile.
     pub async fn run(mut self: Box<Self>, _slot: super::ClientSlot) {
         tracing::debug!(database = %self.database, user = %self.user, "session started");
-        self.listed.info.nudge.forget_waker();
+        self.listed.info.forget_waker();
         loop {
             // Liveness: each transaction spends from the task's cooperative
             // budget, so a client whose transactions never wait (a server
@@ -387,7 +387,7 @@ impl Session {
                     while control.is_paused() && info.eviction().stays() {
                         tokio::select! {
                             _ = control.wait_resumed() => {}
-                            _ = info.nudge.nudged() => {}
+                            _ = info.nudged() => {}
                         }
                     }
                 })

@@ -139,7 +139,7 @@ async fn rebuild(
                 &r.database,
                 stream.peer_addr().ok(),
                 stream.local_addr().ok(),
-                cancel.pid,
+                (cancel.pid, cancel.secret),
                 0,
             )
             .connected_at(r.connect_us),

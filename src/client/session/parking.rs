@@ -66,7 +66,7 @@ impl Session {
     pub(super) fn into_parked(self: Box<Self>) -> std::io::Result<Parked> {
         let s = *self;
         // A waker kept for this task would keep the task's memory.
-        s.listed.info.nudge.forget_waker();
+        s.listed.info.forget_waker();
         let rare = (!s.statements.is_empty()
             || !s.custom_params.is_empty()
             || s.client_key.is_some()

@@ -164,7 +164,7 @@ impl Session {
                     if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
                         return Poll::Ready(Some(r));
                     }
-                    info.nudge.poll_nudged(cx).map(|()| None)
+                    info.poll_nudged(cx).map(|()| None)
                 })
                 .await;
                 if let Some(r) = done {
