@@ -124,6 +124,16 @@ impl CancelRegistry {
         self.insert(&mut map, pid, secret, client)
     }
 
+    /// The handle of a key whose pid is its client's id (a parked client's,
+    /// resuming): such a key has nothing in the registry to register.
+    pub fn handle_of(self: &Arc<Self>, pid: i32, secret: i32) -> CancelHandle {
+        CancelHandle {
+            registry: self.clone(),
+            pid,
+            secret,
+        }
+    }
+
     /// Registers the key a client already holds (one a takeover moved
     /// here); a fresh key when another moved client here has that pid (the
     /// moved client's cancels then go nowhere, as after a lost key). A pid

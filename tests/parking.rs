@@ -119,6 +119,28 @@ async fn a_parked_client_keeps_its_session_and_comes_back() {
         let row = client.query_one(&stmt, &[&i]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), i + 1);
     }
+
+    // The cancel key it got at login still cancels its queries after it
+    // parked and came back (the key outlives its tasks).
+    wait_parked(&console, 1).await;
+    let cancel = client.cancel_token();
+    let canceler = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.simple_query("select pg_sleep(30)"),
+    )
+    .await
+    .expect("canceled within 15 s")
+    .expect_err("the sleep is canceled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    canceler.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

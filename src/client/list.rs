@@ -436,6 +436,11 @@ impl ClientInfo {
         }
     }
 
+    /// The secret of its cancel key.
+    pub fn secret(&self) -> i32 {
+        self.secret
+    }
+
     /// When the client connected (microseconds since the epoch).
     pub fn connect_us(&self) -> u64 {
         self.connect_us

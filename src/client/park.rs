@@ -44,9 +44,9 @@ pub struct Lot {
     poll: Mutex<Option<Poll>>,
     /// Boxed, found by the id in their client record: a bucket is one
     /// pointer (a table grows by doubling, and its empty buckets would cost
-    /// a whole record each), and the records, 96 bytes, fill allocator pages
-    /// of a class that no active session uses, so clients that park leave no
-    /// holes among them.
+    /// a whole record each), and the records, 80 bytes, take the places that
+    /// the parking clients' checkout mailboxes (the one object of that
+    /// class an active session keeps) leave, so parking leaves no holes.
     parked: Mutex<HashTable<Box<Parked>>>,
     /// Wakes the lot's task to let evicted (or woken) clients out.
     kick: Notify,
