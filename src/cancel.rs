@@ -79,6 +79,16 @@ pub struct CancelHandle {
     pub secret: i32,
 }
 
+impl CancelHandle {
+    /// Whether the key's pid is `client`'s id: then a request finds the
+    /// client through the client list alone, and the handle guards nothing
+    /// (a moved key that happens to equal the id resolves the same way once
+    /// its entry is gone).
+    pub fn is_client_id(&self, client: u64) -> bool {
+        u64::try_from(self.pid).is_ok_and(|pid| pid == client)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -108,11 +118,7 @@ impl CancelRegistry {
         if let Ok(pid) = i32::try_from(client)
             && pid > 0
         {
-            return CancelHandle {
-                registry: self.clone(),
-                pid,
-                secret,
-            };
+            return self.handle_of(pid, secret);
         }
         let mut map = lock(&self.map);
         let pid = loop {
@@ -124,8 +130,9 @@ impl CancelRegistry {
         self.insert(&mut map, pid, secret, client)
     }
 
-    /// The handle of a key whose pid is its client's id (a parked client's,
-    /// resuming): such a key has nothing in the registry to register.
+    /// The handle of a key whose pid is its client's id (see
+    /// [`CancelHandle::is_client_id`]): such a key has nothing in the
+    /// registry to register.
     pub fn handle_of(self: &Arc<Self>, pid: i32, secret: i32) -> CancelHandle {
         CancelHandle {
             registry: self.clone(),
@@ -162,11 +169,7 @@ impl CancelRegistry {
         client: u64,
     ) -> CancelHandle {
         map.insert(pid, Owner::new(secret, client));
-        CancelHandle {
-            registry: self.clone(),
-            pid,
-            secret,
-        }
+        self.handle_of(pid, secret)
     }
 
     /// `None` when no client here has this key; else the server key a
@@ -305,6 +308,7 @@ mod tests {
         let h = reg.register(5);
         let idle = reg.register(6);
         assert_eq!((h.pid, idle.pid), (5, 6), "a client's pid is its id");
+        assert!(h.is_client_id(5) && !h.is_client_id(6));
         lock(&clients).insert(5, (h.pid, h.secret, true));
         lock(&clients).insert(6, (idle.pid, idle.secret, false));
         assert!(lock(&reg.map).is_empty(), "no entry for them");
@@ -339,6 +343,7 @@ mod tests {
         let secret = native.secret.wrapping_add(1);
         let moved = reg.adopt(3, secret, 8);
         assert_eq!((moved.pid, moved.secret), (3, secret));
+        assert!(!moved.is_client_id(8), "kept while parked");
         lock(&clients).insert(8, (3, secret, false));
         assert_eq!(reg.target(3, native.secret), Some(server_key()));
         assert_eq!(

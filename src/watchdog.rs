@@ -131,6 +131,7 @@ fn new_slot() -> &'static Slot {
 /// Nanoseconds thread `tid` of this process has spent runnable but waiting
 /// for a CPU (`/proc/self/task/TID/schedstat`, second field); `None` where
 /// the kernel does not keep it.
+///
 /// Each thread's file stays open (in the calling thread: the watchdog's),
 /// so that a reading is one `pread`, not an open, a stat, two reads and a
 /// close: the watchdog reads every runtime thread's every 10 ms.

@@ -85,10 +85,9 @@ impl Session {
                 tls,
             })
         });
-        // A key whose pid is the client's id is found through the client
-        // list alone (see `cancel`): its handle is made again on resume.
-        let cancel =
-            (i64::from(s.cancel.pid) != s.listed.info.id as i64).then(|| Box::new(s.cancel));
+        // A key whose pid is the client's id needs no handle while parked:
+        // one is made again on resume.
+        let cancel = (!s.cancel.is_client_id(s.listed.info.id)).then(|| Box::new(s.cancel));
         Ok(Parked {
             slot: crate::client::ClientSlot::new(&s.shared),
             socket,
@@ -123,7 +122,7 @@ pub struct Parked {
     cancel: Option<Box<CancelHandle>>,
     policy: Policy,
     /// Its last write (read-your-writes): 8 bytes, which keeps a boxed
-    /// record within the allocator's 112-byte class (see `client::park`).
+    /// record within the allocator's 80-byte class (see `client::park`).
     last_write: Option<std::num::NonZeroU64>,
     /// What most clients do not have (boxed so that they pay 8 bytes).
     rare: Option<Box<Rare>>,

@@ -4,11 +4,12 @@
 //! to the next, so the hot path allocates nothing; but kept per client, an
 //! idle client that has not parked yet held ~2.6 KiB of them (10,000 idle
 //! clients: 26 MiB). Here at most one tracker per transaction in progress
-//! exists, plus [`KEEP`] spares per thread.
+//! exists, plus `KEEP` spares per thread.
 //!
 //! Invariants: a spare was reset when it came back (it holds no replica
 //! guard, no LISTEN hub, nothing of its last client); the client's own
-//! statement memo never comes here (see [`Tracker::lend_memo`]).
+//! statement memo never stays here ([`take`] lends it to the tracker,
+//! [`give_back`] returns it).
 
 use std::cell::RefCell;
 
