@@ -175,8 +175,9 @@ fn main() -> ExitCode {
     };
     rt.enable_all();
     // After clients park, every thread gives its allocator cache back when
-    // it next goes idle (see tidepool::memory).
-    rt.on_thread_park(tidepool::memory::flush_if_asked);
+    // it next goes idle (see tidepool::memory), and its spare trackers
+    // with it.
+    rt.on_thread_park(|| tidepool::memory::flush_if_asked(tidepool::client::txn::spare::clear));
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {

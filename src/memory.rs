@@ -47,12 +47,15 @@ pub fn flush_all_thread_caches() {
 }
 
 /// The runtime's park hook: flushes this thread's cache if a flush was asked
-/// for since its last one. Costs a load and a compare otherwise.
-pub fn flush_if_asked() {
+/// for since its last one, after `drop_kept` let go of what the thread keeps
+/// for reuse (objects made in a burst of logins, scattered over slabs that
+/// would otherwise stay). Costs a load and a compare otherwise.
+pub fn flush_if_asked(drop_kept: impl FnOnce()) {
     let asked = FLUSH_ASKED.load(Ordering::Relaxed);
     FLUSHED.with(|seen| {
         if seen.get() != asked {
             seen.set(asked);
+            drop_kept();
             flush_thread_cache();
         }
     });

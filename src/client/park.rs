@@ -266,7 +266,9 @@ pub async fn run(shared: Arc<Shared>) {
                     if parked > parked_before {
                         // The freed sessions wait in the allocator caches
                         // of the threads that ran them, keeping their
-                        // pages: give them back.
+                        // pages: give them back, with the spare trackers
+                        // that the burst made.
+                        crate::client::txn::spare::clear();
                         crate::memory::flush_all_thread_caches();
                     }
                     parked_before = parked;

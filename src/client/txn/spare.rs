@@ -56,6 +56,14 @@ pub fn give_back(mut t: Box<Tracker>, memo: &mut Memo) {
     });
 }
 
+/// Frees this thread's spares. After a burst of logins went idle, the spares
+/// made in it are scattered over slabs that would otherwise empty; the next
+/// transactions make new ones.
+pub fn clear() {
+    let spares = SPARES.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    drop(spares);
+}
+
 /// Spares on this thread now (tests).
 #[cfg(test)]
 pub fn kept() -> usize {
@@ -108,5 +116,12 @@ mod tests {
             give_back(t, &mut Memo::default());
         }
         assert_eq!(kept(), KEEP);
+        // After a burst went idle, the thread lets its spares go; the next
+        // transaction makes a new one.
+        clear();
+        assert_eq!(kept(), 0);
+        let t = take(TxStatus::Idle, policy(), &mut mine);
+        give_back(t, &mut mine);
+        assert_eq!(kept(), 1);
     }
 }
