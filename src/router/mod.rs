@@ -8,6 +8,7 @@ pub mod classify;
 pub mod functions;
 pub mod hints;
 pub mod measure;
+pub mod opening;
 pub mod policy;
 
 pub use classify::{Class, Classifier, Verdict};

@@ -287,6 +287,12 @@ impl Session {
         if self.buf.first() != Some(&FrontendTag::Query.byte()) {
             return false;
         }
+        // Most queries are not a BEGIN, and their first word says so: they
+        // skip the text's checks and the classifier's memo here (routing
+        // looks the statement up again anyway).
+        if !crate::router::opening::may_begin(self.buf.get(5..).unwrap_or_default()) {
+            return false;
+        }
         let Some(sql) = first_statement(&self.buf, self.limit, &self.statements) else {
             return false;
         };
