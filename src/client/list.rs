@@ -401,10 +401,10 @@ impl ClientInfo {
     }
 
     /// The parking sweep: a client seen idle by two sweeps in a row (no
-    /// transaction in between) is asked to park.
-    pub fn sweep_idle(&self) {
+    /// transaction in between) is asked to park; true when it was.
+    pub fn sweep_idle(&self) -> bool {
         if self.state.load(Ordering::Relaxed) != ClientState::Idle as u8 {
-            return;
+            return false;
         }
         if self
             .park
@@ -413,7 +413,9 @@ impl ClientInfo {
         {
             self.park.store(2, Ordering::Relaxed);
             self.notify();
+            return true;
         }
+        false
     }
 
     pub fn park_requested(&self) -> bool {

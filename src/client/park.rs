@@ -219,6 +219,8 @@ pub async fn run(shared: Arc<Shared>) {
     let mut next_park_sweep = tokio::time::Instant::now();
     // Clients parked at the last look: more since means sessions were freed.
     let mut parked_before = 0;
+    // The last tick's sweep asked clients to park.
+    let mut asked_to_park = false;
     loop {
         tokio::select! {
             biased;
@@ -260,6 +262,13 @@ pub async fn run(shared: Arc<Shared>) {
                 let wall = crate::clock::coarse_us();
                 let period = shared.settings().config.pool.park_idle_clients_after / 2;
                 let park = lot.registry.is_some() && !period.is_zero() && now >= next_park_sweep;
+                if std::mem::take(&mut asked_to_park) {
+                    // The clients asked at the last tick have parked by now,
+                    // most of them: their pages go now rather than at the
+                    // next sweep (which still catches the rest).
+                    crate::client::txn::spare::clear();
+                    crate::memory::flush_all_thread_caches();
+                }
                 if park {
                     next_park_sweep = now + period;
                     let parked = lot.len();
@@ -296,8 +305,8 @@ pub async fn run(shared: Arc<Shared>) {
                             &shared.stats.counters.limits.client_idle_timeout,
                         );
                     }
-                    if park {
-                        c.sweep_idle();
+                    if park && c.sweep_idle() {
+                        asked_to_park = true;
                     }
                 });
                 if timed_out {
