@@ -262,25 +262,20 @@ pub async fn run(shared: Arc<Shared>) {
                 let wall = crate::clock::coarse_us();
                 let period = shared.settings().config.pool.park_idle_clients_after / 2;
                 let park = lot.registry.is_some() && !period.is_zero() && now >= next_park_sweep;
-                if std::mem::take(&mut asked_to_park) {
-                    // The clients asked at the last tick have parked by now,
-                    // most of them: their pages go now rather than at the
-                    // next sweep (which still catches the rest).
-                    crate::client::txn::spare::clear();
-                    crate::memory::flush_all_thread_caches();
-                }
+                // The clients asked at the last tick have parked by now, most
+                // of them, and a sweep that finds more parked than at the last
+                // one catches the rest: their freed sessions wait in the
+                // allocator caches of the threads that ran them, keeping their
+                // pages. Give them back, with the spare trackers the burst made.
+                let mut flush = std::mem::take(&mut asked_to_park);
                 if park {
                     next_park_sweep = now + period;
                     let parked = lot.len();
-                    if parked > parked_before {
-                        // The freed sessions wait in the allocator caches
-                        // of the threads that ran them, keeping their
-                        // pages: give them back, with the spare trackers
-                        // that the burst made.
-                        crate::client::txn::spare::clear();
-                        crate::memory::flush_all_thread_caches();
-                    }
+                    flush |= parked > parked_before;
                     parked_before = parked;
+                }
+                if flush {
+                    crate::memory::flush_all_thread_caches(crate::client::txn::spare::clear);
                 }
                 let idle_limit = shared.settings().config.pool.client_idle_timeout;
                 let query_limit = shared.settings().config.pool.query_timeout;
