@@ -25,14 +25,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::BytesMut;
 use rand::RngExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::protocol::write;
 use crate::server::CancelKey;
 
 /// What the client list says of a client (by id): the key it was given and
 /// the server key a request for it goes to now (`None`: it holds no server).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     pub pid: i32,
     pub secret: i32,
@@ -196,17 +195,20 @@ impl CancelRegistry {
     /// Forwards a client's CancelRequest; silently ignores bad keys, as
     /// PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let resolved = self.resolve(pid, secret);
-        let Some(key) = resolved.flatten() else {
-            if resolved.is_none() && self.pass_to_old_process(pid, secret) {
+        let key = match self.resolve(pid, secret) {
+            Some(Some(key)) => key,
+            None if self.pass_to_old_process(pid, secret) => {
                 tracing::debug!(pid, "cancel request passed to the old process");
                 return;
             }
-            tracing::debug!(pid, "cancel request with unknown key ignored");
-            return;
+            _ => {
+                tracing::debug!(pid, "cancel request with unknown key ignored");
+                return;
+            }
         };
+        let server = key.addr.to_string();
         if let Err(e) = send_cancel(key).await {
-            tracing::warn!(error = %e, server = %key.addr, "could not forward cancel request");
+            tracing::warn!(error = %e, server, "could not forward cancel request");
         }
     }
 }
@@ -256,7 +258,7 @@ impl CancelRegistry {
 
 /// Sends a CancelRequest for `key` to its server.
 pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(key.addr).await?;
+    let mut s = key.addr.connect().await?;
     let mut out = BytesMut::with_capacity(16);
     write::cancel_request(&mut out, key.pid, key.secret);
     s.write_all(&out).await?;
@@ -279,7 +281,7 @@ mod tests {
 
     fn server_key() -> CancelKey {
         CancelKey {
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: crate::server::addr::ServerAddr::Tcp("127.0.0.1:5432".parse().unwrap()),
             pid: 7,
             secret: 9,
         }

@@ -585,12 +585,12 @@ mod tests {
         let clients = std::sync::Arc::new(ClientList::default());
         let servers = std::sync::Arc::new(ServerList::default());
         let key = CancelKey {
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: crate::server::addr::ServerAddr::Tcp("127.0.0.1:5432".parse().unwrap()),
             pid: 4242,
             secret: -7,
         };
         let c = clients.add(ClientInfo::new(1, "u", "d", None, None, (9, 1), 0));
-        let s = servers.add(ServerInfo::new(7, "d", 0, "u", None, key));
+        let s = servers.add(ServerInfo::new(7, "d", 0, "u", None, key.clone()));
         let target = || cancel_holder(&clients, &servers, 1).and_then(|h| h.target);
         assert_eq!(target(), None, "holds nothing");
         c.info.active(7);

@@ -112,14 +112,21 @@ pub enum ConnectError {
 }
 
 /// Connects `cfg` within `timeout`, over TLS as `tls` says (a database's
-/// `server_tls_*`; None or disable: plain), and drives the connection in a
-/// task of its own.
+/// `server_tls_*`; None or disable: plain; a socket directory: plain, as
+/// for pooled connections), and drives the connection in a task of its own.
 pub async fn connect(
     cfg: &mut tokio_postgres::Config,
     tls: Option<&Connector>,
     timeout: std::time::Duration,
 ) -> Result<tokio_postgres::Client, ConnectError> {
-    match tls.and_then(|t| Some((t.mode, t.config.clone()?))) {
+    let local = cfg
+        .get_hosts()
+        .iter()
+        .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    match tls
+        .and_then(|t| Some((t.mode, t.config.clone()?)))
+        .filter(|_| !local)
+    {
         Some((mode, config)) => {
             cfg.ssl_mode(ssl_mode(mode));
             connect_with(cfg, MakeRustls(config), timeout).await

@@ -463,7 +463,7 @@ impl Pool {
                     self.backend,
                     &self.user,
                     local,
-                    conn.cancel_key,
+                    conn.cancel_key.clone(),
                 )
                 .with_tls(conn.stream.tls_summary()),
             ),

@@ -3,7 +3,6 @@
 //! ParameterStatus set and BackendKeyData up to ReadyForQuery.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -46,12 +45,18 @@ pub async fn connect(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
 /// Asks the server for TLS (SSLRequest) unless the mode is disable, and
 /// makes the handshake when it agrees; a server that refuses is refused in
 /// turn when the mode requires TLS.
-async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<Stream, ServerError> {
+/// Over a Unix-domain socket there is no TLS (PostgreSQL refuses it there
+/// and libpq does not ask, whatever the mode): the socket is local.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    unix: bool,
+    spec: &ConnectSpec,
+) -> Result<Stream, ServerError> {
     let Some((mode, config)) = spec
         .tls
         .as_deref()
         .and_then(|c| Some((c.mode, c.config.clone()?)))
-        .filter(|(m, _)| *m != Mode::Disable)
+        .filter(|(m, _)| *m != Mode::Disable && !unix)
     else {
         return Ok(Stream::plain(tcp));
     };
@@ -84,11 +89,8 @@ async fn negotiate_tls(mut tcp: TcpStream, spec: &ConnectSpec) -> Result<Stream,
 }
 
 async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
-    let tcp = TcpStream::connect((spec.host.as_str(), spec.port)).await?;
-    tcp.set_nodelay(true)?;
-    crate::protocol::keepalive::apply(&tcp, &spec.keepalive)?;
-    let addr: SocketAddr = tcp.peer_addr()?;
-    let mut stream = negotiate_tls(tcp, spec).await?;
+    let (tcp, addr) = super::addr::open(&spec.host, spec.port, &spec.keepalive).await?;
+    let mut stream = negotiate_tls(tcp, addr.is_unix(), spec).await?;
     let mut out = BytesMut::new();
     write::startup(
         &mut out,
@@ -113,7 +115,11 @@ async fn connect_inner(spec: &ConnectSpec) -> Result<ServerConn, ServerError> {
             }
             BackendTag::BackendKeyData => {
                 let (pid, secret) = backend_key_data(&frame.body)?;
-                key = Some(CancelKey { addr, pid, secret });
+                key = Some(CancelKey {
+                    addr: addr.clone(),
+                    pid,
+                    secret,
+                });
             }
             BackendTag::ErrorResponse => {
                 return Err(ServerError::Query(error_fields(&frame.body)?));

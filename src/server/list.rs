@@ -16,7 +16,7 @@ pub struct ServerInfo {
     pub database: String,
     pub backend: usize,
     pub user: String,
-    pub addr: SocketAddr,
+    pub addr: crate::server::addr::ServerAddr,
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
     pub pid: i32,
@@ -37,7 +37,7 @@ pub struct ServerRow {
     pub database: String,
     pub backend: usize,
     pub user: String,
-    pub addr: SocketAddr,
+    pub addr: crate::server::addr::ServerAddr,
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
     pub pid: i32,
@@ -88,7 +88,7 @@ impl ServerInfo {
 
     pub fn cancel_key(&self) -> crate::server::CancelKey {
         crate::server::CancelKey {
-            addr: self.addr,
+            addr: self.addr.clone(),
             pid: self.pid,
             secret: self.secret,
         }
@@ -113,7 +113,7 @@ impl ServerInfo {
             database: self.database.clone(),
             backend: self.backend,
             user: self.user.clone(),
-            addr: self.addr,
+            addr: self.addr.clone(),
             local: self.local,
             connect_time: self.connect_time,
             pid: self.pid,

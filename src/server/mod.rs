@@ -7,6 +7,7 @@
 //! Invariant: a `ServerConn` is only idle in a pool when its last
 //! ReadyForQuery said `I` and nothing is outstanding on it.
 
+pub mod addr;
 mod connect;
 pub mod exchange;
 pub mod expect;
@@ -17,7 +18,6 @@ pub mod session_functions;
 pub mod session_state;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
@@ -36,9 +36,9 @@ const INTERNAL_LIMIT: usize = 1024 * 1024;
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Where to send a CancelRequest for the query running on a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelKey {
-    pub addr: SocketAddr,
+    pub addr: addr::ServerAddr,
     pub pid: i32,
     pub secret: i32,
 }

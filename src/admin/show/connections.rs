@@ -106,8 +106,18 @@ pub(super) fn servers(shared: &Shared) -> ResultSet {
     cols.push(("backend_role", Text));
     let mut rs = ResultSet::new(&cols);
     for s in crate::server::list::rows(&shared.registry.servers) {
-        let (addr, port) = addr_parts(Some(s.addr));
-        let (laddr, lport) = addr_parts(s.local);
+        let (addr, port, laddr, lport) = match &s.addr {
+            crate::server::addr::ServerAddr::Tcp(a) => {
+                let (addr, port) = addr_parts(Some(*a));
+                let (laddr, lport) = addr_parts(s.local);
+                (addr, port, laddr, lport)
+            }
+            // On a socket directory: `unix`, as PgBouncer shows it, with
+            // the port the socket is named after.
+            crate::server::addr::ServerAddr::Unix { port, .. } => {
+                ("unix".into(), (*port).into(), "unix".into(), Value::Null)
+            }
+        };
         rs.push(vec![
             "S".into(),
             s.user.into(),

@@ -47,7 +47,7 @@ impl Session {
         let verdict = t.verdict(mid_message || !conn.buf.is_empty());
         if verdict == Verdict::Close {
             // A query or COPY is still running: stop it, then drop the connection.
-            let key = conn.cancel_key;
+            let key = conn.cancel_key.clone();
             if t.expect.ready_owed() > 0 {
                 let _ = send_cancel(key).await;
             }

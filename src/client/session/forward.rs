@@ -411,7 +411,7 @@ impl Session {
                                 "canceling statement due to query_timeout ({})",
                                 humantime::format_duration(limit)
                             ));
-                            let key = conn.cancel_key;
+                            let key = conn.cancel_key.clone();
                             tokio::spawn(async move {
                                 let _ = crate::cancel::send_cancel(key).await;
                             });

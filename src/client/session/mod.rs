@@ -525,7 +525,7 @@ impl Session {
                     // KILL drops the server connection too, after stopping
                     // whatever runs on it.
                     if tracker.expect.ready_owed() > 0 {
-                        let _ = Box::pin(send_cancel(server.conn().cancel_key)).await;
+                        let _ = Box::pin(send_cancel(server.conn().cancel_key.clone())).await;
                     }
                     server.release(Release::Close);
                     return Box::pin(self.fatal(ClientError::Killed)).await;
