@@ -464,3 +464,90 @@ async fn with_no_usable_replica_reads_fall_back_or_fail_as_configured() {
         }
     }
 }
+
+/// The first column of each DataRow in `msgs`.
+fn data_rows(msgs: &[harness::raw::Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let len = i32::from_be_bytes([m.body[2], m.body[3], m.body[4], m.body[5]]) as usize;
+            String::from_utf8(m.body[6..6 + len].to_vec()).unwrap()
+        })
+        .collect()
+}
+
+/// `f`'s output, which must come within 20 s (a hang fails the test).
+async fn within<F: std::future::Future>(f: F, what: &str) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("not {what} within 20 s"))
+}
+
+/// The messages of one extended-protocol batch (one Sync) are one implicit
+/// transaction: a read then a write in it run whole on the primary, answered
+/// as PostgreSQL answers them, and so does a batch that flushes before its
+/// Sync; a whole batch of reads still goes to a replica. (Such a batch used
+/// to start on a replica, which then waited for a Sync that never came: the
+/// client hung.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_later_in_a_batch_keeps_the_whole_batch_on_the_primary() {
+    use harness::raw::{Raw, bind, execute, flush, parse, sync};
+    let s = setup("batch", "").await;
+    s.proxy
+        .client(&s.db)
+        .await
+        .batch_execute("create table bt (a int); grant all on bt to public")
+        .await
+        .unwrap();
+    let primary = s.cluster.primary_port().to_string();
+    let ext = |sql: &str| [parse("", sql), bind("", &[]), execute()].concat();
+    let read = ext("select inet_server_port()");
+    let write = ext("insert into bt values (1) returning inet_server_port()");
+    let mut r = Raw::login_trust(s.proxy.port(), &s.db).await;
+
+    // A whole batch of reads: a replica's (before this client wrote: its
+    // later reads wait for the replicas to replay its writes).
+    r.send(&[read.clone(), read.clone(), sync()].concat()).await;
+    let msgs = within(r.read_until_ready(), "reads answered").await;
+    let ports = data_rows(&msgs);
+    assert_eq!(ports.len(), 2, "{msgs:?}");
+    assert!(ports.iter().all(|p| *p != primary), "{ports:?}");
+
+    // A read, a write, one Sync: PostgreSQL's answer, all from the primary.
+    r.send(&[read.clone(), write.clone(), sync()].concat())
+        .await;
+    let msgs = within(r.read_until_ready(), "read+write answered").await;
+    let tags: String = msgs.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "12DC12DCZ", "{msgs:?}");
+    assert_eq!(data_rows(&msgs), [primary.clone(), primary.clone()]);
+
+    // The same with the Sync sent last, in a write of its own.
+    r.send(&[read.clone(), write.clone()].concat()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.send(&sync()).await;
+    let msgs = within(r.read_until_ready(), "split batch answered").await;
+    assert_eq!(data_rows(&msgs), [primary.clone(), primary.clone()]);
+
+    // A read answered at a Flush, then a write and the Sync.
+    r.send(&[read, flush()].concat()).await;
+    let mut before_flush = Vec::new();
+    while before_flush
+        .last()
+        .is_none_or(|m: &harness::raw::Msg| m.tag != b'C')
+    {
+        before_flush.push(within(r.next(), "answered at the Flush").await.unwrap());
+    }
+    r.send(&[write, sync()].concat()).await;
+    let after = within(r.read_until_ready(), "write after a Flush answered").await;
+    assert_eq!(data_rows(&before_flush), vec![primary.clone()]);
+    assert_eq!(data_rows(&after), vec![primary.clone()]);
+
+    let n = harness::connect(&s.cluster.superuser_url(&s.db))
+        .await
+        .unwrap()
+        .query_one("select count(*) from bt", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(n, 3, "the writes, each once, on the primary");
+}

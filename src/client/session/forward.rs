@@ -5,6 +5,7 @@
 //! Invariant: the server is given back only when the tracker says idle, no
 //! message is half forwarded either way, and nothing is buffered.
 
+use super::ahead::Ahead;
 use super::*;
 use crate::client::txn::Batch;
 
@@ -490,6 +491,21 @@ impl ClientIn<'_> {
         to_client: &mut BytesMut,
     ) -> Result<(), ProtocolError> {
         loop {
+            if t.replica_guard.is_some()
+                && t.status == TxStatus::Idle
+                && t.batch == Batch::Synced
+                && !cscan.mid_message()
+                && !matches!(
+                    super::ahead::batch(buf, usize::MAX, self.statements, |sql| !t
+                        .needs_primary(sql, false)),
+                    Ahead::NotABatch | Ahead::ReplicaMay
+                )
+            {
+                // A batch the replica may not take whole: it waits, unsent,
+                // for the primary (see `ahead`).
+                t.reroute = true;
+                break;
+            }
             let s = cscan.scan(buf, &mut t.client_side(Some(self.shapes)))?;
             t.timing.delta.received += s.forward as u64;
             let chunk = buf.split_to(s.forward);

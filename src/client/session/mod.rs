@@ -13,6 +13,7 @@
 //! step, and gives it back on every path (`Release`); a transaction starts
 //! only once its first message is whole.
 
+mod ahead;
 mod cleanup;
 mod forward;
 mod idle;

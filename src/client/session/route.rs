@@ -2,7 +2,9 @@
 //! statement's class, hints, health and read-your-writes) and checking a
 //! server out of that backend's pool.
 
+use super::ahead::Ahead;
 use super::*;
+use crate::router::hints::Hint;
 use crate::router::policy;
 
 impl Session {
@@ -33,10 +35,32 @@ impl Session {
             ),
             None => (Class::Write, None),
         };
+        let mut class = class;
+        let mut forced = forced_primary(&mut self.route_param, &self.params);
+        if !forced
+            && (hint == Some(Hint::Replica) || matches!(class, Class::Read | Class::BeginReadOnly))
+        {
+            // An extended-protocol batch goes to a replica only whole and
+            // all of it fit to run there (see `ahead`), judged statement by
+            // statement as a replica's transaction judges them.
+            let (memo, classifier) = (&mut self.memo, &self.settings.classifier);
+            let fit = |sql: &str| {
+                crate::router::hints::hint(sql) == Some(Hint::Replica)
+                    || matches!(
+                        memo.class(sql, classifier, functions.as_deref()),
+                        Class::Read | Class::BeginReadOnly | Class::Neutral
+                    )
+            };
+            match super::ahead::batch(&self.buf, self.limit, &self.statements, fit) {
+                Ahead::NeedsPrimary => (class, forced) = (Class::Write, true),
+                Ahead::NotAllHere => forced = true,
+                Ahead::NotABatch | Ahead::ReplicaMay => {}
+            }
+        }
         let request = policy::Request {
             class,
             hint,
-            forced_primary: forced_primary(&mut self.route_param, &self.params),
+            forced_primary: forced,
             after_deferred_begin: self.deferred_begin.is_some(),
             last_write: self.last_write,
         };

@@ -259,7 +259,7 @@ impl Tracker {
     /// On a replica, outside a transaction: does `sql` need the primary?
     /// Text in another client encoding (`foreign`) is not classified: it
     /// needs the primary.
-    fn needs_primary(&mut self, sql: &str, foreign: bool) -> bool {
+    pub fn needs_primary(&mut self, sql: &str, foreign: bool) -> bool {
         let Some(g) = &self.replica_guard else {
             return false;
         };
