@@ -16,10 +16,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(Hba::parse(text).ok().as_ref(), Some(&hba));
-    for addr in ["127.0.0.1", "10.1.2.3", "::1", "::ffff:10.0.0.1", "fe80::1"] {
+    // `None`: a client of the Unix socket (`local` lines).
+    for addr in ["127.0.0.1", "10.1.2.3", "::1", "::ffff:10.0.0.1", "fe80::1", ""] {
         for tls in [false, true] {
             let _ = hba.method_for(&Peer {
-                addr: addr.parse().unwrap(),
+                addr: addr.parse().ok(),
                 tls,
                 database: "app",
                 user: "app",

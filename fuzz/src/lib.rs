@@ -425,6 +425,7 @@ pub fn tracker(flags: u8) -> Tracker {
     let policy = tidepool::client::txn::Policy {
         named_statements: flags & 4 != 0,
         refuse_session_features: flags & 8 != 0,
+        listen_shared: flags & 64 != 0,
     };
     let mut t = Tracker::new(status, policy);
     t.copy = match (flags >> 4) & 3 {
