@@ -299,9 +299,24 @@ async fn startup_parameters_follow_each_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_transaction_timeout_closes_the_client_and_rolls_back() {
+    idle_transaction_timeout_case("idletx", "idle_transaction_timeout = \"1s\"").await;
+}
+
+/// With a shorter query_timeout, whose checks wake the client's task every
+/// sweep: those wake-ups used to restart the idle timer, so it never fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_fires_beside_a_shorter_query_timeout() {
+    idle_transaction_timeout_case(
+        "idletx_qt",
+        "idle_transaction_timeout = \"1s\"\nquery_timeout = \"300ms\"",
+    )
+    .await;
+}
+
+async fn idle_transaction_timeout_case(name: &str, pool: &str) {
     let c = cluster();
-    let db = c.create_database("idletx");
-    let proxy = TestProxy::for_db(c, &db, "idle_transaction_timeout = \"1s\"");
+    let db = c.create_database(name);
+    let proxy = TestProxy::for_db(c, &db, pool);
     let admin = c.admin_client(&db).await;
     admin
         .batch_execute("create table x(a int); grant all on x to public")

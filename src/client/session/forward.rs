@@ -66,6 +66,8 @@ impl Session {
         let mut quiet_since: Option<u64> = None;
         let mut leak: Option<crate::client::leaks::LeakGuard> = None;
         let mut last_fingerprint: Option<u64> = None;
+        // Since when the client's transaction has been idle (monotonic ns).
+        let mut idle_tx_since: Option<u64> = None;
         let (ss, cs) = (&conn.stream, &self.stream);
         loop {
             if t.reroute
@@ -173,6 +175,17 @@ impl Session {
             }
             let idle_in_tx =
                 !idle_tx_timeout.is_zero() && t.is_quiet() && t.status != TxStatus::Idle;
+            // Counted from when the transaction went quiet, not from this
+            // turn of the loop: other wake-ups (query_timeout's checks every
+            // sweep, a leak report) must not restart it.
+            if !idle_in_tx {
+                idle_tx_since = None;
+            }
+            let idle_tx_due = idle_in_tx.then(|| {
+                let since = *idle_tx_since.get_or_insert_with(crate::clock::mono_ns);
+                let idle = Duration::from_nanos(crate::clock::mono_ns().saturating_sub(since));
+                tokio::time::Instant::now() + idle_tx_timeout.saturating_sub(idle)
+            });
             let held_unused = !leak_after.is_zero()
                 && to_server.is_empty()
                 && to_client.is_empty()
@@ -228,9 +241,9 @@ impl Session {
                     r = cs.send(&mut to_client), if !to_client.is_empty() && !holding => Event::SentClient(r),
                     r = read_into(ss, &mut conn.buf), if to_client.is_empty() || holding => Event::ServerRead(r),
                     r = read_into(cs, &mut self.buf), if read_client => Event::ClientRead(r),
-                    // Made on first poll (the timer and its clock read cost
-                    // nothing while the branch is off), afresh each time round.
-                    _ = async { tokio::time::sleep(idle_tx_timeout).await }, if idle_in_tx => Event::IdleTimeout,
+                    // Made on first poll (the timer costs nothing while the
+                    // branch is off), for the deadline set above.
+                    _ = async { tokio::time::sleep_until(idle_tx_due.unwrap_or_else(tokio::time::Instant::now)).await }, if idle_tx_due.is_some() => Event::IdleTimeout,
                     _ = async { tokio::time::sleep_until(leak_due.unwrap_or_else(tokio::time::Instant::now)).await }, if leak_due.is_some() => Event::Leak,
                     _ = info.nudged() => Event::Nudged,
                 }
