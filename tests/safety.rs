@@ -869,3 +869,60 @@ async fn a_client_half_way_through_a_dropped_message_can_be_killed() {
         describe(&msgs)
     );
 }
+
+/// A startup packet for protocol 3.`minor` with `more` parameters.
+fn startup_minor(minor: u16, user: &str, db: &str, more: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (196_608i32 | i32::from(minor)).to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", db)].iter().chain(more) {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut v = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    v.extend_from_slice(&body);
+    v
+}
+
+/// A client asking for a newer protocol 3 (libpq 18's
+/// `max_protocol_version=3.2` or `latest`) or for protocol options
+/// (`_pq_.*`) gets NegotiateProtocolVersion, as from PostgreSQL itself, and
+/// goes on at 3.0; major version 4 is refused. (tidepool refused 3.2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_protocol_minor_versions_are_negotiated_down_as_postgresql_does() {
+    let c = cluster();
+    let db = c.create_database("negotiate");
+    let proxy = TestProxy::for_db(c, &db, "");
+    for (minor, more) in [
+        (2u16, vec![]),
+        (0, vec![("_pq_.tidepool_test", "on")]),
+        (2, vec![("_pq_.a", "1"), ("_pq_.b", "2")]),
+    ] {
+        let mut answers = Vec::new();
+        for port in [c.primary_port(), proxy.port()] {
+            let mut r = Raw::connect(port).await;
+            r.send(&startup_minor(minor, harness::TRUST_USER, &db, &more))
+                .await;
+            let login = r.read_until_ready().await;
+            let negotiate: Vec<Vec<u8>> = login
+                .iter()
+                .filter(|m| m.tag == b'v')
+                .map(|m| m.body.clone())
+                .collect();
+            r.send(&raw::query("select 41 + 1")).await;
+            let rows = describe(&r.read_until_ready().await);
+            answers.push((negotiate, rows));
+        }
+        assert_eq!(answers[0].0.len(), 1, "PostgreSQL negotiates: {answers:?}");
+        assert_eq!(answers[0], answers[1], "3.{minor} with {more:?}");
+    }
+    // Protocol 4: an error, no session.
+    let mut r = Raw::connect(proxy.port()).await;
+    let mut v4 = startup_minor(0, harness::TRUST_USER, &db, &[]);
+    v4[4..8].copy_from_slice(&(4i32 << 16).to_be_bytes());
+    r.send(&v4).await;
+    let msgs = r.read_to_close().await;
+    assert!(msgs.iter().any(|m| m.tag == b'E'), "{msgs:?}");
+    assert!(!msgs.iter().any(|m| m.tag == b'Z'), "{msgs:?}");
+}

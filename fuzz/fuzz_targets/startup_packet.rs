@@ -24,7 +24,7 @@ fn read(data: &[u8]) -> Result<StartupPacket, StartupError> {
 
 fuzz_target!(|data: &[u8]| {
     // The body parser on its own.
-    if let Ok(StartupPacket::Startup(params)) = parse(data) {
+    if let Ok(StartupPacket::Startup { minor, params }) = parse(data) {
         let mut body = data[..4].to_vec();
         for (k, v) in &params {
             assert!(!k.is_empty(), "an empty key ends the list");
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         body.push(0);
         assert_eq!(
             parse(&body).ok(),
-            Some(StartupPacket::Startup(params)),
+            Some(StartupPacket::Startup { minor, params }),
             "re-encoded packet parses differently"
         );
     }

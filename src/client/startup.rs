@@ -271,12 +271,12 @@ async fn handshake(
     tls_required: bool,
     id: u64,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
-    let startup = match first {
+    let (minor, startup) = match first {
         Ok(StartupPacket::Cancel { pid, secret }) => {
             shared.cancel.cancel(pid, secret).await;
             return Ok(None);
         }
-        Ok(StartupPacket::Startup(params)) => params,
+        Ok(StartupPacket::Startup { minor, params }) => (minor, params),
         // A second SSLRequest, or one inside TLS.
         Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
             return Err(Some(ClientError::Protocol(
@@ -293,6 +293,8 @@ async fn handshake(
     let mut user = None;
     let mut database = None;
     let mut client_params = BTreeMap::new();
+    // Protocol options (`_pq_.*`): tidepool knows none.
+    let mut unknown_options = Vec::new();
     for (k, v) in startup {
         match k.as_str() {
             "user" => user = Some(v),
@@ -304,7 +306,7 @@ async fn handshake(
                 )));
             }
             "replication" => {}
-            _ if k.starts_with("_pq_.") => {}
+            _ if k.starts_with("_pq_.") => unknown_options.push(k),
             _ if valid_name(&k) => {
                 client_params.insert(k, v);
             }
@@ -317,6 +319,14 @@ async fn handshake(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    if minor > 0 || !unknown_options.is_empty() {
+        // As PostgreSQL: the client learns that 3.0 is spoken here (and
+        // which of its options are not), and goes on at 3.0.
+        let names: Vec<&str> = unknown_options.iter().map(String::as_str).collect();
+        let mut out = bytes::BytesMut::new();
+        crate::protocol::write::negotiate_protocol_version(&mut out, 0, &names);
+        stream.write_all(&out).await.map_err(|_| None)?;
+    }
 
     let settings = shared.settings();
     let config = &settings.config;

@@ -16,8 +16,17 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
-    Startup(Vec<(String, String)>),
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// A StartupMessage of protocol 3.`minor` (tidepool speaks 3.0: a
+    /// newer minor is answered with NegotiateProtocolVersion, as
+    /// PostgreSQL does).
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 /// Errors reading a startup packet.
@@ -67,7 +76,7 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             let secret = b.i32()?;
             Ok(StartupPacket::Cancel { pid, secret })
         }
-        PROTOCOL_3_0 => {
+        v if v >> 16 == PROTOCOL_3_0 >> 16 => {
             let mut params = Vec::new();
             loop {
                 let key = b.cstr()?;
@@ -77,7 +86,10 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
                 let value = b.cstr()?;
                 params.push((key.to_owned(), value.to_owned()));
             }
-            Ok(StartupPacket::Startup(params))
+            Ok(StartupPacket::Startup {
+                minor: (v & 0xffff) as u16,
+                params,
+            })
         }
         other => Err(ProtocolError::UnsupportedVersion {
             major: (other >> 16) as u16,
@@ -96,11 +108,23 @@ mod tests {
         body.extend_from_slice(b"user\0app\0database\0db\0\0");
         assert_eq!(
             parse(&body).unwrap(),
-            StartupPacket::Startup(vec![
-                ("user".into(), "app".into()),
-                ("database".into(), "db".into())
-            ])
+            StartupPacket::Startup {
+                minor: 0,
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
+            }
         );
+        // 3.2 (libpq 18's max_protocol_version = latest): read, for the
+        // handshake to negotiate down; 4.0 is refused.
+        let mut body = (PROTOCOL_3_0 + 2).to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0_pq_.x\0y\0\0");
+        assert!(matches!(
+            parse(&body),
+            Ok(StartupPacket::Startup { minor: 2, params }) if params.len() == 2
+        ));
+        assert!(parse(&[0, 4, 0, 0, 0]).is_err());
         assert_eq!(
             parse(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(),
             StartupPacket::SslRequest

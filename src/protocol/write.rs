@@ -15,6 +15,19 @@ pub fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// NegotiateProtocolVersion: the newest version of protocol 3 that tidepool
+/// speaks (the whole version word, 3.minor, as PostgreSQL sends it: libpq
+/// reads it so), and the protocol options (`_pq_.*`) it did not know.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: u16, unknown: &[&str]) {
+    message(buf, b'v', |b| {
+        b.put_i32(super::tag::PROTOCOL_3_0 | i32::from(newest_minor));
+        b.put_i32(unknown.len() as i32);
+        for o in unknown {
+            cstr(b, o);
+        }
+    });
+}
+
 fn cstr(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
     buf.put_u8(0);
