@@ -1181,3 +1181,60 @@ async fn the_same_statement_name_means_different_things_to_different_clients() {
         .await;
     assert_eq!(data_rows(&b.read_until_ready().await), ["8"]);
 }
+
+/// What the client was last told of each parameter, from the
+/// ParameterStatus messages in `msgs`.
+fn reported(msgs: &[harness::raw::Msg]) -> std::collections::BTreeMap<String, String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'S')
+        .filter_map(|m| {
+            let mut parts = m.body.split(|b| *b == 0);
+            let k = String::from_utf8(parts.next()?.to_vec()).ok()?;
+            let v = String::from_utf8(parts.next()?.to_vec()).ok()?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// After RESET ALL, DISCARD ALL or RESET of one parameter, a client last
+/// hears its own startup values, as from PostgreSQL (which says nothing
+/// then): not the server connection's (tidepool's application_name, the
+/// server's default TimeZone), which the reset reported on that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reset_the_client_last_hears_its_own_startup_values() {
+    let c = harness::cluster();
+    let db = c.create_database("reset_reports");
+    let proxy = TestProxy::for_db(c, &db, "");
+    for reset in [
+        "reset all",
+        "discard all",
+        "reset application_name; reset timezone",
+    ] {
+        let mut told = std::collections::BTreeMap::new();
+        for port in [c.primary_port(), proxy.port()] {
+            let mut r = harness::raw::Raw::connect(port).await;
+            r.send(&harness::raw::startup_with(
+                harness::TRUST_USER,
+                &db,
+                &[("application_name", "myapp"), ("TimeZone", "Asia/Tokyo")],
+            ))
+            .await;
+            let mut msgs = r.read_until_ready().await;
+            r.send(&harness::raw::query(reset)).await;
+            msgs.extend(r.read_until_ready().await);
+            r.send(&harness::raw::query("show application_name")).await;
+            msgs.extend(r.read_until_ready().await);
+            let last = reported(&msgs);
+            told.insert(
+                port,
+                (last["application_name"].clone(), last["TimeZone"].clone()),
+            );
+        }
+        assert_eq!(
+            told[&proxy.port()],
+            ("myapp".to_owned(), "Asia/Tokyo".to_owned()),
+            "{reset}: {told:?}"
+        );
+        assert_eq!(told[&c.primary_port()], told[&proxy.port()], "{reset}");
+    }
+}

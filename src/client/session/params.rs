@@ -131,6 +131,18 @@ impl Session {
                 if !changed.iter().any(|k| k == APP) && !self.startup.contains_key(APP) {
                     mine.insert(APP.to_owned(), String::new());
                 }
+                // A RESET (or DISCARD ALL) on the server reported the server
+                // connection's own defaults (its application_name is
+                // tidepool's; its TimeZone is not the one the client gave at
+                // startup): the client, told those, now hears its own again,
+                // as it would never have heard otherwise from PostgreSQL.
+                for (k, v) in mine.iter().filter(|(k, _)| defaults.contains_key(*k)) {
+                    if let Some(told) = self.params.get(k)
+                        && !told.eq_ignore_ascii_case(v)
+                    {
+                        write::parameter_status(&mut self.out, k, v);
+                    }
+                }
                 conn.params.retain(|k, _| !is_tracked(k));
                 conn.params.extend(actual);
                 conn.synced_to = None;
