@@ -407,7 +407,9 @@ pub fn health_warnings(config: &Config) -> Vec<String> {
             out.push(format!(
                 "database {name} has replicas but no credentials for health checks: every read stays on the primary; set health_user and health_password, or give a user a plain password"
             ));
-        } else if creds.iter().all(|c| console(&c.user)) {
+        } else if db.health_user.is_none() && creds.iter().all(|c| console(&c.user)) {
+            // (A health_user named in the config is the operator's choice,
+            // console user or not.)
             out.push(format!(
                 "database {name}: health checks can only log in as console users ({}); unless one exists on the server, every read stays on the primary; set health_user and health_password",
                 creds.iter().map(|c| c.user.as_str()).collect::<Vec<_>>().join(", ")
@@ -531,5 +533,11 @@ auth_type = "trust"
             w.len() == 1 && w[0].contains("console users (admin)"),
             "{w:?}"
         );
+        // Named on purpose: no warning.
+        let c = config(
+            "[users.admin]\npassword = \"admin\"",
+            "health_user = \"admin\"\nhealth_password = \"admin\"",
+        );
+        assert!(health_warnings(&c).is_empty());
     }
 }
