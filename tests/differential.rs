@@ -250,19 +250,7 @@ async fn login(port: u16, db: &str) -> Client {
 async fn login_with(port: u16, db: &str, params: &[(&str, &str)]) -> (Client, Vec<Msg>) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let mut body = BytesMut::new();
-    body.put_i32(196_608);
-    let mut all = vec![("user", harness::TRUST_USER), ("database", db)];
-    all.extend_from_slice(params);
-    for (k, v) in all {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
+    let packet = harness::raw::startup_with(harness::TRUST_USER, db, params);
     stream.write_all(&packet).await.unwrap();
     let mut c = Client {
         stream,

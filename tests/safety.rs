@@ -872,17 +872,7 @@ async fn a_client_half_way_through_a_dropped_message_can_be_killed() {
 
 /// A startup packet for protocol 3.`minor` with `more` parameters.
 fn startup_minor(minor: u16, user: &str, db: &str, more: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (196_608i32 | i32::from(minor)).to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)].iter().chain(more) {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut v = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    v.extend_from_slice(&body);
-    v
+    raw::startup_version(196_608 | i32::from(minor), user, db, more)
 }
 
 /// A client asking for a newer protocol 3 (libpq 18's

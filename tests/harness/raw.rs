@@ -139,8 +139,14 @@ pub fn startup(user: &str, db: &str) -> Vec<u8> {
 
 /// A startup packet with more parameters (`client_encoding`, ...).
 pub fn startup_with(user: &str, db: &str, more: &[(&str, &str)]) -> Vec<u8> {
+    startup_version(196_608, user, db, more)
+}
+
+/// A startup packet for protocol `version` (3.0 is 196,608; 3.2 is
+/// 196,610) with more parameters.
+pub fn startup_version(version: i32, user: &str, db: &str, more: &[(&str, &str)]) -> Vec<u8> {
     let mut body = BytesMut::new();
-    body.put_i32(196_608);
+    body.put_i32(version);
     for (k, v) in [("user", user), ("database", db)].iter().chain(more) {
         body.put_slice(k.as_bytes());
         body.put_u8(0);
