@@ -39,6 +39,15 @@ pub struct Request {
     pub last_write: Option<u64>,
 }
 
+/// Whether `sql` may run in an autocommit transaction on a replica: hinted
+/// there, or (asked of `class` only without that hint) a read, a read-only
+/// BEGIN or a neutral statement. The route and a replica's own scan judge
+/// each statement of a batch by this one rule, so they never disagree.
+pub fn replica_may_run(sql: &str, class: impl FnOnce() -> Class) -> bool {
+    super::hints::hint(sql) == Some(Hint::Replica)
+        || matches!(class(), Class::Read | Class::BeginReadOnly | Class::Neutral)
+}
+
 /// The backend for `req` on a database whose health is `h`.
 pub fn choose(h: &Health, routing: &Routing, req: &Request) -> Route {
     let by_first = routing.transaction_routing == TransactionRouting::FirstStatement;

@@ -181,11 +181,7 @@ impl Session {
             if !idle_in_tx {
                 idle_tx_since = None;
             }
-            let idle_tx_due = idle_in_tx.then(|| {
-                let since = *idle_tx_since.get_or_insert_with(crate::clock::mono_ns);
-                let idle = Duration::from_nanos(crate::clock::mono_ns().saturating_sub(since));
-                tokio::time::Instant::now() + idle_tx_timeout.saturating_sub(idle)
-            });
+            let idle_tx_due = idle_in_tx.then(|| due_after(&mut idle_tx_since, idle_tx_timeout));
             let held_unused = !leak_after.is_zero()
                 && to_server.is_empty()
                 && to_client.is_empty()
@@ -195,11 +191,8 @@ impl Session {
                 quiet_since = None;
                 leak = None;
             }
-            let leak_due = (held_unused && leak.is_none()).then(|| {
-                let since = *quiet_since.get_or_insert_with(crate::clock::mono_ns);
-                let quiet = Duration::from_nanos(crate::clock::mono_ns().saturating_sub(since));
-                tokio::time::Instant::now() + leak_after.saturating_sub(quiet)
-            });
+            let leak_due =
+                (held_unused && leak.is_none()).then(|| due_after(&mut quiet_since, leak_after));
             let read_client =
                 to_server.is_empty() && !client_closed && !t.terminated && t.batch != Batch::Held;
             // Sends first, without a wait: a socket is nearly always writable,
@@ -465,6 +458,14 @@ impl Session {
             }
         }
     }
+}
+
+/// When a wait of `after` ends that started at `since` (monotonic ns; set
+/// to now if the wait starts now): a deadline kept across the loop's turns.
+fn due_after(since: &mut Option<u64>, after: Duration) -> tokio::time::Instant {
+    let since = *since.get_or_insert_with(crate::clock::mono_ns);
+    let waited = Duration::from_nanos(crate::clock::mono_ns().saturating_sub(since));
+    tokio::time::Instant::now() + after.saturating_sub(waited)
 }
 
 /// After `query_timeout` canceled a request, how long (at least) the server

@@ -45,11 +45,7 @@ impl Session {
             // statement as a replica's transaction judges them.
             let (memo, classifier) = (&mut self.memo, &self.settings.classifier);
             let fit = |sql: &str| {
-                crate::router::hints::hint(sql) == Some(Hint::Replica)
-                    || matches!(
-                        memo.class(sql, classifier, functions.as_deref()),
-                        Class::Read | Class::BeginReadOnly | Class::Neutral
-                    )
+                policy::replica_may_run(sql, || memo.class(sql, classifier, functions.as_deref()))
             };
             match super::ahead::batch(&self.buf, self.limit, &self.statements, fit) {
                 Ahead::NeedsPrimary => (class, forced) = (Class::Write, true),

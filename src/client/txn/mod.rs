@@ -20,7 +20,6 @@ use crate::protocol::messages::{
 };
 use crate::protocol::scan::{Inspector, Step};
 use crate::protocol::{BackendTag, FrontendTag, ProtocolError, TxStatus};
-use crate::router::hints::{Hint, hint};
 use crate::router::{Class, Classifier, Functions};
 pub use crate::server::exchange::{Batch, Copy, Exchange, Verdict};
 use crate::server::expect::{Owed, Undo};
@@ -263,16 +262,17 @@ impl Tracker {
         let Some(g) = &self.replica_guard else {
             return false;
         };
-        if self.status != TxStatus::Idle || hint(sql) == Some(Hint::Replica) {
+        if self.status != TxStatus::Idle {
             return false;
         }
-        if foreign {
-            return true;
-        }
-        !matches!(
-            self.memo.class(sql, &g.classifier, g.functions.as_deref()),
-            Class::Read | Class::BeginReadOnly | Class::Neutral
-        )
+        let memo = &mut self.memo;
+        !crate::router::policy::replica_may_run(sql, || {
+            if foreign {
+                Class::Write
+            } else {
+                memo.class(sql, &g.classifier, g.functions.as_deref())
+            }
+        })
     }
 
     /// The routing class of `sql`, through this client's memo.
