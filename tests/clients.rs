@@ -237,15 +237,7 @@ async fn function_call_and_terminate() {
     let proxy = TestProxy::for_db(c, &db, "");
     let mut r = Raw::login_trust(proxy.port(), &db).await;
     // FunctionCall: int4abs (oid 1397) with one text-format argument.
-    let mut body = Vec::new();
-    body.extend_from_slice(&1397i32.to_be_bytes());
-    body.extend_from_slice(&1i16.to_be_bytes());
-    body.extend_from_slice(&0i16.to_be_bytes());
-    body.extend_from_slice(&1i16.to_be_bytes());
-    body.extend_from_slice(&3i32.to_be_bytes());
-    body.extend_from_slice(b"-42");
-    body.extend_from_slice(&0i16.to_be_bytes());
-    r.send(&raw::msg(b'F', &body)).await;
+    r.send(&raw::function_call(1397, &["-42"])).await;
     let msgs = r.read_until_ready().await;
     let v = msgs
         .iter()

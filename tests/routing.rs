@@ -466,6 +466,49 @@ async fn with_no_usable_replica_reads_fall_back_or_fail_as_configured() {
 }
 
 /// The first column of each DataRow in `msgs`.
+/// A fastpath FunctionCall names its function by OID, with no text to
+/// classify: it goes to the primary, also when it comes right after a read
+/// batch's Sync in the same write, while that batch runs on a replica (it
+/// used to follow the batch to the replica, where a writing function fails
+/// with 25006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_call_after_a_read_batch_goes_to_the_primary() {
+    use harness::raw::{Raw, bind, execute, function_call, parse, sync};
+    let s = setup("fcall", "").await;
+    let primary = s.cluster.primary_port().to_string();
+    let read = [
+        parse("", "select inet_server_port()"),
+        bind("", &[]),
+        execute(),
+        sync(),
+    ]
+    .concat();
+    // inet_server_port() by OID.
+    let call = function_call(2199, &[]);
+    let mut r = Raw::login_trust(s.proxy.port(), &s.db).await;
+
+    r.send(&[read.clone(), call.clone()].concat()).await;
+    let first = within(r.read_until_ready(), "the batch answered").await;
+    let ports = data_rows(&first);
+    assert_eq!(ports.len(), 1, "{first:?}");
+    assert_ne!(ports[0], primary, "the read batch runs on a replica");
+    let second = within(r.read_until_ready(), "the call answered").await;
+    assert_eq!(function_results(&second), [primary.clone()], "{second:?}");
+
+    // Alone, too.
+    r.send(&call).await;
+    let alone = within(r.read_until_ready(), "the call answered").await;
+    assert_eq!(function_results(&alone), [primary], "{alone:?}");
+}
+
+/// The text results of the FunctionCallResponses in `msgs`.
+fn function_results(msgs: &[harness::raw::Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'V')
+        .map(|m| String::from_utf8(m.body[4..].to_vec()).unwrap())
+        .collect()
+}
+
 fn data_rows(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()
         .filter(|m| m.tag == b'D')

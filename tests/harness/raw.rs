@@ -55,6 +55,22 @@ pub fn query(sql: &str) -> Vec<u8> {
     msg(b'Q', &b)
 }
 
+/// A fastpath FunctionCall of the function with OID `oid`, text arguments,
+/// text result.
+pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&oid.to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(args.len() as i16).to_be_bytes());
+    for a in args {
+        b.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        b.extend_from_slice(a.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    msg(b'F', &b)
+}
+
 pub fn parse(name: &str, sql: &str) -> Vec<u8> {
     parse_typed(name, sql, &[])
 }

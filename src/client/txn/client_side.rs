@@ -91,6 +91,17 @@ impl Inspector for ClientSide<'_> {
             | FrontendTag::Execute
             | FrontendTag::Close => return Step::Inspect,
             FrontendTag::Sync => t.timing.sync(false),
+            // A fastpath call names its function by OID, no text to
+            // classify: like a write, it needs the primary when it would
+            // start a transaction on a replica.
+            FrontendTag::FunctionCall
+                if t.replica_guard.is_some()
+                    && t.status == TxStatus::Idle
+                    && t.batch == Batch::Synced =>
+            {
+                t.reroute = true;
+                return Step::Stop;
+            }
             FrontendTag::FunctionCall => t.timing.sync(true),
             _ => {}
         }
