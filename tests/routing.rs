@@ -493,7 +493,11 @@ async fn a_function_call_after_a_read_batch_goes_to_the_primary() {
     assert_eq!(ports.len(), 1, "{first:?}");
     assert_ne!(ports[0], primary, "the read batch runs on a replica");
     let second = within(r.read_until_ready(), "the call answered").await;
-    assert_eq!(function_results(&second), [primary.clone()], "{second:?}");
+    assert_eq!(
+        function_results(&second),
+        vec![primary.clone()],
+        "{second:?}"
+    );
 
     // Alone, too.
     r.send(&call).await;
