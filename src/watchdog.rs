@@ -2,9 +2,9 @@
 //!
 //! Owns two observations, read by one OS thread outside the runtime:
 //!
-//! - a **heartbeat** that a task on the runtime renews every few
-//!   milliseconds: when it goes stale, something kept the event loop from
-//!   running tasks;
+//! - a **heartbeat** that a task on the runtime renews every [`BEAT`] (an
+//!   idle process wakes for nothing else that often): when it goes stale,
+//!   something kept the event loop from running tasks;
 //! - a **slot per runtime thread** saying which client task that thread is
 //!   polling right now, since when, and in which phase ([`Watched`] fills it
 //!   around every poll of a client task; [`phase`] updates the phase).
@@ -31,8 +31,12 @@ use std::time::Duration;
 
 /// A poll (or a gap between heartbeats) longer than this is a stall.
 pub const STALL: Duration = Duration::from_millis(100);
-/// How often the runtime renews the heartbeat and the watchdog looks.
-const TICK: Duration = Duration::from_millis(10);
+/// How often the watchdog looks.
+const TICK: Duration = Duration::from_millis(25);
+/// How often the runtime renews the heartbeat. Each renewal wakes an
+/// otherwise idle event loop, so it is as rare as a stall's bound allows:
+/// a heartbeat counts as stale once it is older than this plus [`STALL`].
+const BEAT: Duration = Duration::from_millis(50);
 /// Time past `shutdown_timeout` before a shutdown is forced.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -319,7 +323,7 @@ impl Watchdog {
 
     /// Renews the heartbeat from the runtime, for as long as it runs.
     pub async fn heartbeat(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(TICK);
+        let mut tick = tokio::time::interval(BEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -384,6 +388,8 @@ impl Watchdog {
     fn watch(&self) {
         let stall_us = STALL.as_micros() as u64;
         let late_us = 2 * TICK.as_micros() as u64;
+        // A heartbeat is up to BEAT old between renewals.
+        let beat_us = BEAT.as_micros() as u64;
         // Poll starts (per slot) and heartbeat readings already reported.
         let mut reported: Vec<u64> = Vec::new();
         let mut beat_reported = 0;
@@ -405,10 +411,10 @@ impl Watchdog {
             reported.resize(slots.len(), 0);
             poll_base.resize_with(slots.len(), Baseline::default);
             let beat = self.beat.load(Ordering::Relaxed);
-            if now.saturating_sub(beat) > late_us {
+            if now.saturating_sub(beat) > beat_us + late_us {
                 beat_base.take(beat, last.clone());
             }
-            let beat_stale = now.saturating_sub(beat) > stall_us;
+            let beat_stale = now.saturating_sub(beat) > beat_us + stall_us;
             for (i, s) in slots.iter().enumerate() {
                 let since = s.since.load(Ordering::Relaxed);
                 if since == 0 || reported[i] == since || now.saturating_sub(since) <= late_us {
@@ -514,9 +520,14 @@ impl Drop for WatchGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::PoisonError;
+
+    /// The poll slots are the process's: one watching test at a time.
+    static WATCHING: Mutex<()> = Mutex::new(());
 
     #[test]
     fn a_long_poll_is_one_stall_and_names_the_client() {
+        let _one = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
         let w = Arc::new(Watchdog::default());
         let _guard = w.start().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -536,6 +547,34 @@ mod tests {
         });
         // At least this one (a loaded machine may add heartbeat gaps).
         assert!(w.stalls() >= 1, "a blocked poll is a stall");
+    }
+
+    #[test]
+    fn a_blocked_loop_is_seen_through_the_heartbeat_and_an_idle_one_is_not() {
+        let _one = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
+        let w = Arc::new(Watchdog::default());
+        let _guard = w.start().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::spawn(w.clone().heartbeat());
+            // Idle for several heartbeats: nothing is stale.
+            tokio::time::sleep(BEAT * 6).await;
+            assert_eq!(
+                w.stalls(),
+                0,
+                "an idle loop between heartbeats is not stalled"
+            );
+            // Not a client task: only the heartbeat can tell.
+            std::thread::sleep(BEAT + STALL * 3);
+            tokio::time::sleep(BEAT + STALL).await;
+        });
+        assert!(
+            w.stalls() >= 1,
+            "a loop blocked past its heartbeat is a stall"
+        );
     }
 
     #[test]
