@@ -52,3 +52,138 @@ pub const MAX_QUERY_FINGERPRINTS: usize = 1000;
 pub const HEALTH_WINDOW: Duration = Duration::from_secs(60);
 pub const DEGRADED_SLOW_RATIO: f64 = 0.05;
 pub const UNHEALTHY_SLOW_RATIO: f64 = 0.10;
+
+/// The functions `#[serde(default = ...)]` in `schema` names.
+pub(super) mod fns {
+    use std::time::Duration;
+
+    use super::super::schema::PoolMode;
+    use crate::auth::AuthType;
+
+    pub fn default_auth_type() -> AuthType {
+        AuthType::ScramSha256
+    }
+    pub fn default_max_message_size() -> usize {
+        super::MAX_MESSAGE_SIZE
+    }
+    pub fn default_pool_mode() -> PoolMode {
+        PoolMode::Transaction
+    }
+    pub fn default_pool_size() -> u32 {
+        super::DEFAULT_POOL_SIZE
+    }
+    pub fn default_max_client_conn() -> u32 {
+        super::MAX_CLIENT_CONN
+    }
+    pub fn default_port() -> u16 {
+        super::PORT
+    }
+    pub fn d_query_wait() -> Duration {
+        super::QUERY_WAIT_TIMEOUT
+    }
+    pub fn d_login() -> Duration {
+        super::CLIENT_LOGIN_TIMEOUT
+    }
+    pub fn d_connect() -> Duration {
+        super::SERVER_CONNECT_TIMEOUT
+    }
+    pub fn d_server_idle() -> Duration {
+        super::SERVER_IDLE_TIMEOUT
+    }
+    pub fn d_lifetime() -> Duration {
+        super::SERVER_LIFETIME
+    }
+    pub fn d_park() -> Duration {
+        super::PARK_IDLE_CLIENTS_AFTER
+    }
+    pub fn d_health_period() -> Duration {
+        super::HEALTH_CHECK_PERIOD
+    }
+    pub fn d_max_lag() -> Duration {
+        super::MAX_REPLICA_LAG
+    }
+    pub fn d_true() -> bool {
+        true
+    }
+    pub fn d_weight() -> u32 {
+        1
+    }
+    pub fn d_max_prepared() -> u32 {
+        super::MAX_PREPARED_STATEMENTS
+    }
+    pub fn d_shutdown() -> Duration {
+        super::SHUTDOWN_TIMEOUT
+    }
+    pub fn d_auth_delay() -> Duration {
+        super::AUTH_FAILURE_DELAY
+    }
+    pub fn d_auth_max_delay() -> Duration {
+        super::AUTH_FAILURE_MAX_DELAY
+    }
+    pub fn d_auth_limit() -> u32 {
+        super::AUTH_FAILURE_LIMIT
+    }
+    pub fn d_auth_cooldown() -> Duration {
+        super::AUTH_FAILURE_COOLDOWN
+    }
+    pub fn d_auth_query() -> String {
+        super::AUTH_QUERY.to_owned()
+    }
+    pub fn d_auth_cache() -> Duration {
+        super::AUTH_CACHE_LIFETIME
+    }
+    pub fn d_instances() -> u64 {
+        1
+    }
+    pub fn d_rate_backend_timeout() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn d_client_buffers() -> usize {
+        256 << 20
+    }
+    pub fn d_reserve_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn d_client_tls() -> crate::tls::Mode {
+        crate::tls::Mode::Disable
+    }
+    pub fn d_server_tls() -> crate::tls::Mode {
+        crate::tls::Mode::Prefer
+    }
+    pub fn d_stats_period() -> Duration {
+        super::STATS_PERIOD
+    }
+    pub fn d_slow() -> Duration {
+        super::SLOW_QUERY_THRESHOLD
+    }
+    pub fn d_slow_log() -> usize {
+        super::SLOW_QUERY_LOG_SIZE
+    }
+    pub fn d_fingerprints() -> usize {
+        super::MAX_QUERY_FINGERPRINTS
+    }
+    pub fn d_health_window() -> Duration {
+        super::HEALTH_WINDOW
+    }
+    pub fn d_degraded() -> f64 {
+        super::DEGRADED_SLOW_RATIO
+    }
+    pub fn d_unhealthy() -> f64 {
+        super::UNHEALTHY_SLOW_RATIO
+    }
+    pub fn d_query_wait_notify() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn d_leak_warn_after() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn d_max_queued_notifications() -> u32 {
+        10_000
+    }
+    pub fn d_check_delay() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn d_reset_query() -> String {
+        super::SERVER_RESET_QUERY.to_owned()
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod defaults;
 mod describe;
+mod duration;
 pub mod otlp;
 pub mod schema;
 mod validate;

@@ -48,10 +48,10 @@ pub struct Tracing {
     #[serde(default = "d_batch")]
     pub otlp_batch_size: usize,
     /// How long the first span of a batch waits for more. Default `1s`.
-    #[serde(default = "d_flush", with = "super::schema::duration")]
+    #[serde(default = "d_flush", with = "super::duration")]
     pub otlp_flush_interval: Duration,
     /// Deadline of one export request. Default `10s`.
-    #[serde(default = "d_timeout", with = "super::schema::duration")]
+    #[serde(default = "d_timeout", with = "super::duration")]
     pub otlp_timeout: Duration,
     /// PEM file of the CAs an `https` collector's certificate is checked
     /// against. Default none: the system's roots.
