@@ -60,6 +60,17 @@ async fn wrong_password_unknown_user_and_unknown_database() {
         .await
         .unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("3D000"), "{e}");
+    // As PostgreSQL, who the client is comes first: without the password
+    // (or as a user nobody knows) a client cannot tell a missing database
+    // from an existing one.
+    for url in [
+        proxy.url_as("app", Some("nope"), "no_such_db"),
+        proxy.url_as(harness::MD5_USER, Some("nope"), "no_such_db"),
+        proxy.url_as("nobody", Some("x"), "no_such_db"),
+    ] {
+        let e = harness::connect(&url).await.unwrap_err();
+        assert_eq!(code(&e).as_deref(), Some("28P01"), "{url}: {e}");
+    }
     let out = harness::psql_async(
         &proxy.url_as("app", Some("nope"), &db),
         &["-c", "select 1"],

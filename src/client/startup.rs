@@ -351,6 +351,10 @@ async fn handshake(
         if ADMIN_DATABASES.contains(&database.as_str()) {
             return admin_login(stream, shared, &settings, user, database, auth_type).await;
         }
+        // As PostgreSQL: who the client is comes first, so only a client
+        // that proves it learns which databases are here. A user known only
+        // to a database's auth_query has no database to ask: unknown here.
+        prove(stream, shared, &user, settings.users.get(&user), auth_type).await?;
         return Err(Some(ClientError::UnknownDatabase(database)));
     };
     // A user not in the config: the database says who it is (auth_query).
@@ -377,22 +381,7 @@ async fn handshake(
         }
         (_, t) => t,
     };
-    let mut buf = BytesMut::new();
-    let expected = crate::auth::client::Expected {
-        user: &user,
-        known: auth.is_some(),
-        secret: auth.and_then(|a| a.secret.as_ref()),
-        verifier: auth.and_then(|a| a.verifier.as_ref()),
-        decoy: &shared.decoy,
-        auth: auth_type,
-    };
-    let verified = crate::auth::client::authenticate(stream, &mut buf, &expected)
-        .await
-        .map_err(|e| match e {
-            AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
-            AuthError::Frame(_) | AuthError::Io(_) => None,
-            other => Some(ClientError::AuthProtocol(other.to_string())),
-        })?;
+    let (verified, buf) = prove(stream, shared, &user, auth, auth_type).await?;
     tracing::debug!(%user, %database, "client authenticated");
     // A first look, before any server work; the exact check is below.
     client_caps(shared, config, db, &database, &user)?;
@@ -477,6 +466,36 @@ async fn handshake(
     )))
 }
 
+/// The password exchange: the client proves it is `user` (whose secret is
+/// `auth`, if tidepool knows the user; an unknown one goes through a full
+/// exchange all the same and fails). Also returns what the client sent
+/// beyond the exchange (a pipelining client's first query).
+async fn prove(
+    stream: &mut Stream,
+    shared: &Shared,
+    user: &str,
+    auth: Option<&super::UserAuth>,
+    auth_type: crate::auth::AuthType,
+) -> Result<(crate::auth::client::Verified, BytesMut), Option<ClientError>> {
+    let expected = crate::auth::client::Expected {
+        user,
+        known: auth.is_some(),
+        secret: auth.and_then(|a| a.secret.as_ref()),
+        verifier: auth.and_then(|a| a.verifier.as_ref()),
+        decoy: &shared.decoy,
+        auth: auth_type,
+    };
+    let mut buf = BytesMut::new();
+    let verified = crate::auth::client::authenticate(stream, &mut buf, &expected)
+        .await
+        .map_err(|e| match e {
+            AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
+            AuthError::Frame(_) | AuthError::Io(_) => None,
+            other => Some(ClientError::AuthProtocol(other.to_string())),
+        })?;
+    Ok((verified, buf))
+}
+
 /// Logs a user in to the admin console: only `admin_users` and
 /// `stats_users`, authenticated like any client.
 async fn admin_login(
@@ -492,23 +511,7 @@ async fn admin_login(
     if !admin && !general.stats_users.contains(&user) {
         return Err(Some(ClientError::AdminNotAllowed(user)));
     }
-    let auth = settings.users.get(&user);
-    let expected = crate::auth::client::Expected {
-        user: &user,
-        known: auth.is_some(),
-        secret: auth.and_then(|a| a.secret.as_ref()),
-        verifier: auth.and_then(|a| a.verifier.as_ref()),
-        decoy: &shared.decoy,
-        auth: auth_type,
-    };
-    let mut buf = BytesMut::new();
-    crate::auth::client::authenticate(stream, &mut buf, &expected)
-        .await
-        .map_err(|e| match e {
-            AuthError::Failed(u) => Some(ClientError::AuthFailed(u)),
-            AuthError::Frame(_) | AuthError::Io(_) => None,
-            other => Some(ClientError::AuthProtocol(other.to_string())),
-        })?;
+    let (_, buf) = prove(stream, shared, &user, settings.users.get(&user), auth_type).await?;
     tracing::info!(%user, admin, "admin console login");
     let pid: i32 = rand::random::<i32>() & i32::MAX;
     let mut out = BytesMut::with_capacity(256);
