@@ -28,14 +28,15 @@ use tokio::io::AsyncWriteExt;
 
 use crate::protocol::write;
 use crate::server::CancelKey;
+use crate::server::list::CancelInFlight;
 
 /// What the client list says of a client (by id): the key it was given and
-/// the server key a request for it goes to now (`None`: it holds no server).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the server a request for it goes to now (`None`: it holds no server),
+/// claimed for the request until it is dropped.
 pub struct Holder {
     pub pid: i32,
     pub secret: i32,
-    pub target: Option<CancelKey>,
+    pub target: Option<CancelInFlight>,
 }
 
 /// Looks a client up by id.
@@ -171,9 +172,9 @@ impl CancelRegistry {
         self.handle_of(pid, secret)
     }
 
-    /// `None` when no client here has this key; else the server key a
-    /// request should be forwarded to, if its client holds a server.
-    fn resolve(&self, pid: i32, secret: i32) -> Option<Option<CancelKey>> {
+    /// `None` when no client here has this key; else the server a request
+    /// should be forwarded to, if its client holds a server.
+    fn resolve(&self, pid: i32, secret: i32) -> Option<Option<CancelInFlight>> {
         if pid <= 0 {
             return None;
         }
@@ -189,14 +190,14 @@ impl CancelRegistry {
 
     /// The server key a valid request should be forwarded to, if any.
     pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
-        self.resolve(pid, secret).flatten()
+        self.resolve(pid, secret).flatten().map(|t| t.key())
     }
 
     /// Forwards a client's CancelRequest; silently ignores bad keys, as
     /// PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let key = match self.resolve(pid, secret) {
-            Some(Some(key)) => key,
+        let claim = match self.resolve(pid, secret) {
+            Some(Some(claim)) => claim,
             None if self.pass_to_old_process(pid, secret) => {
                 tracing::debug!(pid, "cancel request passed to the old process");
                 return;
@@ -206,10 +207,13 @@ impl CancelRegistry {
                 return;
             }
         };
+        let key = claim.key();
         let server = key.addr.to_string();
         if let Err(e) = send_cancel(key).await {
             tracing::warn!(error = %e, server, "could not forward cancel request");
         }
+        // Only now may the server be lent again (`claim` counted it).
+        drop(claim);
     }
 }
 
@@ -256,13 +260,31 @@ impl CancelRegistry {
     }
 }
 
-/// Sends a CancelRequest for `key` to its server.
+/// How long a server may take to act on a cancel request.
+const CANCEL_DONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends a CancelRequest for `key` to its server, and waits until the
+/// server has acted on it: PostgreSQL signals the backend, then closes the
+/// request's connection. A backend that gets the signal while idle ignores
+/// it, so once this returns the request cannot stop a later query.
 pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
     let mut s = key.addr.connect().await?;
     let mut out = BytesMut::with_capacity(16);
     write::cancel_request(&mut out, key.pid, key.secret);
     s.write_all(&out).await?;
-    s.shutdown().await
+    let mut sink = [0u8; 64];
+    let closed = async {
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(CANCEL_DONE_WITHIN, closed).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the server did not close the cancel request's connection",
+        )),
+    }
 }
 
 impl Drop for CancelHandle {
@@ -294,12 +316,26 @@ mod tests {
         let clients = clients.clone();
         Arc::new(CancelRegistry::new(move |id| {
             let (pid, secret, holds) = *lock(&clients).get(&id)?;
+            let server = Arc::new(crate::server::list::ServerInfo::new(
+                1,
+                "d",
+                0,
+                "u",
+                None,
+                server_key(),
+            ));
+            server.lent(id);
             Some(Holder {
                 pid,
                 secret,
-                target: holds.then_some(server_key()),
+                target: server.claim_cancel(id).filter(|_| holds),
             })
         }))
+    }
+
+    /// What a request would resolve to, as keys.
+    fn resolved(reg: &CancelRegistry, pid: i32, secret: i32) -> Option<Option<CancelKey>> {
+        reg.resolve(pid, secret).map(|t| t.map(|t| t.key()))
     }
 
     #[test]
@@ -317,13 +353,13 @@ mod tests {
         assert_eq!(reg.target(h.pid, h.secret), Some(server_key()));
         assert_eq!(reg.target(h.pid, h.secret.wrapping_add(1)), None);
         assert_eq!(
-            reg.resolve(h.pid, h.secret.wrapping_add(1)),
+            resolved(&reg, h.pid, h.secret.wrapping_add(1)),
             None,
             "unknown key"
         );
         assert_eq!(reg.target(idle.pid, idle.secret), None);
         assert_eq!(
-            reg.resolve(idle.pid, idle.secret),
+            resolved(&reg, idle.pid, idle.secret),
             Some(None),
             "known, holds none"
         );
@@ -349,7 +385,7 @@ mod tests {
         lock(&clients).insert(8, (3, secret, false));
         assert_eq!(reg.target(3, native.secret), Some(server_key()));
         assert_eq!(
-            reg.resolve(3, secret),
+            resolved(&reg, 3, secret),
             Some(None),
             "the moved one, holding none"
         );

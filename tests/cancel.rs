@@ -101,3 +101,58 @@ async fn cancel_with_a_wrong_key_does_nothing() {
     }
     assert_eq!(run.await.unwrap().expect("not cancelled"), "done");
 }
+
+/// A cancel that comes just after its client's query ended (a driver's
+/// timeout firing as the answer arrives: asyncpg's `timeout=`, pgx's
+/// context, JDBC's setQueryTimeout) must not stop the query another client
+/// runs by then on the same server. It used to: the request was forwarded
+/// to the server the client held when it came, which PostgreSQL reached
+/// after the server had gone to another client (a black-box probe saw 4-12
+/// such cancels in 8 s). Directly, PostgreSQL never cancels another
+/// session's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_never_stops_another_clients_query() {
+    let c = cluster();
+    let db = c.create_database("latecancel");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut bystanders = Vec::new();
+    for _ in 0..3 {
+        let client = proxy.client(&db).await;
+        let stop = stop.clone();
+        bystanders.push(tokio::spawn(async move {
+            let mut canceled = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = client.simple_query("select pg_sleep(0.01)").await {
+                    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+                    canceled += 1;
+                }
+            }
+            canceled
+        }));
+    }
+    let mut cancelers = Vec::new();
+    for _ in 0..3 {
+        let client = proxy.client(&db).await;
+        cancelers.push(tokio::spawn(async move {
+            let token = client.cancel_token();
+            for _ in 0..150 {
+                // Cancels of its own, late, sometimes a query of its own.
+                let _ = client.simple_query("select 1").await;
+                let _ = token.cancel_query(tokio_postgres::NoTls).await;
+            }
+        }));
+    }
+    for c in cancelers {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut canceled = 0;
+    for b in bystanders {
+        canceled += b.await.unwrap();
+    }
+    assert_eq!(
+        canceled, 0,
+        "queries of clients that sent no cancel were canceled"
+    );
+}

@@ -551,10 +551,7 @@ pub fn cancel_holder(
     let target = if link == 0 {
         None
     } else {
-        servers
-            .get(link)
-            .filter(|s| s.link() == client)
-            .map(|s| s.cancel_key())
+        servers.get(link).and_then(|s| s.claim_cancel(client))
     };
     Some(crate::cancel::Holder {
         pid: info.pid,
@@ -591,18 +588,22 @@ mod tests {
         };
         let c = clients.add(ClientInfo::new(1, "u", "d", None, None, (9, 1), 0));
         let s = servers.add(ServerInfo::new(7, "d", 0, "u", None, key.clone()));
-        let target = || cancel_holder(&clients, &servers, 1).and_then(|h| h.target);
+        let target =
+            || cancel_holder(&clients, &servers, 1).and_then(|h| h.target.map(|t| t.key()));
         assert_eq!(target(), None, "holds nothing");
         c.info.active(7);
         assert_eq!(target(), None, "checked out, parameters not applied yet");
         s.info.lent(1);
         assert_eq!(target(), Some(key));
-        s.info.returned(0);
+        assert!(!s.info.returned(0), "no cancel on its way");
         s.info.lent(2);
         assert_eq!(target(), None, "the server went to another client");
         c.info.idle();
         assert_eq!(target(), None);
-        assert_eq!(cancel_holder(&clients, &servers, 3), None, "unknown client");
+        assert!(
+            cancel_holder(&clients, &servers, 3).is_none(),
+            "unknown client"
+        );
         let h = cancel_holder(&clients, &servers, 1).unwrap();
         assert_eq!((h.pid, h.secret), (9, 1), "the key it was given");
     }

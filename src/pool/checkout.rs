@@ -146,11 +146,19 @@ impl PooledConn {
         let expired =
             !lifetime.is_zero() && crate::clock::coarse_since(idle.conn.created) >= lifetime;
         let clean = idle.conn.tx == TxStatus::Idle && idle.conn.buf.is_empty();
-        if let Some(l) = &idle.conn.listed {
-            l.info.returned(idle.conn.prepared.len());
+        // A cancel request still on its way could stop the next client's
+        // query: such a server is closed instead (see `server::list`).
+        let cancel_coming = idle
+            .conn
+            .listed
+            .as_ref()
+            .is_some_and(|l| l.info.returned(idle.conn.prepared.len()));
+        if cancel_coming {
+            tracing::debug!(pool = %pool.name(), server = idle.conn.id, "a cancel request is on its way to the server; closing it");
         }
         pool.in_use.fetch_sub(1, Ordering::Relaxed);
-        let reuse = how == Release::Reuse && clean && !expired && !pool.is_retired();
+        let reuse =
+            how == Release::Reuse && clean && !expired && !cancel_coming && !pool.is_retired();
         if reuse {
             idle.conn.last_used = crate::clock::coarse_mono_us();
             // Few servers exist: keep a normal-sized read buffer for the

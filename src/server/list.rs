@@ -3,8 +3,15 @@
 //! A connection is listed from the moment its pool opens it until it is
 //! dropped (its [`ListedServer`] guard removes it). Its state atomics are
 //! written by whoever holds the connection.
+//!
+//! Invariant: a cancel request reaches a server only while the server is
+//! lent to the client that asked ([`ServerInfo::claim_cancel`]), and a
+//! server that comes back while one is on its way is not lent again
+//! ([`ServerInfo::returned`]): a late cancel never stops another client's
+//! query.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -27,8 +34,27 @@ pub struct ServerInfo {
     link: AtomicU64,
     request_time: AtomicU64,
     pub prepared: AtomicU32,
+    /// Cancel requests on their way to this server.
+    cancels: AtomicU32,
     /// What TLS negotiated, or empty.
     pub tls: String,
+}
+
+/// A cancel request on its way to a server, counted on it until dropped
+/// (once the server has read it and closed the request's connection).
+pub struct CancelInFlight(Arc<ServerInfo>);
+
+impl CancelInFlight {
+    /// Where the request goes.
+    pub fn key(&self) -> crate::server::CancelKey {
+        self.0.cancel_key()
+    }
+}
+
+impl Drop for CancelInFlight {
+    fn drop(&mut self) {
+        self.0.cancels.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +98,7 @@ impl ServerInfo {
             link: AtomicU64::new(0),
             request_time: AtomicU64::new(now_us()),
             prepared: AtomicU32::new(0),
+            cancels: AtomicU32::new(0),
         }
     }
 
@@ -101,10 +128,25 @@ impl ServerInfo {
             .store(crate::clock::coarse_us(), Ordering::Relaxed);
     }
 
-    pub fn returned(&self, prepared: usize) {
-        self.link.store(0, Ordering::Relaxed);
+    /// A cancel request for `client` may go to this server: only while it
+    /// is lent to that client, and counted until the request is done. The
+    /// count goes up before the link is read and [`Self::returned`] clears
+    /// the link before it reads the count, both sequentially consistent:
+    /// either the request sees the server gone, or the return sees the
+    /// request coming.
+    pub fn claim_cancel(self: &Arc<Self>, client: u64) -> Option<CancelInFlight> {
+        self.cancels.fetch_add(1, Ordering::SeqCst);
+        let claim = CancelInFlight(self.clone());
+        (client != 0 && self.link.load(Ordering::SeqCst) == client).then_some(claim)
+    }
+
+    /// Back from its client. True when a cancel request is on its way to
+    /// it: the server may still act on it, so it must not be lent again.
+    pub fn returned(&self, prepared: usize) -> bool {
+        self.link.store(0, Ordering::SeqCst);
         self.active.store(0, Ordering::Relaxed);
         self.prepared.store(prepared as u32, Ordering::Relaxed);
+        self.cancels.load(Ordering::SeqCst) > 0
     }
 
     pub fn row(&self) -> ServerRow {
