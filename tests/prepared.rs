@@ -450,3 +450,78 @@ async fn an_answer_tidepool_owes_after_the_servers_last_message_is_sent() {
         assert_eq!(tags(&second), "CZ");
     }
 }
+
+/// PostgreSQL reads a statement's text once, at Parse, under the session's
+/// settings: literals are converted (time zone, date style, backslashes),
+/// names resolved (search_path). Two clients whose settings differ must not
+/// share one server statement: the second would run what the first one's
+/// settings made of the text (a black-box probe saw another time zone's
+/// timestamp, DMY dates read as MDY, and 0A000 "cached plan must not change
+/// result type" with schema-per-tenant tables). Compared with PostgreSQL
+/// directly, pool of one so that both clients use the same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_other_parse_settings_do_not_share_a_statement() {
+    let c = cluster();
+    let db = c.create_database("parsectx");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
+    let setup = proxy.client(&db).await;
+    setup
+        .batch_execute(
+            "create schema t1; create schema t2;
+             create table t1.tab (a int); insert into t1.tab values (1);
+             create table t2.tab (a text, b int); insert into t2.tab values ('x', 2);
+             grant usage on schema t1, t2 to public;
+             grant select on t1.tab, t2.tab to public",
+        )
+        .await
+        .unwrap();
+    drop(setup);
+    // (settings of the first client, of the second, the statement)
+    let cases = [
+        (
+            "set timezone = 'UTC'",
+            "set timezone = 'Asia/Tokyo'",
+            "select '2024-01-01 00:00'::timestamptz::text",
+        ),
+        (
+            "set datestyle = 'ISO, MDY'",
+            "set datestyle = 'ISO, DMY'",
+            "select '01/02/2024'::date::text",
+        ),
+        (
+            "set standard_conforming_strings = on",
+            "set standard_conforming_strings = off",
+            "select length('a\\nb')::text",
+        ),
+        (
+            "set search_path = t1",
+            "set search_path = t2",
+            "select row(tab.*)::text from tab",
+        ),
+    ];
+    let direct = c.app_url(&db);
+    for (first, second, sql) in cases {
+        let mut answers = Vec::new();
+        for url in [direct.clone(), proxy.url(&db)] {
+            let a = harness::connect(&url).await.unwrap();
+            let b = harness::connect(&url).await.unwrap();
+            a.batch_execute(first).await.unwrap();
+            b.batch_execute(second).await.unwrap();
+            let mut got = Vec::new();
+            for client in [&a, &b] {
+                let st = client.prepare(sql).await.unwrap();
+                let row = client
+                    .query_one(&st, &[])
+                    .await
+                    .map(|r| r.get::<_, String>(0))
+                    .map_err(|e| e.code().map(|c| c.code().to_owned()));
+                got.push(row);
+            }
+            answers.push(got);
+        }
+        assert_eq!(
+            answers[1], answers[0],
+            "{sql}: through tidepool vs directly"
+        );
+    }
+}

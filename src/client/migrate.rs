@@ -108,8 +108,9 @@ impl MovedStatement {
 
     /// The statement again, under its client name, promised the shape the
     /// client was told (as told before anything this process describes).
-    pub fn statement(&self) -> Option<(String, std::sync::Arc<Statement>)> {
-        let made = self.made()?;
+    /// `context`: the moved client's parse settings.
+    pub fn statement(&self, context: u64) -> Option<(String, std::sync::Arc<Statement>)> {
+        let made = self.made(context)?;
         if let Some(shape) = self.shape {
             let _ = made
                 .1
@@ -119,7 +120,7 @@ impl MovedStatement {
         Some(made)
     }
 
-    fn made(&self) -> Option<(String, std::sync::Arc<Statement>)> {
+    fn made(&self, context: u64) -> Option<(String, std::sync::Arc<Statement>)> {
         match (&self.parse, &self.sql) {
             (Some(p), _) => {
                 let rest = B64.decode(p).ok()?;
@@ -127,11 +128,11 @@ impl MovedStatement {
                 body.extend_from_slice(self.name.as_bytes());
                 body.push(0);
                 body.extend_from_slice(&rest);
-                Statement::from_parse(&body).ok()
+                Statement::from_parse(&body, context).ok()
             }
             (None, Some(sql)) => Some((
                 self.name.clone(),
-                Statement::from_sql_prepare(sql, self.foreign),
+                Statement::from_sql_prepare(sql, self.foreign, context),
             )),
             (None, None) => None,
         }
@@ -404,7 +405,7 @@ mod tests {
             let mut body = b"s1\0select $1::int + ".to_vec();
             body.extend_from_slice(n.to_string().as_bytes());
             body.extend_from_slice(b"\0\0\x01\0\0\0\x17");
-            Statement::from_parse(&body).unwrap()
+            Statement::from_parse(&body, 0).unwrap()
         };
         Record {
             database: "db".into(),
@@ -415,7 +416,7 @@ mod tests {
             secret: -3,
             statements: vec![
                 MovedStatement::of(&name, &parse),
-                MovedStatement::of("p2", &Statement::from_sql_prepare(" AS select 1", false)),
+                MovedStatement::of("p2", &Statement::from_sql_prepare(" AS select 1", false, 0)),
             ],
             custom_params: vec!["my.x".into()],
             client_key: Some(encode_key(&[9; 32])),
@@ -429,19 +430,20 @@ mod tests {
     #[test]
     fn statements_and_secrets_come_back_as_they_were() {
         let r = record(5);
-        let (name, s) = r.statements[0].statement().unwrap();
+        let (name, s) = r.statements[0].statement(0).unwrap();
         assert_eq!(name, "s1");
         assert_eq!(s.query, "select $1::int + 5");
-        let (_, orig) = Statement::from_parse(b"s1\0select $1::int + 5\0\0\x01\0\0\0\x17").unwrap();
+        let (_, orig) =
+            Statement::from_parse(b"s1\0select $1::int + 5\0\0\x01\0\0\0\x17", 0).unwrap();
         assert_eq!((s.hash, &s.parse), (orig.hash, &orig.parse));
         assert!(s.promised.get().is_none(), "no shape was told");
         let told = MovedStatement {
             shape: Some(99),
             ..MovedStatement::of(&name, &orig)
         };
-        let (_, again) = told.statement().unwrap();
+        let (_, again) = told.statement(0).unwrap();
         assert_eq!(again.promised.get().map(|d| d.shape), Some(99));
-        let (name, s) = r.statements[1].statement().unwrap();
+        let (name, s) = r.statements[1].statement(0).unwrap();
         assert_eq!(name, "p2");
         assert!(s.sql_prepare.as_deref().unwrap().ends_with(" AS select 1"));
         // Each form of secret comes back as it was.
@@ -472,18 +474,18 @@ mod tests {
     #[test]
     fn a_statement_in_another_encoding_moves_byte_for_byte() {
         let body = b"s\0select '\xe9'\0\0\0";
-        let (name, orig) = Statement::from_parse(body).unwrap();
+        let (name, orig) = Statement::from_parse(body, 0).unwrap();
         assert!(orig.foreign);
         let moved = MovedStatement::of(&name, &orig);
         let json = serde_json::to_string(&moved).unwrap();
         let back: MovedStatement = serde_json::from_str(&json).unwrap();
-        let (_, again) = back.statement().unwrap();
+        let (_, again) = back.statement(0).unwrap();
         assert_eq!(
             (again.hash, &again.parse, again.foreign),
             (orig.hash, &orig.parse, true)
         );
-        let sql = Statement::from_sql_prepare(" AS select '\u{e9}'", true);
-        let (_, again) = MovedStatement::of("p", &sql).statement().unwrap();
+        let sql = Statement::from_sql_prepare(" AS select '\u{e9}'", true, 0);
+        let (_, again) = MovedStatement::of("p", &sql).statement(0).unwrap();
         assert_eq!((again.hash, again.foreign), (sql.hash, true));
     }
 

@@ -21,6 +21,40 @@ const IDENTITY: &[&str] = &["session_authorization", "role"];
 /// Startup keys that are not session parameters.
 const NOT_PARAMS: &[&str] = &["user", "database", "options", "replication"];
 
+/// Settings PostgreSQL reads a statement's text under: literals are
+/// converted (time zone, date and interval styles, backslashes, encoding,
+/// `array_nulls`), names resolved (`search_path`, as the role sees it) and
+/// `= NULL` read (`transform_null_equals`) once, at Parse. A prepared
+/// statement keeps what it was parsed as.
+const PARSE_SETTINGS: &[&str] = &[
+    "timezone",
+    "datestyle",
+    "intervalstyle",
+    "standard_conforming_strings",
+    "backslash_quote",
+    "client_encoding",
+    "array_nulls",
+    "search_path",
+    "transform_null_equals",
+    "role",
+    "session_authorization",
+];
+
+/// A digest of the parse settings among `params` (a session's): clients
+/// share a server statement only when theirs agree, so no client runs a
+/// statement another client's settings parsed.
+pub fn parse_context(params: &BTreeMap<String, String>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (k, v) in params {
+        if PARSE_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(k)) {
+            k.to_ascii_lowercase().hash(&mut h);
+            v.hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 pub fn is_tracked(name: &str) -> bool {
     !READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
         && !NOT_PARAMS.iter().any(|r| r.eq_ignore_ascii_case(name))
@@ -126,6 +160,33 @@ pub fn sync_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parse_context_follows_parse_settings_only() {
+        let of = |pairs: &[(&str, &str)]| {
+            parse_context(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let base = of(&[("TimeZone", "UTC"), ("application_name", "a")]);
+        assert_eq!(base, of(&[("TimeZone", "UTC"), ("application_name", "b")]));
+        assert_ne!(
+            base,
+            of(&[("TimeZone", "Asia/Tokyo"), ("application_name", "a")])
+        );
+        for k in [
+            "DateStyle",
+            "search_path",
+            "client_encoding",
+            "standard_conforming_strings",
+        ] {
+            assert_ne!(base, of(&[("TimeZone", "UTC"), (k, "x")]), "{k}");
+        }
+        assert_eq!(of(&[("work_mem", "1MB")]), of(&[("work_mem", "2MB")]));
+    }
 
     fn m(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -49,8 +49,12 @@ pub struct Statement {
 
 impl Statement {
     /// Splits a client's Parse body into its statement name and the shared
-    /// statement.
-    pub fn from_parse(body: &[u8]) -> Result<(String, Arc<Statement>), ProtocolError> {
+    /// statement; `context` is the client's parse settings
+    /// (`server::params::parse_context`), part of what it is shared by.
+    pub fn from_parse(
+        body: &[u8],
+        context: u64,
+    ) -> Result<(String, Arc<Statement>), ProtocolError> {
         let mut b = Body::new(body, "Parse");
         let client_name = b.cstr()?.to_owned();
         let rest = b.rest();
@@ -75,6 +79,7 @@ impl Statement {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key_text.hash(&mut h);
         rest[text_len..].hash(&mut h);
+        context.hash(&mut h);
         let hash = h.finish();
         let trace = crate::stats::trace::traceparent(&query);
         let name = format!("tidepool_{hash:016x}");
@@ -107,11 +112,12 @@ impl Statement {
     }
 
     /// A statement from SQL `PREPARE name <rest>`, where `rest` is
-    /// `[(types)] AS statement`.
-    pub fn from_sql_prepare(rest: &str, foreign: bool) -> Arc<Statement> {
+    /// `[(types)] AS statement`, under parse settings `context`.
+    pub fn from_sql_prepare(rest: &str, foreign: bool, context: u64) -> Arc<Statement> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         "sql-prepare".hash(&mut h);
         rest.hash(&mut h);
+        context.hash(&mut h);
         let hash = h.finish();
         let name = server_name(hash);
         Arc::new(Statement {
@@ -295,15 +301,22 @@ mod tests {
 
     #[test]
     fn same_text_same_statement_whatever_the_client_name() {
-        let (a, s1) = Statement::from_parse(&parse_body("s1", "select $1")).unwrap();
-        let (b, s2) = Statement::from_parse(&parse_body("other", "select $1")).unwrap();
-        let (_, s3) = Statement::from_parse(&parse_body("s1", "select $1 + 1")).unwrap();
+        let (a, s1) = Statement::from_parse(&parse_body("s1", "select $1"), 0).unwrap();
+        let (b, s2) = Statement::from_parse(&parse_body("other", "select $1"), 0).unwrap();
+        let (_, s3) = Statement::from_parse(&parse_body("s1", "select $1 + 1"), 0).unwrap();
         assert_eq!((a.as_str(), b.as_str()), ("s1", "other"));
         assert_eq!(s1.hash, s2.hash);
         assert_ne!(s1.hash, s3.hash);
         assert_eq!(s1.name, server_name(s1.hash));
         assert_eq!(s1.parse[0], b'P');
-        assert!(Statement::from_parse(b"s1\0select").is_err());
+        assert!(Statement::from_parse(b"s1\0select", 0).is_err());
+        // Parsed under other settings: another server statement.
+        let (_, s4) = Statement::from_parse(&parse_body("s1", "select $1"), 7).unwrap();
+        assert_ne!(s1.hash, s4.hash);
+        assert_ne!(
+            Statement::from_sql_prepare(" AS select 1", false, 0).hash,
+            Statement::from_sql_prepare(" AS select 1", false, 7).hash
+        );
     }
 
     #[test]

@@ -199,7 +199,7 @@ impl Handler<'_> {
                     self.fail_query(duplicate(name));
                     return Ok(());
                 }
-                let stmt = Statement::from_sql_prepare(rest, foreign);
+                let stmt = Statement::from_sql_prepare(rest, foreign, self.t.statement_context());
                 let generation = self.catalog.generation(stmt.hash);
                 let stmt = Statement::in_generation(stmt, generation);
                 self.t.note_statement(&stmt.query, stmt.foreign);
@@ -349,7 +349,7 @@ impl Handler<'_> {
     }
 
     fn parse_as_is(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
-        let (name, stmt) = Statement::from_parse(body)?;
+        let (name, stmt) = Statement::from_parse(body, self.t.statement_context())?;
         let generation = self.catalog.generation(stmt.hash);
         let stmt = Statement::in_generation(stmt, generation);
         let t = &mut *self.t;

@@ -204,6 +204,7 @@ impl Session {
         if !self.policy.named_statements {
             return false;
         }
+        let context = self.parse_context().0;
         let mut pos = 0;
         let mut plan: Vec<(String, Option<Arc<Statement>>)> = Vec::new();
         loop {
@@ -222,7 +223,7 @@ impl Session {
                 // The unnamed statement always needs a server.
                 FrontendTag::Parse if body.first() == Some(&0) => return false,
                 FrontendTag::Parse => {
-                    let Ok((name, stmt)) = Statement::from_parse(body) else {
+                    let Ok((name, stmt)) = Statement::from_parse(body, context) else {
                         return false;
                     };
                     let generation = self.pool.catalog.generation(stmt.hash);

@@ -87,6 +87,9 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing client gets to take its last error.
 const FATAL_WRITE: Duration = Duration::from_secs(5);
 
+/// A session's parameters (shared, copy on write).
+type ParamSet = Arc<BTreeMap<String, String>>;
+
 pub struct Session {
     stream: Stream,
     buf: BytesMut,
@@ -114,7 +117,9 @@ pub struct Session {
     /// Whether `params` says `tidepool.route = primary`, for that very
     /// parameter set (held, so its address cannot be reused): routing reads
     /// the map again only when the parameters changed.
-    route_param: Option<(Arc<BTreeMap<String, String>>, bool)>,
+    route_param: Option<(ParamSet, bool)>,
+    /// The parse contexts of that parameter set (see `parse_context`).
+    parse_context: Option<(ParamSet, (u64, u64))>,
     cancel: CancelHandle,
     /// An error owed to the client's next request (server lost while idle in
     /// a transaction, or no server could be had).
@@ -251,6 +256,7 @@ impl Session {
             health: None,
             memo: Default::default(),
             route_param: None,
+            parse_context: None,
             waiter: Waiter::new(),
             app,
             pool_wait_us: 0,
@@ -430,6 +436,7 @@ impl Session {
             let mut tracker =
                 super::txn::spare::take(server.conn().tx, self.policy, &mut self.memo);
             tracker.changers = server.pool().catalog.changers();
+            tracker.parse_context = self.parse_context();
             tracker.timing.detail = self.shared.spans.enabled();
             if let Some(m) = &self.listen {
                 tracker.hub = Some((m.hub.clone(), self.listed.info.id));

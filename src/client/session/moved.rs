@@ -158,7 +158,12 @@ async fn rebuild(
         fetched_secret: fetched,
     };
     let mut session = Box::new(Session::new(stream, shared.clone(), l, listed));
-    session.statements = r.statements.iter().filter_map(|s| s.statement()).collect();
+    let context = session.parse_context().0;
+    session.statements = r
+        .statements
+        .iter()
+        .filter_map(|s| s.statement(context))
+        .collect();
     session.count_statements();
     session.custom_params = r.custom_params.into_iter().collect();
     if r.wrote {

@@ -371,8 +371,22 @@ impl Session {
     }
 }
 
-/// A session's parameters (shared, copy on write).
-type ParamSet = Arc<std::collections::BTreeMap<String, String>>;
+impl Session {
+    /// The session's parse settings and this client's own context (see
+    /// `Tracker::statement_context`), remembered for its very parameter
+    /// set: recomputed only when the parameters changed.
+    pub(super) fn parse_context(&mut self) -> (u64, u64) {
+        if let Some((seen, context)) = &self.parse_context
+            && Arc::ptr_eq(seen, &self.params)
+        {
+            return *context;
+        }
+        let shared = crate::server::params::parse_context(&self.params);
+        let own = shared ^ self.listed.info.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1;
+        self.parse_context = Some((self.params.clone(), (shared, own)));
+        (shared, own)
+    }
+}
 
 /// `tidepool.route = primary` in the session's parameters `params`; `cache`
 /// remembers the answer for that very parameter set, so the map is searched

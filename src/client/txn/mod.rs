@@ -145,6 +145,11 @@ pub struct Tracker {
     /// Functions of the database that may change session settings (set
     /// by the session for each transaction; a call is a parameter change).
     pub changers: Option<Arc<SessionFunctions>>,
+    /// The session's parse settings (`server::params::parse_context`), and
+    /// a context of this client's alone for statements prepared after a
+    /// setting changed in this transaction (set by the session for each
+    /// transaction).
+    pub parse_context: (u64, u64),
     /// Statements this client sent lately: the client's own, lent to the
     /// tracker for a transaction (see [`spare`]).
     memo: Memo,
@@ -177,6 +182,7 @@ impl Tracker {
             misroute: Misroute::Off,
             changers: None,
             timeout_cancel: None,
+            parse_context: (0, 0),
             memo: Memo::default(),
         }
     }
@@ -214,6 +220,18 @@ impl Tracker {
         self.timing.clear();
         self.misroute = Misroute::Off;
         self.timeout_cancel = None;
+        self.parse_context = (0, 0);
+    }
+
+    /// The parse settings a statement prepared now is read under: the
+    /// session's, or after a setting changed in this transaction (its new
+    /// value is not known here yet) the client's own, shared with nobody.
+    pub fn statement_context(&self) -> u64 {
+        if self.params_changed {
+            self.parse_context.1
+        } else {
+            self.parse_context.0
+        }
     }
 
     /// `shapes` fingerprints statements for per-query statistics (None: off).
