@@ -505,6 +505,62 @@ async fn a_function_call_after_a_read_batch_goes_to_the_primary() {
     assert_eq!(function_results(&alone), [primary], "{alone:?}");
 }
 
+/// A hot standby cannot run serializable transactions (0A000 "cannot use
+/// serializable mode in a hot standby"): a serializable transaction, read
+/// only or not, and every transaction of a session whose default isolation
+/// is serializable, run on the primary, and such a session leaves nothing on
+/// a replica that stops the next client there. (They went to replicas and
+/// failed; the setting, left on a replica's connection, made the next
+/// client's parameter sync fail there and banned the replica.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_transactions_run_on_the_primary() {
+    let s = setup("serial", "").await;
+    let primary = s.cluster.primary_port();
+    let c = s.proxy.client(&s.db).await;
+    for (begin, then) in [
+        ("begin isolation level serializable read only", "select 1"),
+        (
+            "begin transaction isolation level serializable, read only, deferrable",
+            "select 1",
+        ),
+        (
+            "begin",
+            "set transaction isolation level serializable, read only",
+        ),
+        (
+            "begin; set transaction read only, isolation level serializable",
+            "select 1",
+        ),
+    ] {
+        c.batch_execute(begin).await.unwrap();
+        c.batch_execute(then)
+            .await
+            .unwrap_or_else(|e| panic!("{begin}; {then}: {e}"));
+        let port = server_port(&c).await;
+        c.batch_execute("commit").await.unwrap();
+        assert_eq!(port, primary, "{begin}; {then}");
+    }
+    // A session serializable by default: its reads run on the primary.
+    let serial = s.proxy.client(&s.db).await;
+    serial
+        .batch_execute("set default_transaction_isolation = serializable")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(server_port(&serial).await, primary);
+    }
+    serial
+        .batch_execute("set session characteristics as transaction isolation level serializable")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&serial).await, primary);
+    // Other clients' reads still reach the replicas and succeed there.
+    for _ in 0..10 {
+        let other = s.proxy.client(&s.db).await;
+        assert_ne!(server_port(&other).await, primary);
+    }
+}
+
 /// The text results of the FunctionCallResponses in `msgs`.
 fn function_results(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()

@@ -285,6 +285,12 @@ fn statement_class(node: Option<&N>, rules: &Rules, calls: &mut BTreeSet<Box<str
             statement_class(e.query.as_ref().and_then(|q| q.node.as_ref()), rules, calls)
         }
         Some(N::ExplainStmt(_)) => Class::Read,
+        // A hot standby cannot run a serializable transaction (0A000):
+        // one asked for, read-only or not, runs on the primary.
+        Some(N::TransactionStmt(t)) if serializable_option(&t.options) => Class::Write,
+        Some(N::VariableSetStmt(v)) if v.name == "TRANSACTION" && serializable_option(&v.args) => {
+            Class::Write
+        }
         Some(N::TransactionStmt(t)) => match t.kind() {
             TxKind::TransStmtBegin | TxKind::TransStmtStart => {
                 if read_only_option(&t.options) {
@@ -375,6 +381,20 @@ fn analyze_option(options: &[pg_query::protobuf::Node]) -> bool {
                 _ => true,
             }
         }
+        _ => false,
+    })
+}
+
+/// `ISOLATION LEVEL SERIALIZABLE` among a transaction's options.
+fn serializable_option(options: &[pg_query::protobuf::Node]) -> bool {
+    options.iter().any(|o| match &o.node {
+        Some(N::DefElem(d)) if d.defname == "transaction_isolation" => matches!(
+            d.arg.as_ref().and_then(|a| a.node.as_ref()),
+            Some(N::AConst(c)) if matches!(
+                &c.val,
+                Some(pg_query::protobuf::a_const::Val::Sval(s)) if s.sval.eq_ignore_ascii_case("serializable")
+            )
+        ),
         _ => false,
     })
 }
@@ -564,7 +584,7 @@ mod tests {
         assert_eq!(c("BEGIN READ ONLY"), Class::BeginReadOnly);
         assert_eq!(c("start transaction read only"), Class::BeginReadOnly);
         assert_eq!(
-            c("begin isolation level serializable, read only"),
+            c("begin isolation level repeatable read, read only"),
             Class::BeginReadOnly
         );
         assert_eq!(c("begin read write"), Class::Begin);
@@ -583,8 +603,27 @@ mod tests {
         assert_eq!(c("commit"), Class::Neutral);
         assert_eq!(c("set search_path = a"), Class::Neutral);
         assert_eq!(c("set transaction read only"), Class::BeginReadOnly);
+        // A standby cannot run serializable transactions.
+        for sql in [
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
+            "begin transaction isolation level serializable, read only, deferrable",
+            "start transaction read only isolation level serializable",
+            "set transaction isolation level serializable, read only",
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY",
+            "begin isolation level serializable",
+        ] {
+            assert_eq!(c(sql), Class::Write, "{sql}");
+        }
+        assert_eq!(
+            c("begin isolation level repeatable read read only"),
+            Class::BeginReadOnly
+        );
         assert_eq!(
             c("set transaction isolation level serializable"),
+            Class::Write
+        );
+        assert_eq!(
+            c("set transaction isolation level read committed"),
             Class::Neutral
         );
     }

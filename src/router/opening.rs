@@ -10,10 +10,11 @@
 /// whitespace is skipped; a comment, a text that ends before its first word
 /// does, or a first word of `begin`/`start` (any case) answers `true`.
 pub fn may_begin(head: &[u8]) -> bool {
-    // PostgreSQL's whitespace: space, \t, \n, \r, \f, \v.
+    // PostgreSQL's whitespace: space, \t, \n, \r, \f, \v; and `;` (empty
+    // statements before the first one).
     let Some(start) = head
         .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x0b))
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x0b | b';'))
     else {
         return true;
     };
@@ -54,6 +55,8 @@ mod tests {
             " ",
             "b",
             "beg",
+            ";begin",
+            " ; ;\nstart transaction",
         ] {
             assert!(may_begin(sql.as_bytes()), "{sql:?}");
         }

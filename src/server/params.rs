@@ -142,17 +142,19 @@ pub fn sync_sql(
         .collect();
     let mut sql = String::new();
     // An identity another client took is given up first: what follows runs
-    // as this client's.
-    for k in resets.iter().filter(|k| identity_rank(k) < IDENTITY.len()) {
+    // as this client's. Then the other settings another client left, before
+    // the SELECT: one may keep the SELECT from running at all (a serializable
+    // default_transaction_isolation on a hot standby, a tiny
+    // statement_timeout).
+    let mut resets = resets;
+    resets.sort_by_key(|k| identity_rank(k));
+    for k in resets {
         sql.push_str(&format!("RESET {k};"));
     }
     if !sets.is_empty() {
         sql.push_str("SELECT ");
         sql.push_str(&sets.join(", "));
         sql.push(';');
-    }
-    for k in resets.iter().filter(|k| identity_rank(k) == IDENTITY.len()) {
-        sql.push_str(&format!("RESET {k};"));
     }
     (!sql.is_empty()).then_some(sql)
 }
@@ -208,7 +210,18 @@ mod tests {
         let server = m(&[("application_name", ""), ("extra_float_digits", "3")]);
         assert_eq!(
             sync_sql(&client, &server, &defaults).unwrap(),
-            "SELECT pg_catalog.set_config('application_name', 'it''s', false);RESET extra_float_digits;"
+            "RESET extra_float_digits;SELECT pg_catalog.set_config('application_name', 'it''s', false);"
+        );
+        // What another client left goes before the SELECT, which it could
+        // stop (a serializable default on a hot standby refuses a SELECT).
+        let server = m(&[
+            ("application_name", ""),
+            ("default_transaction_isolation", "serializable"),
+        ]);
+        assert!(
+            sync_sql(&client, &server, &defaults)
+                .unwrap()
+                .starts_with("RESET default_transaction_isolation;SELECT ")
         );
     }
 

@@ -388,18 +388,20 @@ impl Session {
     }
 }
 
-/// `tidepool.route = primary` in the session's parameters `params`; `cache`
-/// remembers the answer for that very parameter set, so the map is searched
-/// again only when the parameters changed.
+/// `tidepool.route = primary` in the session's parameters `params`, or a
+/// session whose transactions are serializable by default (a hot standby
+/// cannot run them: 0A000); `cache` remembers the answer for that very
+/// parameter set, so the map is searched again only when the parameters
+/// changed.
 fn forced_primary(cache: &mut Option<(ParamSet, bool)>, params: &ParamSet) -> bool {
     if let Some((seen, forced)) = cache
         && Arc::ptr_eq(seen, params)
     {
         return *forced;
     }
-    let forced = params
-        .get("tidepool.route")
-        .is_some_and(|v| v.eq_ignore_ascii_case("primary"));
+    let is = |k: &str, v: &str| params.get(k).is_some_and(|x| x.eq_ignore_ascii_case(v));
+    let forced =
+        is("tidepool.route", "primary") || is("default_transaction_isolation", "serializable");
     *cache = Some((params.clone(), forced));
     forced
 }
