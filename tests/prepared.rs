@@ -525,3 +525,49 @@ async fn clients_with_other_parse_settings_do_not_share_a_statement() {
         );
     }
 }
+
+/// DEALLOCATE ALL (or DISCARD ALL) run as a prepared statement of its own,
+/// as psycopg with `prepare_threshold=0` runs every statement, drops every
+/// statement on that server: another client's statements there must be
+/// prepared again, not used as if still there (they failed with 26000
+/// `prepared statement "…" does not exist`; found by a black-box probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_as_a_prepared_statement_spares_other_clients() {
+    let c = cluster();
+    let db = c.create_database("deallocprep");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut b = Raw::login_trust(proxy.port(), &db).await;
+    let run_a = || [raw::bind("a1", &[]), raw::execute(), raw::sync()].concat();
+    let msgs = round(
+        &mut a,
+        [raw::parse("a1", "select 41 + 1"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1Z");
+    assert_eq!(tags(&round(&mut a, run_a()).await), "2DCZ");
+    for drop_all in ["deallocate all", "discard all", "DEALLOCATE PREPARE ALL"] {
+        // b runs it through the one server, as a named and as the unnamed
+        // statement.
+        for name in ["b1", ""] {
+            let msgs = round(
+                &mut b,
+                [
+                    raw::parse(name, drop_all),
+                    raw::bind(name, &[]),
+                    raw::execute(),
+                    raw::sync(),
+                ]
+                .concat(),
+            )
+            .await;
+            assert!(!msgs.iter().any(|m| m.tag == b'E'), "{drop_all}: {msgs:?}");
+            let msgs = round(&mut a, run_a()).await;
+            assert_eq!(
+                tags(&msgs),
+                "2DCZ",
+                "after b's {drop_all:?} ({name:?}): {msgs:?}"
+            );
+        }
+    }
+}

@@ -477,6 +477,14 @@ impl Session {
             drop(on_replica);
             self.after_route(route, class);
             server.conn().tx = tracker.status;
+            if tracker.drops_statements {
+                // Whatever ran it (a Query or a prepared statement of its
+                // own), the server has none of its statements left (other
+                // clients' are prepared again when next used), and neither
+                // has the client, as directly.
+                server.conn().prepared.clear();
+                self.statements.clear();
+            }
             server.pool().traffic.apply(&tracker.timing.delta);
             {
                 let d = &tracker.timing.delta;

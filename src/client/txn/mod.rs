@@ -91,6 +91,10 @@ pub struct Tracker {
     pub server_fatal: Option<ErrorFields>,
     /// The session parameters may have changed (SET, RESET, DISCARD, ...).
     pub params_changed: bool,
+    /// A statement that drops every prepared statement on the server
+    /// (DEALLOCATE ALL, DISCARD ALL) was sent, maybe as a prepared
+    /// statement of its own: what tidepool knows the server has is void.
+    pub drops_statements: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
     /// Session state that pins the client may have ended (or just began:
@@ -162,6 +166,7 @@ impl Tracker {
             terminated: false,
             server_fatal: None,
             params_changed: false,
+            drops_statements: false,
             pin: None,
             pin_check_due: false,
             listen_changed: false,
@@ -201,6 +206,7 @@ impl Tracker {
         self.terminated = false;
         self.server_fatal = None;
         self.params_changed = false;
+        self.drops_statements = false;
         self.pin = None;
         self.pin_check_due = false;
         self.listen_changed = false;
@@ -305,6 +311,7 @@ impl Tracker {
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
         self.params_changed |= e.params_changed || e.drops_all_statements;
+        self.drops_statements |= e.drops_all_statements;
         self.ddl |= e.ddl;
         self.custom_params.extend(e.custom_params.iter().cloned());
         self.pin_check_due |= e.releases_session_state;
