@@ -6,8 +6,10 @@
 //!
 //! Invariants: a reload resizes a cap in place: raising adds permits at
 //! once; lowering takes the free ones at once and the rest as connections
-//! close (never closing a connection in use); the permits in circulation
-//! always move toward the configured size. Zero means no cap.
+//! close (never closing a connection in use; its pools close idle ones at
+//! once and busy ones as they come back while the cap has an
+//! [`Cap::excess`]); the permits in circulation always move toward the
+//! configured size. Zero means no cap.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -90,6 +92,15 @@ impl Cap {
         }
     }
 
+    /// Permits in circulation beyond the configured size (after a reload
+    /// lowered it): connections to close rather than keep.
+    pub fn excess(&self) -> usize {
+        match self.size() {
+            0 => 0,
+            size => self.total.load(Ordering::Acquire).saturating_sub(size),
+        }
+    }
+
     /// Permits held now (connections open or opening under this cap).
     pub fn in_use(&self) -> usize {
         self.total
@@ -111,6 +122,7 @@ mod tests {
         cap.resize(3);
         let c = cap.acquire().await.unwrap();
         cap.resize(1);
+        assert_eq!(cap.excess(), 2, "three held, one allowed");
         drop(a);
         drop(b);
         tokio::task::yield_now().await;

@@ -157,8 +157,12 @@ impl PooledConn {
             tracing::debug!(pool = %pool.name(), server = idle.conn.id, "a cancel request is on its way to the server; closing it");
         }
         pool.in_use.fetch_sub(1, Ordering::Relaxed);
-        let reuse =
-            how == Release::Reuse && clean && !expired && !cancel_coming && !pool.is_retired();
+        let reuse = how == Release::Reuse
+            && clean
+            && !expired
+            && !cancel_coming
+            && !pool.is_retired()
+            && pool.caps_excess() == 0;
         if reuse {
             idle.conn.last_used = crate::clock::coarse_mono_us();
             // Few servers exist: keep a normal-sized read buffer for the

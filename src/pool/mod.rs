@@ -364,6 +364,28 @@ impl Pool {
         tracing::info!(pool = %self.name(), from, to, "pool settings reloaded");
     }
 
+    /// Connections beyond what a cap this pool counts under allows now (a
+    /// reload lowered `max_db_connections` or `max_user_connections`).
+    pub(crate) fn caps_excess(&self) -> usize {
+        self.caps.iter().map(|c| c.excess()).max().unwrap_or(0)
+    }
+
+    /// Closes idle connections while a cap is over its size (busy ones
+    /// close as they come back, see `checkout`).
+    pub fn shed_excess(&self) {
+        let mut n = self.caps_excess();
+        if n == 0 {
+            return;
+        }
+        let mut core = lock(&self.core);
+        while n > 0
+            && let Some(i) = core.idle.pop()
+        {
+            tokio::spawn(i.conn.terminate());
+            n -= 1;
+        }
+    }
+
     /// Closes idle connections beyond the pool size.
     fn trim_idle(&self) {
         let size = self.hot.size();

@@ -276,6 +276,10 @@ impl Registry {
             cap.resize(config.max_user_connections(user) as usize);
         }
         let mut pools = lock(&self.pools);
+        // Lowered caps: idle connections over them close now.
+        for pool in pools.values() {
+            pool.shed_excess();
+        }
         let mut retired = Vec::new();
         pools.retain(|key, pool| {
             let Some(db) = config.databases.get(&key.database) else {
