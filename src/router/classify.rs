@@ -464,6 +464,15 @@ impl Classifier {
         h.finish128().as_u128()
     }
 
+    /// Whether `sql`'s verdict is cached (no parse needed).
+    pub fn is_cached(&self, sql: &str) -> bool {
+        let key = self.key(crate::stats::trace::without_edge_comments(sql));
+        self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&key)
+    }
+
     pub fn classify(&self, sql: &str) -> Verdict {
         // A comment at either edge (sqlcommenter's trace context, unique
         // per query) changes nothing about the statement: not its key.

@@ -414,6 +414,9 @@ impl Session {
                 continue;
             }
             watchdog::phase(Phase::Route);
+            if self.buf.len() > route::INLINE_CLASSIFY_BYTES {
+                Box::pin(self.classify_long_ahead()).await;
+            }
             let (route, class) = self.choose_route();
             // Checkout and forwarding run inline: boxing them would cost two
             // allocations per transaction. Rare phases (fatal errors, clean-up,

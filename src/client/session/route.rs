@@ -66,6 +66,42 @@ impl Session {
         )
     }
 
+    /// Classifies the long statements of the transaction at the head of
+    /// the buffer on a blocking thread, into the classifier's cache, before
+    /// [`Self::choose_route`] asks for them: parsing is proportional to the
+    /// text (a 200 KiB `IN` list takes a few hundred milliseconds), and it
+    /// must not hold the event loop and every other client on it. Called
+    /// only when that much is buffered.
+    pub(super) async fn classify_long_ahead(&mut self) {
+        let Some(h) = &self.health else {
+            return;
+        };
+        if h.replicas.is_empty() || self.pinned.is_some() {
+            return;
+        }
+        let classifier = self.settings.classifier.clone();
+        let long: Vec<String> = texts_ahead(&self.buf, self.limit, &self.statements)
+            .into_iter()
+            .filter(|sql| {
+                (INLINE_CLASSIFY_BYTES..=crate::router::classify::MAX_CLASSIFIED_BYTES)
+                    .contains(&sql.len())
+                    && !classifier.is_cached(sql)
+            })
+            .map(str::to_owned)
+            .collect();
+        if long.is_empty() {
+            return;
+        }
+        let work = tokio::task::spawn_blocking(move || {
+            for sql in &long {
+                classifier.classify(sql);
+            }
+        });
+        if let Err(e) = work.await {
+            tracing::warn!(error = %e, "classifying a long statement failed; it goes to the primary");
+        }
+    }
+
     /// Bookkeeping once a routed transaction is over (a replica's is its
     /// guard's, dropped with it).
     pub(super) fn after_route(&mut self, route: Route, class: Class) {
@@ -386,6 +422,42 @@ impl Session {
         self.parse_context = Some((self.params.clone(), (shared, own)));
         (shared, own)
     }
+}
+
+/// Statements at least this long are classified off the event loop
+/// ([`Session::classify_long_ahead`]).
+pub(super) const INLINE_CLASSIFY_BYTES: usize = 8 * 1024;
+
+/// The statement texts of the transaction at the head of `b` that routing
+/// reads: a Query's, or each Parse's (and a Bind's named statement's) up to
+/// the first Sync; only messages all here.
+fn texts_ahead<'a>(
+    b: &'a [u8],
+    limit: usize,
+    statements: &'a std::collections::HashMap<String, Arc<crate::server::prepared::Statement>>,
+) -> Vec<&'a str> {
+    let mut texts = Vec::new();
+    let mut rest = b;
+    while rest.len() >= 5 {
+        let Ok(total) = crate::protocol::scan::checked_len(rest[0], &rest[1..5], limit) else {
+            break;
+        };
+        if rest.len() < total {
+            break;
+        }
+        let tag = crate::protocol::FrontendTag::from_byte(rest[0]);
+        if let Some(sql) = first_statement(&rest[..total], limit, statements) {
+            texts.push(sql);
+        }
+        if matches!(
+            tag,
+            crate::protocol::FrontendTag::Query | crate::protocol::FrontendTag::Sync
+        ) {
+            break;
+        }
+        rest = &rest[total..];
+    }
+    texts
 }
 
 /// `tidepool.route = primary` in the session's parameters `params`, or a
