@@ -693,3 +693,28 @@ async fn a_saturated_pool_gets_a_recommendation() {
     let pools = show(&admin, "SHOW POOLS").await;
     assert_eq!(row_for(&pools, "database", &db)["recommendation"], "");
 }
+
+/// `client_idle_timeout` counts a console session's idle time from its last
+/// command, as for any client: a console in use is never closed for it (its
+/// idle clock used to run from the login, so an operator's session closed
+/// that long after logging in, however busy), an idle one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_in_use_outlives_client_idle_timeout() {
+    let c = cluster();
+    let db = c.create_database("console_idle");
+    let toml = config(&db, "127.0.0.1:0", "")
+        .replace("[pool]\n", "[pool]\nclient_idle_timeout = \"1s\"\n");
+    let p = TestProxy::start(&toml);
+    let console = harness::connect(&p.url_as("admin", Some(ADMIN_PW), "pgbouncer"))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        console.simple_query("SHOW VERSION").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(
+        console.simple_query("SHOW VERSION").await.is_err(),
+        "an idle console is closed by client_idle_timeout"
+    );
+}

@@ -118,9 +118,15 @@ impl Console {
                             Err(e) => return self.close_with(e.into()).await,
                         };
                     let mut out = BytesMut::new();
+                    // Busy while a command runs (PAUSE and WAIT_CLOSE may
+                    // wait), idle from its answer on: client_idle_timeout
+                    // counts from the last command, not from the login.
+                    self.listed.info.active(0);
                     self.execute(&sql, &mut out).await;
                     write::ready_for_query(&mut out, TxStatus::Idle);
-                    if self.stream.write_all(&out).await.is_err() {
+                    let written = self.stream.write_all(&out).await;
+                    self.listed.info.idle();
+                    if written.is_err() {
                         return;
                     }
                 }
