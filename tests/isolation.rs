@@ -17,7 +17,8 @@ use tokio_postgres::Client;
 /// What a client sees of its identity and settings.
 const STATE: &str = "select current_user::text || '|' || session_user::text || '|' || \
      current_setting('search_path') || '|' || current_setting('statement_timeout') || '|' || \
-     current_setting('work_mem') || '|' || current_setting('application_name')";
+     current_setting('work_mem') || '|' || current_setting('application_name') || '|' || \
+     coalesce(nullif(current_setting('app.tenant', true), ''), '(unset)')";
 
 enum Step {
     /// One simple-protocol query (may hold several statements).
@@ -85,6 +86,14 @@ const CASES: &[Case] = &[
             Simple("SET search_path = leak"),
             Simple("RESET ALL"),
         ],
+    },
+    Case {
+        // A custom setting made inside a function (the multi-tenant
+        // pattern): PostgreSQL lists custom settings nowhere, so the name
+        // is found in the function's body; it stays the caller's.
+        name: "custom setting in a function",
+        user: "app",
+        steps: &[Simple("select set_tenant(42)")],
     },
     Case {
         name: "DISCARD ALL",
@@ -167,6 +176,8 @@ create function leaky_sql() returns text language sql
   as $f$ select set_config('work_mem', '7MB', false) $f$;
 create function dyn_role() returns void language plpgsql
   as $f$ begin execute 'set role ' || 'tenant_x'; end $f$;
+create function set_tenant(t int) returns void language plpgsql
+  as $f$ begin perform set_config('app.tenant', t::text, false); end $f$;
 create procedure proc_leak() language plpgsql
   as $f$ begin perform set_config('statement_timeout', '42s', false); end $f$;
 "#;

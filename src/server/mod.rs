@@ -237,9 +237,7 @@ impl ServerConn {
         &mut self,
     ) -> Result<session_functions::SessionFunctions, ServerError> {
         let rows = self.exchange(session_functions::QUERY).await?.rows;
-        Ok(session_functions::SessionFunctions::new(
-            rows.into_iter().filter_map(|r| r.into_iter().next()),
-        ))
+        Ok(session_functions::SessionFunctions::from_rows(rows))
     }
 
     /// The settings this session changed (`pg_settings.source = 'session'`),

@@ -14,23 +14,36 @@
 /// Lists (lower-cased name) of functions outside pg_catalog and
 /// information_schema, not from an extension, whose body may change a
 /// setting: SQL and PL/pgSQL bodies that mention SET, RESET, DISCARD,
-/// set_config or EXECUTE (dynamic SQL), and functions in any other language.
-pub const QUERY: &str = "select distinct pg_catalog.lower(p.proname) \
+/// set_config or EXECUTE (dynamic SQL), and functions in any other language;
+/// with each, the dotted names its bodies mention (comma-separated): the
+/// custom settings (`app.tenant`) it may set, which PostgreSQL lists nowhere
+/// (`pg_settings` leaves placeholders out), among other dotted names.
+pub const QUERY: &str = "select pg_catalog.lower(p.proname), \
+     pg_catalog.string_agg(distinct pg_catalog.lower(m.m[1]), ',') \
      from pg_catalog.pg_proc p \
      join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
      join pg_catalog.pg_language l on l.oid = p.prolang \
+     left join lateral pg_catalog.regexp_matches(p.prosrc, \
+       '\\m([a-z_][a-z0-9_$]*\\.[a-z_][a-z0-9_$]*)\\M', 'gi') m(m) on true \
      where n.nspname operator(pg_catalog.<>) all (array['pg_catalog', 'information_schema']) \
      and n.nspname not like 'pg\\_toast%' \
      and not exists (select from pg_catalog.pg_depend d \
        where d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
        and d.objid operator(pg_catalog.=) p.oid and d.deptype operator(pg_catalog.=) 'e') \
      and (l.lanname operator(pg_catalog.<>) all (array['sql', 'plpgsql']) \
-       or p.prosrc operator(pg_catalog.~*) '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mexecute\\M|\\mcall\\M)')";
+       or p.prosrc operator(pg_catalog.~*) '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mexecute\\M|\\mcall\\M)') \
+     group by 1";
+
+/// Custom setting names kept at most (read back by name after a call).
+const MAX_CUSTOMS: usize = 256;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SessionFunctions {
     /// Lower-cased names, sorted, without duplicates.
     names: Vec<Box<str>>,
+    /// Dotted names their bodies mention: the custom settings a call may
+    /// have set, to read back by name.
+    customs: Vec<Box<str>>,
 }
 
 impl SessionFunctions {
@@ -42,7 +55,43 @@ impl SessionFunctions {
             .collect();
         names.sort();
         names.dedup();
-        SessionFunctions { names }
+        SessionFunctions {
+            names,
+            customs: Vec::new(),
+        }
+    }
+
+    /// From [`QUERY`]'s rows as text: a name and its comma-separated
+    /// dotted names (empty for none).
+    pub fn from_rows<I: IntoIterator<Item = Vec<String>>>(rows: I) -> Self {
+        let mut names = Vec::new();
+        let mut customs: Vec<Box<str>> = Vec::new();
+        for row in rows {
+            let mut cols = row.into_iter();
+            if let Some(name) = cols.next() {
+                names.push(name);
+            }
+            if let Some(dotted) = cols.next() {
+                customs.extend(
+                    dotted
+                        .split(',')
+                        .filter(|n| crate::server::params::valid_name(n))
+                        .map(|n| n.to_ascii_lowercase().into_boxed_str()),
+                );
+            }
+        }
+        customs.sort();
+        customs.dedup();
+        customs.truncate(MAX_CUSTOMS);
+        SessionFunctions {
+            customs,
+            ..Self::new(names)
+        }
+    }
+
+    /// The custom settings a call of one of the functions may have set.
+    pub fn customs(&self) -> &[Box<str>] {
+        &self.customs
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,5 +160,20 @@ mod tests {
         assert!(!f.called_in("select 1"));
         assert!(SessionFunctions::default().is_empty());
         assert!(!SessionFunctions::default().called_in("select leaky()"));
+    }
+
+    #[test]
+    fn dotted_names_in_bodies_are_the_customs_to_read_back() {
+        let f = SessionFunctions::from_rows([
+            vec![
+                "set_tenant".to_owned(),
+                "app.tenant,public.users".to_owned(),
+            ],
+            vec!["leaky".to_owned(), String::new()],
+            vec!["other".to_owned(), "App.Tenant,x;y.z".to_owned()],
+        ]);
+        assert!(f.called_in("select set_tenant(1)") && f.called_in("select leaky()"));
+        let customs: Vec<&str> = f.customs().iter().map(|c| &**c).collect();
+        assert_eq!(customs, ["app.tenant", "public.users"]);
     }
 }

@@ -267,7 +267,13 @@ impl Tracker {
     /// settings included.
     pub fn effects_of(&self, sql: &str) -> Effects {
         let mut e = effects(sql);
-        e.params_changed |= self.calls_changer(sql);
+        if let Some(c) = self.changers.as_ref().filter(|c| c.called_in(sql)) {
+            // What it set may include custom settings, which PostgreSQL
+            // lists nowhere: the names its body mentions are read back.
+            e.params_changed = true;
+            e.custom_params
+                .extend(c.customs().iter().map(|n| n.to_string()));
+        }
         if self.policy.listen_shared && e.session_feature == Some(crate::client::pins::LISTEN) {
             e.session_feature = None;
         }
