@@ -298,14 +298,14 @@ impl Proxy {
             ));
         }
         for l in self.listeners {
-            tracing::info!(addr = ?l.local_addr().ok(), "listening");
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
             tokio::spawn(listener::accept_loop(l, self.shared.clone(), rx.clone()));
         }
         // The HTTP endpoint outlives the listeners: during the drain /readyz
         // answers 503 and /metrics still shows the clients finishing.
         let (http_tx, http_rx) = tokio::sync::watch::channel(false);
         if let Some(l) = self.metrics {
-            tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz, /readyz");
             tokio::spawn(http::serve(l, self.shared.clone(), http_rx));
         }
         // Transaction spans (`[tracing]`): exported until the clients are

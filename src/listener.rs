@@ -198,7 +198,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     if debug {
-        work.instrument(tracing::debug_span!("client", id, peer = ?peer))
+        work.instrument(tracing::debug_span!("client", id, peer = %peer.map(|a| a.to_string()).unwrap_or_default()))
             .await;
     } else {
         work.await;

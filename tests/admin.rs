@@ -718,3 +718,20 @@ async fn a_console_in_use_outlives_client_idle_timeout() {
         "an idle console is closed by client_idle_timeout"
     );
 }
+
+/// A console query over the console's 64 KiB bound is refused naming that
+/// bound (it named max_message_size, a setting that does not apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_console_query_names_the_consoles_limit() {
+    let c = cluster();
+    let db = c.create_database("console_big");
+    let p = proxy(&db, "");
+    let console = harness::connect(&p.url_as("admin", Some(ADMIN_PW), "pgbouncer"))
+        .await
+        .unwrap();
+    let big = format!("SHOW VERSION; -- {}", "x".repeat(70_000));
+    let e = console.simple_query(&big).await.unwrap_err();
+    let db_error = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_error.code().code(), "08P01");
+    assert!(db_error.message().contains("console's limit"), "{e}");
+}

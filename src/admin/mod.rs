@@ -107,6 +107,14 @@ impl Console {
             };
             let frame = match frame {
                 Ok(f) => f,
+                // The console's own bound, not max_message_size.
+                Err(FrameError::Protocol(ProtocolError::TooLarge { len, limit, .. })) => {
+                    return self
+                        .close_with(ClientError::AuthProtocol(format!(
+                            "protocol violation: a console query of {len} bytes is over the console's limit of {limit} bytes"
+                        )))
+                        .await;
+                }
                 Err(FrameError::Protocol(p)) => return self.close_with(p.into()).await,
                 Err(_) => return,
             };

@@ -114,7 +114,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
         }
         Ok(None) => None,
         Err(Some(e)) => {
-            tracing::info!(client = id, peer = ?stream.peer_addr().ok(), error = %e, "login refused");
+            tracing::info!(client = id, peer = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(), error = %e, "login refused");
             let mut out = BytesMut::new();
             e.write_to(&mut out);
             let _ = stream.write_all(&out).await;
