@@ -209,6 +209,26 @@ fn a_broken_config_changes_nothing_and_a_good_one_adds_a_database() {
     assert_eq!(err.code().map(|c| c.code()), Some("3D000"), "{err:?}");
     rt.block_on(other.simple_query("select 1")).unwrap();
     rt.block_on(client.simple_query("select 1")).unwrap();
+
+    // A setting bound at start: logged, and SHOW CONFIG keeps showing the
+    // value in force (it showed the file's, which nothing listened on).
+    let config_value = |key: &str| {
+        console(&d, "SHOW CONFIG")
+            .unwrap()
+            .into_iter()
+            .find(|r| r["key"] == key)
+            .map(|r| r["value"].clone())
+            .unwrap()
+    };
+    let listening = config_value("listen");
+    d.write_config(&config(&db, 6, "").replace(
+        "listen = [\"127.0.0.1:{port}\"]",
+        "listen = [\"127.0.0.1:{port}\", \"127.0.0.1:1\"]",
+    ));
+    console(&d, "RELOAD").unwrap();
+    assert_eq!(config_value("listen"), listening);
+    assert!(d.log().contains("changes only on restart"), "{}", d.log());
+    rt.block_on(client.simple_query("select 1")).unwrap();
 }
 
 #[test]

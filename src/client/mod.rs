@@ -215,25 +215,13 @@ impl Shared {
     /// Puts a new config in force: new logins see it at once, pools resize,
     /// retired pools drain, and logged-in clients pick it up at their next
     /// transaction. Connected clients are never dropped.
-    pub fn apply(&self, config: Config) {
+    pub fn apply(&self, mut config: Config) {
         self.buffers
             .set_limit(config.tidepool.max_client_buffer_bytes);
         self.rate_limits.configure(&config);
         let old = self.settings.load_full();
-        if old.config.tidepool.listen != config.tidepool.listen {
-            tracing::warn!("listen addresses change only on restart");
-        }
-        if old.config.metrics != config.metrics {
-            tracing::warn!("[metrics] changes only on restart");
-        }
+        keep_restart_only(&old.config, &mut config);
         self.spans.set_ratio(config.tracing.sample_ratio);
-        let tracing_restart = crate::config::otlp::Tracing {
-            sample_ratio: old.config.tracing.sample_ratio,
-            ..config.tracing.clone()
-        };
-        if old.config.tracing != tracing_restart {
-            tracing::warn!("[tracing] changes other than sample_ratio apply only on restart");
-        }
         let new = Arc::new(Settings::new(config, Some(&old)));
         self.settings.store(new.clone());
         self.registry.apply(&new.config, |user| {
@@ -291,4 +279,54 @@ impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Settings bound at start (sockets, sizes of structures made once, the
+/// span exporter): a reload cannot change them, so the running value stays
+/// in force, and in what SHOW CONFIG shows; a changed one is logged.
+fn keep_restart_only(old: &Config, new: &mut Config) {
+    fn keep<T: PartialEq + Clone>(name: &str, old: &T, new: &mut T) {
+        if old != new {
+            tracing::warn!(
+                setting = name,
+                "changes only on restart; the running value stays in force"
+            );
+            new.clone_from(old);
+        }
+    }
+    let (o, n) = (&old.tidepool, &mut new.tidepool);
+    keep("listen", &o.listen, &mut n.listen);
+    keep("so_reuseport", &o.so_reuseport, &mut n.so_reuseport);
+    keep("upgrade_socket", &o.upgrade_socket, &mut n.upgrade_socket);
+    keep(
+        "unix_socket_dir",
+        &o.unix_socket_dir,
+        &mut n.unix_socket_dir,
+    );
+    keep(
+        "[metrics] listen",
+        &old.metrics.listen,
+        &mut new.metrics.listen,
+    );
+    let (o, n) = (&old.stats, &mut new.stats);
+    keep(
+        "slow_query_log_size",
+        &o.slow_query_log_size,
+        &mut n.slow_query_log_size,
+    );
+    keep(
+        "max_query_fingerprints",
+        &o.max_query_fingerprints,
+        &mut n.max_query_fingerprints,
+    );
+    // Of [tracing], only sample_ratio applies at once.
+    let running = crate::config::otlp::Tracing {
+        sample_ratio: new.tracing.sample_ratio,
+        ..old.tracing.clone()
+    };
+    keep(
+        "[tracing] (other than sample_ratio)",
+        &running,
+        &mut new.tracing,
+    );
 }
