@@ -128,6 +128,9 @@ fn https_config(roots: Arc<RootCertStore>) -> Result<rustls::ClientConfig, Strin
 pub struct Acceptor {
     pub mode: Mode,
     pub config: Arc<rustls::ServerConfig>,
+    /// SCRAM channel-binding data of the certificate presented
+    /// ([`end_point`]); None when its signature's hash cannot say.
+    pub end_point: Option<Arc<[u8]>>,
 }
 
 /// The files of `client_tls_*`.
@@ -154,6 +157,7 @@ impl Acceptor {
             "required unless client_tls_sslmode is disable".to_owned(),
         ))?;
         let certs = read_certs(cert, "certificate").map_err(|e| ("client_tls_cert_file", e))?;
+        let end_point = certs.first().and_then(|c| end_point(c)).map(Arc::from);
         let key = read_key(key, "key").map_err(|e| ("client_tls_key_file", e))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -179,8 +183,76 @@ impl Acceptor {
         Ok(Some(Acceptor {
             mode: f.mode,
             config: Arc::new(config),
+            end_point,
         }))
     }
+}
+
+/// RFC 5929's `tls-server-end-point` data of a certificate (DER): its hash
+/// under its signature algorithm's hash function, SHA-256 for MD5 and SHA-1,
+/// as PostgreSQL computes it. None for an algorithm without a single hash
+/// (Ed25519, RSASSA-PSS) or a certificate that does not parse: channel
+/// binding is then not offered, as PostgreSQL cannot offer it either.
+pub fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }
+    let (certificate, _) = der_sequence(cert)?;
+    let (_tbs, rest) = der_element(certificate)?;
+    let (algorithm, _) = der_sequence(rest)?;
+    let (0x06, oid, _) = der_tlv(algorithm)? else {
+        return None;
+    };
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    let bits = match oid {
+        [p @ .., 0x04 | 0x05 | 0x0b | 0x0e] if p == RSA => 256, // md5, sha1, sha256, sha224
+        [p @ .., 0x0c] if p == RSA => 384,
+        [p @ .., 0x0d] if p == RSA => 512,
+        o if o == ECDSA_SHA1 => 256,
+        [p @ .., 0x01 | 0x02] if p == ECDSA_SHA2 => 256, // sha224, sha256
+        [p @ .., 0x03] if p == ECDSA_SHA2 => 384,
+        [p @ .., 0x04] if p == ECDSA_SHA2 => 512,
+        _ => return None,
+    };
+    Some(match bits {
+        256 => sha2::Sha256::digest(cert).to_vec(),
+        384 => sha2::Sha384::digest(cert).to_vec(),
+        _ => sha2::Sha512::digest(cert).to_vec(),
+    })
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |l, &x| (l << 8) | usize::from(x));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The contents of the SEQUENCE starting `b`, and what follows it.
+fn der_sequence(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    match der_tlv(b)? {
+        (0x30, contents, rest) => Some((contents, rest)),
+        _ => None,
+    }
+}
+
+/// One element whole, and what follows it.
+fn der_element(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (_, _, rest) = der_tlv(b)?;
+    Some((&b[..b.len() - rest.len()], rest))
 }
 
 /// The server side: how tidepool connects to one database's servers.

@@ -211,6 +211,16 @@ async fn tls_on_both_sides_to_a_server_that_accepts_only_tls() {
     // psql's own catalog queries (\d sends over 1 KiB) over TLS.
     let (ok, out, err) = psql_at(&url, "create table tls_t (a int primary key); \\d tls_t");
     assert!(ok && out.contains("a|integer||not null|"), "{out} {err}");
+    // SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS,
+    // tls-server-end-point), which libpq can insist on: a man in the middle
+    // with another certificate could not complete it. It used to fail:
+    // "server did not offer an authentication method that supports channel
+    // binding".
+    let (ok, out, err) = psql_at(
+        &format!("{url} channel_binding=require"),
+        "select current_user",
+    );
+    assert!(ok && out == "app", "{out} {err}");
 
     // Plain text where TLS is required: a clear FATAL naming the setting.
     let (ok, _, err) = psql_at(&via("disable", ""), "select 1");

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::AuthError;
 use super::AuthType;
-use super::scram::{MECHANISM, ServerExchange};
+use super::scram::{MECHANISM, MECHANISM_PLUS, ServerExchange};
 use super::secret::{ScramVerifier, Secret};
 use crate::protocol::FrontendTag;
 use crate::protocol::frame::read_frame;
@@ -39,6 +39,9 @@ pub struct Expected<'a> {
     /// Verifier used in place of a missing one.
     pub decoy: &'a ScramVerifier,
     pub auth: AuthType,
+    /// The connection's TLS channel-binding data (tls-server-end-point):
+    /// SCRAM-SHA-256-PLUS is offered with it.
+    pub binding: Option<&'a [u8]>,
 }
 
 /// Runs the exchange.
@@ -54,12 +57,13 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         verifier,
         decoy,
         auth,
+        binding,
     } = *e;
     match auth {
         AuthType::Trust if known => Ok(Verified::default()),
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),
         AuthType::Md5 => md5(stream, buf, user, secret).await,
-        AuthType::ScramSha256 => scram(stream, buf, user, verifier, decoy).await,
+        AuthType::ScramSha256 => scram(stream, buf, user, (verifier, decoy), binding).await,
         AuthType::Password => password(stream, buf, user, secret).await,
     }
 }
@@ -159,22 +163,31 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     user: &str,
-    verifier: Option<&ScramVerifier>,
-    decoy: &ScramVerifier,
+    (verifier, decoy): (Option<&ScramVerifier>, &ScramVerifier),
+    binding: Option<&[u8]>,
 ) -> Result<Verified, AuthError> {
     let mut out = BytesMut::new();
-    write::auth_sasl_mechanisms(&mut out, &[MECHANISM]);
+    // As PostgreSQL: with TLS, the channel-bound mechanism first.
+    if binding.is_some() {
+        write::auth_sasl_mechanisms(&mut out, &[MECHANISM_PLUS, MECHANISM]);
+    } else {
+        write::auth_sasl_mechanisms(&mut out, &[MECHANISM]);
+    }
     stream.write_all(&out).await?;
 
     let body = read_password(stream, buf, user).await?;
     let mut b = Body::new(&body, "SASLInitialResponse");
     let proto = |e: crate::protocol::ProtocolError| AuthError::Protocol(e.to_string());
     let mechanism = b.cstr().map_err(proto)?;
-    if mechanism != MECHANISM {
-        return Err(AuthError::Protocol(format!(
-            "unsupported SASL mechanism \"{mechanism}\""
-        )));
-    }
+    let plus = match mechanism {
+        MECHANISM => false,
+        MECHANISM_PLUS if binding.is_some() => true,
+        _ => {
+            return Err(AuthError::Protocol(format!(
+                "unsupported SASL mechanism \"{mechanism}\""
+            )));
+        }
+    };
     let len = b.i32().map_err(proto)?;
     let data = b
         .bytes(usize::try_from(len).map_err(|_| AuthError::Protocol("bad SASL length".into()))?)
@@ -197,8 +210,12 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
             d
         }
     };
+    let offered = super::scram::Binding {
+        data: binding,
+        plus,
+    };
     let (exchange, server_first) =
-        ServerExchange::start(v, data).map_err(|e| AuthError::Protocol(e.to_string()))?;
+        ServerExchange::start(v, data, offered).map_err(|e| AuthError::Protocol(e.to_string()))?;
     out.clear();
     write::auth_request(&mut out, auth_code::SASL_CONTINUE, server_first.as_bytes());
     stream.write_all(&out).await?;

@@ -2,8 +2,14 @@
 //!
 //! `ServerExchange` verifies a client against a stored verifier and recovers
 //! the client's ClientKey, which `KeyClient` can later use to log in to
-//! PostgreSQL when only a verifier (no plain password) is configured. Channel
-//! binding is not offered (no TLS yet), so `p=` GS2 headers are refused.
+//! PostgreSQL when only a verifier (no plain password) is configured.
+//!
+//! Channel binding (RFC 5929 `tls-server-end-point`, the type PostgreSQL
+//! offers): over TLS the server offers SCRAM-SHA-256-PLUS, and a client that
+//! takes it proves it sees the certificate tidepool presented. As in
+//! PostgreSQL, a client that says it could bind but believes the server
+//! cannot (`y`) while the server can is refused: a man in the middle
+//! stripped the offer.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -15,6 +21,19 @@ use super::constant_time_eq;
 use super::secret::ScramVerifier;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// SCRAM-SHA-256 with channel binding.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The channel-binding type PostgreSQL (and tidepool) supports.
+const CB_TYPE: &str = "tls-server-end-point";
+
+/// What the server offered of channel binding, and what the client chose.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Binding<'a> {
+    /// The connection's channel-binding data (offered when Some).
+    pub data: Option<&'a [u8]>,
+    /// The client chose SCRAM-SHA-256-PLUS.
+    pub plus: bool,
+}
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     #[allow(clippy::expect_used)] // HMAC accepts keys of any length.
@@ -42,7 +61,9 @@ pub struct ServerExchange {
     verifier: ScramVerifier,
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// What the client-final-message's `c=` must carry: the GS2 header,
+    /// then the channel-binding data when bound.
+    cbind_input: Vec<u8>,
     nonce: String,
 }
 
@@ -52,6 +73,12 @@ pub enum ScramError {
     Malformed,
     #[error("channel binding is not supported")]
     ChannelBinding,
+    #[error(
+        "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, and it does"
+    )]
+    Downgrade,
+    #[error("SCRAM channel binding check failed")]
+    BindingMismatch,
     #[error("SCRAM nonce mismatch")]
     Nonce,
     #[error("SCRAM proof does not match")]
@@ -65,8 +92,9 @@ impl ServerExchange {
     pub fn start(
         verifier: ScramVerifier,
         client_first: &[u8],
+        binding: Binding<'_>,
     ) -> Result<(Self, String), ScramError> {
-        Self::start_with_nonce(verifier, client_first, &self::nonce())
+        Self::start_with_nonce(verifier, client_first, binding, &self::nonce())
     }
 
     /// As [`ServerExchange::start`], with the server's part of the nonce
@@ -74,20 +102,26 @@ impl ServerExchange {
     fn start_with_nonce(
         verifier: ScramVerifier,
         client_first: &[u8],
+        binding: Binding<'_>,
         server_nonce: &str,
     ) -> Result<(Self, String), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
-        let (gs2_header, bare) = match msg.as_bytes().first() {
-            Some(b'n') | Some(b'y') => {
-                let mut it = msg.splitn(3, ',');
-                let cb = it.next().ok_or(ScramError::Malformed)?;
-                let authzid = it.next().ok_or(ScramError::Malformed)?;
-                let bare = it.next().ok_or(ScramError::Malformed)?;
-                (format!("{cb},{authzid},"), bare)
+        let mut it = msg.splitn(3, ',');
+        let cb = it.next().ok_or(ScramError::Malformed)?;
+        let authzid = it.next().ok_or(ScramError::Malformed)?;
+        let bare = it.next().ok_or(ScramError::Malformed)?;
+        let mut cbind_input = format!("{cb},{authzid},").into_bytes();
+        match (cb.as_bytes().first(), binding.plus, binding.data) {
+            (Some(b'n'), false, _) => {}
+            (Some(b'y'), false, None) => {}
+            (Some(b'y'), false, Some(_)) => return Err(ScramError::Downgrade),
+            (Some(b'p'), true, Some(data)) if cb.strip_prefix("p=") == Some(CB_TYPE) => {
+                cbind_input.extend_from_slice(data);
             }
-            Some(b'p') => return Err(ScramError::ChannelBinding),
+            // PLUS without binding, binding without PLUS, another type.
+            (Some(b'n' | b'y' | b'p'), _, _) => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed),
-        };
+        }
         // An empty client nonce is PostgreSQL's to accept too: the server's
         // own random part makes the combined nonce unique.
         let client_nonce = attr(bare, 'r').ok_or(ScramError::Malformed)?;
@@ -102,7 +136,7 @@ impl ServerExchange {
                 verifier,
                 client_first_bare: bare.to_owned(),
                 server_first: server_first.clone(),
-                gs2_header,
+                cbind_input,
                 nonce,
             },
             server_first,
@@ -115,8 +149,8 @@ impl ServerExchange {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof_b64) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let cbind = attr(without_proof, 'c').ok_or(ScramError::Malformed)?;
-        if B64.decode(cbind).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
-            return Err(ScramError::ChannelBinding);
+        if B64.decode(cbind).ok().as_deref() != Some(self.cbind_input.as_slice()) {
+            return Err(ScramError::BindingMismatch);
         }
         if attr(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::Nonce);
@@ -247,7 +281,8 @@ mod tests {
     fn accepts_a_real_client_and_recovers_its_key() {
         let v = verifier("secret");
         let mut client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
-        let (server, first) = ServerExchange::start(v.clone(), client.message()).unwrap();
+        let (server, first) =
+            ServerExchange::start(v.clone(), client.message(), Binding::default()).unwrap();
         client.update(first.as_bytes()).unwrap();
         let (fin, key) = server.finish(client.message()).unwrap();
         client.finish(fin.as_bytes()).unwrap();
@@ -260,7 +295,8 @@ mod tests {
             server_key: v.server_key,
         };
         let (mut kc, first) = KeyClient::start(keys);
-        let (server, sfirst) = ServerExchange::start(v, first.as_bytes()).unwrap();
+        let (server, sfirst) =
+            ServerExchange::start(v, first.as_bytes(), Binding::default()).unwrap();
         let cfinal = kc.update(sfirst.as_bytes()).unwrap();
         let (sfinal, _) = server.finish(cfinal.as_bytes()).unwrap();
         kc.finish(sfinal.as_bytes()).unwrap();
@@ -282,6 +318,7 @@ mod tests {
         let (server, first) = ServerExchange::start_with_nonce(
             v.clone(),
             b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
+            Binding::default(),
             "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
         )
         .unwrap();
@@ -310,7 +347,8 @@ mod tests {
     fn rejects_a_wrong_password() {
         let v = verifier("secret");
         let mut client = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
-        let (server, first) = ServerExchange::start(v, client.message()).unwrap();
+        let (server, first) =
+            ServerExchange::start(v, client.message(), Binding::default()).unwrap();
         client.update(first.as_bytes()).unwrap();
         assert_eq!(
             server.finish(client.message()).unwrap_err(),
@@ -321,10 +359,62 @@ mod tests {
     #[test]
     fn garbage_is_an_error() {
         let v = verifier("secret");
-        assert!(ServerExchange::start(v.clone(), b"").is_err());
-        assert!(ServerExchange::start(v.clone(), b"\xff\xfe").is_err());
-        assert!(ServerExchange::start(v.clone(), b"n,,").is_err());
-        let (s, _) = ServerExchange::start(v, b"n,,n=,r=abc").unwrap();
+        assert!(ServerExchange::start(v.clone(), b"", Binding::default()).is_err());
+        assert!(ServerExchange::start(v.clone(), b"\xff\xfe", Binding::default()).is_err());
+        assert!(ServerExchange::start(v.clone(), b"n,,", Binding::default()).is_err());
+        let (s, _) = ServerExchange::start(v, b"n,,n=,r=abc", Binding::default()).unwrap();
         assert!(s.finish(b"c=biws,r=x,p=zz").is_err());
+    }
+
+    #[test]
+    fn channel_binding_over_tls() {
+        let v = verifier("secret");
+        let data = Sha256::digest(b"the certificate").to_vec();
+        let offered = |plus| Binding {
+            data: Some(&data),
+            plus,
+        };
+        // A client that binds to the same certificate logs in.
+        let mut client = ScramSha256::new(
+            b"secret",
+            ChannelBinding::tls_server_end_point(data.clone()),
+        );
+        let (server, first) =
+            ServerExchange::start(v.clone(), client.message(), offered(true)).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (fin, _) = server.finish(client.message()).unwrap();
+        client.finish(fin.as_bytes()).unwrap();
+
+        // One that saw another certificate (a man in the middle's) does not.
+        let mut client = ScramSha256::new(
+            b"secret",
+            ChannelBinding::tls_server_end_point(Sha256::digest(b"another").to_vec()),
+        );
+        let (server, first) =
+            ServerExchange::start(v.clone(), client.message(), offered(true)).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        assert_eq!(
+            server.finish(client.message()).err(),
+            Some(ScramError::BindingMismatch)
+        );
+
+        // "I could bind but you cannot" while the server can: stripped offer.
+        let client = ScramSha256::new(b"secret", ChannelBinding::unrequested());
+        assert_eq!(
+            ServerExchange::start(v.clone(), client.message(), offered(false)).err(),
+            Some(ScramError::Downgrade)
+        );
+        // Without TLS that is fine; and a client that does not bind is fine.
+        assert!(ServerExchange::start(v.clone(), client.message(), Binding::default()).is_ok());
+        let client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
+        assert!(ServerExchange::start(v.clone(), client.message(), offered(false)).is_ok());
+        // PLUS chosen without binding, or binding under the plain mechanism.
+        assert!(ServerExchange::start(v.clone(), client.message(), offered(true)).is_err());
+        let client = ScramSha256::new(
+            b"secret",
+            ChannelBinding::tls_server_end_point(data.clone()),
+        );
+        assert!(ServerExchange::start(v.clone(), client.message(), offered(false)).is_err());
+        assert!(ServerExchange::start(v, b"p=tls-unique,,n=,r=abc", offered(true)).is_err());
     }
 }

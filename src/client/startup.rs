@@ -57,7 +57,13 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
     };
     let (mut stream, first) = negotiated?;
     let required = acceptor.as_ref().is_some_and(|a| a.mode.required());
-    let handshaking = handshake(&mut stream, shared, first, required, id);
+    // SCRAM channel binding to this connection's TLS (its certificate's
+    // tls-server-end-point hash), when it has TLS.
+    let binding = acceptor
+        .as_ref()
+        .filter(|_| stream.is_tls())
+        .and_then(|a| a.end_point.clone());
+    let handshaking = handshake(&mut stream, shared, first, required, binding.as_deref(), id);
     let result = if timeout.is_zero() {
         handshaking.await
     } else {
@@ -269,6 +275,7 @@ async fn handshake(
     shared: &Arc<Shared>,
     first: Result<StartupPacket, StartupError>,
     tls_required: bool,
+    binding: Option<&[u8]>,
     id: u64,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
     let (minor, startup) = match first {
@@ -349,12 +356,21 @@ async fn handshake(
     };
     let Some(db) = config.databases.get(&database) else {
         if ADMIN_DATABASES.contains(&database.as_str()) {
-            return admin_login(stream, shared, &settings, user, database, auth_type).await;
+            return admin_login(
+                stream,
+                shared,
+                &settings,
+                (user, database),
+                auth_type,
+                binding,
+            )
+            .await;
         }
         // As PostgreSQL: who the client is comes first, so only a client
         // that proves it learns which databases are here. A user known only
         // to a database's auth_query has no database to ask: unknown here.
-        prove(stream, shared, &user, settings.users.get(&user), auth_type).await?;
+        let auth = settings.users.get(&user);
+        prove(stream, shared, &user, auth, auth_type, binding).await?;
         return Err(Some(ClientError::UnknownDatabase(database)));
     };
     // A user not in the config: the database says who it is (auth_query).
@@ -381,7 +397,7 @@ async fn handshake(
         }
         (_, t) => t,
     };
-    let (verified, buf) = prove(stream, shared, &user, auth, auth_type).await?;
+    let (verified, buf) = prove(stream, shared, &user, auth, auth_type, binding).await?;
     tracing::debug!(%user, %database, "client authenticated");
     // A first look, before any server work; the exact check is below.
     client_caps(shared, config, db, &database, &user)?;
@@ -476,6 +492,7 @@ async fn prove(
     user: &str,
     auth: Option<&super::UserAuth>,
     auth_type: crate::auth::AuthType,
+    binding: Option<&[u8]>,
 ) -> Result<(crate::auth::client::Verified, BytesMut), Option<ClientError>> {
     let expected = crate::auth::client::Expected {
         user,
@@ -484,6 +501,7 @@ async fn prove(
         verifier: auth.and_then(|a| a.verifier.as_ref()),
         decoy: &shared.decoy,
         auth: auth_type,
+        binding,
     };
     let mut buf = BytesMut::new();
     let verified = crate::auth::client::authenticate(stream, &mut buf, &expected)
@@ -502,16 +520,17 @@ async fn admin_login(
     stream: &mut Stream,
     shared: &Arc<Shared>,
     settings: &super::Settings,
-    user: String,
-    database: String,
+    (user, database): (String, String),
     auth_type: crate::auth::AuthType,
+    binding: Option<&[u8]>,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
     let general = &settings.config.tidepool;
     let admin = general.admin_users.contains(&user);
     if !admin && !general.stats_users.contains(&user) {
         return Err(Some(ClientError::AdminNotAllowed(user)));
     }
-    let (_, buf) = prove(stream, shared, &user, settings.users.get(&user), auth_type).await?;
+    let auth = settings.users.get(&user);
+    let (_, buf) = prove(stream, shared, &user, auth, auth_type, binding).await?;
     tracing::info!(%user, admin, "admin console login");
     let pid: i32 = rand::random::<i32>() & i32::MAX;
     let mut out = BytesMut::with_capacity(256);
