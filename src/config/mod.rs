@@ -331,6 +331,17 @@ password = "secret"
     }
 
     #[test]
+    fn metrics_basic_authentication_needs_both_halves() {
+        let with =
+            |lines: &str| format!("{SHAPE}\n[metrics]\nlisten = \"127.0.0.1:9127\"\n{lines}");
+        let e = Config::from_toml_str(&with("auth_user = \"prom\""), "p").unwrap_err();
+        assert_eq!(e.key, "metrics.auth_password", "{e}");
+        let e = Config::from_toml_str(&with("auth_password = \"pw\""), "p").unwrap_err();
+        assert_eq!(e.key, "metrics.auth_user", "{e}");
+        Config::from_toml_str(&with("auth_user = \"prom\"\nauth_password = \"pw\""), "p").unwrap();
+    }
+
+    #[test]
     fn durations_accept_units_and_seconds() {
         let src = SHAPE.replace(
             "default_pool_size = 25",

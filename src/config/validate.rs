@@ -186,6 +186,21 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             format!("{a:?} is not an IP:port address"),
         ));
     }
+    match (&c.metrics.auth_user, &c.metrics.auth_password) {
+        (Some(_), None) => {
+            return Err(invalid(
+                &["metrics", "auth_password"],
+                "required with auth_user (HTTP basic authentication)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                &["metrics", "auth_user"],
+                "required with auth_password (HTTP basic authentication)",
+            ));
+        }
+        _ => {}
+    }
     c.tracing
         .check()
         .map_err(|(key, message)| invalid(&["tracing", key], message))?;

@@ -30,7 +30,16 @@ impl Daemon {
     /// Starts tidepool with `toml`, in which `{port}` and `{metrics_port}`
     /// are replaced by free ports. Logs are JSON lines, kept in memory.
     pub fn start(toml: &str) -> Daemon {
-        Self::start_on(toml, free_port())
+        // A port found free can be taken by another test before tidepool
+        // binds it: then tidepool exits, and it starts again on others.
+        let mut attempts = 0;
+        loop {
+            match Self::try_start(toml, free_port(), &[]) {
+                Ok(d) => return d,
+                Err(log) if attempts < 3 && log.contains("cannot listen") => attempts += 1,
+                Err(log) => panic!("tidepool did not start; log:\n{log}"),
+            }
+        }
     }
 
     /// Like [`Daemon::start`], listening on `port` (another tidepool may
@@ -41,6 +50,14 @@ impl Daemon {
 
     /// Like [`Daemon::start_on`], with more command-line arguments.
     pub fn start_with(toml: &str, port: u16, args: &[&str]) -> Daemon {
+        Self::try_start(toml, port, args)
+            .unwrap_or_else(|log| panic!("tidepool did not start; log:\n{log}"))
+    }
+
+    /// Starts tidepool and waits until it listens: its own log says so (not
+    /// merely something accepting on the port) and it still runs. Err: its
+    /// log, when it exited or did not listen within 30 s.
+    fn try_start(toml: &str, port: u16, args: &[&str]) -> Result<Daemon, String> {
         let metrics_port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tidepool-daemon-{}-{port}", std::process::id()));
@@ -80,16 +97,24 @@ impl Daemon {
             dir,
             log,
         };
+        let mut d = d;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tidepool did not start listening; log:\n{}",
-                d.log()
-            );
+        loop {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                // Its last words may still be on their way from the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!("(exited: {status})\n{}", d.log()));
+            }
+            if d.log().contains("\"listening\"")
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                return Ok(d);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("(not listening after 30 s)\n{}", d.log()));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     pub fn log(&self) -> String {
