@@ -417,24 +417,7 @@ impl ServerCertVerifier for Verifier {
 /// in a string type a user name can be compared with (UTF8String,
 /// PrintableString, IA5String). The last CN wins, as in PostgreSQL.
 pub fn common_name(der: &[u8]) -> Option<String> {
-    /// One DER element: (tag, content, what follows).
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = b.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &d| (acc << 8) | usize::from(d));
-            (len, &rest[n..])
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
+    let tlv = der_tlv;
     const SEQUENCE: u8 = 0x30;
     const SET: u8 = 0x31;
     const CN: &[u8] = &[0x55, 0x04, 0x03];

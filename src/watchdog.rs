@@ -525,15 +525,27 @@ mod tests {
     /// The poll slots are the process's: one watching test at a time.
     static WATCHING: Mutex<()> = Mutex::new(());
 
-    #[test]
-    fn a_long_poll_is_one_stall_and_names_the_client() {
-        let _one = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
+    /// A watchdog watching, and a runtime for its heartbeat; the first
+    /// keeps other watching tests out while it lives.
+    fn watching() -> (
+        std::sync::MutexGuard<'static, ()>,
+        Arc<Watchdog>,
+        WatchGuard,
+        tokio::runtime::Runtime,
+    ) {
+        let one = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
         let w = Arc::new(Watchdog::default());
-        let _guard = w.start().unwrap();
+        let guard = w.start().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        (one, w, guard, rt)
+    }
+
+    #[test]
+    fn a_long_poll_is_one_stall_and_names_the_client() {
+        let (_one, w, _guard, rt) = watching();
         rt.block_on(async {
             tokio::spawn(w.clone().heartbeat());
             // A task that blocks its thread for 3 × STALL in one poll.
@@ -551,13 +563,7 @@ mod tests {
 
     #[test]
     fn a_blocked_loop_is_seen_through_the_heartbeat_and_an_idle_one_is_not() {
-        let _one = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
-        let w = Arc::new(Watchdog::default());
-        let _guard = w.start().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (_one, w, _guard, rt) = watching();
         rt.block_on(async {
             tokio::spawn(w.clone().heartbeat());
             // Idle for several heartbeats: nothing is stale.

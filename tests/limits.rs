@@ -540,27 +540,35 @@ async fn max_db_connections_holds_and_follows_a_reload() {
         .parse::<u32>()
         .unwrap()
     };
+    // Every client runs `sql` at once; the most servers seen meanwhile.
+    let servers = &servers;
+    let round = |clients: Vec<tokio_postgres::Client>, sql: &'static str| async move {
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|c| {
+                tokio::spawn(async move {
+                    c.simple_query(sql).await.unwrap();
+                    c
+                })
+            })
+            .collect();
+        let mut most = 0;
+        for _ in 0..8 {
+            most = most.max(servers().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.unwrap());
+        }
+        (clients, most)
+    };
     // Six clients, one transaction each at once: never more than two servers.
     let mut clients = Vec::new();
     for _ in 0..6 {
         clients.push(harness::connect(&url).await.unwrap());
     }
-    let mut tasks = Vec::new();
-    for c in clients {
-        tasks.push(tokio::spawn(async move {
-            c.simple_query("select pg_sleep(0.3)").await.unwrap();
-            c
-        }));
-    }
-    let mut most = 0;
-    for _ in 0..10 {
-        most = most.max(servers().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(t.await.unwrap());
-    }
+    let (clients, most) = round(clients, "select pg_sleep(0.3)").await;
     assert!(most <= 2, "{most} servers under max_db_connections = 2");
     // Raised by a reload: four at once now.
     d.write_config(&toml(4).replace("{port}", &d.port.to_string()));
@@ -568,24 +576,7 @@ async fn max_db_connections_holds_and_follows_a_reload() {
     harness::wait_until("the reload", Duration::from_secs(10), || {
         d.log().contains("config reloaded")
     });
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|c| {
-            tokio::spawn(async move {
-                c.simple_query("select pg_sleep(0.5)").await.unwrap();
-                c
-            })
-        })
-        .collect();
-    let mut most = 0;
-    for _ in 0..8 {
-        most = most.max(servers().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(t.await.unwrap());
-    }
+    let (clients, most) = round(clients, "select pg_sleep(0.5)").await;
     assert!(
         (3..=4).contains(&most),
         "{most} servers under max_db_connections = 4"
@@ -601,22 +592,7 @@ async fn max_db_connections_holds_and_follows_a_reload() {
         || async { servers().await <= 1 },
     )
     .await;
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|c| {
-            tokio::spawn(async move {
-                c.simple_query("select pg_sleep(0.2)").await.unwrap();
-            })
-        })
-        .collect();
-    let mut most = 0;
-    for _ in 0..8 {
-        most = most.max(servers().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (_, most) = round(clients, "select pg_sleep(0.2)").await;
     assert!(most <= 1, "{most} servers under max_db_connections = 1");
 }
 
