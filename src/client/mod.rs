@@ -22,6 +22,7 @@ pub mod listen;
 pub mod memo;
 pub mod migrate;
 mod negotiate;
+mod options;
 pub mod park;
 pub mod pins;
 mod prepared;

@@ -306,7 +306,7 @@ async fn handshake(
         match k.as_str() {
             "user" => user = Some(v),
             "database" => database = Some(v),
-            "options" => parse_options(&v, &mut client_params)?,
+            "options" => super::options::parse_options(&v, &mut client_params)?,
             "replication" if v != "false" && v != "0" && v != "off" => {
                 return Err(Some(ClientError::UnsupportedStartup(
                     "replication connections are not pooled".into(),
@@ -676,55 +676,5 @@ pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
             database: pool.database.clone(),
             reason: other.to_string(),
         },
-    }
-}
-
-/// `options` in the startup packet: `-c name=value` and `--name=value`.
-fn parse_options(
-    options: &str,
-    out: &mut BTreeMap<String, String>,
-) -> Result<(), Option<ClientError>> {
-    let mut words = options.split_whitespace();
-    while let Some(w) = words.next() {
-        let setting = if w == "-c" {
-            words.next()
-        } else if let Some(s) = w.strip_prefix("-c") {
-            Some(s)
-        } else {
-            w.strip_prefix("--")
-        };
-        let Some((k, v)) = setting.and_then(|s| s.split_once('=')) else {
-            return Err(Some(ClientError::UnsupportedStartup(format!(
-                "options: {w}"
-            ))));
-        };
-        let k = k.replace('-', "_");
-        if !valid_name(&k) {
-            return Err(Some(ClientError::UnsupportedStartup(format!(
-                "options: {k}"
-            ))));
-        }
-        out.insert(k, v.to_owned());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_are_parsed_like_postgres() {
-        let mut m = BTreeMap::new();
-        parse_options(
-            "-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB",
-            &mut m,
-        )
-        .unwrap();
-        assert_eq!(m["search_path"], "a,b");
-        assert_eq!(m["statement_timeout"], "5s");
-        assert_eq!(m["work_mem"], "1MB");
-        assert!(parse_options("-x", &mut m).is_err());
-        assert!(parse_options("-c a;b=1", &mut m).is_err());
     }
 }
