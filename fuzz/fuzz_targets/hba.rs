@@ -1,7 +1,8 @@
 //! `auth_hba_file` text: `Hba::parse` over any text never panics; rules it
 //! accepts answer any peer without a panic, and parsing is a function of the
-//! text (the same text, the same rules). Also the certificate CN reader
-//! (`tls::common_name`) over the same bytes: any input, no panic.
+//! text (the same text, the same rules). Also the certificate readers
+//! (`tls::common_name`, and `tls::end_point` for SCRAM channel binding)
+//! over the same bytes: any input, no panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,6 +10,7 @@ use tidepool::auth::hba::{Hba, Peer};
 
 fuzz_target!(|data: &[u8]| {
     let _ = tidepool::tls::common_name(data);
+    let _ = tidepool::tls::end_point(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
