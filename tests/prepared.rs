@@ -569,5 +569,40 @@ async fn deallocate_all_as_a_prepared_statement_spares_other_clients() {
                 "after b's {drop_all:?} ({name:?}): {msgs:?}"
             );
         }
+        // ParameterStatus may come anywhere (DISCARD ALL resets them).
+        let quiet = |m: &[Msg]| tags(m).replace('S', "");
+        // As psycopg sends it: the Parse in a round of its own, then the
+        // Bind and Execute. Parsed, it drops nothing yet.
+        let msgs = round(&mut b, [raw::parse("b2", drop_all), raw::sync()].concat()).await;
+        assert_eq!(quiet(&msgs), "1Z", "{drop_all}: {msgs:?}");
+        assert_eq!(quiet(&round(&mut a, run_a()).await), "2DCZ", "{drop_all}");
+        let msgs = round(&mut b, [raw::parse("b3", "select 1"), raw::sync()].concat()).await;
+        assert_eq!(
+            quiet(&msgs),
+            "1Z",
+            "after a Parse of {drop_all:?}: {msgs:?}"
+        );
+        let msgs = round(
+            &mut b,
+            [raw::bind("b2", &[]), raw::execute(), raw::sync()].concat(),
+        )
+        .await;
+        assert!(!msgs.iter().any(|m| m.tag == b'E'), "{drop_all}: {msgs:?}");
+        assert_eq!(quiet(&round(&mut a, run_a()).await), "2DCZ", "{drop_all}");
+        // b's statements are gone, as directly: b2 and b3 may be parsed again.
+        for name in ["b2", "b3"] {
+            let msgs = round(&mut b, [raw::parse(name, "select 2"), raw::sync()].concat()).await;
+            assert_eq!(quiet(&msgs), "1Z", "{drop_all}: {name}: {msgs:?}");
+            let msgs = round(&mut b, [raw::close_statement(name), raw::sync()].concat()).await;
+            assert!(!msgs.iter().any(|m| m.tag == b'E'), "{msgs:?}");
+        }
+        // A newcomer prepares what the server had before.
+        let mut c = Raw::login_trust(proxy.port(), &db).await;
+        let msgs = round(
+            &mut c,
+            [raw::parse("c1", "select 41 + 1"), raw::sync()].concat(),
+        )
+        .await;
+        assert_eq!(quiet(&msgs), "1Z", "{drop_all}: {msgs:?}");
     }
 }

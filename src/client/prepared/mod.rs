@@ -160,6 +160,7 @@ impl Handler<'_> {
         if e.drops_all_statements {
             self.statements.clear();
             self.prepared.clear();
+            self.t.drops_statements = true;
         }
         self.t.note_effects(&e);
         self.owe_query(sql, 0, None);
@@ -429,6 +430,8 @@ impl Handler<'_> {
             || self.t.calls_changer(&stmt.query)
         {
             self.t.note_statement(&stmt.query, stmt.foreign);
+            // Running it (not parsing it) drops the server's statements.
+            self.t.drops_statements |= effects(&stmt.query).drops_all_statements;
         }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);

@@ -161,6 +161,9 @@ impl Inspector for ClientSide<'_> {
                     return Ok(Step::Stop);
                 }
                 let t = &mut *self.t;
+                if name.is_empty() {
+                    t.unnamed_drops = e.as_ref().is_some_and(|e| e.drops_all_statements);
+                }
                 if let Some(e) = e
                     && t.note_effects(&e)
                 {
@@ -185,6 +188,7 @@ impl Inspector for ClientSide<'_> {
                 if named && !statement.is_empty() {
                     return Ok(Step::Stop);
                 }
+                t.drops_statements |= statement.is_empty() && t.unnamed_drops;
                 t.batch.open();
                 t.expect.push(Owed::Bind);
                 let shape = (!statement.is_empty()).then_some(None);

@@ -92,9 +92,13 @@ pub struct Tracker {
     /// The session parameters may have changed (SET, RESET, DISCARD, ...).
     pub params_changed: bool,
     /// A statement that drops every prepared statement on the server
-    /// (DEALLOCATE ALL, DISCARD ALL) was sent, maybe as a prepared
-    /// statement of its own: what tidepool knows the server has is void.
+    /// (DEALLOCATE ALL, DISCARD ALL) ran: a Query, or a Bind of a prepared
+    /// statement of that text (a Parse alone drops nothing). What tidepool
+    /// knows the server has is void.
     pub drops_statements: bool,
+    /// The unnamed statement last parsed is such a statement (its Bind
+    /// runs it).
+    pub unnamed_drops: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
     /// Session state that pins the client may have ended (or just began:
@@ -167,6 +171,7 @@ impl Tracker {
             server_fatal: None,
             params_changed: false,
             drops_statements: false,
+            unnamed_drops: false,
             pin: None,
             pin_check_due: false,
             listen_changed: false,
@@ -207,6 +212,7 @@ impl Tracker {
         self.server_fatal = None;
         self.params_changed = false;
         self.drops_statements = false;
+        self.unnamed_drops = false;
         self.pin = None;
         self.pin_check_due = false;
         self.listen_changed = false;
@@ -317,7 +323,6 @@ impl Tracker {
 
     pub fn note_effects(&mut self, e: &Effects) -> bool {
         self.params_changed |= e.params_changed || e.drops_all_statements;
-        self.drops_statements |= e.drops_all_statements;
         self.ddl |= e.ddl;
         self.custom_params.extend(e.custom_params.iter().cloned());
         self.pin_check_due |= e.releases_session_state;
