@@ -96,6 +96,13 @@ const CASES: &[Case] = &[
         steps: &[Simple("select set_tenant(42)")],
     },
     Case {
+        // The same, two calls down: the functions that call a function
+        // that sets are found too (they used to leak the tenant).
+        name: "custom setting in a nested function",
+        user: "app",
+        steps: &[Simple("select app_login(43)")],
+    },
+    Case {
         name: "DISCARD ALL",
         user: "app",
         steps: &[
@@ -178,6 +185,10 @@ create function dyn_role() returns void language plpgsql
   as $f$ begin execute 'set role ' || 'tenant_x'; end $f$;
 create function set_tenant(t int) returns void language plpgsql
   as $f$ begin perform set_config('app.tenant', t::text, false); end $f$;
+create function enter_tenant(t int) returns int language plpgsql
+  as $f$ begin perform set_tenant(t); return t; end $f$;
+create function app_login(t int) returns int language sql
+  as $f$ select enter_tenant(t) $f$;
 create procedure proc_leak() language plpgsql
   as $f$ begin perform set_config('statement_timeout', '42s', false); end $f$;
 "#;

@@ -14,25 +14,37 @@
 /// Lists (lower-cased name) of functions outside pg_catalog and
 /// information_schema, not from an extension, whose body may change a
 /// setting: SQL and PL/pgSQL bodies that mention SET, RESET, DISCARD,
-/// set_config or EXECUTE (dynamic SQL), and functions in any other language;
-/// with each, the dotted names its bodies mention (comma-separated): the
-/// custom settings (`app.tenant`) it may set, which PostgreSQL lists nowhere
-/// (`pg_settings` leaves placeholders out), among other dotted names.
-pub const QUERY: &str = "select pg_catalog.lower(p.proname), \
-     pg_catalog.string_agg(distinct pg_catalog.lower(m.m[1]), ',') \
-     from pg_catalog.pg_proc p \
-     join pg_catalog.pg_namespace n on n.oid = p.pronamespace \
-     join pg_catalog.pg_language l on l.oid = p.prolang \
-     left join lateral pg_catalog.regexp_matches(p.prosrc, \
-       '\\m([a-z_][a-z0-9_$]*\\.[a-z_][a-z0-9_$]*)\\M', 'gi') m(m) on true \
-     where n.nspname operator(pg_catalog.<>) all (array['pg_catalog', 'information_schema']) \
-     and n.nspname not like 'pg\\_toast%' \
-     and not exists (select from pg_catalog.pg_depend d \
-       where d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
-       and d.objid operator(pg_catalog.=) p.oid and d.deptype operator(pg_catalog.=) 'e') \
-     and (l.lanname operator(pg_catalog.<>) all (array['sql', 'plpgsql']) \
-       or p.prosrc operator(pg_catalog.~*) '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mexecute\\M|\\mcall\\M)') \
-     group by 1";
+/// set_config or EXECUTE (dynamic SQL), functions in any other language, and
+/// functions whose body calls one of those (at any depth: `outer()` calling
+/// `set_tenant()`); with each, the dotted names its body mentions
+/// (comma-separated): the custom settings (`app.tenant`) it may set, which
+/// PostgreSQL lists nowhere (`pg_settings` leaves placeholders out), among
+/// other dotted names.
+pub const QUERY: &str = r#"with recursive own as (
+  select p.oid, p.proname, p.prosrc, l.lanname
+  from pg_catalog.pg_proc p
+  join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) p.pronamespace
+  join pg_catalog.pg_language l on l.oid operator(pg_catalog.=) p.prolang
+  where n.nspname operator(pg_catalog.<>) all (array['pg_catalog', 'information_schema'])
+  and n.nspname not like 'pg\_toast%'
+  and not exists (select from pg_catalog.pg_depend d
+    where d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+    and d.objid operator(pg_catalog.=) p.oid and d.deptype operator(pg_catalog.=) 'e')
+), ch(oid) as (
+  select oid from own
+  where lanname operator(pg_catalog.<>) all (array['sql', 'plpgsql'])
+  or prosrc operator(pg_catalog.~*) '(set_config|\mset\M|\mreset\M|\mdiscard\M|\mexecute\M|\mcall\M)'
+  union
+  select o.oid from ch join own x on x.oid operator(pg_catalog.=) ch.oid, own o
+  where o.prosrc operator(pg_catalog.~*) pg_catalog.concat('\m',
+    pg_catalog.regexp_replace(x.proname, '([^[:alnum:]_])', '\\\1', 'g'), '\M\s*\(')
+)
+select pg_catalog.lower(p.proname),
+  pg_catalog.string_agg(distinct pg_catalog.lower(m.m[1]), ',')
+from ch join own p on p.oid operator(pg_catalog.=) ch.oid
+left join lateral pg_catalog.regexp_matches(p.prosrc,
+  '\m([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$]*)\M', 'gi') m(m) on true
+group by 1"#;
 
 /// Custom setting names kept at most (read back by name after a call).
 const MAX_CUSTOMS: usize = 256;
