@@ -429,9 +429,7 @@ impl Handler<'_> {
             .get_or_init(|| !stmt.foreign && effects(&stmt.query).is_plain())
             || self.t.calls_changer(&stmt.query)
         {
-            self.t.note_statement(&stmt.query, stmt.foreign);
-            // Running it (not parsing it) drops the server's statements.
-            self.t.drops_statements |= effects(&stmt.query).drops_all_statements;
+            self.t.note_run(&stmt.query, stmt.foreign);
         }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);

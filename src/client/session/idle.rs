@@ -204,7 +204,7 @@ impl Session {
         if !self.policy.named_statements {
             return false;
         }
-        let context = self.parse_context().0;
+        let context = self.param_facts().parse_context.0;
         let mut pos = 0;
         let mut plan: Vec<(String, Option<Arc<Statement>>)> = Vec::new();
         loop {

@@ -114,12 +114,10 @@ pub struct Session {
     /// Session parameters as the client sees them; shared (copy on write)
     /// between clients whose parameters are the same.
     params: Arc<BTreeMap<String, String>>,
-    /// Whether `params` says `tidepool.route = primary`, for that very
-    /// parameter set (held, so its address cannot be reused): routing reads
-    /// the map again only when the parameters changed.
-    route_param: Option<(ParamSet, bool)>,
-    /// The parse contexts of that parameter set (see `parse_context`).
-    parse_context: Option<(ParamSet, (u64, u64))>,
+    /// What routing and statement sharing read of `params`, for that very
+    /// parameter set (held, so its address cannot be reused): read again
+    /// only when the parameters changed (see `route::ParamFacts`).
+    param_facts: Option<(ParamSet, route::ParamFacts)>,
     cancel: CancelHandle,
     /// An error owed to the client's next request (server lost while idle in
     /// a transaction, or no server could be had).
@@ -255,8 +253,7 @@ impl Session {
             defaults: pool_defaults,
             health: None,
             memo: Default::default(),
-            route_param: None,
-            parse_context: None,
+            param_facts: None,
             waiter: Waiter::new(),
             app,
             pool_wait_us: 0,
@@ -439,7 +436,7 @@ impl Session {
             let mut tracker =
                 super::txn::spare::take(server.conn().tx, self.policy, &mut self.memo);
             tracker.changers = server.pool().catalog.changers();
-            tracker.parse_context = self.parse_context();
+            tracker.parse_context = self.param_facts().parse_context;
             tracker.timing.detail = self.shared.spans.enabled();
             if let Some(m) = &self.listen {
                 tracker.hub = Some((m.hub.clone(), self.listed.info.id));

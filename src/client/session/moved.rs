@@ -158,7 +158,7 @@ async fn rebuild(
         fetched_secret: fetched,
     };
     let mut session = Box::new(Session::new(stream, shared.clone(), l, listed));
-    let context = session.parse_context().0;
+    let context = session.param_facts().parse_context.0;
     session.statements = r
         .statements
         .iter()

@@ -36,7 +36,8 @@ impl Session {
             None => (Class::Write, None),
         };
         let mut class = class;
-        let mut forced = forced_primary(&mut self.route_param, &self.params);
+        let mut forced =
+            param_facts(&mut self.param_facts, &self.params, self.listed.info.id).forced_primary;
         if !forced
             && (hint == Some(Hint::Replica) || matches!(class, Class::Read | Class::BeginReadOnly))
         {
@@ -408,19 +409,10 @@ impl Session {
 }
 
 impl Session {
-    /// The session's parse settings and this client's own context (see
-    /// `Tracker::statement_context`), remembered for its very parameter
-    /// set: recomputed only when the parameters changed.
-    pub(super) fn parse_context(&mut self) -> (u64, u64) {
-        if let Some((seen, context)) = &self.parse_context
-            && Arc::ptr_eq(seen, &self.params)
-        {
-            return *context;
-        }
-        let shared = crate::server::params::parse_context(&self.params);
-        let own = shared ^ self.listed.info.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1;
-        self.parse_context = Some((self.params.clone(), (shared, own)));
-        (shared, own)
+    /// What routing and statement sharing read of the session's
+    /// parameters, remembered for its very parameter set.
+    pub(super) fn param_facts(&mut self) -> ParamFacts {
+        param_facts(&mut self.param_facts, &self.params, self.listed.info.id)
     }
 }
 
@@ -460,22 +452,42 @@ fn texts_ahead<'a>(
     texts
 }
 
-/// `tidepool.route = primary` in the session's parameters `params`, or a
-/// session whose transactions are serializable by default (a hot standby
-/// cannot run them: 0A000); `cache` remembers the answer for that very
-/// parameter set, so the map is searched again only when the parameters
-/// changed.
-fn forced_primary(cache: &mut Option<(ParamSet, bool)>, params: &ParamSet) -> bool {
-    if let Some((seen, forced)) = cache
+/// What routing and statement sharing read of a session's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ParamFacts {
+    /// `tidepool.route = primary`, or transactions serializable by default
+    /// (a hot standby cannot run them: 0A000).
+    pub forced_primary: bool,
+    /// The session's parse settings (`server::params::parse_context`) and
+    /// a context of this client's alone (see `Tracker::statement_context`).
+    pub parse_context: (u64, u64),
+}
+
+/// The facts of `params` (client `client`'s); `cache` remembers them for
+/// that very parameter set, so the map is read again only when the
+/// parameters changed.
+fn param_facts(
+    cache: &mut Option<(ParamSet, ParamFacts)>,
+    params: &ParamSet,
+    client: u64,
+) -> ParamFacts {
+    if let Some((seen, facts)) = cache
         && Arc::ptr_eq(seen, params)
     {
-        return *forced;
+        return *facts;
     }
     let is = |k: &str, v: &str| params.get(k).is_some_and(|x| x.eq_ignore_ascii_case(v));
-    let forced =
-        is("tidepool.route", "primary") || is("default_transaction_isolation", "serializable");
-    *cache = Some((params.clone(), forced));
-    forced
+    let shared = crate::server::params::parse_context(params);
+    let facts = ParamFacts {
+        forced_primary: is("tidepool.route", "primary")
+            || is("default_transaction_isolation", "serializable"),
+        parse_context: (
+            shared,
+            shared ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1,
+        ),
+    };
+    *cache = Some((params.clone(), facts));
+    facts
 }
 
 #[cfg(test)]
@@ -485,6 +497,8 @@ mod tests {
     #[test]
     fn the_route_hint_follows_the_parameter_set() {
         let mut cache = None;
+        let forced_primary =
+            |cache: &mut _, params: &ParamSet| param_facts(cache, params, 1).forced_primary;
         let mut params: ParamSet = Arc::default();
         assert!(!forced_primary(&mut cache, &params));
         // SET tidepool.route = primary: a new set (copy on write).

@@ -269,6 +269,16 @@ impl Tracker {
         self.note_sql(query)
     }
 
+    /// A prepared statement runs (its Bind): what its text does to the
+    /// session, as [`Self::note_statement`], and running it (not parsing
+    /// it) drops the server's statements if its text says so.
+    pub fn note_run(&mut self, query: &str, foreign: bool) {
+        self.params_changed |= foreign;
+        let e = self.effects_of(query);
+        self.drops_statements |= e.drops_all_statements;
+        self.note_effects(&e);
+    }
+
     /// What `sql` does to the session, a call of a function that may change
     /// settings included.
     pub fn effects_of(&self, sql: &str) -> Effects {
