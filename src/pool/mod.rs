@@ -210,6 +210,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Closes up to `n` idle connections, the last ones in the idle list (as
+/// popped), for a smaller pool or a lowered cap.
+fn close_last_idle(core: &mut Core, n: usize) {
+    let keep = core.idle.len().saturating_sub(n);
+    for i in core.idle.drain(keep..) {
+        tokio::spawn(i.conn.terminate());
+    }
+}
+
 /// What a pool is made from (besides its settings).
 pub struct PoolParts {
     pub key: PoolKey,
@@ -373,16 +382,9 @@ impl Pool {
     /// Closes idle connections while a cap is over its size (busy ones
     /// close as they come back, see `checkout`).
     pub fn shed_excess(&self) {
-        let mut n = self.caps_excess();
-        if n == 0 {
-            return;
-        }
-        let mut core = lock(&self.core);
-        while n > 0
-            && let Some(i) = core.idle.pop()
-        {
-            tokio::spawn(i.conn.terminate());
-            n -= 1;
+        let n = self.caps_excess();
+        if n > 0 {
+            close_last_idle(&mut lock(&self.core), n);
         }
     }
 
@@ -391,11 +393,8 @@ impl Pool {
         let size = self.hot.size();
         let in_use = self.in_use.load(Ordering::Relaxed);
         let mut core = lock(&self.core);
-        while !core.idle.is_empty() && core.idle.len() + in_use > size {
-            if let Some(i) = core.idle.pop() {
-                tokio::spawn(i.conn.terminate());
-            }
-        }
+        let over = (core.idle.len() + in_use).saturating_sub(size);
+        close_last_idle(&mut core, over);
     }
 
     /// Supplies credentials learned from a client login (SCRAM passthrough).
