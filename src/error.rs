@@ -114,6 +114,11 @@ pub enum ClientError {
     ServerConnect { database: String, reason: String },
     #[error("server login failed: {message}")]
     ServerLogin { code: String, message: String },
+    /// A replica's server connection whose transactions would be
+    /// serializable (a hot standby refuses them); routing takes the primary
+    /// instead, so clients do not see it.
+    #[error("cannot use serializable mode in a hot standby")]
+    ReplicaSerializable,
     #[error("server connection lost during the transaction; it was rolled back: {0}")]
     ServerLost(String),
     #[error("client_login_timeout: login not completed in time")]
@@ -197,7 +202,9 @@ impl ClientError {
             | ClientError::LoginThrottled(_)
             | ClientError::TlsRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,
-            ClientError::UnsupportedStartup(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            ClientError::UnsupportedStartup(_) | ClientError::ReplicaSerializable => {
+                SqlState::FEATURE_NOT_SUPPORTED
+            }
             ClientError::TooManyClients(_)
             | ClientError::ClientCap(..)
             | ClientError::PoolTimeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
@@ -223,6 +230,7 @@ impl ClientError {
             ClientError::PoolTimeout { .. }
             | ClientError::ServerConnect { .. }
             | ClientError::ServerLogin { .. }
+            | ClientError::ReplicaSerializable
             | ClientError::ServerLost(_)
             | ClientError::Listen(_)
             | ClientError::RateLimited(_) => Severity::Error,

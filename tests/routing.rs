@@ -21,11 +21,30 @@ struct Setup {
     proxy: TestProxy,
 }
 
-/// A private primary + 2 replicas, a database, and tidepool routing to them.
+/// A private primary + 2 replicas, a database, and tidepool routing to
+/// them, once a read has reached a replica.
 async fn setup(prefix: &'static str, routing_extra: &str) -> Setup {
+    let s = start(prefix, routing_extra, |_, _| {}).await;
+    // Replicas start banned until checked healthy.
+    let client = s.proxy.client(&s.db).await;
+    harness::wait_until_async("a read to reach a replica", DEADLINE, || async {
+        server_port(&client).await != s.cluster.primary_port()
+    })
+    .await;
+    s
+}
+
+/// A private primary + 2 replicas and a database (`before` runs on it
+/// before tidepool starts), and tidepool routing to them.
+async fn start(
+    prefix: &'static str,
+    routing_extra: &str,
+    before: impl FnOnce(&Cluster, &str) + Send + 'static,
+) -> Setup {
     let (cluster, db) = tokio::task::spawn_blocking(move || {
         let c = Cluster::start_new(2);
         let db = c.create_database(prefix);
+        before(&c, &db);
         c.wait_for_replicas();
         (Arc::new(c), db)
     })
@@ -41,14 +60,7 @@ async fn setup(prefix: &'static str, routing_extra: &str) -> Setup {
         harness::proxy::config_toml(&cluster, &db, "default_pool_size = 4", &db_extra)
     );
     let proxy = TestProxy::start(&toml);
-    let s = Setup { cluster, db, proxy };
-    // Replicas start banned until checked healthy.
-    let client = s.proxy.client(&s.db).await;
-    harness::wait_until_async("a read to reach a replica", DEADLINE, || async {
-        server_port(&client).await != s.cluster.primary_port()
-    })
-    .await;
-    s
+    Setup { cluster, db, proxy }
 }
 
 async fn server_port(c: &tokio_postgres::Client) -> u16 {
@@ -559,6 +571,117 @@ async fn serializable_transactions_run_on_the_primary() {
         let other = s.proxy.client(&s.db).await;
         assert_ne!(server_port(&other).await, primary);
     }
+}
+
+/// The transaction isolation a read ran under, and where it ran.
+async fn isolation_and_port(c: &tokio_postgres::Client) -> (String, u16) {
+    let row = c
+        .query_one(
+            "select current_setting('transaction_isolation'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get::<_, i32>(1) as u16)
+}
+
+/// Whether both replicas are checked and not banned.
+fn replicas_healthy(s: &Setup) -> bool {
+    let h = s.proxy.shared.registry.health(&s.db).unwrap();
+    h.checked.load(Ordering::Relaxed) && !replica_banned(s, 0) && !replica_banned(s, 1)
+}
+
+/// A serializable default that routing cannot see in the session's
+/// parameters (the database's, `ALTER DATABASE … SET
+/// default_transaction_isolation = serializable`; a role's alike): a hot
+/// standby refuses every transaction of such a session (0A000). Its reads
+/// run on the primary, serializable, without an error, and the replicas stay
+/// healthy. (Before: the replicas' health checks failed in that database
+/// and banned them; a parameter sync or the read itself failed there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_serializable_default_keeps_reads_on_the_primary() {
+    let s = start("dbserial", "", |c, db| {
+        c.primary_sql(
+            "postgres",
+            &format!("alter database {db} set default_transaction_isolation = serializable"),
+        );
+    })
+    .await;
+    harness::wait_until("the replicas checked healthy", DEADLINE, || {
+        replicas_healthy(&s)
+    });
+    let primary = s.cluster.primary_port();
+    for _ in 0..3 {
+        // New clients, with and without other parameters than the
+        // servers' (a parameter sync first, or none).
+        for query in ["", "?options=-c%20extra_float_digits%3D2"] {
+            let c = harness::connect(&format!("{}{query}", s.proxy.url(&s.db)))
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                assert_eq!(
+                    isolation_and_port(&c).await,
+                    ("serializable".to_owned(), primary)
+                );
+                c.simple_query("select 1").await.unwrap();
+            }
+            c.batch_execute("begin read only").await.unwrap();
+            assert_eq!(
+                isolation_and_port(&c).await,
+                ("serializable".to_owned(), primary)
+            );
+            c.batch_execute("commit").await.unwrap();
+        }
+    }
+    assert!(replicas_healthy(&s), "a replica was banned");
+}
+
+/// A serializable default a replica's configuration gains while its
+/// connections are pooled (`default_transaction_isolation` in its
+/// postgresql.auto.conf, reloaded): the next autocommit read there is
+/// refused (0A000); it runs again on the primary and the client sees no
+/// error; the replicas are not banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_gaining_a_serializable_default_sends_reads_to_the_primary() {
+    let s = setup("cfgserial", "").await;
+    let primary = s.cluster.primary_port();
+    // Pooled connections on both replicas.
+    let clients: Vec<_> =
+        futures_util::future::join_all((0..4).map(|_| s.proxy.client(&s.db))).await;
+    for c in &clients {
+        for _ in 0..3 {
+            assert_ne!(server_port(c).await, primary);
+        }
+    }
+    for i in 0..2 {
+        let conf = s.cluster.replica_data_dir(i).join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\ndefault_transaction_isolation = 'serializable'\n");
+        std::fs::write(&conf, text).unwrap();
+        s.cluster.signal_replica(i, libc::SIGHUP);
+    }
+    for port in s.cluster.replica_ports() {
+        let direct = s.cluster.admin_client_on(port, &s.db).await;
+        harness::wait_until_async("the replica to reload", DEADLINE, || async {
+            direct
+                .simple_query("show default_transaction_isolation")
+                .await
+                .unwrap()
+                .iter()
+                .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("serializable")))
+        })
+        .await;
+    }
+    for c in &clients {
+        for _ in 0..3 {
+            let rows = c
+                .simple_query("select inet_server_port()::text")
+                .await
+                .unwrap_or_else(|e| panic!("a read failed: {e}"));
+            assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(primary.to_string().as_str()))));
+        }
+    }
+    assert!(!replica_banned(&s, 0) && !replica_banned(&s, 1));
 }
 
 /// A long read (a 200 KiB `IN` list, under the 256 KiB parse limit) is

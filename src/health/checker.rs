@@ -361,6 +361,10 @@ async fn probe(
             .user(&creds.user)
             .dbname(&creds.dbname)
             .application_name("tidepool-health")
+            // The check's own transactions: a serializable default (the
+            // user's, the database's) would make a hot standby refuse them
+            // (0A000) and a healthy replica look broken.
+            .options("-c default_transaction_isolation=read\\ committed")
             .connect_timeout(timeout);
         if let Some(p) = &creds.password {
             cfg.password(p);

@@ -143,7 +143,15 @@ pub struct Pool {
     pub catalog: Arc<Catalog>,
     /// The server's `max_connections` (0: not read yet), for sizing advice.
     pub max_connections: std::sync::atomic::AtomicU32,
+    /// Until when (coarse monotonic µs; 0: never seen) this pool's
+    /// clients' transactions are known to be serializable by default on the
+    /// replicas, which refuse them: they run on the primary meanwhile.
+    serializable_until: AtomicU64,
 }
+
+/// How long a replica's refusal of a user's serializable default is
+/// trusted: a role default removed since is seen within this time.
+const SERIALIZABLE_FOR_US: u64 = 60_000_000;
 
 /// The few settings read on every transaction (checkout, forwarding,
 /// release), kept beside the `ArcSwap` so that reading them costs a plain
@@ -266,6 +274,7 @@ impl Pool {
             known_statements: Mutex::new(std::collections::HashSet::new()),
             canonical: Mutex::new(std::collections::HashMap::new()),
             max_connections: Default::default(),
+            serializable_until: AtomicU64::new(0),
             catalog,
             interned: Mutex::new(Vec::new()),
         })
@@ -475,6 +484,14 @@ impl Pool {
             crate::server::connect(&spec).await
         };
         let mut conn = conn?;
+        if self.backend > 0 {
+            // A replica's: a default this connection's transactions cannot
+            // run under there (SHOW takes no snapshot: it answers even so).
+            conn.serializable_default = conn
+                .setting("default_transaction_isolation")
+                .await
+                .is_ok_and(|v| v == "serializable");
+        }
         let local = conn.stream.local_addr().ok();
         conn.listed = Some(
             self.servers.add(
@@ -516,6 +533,26 @@ impl Pool {
         }
         seen.push(p.clone());
         p
+    }
+
+    /// A replica refused this pool's clients' transactions as serializable
+    /// (their role's or database's default): they run on the primary for
+    /// a while. Told once per while in the log.
+    pub fn replicas_refuse_serializable(&self) {
+        let now = crate::clock::coarse_mono_us();
+        let before = self
+            .serializable_until
+            .swap(now + SERIALIZABLE_FOR_US, Ordering::Relaxed);
+        if before <= now {
+            tracing::warn!(pool = %self.name(), "this user's transactions are serializable by default (default_transaction_isolation), which a hot standby refuses (0A000): its reads run on the primary");
+        }
+    }
+
+    /// Whether this pool's clients' transactions must run on the primary
+    /// (see [`Pool::replicas_refuse_serializable`]).
+    pub fn serializable_on_replicas(&self) -> bool {
+        let until = self.serializable_until.load(Ordering::Relaxed);
+        until != 0 && crate::clock::coarse_mono_us() < until
     }
 
     /// Records statements a server parsed successfully.

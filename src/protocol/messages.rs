@@ -126,6 +126,19 @@ pub struct ErrorFields {
     pub detail: String,
     pub hint: String,
     pub position: String,
+    /// `R`: the PostgreSQL function that raised it (never translated).
+    pub routine: String,
+}
+
+impl ErrorFields {
+    /// A hot standby refusing a transaction because it would be
+    /// serializable (`default_transaction_isolation = serializable`, from
+    /// the session, the role, the database or the server's configuration):
+    /// 0A000 from `GetSerializableTransactionSnapshot`. Such a session's
+    /// transactions can only run on the primary.
+    pub fn is_standby_serializable_refusal(&self) -> bool {
+        self.code == "0A000" && self.routine == "GetSerializableTransactionSnapshot"
+    }
 }
 
 /// The fields tidepool reads. Texts are in the client's encoding, which may
@@ -148,6 +161,7 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
             b'D' => out.detail = value,
             b'H' => out.hint = value,
             b'P' => out.position = value,
+            b'R' => out.routine = value,
             _ => {}
         }
     }
@@ -164,6 +178,19 @@ mod tests {
         assert_eq!(e.code, "42601");
         assert_eq!(e.message, "syntax error");
         assert_eq!(e.severity, "ERROR");
+    }
+
+    #[test]
+    fn a_standby_serializable_refusal_is_known_by_code_and_routine() {
+        let body = b"SERROR\0VERROR\0C0A000\0Mpas en mode s\xe9rialisable\0RGetSerializableTransactionSnapshot\0\0";
+        let e = error_fields(body).unwrap();
+        assert!(e.is_standby_serializable_refusal(), "{e:?}");
+        let other = b"SERROR\0VERROR\0C0A000\0Mnot supported\0Rtransformx\0\0";
+        assert!(
+            !error_fields(other)
+                .unwrap()
+                .is_standby_serializable_refusal()
+        );
     }
 
     #[test]

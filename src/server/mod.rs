@@ -103,6 +103,11 @@ pub struct ServerConn {
     /// nothing has changed its parameters since: a client holding the same
     /// (shared) set needs no comparison at checkout.
     pub synced_to: Option<std::sync::Arc<BTreeMap<String, String>>>,
+    /// A replica's connection whose transactions are serializable by
+    /// default (the role's, database's or server's
+    /// `default_transaction_isolation`, read when it opened): a hot standby
+    /// refuses every transaction it would run.
+    pub serializable_default: bool,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -161,6 +166,7 @@ impl ServerConn {
             prepend: None,
             listed: None,
             synced_to: None,
+            serializable_default: false,
         }
     }
 

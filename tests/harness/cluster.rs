@@ -263,6 +263,11 @@ impl Cluster {
         fs::read_to_string(self.primary.log_path()).unwrap_or_default()
     }
 
+    /// Data directory of replica `i` (0-based).
+    pub fn replica_data_dir(&self, i: usize) -> &Path {
+        &self.replicas[i].data_dir
+    }
+
     /// Server log of replica `i` (0-based).
     pub fn replica_log(&self, i: usize) -> String {
         fs::read_to_string(self.replicas[i].log_path()).unwrap_or_default()
@@ -299,6 +304,13 @@ impl Cluster {
             self.poll_sql_true(r.port, &sql, &format!("{} to replay up to {lsn}", r.name))?;
         }
         Ok(())
+    }
+
+    /// Runs `sql` as superuser with psql on the primary, in `db`; returns
+    /// trimmed `-At` output.
+    pub fn primary_sql(&self, db: &str, sql: &str) -> String {
+        self.superuser_sql(self.primary.port, db, sql)
+            .unwrap_or_else(|e| panic!("primary_sql: {e}"))
     }
 
     /// Runs `sql` as superuser with psql on `port`; returns trimmed `-At` output.

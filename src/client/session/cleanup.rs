@@ -6,11 +6,12 @@ use super::*;
 use crate::client::txn::Verdict;
 
 impl Session {
-    /// A read the replica refused as a write: its statement goes to the
-    /// primary from now on (logged once, literals masked), and the client's
-    /// bytes are put back to run there now.
-    pub(super) fn misrouted(&mut self, replay: BytesMut) {
-        if let (Some(h), Some(sql)) = (
+    /// A read the replica refused: as a write (`statement_at_fault`), its
+    /// statement goes to the primary from now on (logged once, literals
+    /// masked); either way the client's bytes are put back to run there now.
+    pub(super) fn misrouted(&mut self, replay: BytesMut, statement_at_fault: bool) {
+        if let (true, Some(h), Some(sql)) = (
+            statement_at_fault,
             &self.health,
             first_statement(&replay, self.limit, &self.statements),
         ) {

@@ -476,6 +476,12 @@ impl Session {
             watchdog::phase(Phase::Release);
             drop(on_replica);
             self.after_route(route, class);
+            if tracker.serializable_refused {
+                // The replica refused this session's transactions as
+                // serializable (its role's or database's default, which
+                // routing cannot see): its user's go to the primary.
+                self.pool.replicas_refuse_serializable();
+            }
             server.conn().tx = tracker.status;
             if tracker.drops_statements {
                 // Whatever ran it (a Query or a prepared statement of its
@@ -579,8 +585,11 @@ impl Session {
                         ..Default::default()
                     });
                     server.release(Release::Reuse);
+                    // A serializable refusal is not the statement's fault
+                    // but the session's (noted above).
+                    let statement_at_fault = !tracker.serializable_refused;
                     super::txn::spare::give_back(tracker, &mut self.memo);
-                    self.misrouted(replay);
+                    self.misrouted(replay, statement_at_fault);
                 }
             }
         }

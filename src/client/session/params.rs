@@ -33,6 +33,12 @@ impl Session {
                         conn.params.insert(k, v);
                     }
                 }
+                Err(ServerError::Query(f)) if f.is_standby_serializable_refusal() => {
+                    // The client's role or database makes its transactions
+                    // serializable: routing takes the primary instead.
+                    pooled.release(Release::Reuse);
+                    return Err(ClientError::ReplicaSerializable);
+                }
                 Err(ServerError::Query(f)) => {
                     let reuse = if conn.tx == TxStatus::Idle {
                         Release::Reuse
@@ -75,6 +81,11 @@ impl Session {
                 );
                 catalog.changers_read(epoch, Some(f));
                 Ok(pooled)
+            }
+            Err(ServerError::Query(f)) if f.is_standby_serializable_refusal() => {
+                catalog.changers_read(epoch, None);
+                pooled.release(Release::Reuse);
+                Err(ClientError::ReplicaSerializable)
             }
             Err(e) => {
                 catalog.changers_read(epoch, None);

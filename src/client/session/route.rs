@@ -36,8 +36,9 @@ impl Session {
             None => (Class::Write, None),
         };
         let mut class = class;
-        let mut forced =
-            param_facts(&mut self.param_facts, &self.params, self.listed.info.id).forced_primary;
+        let mut forced = param_facts(&mut self.param_facts, &self.params, self.listed.info.id)
+            .forced_primary
+            || self.pool.serializable_on_replicas();
         if !forced
             && (hint == Some(Hint::Replica) || matches!(class, Class::Read | Class::BeginReadOnly))
         {
@@ -141,6 +142,12 @@ impl Session {
                                 g.started();
                             }
                             return Ok((s, route, guard));
+                        }
+                        Err(ClientError::ReplicaSerializable) => {
+                            // Not the replica's fault: this user's
+                            // transactions are serializable by default.
+                            self.pool.replicas_refuse_serializable();
+                            route = Route::Primary;
                         }
                         Err(e) => {
                             if let Some(g) = guard {
@@ -270,6 +277,18 @@ impl Session {
                 return Err(pool_error(pool, e));
             }
         };
+        if pooled.conn().serializable_default
+            && self
+                .health
+                .as_ref()
+                .is_some_and(|h| h.writer() != pool.backend)
+        {
+            // A replica's connection opened serializable by default: it
+            // would refuse whatever this client runs (0A000).
+            info.idle();
+            pooled.release(Release::Reuse);
+            return Err(ClientError::ReplicaSerializable);
+        }
         let waited = started.map_or(Duration::ZERO, |s| {
             Duration::from_micros(crate::clock::precise_us().saturating_sub(s))
         });

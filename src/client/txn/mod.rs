@@ -45,14 +45,15 @@ pub const MISROUTE_HOLD: usize = 64 * 1024;
 /// The safety net of an autocommit read sent to a replica: until its first
 /// row (or the end of its answer) the answer is held back and the client's
 /// bytes are kept, so that when the replica refuses it as a write (25006)
-/// it runs again on the primary and the client never sees the refusal.
+/// or as serializable (0A000, a serializable default) it runs again on the
+/// primary and the client never sees the refusal.
 #[derive(Debug, Default)]
 pub enum Misroute {
     #[default]
     Off,
     /// Holding: the client bytes sent so far.
     Armed(bytes::BytesMut),
-    /// The replica said 25006: these bytes go to the primary once its
+    /// The replica said 25006 or 0A000: these bytes go to the primary once its
     /// answer is over.
     Fired(bytes::BytesMut),
 }
@@ -147,6 +148,10 @@ pub struct Tracker {
     pub timing: Timing,
     /// The safety net of a read on a replica.
     pub misroute: Misroute,
+    /// The replica refused a transaction as serializable (the session's
+    /// role or database default, or the server's): the client's reads go to
+    /// the primary for a while.
+    pub serializable_refused: bool,
     /// A request ran past `query_timeout` and was canceled: the message the
     /// server's 57014 is given instead of "user request".
     pub timeout_cancel: Option<String>,
@@ -190,6 +195,7 @@ impl Tracker {
             reroute: false,
             timing: Timing::default(),
             misroute: Misroute::Off,
+            serializable_refused: false,
             changers: None,
             timeout_cancel: None,
             parse_context: (0, 0),
@@ -231,6 +237,7 @@ impl Tracker {
         self.reroute = false;
         self.timing.clear();
         self.misroute = Misroute::Off;
+        self.serializable_refused = false;
         self.timeout_cancel = None;
         self.parse_context = (0, 0);
     }

@@ -109,8 +109,11 @@ impl Inspector for ServerSide<'_> {
                     t.rename_error = true;
                     return Ok(Step::Stop);
                 }
+                let serializable =
+                    t.replica_guard.is_some() && fields.is_standby_serializable_refusal();
+                t.serializable_refused |= serializable;
                 if let Misroute::Armed(replay) = &mut t.misroute {
-                    t.misroute = if fields.code == READ_ONLY_TRANSACTION {
+                    t.misroute = if fields.code == READ_ONLY_TRANSACTION || serializable {
                         Misroute::Fired(std::mem::take(replay))
                     } else {
                         Misroute::Off
