@@ -135,11 +135,24 @@ impl Backend {
     fn healthy(&self) {
         let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
         if streak >= UNBAN_AFTER && self.banned.swap(false, Ordering::Relaxed) {
-            tracing::info!(backend = %format!("{}:{}", self.host, self.port), "replica unbanned");
+            // Replicas start out of use until checked: only a ban lifted is
+            // an unban.
+            let backend = format!("{}:{}", self.host, self.port);
+            tracing::info!(%backend, "{}", in_use_again(self.bans.load(Ordering::Relaxed)));
         }
         if !self.banned.load(Ordering::Relaxed) {
             self.set_problem(None);
         }
+    }
+}
+
+/// What the log says when a replica comes into use: replicas start out
+/// of use until checked, and only a ban lifted (`bans` > 0) is an unban.
+fn in_use_again(bans: u64) -> &'static str {
+    if bans == 0 {
+        "replica checked healthy: reads may go there"
+    } else {
+        "replica unbanned"
     }
 }
 
@@ -353,6 +366,12 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_first_checked_is_not_said_to_be_unbanned() {
+        assert!(!in_use_again(0).contains("unbanned"));
+        assert_eq!(in_use_again(1), "replica unbanned");
+    }
 
     #[test]
     fn writes_move_only_from_a_writer_that_cannot_take_them() {
