@@ -735,3 +735,31 @@ async fn an_oversized_console_query_names_the_consoles_limit() {
     assert_eq!(db_error.code().code(), "08P01");
     assert!(db_error.message().contains("console's limit"), "{e}");
 }
+
+/// A database whose server cannot be reached shows it in SHOW DATABASES and
+/// SHOW POOLS even without health checks (no replicas), as `/readyz` does;
+/// it said `healthy` before. A database that works says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_shows_down_without_health_checks() {
+    let c = cluster();
+    let db = c.create_database("reach");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = proxy(
+        &db,
+        &format!("[databases.gone]\nhost = \"127.0.0.1\"\nport = {closed}\ndbname = \"{db}\"\n"),
+    );
+    let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    p.client(&db).await.simple_query("select 1").await.unwrap();
+    assert!(harness::connect(&p.url("gone")).await.is_err());
+    let dbs = show(&admin_url, "SHOW DATABASES").await;
+    let status = &row_for(&dbs, "name", "gone")["status"];
+    assert!(status.starts_with("down: unreachable: "), "{status}");
+    assert_eq!(row_for(&dbs, "name", &db)["status"], "healthy");
+    let pools = show(&admin_url, "SHOW POOLS").await;
+    let status = &row_for(&pools, "database", "gone")["status"];
+    assert!(status.starts_with("down: unreachable: "), "{status}");
+}

@@ -147,6 +147,9 @@ pub struct Pool {
     /// clients' transactions are known to be serializable by default on the
     /// replicas, which refuse them: they run on the primary meanwhile.
     serializable_until: AtomicU64,
+    /// Why the last attempt to open a connection failed, while no attempt
+    /// has succeeded since (for SHOW DATABASES).
+    connect_failure: Mutex<Option<String>>,
 }
 
 /// How long a replica's refusal of a user's serializable default is
@@ -275,6 +278,7 @@ impl Pool {
             canonical: Mutex::new(std::collections::HashMap::new()),
             max_connections: Default::default(),
             serializable_until: AtomicU64::new(0),
+            connect_failure: Mutex::new(None),
             catalog,
             interned: Mutex::new(Vec::new()),
         })
@@ -483,7 +487,16 @@ impl Pool {
             let _opening = Counted::new(&self.opening);
             crate::server::connect(&spec).await
         };
-        let mut conn = conn?;
+        let mut conn = match conn {
+            Ok(c) => {
+                *lock(&self.connect_failure) = None;
+                c
+            }
+            Err(e) => {
+                *lock(&self.connect_failure) = Some(e.to_string());
+                return Err(e.into());
+            }
+        };
         if self.backend > 0 {
             // A replica's: a default this connection's transactions cannot
             // run under there (SHOW takes no snapshot: it answers even so).
@@ -553,6 +566,12 @@ impl Pool {
     pub fn serializable_on_replicas(&self) -> bool {
         let until = self.serializable_until.load(Ordering::Relaxed);
         until != 0 && crate::clock::coarse_mono_us() < until
+    }
+
+    /// Why this pool's last attempt to open a server connection failed, if
+    /// none succeeded since.
+    pub fn connect_failure(&self) -> Option<String> {
+        lock(&self.connect_failure).clone()
     }
 
     /// Records statements a server parsed successfully.

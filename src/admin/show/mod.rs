@@ -249,9 +249,21 @@ fn backend_status(shared: &Shared, db: &str, backend: usize, stats_status: &str)
             h.replicas.get(backend - 1).and_then(|r| r.problem())
         }
     });
+    // Without health checks (no replicas), the pools' own attempts tell.
+    let failure = || {
+        shared
+            .registry
+            .pools()
+            .iter()
+            .filter(|p| p.database == db && p.backend == backend)
+            .find_map(|p| p.connect_failure())
+    };
     match problem {
         Some(p) => format!("down: {p}"),
-        None => stats_status.to_owned(),
+        None => match failure() {
+            Some(f) => format!("down: unreachable: {f}"),
+            None => stats_status.to_owned(),
+        },
     }
 }
 
