@@ -721,6 +721,50 @@ async fn a_long_read_is_classified_without_holding_the_event_loop() {
     );
 }
 
+/// A long read that arrives while the client's previous read still runs
+/// on a replica (a pipeline: two Queries in one write) is judged by the
+/// replica transaction's own scan, which classified it on the event loop
+/// (every client on it waited the parse out); now it ends that transaction
+/// there and is classified off the loop, then routed: to a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_pipelined_after_a_read_is_classified_off_the_event_loop() {
+    let s = setup("longpipe", "").await;
+    let primary = s.cluster.primary_port().to_string();
+    let before = s.proxy.shared.watchdog.stalls();
+    let mut r = harness::raw::Raw::login_trust(s.proxy.port(), &s.db).await;
+    for k in 0..3 {
+        // As long as is parsed (256 KiB): the longest parse.
+        let list: Vec<String> = (k + 2..k + 32_000).map(|i| format!("{i}.0")).collect();
+        let long = format!(
+            "select inet_server_port()::text from (values (1)) v(x) where x in (1, {})",
+            list.join(",")
+        );
+        assert!(long.len() < 256 * 1024, "{}", long.len());
+        let mut bytes = harness::raw::query("select pg_sleep(0.1), inet_server_port()::text");
+        bytes.extend(harness::raw::query(&long));
+        r.send(&bytes).await;
+        for _ in 0..2 {
+            let msgs = r.read_until_ready().await;
+            assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+            let port = msgs
+                .iter()
+                .filter(|m| m.tag == b'D')
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                .next()
+                .unwrap();
+            assert!(
+                !port.ends_with(&primary),
+                "a read ran on the primary: {port}"
+            );
+        }
+    }
+    assert_eq!(
+        s.proxy.shared.watchdog.stalls(),
+        before,
+        "the event loop was blocked"
+    );
+}
+
 /// The text results of the FunctionCallResponses in `msgs`.
 fn function_results(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()

@@ -84,11 +84,7 @@ impl Session {
         let classifier = self.settings.classifier.clone();
         let long: Vec<String> = texts_ahead(&self.buf, self.limit, &self.statements)
             .into_iter()
-            .filter(|sql| {
-                (INLINE_CLASSIFY_BYTES..=crate::router::classify::MAX_CLASSIFIED_BYTES)
-                    .contains(&sql.len())
-                    && !classifier.is_cached(sql)
-            })
+            .filter(|sql| classifier.would_parse_long(sql))
             .map(str::to_owned)
             .collect();
         if long.is_empty() {
@@ -437,7 +433,7 @@ impl Session {
 
 /// Statements at least this long are classified off the event loop
 /// ([`Session::classify_long_ahead`]).
-pub(super) const INLINE_CLASSIFY_BYTES: usize = 8 * 1024;
+pub(super) const INLINE_CLASSIFY_BYTES: usize = crate::router::classify::INLINE_BYTES;
 
 /// The statement texts of the transaction at the head of `b` that routing
 /// reads: a Query's, or each Parse's (and a Bind's named statement's) up to

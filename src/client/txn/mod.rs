@@ -310,13 +310,20 @@ impl Tracker {
 
     /// On a replica, outside a transaction: does `sql` need the primary?
     /// Text in another client encoding (`foreign`) is not classified: it
-    /// needs the primary.
+    /// needs the primary. So, for now, does a long text not classified yet
+    /// (see [`Classifier::would_parse_long`]): the transaction ends here and
+    /// the session routes it after classifying it off the event loop.
     pub fn needs_primary(&mut self, sql: &str, foreign: bool) -> bool {
         let Some(g) = &self.replica_guard else {
             return false;
         };
         if self.status != TxStatus::Idle {
             return false;
+        }
+        if !foreign && g.classifier.would_parse_long(sql) {
+            // Parsing it here would hold the event loop: the session
+            // classifies it off the loop and routes it afresh.
+            return true;
         }
         let memo = &mut self.memo;
         !crate::router::policy::replica_may_run(sql, || {

@@ -236,6 +236,10 @@ impl Verdict {
 /// the event loop for seconds), and when in doubt, the primary.
 pub const MAX_CLASSIFIED_BYTES: usize = 256 * 1024;
 
+/// Statements at least this long are parsed off the event loop (a 200 KiB
+/// `IN` list takes a few hundred milliseconds to parse).
+pub const INLINE_BYTES: usize = 8 * 1024;
+
 /// Classifies one query string (uncached).
 pub fn classify(sql: &str, rules: &Rules) -> Verdict {
     if sql.len() > MAX_CLASSIFIED_BYTES {
@@ -465,6 +469,13 @@ impl Classifier {
     }
 
     /// Whether `sql`'s verdict is cached (no parse needed).
+    /// Whether classifying `sql` now would parse a long text (one not in
+    /// the cache, from [`INLINE_BYTES`] up to [`MAX_CLASSIFIED_BYTES`]):
+    /// work to do off the event loop.
+    pub fn would_parse_long(&self, sql: &str) -> bool {
+        (INLINE_BYTES..=MAX_CLASSIFIED_BYTES).contains(&sql.len()) && !self.is_cached(sql)
+    }
+
     pub fn is_cached(&self, sql: &str) -> bool {
         let key = self.key(crate::stats::trace::without_edge_comments(sql));
         self.shards[(key as usize) % SHARDS]
