@@ -71,22 +71,31 @@ pub fn choose(h: &Health, routing: &Routing, req: &Request) -> Route {
     let load = |r: &crate::health::Backend| {
         (r.outstanding.load(Relaxed) as u64 + 1) * 1000 / u64::from(r.weight)
     };
-    let usable: Vec<(usize, u64)> = h
-        .replicas
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| !r.is_banned() && since.is_none_or(|t| h.replica_has_replayed(*i, t)))
-        .map(|(i, r)| (i, load(r)))
-        .collect();
-    let best = usable.iter().map(|(_, l)| *l).min().and_then(|min| {
-        let ties: Vec<usize> = usable
+    let usable = || {
+        h.replicas
             .iter()
-            .filter(|(_, l)| *l == min)
-            .map(|(i, _)| *i)
-            .collect();
-        let turn = h.next.fetch_add(1, Relaxed);
-        ties.get(turn % ties.len().max(1)).copied()
+            .enumerate()
+            .filter(|(i, r)| !r.is_banned() && since.is_none_or(|t| h.replica_has_replayed(*i, t)))
+            .map(|(i, r)| (i, load(r)))
+    };
+    // Two passes over the few replicas instead of a list per transaction:
+    // the least load and how many share it, then the turn's one of those.
+    let (min, ties) = usable().fold((u64::MAX, 0usize), |(min, n), (_, l)| match l.cmp(&min) {
+        std::cmp::Ordering::Less => (l, 1),
+        std::cmp::Ordering::Equal => (min, n + 1),
+        std::cmp::Ordering::Greater => (min, n),
     });
+    let best = (ties > 0).then(|| {
+        let turn = h.next.fetch_add(1, Relaxed) % ties;
+        usable()
+            .filter(|(_, l)| *l == min)
+            .nth(turn)
+            // Loads move under other clients between the passes: then the
+            // least loaded now.
+            .or_else(|| usable().min_by_key(|(_, l)| *l))
+            .map(|(i, _)| i)
+    });
+    let best = best.flatten();
     match (best, routing.replica_fallback) {
         (Some(i), _) => Route::Replica(i),
         (None, _) if since.is_some() => Route::Primary,
