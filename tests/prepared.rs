@@ -606,3 +606,70 @@ async fn deallocate_all_as_a_prepared_statement_spares_other_clients() {
         assert_eq!(quiet(&msgs), "1Z", "{drop_all}: {msgs:?}");
     }
 }
+
+/// `DEALLOCATE name` sent as the unnamed statement (psycopg in pipeline
+/// mode evicting from its statement cache with libpq < 17): the client's
+/// statement is gone and the answers are PostgreSQL's, `DEALLOCATE` tag
+/// and all; an unknown name is PostgreSQL's 26000 naming it. Before, the
+/// server was asked to drop the client's name, which only tidepool knows:
+/// 26000 for a statement the client had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_name_as_the_unnamed_statement_drops_the_clients_statement() {
+    let c = cluster();
+    let db = c.create_database("deallocname");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut b = Raw::login_trust(proxy.port(), &db).await;
+    let dealloc = |name: &str| {
+        [
+            raw::parse("", &format!("DEALLOCATE {name}")),
+            raw::bind("", &[]),
+            raw::describe_portal(),
+            raw::execute(),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    let run = |name: &str| [raw::bind(name, &[]), raw::execute(), raw::sync()].concat();
+    let msgs = round(
+        &mut a,
+        [raw::parse("a1", "select 41 + 1"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1Z");
+    // Twice: the first round must leave nothing behind on the server.
+    for _ in 0..2 {
+        let msgs = round(&mut b, [raw::parse("b1", "select 1"), raw::sync()].concat()).await;
+        assert_eq!(tags(&msgs), "1Z", "{msgs:?}");
+        assert_eq!(tags(&round(&mut b, run("b1")).await), "2DCZ");
+        let msgs = round(&mut b, dealloc("b1")).await;
+        assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+        assert_eq!(&msgs[3].body[..], b"DEALLOCATE\0");
+        let msgs = round(&mut b, run("b1")).await;
+        assert_eq!(tags(&msgs), "EZ", "{msgs:?}");
+        assert_eq!(msgs[0].code().as_deref(), Some("26000"));
+        // Another client's statement on the same server is untouched.
+        assert_eq!(tags(&round(&mut a, run("a1")).await), "2DCZ");
+    }
+    // An unknown name: PostgreSQL's error at the Execute, naming it.
+    let msgs = round(&mut b, dealloc("nope")).await;
+    assert_eq!(tags(&msgs), "12nEZ", "{msgs:?}");
+    assert_eq!(msgs[3].code().as_deref(), Some("26000"));
+    assert!(msgs[3].message().unwrap().contains("\"nope\""), "{msgs:?}");
+    // Parsed in a round of its own, then bound: the same.
+    let msgs = round(&mut b, [raw::parse("b2", "select 2"), raw::sync()].concat()).await;
+    assert_eq!(tags(&msgs), "1Z");
+    let msgs = round(
+        &mut b,
+        [raw::parse("", "deallocate prepare b2"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1Z");
+    let msgs = round(
+        &mut b,
+        [raw::bind("", &[]), raw::execute(), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "2CZ", "{msgs:?}");
+    assert_eq!(tags(&round(&mut b, run("b2")).await), "EZ");
+}

@@ -40,6 +40,22 @@ pub struct Memo {
     entries: Vec<Entry>,
     /// Next slot to replace once full.
     next: usize,
+    /// What the client's unnamed statement drops when run: it lives until
+    /// the client parses another, across transactions, as on a server.
+    pub unnamed_drops: UnnamedDrops,
+}
+
+/// What running the unnamed statement drops of the client's prepared
+/// statements.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum UnnamedDrops {
+    #[default]
+    Nothing,
+    /// DEALLOCATE ALL, DISCARD ALL: every statement, on the server too.
+    All,
+    /// `DEALLOCATE name`: the client's statement of that name, which only
+    /// tidepool knows by it (see `client::prepared`'s unnamed Bind).
+    One(String),
 }
 
 impl Memo {

@@ -419,6 +419,9 @@ impl Handler<'_> {
         let portal = b.cstr()?;
         let name = b.cstr()?;
         let rest = b.rest();
+        if name.is_empty() {
+            return self.bind_unnamed_deallocate(portal, body);
+        }
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
@@ -492,6 +495,43 @@ impl Handler<'_> {
         });
         let shape = self.shape(&stmt);
         self.t.timing.bind(portal, Some(shape), stmt.trace);
+        Ok(())
+    }
+
+    /// A Bind of the unnamed statement `DEALLOCATE name` (psycopg's
+    /// eviction in pipeline mode): it drops the client's statement, which
+    /// the server knows under tidepool's name only. A server statement of
+    /// the client's name is made just before (closed first, should one have
+    /// stayed), for the server's DEALLOCATE to drop with PostgreSQL's own
+    /// answers; an unknown name gets PostgreSQL's own 26000.
+    fn bind_unnamed_deallocate(&mut self, portal: &str, body: &[u8]) -> Result<(), ProtocolError> {
+        let t = &mut *self.t;
+        if let crate::client::txn::UnnamedDrops::One(target) = t.take_unnamed_drops()
+            && t.status != crate::protocol::TxStatus::Failed
+            && self.statements.remove(&target).is_some()
+        {
+            write::message(self.to_server, FrontendTag::Close.byte(), |m| {
+                m.put_u8(b'S');
+                m.put_slice(target.as_bytes());
+                m.put_u8(0);
+            });
+            t.expect.push(Owed::Close { swallow: true });
+            write::message(self.to_server, FrontendTag::Parse.byte(), |m| {
+                m.put_slice(target.as_bytes());
+                m.put_u8(0);
+                m.put_slice(b"SELECT\0\0\0");
+            });
+            t.expect.push(Owed::Parse {
+                swallow: true,
+                undo: Undo::default(),
+            });
+        }
+        write::message(self.to_server, FrontendTag::Bind.byte(), |m| {
+            m.put_slice(body)
+        });
+        t.batch.open();
+        t.expect.push(Owed::Bind);
+        t.timing.bind(portal, None, None);
         Ok(())
     }
 

@@ -162,7 +162,14 @@ impl Inspector for ClientSide<'_> {
                 }
                 let t = &mut *self.t;
                 if name.is_empty() {
-                    t.unnamed_drops = e.as_ref().is_some_and(|e| e.drops_all_statements);
+                    t.memo.unnamed_drops = match &e {
+                        Some(e) if e.drops_all_statements => UnnamedDrops::All,
+                        Some(Effects {
+                            deallocate: Some(n),
+                            ..
+                        }) if named => UnnamedDrops::One(n.clone()),
+                        _ => UnnamedDrops::Nothing,
+                    };
                 }
                 if let Some(e) = e
                     && t.note_effects(&e)
@@ -185,10 +192,14 @@ impl Inspector for ClientSide<'_> {
                 let mut b = Body::new(body, "Bind");
                 let portal = b.cstr()?;
                 let statement = b.cstr()?;
-                if named && !statement.is_empty() {
+                if named
+                    && (!statement.is_empty()
+                        || matches!(t.memo.unnamed_drops, UnnamedDrops::One(_)))
+                {
                     return Ok(Step::Stop);
                 }
-                t.drops_statements |= statement.is_empty() && t.unnamed_drops;
+                t.drops_statements |=
+                    statement.is_empty() && t.memo.unnamed_drops == UnnamedDrops::All;
                 t.batch.open();
                 t.expect.push(Owed::Bind);
                 let shape = (!statement.is_empty()).then_some(None);

@@ -13,6 +13,7 @@ pub use server_side::{INTERNAL_NAME_MARK, PLAN_CHANGED, ServerSide};
 use std::sync::Arc;
 
 use super::memo::Memo;
+pub use super::memo::UnnamedDrops;
 use super::sql::{Effects, effects};
 use super::timing::Timing;
 use crate::protocol::messages::{
@@ -97,9 +98,6 @@ pub struct Tracker {
     /// statement of that text (a Parse alone drops nothing). What tidepool
     /// knows the server has is void.
     pub drops_statements: bool,
-    /// The unnamed statement last parsed is such a statement (its Bind
-    /// runs it).
-    pub unnamed_drops: bool,
     /// A session feature was used: the client keeps this server.
     pub pin: Option<&'static str>,
     /// Session state that pins the client may have ended (or just began:
@@ -176,7 +174,6 @@ impl Tracker {
             server_fatal: None,
             params_changed: false,
             drops_statements: false,
-            unnamed_drops: false,
             pin: None,
             pin_check_due: false,
             listen_changed: false,
@@ -218,7 +215,6 @@ impl Tracker {
         self.server_fatal = None;
         self.params_changed = false;
         self.drops_statements = false;
-        self.unnamed_drops = false;
         self.pin = None;
         self.pin_check_due = false;
         self.listen_changed = false;
@@ -333,6 +329,12 @@ impl Tracker {
                 memo.class(sql, &g.classifier, g.functions.as_deref())
             }
         })
+    }
+
+    /// What running the client's unnamed statement drops, now that a Bind
+    /// runs it (a second Bind runs it again on the server alone).
+    pub fn take_unnamed_drops(&mut self) -> UnnamedDrops {
+        std::mem::take(&mut self.memo.unnamed_drops)
     }
 
     /// The routing class of `sql`, through this client's memo.

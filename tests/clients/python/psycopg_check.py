@@ -20,6 +20,7 @@ TIDEPOOL_CLIENT_TIMEOUT seconds (default 120).
 """
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -122,6 +123,28 @@ def pipeline_check(url):
         expect("pipeline total rows", n, 60)
 
 
+def eviction_check(url):
+    """psycopg's prepared-statement cache evicting in pipeline mode. With
+    libpq < 17 (PSYCOPG_IMPL=python on Debian's libpq) it sends `DEALLOCATE
+    name` as an extended-protocol statement; with 17+ a protocol Close."""
+    with connect(url) as conn:
+        conn.prepared_max = 3
+        for rep in range(4):
+            with conn.pipeline():
+                curs = []
+                for k in range(12):
+                    cur = conn.cursor()
+                    cur.execute(f"select %s::int + {k}", (rep,))
+                    curs.append(cur)
+            for k, cur in enumerate(curs):
+                expect(f"eviction rep {rep} result {k}", cur.fetchone(), (rep + k,))
+        # Outside a pipeline too, and the statements re-prepared after.
+        for rep in range(2):
+            for k in range(12):
+                row = conn.execute(f"select %s::int + {k}", (rep,)).fetchone()
+                expect(f"eviction (no pipeline) rep {rep} result {k}", row, (rep + k,))
+
+
 def run(url, deadline):
     with connect(url) as conn:
         # One statement per execute: prepared statements cannot hold several.
@@ -152,6 +175,22 @@ def run(url, deadline):
     pipeline_check(url)
     print("psycopg: pipeline ok", flush=True)
 
+    eviction_check(url)
+    # Again with the libpq psycopg finds on the system (Debian's: 15, which
+    # has no protocol Close), in a process of its own (the implementation is
+    # chosen at import).
+    env = dict(os.environ, PSYCOPG_IMPL="python")
+    out = subprocess.run(
+        [sys.executable, __file__, "--evict", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(5.0, deadline - time.monotonic()),
+    )
+    if out.returncode != 0:
+        raise Mismatch(f"eviction with the system libpq: {out.stderr.strip()}")
+    print(f"psycopg: eviction ok ({out.stdout.strip()})", flush=True)
+
     with connect(url) as conn:
         row = conn.execute("select count(*), count(distinct thread) from pg_items").fetchone()
         expect("pg_items totals", row, (THREADS * ROUNDS, THREADS))
@@ -159,6 +198,10 @@ def run(url, deadline):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--evict":
+        eviction_check(sys.argv[2])
+        print(f"libpq {psycopg.pq.version()} ({psycopg.pq.__impl__})")
+        return 0
     if len(sys.argv) != 2:
         print("usage: psycopg_check.py URL", file=sys.stderr)
         return 2
