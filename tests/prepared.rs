@@ -673,3 +673,125 @@ async fn deallocate_name_as_the_unnamed_statement_drops_the_clients_statement() 
     assert_eq!(tags(&msgs), "2CZ", "{msgs:?}");
     assert_eq!(tags(&round(&mut b, run("b2")).await), "EZ");
 }
+
+/// SQL-level PREPARE, EXECUTE, EXPLAIN EXECUTE and DEALLOCATE sent as
+/// extended-protocol statements (psycopg 3 sends every `execute` that way)
+/// behave as simple queries do: the client's statement follows it to any
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_and_execute_as_extended_statements_follow_the_client() {
+    let c = cluster();
+    let db = c.create_database("sqlprepext");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut other = Raw::login_trust(proxy.port(), &db).await;
+    let ext = |sql: &str| {
+        [
+            raw::parse("", sql),
+            raw::bind("", &[]),
+            raw::describe_portal(),
+            raw::execute(),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    let msgs = round(&mut a, ext("prepare p(int) as select $1 * 2")).await;
+    assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+    // As psycopg with prepare_threshold=0 sends it: prepared and run at once.
+    let named = |name: &str, sql: &str| {
+        [
+            raw::parse(name, sql),
+            raw::bind(name, &[]),
+            raw::describe_portal(),
+            raw::execute(),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    let msgs = round(&mut a, named("_pg3_0", "prepare r(int) as select $1 * 3")).await;
+    assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+    for k in 0..4 {
+        if k % 2 == 1 {
+            round(&mut other, raw::query("begin; select 1")).await;
+        }
+        let msgs = round(
+            &mut a,
+            named(&format!("_pg3_{}", k + 1), &format!("execute r({k})")),
+        )
+        .await;
+        assert_eq!(tags(&msgs), "12TDCZ", "execute r {k}: {msgs:?}");
+        if k % 2 == 1 {
+            round(&mut other, raw::query("commit")).await;
+        }
+    }
+    // DEALLOCATE prepared as a named statement (psycopg's too), twice: the
+    // second finds nothing, as directly.
+    let msgs = round(&mut a, named("_pg3_9", "deallocate r")).await;
+    assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+    let msgs = round(
+        &mut a,
+        [raw::bind("_pg3_9", &[]), raw::execute(), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "2EZ", "{msgs:?}");
+    assert_eq!(msgs[1].code().as_deref(), Some("26000"));
+    let msgs = round(&mut a, ext("execute r(1)")).await;
+    assert_eq!(
+        msgs.iter()
+            .find(|m| m.tag == b'E')
+            .and_then(|m| m.code())
+            .as_deref(),
+        Some("26000")
+    );
+    for k in 0..4 {
+        // Another client holds a server meanwhile: `a` moves between them.
+        if k % 2 == 1 {
+            round(&mut other, raw::query("begin; select 1")).await;
+        }
+        let msgs = round(&mut a, ext(&format!("execute p({k})"))).await;
+        assert_eq!(tags(&msgs), "12TDCZ", "execute {k}: {msgs:?}");
+        assert_eq!(&msgs[3].body[6..], (k * 2).to_string().as_bytes());
+        let msgs = round(&mut a, ext(&format!("explain execute p({k})"))).await;
+        assert!(!msgs.iter().any(|m| m.tag == b'E'), "{msgs:?}");
+        if k % 2 == 1 {
+            round(&mut other, raw::query("commit")).await;
+        }
+    }
+    // `EXECUTE p(21)` prepared as a statement of its own (psycopg's
+    // prepare_threshold; EXECUTE takes no `$n`, as directly), bound on
+    // either server.
+    let msgs = round(&mut a, ext("prepare q(int) as select $1 * 2")).await;
+    assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+    let msgs = round(
+        &mut a,
+        [raw::parse("e1", "execute q(21)"), raw::sync()].concat(),
+    )
+    .await;
+    assert_eq!(tags(&msgs), "1Z", "{msgs:?}");
+    for k in 0..4 {
+        if k % 2 == 1 {
+            round(&mut other, raw::query("begin; select 1")).await;
+        }
+        let msgs = round(
+            &mut a,
+            [raw::bind("e1", &[]), raw::execute(), raw::sync()].concat(),
+        )
+        .await;
+        assert_eq!(tags(&msgs), "2DCZ", "e1 {k}: {msgs:?}");
+        assert_eq!(&msgs[1].body[6..], b"42");
+        if k % 2 == 1 {
+            round(&mut other, raw::query("commit")).await;
+        }
+    }
+    let msgs = round(&mut a, ext("deallocate p")).await;
+    assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
+    let msgs = round(&mut a, ext("execute p(1)")).await;
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'));
+    assert_eq!(
+        msgs.iter()
+            .find(|m| m.tag == b'E')
+            .and_then(|m| m.code())
+            .as_deref(),
+        Some("26000")
+    );
+}

@@ -45,6 +45,10 @@ pub struct Statement {
     pub plain: std::sync::OnceLock<bool>,
     /// The trace context of its text's sqlcommenter comment.
     pub trace: Option<crate::stats::trace::Trace>,
+    /// The statement its text runs (`EXECUTE tidepool_…`, a client's SQL
+    /// `EXECUTE p` prepared as a statement of its own): a server must have
+    /// it too before this one is bound or described there.
+    pub needs: Option<Arc<Statement>>,
 }
 
 impl Statement {
@@ -107,6 +111,7 @@ impl Statement {
                 promised: std::sync::OnceLock::new(),
                 plain: std::sync::OnceLock::new(),
                 trace,
+                needs: None,
             }),
         ))
     }
@@ -132,6 +137,7 @@ impl Statement {
             promised: std::sync::OnceLock::new(),
             plain: std::sync::OnceLock::new(),
             trace: None,
+            needs: None,
         })
     }
 }

@@ -19,6 +19,7 @@
 //! decode by the wrong columns.
 
 mod answers;
+mod sql_level;
 
 pub use answers::apply_undos;
 use answers::{
@@ -184,133 +185,26 @@ impl Handler<'_> {
         );
     }
 
-    /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared
-    /// server statement, exactly like a protocol-level Parse.
-    fn sql_prepared(
-        &mut self,
-        msg: &[u8],
-        client_sql: &str,
-        foreign: bool,
-        p: &PreparedSql,
-    ) -> Result<(), ProtocolError> {
-        let status = self.t.status;
-        match p {
-            PreparedSql::Prepare { name, rest } => {
-                if self.statements.contains_key(name) {
-                    self.fail_query(duplicate(name));
-                    return Ok(());
-                }
-                let stmt = Statement::from_sql_prepare(rest, foreign, self.t.statement_context());
-                let generation = self.catalog.generation(stmt.hash);
-                let stmt = Statement::in_generation(stmt, generation);
-                self.t.note_statement(&stmt.query, stmt.foreign);
-                self.statements.insert(name.clone(), stmt.clone());
-                if self
-                    .prepared
-                    .fresh(stmt.hash, self.catalog.version(stmt.hash))
-                {
-                    self.prepared.touch(stmt.hash);
-                    Counters::add(&self.counters.prepare_hits);
-                    let mut out = BytesMut::new();
-                    write::message(&mut out, BackendTag::CommandComplete.byte(), |b| {
-                        b.put_slice(b"PREPARE\0")
-                    });
-                    write::ready_for_query(&mut out, status);
-                    synthetic(
-                        self.t,
-                        out,
-                        Undo {
-                            server_stmt: None,
-                            client_name: Some(name.clone()),
-                        },
-                    );
-                    return Ok(());
-                }
-                self.evict_for(&stmt);
-                Counters::add(&self.counters.prepares);
-                self.t.timing.delta.server_parses += 1;
-                let sql = stmt.sql_prepare.clone().unwrap_or_default();
-                write::query_text(self.to_server, &sql, stmt.foreign);
-                self.t.expect.push(Owed::UntilReady {
-                    undo: Some(Undo {
-                        server_stmt: Some(stmt.hash),
-                        client_name: Some(name.clone()),
-                    }),
-                    failed: false,
-                    position_shift: position_shift(
-                        client_sql,
-                        rest,
-                        "PREPARE ".len() + stmt.name.len(),
-                    ),
-                    bound: None,
-                });
-                self.t.timing.query(shape_of(self.shapes, &sql), None);
-            }
-            PreparedSql::Execute { name, rest } => {
-                let Some(stmt) = self.lookup(name) else {
-                    // Unknown to tidepool: the server answers (with 26000).
-                    self.t.expect.push(Owed::UntilReady {
-                        undo: None,
-                        failed: false,
-                        position_shift: 0,
-                        bound: None,
-                    });
-                    self.t.timing.query(None, None);
-                    self.to_server.extend_from_slice(msg);
-                    return Ok(());
-                };
-                if self.catalog.generation(stmt.hash) != stmt.generation {
-                    self.fail_query(plan_changed(self.catalog));
-                    return Ok(());
-                }
-                self.ensure(&stmt);
-                self.t.note_statement(&stmt.query, stmt.foreign);
-                write::query_text(
-                    self.to_server,
-                    &format!("EXECUTE {}{rest}", stmt.name),
-                    foreign,
-                );
-                self.t.expect.push(Owed::UntilReady {
-                    undo: None,
-                    failed: false,
-                    position_shift: position_shift(
-                        client_sql,
-                        rest,
-                        "EXECUTE ".len() + stmt.name.len(),
-                    ),
-                    bound: Some((stmt.hash, self.catalog.version(stmt.hash))),
-                });
-                let shape = self.shape(&stmt);
-                self.t.timing.query(shape, None);
-            }
-        }
-        Ok(())
-    }
-
     fn parse(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
         if self.t.policy.named_statements {
             let mut b = Body::new(body, "Parse");
             let name = b.cstr()?;
             let query = b.sql()?;
             let foreign = matches!(query, std::borrow::Cow::Owned(_));
+            let rest = b.rest();
             let refs = super::statement_list::references(&query);
             if !refs.is_empty() {
                 // The query reads pg_prepared_statements: it is prepared
                 // with the client's statements as they are now.
                 let rewritten = self.list_statements(&query, &refs);
-                let mut out = BytesMut::new();
-                write::message(&mut out, FrontendTag::Parse.byte(), |m| {
-                    m.put_slice(name.as_bytes());
-                    m.put_u8(0);
-                    if foreign {
-                        m.put_slice(&crate::protocol::messages::foreign_bytes(&rewritten));
-                    } else {
-                        m.put_slice(rewritten.as_bytes());
-                    }
-                    m.put_u8(0);
-                    m.put_slice(b.rest());
-                });
-                return self.parse_as_is(&out, &out[5..]);
+                return self.parse_text(name, &rewritten, foreign, rest, None);
+            }
+            let e = effects(&query);
+            if let Some(rewritten) = self.sql_prepared_in_parse(&query, foreign, &e)? {
+                return match rewritten {
+                    Some((text, needs)) => self.parse_text(name, &text, foreign, rest, needs),
+                    None => Ok(()),
+                };
             }
         }
         self.parse_as_is(msg, body)
@@ -350,7 +244,20 @@ impl Handler<'_> {
     }
 
     fn parse_as_is(&mut self, msg: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
-        let (name, stmt) = Statement::from_parse(body, self.t.statement_context())?;
+        self.parse_with(msg, body, None)
+    }
+
+    /// [`Handler::parse_as_is`] of a text that runs statement `needs`.
+    fn parse_with(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        needs: Option<Arc<Statement>>,
+    ) -> Result<(), ProtocolError> {
+        let (name, mut stmt) = Statement::from_parse(body, self.t.statement_context())?;
+        if needs.is_some() {
+            Arc::make_mut(&mut stmt).needs = needs;
+        }
         let generation = self.catalog.generation(stmt.hash);
         let stmt = Statement::in_generation(stmt, generation);
         let t = &mut *self.t;
@@ -425,6 +332,9 @@ impl Handler<'_> {
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
+        if let Some(needs) = &stmt.needs {
+            self.ensure(needs);
+        }
         // What it does to the session is this transaction's, whenever it
         // was parsed (a SET, a set_config, a function that sets).
         if !*stmt
@@ -433,6 +343,9 @@ impl Handler<'_> {
             || self.t.calls_changer(&stmt.query)
         {
             self.t.note_run(&stmt.query, stmt.foreign);
+            if let Some(target) = effects(&stmt.query).deallocate {
+                self.deallocate_on_bind(&target);
+            }
         }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);
@@ -498,43 +411,6 @@ impl Handler<'_> {
         Ok(())
     }
 
-    /// A Bind of the unnamed statement `DEALLOCATE name` (psycopg's
-    /// eviction in pipeline mode): it drops the client's statement, which
-    /// the server knows under tidepool's name only. A server statement of
-    /// the client's name is made just before (closed first, should one have
-    /// stayed), for the server's DEALLOCATE to drop with PostgreSQL's own
-    /// answers; an unknown name gets PostgreSQL's own 26000.
-    fn bind_unnamed_deallocate(&mut self, portal: &str, body: &[u8]) -> Result<(), ProtocolError> {
-        let t = &mut *self.t;
-        if let crate::client::txn::UnnamedDrops::One(target) = t.take_unnamed_drops()
-            && t.status != crate::protocol::TxStatus::Failed
-            && self.statements.remove(&target).is_some()
-        {
-            write::message(self.to_server, FrontendTag::Close.byte(), |m| {
-                m.put_u8(b'S');
-                m.put_slice(target.as_bytes());
-                m.put_u8(0);
-            });
-            t.expect.push(Owed::Close { swallow: true });
-            write::message(self.to_server, FrontendTag::Parse.byte(), |m| {
-                m.put_slice(target.as_bytes());
-                m.put_u8(0);
-                m.put_slice(b"SELECT\0\0\0");
-            });
-            t.expect.push(Owed::Parse {
-                swallow: true,
-                undo: Undo::default(),
-            });
-        }
-        write::message(self.to_server, FrontendTag::Bind.byte(), |m| {
-            m.put_slice(body)
-        });
-        t.batch.open();
-        t.expect.push(Owed::Bind);
-        t.timing.bind(portal, None, None);
-        Ok(())
-    }
-
     fn describe(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
         let mut b = Body::new(body, "Describe");
         b.u8()?;
@@ -542,6 +418,9 @@ impl Handler<'_> {
         let Some(stmt) = self.lookup(name) else {
             return self.fail(undefined(name));
         };
+        if let Some(needs) = &stmt.needs {
+            self.ensure(needs);
+        }
         self.ensure(&stmt);
         write::message(self.to_server, FrontendTag::Describe.byte(), |m| {
             m.put_u8(b'S');

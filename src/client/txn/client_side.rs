@@ -157,7 +157,13 @@ impl Inspector for ClientSide<'_> {
                     return Ok(Step::Stop);
                 }
                 let (shape, e) = self.look(&sql, foreign);
-                if named && e.as_ref().is_some_and(|e| e.lists_statements) {
+                if named
+                    && e.as_ref().is_some_and(|e| {
+                        e.lists_statements || e.prepared.is_some() || e.nested_execute.is_some()
+                    })
+                {
+                    // It names the client's statements: the session puts
+                    // them in (see `client::prepared`).
                     return Ok(Step::Stop);
                 }
                 let t = &mut *self.t;

@@ -11,7 +11,10 @@ Checks:
   * 16 threads, each with its own connection, mixing autocommit queries and
     explicit transactions (`with conn.transaction():`, committed and rolled
     back), all parameterised, all results compared;
+  * SQL-level PREPARE / EXECUTE in each thread (extended-protocol statements);
   * pipeline mode (`with conn.pipeline():`) with several executes in flight;
+  * the statement cache evicting in pipeline mode (DEALLOCATE name), with
+    psycopg's bundled libpq and with the system's (PSYCOPG_IMPL=python);
   * final row counts.
 
 Prints "psycopg: OK ..." and exits 0 on success; prints a diagnostic and
@@ -123,6 +126,40 @@ def pipeline_check(url):
         expect("pipeline total rows", n, 60)
 
 
+def sql_prepare_worker(url, t, errors):
+    """SQL-level PREPARE and EXECUTE, sent as extended-protocol statements
+    (EXECUTE then prepared by psycopg itself): the statement follows the
+    client to whichever server it gets. (No ROLLBACK here: psycopg answers
+    one with DEALLOCATE ALL, which drops SQL-level statements too.)"""
+    try:
+        with connect(url) as conn:
+            conn.execute(f"prepare sq{t}(int) as select $1 * 3 + {t}")
+            for i in range(ROUNDS):
+                row = conn.execute(f"execute sq{t}({i % 7})").fetchone()
+                expect(f"thread {t} round {i} execute", row, ((i % 7) * 3 + t,))
+                row = conn.execute("select %s::int", (i,)).fetchone()
+                expect(f"thread {t} round {i} select", row, (i,))
+            conn.execute(f"deallocate sq{t}")
+    except Exception as e:  # noqa: BLE001 - report anything
+        errors.append((t, e, traceback.format_exc()))
+
+
+def sql_prepare_check(url):
+    errors = []
+    threads = [
+        threading.Thread(target=sql_prepare_worker, args=(url, t, errors), daemon=True)
+        for t in range(8)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        t, e, tb = errors[0]
+        print(f"psycopg: sql prepare thread {t} failed:\n{tb}", file=sys.stderr)
+        raise e
+
+
 def eviction_check(url):
     """psycopg's prepared-statement cache evicting in pipeline mode. With
     libpq < 17 (PSYCOPG_IMPL=python on Debian's libpq) it sends `DEALLOCATE
@@ -171,6 +208,9 @@ def run(url, deadline):
         t, e, _ = errors[0]
         raise e
     print(f"psycopg: {THREADS} threads x {ROUNDS} rounds ok", flush=True)
+
+    sql_prepare_check(url)
+    print("psycopg: sql prepare ok", flush=True)
 
     pipeline_check(url)
     print("psycopg: pipeline ok", flush=True)
