@@ -765,6 +765,69 @@ async fn a_long_read_pipelined_after_a_read_is_classified_off_the_event_loop() {
     );
 }
 
+/// A write refused on a replica inside a transaction block the same query
+/// opened (`begin read only; insert …; commit`, one simple query): the
+/// client gets PostgreSQL's answer (25006, as a read-only transaction on
+/// the primary gives) and goes on. Before, the held answer waited for a
+/// replay that only an idle session allowed: the client never heard back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_inside_a_read_only_block_answers_as_postgres() {
+    let s = setup("roblock", "").await;
+    let direct = s.cluster.admin_client(&s.db).await;
+    direct
+        .batch_execute(
+            "create table rt (v int); grant all on rt to app; \
+             create function wr(x int) returns int language sql volatile \
+             as 'insert into rt values (x) returning x'",
+        )
+        .await
+        .unwrap();
+    s.cluster.wait_for_replicas();
+    let c = s.proxy.client(&s.db).await;
+    for sql in [
+        "begin read only; select wr(12); commit",
+        "begin read only; insert into rt values (1); commit",
+        "start transaction read only; insert into rt values (2)",
+        "begin; set transaction read only; insert into rt values (3)",
+    ] {
+        let want = direct.simple_query(sql).await.unwrap_err();
+        direct.batch_execute("rollback").await.unwrap();
+        let got = tokio::time::timeout(DEADLINE, c.simple_query(sql))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {sql}"))
+            .unwrap_err();
+        assert_eq!(got.code(), want.code(), "{sql}: {got}");
+        c.batch_execute("rollback").await.unwrap();
+        assert_eq!(
+            c.simple_query("select 1").await.unwrap().len(),
+            direct.simple_query("select 1").await.unwrap().len()
+        );
+    }
+    // Pipelined behind another query: no replay then, the refusal reaches
+    // the client as it is (here, PostgreSQL's own answer too), and the
+    // next query's answer follows.
+    let mut r = harness::raw::Raw::login_trust(s.proxy.port(), &s.db).await;
+    let mut bytes = harness::raw::query("begin read only; select wr(13); commit");
+    bytes.extend(harness::raw::query("select 1"));
+    r.send(&bytes).await;
+    let codes = |msgs: &[harness::raw::Msg]| -> Vec<String> {
+        msgs.iter().filter_map(harness::raw::Msg::code).collect()
+    };
+    let first = tokio::time::timeout(DEADLINE, r.read_until_ready())
+        .await
+        .unwrap();
+    assert_eq!(codes(&first), ["25006"], "{first:?}");
+    let second = tokio::time::timeout(DEADLINE, r.read_until_ready())
+        .await
+        .unwrap();
+    assert_eq!(codes(&second), ["25P02"], "{second:?}");
+    let n = direct
+        .query_one("select count(*) from rt", &[])
+        .await
+        .unwrap();
+    assert_eq!(n.get::<_, i64>(0), 0);
+}
+
 /// The text results of the FunctionCallResponses in `msgs`.
 fn function_results(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()

@@ -105,7 +105,7 @@ impl Session {
             if t.expect.ready_owed() > 1 || to_client.len() > crate::client::txn::MISROUTE_HOLD {
                 // A second request in flight, or too much to hold: the
                 // safety net covers one request's answer only.
-                t.misroute.disarm();
+                t.misroute.give_up();
             }
             if let crate::client::txn::Misroute::Fired(_) = &t.misroute
                 && t.expect.ready_owed() == 0
@@ -113,10 +113,12 @@ impl Session {
                 && to_server.is_empty()
                 && conn.buf.is_empty()
                 && !sscan.mid_message()
-                && t.status == TxStatus::Idle
                 && let crate::client::txn::Misroute::Fired(replay) = std::mem::take(&mut t.misroute)
             {
                 // The refusal and what came with it never reach the client.
+                // A transaction block the query opened on the replica is
+                // left there: that server is closed (see the session), and
+                // the whole query runs again on the primary.
                 to_client.clear();
                 conn.tx = t.status;
                 return TxEnd::Misrouted { replay };
@@ -538,7 +540,7 @@ impl ClientIn<'_> {
             let msg = buf.split_to(total);
             t.timing.delta.received += total as u64;
             // tidepool rewrites or answers this one itself: no replay.
-            t.misroute.disarm();
+            t.misroute.give_up();
             Handler {
                 statements: self.statements,
                 prepared,

@@ -584,7 +584,10 @@ impl Session {
                         misroute_retries: 1,
                         ..Default::default()
                     });
-                    server.release(Release::Reuse);
+                    // A block the refused query opened there ends with the
+                    // connection (nothing of it reached the client).
+                    let idle = server.conn().tx == TxStatus::Idle;
+                    server.release(if idle { Release::Reuse } else { Release::Close });
                     // A serializable refusal is not the statement's fault
                     // but the session's (noted above).
                     let statement_at_fault = !tracker.serializable_refused;

@@ -71,6 +71,14 @@ impl Misroute {
             *self = Misroute::Off;
         }
     }
+
+    /// Gives up the net even after a refusal, which then reaches the client
+    /// as it is: what follows can no longer run again (a second request
+    /// in flight, too much to hold, a message tidepool answers itself).
+    /// Holding on would hold the answer for good.
+    pub fn give_up(&mut self) {
+        *self = Misroute::Off;
+    }
 }
 
 /// What tells, on a replica, which statements need the primary.
