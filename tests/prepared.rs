@@ -20,6 +20,20 @@ async fn round(r: &mut Raw, bytes: Vec<u8>) -> Vec<Msg> {
     r.read_until_ready().await
 }
 
+/// `sql` prepared as statement `name` and run at once, as libpq's
+/// PQsendQueryParams (`name` empty) and psycopg's prepared statements send
+/// it: Parse, Bind, Describe of the portal, Execute, Sync.
+fn run_statement(name: &str, sql: &str) -> Vec<u8> {
+    [
+        raw::parse(name, sql),
+        raw::bind(name, &[]),
+        raw::describe_portal(),
+        raw::execute(),
+        raw::sync(),
+    ]
+    .concat()
+}
+
 async fn backend_pid(r: &mut Raw) -> String {
     let msgs = round(r, raw::query("select pg_backend_pid()")).await;
     let row = msgs.iter().find(|m| m.tag == b'D').unwrap();
@@ -620,16 +634,7 @@ async fn deallocate_name_as_the_unnamed_statement_drops_the_clients_statement() 
     let proxy = TestProxy::for_db(c, &db, "default_pool_size = 1");
     let mut a = Raw::login_trust(proxy.port(), &db).await;
     let mut b = Raw::login_trust(proxy.port(), &db).await;
-    let dealloc = |name: &str| {
-        [
-            raw::parse("", &format!("DEALLOCATE {name}")),
-            raw::bind("", &[]),
-            raw::describe_portal(),
-            raw::execute(),
-            raw::sync(),
-        ]
-        .concat()
-    };
+    let dealloc = |name: &str| run_statement("", &format!("DEALLOCATE {name}"));
     let run = |name: &str| [raw::bind(name, &[]), raw::execute(), raw::sync()].concat();
     let msgs = round(
         &mut a,
@@ -685,29 +690,11 @@ async fn sql_prepare_and_execute_as_extended_statements_follow_the_client() {
     let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
     let mut a = Raw::login_trust(proxy.port(), &db).await;
     let mut other = Raw::login_trust(proxy.port(), &db).await;
-    let ext = |sql: &str| {
-        [
-            raw::parse("", sql),
-            raw::bind("", &[]),
-            raw::describe_portal(),
-            raw::execute(),
-            raw::sync(),
-        ]
-        .concat()
-    };
+    let ext = |sql: &str| run_statement("", sql);
     let msgs = round(&mut a, ext("prepare p(int) as select $1 * 2")).await;
     assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
     // As psycopg with prepare_threshold=0 sends it: prepared and run at once.
-    let named = |name: &str, sql: &str| {
-        [
-            raw::parse(name, sql),
-            raw::bind(name, &[]),
-            raw::describe_portal(),
-            raw::execute(),
-            raw::sync(),
-        ]
-        .concat()
-    };
+    let named = run_statement;
     let msgs = round(&mut a, named("_pg3_0", "prepare r(int) as select $1 * 3")).await;
     assert_eq!(tags(&msgs), "12nCZ", "{msgs:?}");
     for k in 0..4 {
