@@ -303,3 +303,39 @@ async fn no_role_session_user_or_setting_crosses_clients_on_a_pool_of_one() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The functions query tidepool runs after every DDL transaction (and once
+/// a minute) is compiled by no JIT: its cost estimate passes
+/// `jit_above_cost`, and compiling took ~0.9 s each time (a restore through
+/// tidepool took minutes). Judged by PostgreSQL's own EXPLAIN ANALYZE of the
+/// text as sent (the SET LOCAL in the same simple query, its implicit
+/// transaction); where this PostgreSQL has JIT, the bare query uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_functions_query_runs_without_jit() {
+    use tidepool::server::session_functions::{QUERY, query};
+    let c = cluster();
+    let db = c.create_database("nojit");
+    let direct = c.admin_client(&db).await;
+    let jit_lines = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> usize {
+        msgs.iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0).is_some_and(|l| l.starts_with("JIT"))))
+            .count()
+    };
+    let sent = query();
+    let (set, rest) = sent.split_once("; ").unwrap();
+    assert_eq!(rest, QUERY);
+    let explained = format!("{set}; explain (analyze) {rest}");
+    assert_eq!(jit_lines(direct.simple_query(&explained).await.unwrap()), 0);
+    let available = direct
+        .query_one("select pg_catalog.pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0);
+    let bare = jit_lines(
+        direct
+            .simple_query(&format!("set jit = on; explain (analyze) {QUERY}"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(bare > 0, available, "JIT available: {available}");
+}

@@ -363,8 +363,9 @@ async fn probe(
             .application_name("tidepool-health")
             // The check's own transactions: a serializable default (the
             // user's, the database's) would make a hot standby refuse them
-            // (0A000) and a healthy replica look broken.
-            .options("-c default_transaction_isolation=read\\ committed")
+            // (0A000) and a healthy replica look broken. No JIT: compiling
+            // the functions query costs far more than running it.
+            .options("-c default_transaction_isolation=read\\ committed -c jit=off")
             .connect_timeout(timeout);
         if let Some(p) = &creds.password {
             cfg.password(p);

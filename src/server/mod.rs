@@ -242,7 +242,7 @@ impl ServerConn {
     pub async fn session_functions(
         &mut self,
     ) -> Result<session_functions::SessionFunctions, ServerError> {
-        let rows = self.exchange(session_functions::QUERY).await?.rows;
+        let rows = self.exchange(&session_functions::query()).await?.rows;
         Ok(session_functions::SessionFunctions::from_rows(rows))
     }
 

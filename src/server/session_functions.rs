@@ -46,6 +46,17 @@ left join lateral pg_catalog.regexp_matches(p.prosrc,
   '\m([a-z_][a-z0-9_$]*\.[a-z_][a-z0-9_$]*)\M', 'gi') m(m) on true
 group by 1"#;
 
+/// [`QUERY`] as tidepool sends it: without JIT compilation, in the
+/// implicit transaction of a two-statement query (`SET LOCAL`, so the
+/// session keeps its own `jit`). The query's cost estimate passes
+/// `jit_above_cost`: with JIT on (PostgreSQL's default where LLVM is
+/// installed) compiling it took about 0.9 s, paid again after every DDL
+/// transaction through tidepool (a restore took minutes instead of
+/// seconds).
+pub fn query() -> String {
+    format!("SET LOCAL jit = off; {QUERY}")
+}
+
 /// Custom setting names kept at most (read back by name after a call).
 const MAX_CUSTOMS: usize = 256;
 
