@@ -64,7 +64,7 @@ impl Severity {
 /// Everything that can go wrong for one client, as the client will see it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("protocol violation: {}", client_protocol_text(.0))]
+    #[error("{}", client_protocol_text(.0))]
     Protocol(#[from] ProtocolError),
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
@@ -180,16 +180,21 @@ impl HbaPeer {
 /// names the setting that sets it.
 fn client_protocol_text(e: &ProtocolError) -> String {
     match e {
-        ProtocolError::TooLarge { tag, len, limit } => {
-            format!("message of type '{tag}' is {len} bytes, over max_message_size ({limit} bytes)")
-        }
-        e => e.to_string(),
+        ProtocolError::TooLarge { tag, len, limit } => format!(
+            "protocol violation: message of type '{tag}' is {len} bytes, over max_message_size ({limit} bytes)"
+        ),
+        // PostgreSQL's own words.
+        ProtocolError::UnsupportedVersion { .. } | ProtocolError::StartupLength => e.to_string(),
+        e => format!("protocol violation: {e}"),
     }
 }
 
 impl ClientError {
     pub fn sqlstate(&self) -> SqlState {
         match self {
+            ClientError::Protocol(ProtocolError::UnsupportedVersion { .. }) => {
+                SqlState::FEATURE_NOT_SUPPORTED
+            }
             ClientError::Protocol(_) | ClientError::AuthProtocol(_) | ClientError::LoginTimeout => {
                 SqlState::PROTOCOL_VIOLATION
             }

@@ -907,12 +907,44 @@ async fn newer_protocol_minor_versions_are_negotiated_down_as_postgresql_does() 
         assert_eq!(answers[0].0.len(), 1, "PostgreSQL negotiates: {answers:?}");
         assert_eq!(answers[0], answers[1], "3.{minor} with {more:?}");
     }
-    // Protocol 4: an error, no session.
-    let mut r = Raw::connect(proxy.port()).await;
+    // Protocol 4, and a second SSLRequest after the first was answered
+    // `N`: PostgreSQL's error (0A000, its words), no session. (A second
+    // GSSENCRequest is answered alike; this PostgreSQL, built with GSSAPI,
+    // answers the first one `G`.)
+    // (tidepool said 08P01 "protocol violation", and answered a second
+    // SSLRequest again.)
     let mut v4 = startup_minor(0, harness::TRUST_USER, &db, &[]);
     v4[4..8].copy_from_slice(&(4i32 << 16).to_be_bytes());
-    r.send(&v4).await;
+    let ssl: &[u8] = &[0, 0, 0, 8, 4, 210, 22, 47];
+    for (what, first, then) in [
+        ("protocol 4.0", None, v4.clone()),
+        ("SSLRequest twice", Some(ssl), ssl.to_vec()),
+    ] {
+        let mut answers = Vec::new();
+        for port in [c.primary_port(), proxy.port()] {
+            let mut r = Raw::connect(port).await;
+            if let Some(first) = first {
+                r.send(first).await;
+                assert_eq!(r.read_byte().await, b'N', "{what}");
+            }
+            r.send(&then).await;
+            let msgs = r.read_to_close().await;
+            assert!(!msgs.iter().any(|m| m.tag == b'Z'), "{what}: {msgs:?}");
+            let e = msgs.iter().find(|m| m.tag == b'E').unwrap();
+            answers.push((e.code(), e.message()));
+        }
+        assert_eq!(answers[0], answers[1], "{what}");
+    }
+    // A startup packet over PostgreSQL's limit: PostgreSQL closes without a
+    // word; tidepool says so in PostgreSQL's log words (it said "invalid
+    // message length 20004 for message type '\0'").
+    let mut r = Raw::connect(proxy.port()).await;
+    r.send(&20_004i32.to_be_bytes()).await;
     let msgs = r.read_to_close().await;
-    assert!(msgs.iter().any(|m| m.tag == b'E'), "{msgs:?}");
-    assert!(!msgs.iter().any(|m| m.tag == b'Z'), "{msgs:?}");
+    let e = msgs.iter().find(|m| m.tag == b'E').unwrap();
+    assert_eq!(
+        e.message().as_deref(),
+        Some("invalid length of startup packet")
+    );
+    assert_eq!(e.code().as_deref(), Some("08P01"));
 }

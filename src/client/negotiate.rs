@@ -34,9 +34,12 @@ pub async fn negotiate(
             stream = accept(stream, acceptor, true).await?;
         }
     }
+    // Each request is answered once, as PostgreSQL does; a second one is
+    // refused (see `startup`).
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         match read_packet(&mut stream).await {
-            Ok(StartupPacket::SslRequest) if !stream.is_tls() => match tls {
+            Ok(StartupPacket::SslRequest) if !stream.is_tls() && !ssl_done => match tls {
                 Some(acceptor) => {
                     if sent_more(stream.tcp()) {
                         tracing::info!("client sent data after its SSLRequest; closing it");
@@ -45,9 +48,13 @@ pub async fn negotiate(
                     stream.write_all(b"S").await.ok()?;
                     stream = accept(stream, acceptor, false).await?;
                 }
-                None => stream.write_all(b"N").await.ok()?,
+                None => {
+                    ssl_done = true;
+                    stream.write_all(b"N").await.ok()?;
+                }
             },
-            Ok(StartupPacket::GssEncRequest) if !stream.is_tls() => {
+            Ok(StartupPacket::GssEncRequest) if !stream.is_tls() && !gss_done => {
+                gss_done = true;
                 stream.write_all(b"N").await.ok()?;
             }
             other => return Some((stream, other)),

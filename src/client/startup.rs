@@ -284,10 +284,19 @@ async fn handshake(
             return Ok(None);
         }
         Ok(StartupPacket::Startup { minor, params }) => (minor, params),
-        // A second SSLRequest, or one inside TLS.
-        Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+        // A second SSLRequest or GSSENCRequest, or one inside TLS: what
+        // PostgreSQL answers then (their codes read as protocol versions).
+        Ok(p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
+            let code = if p == StartupPacket::SslRequest {
+                crate::protocol::tag::SSL_REQUEST_CODE
+            } else {
+                crate::protocol::tag::GSSENC_REQUEST_CODE
+            };
             return Err(Some(ClientError::Protocol(
-                crate::protocol::ProtocolError::Malformed("startup packet"),
+                crate::protocol::ProtocolError::UnsupportedVersion {
+                    major: (code >> 16) as u16,
+                    minor: (code & 0xffff) as u16,
+                },
             )));
         }
         Err(StartupError::Protocol(p)) => return Err(Some(ClientError::Protocol(p))),

@@ -38,6 +38,10 @@ pub enum ProtocolError {
     UnexpectedTag(char),
     #[error("malformed {0} message")]
     Malformed(&'static str),
-    #[error("unsupported protocol version {major}.{minor}")]
+    /// PostgreSQL's words, and its 0A000 (see `error`).
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
     UnsupportedVersion { major: u16, minor: u16 },
+    /// A startup packet's length word out of PostgreSQL's bounds.
+    #[error("invalid length of startup packet")]
+    StartupLength,
 }

@@ -53,11 +53,7 @@ impl From<std::io::Error> for StartupError {
 pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
     let len = r.read_i32().await?;
     if !(8..=MAX_STARTUP_PACKET as i32 + 4).contains(&len) {
-        return Err(ProtocolError::BadLength {
-            tag: '\0',
-            len: i64::from(len),
-        }
-        .into());
+        return Err(ProtocolError::StartupLength.into());
     }
     let mut body = vec![0u8; len as usize - 4];
     r.read_exact(&mut body).await?;
@@ -141,7 +137,7 @@ mod tests {
         let mut r = data;
         assert!(matches!(
             read_packet(&mut r).await,
-            Err(StartupError::Protocol(ProtocolError::BadLength { .. }))
+            Err(StartupError::Protocol(ProtocolError::StartupLength))
         ));
     }
 }

@@ -186,6 +186,13 @@ impl Raw {
         }
     }
 
+    /// One byte of the answer (an SSLRequest's `S` or `N`).
+    pub async fn read_byte(&mut self) -> u8 {
+        use tokio::io::AsyncReadExt;
+        assert!(self.buf.is_empty(), "bytes already buffered");
+        self.stream.read_u8().await.expect("a byte")
+    }
+
     /// Connects and logs in as `trustuser` (trust auth) to `db`.
     pub async fn login_trust(port: u16, db: &str) -> Raw {
         let mut r = Raw::connect(port).await;
