@@ -782,3 +782,56 @@ async fn sql_prepare_and_execute_as_extended_statements_follow_the_client() {
         Some("26000")
     );
 }
+
+/// `EXECUTE p` of a statement prepared with SQL PREPARE, inside a query of
+/// several statements (`select 1; execute p(1)`, `begin; execute p(2);
+/// commit`, EXPLAIN EXECUTE among others), on whichever server: as
+/// directly. Before, only a query of that one statement was given
+/// tidepool's name for it: 26000 otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_inside_a_multi_statement_query_finds_the_statement() {
+    let c = cluster();
+    let db = c.create_database("execmulti");
+    let proxy = TestProxy::for_db(c, &db, "default_pool_size = 2");
+    let mut a = Raw::login_trust(proxy.port(), &db).await;
+    let mut other = Raw::login_trust(proxy.port(), &db).await;
+    let msgs = round(&mut a, raw::query("prepare pm(int) as select $1 * 2")).await;
+    assert_eq!(tags(&msgs), "CZ", "{msgs:?}");
+    let rows = |msgs: &[Msg]| -> Vec<String> {
+        msgs.iter()
+            .filter(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
+            .collect()
+    };
+    for k in 0..4 {
+        if k % 2 == 1 {
+            round(&mut other, raw::query("begin; select 1")).await;
+        }
+        let msgs = round(&mut a, raw::query(&format!("select 1; execute pm({k})"))).await;
+        assert_eq!(
+            rows(&msgs),
+            ["1".to_owned(), (k * 2).to_string()],
+            "{msgs:?}"
+        );
+        let msgs = round(
+            &mut a,
+            raw::query(&format!(
+                "begin; execute pm({k}); execute   \"pm\"(1); commit"
+            )),
+        )
+        .await;
+        assert_eq!(
+            rows(&msgs),
+            [(k * 2).to_string(), "2".to_owned()],
+            "{msgs:?}"
+        );
+        let msgs = round(&mut a, raw::query("explain execute pm(3); select 2")).await;
+        assert!(!msgs.iter().any(|m| m.tag == b'E'), "{msgs:?}");
+        if k % 2 == 1 {
+            round(&mut other, raw::query("commit")).await;
+        }
+    }
+    // An unknown name: PostgreSQL's own 26000.
+    let msgs = round(&mut a, raw::query("select 1; execute nope(1)")).await;
+    assert_eq!(msgs.iter().find_map(Msg::code).as_deref(), Some("26000"));
+}

@@ -158,6 +158,9 @@ impl Handler<'_> {
             );
             return Ok(());
         }
+        if !e.executes.is_empty() && named {
+            return self.executes_in_query(sql, foreign, &e);
+        }
         if e.drops_all_statements {
             self.statements.clear();
             self.prepared.clear();

@@ -258,4 +258,38 @@ impl Handler<'_> {
             undo: Undo::default(),
         });
     }
+
+    /// A query of several statements, some of them `EXECUTE p` (alone or
+    /// inside EXPLAIN / CREATE TABLE AS): each statement the client
+    /// prepared is made sure on this server and named by tidepool's name.
+    /// Names tidepool does not know go as they are (the server answers,
+    /// or has them: a pinned client's own PREPARE in such a query).
+    pub(super) fn executes_in_query(
+        &mut self,
+        sql: &str,
+        foreign: bool,
+        e: &crate::client::sql::Effects,
+    ) -> Result<(), ProtocolError> {
+        let mut rewritten = String::with_capacity(sql.len() + 32);
+        let mut at = 0;
+        for n in &e.executes {
+            let Some(stmt) = self.lookup(&n.name) else {
+                continue;
+            };
+            if self.catalog.generation(stmt.hash) != stmt.generation {
+                self.fail_query(plan_changed(self.catalog));
+                return Ok(());
+            }
+            self.ensure(&stmt);
+            self.t.note_statement(&stmt.query, stmt.foreign);
+            rewritten.push_str(&sql[at..n.start]);
+            rewritten.push_str(&stmt.name);
+            at = n.end;
+        }
+        rewritten.push_str(&sql[at..]);
+        self.t.note_effects(e);
+        write::query_text(self.to_server, &rewritten, foreign);
+        self.owe_query(sql, 0, None);
+        Ok(())
+    }
 }

@@ -85,6 +85,17 @@ pub(crate) fn deallocate_name(stmt: &str) -> Option<Option<String>> {
 }
 
 /// Parses `PREPARE name [(types)] AS stmt` or `EXECUTE name [(args)]`.
+/// Where `EXECUTE name …` (`stmt` starts with EXECUTE) names its statement.
+pub(crate) fn execute_name(stmt: &str) -> Option<NestedExecute> {
+    let (keyword, kw_end) = keyword_at(stmt, 0);
+    if keyword != "execute" {
+        return None;
+    }
+    let start = skip_space(stmt, kw_end);
+    let (name, end) = identifier(stmt, start)?;
+    Some(NestedExecute { name, start, end })
+}
+
 pub(crate) fn prepared_sql(stmt: &str) -> Option<PreparedSql> {
     let b = stmt.as_bytes();
     let (keyword, kw_end) = keyword_at(stmt, 0);

@@ -8,8 +8,8 @@ mod commands;
 mod lex;
 
 use commands::{
-    deallocate_name, nested_execute, prepared_sql, session_functions, set_config_names,
-    setting_name,
+    deallocate_name, execute_name, nested_execute, prepared_sql, session_functions,
+    set_config_names, setting_name,
 };
 pub(crate) use lex::{
     contains_ignore_case, dollar_quote_end, first_keyword, identifier, is_ident_byte, keyword_at,
@@ -44,6 +44,9 @@ pub struct Effects {
     /// A prepared statement run inside another one (`EXPLAIN [ANALYZE]
     /// EXECUTE p`, `CREATE TABLE t AS EXECUTE p`), as the only statement.
     pub nested_execute: Option<NestedExecute>,
+    /// In a query of several statements: where each `EXECUTE p` (alone or
+    /// inside EXPLAIN / CREATE TABLE AS) names its statement, in order.
+    pub executes: Vec<NestedExecute>,
     /// Custom (dotted) parameters set or reset: `pg_settings` does not list
     /// them, so they are read back by name.
     pub custom_params: Vec<String>,
@@ -123,14 +126,21 @@ pub fn effects(sql: &str) -> Effects {
         };
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let custom = |name: &str| name.contains('.').then(|| name.to_owned());
-        if single && matches!(w(0), "explain" | "create") {
-            // `stmt` lies within `sql`: positions are made the query's.
-            let offset = stmt.as_ptr() as usize - sql.as_ptr() as usize;
-            e.nested_execute = nested_execute(stmt).map(|n| NestedExecute {
-                start: n.start + offset,
-                end: n.end + offset,
-                ..n
-            });
+        // `stmt` lies within `sql`: positions are made the query's.
+        let offset = stmt.as_ptr() as usize - sql.as_ptr() as usize;
+        let in_query = |n: NestedExecute| NestedExecute {
+            start: n.start + offset,
+            end: n.end + offset,
+            ..n
+        };
+        if matches!(w(0), "explain" | "create") {
+            match nested_execute(stmt).map(in_query) {
+                Some(n) if !single => e.executes.push(n),
+                n => e.nested_execute = n,
+            }
+        }
+        if !single && first_keyword(stmt) == "execute" {
+            e.executes.extend(execute_name(stmt).map(in_query));
         }
         // PREPARE, EXECUTE and DEALLOCATE by their leading keyword alone: a
         // name may follow it without a space (`EXECUTE"s1"`).

@@ -37,6 +37,29 @@ fn nested_executes_are_found_where_they_stand() {
 }
 
 #[test]
+fn executes_in_a_query_of_several_statements_are_found_in_order() {
+    let found = |sql: &str| -> Vec<(String, String)> {
+        effects(sql)
+            .executes
+            .iter()
+            .map(|n| (n.name.clone(), sql[n.start..n.end].to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        found("select 1; EXECUTE P(1); explain execute \"q\"; begin;execute r"),
+        [
+            ("p".into(), "P".into()),
+            ("q".into(), "\"q\"".into()),
+            ("r".into(), "r".into())
+        ]
+    );
+    // Alone, it is `prepared` / `nested_execute`; in text, nothing.
+    assert!(found("execute p(1)").is_empty());
+    assert!(found("explain execute p(1)").is_empty());
+    assert!(found("select 'execute p'; select 2").is_empty());
+}
+
+#[test]
 fn transaction_exits_are_the_statements_a_failed_transaction_parses() {
     for sql in [
         "ROLLBACK",

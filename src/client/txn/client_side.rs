@@ -127,9 +127,11 @@ impl Inspector for ClientSide<'_> {
                 let t = &mut *self.t;
                 if let Some(e) = e {
                     let refused = e.session_feature.is_some() && t.policy.refuse_session_features;
-                    let prepared =
-                        (e.prepared.is_some() || e.nested_execute.is_some() || e.lists_statements)
-                            && t.policy.named_statements;
+                    let prepared = (e.prepared.is_some()
+                        || e.nested_execute.is_some()
+                        || !e.executes.is_empty()
+                        || e.lists_statements)
+                        && t.policy.named_statements;
                     if e.deallocate.is_some() || e.drops_all_statements || refused || prepared {
                         return Ok(Step::Stop);
                     }
