@@ -828,6 +828,45 @@ async fn a_write_refused_inside_a_read_only_block_answers_as_postgres() {
     assert_eq!(n.get::<_, i64>(0), 0);
 }
 
+/// A client that leaves while its read runs on a replica (its answer held
+/// back by the misroute net until a row comes) has the read canceled and
+/// the server back, as any client leaving mid-query does. Before, tidepool
+/// waited for the read to end, holding the replica's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_a_held_replica_read_has_it_canceled() {
+    let s = setup("heldgone", "").await;
+    let mut r = harness::raw::Raw::login_trust(s.proxy.port(), &s.db).await;
+    r.send(&harness::raw::query(
+        "/* tidepool: replica */ select pg_sleep(120) as held_read",
+    ))
+    .await;
+    let running = |port: u16| {
+        let s = &s;
+        async move {
+            let c = s.cluster.admin_client_on(port, &s.db).await;
+            c.query_one(
+                "select count(*) from pg_stat_activity where query like '%held_read%'                  and state = 'active' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let replicas = s.cluster.replica_ports();
+    harness::wait_until_async("the read to run on a replica", DEADLINE, || async {
+        running(replicas[0]).await + running(replicas[1]).await == 1
+    })
+    .await;
+    drop(r);
+    harness::wait_until_async(
+        "the read to be canceled",
+        Duration::from_secs(30),
+        || async { running(replicas[0]).await + running(replicas[1]).await == 0 },
+    )
+    .await;
+}
+
 /// The text results of the FunctionCallResponses in `msgs`.
 fn function_results(msgs: &[harness::raw::Msg]) -> Vec<String> {
     msgs.iter()

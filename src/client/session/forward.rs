@@ -354,7 +354,12 @@ impl Session {
                     }
                 }
                 Event::ClientRead(r) => match r {
-                    Ok(0) | Err(_) => client_closed = true,
+                    Ok(0) | Err(_) => {
+                        client_closed = true;
+                        // Nobody to replay for: what is held goes (or
+                        // fails to go) now, so that the end is seen.
+                        t.misroute.give_up();
+                    }
                     Ok(_) => rescan = true,
                 },
                 Event::IdleTimeout => {
