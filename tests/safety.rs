@@ -954,3 +954,37 @@ async fn newer_protocol_minor_versions_are_negotiated_down_as_postgresql_does() 
     );
     assert_eq!(e.code().as_deref(), Some("08P01"));
 }
+
+/// Refusals PostgreSQL makes once the client has proven who it is (an
+/// unknown database, a startup parameter it refuses) come after an
+/// AuthenticationOk, as from PostgreSQL: the same messages, codes and words.
+/// (tidepool sent the error alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_after_authentication_come_as_postgresql_sends_them() {
+    let c = cluster();
+    let db = c.create_database("afterauth");
+    let proxy = TestProxy::for_db(c, &db, "");
+    for (what, packet) in [
+        (
+            "unknown database",
+            raw::startup(harness::TRUST_USER, "no_such_db_here"),
+        ),
+        (
+            "refused parameter",
+            startup_minor(0, harness::TRUST_USER, &db, &[("work_mem", "banana")]),
+        ),
+    ] {
+        let mut answers = Vec::new();
+        for port in [c.primary_port(), proxy.port()] {
+            let mut r = Raw::connect(port).await;
+            r.send(&packet).await;
+            let msgs = r.read_to_close().await;
+            let seen: Vec<(char, Option<String>, Option<String>)> = msgs
+                .iter()
+                .map(|m| (m.tag as char, m.code(), m.message()))
+                .collect();
+            answers.push(seen);
+        }
+        assert_eq!(answers[0], answers[1], "{what}");
+    }
+}

@@ -380,7 +380,9 @@ async fn handshake(
         // to a database's auth_query has no database to ask: unknown here.
         let auth = settings.users.get(&user);
         prove(stream, shared, &user, auth, auth_type, binding).await?;
-        return Err(Some(ClientError::UnknownDatabase(database)));
+        return Err(Some(
+            authenticated_then(stream, ClientError::UnknownDatabase(database)).await,
+        ));
     };
     // A user not in the config: the database says who it is (auth_query).
     let fetched = match (
@@ -437,7 +439,13 @@ async fn handshake(
         .into_iter()
         .map(|(k, v)| (canonical(&k, &defaults), v))
         .collect();
-    let client_params = Box::pin(canonical_values(&pool, &defaults, client_params)).await?;
+    let client_params = match Box::pin(canonical_values(&pool, &defaults, client_params)).await {
+        Ok(p) => p,
+        Err(Some(e @ ClientError::ParameterRefused(_))) => {
+            return Err(Some(authenticated_then(stream, e).await));
+        }
+        Err(e) => return Err(e),
+    };
     params.extend(client_params.clone());
 
     let cancel = shared.cancel.register(id);
@@ -566,6 +574,16 @@ async fn admin_login(
         pid,
         buf,
     })))
+}
+
+/// A refusal PostgreSQL makes once the client has proven who it is (an
+/// unknown database, a startup parameter it refuses): AuthenticationOk
+/// first, as PostgreSQL sends it, then the error (the caller writes it).
+async fn authenticated_then(stream: &mut Stream, e: ClientError) -> ClientError {
+    let mut out = BytesMut::with_capacity(9);
+    write::auth_ok(&mut out);
+    let _ = stream.write_all(&out).await;
+    e
 }
 
 /// Opens the pool's first connection to learn what a server reports.
