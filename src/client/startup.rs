@@ -293,10 +293,7 @@ async fn handshake(
                 crate::protocol::tag::GSSENC_REQUEST_CODE
             };
             return Err(Some(ClientError::Protocol(
-                crate::protocol::ProtocolError::UnsupportedVersion {
-                    major: (code >> 16) as u16,
-                    minor: (code & 0xffff) as u16,
-                },
+                crate::protocol::ProtocolError::unsupported_version(code),
             )));
         }
         Err(StartupError::Protocol(p)) => return Err(Some(ClientError::Protocol(p))),

@@ -45,3 +45,15 @@ pub enum ProtocolError {
     #[error("invalid length of startup packet")]
     StartupLength,
 }
+
+impl ProtocolError {
+    /// A startup packet whose version word `code` is not protocol 3 (or a
+    /// request code where a startup packet must come), read as PostgreSQL
+    /// reads it: major.minor.
+    pub fn unsupported_version(code: i32) -> Self {
+        ProtocolError::UnsupportedVersion {
+            major: (code >> 16) as u16,
+            minor: (code & 0xffff) as u16,
+        }
+    }
+}

@@ -87,10 +87,7 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
                 params,
             })
         }
-        other => Err(ProtocolError::UnsupportedVersion {
-            major: (other >> 16) as u16,
-            minor: (other & 0xffff) as u16,
-        }),
+        other => Err(ProtocolError::unsupported_version(other)),
     }
 }
 

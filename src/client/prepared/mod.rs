@@ -142,7 +142,7 @@ impl Handler<'_> {
         {
             // EXPLAIN EXECUTE p, CREATE TABLE … AS EXECUTE p: p is the
             // client's name for tidepool's statement.
-            if self.catalog.generation(stmt.hash) != stmt.generation {
+            if self.stale(&stmt) {
                 self.fail_query(plan_changed(self.catalog));
                 return Ok(());
             }
@@ -203,11 +203,12 @@ impl Handler<'_> {
                 return self.parse_text(name, &rewritten, foreign, rest, None);
             }
             let e = effects(&query);
-            if let Some(rewritten) = self.sql_prepared_in_parse(&query, foreign, &e)? {
-                return match rewritten {
-                    Some((text, needs)) => self.parse_text(name, &text, foreign, rest, needs),
-                    None => Ok(()),
-                };
+            match self.sql_prepared_in_parse(&query, foreign, &e)? {
+                sql_level::ParseAs::AsIs => {}
+                sql_level::ParseAs::Answered => return Ok(()),
+                sql_level::ParseAs::Text(text, needs) => {
+                    return self.parse_text(name, &text, foreign, rest, needs);
+                }
             }
         }
         self.parse_as_is(msg, body)
@@ -261,8 +262,7 @@ impl Handler<'_> {
         if needs.is_some() {
             Arc::make_mut(&mut stmt).needs = needs;
         }
-        let generation = self.catalog.generation(stmt.hash);
-        let stmt = Statement::in_generation(stmt, generation);
+        let stmt = self.in_current_generation(stmt);
         let t = &mut *self.t;
         t.batch.open();
         if t.note_statement(&stmt.query, stmt.foreign) {
@@ -339,16 +339,15 @@ impl Handler<'_> {
             self.ensure(needs);
         }
         // What it does to the session is this transaction's, whenever it
-        // was parsed (a SET, a set_config, a function that sets).
-        if !*stmt
+        // was parsed (a SET, a set_config, a function that sets); a
+        // DEALLOCATE of one of the client's statements drops it now.
+        if (!*stmt
             .plain
             .get_or_init(|| !stmt.foreign && effects(&stmt.query).is_plain())
-            || self.t.calls_changer(&stmt.query)
+            || self.t.calls_changer(&stmt.query))
+            && let Some(target) = self.t.note_run(&stmt.query, stmt.foreign).deallocate
         {
-            self.t.note_run(&stmt.query, stmt.foreign);
-            if let Some(target) = effects(&stmt.query).deallocate {
-                self.deallocate_on_bind(&target);
-            }
+            self.deallocate_on_bind(&target);
         }
         let version = self.catalog.version(stmt.hash);
         let fresh = self.prepared.fresh(stmt.hash, version);
@@ -388,7 +387,7 @@ impl Handler<'_> {
             _ => {
                 // No row shape known: the statement's generation tells
                 // whether a server said its result changed since.
-                if self.catalog.generation(stmt.hash) != stmt.generation {
+                if self.stale(&stmt) {
                     return self.fail(plan_changed(self.catalog));
                 }
                 if fresh && let Some(shape) = self.prepared.shape(stmt.hash) {
@@ -504,12 +503,30 @@ impl Handler<'_> {
     /// Queues a Close of tidepool's statement `hash` on the server; its
     /// CloseComplete is dropped.
     fn close_on_server(&mut self, hash: u64) {
+        self.close_named(&server_name(hash));
+    }
+
+    /// Queues a Close of the server statement `name`; its CloseComplete is
+    /// dropped (a Close of a statement that does not exist succeeds).
+    fn close_named(&mut self, name: &str) {
         write::message(self.to_server, FrontendTag::Close.byte(), |m| {
             m.put_u8(b'S');
-            m.put_slice(server_name(hash).as_bytes());
+            m.put_slice(name.as_bytes());
             m.put_u8(0);
         });
         self.t.expect.push(Owed::Close { swallow: true });
+    }
+
+    /// `stmt` as prepared now, in the current generation of its text.
+    fn in_current_generation(&self, stmt: Arc<Statement>) -> Arc<Statement> {
+        let generation = self.catalog.generation(stmt.hash);
+        Statement::in_generation(stmt, generation)
+    }
+
+    /// A server said `stmt`'s result changed since the client prepared it
+    /// (see `pool::Catalog`): the client is answered PostgreSQL's 0A000.
+    fn stale(&self, stmt: &Statement) -> bool {
+        self.catalog.generation(stmt.hash) != stmt.generation
     }
 
     /// Queues what prepares `stmt` on the server ahead of the client's next

@@ -7,6 +7,16 @@
 
 use super::*;
 
+/// What becomes of a client's Parse of SQL-level PREPARE / EXECUTE.
+pub(super) enum ParseAs {
+    /// Not such a statement, or one the server answers itself.
+    AsIs,
+    /// Answered here (an error).
+    Answered,
+    /// This text is parsed instead; it runs that statement, if any.
+    Text(String, Option<Arc<Statement>>),
+}
+
 impl Handler<'_> {
     /// SQL-level `PREPARE` and `EXECUTE`: the client's name maps to a shared
     /// server statement, exactly like a protocol-level Parse.
@@ -25,8 +35,7 @@ impl Handler<'_> {
                     return Ok(());
                 }
                 let stmt = Statement::from_sql_prepare(rest, foreign, self.t.statement_context());
-                let generation = self.catalog.generation(stmt.hash);
-                let stmt = Statement::in_generation(stmt, generation);
+                let stmt = self.in_current_generation(stmt);
                 self.t.note_statement(&stmt.query, stmt.foreign);
                 self.statements.insert(name.clone(), stmt.clone());
                 if self
@@ -83,7 +92,7 @@ impl Handler<'_> {
                     self.to_server.extend_from_slice(msg);
                     return Ok(());
                 };
-                if self.catalog.generation(stmt.hash) != stmt.generation {
+                if self.stale(&stmt) {
                     self.fail_query(plan_changed(self.catalog));
                     return Ok(());
                 }
@@ -140,68 +149,59 @@ impl Handler<'_> {
     /// SQL-level PREPARE, EXECUTE or `EXPLAIN EXECUTE` sent as a Parse
     /// (psycopg 3 sends every statement so), as [`Handler::sql_prepared`]
     /// handles them in a simple query: the client's statement is
-    /// tidepool's, wherever the client runs it. `None`: not such a
-    /// statement; `Some(None)`: answered (an error); `Some(Some(text))`:
-    /// parse `text` instead (it runs statement `needs`, if any).
-    #[allow(clippy::type_complexity)]
+    /// tidepool's, wherever the client runs it.
     pub(super) fn sql_prepared_in_parse(
         &mut self,
         query: &str,
         foreign: bool,
         e: &crate::client::sql::Effects,
-    ) -> Result<Option<Option<(String, Option<Arc<Statement>>)>>, ProtocolError> {
+    ) -> Result<ParseAs, ProtocolError> {
         match (&e.prepared, &e.nested_execute) {
             (Some(PreparedSql::Prepare { name, rest }), _) => {
                 if self.statements.contains_key(name) {
                     self.fail(duplicate(name))?;
-                    return Ok(Some(None));
+                    return Ok(ParseAs::Answered);
                 }
                 let stmt = Statement::from_sql_prepare(rest, foreign, self.t.statement_context());
-                let generation = self.catalog.generation(stmt.hash);
-                let stmt = Statement::in_generation(stmt, generation);
+                let stmt = self.in_current_generation(stmt);
                 self.t.note_statement(&stmt.query, stmt.foreign);
                 self.statements.insert(name.clone(), stmt);
                 // The client's own PREPARE runs too, making a server
                 // statement of the client's name, which nothing else uses
                 // (tidepool's are its own names): one another client left
                 // on this server is closed first.
-                write::message(self.to_server, FrontendTag::Close.byte(), |m| {
-                    m.put_u8(b'S');
-                    m.put_slice(name.as_bytes());
-                    m.put_u8(0);
-                });
-                self.t.expect.push(Owed::Close { swallow: true });
-                Ok(Some(Some((query.to_owned(), None))))
+                self.close_named(name);
+                Ok(ParseAs::Text(query.to_owned(), None))
             }
             (Some(PreparedSql::Execute { name, rest }), _) => {
                 let Some(stmt) = self.lookup(name) else {
                     // Unknown to tidepool: the server answers (26000).
-                    return Ok(None);
+                    return Ok(ParseAs::AsIs);
                 };
-                if self.catalog.generation(stmt.hash) != stmt.generation {
+                if self.stale(&stmt) {
                     self.fail(plan_changed(self.catalog))?;
-                    return Ok(Some(None));
+                    return Ok(ParseAs::Answered);
                 }
                 self.ensure(&stmt);
                 self.t.note_statement(&stmt.query, stmt.foreign);
-                Ok(Some(Some((
+                Ok(ParseAs::Text(
                     format!("EXECUTE {}{rest}", stmt.name),
                     Some(stmt),
-                ))))
+                ))
             }
             (None, Some(n)) => {
                 let Some(stmt) = self.lookup(&n.name) else {
-                    return Ok(None);
+                    return Ok(ParseAs::AsIs);
                 };
-                if self.catalog.generation(stmt.hash) != stmt.generation {
+                if self.stale(&stmt) {
                     self.fail(plan_changed(self.catalog))?;
-                    return Ok(Some(None));
+                    return Ok(ParseAs::Answered);
                 }
                 self.ensure(&stmt);
                 let text = format!("{}{}{}", &query[..n.start], stmt.name, &query[n.end..]);
-                Ok(Some(Some((text, Some(stmt)))))
+                Ok(ParseAs::Text(text, Some(stmt)))
             }
-            _ => Ok(None),
+            _ => Ok(ParseAs::AsIs),
         }
     }
 
@@ -237,17 +237,13 @@ impl Handler<'_> {
     /// [`Handler::sql_prepared_in_parse`], must not collide). An unknown
     /// name, or a failed transaction, is left to the server's own answer.
     pub(super) fn deallocate_on_bind(&mut self, target: &str) {
-        let t = &mut *self.t;
-        if t.status == crate::protocol::TxStatus::Failed || self.statements.remove(target).is_none()
+        if self.t.status == crate::protocol::TxStatus::Failed
+            || self.statements.remove(target).is_none()
         {
             return;
         }
-        write::message(self.to_server, FrontendTag::Close.byte(), |m| {
-            m.put_u8(b'S');
-            m.put_slice(target.as_bytes());
-            m.put_u8(0);
-        });
-        t.expect.push(Owed::Close { swallow: true });
+        self.close_named(target);
+        let t = &mut *self.t;
         write::message(self.to_server, FrontendTag::Parse.byte(), |m| {
             m.put_slice(target.as_bytes());
             m.put_u8(0);
@@ -276,7 +272,7 @@ impl Handler<'_> {
             let Some(stmt) = self.lookup(&n.name) else {
                 continue;
             };
-            if self.catalog.generation(stmt.hash) != stmt.generation {
+            if self.stale(&stmt) {
                 self.fail_query(plan_changed(self.catalog));
                 return Ok(());
             }

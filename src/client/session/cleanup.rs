@@ -10,11 +10,12 @@ impl Session {
     /// statement goes to the primary from now on (logged once, literals
     /// masked); either way the client's bytes are put back to run there now.
     pub(super) fn misrouted(&mut self, replay: BytesMut, statement_at_fault: bool) {
-        if let (true, Some(h), Some(sql)) = (
-            statement_at_fault,
-            &self.health,
-            first_statement(&replay, self.limit, &self.statements),
-        ) {
+        if statement_at_fault
+            && let (Some(h), Some(sql)) = (
+                &self.health,
+                first_statement(&replay, self.limit, &self.statements),
+            )
+        {
             let fingerprint = crate::stats::fingerprint::hash_and_template(sql).0;
             if h.remember_misrouted(fingerprint) {
                 let shape = self.shared.stats.shapes.shape(sql);

@@ -283,11 +283,13 @@ impl Tracker {
     /// A prepared statement runs (its Bind): what its text does to the
     /// session, as [`Self::note_statement`], and running it (not parsing
     /// it) drops the server's statements if its text says so.
-    pub fn note_run(&mut self, query: &str, foreign: bool) {
+    /// Returns those effects (a `DEALLOCATE name` the caller carries out).
+    pub fn note_run(&mut self, query: &str, foreign: bool) -> Effects {
         self.params_changed |= foreign;
         let e = self.effects_of(query);
         self.drops_statements |= e.drops_all_statements;
         self.note_effects(&e);
+        e
     }
 
     /// What `sql` does to the session, a call of a function that may change
