@@ -120,6 +120,57 @@ async fn scram_verifier_in_config_logs_in_to_the_server_by_passthrough() {
     assert_eq!(code(&e).as_deref(), Some("28P01"));
 }
 
+/// As PostgreSQL: a user whose password is a SCRAM verifier logs in with
+/// SCRAM where md5 is asked for (a migrated `auth_type = md5`), and with
+/// its clear-text password where `password` is; both reach the server by
+/// SCRAM passthrough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_verifier_serves_md5_and_password_users() {
+    let c = cluster();
+    let db = c.create_database("verimd5");
+    let admin = c.admin_client("postgres").await;
+    let verifier: String = admin
+        .query_one(
+            "select rolpassword from pg_authid where rolname = 'app'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for method in ["md5", "password"] {
+        let toml = harness::proxy::config_toml(c, &db, "", "")
+            .replace(
+                &format!("password = \"{}\"", harness::APP_PASSWORD),
+                &format!("password = \"{verifier}\""),
+            )
+            .replace(
+                "[users.app]\n",
+                &format!("[users.app]\nauth_type = \"{method}\"\n"),
+            );
+        let proxy = TestProxy::start(&toml);
+        let client = harness::connect(&proxy.url(&db))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let who: String = client
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, "app", "{method}");
+        let out = harness::psql_async(&proxy.url(&db), &["-Atc", "select 40 + 2"], None).await;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "42",
+            "{method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let e = harness::connect(&proxy.url_as("app", Some("wrong"), &db))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e).as_deref(), Some("28P01"), "{method}: {e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_client_auth_with_plain_password() {
     let c = cluster();

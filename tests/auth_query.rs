@@ -89,6 +89,20 @@ async fn users_not_in_the_config_log_in_with_the_servers_secret() {
         "qa_md5"
     );
 
+    // With md5 asked for (a migrated `auth_type = md5`), a SCRAM-stored
+    // password logs in with SCRAM, as PostgreSQL does.
+    let md5_toml = toml.replace("[tidepool]\n", "[tidepool]\nauth_type = \"md5\"\n");
+    let md5_proxy = TestProxy::start(&md5_toml);
+    for (user, pw) in [("qa_user", "qa pass"), ("qa_md5", "md5 pass")] {
+        let c = login(&md5_proxy, user, pw, &db)
+            .await
+            .unwrap_or_else(|e| panic!("{user} with md5 asked for: {e}"));
+        assert_eq!(harness::first_value(&c, "select current_user").await, user);
+        let e = login(&md5_proxy, user, "wrong", &db).await.err().unwrap();
+        assert!(e.starts_with("28P01"), "{user}: {e}");
+    }
+    drop(md5_proxy);
+
     // Wrong passwords, unknown users, names carrying SQL: the same refusal.
     for (user, pw) in [
         ("qa_user", "wrong"),

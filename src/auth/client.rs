@@ -62,6 +62,11 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     match auth {
         AuthType::Trust if known => Ok(Verified::default()),
         AuthType::Trust => Err(AuthError::Failed(user.to_owned())),
+        // As PostgreSQL: md5 asked for, but the password is stored as a
+        // SCRAM verifier, which cannot check an md5 answer: SCRAM instead.
+        AuthType::Md5 if matches!(secret, Some(Secret::Scram(_))) => {
+            scram(stream, buf, user, (verifier, decoy), binding).await
+        }
         AuthType::Md5 => md5(stream, buf, user, secret).await,
         AuthType::ScramSha256 => scram(stream, buf, user, (verifier, decoy), binding).await,
         AuthType::Password => password(stream, buf, user, secret).await,
@@ -86,15 +91,20 @@ async fn password<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(secret) = secret.cloned() else {
         return Err(AuthError::Failed(user.to_owned()));
     };
-    // A SCRAM verifier costs its PBKDF2 iterations: off the event loop.
+    // A SCRAM verifier costs its PBKDF2 iterations: off the event loop. The
+    // password proves the ClientKey a SCRAM login would have, which logs
+    // the client in to the server as SCRAM passthrough does.
     let owner = user.to_owned();
-    let ok = tokio::task::spawn_blocking(move || secret.matches_password(&owner, &sent))
-        .await
-        .unwrap_or(false);
-    if ok {
-        Ok(Verified::default())
-    } else {
-        Err(AuthError::Failed(user.to_owned()))
+    let checked = tokio::task::spawn_blocking(move || match &secret {
+        Secret::Scram(v) => super::scram::client_key_of(v, &sent).map(Some),
+        other => other.matches_password(&owner, &sent).then_some(None),
+    })
+    .await
+    .ok()
+    .flatten();
+    match checked {
+        Some(client_key) => Ok(Verified { client_key }),
+        None => Err(AuthError::Failed(user.to_owned())),
     }
 }
 

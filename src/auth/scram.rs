@@ -181,10 +181,17 @@ impl ServerExchange {
 /// Whether `password` gives the verifier's StoredKey (RFC 5802's Hi():
 /// PBKDF2-HMAC-SHA-256 over the verifier's salt and iterations).
 pub fn password_matches(v: &ScramVerifier, password: &[u8]) -> bool {
+    client_key_of(v, password).is_some()
+}
+
+/// The ClientKey of `password` under `v`'s salt and iterations, when it is
+/// `v`'s password: what a SCRAM login would have proved, so a client that
+/// sent its password in clear text can be logged in to the server with it.
+pub fn client_key_of(v: &ScramVerifier, password: &[u8]) -> Option<[u8; 32]> {
     let salted = salted_password(password, &v.salt, v.iterations);
     let client_key = hmac(&salted, &[b"Client Key"]);
     let stored: [u8; 32] = Sha256::digest(client_key).into();
-    constant_time_eq(&stored, &v.stored_key)
+    constant_time_eq(&stored, &v.stored_key).then_some(client_key)
 }
 
 /// RFC 5802's Hi(password, salt, iterations): PBKDF2 with HMAC-SHA-256.

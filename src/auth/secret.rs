@@ -56,13 +56,14 @@ impl Secret {
         }
     }
 
-    /// Whether clients can be verified with `auth` using this secret.
+    /// Whether clients can be verified with `auth` using this secret. A
+    /// SCRAM verifier asked for md5 verifies with SCRAM, as PostgreSQL does.
     pub fn supports(&self, auth: AuthType) -> bool {
         matches!(
             (self, auth),
             (_, AuthType::Trust)
                 | (Secret::Plain(_), _)
-                | (Secret::Scram(_), AuthType::ScramSha256)
+                | (Secret::Scram(_), AuthType::ScramSha256 | AuthType::Md5)
                 | (Secret::Md5(_), AuthType::Md5)
                 | (_, AuthType::Password)
         )
