@@ -91,6 +91,10 @@ pub enum ClientError {
     /// An HBA `cert` line, and the certificate names someone else.
     #[error("certificate authentication failed for user \"{0}\"")]
     CertificateMismatch(String),
+    /// An HBA line with `clientcert=verify-full`, and the certificate
+    /// names someone else.
+    #[error("certificate validation (clientcert=verify-full) failed for user \"{0}\": CN mismatch")]
+    CertificateNameMismatch(String),
     #[error("database \"{0}\" does not exist")]
     UnknownDatabase(String),
     #[error("unsupported startup parameter: {0}")]
@@ -204,6 +208,7 @@ impl ClientError {
             | ClientError::HbaRejected(_)
             | ClientError::CertificateRequired
             | ClientError::CertificateMismatch(_)
+            | ClientError::CertificateNameMismatch(_)
             | ClientError::LoginThrottled(_)
             | ClientError::TlsRequired => SqlState::INVALID_AUTHORIZATION,
             ClientError::UnknownDatabase(_) => SqlState::UNKNOWN_DATABASE,

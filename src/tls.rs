@@ -162,19 +162,31 @@ impl Acceptor {
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ("client_tls_sslmode", e.to_string()))?;
-        let builder = if f.mode >= Mode::VerifyCa {
-            let ca = f.ca.ok_or((
-                "client_tls_ca_file",
-                "required for verify-ca and verify-full".to_owned(),
-            ))?;
-            let roots = roots(ca, "CA file").map_err(|e| ("client_tls_ca_file", e))?;
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        // With a CA file, client certificates are asked for (as PostgreSQL
+        // does with ssl_ca_file) and verified when sent: required from
+        // verify-ca on, and by HBA lines (`cert`, `clientcert=`) below it.
+        let builder = match f.ca {
+            None if f.mode >= Mode::VerifyCa => {
+                return Err((
+                    "client_tls_ca_file",
+                    "required for verify-ca and verify-full".to_owned(),
+                ));
+            }
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = roots(ca, "CA file").map_err(|e| ("client_tls_ca_file", e))?;
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+                let verifier = if f.mode >= Mode::VerifyCa {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                let verifier = verifier
                     .build()
                     .map_err(|e| ("client_tls_ca_file", e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
+                builder.with_client_cert_verifier(verifier)
+            }
         };
         let mut config = builder
             .with_single_cert(certs, key)

@@ -418,6 +418,112 @@ async fn client_certificates_are_checked_with_verify_ca() {
     );
 }
 
+/// HBA `clientcert` options with client certificates optional (sslmode
+/// require, a CA file): `verify-full` wants a certificate naming the user
+/// besides the password, `verify-ca` any verified one; an option tidepool
+/// does not know fails the load instead of being ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hba_clientcert_options_are_enforced() {
+    let c = cluster();
+    let db = c.create_database("tls_clientcert");
+    let certs = tempdir("clientcert-opt");
+    make_certs(
+        &certs,
+        "ca",
+        &[
+            ("proxy", "/CN=localhost", SERVER_EXT),
+            ("client", "/CN=app", CLIENT_EXT),
+            ("other", "/CN=someone_else", CLIENT_EXT),
+        ],
+    );
+    for name in ["client", "other"] {
+        let key = certs.join(format!("{name}.key"));
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+    std::fs::write(
+        certs.join("hba.conf"),
+        format!(
+            "hostssl all app 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n\
+             hostssl all {md5} 127.0.0.1/32 md5 clientcert=verify-ca clientname=CN\n\
+             host all all 127.0.0.1/32 reject\n",
+            md5 = harness::MD5_USER
+        ),
+    )
+    .unwrap();
+    let toml = harness::proxy::config_toml(c, &db, "", "").replace(
+        "[tidepool]\n",
+        &format!(
+            "[tidepool]\nclient_tls_sslmode = \"require\"\n\
+             client_tls_cert_file = \"{d}/proxy.crt\"\nclient_tls_key_file = \"{d}/proxy.key\"\n\
+             client_tls_ca_file = \"{d}/ca.crt\"\nauth_hba_file = \"{d}/hba.conf\"\n",
+            d = certs.display()
+        ),
+    );
+    let proxy = TestProxy::start(&toml);
+    let login = |user: &str, password: &str, cert: Option<&str>| {
+        let mut s = format!(
+            "host=localhost port={} user={user} password={password} dbname={db} sslmode=verify-full sslrootcert={d}/ca.crt",
+            proxy.port(),
+            d = certs.display()
+        );
+        if let Some(name) = cert {
+            s += &format!(
+                " sslcert={d}/{name}.crt sslkey={d}/{name}.key",
+                d = certs.display()
+            );
+        }
+        psql_at(&s, "select current_user")
+    };
+    let (app, md5) = (harness::APP_PASSWORD, harness::MD5_PASSWORD);
+    let (ok, out, err) = login("app", app, Some("client"));
+    assert!(ok && out == "app", "{out} {err}");
+    let (ok, _, err) = login("app", app, None);
+    assert!(
+        !ok && err.contains("connection requires a valid client certificate"),
+        "{err}"
+    );
+    let (ok, _, err) = login("app", app, Some("other"));
+    assert!(
+        !ok && err.contains("clientcert=verify-full") && err.contains("CN mismatch"),
+        "{err}"
+    );
+    let (ok, _, err) = login("app", "wrong", Some("client"));
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+    let (ok, out, err) = login(harness::MD5_USER, md5, Some("other"));
+    assert!(ok && out == harness::MD5_USER, "{out} {err}");
+    let (ok, _, err) = login(harness::MD5_USER, md5, None);
+    assert!(
+        !ok && err.contains("connection requires a valid client certificate"),
+        "{err}"
+    );
+
+    // An option tidepool does not know is a load error, not ignored.
+    std::fs::write(
+        certs.join("bad.conf"),
+        "hostssl all all 127.0.0.1/32 scram-sha-256 foo=bar\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["check", "--config"])
+        .arg({
+            let p = certs.join("bad.toml");
+            std::fs::write(&p, toml.replace("hba.conf", "bad.conf")).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && err.contains("bad.conf:1") && err.contains("\"foo\""),
+        "{err}"
+    );
+}
+
 #[test]
 fn unreadable_certificates_fail_the_config_with_the_key() {
     let dir = tempdir("bad");

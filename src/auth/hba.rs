@@ -13,7 +13,11 @@
 //!   by a netmask column. IPv4 clients seen as IPv4-mapped IPv6 addresses
 //!   match IPv4 rules.
 //! - METHOD: `trust`, `reject`, `md5`, `password`, `scram-sha-256`, `cert`.
-//!   Options after the method are accepted and ignored.
+//! - OPTIONS (`name=value`, on `hostssl` lines): `clientcert=verify-ca` (a
+//!   client certificate that `client_tls_ca_file` verifies is required
+//!   besides the method) or `clientcert=verify-full` (and it must name the
+//!   user), and `clientname=CN`. Any other option is a load error: an
+//!   option ignored would admit whom the line meant to keep out.
 //!
 //! Invariant: the first line that matches decides; no match is a refusal.
 //! What PgBouncer does not support (`samerole`, `+group`, `@file`,
@@ -21,6 +25,16 @@
 //! rule silently read as something else.
 
 use std::net::IpAddr;
+
+/// What a line's `clientcert` option asks of the client's certificate,
+/// besides the method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCert {
+    /// One that `client_tls_ca_file` verifies.
+    VerifyCa,
+    /// One that it verifies and whose common name is the user.
+    VerifyFull,
+}
 
 /// What the first matching line says to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +78,7 @@ struct Rule {
     users: Vec<Name>,
     address: Address,
     method: Method,
+    clientcert: Option<ClientCert>,
 }
 
 /// The rules of one HBA file.
@@ -127,6 +142,12 @@ impl Hba {
     /// The method of the first line that matches `peer`; None when no line
     /// does (the login is refused).
     pub fn method_for(&self, peer: &Peer<'_>) -> Option<Method> {
+        self.rule_for(peer).map(|(m, _)| m)
+    }
+
+    /// The method of the first line that matches `peer`, and what its
+    /// `clientcert` option asks.
+    pub fn rule_for(&self, peer: &Peer<'_>) -> Option<(Method, Option<ClientCert>)> {
         let addr = peer.addr.map(canonical);
         self.rules
             .iter()
@@ -147,7 +168,7 @@ impl Hba {
                     Name::Exact(n) => n == peer.user,
                 }) && addr.is_none_or(|a| matches_address(&r.address, a))
             })
-            .map(|r| r.method)
+            .map(|r| (r.method, r.clientcert))
     }
 
     pub fn len(&self) -> usize {
@@ -333,6 +354,7 @@ fn rule(line: usize, f: &[Field]) -> Result<Rule, String> {
             ));
         }
     };
+    let clientcert = options(kind, method, &f[method_at + 1..])?;
     Ok(Rule {
         line,
         kind,
@@ -340,7 +362,53 @@ fn rule(line: usize, f: &[Field]) -> Result<Rule, String> {
         users,
         address,
         method,
+        clientcert,
     })
+}
+
+/// The `name=value` options after the method, in PostgreSQL's words where
+/// it refuses them too.
+fn options(kind: Kind, method: Method, f: &[Field]) -> Result<Option<ClientCert>, String> {
+    let mut clientcert = (method == Method::Cert).then_some(ClientCert::VerifyFull);
+    for field in f {
+        let option = single(field, "an option")?;
+        let Some((name, value)) = option.split_once('=') else {
+            return Err(format!(
+                "authentication option not in name=value format: {option}"
+            ));
+        };
+        match name {
+            "clientcert" | "clientname" if kind != Kind::HostSsl => {
+                return Err(format!(
+                    "{name} can only be configured for \"hostssl\" rows"
+                ));
+            }
+            "clientcert" => {
+                clientcert = match value {
+                    "verify-full" => Some(ClientCert::VerifyFull),
+                    "verify-ca" if method == Method::Cert => {
+                        return Err("clientcert only accepts \"verify-full\" when using \"cert\" authentication".into());
+                    }
+                    "verify-ca" => Some(ClientCert::VerifyCa),
+                    _ => {
+                        return Err(format!(
+                            "invalid value for clientcert: \"{value}\" (verify-ca or verify-full)"
+                        ));
+                    }
+                }
+            }
+            "clientname" if value == "CN" => {}
+            "clientname" => {
+                return Err(format!(
+                    "clientname \"{value}\" is not supported (only CN: the certificate's common name)"
+                ));
+            }
+            _ => {
+                return Err(format!("authentication option \"{name}\" is not supported"));
+            }
+        }
+    }
+    Ok(clientcert)
 }
 
 fn net(ip: &str, prefix: &str) -> Result<Address, String> {
@@ -388,7 +456,7 @@ mod tests {
              hostssl all all 0.0.0.0/0 cert\n\
              host app,other alice,bob 10.1.0.0 255.255.0.0 md5\n\
              host sameuser all 127.0.0.1/32 password\n\
-             host all all ::1/128 scram-sha-256 \\\n   clientcert=verify-full\n\
+             hostssl all all ::1/128 scram-sha-256 \\\n   clientcert=verify-full\n\
              hostnossl all all 0.0.0.0/0 scram-sha-256\n",
         )
         .unwrap();
@@ -418,12 +486,38 @@ mod tests {
             m(peer("::ffff:127.0.0.1", false, "bob", "bob")),
             Some(Method::Password)
         );
-        assert_eq!(m(peer("::1", false, "x", "y")), Some(Method::ScramSha256));
+        assert_eq!(m(peer("::1", true, "x", "y")), Some(Method::ScramSha256));
+        assert_eq!(
+            hba.rule_for(&peer("::1", true, "x", "y")),
+            Some((Method::ScramSha256, Some(ClientCert::VerifyFull)))
+        );
+        assert_eq!(m(peer("::1", false, "x", "y")), None);
         assert_eq!(m(peer("::2", false, "x", "y")), None);
         // The Unix socket: `local` lines only.
         assert_eq!(m(peer("unix", false, "x", "y")), Some(Method::Trust));
         let tcp_only = Hba::parse("host all all all trust\n").unwrap();
         assert_eq!(tcp_only.method_for(&peer("unix", false, "x", "y")), None);
+    }
+
+    #[test]
+    fn clientcert_options() {
+        let hba = Hba::parse(
+            "hostssl a all all md5 clientcert=verify-ca\n\
+             hostssl b all all scram-sha-256 clientcert=verify-full clientname=CN\n\
+             hostssl c all all cert\n\
+             hostssl d all all cert clientcert=verify-full\n\
+             hostssl e all all md5\n",
+        )
+        .unwrap();
+        let r = |db: &str| hba.rule_for(&peer("10.0.0.1", true, db, "u"));
+        assert_eq!(r("a"), Some((Method::Md5, Some(ClientCert::VerifyCa))));
+        assert_eq!(
+            r("b"),
+            Some((Method::ScramSha256, Some(ClientCert::VerifyFull)))
+        );
+        assert_eq!(r("c"), Some((Method::Cert, Some(ClientCert::VerifyFull))));
+        assert_eq!(r("d"), Some((Method::Cert, Some(ClientCert::VerifyFull))));
+        assert_eq!(r("e"), Some((Method::Md5, None)));
     }
 
     #[test]
@@ -439,6 +533,14 @@ mod tests {
             ("hostgssenc all all all trust", 1),
             ("host all all", 1),
             ("host \"all all all trust", 1),
+            // Options: an ignored one would admit whom the line keeps out.
+            ("hostssl all all all md5 foo=bar", 1),
+            ("hostssl all all all md5 clientcert", 1),
+            ("hostssl all all all md5 clientcert=yes", 1),
+            ("host all all all md5 clientcert=verify-ca", 1),
+            ("hostssl all all all cert clientcert=verify-ca", 1),
+            ("hostssl all all all md5 clientname=DN", 1),
+            ("local all all trust map=x", 1),
         ] {
             let e = Hba::parse(text).unwrap_err();
             assert_eq!(e.line, line, "{text}: {e}");

@@ -178,7 +178,7 @@ fn address_rules(
     user: &str,
 ) -> Result<Option<crate::auth::AuthType>, Option<ClientError>> {
     use crate::auth::AuthType;
-    use crate::auth::hba::{Method, Peer};
+    use crate::auth::hba::{ClientCert, Method, Peer};
     let Some(hba) = config.hba() else {
         return Ok(None);
     };
@@ -207,23 +207,38 @@ fn address_rules(
             tls: peer.tls,
         })
     };
-    match hba.method_for(&peer) {
-        None => Err(Some(ClientError::HbaNoEntry(who()))),
-        Some(Method::Reject) => Err(Some(ClientError::HbaRejected(who()))),
-        // The client certificate (verified against client_tls_ca_file)
-        // must name the user, as in PostgreSQL.
-        Some(Method::Cert) => match stream.peer_certificate() {
-            None => Err(Some(ClientError::CertificateRequired)),
-            Some(der) if crate::tls::common_name(&der).as_deref() == Some(user) => {
-                Ok(Some(AuthType::Trust))
-            }
-            Some(_) => Err(Some(ClientError::CertificateMismatch(user.to_owned()))),
-        },
-        Some(Method::Trust) => Ok(Some(AuthType::Trust)),
-        Some(Method::Md5) => Ok(Some(AuthType::Md5)),
-        Some(Method::Password) => Ok(Some(AuthType::Password)),
-        Some(Method::ScramSha256) => Ok(Some(AuthType::ScramSha256)),
+    let Some((method, clientcert)) = hba.rule_for(&peer) else {
+        return Err(Some(ClientError::HbaNoEntry(who())));
+    };
+    if method == Method::Reject {
+        return Err(Some(ClientError::HbaRejected(who())));
     }
+    // The client certificate (verified against client_tls_ca_file), as
+    // PostgreSQL checks it: required by `cert` and by a `clientcert`
+    // option; `cert` and `verify-full` want it to name the user.
+    if let Some(check) = clientcert {
+        let Some(der) = stream.peer_certificate() else {
+            return Err(Some(ClientError::CertificateRequired));
+        };
+        let named = crate::tls::common_name(&der).as_deref() == Some(user);
+        match (method, check) {
+            (Method::Cert, _) if !named => {
+                return Err(Some(ClientError::CertificateMismatch(user.to_owned())));
+            }
+            (_, ClientCert::VerifyFull) if !named => {
+                return Err(Some(ClientError::CertificateNameMismatch(user.to_owned())));
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(match method {
+        Method::Cert | Method::Trust => AuthType::Trust,
+        Method::Md5 => AuthType::Md5,
+        Method::Password => AuthType::Password,
+        Method::ScramSha256 => AuthType::ScramSha256,
+        // Refused above.
+        Method::Reject => return Err(Some(ClientError::HbaRejected(who()))),
+    }))
 }
 
 /// `max_db_client_connections` and `max_user_client_connections`: this
