@@ -6,6 +6,9 @@
 //!   left is closed.
 //! - SIGHUP / the console's RELOAD re-read the config file. An invalid file
 //!   is logged and changes nothing.
+//! - SIGUSR1 / the console's PAUSE hold new transactions (of every database,
+//!   or of one) and close server connections once running transactions
+//!   end; SIGUSR2 / RESUME let them go on (PgBouncer's signals).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -55,6 +58,115 @@ pub async fn reload_on_sighup(shared: Arc<Shared>) {
     {
         let _ = shared;
     }
+}
+
+/// PAUSE and RESUME of the whole pooler on SIGUSR1 and SIGUSR2, as
+/// PgBouncer: for as long as the process runs.
+pub async fn pause_on_sigusr(shared: Arc<Shared>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut usr1), Ok(mut usr2)) = (
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) else {
+            tracing::warn!("cannot listen for SIGUSR1/SIGUSR2; pause with the console's PAUSE");
+            return;
+        };
+        loop {
+            tokio::select! {
+                Some(()) = usr1.recv() => {
+                    tracing::info!("SIGUSR1: pausing every database");
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if pause(&shared, None).await.is_err() {
+                            tracing::info!("the pause ended (RESUME) before it was complete");
+                        }
+                    });
+                }
+                Some(()) = usr2.recv() => {
+                    tracing::info!("SIGUSR2: resuming every database");
+                    resume(&shared, None);
+                }
+                else => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = shared;
+    }
+}
+
+/// The databases a PAUSE, RESUME or KILL applies to: `db`, or all (and
+/// then the pooler as a whole: databases a reload adds come in paused).
+pub fn pause_targets(shared: &Shared, db: Option<&str>) -> Vec<String> {
+    match db {
+        Some(d) => vec![d.to_owned()],
+        None => shared.settings().config.databases.keys().cloned().collect(),
+    }
+}
+
+/// A PAUSE that RESUME ended before it was complete.
+#[derive(Debug, thiserror::Error)]
+#[error("RESUME came before the pause was complete")]
+pub struct PauseCanceled;
+
+/// PAUSE of database `db`, or of the whole pooler: new transactions wait;
+/// returns once running transactions have ended and the databases' server
+/// connections are closed, or fails when a RESUME of one of them came
+/// first.
+pub async fn pause(shared: &Shared, db: Option<&str>) -> Result<(), PauseCanceled> {
+    let dbs = pause_targets(shared, db);
+    if db.is_none() {
+        shared.registry.set_pooler_paused(true);
+    }
+    let controls: Vec<_> = dbs.iter().map(|d| shared.registry.control(d)).collect();
+    for c in &controls {
+        c.pause();
+    }
+    tracing::info!(databases = ?dbs, "PAUSE: waiting for running transactions to finish");
+    // New transactions wait; running ones finish and give their server back.
+    loop {
+        if controls.iter().any(|c| !c.is_paused()) {
+            return Err(PauseCanceled);
+        }
+        let busy: usize = shared
+            .registry
+            .pools()
+            .iter()
+            .filter(|p| dbs.contains(&p.database))
+            .map(|p| p.active_count())
+            .sum();
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in shared.registry.pools() {
+        if dbs.contains(&p.database) {
+            p.close_idle();
+        }
+    }
+    tracing::info!(databases = ?dbs, "paused");
+    Ok(())
+}
+
+/// RESUME of database `db`, or of the whole pooler (which also ends a
+/// PAUSE of the whole pooler). Returns the databases that were paused.
+pub fn resume(shared: &Shared, db: Option<&str>) -> Vec<String> {
+    let paused: Vec<String> = pause_targets(shared, db)
+        .into_iter()
+        .filter(|d| shared.registry.control(d).is_paused())
+        .collect();
+    if db.is_none() {
+        shared.registry.set_pooler_paused(false);
+    }
+    for d in &paused {
+        shared.registry.control(d).resume();
+    }
+    tracing::info!(databases = ?paused, "resumed");
+    paused
 }
 
 /// Why a reload did not happen.

@@ -204,6 +204,7 @@ fn main() -> ExitCode {
         let limit = proxy.shared().settings().config.tidepool.shutdown_timeout;
         proxy.shared().watchdog.enforce_shutdown(limit);
         tokio::spawn(tidepool::lifecycle::reload_on_sighup(proxy.shared()));
+        tokio::spawn(tidepool::lifecycle::pause_on_sigusr(proxy.shared()));
         proxy.run(tidepool::lifecycle::signal(), None).await;
         ExitCode::SUCCESS
     };

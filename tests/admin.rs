@@ -605,6 +605,55 @@ async fn pause_waits_for_transactions_and_holds_new_ones_until_resume() {
     assert_eq!(err.code().map(|c| c.code()), Some("3D000"));
 }
 
+/// A client held by PAUSE waits at most query_wait_timeout (as PgBouncer
+/// counts it), gets 53300 saying why, and is served after RESUME; a PAUSE
+/// still waiting when a RESUME comes fails instead of saying PAUSE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_wait_ends_at_query_wait_timeout_and_resume_cancels_a_pause() {
+    let c = cluster();
+    let db = c.create_database("pause_wait");
+    let p = TestProxy::start(
+        &config(&db, "127.0.0.1:0", "")
+            .replace("[pool]\n", "[pool]\nquery_wait_timeout = \"1s\"\n"),
+    );
+    let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let admin = harness::connect(&admin_url).await.unwrap();
+    admin.simple_query(&format!("PAUSE {db}")).await.unwrap();
+    let b = p.client(&db).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), b.simple_query("select 1"))
+        .await
+        .expect("the paused wait ends")
+        .unwrap_err();
+    let e = err.as_db_error().expect("an error response");
+    assert_eq!(e.code().code(), "53300", "{e:?}");
+    assert!(
+        e.message().contains("query_wait_timeout") && e.message().contains("paused"),
+        "{}",
+        e.message()
+    );
+    admin.simple_query(&format!("RESUME {db}")).await.unwrap();
+    b.simple_query("select 2").await.unwrap();
+
+    // RESUME while a PAUSE waits for a transaction: that PAUSE fails.
+    b.simple_query("begin").await.unwrap();
+    b.simple_query("select 3").await.unwrap();
+    let pausing = harness::connect(&admin_url).await.unwrap();
+    let pause = tokio::spawn(async move { pausing.simple_query("PAUSE").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished());
+    admin.simple_query("RESUME").await.unwrap();
+    b.simple_query("commit").await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), pause)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("PAUSE canceled"), "{err:?}");
+    let state = show(&admin_url, "SHOW DATABASES").await;
+    assert_eq!(row_for(&state, "name", &db)["paused"], "0");
+    b.simple_query("select 4").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_drops_the_databases_clients_and_pauses_it() {
     let c = cluster();

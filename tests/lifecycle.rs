@@ -914,3 +914,62 @@ fn shutdown_wait_for_clients_waits_for_the_last_client() {
     assert!(status.success());
     drop(admin);
 }
+
+/// PgBouncer's signals: SIGUSR1 pauses every database (a running
+/// transaction finishes, new ones wait), SIGUSR2 resumes; the process and
+/// its clients live on (a default SIGUSR1 would end the process). A PAUSE of
+/// the whole pooler holds a database that a reload adds meanwhile too.
+#[test]
+fn sigusr1_pauses_and_sigusr2_resumes_the_whole_pooler() {
+    let c = cluster();
+    let db = c.create_database("sigusr");
+    let added = c.create_database("sigusr_added");
+    let d = Daemon::start(&config(&db, 4, ""));
+    let app = |name: &str| d.url(harness::APP_USER, harness::APP_PASSWORD, name);
+    let rt = rt();
+    let open = rt.block_on(harness::connect(&app(&db))).unwrap();
+    rt.block_on(open.batch_execute("begin; select 1")).unwrap();
+    d.signal(libc::SIGUSR1);
+    harness::wait_until("SIGUSR1 in the log", Duration::from_secs(10), || {
+        d.log().contains("SIGUSR1")
+    });
+    // The open transaction goes on and ends; a new one waits.
+    rt.block_on(open.batch_execute("select 2; commit")).unwrap();
+    let late = rt.block_on(harness::connect(&app(&db))).unwrap();
+    let held = rt.spawn(async move { late.batch_execute("select 3").await.map(|_| late) });
+    // A database added by a reload while paused is paused too.
+    let extra = format!(
+        "[databases.{added}]\nhost = \"127.0.0.1\"\nport = {}\n",
+        c.primary_port()
+    );
+    d.write_config(&config(&db, 4, &extra));
+    console(&d, "RELOAD").unwrap();
+    let newcomer = rt.block_on(harness::connect(&app(&added))).unwrap();
+    let held_new = rt.spawn(async move { newcomer.batch_execute("select 4").await.is_ok() });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!held.is_finished(), "a query ran while paused by SIGUSR1");
+    assert!(
+        !held_new.is_finished(),
+        "a database added while the pooler was paused served a query"
+    );
+    let state = console(&d, "SHOW STATE").unwrap();
+    let paused = state.iter().find(|r| r["key"] == "paused").unwrap();
+    assert_eq!(paused["value"], "yes", "{state:?}");
+    d.signal(libc::SIGUSR2);
+    rt.block_on(async {
+        let late = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("SIGUSR2 lets the held query run")
+            .unwrap()
+            .unwrap();
+        late.batch_execute("select 5").await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), held_new)
+                .await
+                .expect("and the added database's")
+                .unwrap()
+        );
+        open.batch_execute("select 6").await.unwrap();
+    });
+    assert!(d.log().contains("SIGUSR2"), "{}", d.log());
+}

@@ -4,7 +4,6 @@
 //! database's clients and servers at once and leaves it paused.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 
@@ -22,7 +21,7 @@ fn targets(shared: &Shared, db: Option<&str>) -> Result<Vec<String>, AdminError>
             format!("the admin database {d} cannot be paused, resumed or killed"),
         )),
         Some(d) => Err(AdminError::NoDatabase(d.to_owned())),
-        None => Ok(settings.config.databases.keys().cloned().collect()),
+        None => Ok(crate::lifecycle::pause_targets(shared, None)),
     }
 }
 
@@ -38,56 +37,30 @@ pub async fn pause(
             None => "already paused".into(),
         }));
     }
-    for d in &dbs {
-        shared.registry.control(d).pause();
-    }
-    tracing::info!(databases = ?dbs, "PAUSE: waiting for running transactions to finish");
-    // New transactions wait; running ones finish and give their server back.
-    loop {
-        let busy: usize = shared
-            .registry
-            .pools()
-            .iter()
-            .filter(|p| dbs.contains(&p.database))
-            .map(|p| p.active_count())
-            .sum();
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for p in shared.registry.pools() {
-        if dbs.contains(&p.database) {
-            p.close_idle();
-        }
-    }
-    tracing::info!(databases = ?dbs, "paused");
+    crate::lifecycle::pause(shared, db)
+        .await
+        .map_err(|e| AdminError::State(format!("PAUSE canceled: {e}")))?;
     command_complete(out, "PAUSE");
     Ok(())
 }
 
 pub fn resume(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), AdminError> {
-    let dbs = targets(shared, db)?;
-    let paused: Vec<&String> = dbs
-        .iter()
-        .filter(|d| shared.registry.control(d).is_paused())
-        .collect();
-    if paused.is_empty() {
+    targets(shared, db)?;
+    if crate::lifecycle::resume(shared, db).is_empty() {
         return Err(AdminError::State(match db {
             Some(d) => format!("database {d} is not paused"),
             None => "pooler is not paused".into(),
         }));
     }
-    for d in paused {
-        shared.registry.control(d).resume();
-    }
-    tracing::info!(databases = ?dbs, "resumed");
     command_complete(out, "RESUME");
     Ok(())
 }
 
 pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), AdminError> {
     let dbs = targets(shared, db)?;
+    if db.is_none() {
+        shared.registry.set_pooler_paused(true);
+    }
     for d in &dbs {
         shared.registry.control(d).pause();
     }

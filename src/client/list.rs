@@ -336,12 +336,6 @@ impl ClientInfo {
         }
     }
 
-    /// Waiting with no limit (PAUSE).
-    pub fn waiting(&self, backend: usize) {
-        self.wait_limit_ms.store(u32::MAX, Ordering::Relaxed);
-        self.wait_started(backend, now_us());
-    }
-
     fn wait_started(&self, backend: usize, now: u64) {
         self.backend.store(backend as u8, Ordering::Relaxed);
         self.wait_start.store(now, Ordering::Relaxed);

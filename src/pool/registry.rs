@@ -82,6 +82,9 @@ pub struct Registry {
     user_caps: Mutex<HashMap<String, Arc<super::Cap>>>,
     health: Mutex<HashMap<String, (HealthSource, Arc<Health>)>>,
     controls: Mutex<HashMap<String, Arc<DbControl>>>,
+    /// PAUSE with no database (or SIGUSR1) is in force: a database that a
+    /// reload adds starts paused too, until RESUME with no database.
+    pooler_paused: AtomicBool,
     catalogs: Mutex<HashMap<String, Arc<super::Catalog>>>,
     /// Bumped by every reload; sessions compare it once per transaction.
     generation: AtomicU64,
@@ -100,6 +103,7 @@ impl Registry {
             user_caps: Mutex::new(HashMap::new()),
             health: Mutex::new(HashMap::new()),
             controls: Mutex::new(HashMap::new()),
+            pooler_paused: AtomicBool::new(false),
             catalogs: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             servers: Arc::new(ServerList::default()),
@@ -193,8 +197,24 @@ impl Registry {
     pub fn control(&self, db_name: &str) -> Arc<DbControl> {
         lock(&self.controls)
             .entry(db_name.to_owned())
-            .or_default()
+            .or_insert_with(|| {
+                let c = DbControl::default();
+                if self.pooler_paused() {
+                    c.pause();
+                }
+                Arc::new(c)
+            })
             .clone()
+    }
+
+    /// Whether a PAUSE of the whole pooler is in force.
+    pub fn pooler_paused(&self) -> bool {
+        self.pooler_paused.load(Ordering::Relaxed)
+    }
+
+    /// Puts a PAUSE of the whole pooler in force or ends it.
+    pub fn set_pooler_paused(&self, on: bool) {
+        self.pooler_paused.store(on, Ordering::Relaxed);
     }
 
     /// The pool for a client of `user` on `db_name`. `client_key` is the

@@ -382,23 +382,46 @@ impl Session {
                 continue;
             }
             if self.control.is_paused() && self.deferred_begin.is_none() {
-                // PAUSE: hold new transactions until RESUME.
-                self.listed.info.waiting(0);
+                // PAUSE: hold new transactions until RESUME, for at most
+                // query_wait_timeout (as PgBouncer counts a paused wait).
+                let limit = self.pool.settings().query_wait_timeout;
+                self.listed.info.waiting_at_most(0, limit);
                 let (control, info) = (self.control.clone(), self.listed.info.clone());
-                Box::pin(async move {
+                let expired = Box::pin(async move {
                     // Other nudges (a takeover's move, a park request) do
-                    // not end a PAUSE: only RESUME or an eviction does.
+                    // not end a PAUSE: only RESUME, an eviction or the
+                    // wait's limit (the client sweep nudges then) does.
                     while control.is_paused() && info.eviction().stays() {
+                        if info.wait_expired() {
+                            return true;
+                        }
                         tokio::select! {
                             _ = control.wait_resumed() => {}
                             _ = info.nudged() => {}
                         }
                     }
+                    false
                 })
                 .await;
                 self.listed.info.idle();
                 if let Some(e) = self.evicted(false) {
                     return Box::pin(self.fatal(e)).await;
+                }
+                if expired {
+                    let mut e = super::startup::pool_error(
+                        &self.pool,
+                        crate::pool::PoolError::Timeout(limit),
+                    );
+                    if let ClientError::PoolTimeout {
+                        detail, database, ..
+                    } = &mut e
+                    {
+                        *detail =
+                            format!("; database {database} is paused (PAUSE) and was not resumed");
+                    }
+                    tracing::info!(client = self.listed.info.id, error = %e, "paused wait timed out");
+                    self.owe_error = Some(e);
+                    continue;
                 }
                 self.refresh();
             }
