@@ -250,7 +250,19 @@ impl ClientError {
 
     /// Appends the ErrorResponse for this error.
     pub fn write_to(&self, buf: &mut BytesMut) {
-        let severity = self.severity().as_str();
+        self.write_as(buf, self.severity());
+    }
+
+    /// Appends the ErrorResponse for this error ending the connection (a
+    /// refused login, a closed session): FATAL whatever it would be inside
+    /// a session, as PostgreSQL ends one (a server that refused tidepool's
+    /// login is an ERROR to a session, which stays).
+    pub fn write_fatal(&self, buf: &mut BytesMut) {
+        self.write_as(buf, Severity::Fatal);
+    }
+
+    fn write_as(&self, buf: &mut BytesMut, severity: Severity) {
+        let severity = severity.as_str();
         match self {
             // PostgreSQL's own words, as it refuses a login.
             ClientError::ParameterRefused(f) => write::error_response_with(

@@ -799,11 +799,21 @@ async fn an_unreachable_server_shows_down_without_health_checks() {
         .port();
     let p = proxy(
         &db,
-        &format!("[databases.gone]\nhost = \"127.0.0.1\"\nport = {closed}\ndbname = \"{db}\"\n"),
+        &format!(
+            "[databases.gone]\nhost = \"127.0.0.1\"\nport = {closed}\ndbname = \"{db}\"\n\
+             [users.ghost]\npassword = \"x\"\n"
+        ),
     );
     let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
     p.client(&db).await.simple_query("select 1").await.unwrap();
     assert!(harness::connect(&p.url("gone")).await.is_err());
+    // A user PostgreSQL does not know: its pool cannot log in, the
+    // database's server is fine.
+    assert!(
+        harness::connect(&p.url_as("ghost", Some("x"), &db))
+            .await
+            .is_err()
+    );
     let dbs = show(&admin_url, "SHOW DATABASES").await;
     let status = &row_for(&dbs, "name", "gone")["status"];
     assert!(status.starts_with("down: unreachable: "), "{status}");
@@ -811,4 +821,17 @@ async fn an_unreachable_server_shows_down_without_health_checks() {
     let pools = show(&admin_url, "SHOW POOLS").await;
     let status = &row_for(&pools, "database", "gone")["status"];
     assert!(status.starts_with("down: unreachable: "), "{status}");
+    for row in pools.iter().filter(|r| r["database"] == db) {
+        let status = &row["status"];
+        if row["user"] == "ghost" {
+            assert!(status.starts_with("down: login refused: "), "{status}");
+        } else {
+            assert_eq!(status, "healthy", "{row:?}");
+        }
+    }
+    assert!(
+        pools
+            .iter()
+            .any(|r| r["database"] == db && r["user"] == "ghost")
+    );
 }

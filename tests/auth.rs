@@ -199,4 +199,6 @@ async fn bad_server_credentials_are_reported_to_the_client() {
         "{}",
         d.message()
     );
+    // The login ends: FATAL, as PostgreSQL and PgBouncer refuse one.
+    assert_eq!(d.severity(), "FATAL", "{d:?}");
 }

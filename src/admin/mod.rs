@@ -157,7 +157,7 @@ impl Console {
 
     async fn close_with(&mut self, e: ClientError) {
         let mut out = BytesMut::new();
-        e.write_to(&mut out);
+        e.write_fatal(&mut out);
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.shutdown().await;
     }

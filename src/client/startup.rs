@@ -122,7 +122,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
         Err(Some(e)) => {
             tracing::info!(client = id, peer = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(), error = %e, "login refused");
             let mut out = BytesMut::new();
-            e.write_to(&mut out);
+            e.write_fatal(&mut out);
             let _ = stream.write_all(&out).await;
             let _ = stream.shutdown().await;
             None

@@ -148,8 +148,29 @@ pub struct Pool {
     /// replicas, which refuse them: they run on the primary meanwhile.
     serializable_until: AtomicU64,
     /// Why the last attempt to open a connection failed, while no attempt
-    /// has succeeded since (for SHOW DATABASES).
-    connect_failure: Mutex<Option<String>>,
+    /// has succeeded since (for SHOW DATABASES and SHOW POOLS).
+    connect_failure: Mutex<Option<ConnectFailure>>,
+}
+
+/// Why a pool's last attempt to open a server connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// The server answered and refused this pool's login (its user's
+    /// password, its role, its database): the pool's problem, not the
+    /// server's, which other pools still reach.
+    pub login_refused: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.login_refused {
+            "login refused"
+        } else {
+            "unreachable"
+        };
+        write!(f, "{kind}: {}", self.message)
+    }
 }
 
 /// How long a replica's refusal of a user's serializable default is
@@ -493,7 +514,15 @@ impl Pool {
                 c
             }
             Err(e) => {
-                *lock(&self.connect_failure) = Some(e.to_string());
+                let login_refused = matches!(
+                    e,
+                    crate::server::ServerError::Login(crate::auth::AuthError::Server(_))
+                        | crate::server::ServerError::Query(_)
+                );
+                *lock(&self.connect_failure) = Some(ConnectFailure {
+                    login_refused,
+                    message: e.to_string(),
+                });
                 return Err(e.into());
             }
         };
@@ -570,7 +599,7 @@ impl Pool {
 
     /// Why this pool's last attempt to open a server connection failed, if
     /// none succeeded since.
-    pub fn connect_failure(&self) -> Option<String> {
+    pub fn connect_failure(&self) -> Option<ConnectFailure> {
         lock(&self.connect_failure).clone()
     }
 

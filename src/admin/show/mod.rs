@@ -240,8 +240,17 @@ fn backend_addr(shared: &Shared, database: &str, backend: usize) -> Value {
 
 /// The `status` column of a backend's rows: `down: <kind>: <detail>` while
 /// its health checks fail (the server's own message and SQLSTATE when it
-/// gave one), else what its statement statistics say.
-fn backend_status(shared: &Shared, db: &str, backend: usize, stats_status: &str) -> String {
+/// gave one), else what its statement statistics say. Without health checks
+/// (no replicas) the pools' own attempts tell: for a database's row, only a
+/// server that cannot be reached (one user's refused login is that user's
+/// pool's problem); for a pool's row (`pool`), that pool's last failure.
+fn backend_status(
+    shared: &Shared,
+    db: &str,
+    backend: usize,
+    stats_status: &str,
+    pool: Option<&crate::pool::Pool>,
+) -> String {
     let problem = shared.registry.health(db).and_then(|h| {
         if backend == 0 {
             h.primary.problem()
@@ -249,19 +258,20 @@ fn backend_status(shared: &Shared, db: &str, backend: usize, stats_status: &str)
             h.replicas.get(backend - 1).and_then(|r| r.problem())
         }
     });
-    // Without health checks (no replicas), the pools' own attempts tell.
-    let failure = || {
-        shared
+    let failure = || match pool {
+        Some(p) => p.connect_failure(),
+        None => shared
             .registry
             .pools()
             .iter()
             .filter(|p| p.database == db && p.backend == backend)
-            .find_map(|p| p.connect_failure())
+            .filter_map(|p| p.connect_failure())
+            .find(|f| !f.login_refused),
     };
     match problem {
         Some(p) => format!("down: {p}"),
         None => match failure() {
-            Some(f) => format!("down: unreachable: {f}"),
+            Some(f) => format!("down: {f}"),
             None => stats_status.to_owned(),
         },
     }

@@ -91,7 +91,14 @@ pub(super) fn pools(shared: &Shared) -> ResultSet {
             role(p.backend).into(),
             (*p.addr).into(),
             s.size.into(),
-            backend_status(shared, &p.database, p.backend, health.status.as_str()).into(),
+            backend_status(
+                shared,
+                &p.database,
+                p.backend,
+                health.status.as_str(),
+                Some(&*p),
+            )
+            .into(),
             recommendation(
                 waiting,
                 maxwait,

@@ -63,7 +63,7 @@ pub(super) fn databases(shared: &Shared) -> ResultSet {
                 paused.into(),
                 0i64.into(),
                 role(b).into(),
-                backend_status(shared, name, b, stats_status).into(),
+                backend_status(shared, name, b, stats_status, None).into(),
                 // Older exporters' name for reserve_pool_size.
                 c.reserve_pool_size(db).into(),
             ]);

@@ -624,7 +624,7 @@ impl Session {
     /// Sends a FATAL error and closes the connection.
     async fn fatal(&mut self, e: ClientError) {
         tracing::info!(client = self.listed.info.id, peer = %self.listed.info.addr().map(|a| a.to_string()).unwrap_or_default(), error = %e, "closing client");
-        e.write_to(&mut self.out);
+        e.write_fatal(&mut self.out);
         // Bounded: a client that does not read (the reason it may be
         // closed) must not hold its task here.
         let _ = tokio::time::timeout(FATAL_WRITE, async {

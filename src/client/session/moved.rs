@@ -86,7 +86,7 @@ pub async fn adopt(shared: Arc<Shared>, r: Record, fd: OwnedFd) {
         Err((mut stream, e)) => {
             tracing::warn!(client = id, error = %e, "a moved client cannot be served here; closing it");
             let mut out = BytesMut::new();
-            e.write_to(&mut out);
+            e.write_fatal(&mut out);
             let _ = tokio::time::timeout(FATAL_WRITE, stream.write_all(&out)).await;
         }
     }
