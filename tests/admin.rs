@@ -835,3 +835,42 @@ async fn an_unreachable_server_shows_down_without_health_checks() {
             .any(|r| r["database"] == db && r["user"] == "ghost")
     );
 }
+
+/// A pooler full of clients (max_client_conn) still lets the console in,
+/// as PgBouncer does, but only a few beyond the limit; applications stay
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_gets_in_when_max_client_conn_is_reached() {
+    let c = cluster();
+    let db = c.create_database("full");
+    let p = TestProxy::start(
+        &config(&db, "127.0.0.1:0", "").replace("[pool]\n", "[pool]\nmax_client_conn = 3\n"),
+    );
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(p.client(&db).await);
+    }
+    let e = harness::connect(&p.url(&db)).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e:?}");
+    let admin_url = p.url_as("admin", Some(ADMIN_PW), "pgbouncer");
+    let pools = show(&admin_url, "SHOW POOLS").await;
+    assert_eq!(row_for(&pools, "database", &db)["cl_active"], "3");
+    // The headroom is bounded: consoles past it are refused too.
+    let mut consoles = Vec::new();
+    let refused = loop {
+        match harness::connect(&admin_url).await {
+            Ok(c) => consoles.push(c),
+            Err(e) => break e,
+        }
+        assert!(consoles.len() <= 64, "consoles let in without bound");
+    };
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("53300"),
+        "{refused:?}"
+    );
+    assert!(!consoles.is_empty());
+    for a in &apps {
+        a.simple_query("select 1").await.unwrap();
+    }
+}

@@ -131,6 +131,9 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
     }
 }
 
+/// Console connections let in beyond `max_client_conn`.
+pub const CONSOLE_HEADROOM: u32 = 16;
+
 /// What a logged-in client brings to its session.
 pub struct LoggedIn {
     pub database: String,
@@ -359,7 +362,15 @@ async fn handshake(
     let settings = shared.settings();
     let config = &settings.config;
     let max = config.pool.max_client_conn;
-    if shared.clients.load(Ordering::Relaxed) > max {
+    // The console is let in past max_client_conn, as PgBouncer lets it: a
+    // full pooler is when an operator needs it. By a few only, so that
+    // connections naming the console cannot go around the limit unbounded.
+    let room = if ADMIN_DATABASES.contains(&database.as_str()) {
+        CONSOLE_HEADROOM
+    } else {
+        0
+    };
+    if shared.clients.load(Ordering::Relaxed) > max.saturating_add(room) {
         return Err(Some(ClientError::TooManyClients(max)));
     }
     // An address that failed too often is refused before anything else.
