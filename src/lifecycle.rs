@@ -248,6 +248,17 @@ pub async fn shut_down(shared: &Arc<Shared>, limit: Duration) {
             clients = left,
             "shutdown_timeout reached; closing the remaining connections"
         );
+        // Told why (FATAL 57P01, as PostgreSQL's fast shutdown tells its
+        // sessions), their running queries canceled, as KILL does; a
+        // moment for that, then the process ends whatever is left.
+        for c in shared.list.all() {
+            c.evict(Eviction::ShutdownNow);
+        }
+        shared.lot.wake_evicted();
+        let grace = tokio::time::Instant::now() + Duration::from_secs(1);
+        while shared.clients.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     } else {
         tracing::info!("all clients left; exiting");
     }

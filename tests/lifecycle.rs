@@ -464,7 +464,34 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
         status.is_some(),
         "still running 30 s after SIGTERM with shutdown_timeout = 2s"
     );
-    drop(sleeping);
+    // The client whose query ran past shutdown_timeout was told why, as
+    // PostgreSQL's fast shutdown tells its sessions, and its query did not
+    // go on running on the server for nobody.
+    let err = rt
+        .block_on(sleeping)
+        .unwrap()
+        .expect_err("the sleep was cut off");
+    assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err:?}");
+    rt.block_on(async {
+        let c = cluster().admin_client(&db).await;
+        harness::wait_until_async(
+            "the cut-off query to end on the server",
+            Duration::from_secs(10),
+            || async {
+                let n: i64 = c
+                    .query_one(
+                        "select count(*) from pg_stat_activity where query = 'select pg_sleep(600)'",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.get(0))
+                    .unwrap_or(1);
+                n == 0
+            },
+        )
+        .await;
+    });
+    drop(holder);
 }
 
 /// A database named after `name`, and a tidepool in front of it that can

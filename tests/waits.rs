@@ -46,7 +46,13 @@ async fn a_waiting_client_is_told_who_holds_the_pool() {
         while let Some(m) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match m {
                 Ok(AsyncMessage::Notice(n)) => {
-                    let _ = tx.send(n.message().to_owned());
+                    // A NOTICE, as the docs and PgBouncer say.
+                    let _ = tx.send(format!(
+                        "{} {} {}",
+                        n.severity(),
+                        n.code().code(),
+                        n.message()
+                    ));
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -77,6 +83,7 @@ async fn a_waiting_client_is_told_who_holds_the_pool() {
     let notice = notices
         .try_recv()
         .expect("the query_wait_notify NOTICE came first");
+    assert!(notice.starts_with("NOTICE 00000 "), "{notice}");
     assert!(notice.contains("query_wait_notify"), "{notice}");
     assert!(notice.contains("held by report-job x2"), "{notice}");
     assert!(notices.try_recv().is_err(), "told once");

@@ -97,7 +97,7 @@ impl Console {
                         // Console sessions are not moved by a takeover.
                         Eviction::None | Eviction::Migrate | Eviction::Stay => continue,
                         Eviction::Killed => ClientError::Killed,
-                        Eviction::Shutdown => ClientError::Shutdown,
+                        Eviction::Shutdown | Eviction::ShutdownNow => ClientError::Shutdown,
                         Eviction::IdleTimeout => ClientError::ClientIdleTimeout(
                             self.shared.settings().config.pool.client_idle_timeout,
                         ),

@@ -59,6 +59,9 @@ pub enum Eviction {
     IdleTimeout = 4,
     /// `KILL`: leave now.
     Killed = 5,
+    /// `shutdown_timeout` passed during a shutdown: leave now, even inside
+    /// a transaction.
+    ShutdownNow = 6,
 }
 
 impl Eviction {
@@ -66,6 +69,11 @@ impl Eviction {
     /// not), which the client may ignore.
     pub fn stays(self) -> bool {
         matches!(self, Eviction::None | Eviction::Migrate | Eviction::Stay)
+    }
+
+    /// Asked to leave at once, even inside a transaction.
+    pub fn leaves_now(self) -> bool {
+        matches!(self, Eviction::Killed | Eviction::ShutdownNow)
     }
 }
 
@@ -479,7 +487,8 @@ impl ClientInfo {
             2 => Eviction::Stay,
             3 => Eviction::Shutdown,
             4 => Eviction::IdleTimeout,
-            _ => Eviction::Killed,
+            5 => Eviction::Killed,
+            _ => Eviction::ShutdownNow,
         }
     }
 

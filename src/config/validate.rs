@@ -230,9 +230,9 @@ pub fn check(c: &Config) -> Result<(), Invalid> {
             return Err(invalid(
                 &["users", name, "password"],
                 format!(
-                    "a {} cannot be used with auth_type {:?}",
+                    "a {} cannot be used with auth_type \"{}\"",
                     secret.kind(),
-                    auth
+                    auth.name()
                 ),
             ));
         }

@@ -55,6 +55,12 @@ pub fn notice_response(buf: &mut BytesMut, code: &str, msg: &str) {
     fields_message(buf, BackendTag::NoticeResponse, "WARNING", code, msg, &[]);
 }
 
+/// A NoticeResponse of severity NOTICE (SQLSTATE 00000), as PostgreSQL's
+/// informational notices.
+pub fn notice(buf: &mut BytesMut, msg: &str) {
+    fields_message(buf, BackendTag::NoticeResponse, "NOTICE", "00000", msg, &[]);
+}
+
 fn fields_message(
     buf: &mut BytesMut,
     tag: BackendTag,

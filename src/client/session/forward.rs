@@ -395,7 +395,7 @@ impl Session {
                 // KILL wakes this; a shutdown (or a parking sweep) does not
                 // interrupt a transaction.
                 Event::Nudged => {
-                    if info.eviction() == Eviction::Killed {
+                    if info.eviction().leaves_now() {
                         return TxEnd::Killed;
                     }
                     let limit = self.settings.config.pool.query_timeout;

@@ -335,6 +335,7 @@ impl Session {
     fn evicted(&self, in_transaction: bool) -> Option<ClientError> {
         match self.listed.info.eviction() {
             Eviction::Killed => Some(ClientError::Killed),
+            Eviction::ShutdownNow => Some(ClientError::Shutdown),
             Eviction::Shutdown if !in_transaction => Some(ClientError::Shutdown),
             Eviction::IdleTimeout if !in_transaction => Some(ClientError::ClientIdleTimeout(
                 self.settings.config.pool.client_idle_timeout,
@@ -573,7 +574,8 @@ impl Session {
                         let _ = Box::pin(send_cancel(server.conn().cancel_key.clone())).await;
                     }
                     server.release(Release::Close);
-                    return Box::pin(self.fatal(ClientError::Killed)).await;
+                    let e = self.evicted(true).unwrap_or(ClientError::Killed);
+                    return Box::pin(self.fatal(e)).await;
                 }
                 TxEnd::ClientGone { mid_message } => {
                     Box::pin(self.clean_up(server, &tracker, mid_message)).await;

@@ -230,7 +230,7 @@ impl Session {
                 if let Some(r) = done {
                     break r;
                 }
-                if info.eviction() == Eviction::Killed {
+                if info.eviction().leaves_now() {
                     info.idle();
                     return Err(ClientError::Killed);
                 }
@@ -249,7 +249,7 @@ impl Session {
                     notified = true;
                     let holders = self.pool_holders(pool);
                     let mut out = BytesMut::new();
-                    write::notice_response(&mut out, "01000", &holders.notice(info.waited_us()));
+                    write::notice(&mut out, &holders.notice(info.waited_us()));
                     let _ = tokio::time::timeout(
                         Duration::from_secs(1),
                         self.stream.send_all(&mut out),
