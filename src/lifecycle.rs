@@ -178,18 +178,19 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
 }
 
-/// Re-reads the config file and puts it in force. On error the running
-/// config stays and the error is logged.
-pub fn reload(shared: &Shared) -> Result<(), ReloadError> {
+/// Re-reads the config file and puts it in force; returns the changed
+/// settings that only a restart applies. On error the running config stays
+/// and the error is logged.
+pub fn reload(shared: &Shared) -> Result<Vec<&'static str>, ReloadError> {
     let Some(path) = &shared.config_path else {
         tracing::error!("reload: {}", ReloadError::NoFile);
         return Err(ReloadError::NoFile);
     };
     match Config::load(path) {
         Ok(config) => {
-            shared.apply(config);
+            let kept = shared.apply(config);
             tracing::info!(file = %path.display(), "config reloaded");
-            Ok(())
+            Ok(kept)
         }
         Err(e) => {
             tracing::error!(error = %e, "reload failed; the running config stays in force");

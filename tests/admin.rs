@@ -387,6 +387,24 @@ async fn show_commands_have_pgbouncers_columns_in_order() {
             .any(|r| r["database"] == db && r["user"] == "app"),
         "{clients:?}"
     );
+    // The console session asking (psql names itself): its application
+    // name, active while it runs the command, no server and no role.
+    let out = harness::psql_async(&admin, &["-AF|", "-c", "SHOW CLIENTS"], None).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split('|').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let me: Vec<&str> = lines
+        .map(|l| l.split('|').collect::<Vec<_>>())
+        .find(|r| {
+            r.len() == header.len()
+                && r[col("database")] == "pgbouncer"
+                && r[col("application_name")] == "psql"
+        })
+        .unwrap_or_else(|| panic!("no psql console row in {text}"));
+    assert_eq!(me[col("state")], "active", "{text}");
+    assert_eq!(me[col("link")], "", "{text}");
+    assert_eq!(me[col("backend_role")], "", "{text}");
     let servers = show(&admin, "SHOW SERVERS").await;
     assert!(servers.iter().any(|r| r["database"] == db), "{servers:?}");
     let pools = show(&admin, "SHOW POOLS").await;

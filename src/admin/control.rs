@@ -83,7 +83,14 @@ pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(),
 }
 
 pub fn reload(shared: &Shared, out: &mut BytesMut) -> Result<(), AdminError> {
-    crate::lifecycle::reload(shared).map_err(|e| AdminError::Reload(e.to_string()))?;
+    let kept = crate::lifecycle::reload(shared).map_err(|e| AdminError::Reload(e.to_string()))?;
+    for setting in kept {
+        crate::protocol::write::notice_response(
+            out,
+            "01000",
+            &format!("{setting} changes only on restart; the running value stays in force"),
+        );
+    }
     command_complete(out, "RELOAD");
     Ok(())
 }

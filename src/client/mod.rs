@@ -216,18 +216,21 @@ impl Shared {
     /// Puts a new config in force: new logins see it at once, pools resize,
     /// retired pools drain, and logged-in clients pick it up at their next
     /// transaction. Connected clients are never dropped.
-    pub fn apply(&self, mut config: Config) {
+    /// Puts `config` in force; returns the settings it changes that only a
+    /// restart can (their running values stay).
+    pub fn apply(&self, mut config: Config) -> Vec<&'static str> {
         self.buffers
             .set_limit(config.tidepool.max_client_buffer_bytes);
         self.rate_limits.configure(&config);
         let old = self.settings.load_full();
-        keep_restart_only(&old.config, &mut config);
+        let kept = keep_restart_only(&old.config, &mut config);
         self.spans.set_ratio(config.tracing.sample_ratio);
         let new = Arc::new(Settings::new(config, Some(&old)));
         self.settings.store(new.clone());
         self.registry.apply(&new.config, |user| {
             new.users.get(user).and_then(|u| u.secret.clone())
         });
+        kept
     }
 
     /// A fresh client id.
@@ -284,38 +287,60 @@ impl Drop for ClientSlot {
 
 /// Settings bound at start (sockets, sizes of structures made once, the
 /// span exporter): a reload cannot change them, so the running value stays
-/// in force, and in what SHOW CONFIG shows; a changed one is logged.
-fn keep_restart_only(old: &Config, new: &mut Config) {
-    fn keep<T: PartialEq + Clone>(name: &str, old: &T, new: &mut T) {
+/// in force, and in what SHOW CONFIG shows; a changed one is logged and
+/// returned (the console's RELOAD tells it).
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Clone>(
+        kept: &mut Vec<&'static str>,
+        name: &'static str,
+        old: &T,
+        new: &mut T,
+    ) {
         if old != new {
             tracing::warn!(
                 setting = name,
                 "changes only on restart; the running value stays in force"
             );
             new.clone_from(old);
+            kept.push(name);
         }
     }
+    let mut kept = Vec::new();
     let (o, n) = (&old.tidepool, &mut new.tidepool);
-    keep("listen", &o.listen, &mut n.listen);
-    keep("so_reuseport", &o.so_reuseport, &mut n.so_reuseport);
-    keep("upgrade_socket", &o.upgrade_socket, &mut n.upgrade_socket);
+    keep(&mut kept, "listen", &o.listen, &mut n.listen);
     keep(
+        &mut kept,
+        "so_reuseport",
+        &o.so_reuseport,
+        &mut n.so_reuseport,
+    );
+    keep(
+        &mut kept,
+        "upgrade_socket",
+        &o.upgrade_socket,
+        &mut n.upgrade_socket,
+    );
+    keep(
+        &mut kept,
         "unix_socket_dir",
         &o.unix_socket_dir,
         &mut n.unix_socket_dir,
     );
     keep(
+        &mut kept,
         "[metrics] listen",
         &old.metrics.listen,
         &mut new.metrics.listen,
     );
     let (o, n) = (&old.stats, &mut new.stats);
     keep(
+        &mut kept,
         "slow_query_log_size",
         &o.slow_query_log_size,
         &mut n.slow_query_log_size,
     );
     keep(
+        &mut kept,
         "max_query_fingerprints",
         &o.max_query_fingerprints,
         &mut n.max_query_fingerprints,
@@ -326,8 +351,10 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
         ..old.tracing.clone()
     };
     keep(
+        &mut kept,
         "[tracing] (other than sample_ratio)",
         &running,
         &mut new.tracing,
     );
+    kept
 }

@@ -112,6 +112,7 @@ pub async fn login(tcp: TcpStream, shared: &Arc<Shared>, id: u64) -> Option<Logi
         }),
         Ok(Some(Greeted::Admin(a))) => {
             let listed = listed(&a.database, &a.user, a.pid);
+            listed.info.set_application_name(&a.application_name);
             Some(Login::Admin {
                 stream,
                 login: a,
@@ -155,6 +156,7 @@ pub struct LoggedIn {
 pub struct AdminLogin {
     pub user: String,
     pub database: String,
+    pub application_name: String,
     pub admin: bool,
     pub pid: i32,
     pub buf: BytesMut,
@@ -388,11 +390,22 @@ async fn handshake(
     };
     let Some(db) = config.databases.get(&database) else {
         if ADMIN_DATABASES.contains(&database.as_str()) {
+            // PostgreSQL's spelling of a name: printable ASCII (others as
+            // `?`), at most 63 bytes.
+            let app: String = client_params
+                .get("application_name")
+                .map(|a| {
+                    a.chars()
+                        .map(|ch| if (' '..='~').contains(&ch) { ch } else { '?' })
+                        .take(63)
+                        .collect()
+                })
+                .unwrap_or_default();
             return admin_login(
                 stream,
                 shared,
                 &settings,
-                (user, database),
+                (user, database, app),
                 auth_type,
                 binding,
             )
@@ -560,7 +573,7 @@ async fn admin_login(
     stream: &mut Stream,
     shared: &Arc<Shared>,
     settings: &super::Settings,
-    (user, database): (String, String),
+    (user, database, application_name): (String, String, String),
     auth_type: crate::auth::AuthType,
     binding: Option<&[u8]>,
 ) -> Result<Option<Greeted>, Option<ClientError>> {
@@ -583,7 +596,7 @@ async fn admin_login(
         ("TimeZone", "UTC"),
         ("standard_conforming_strings", "on"),
         ("integer_datetimes", "on"),
-        ("application_name", ""),
+        ("application_name", application_name.as_str()),
     ] {
         write::parameter_status(&mut out, k, v);
     }
@@ -593,6 +606,7 @@ async fn admin_login(
     Ok(Some(Greeted::Admin(AdminLogin {
         user,
         database,
+        application_name,
         admin,
         pid,
         buf,

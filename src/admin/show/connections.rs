@@ -56,7 +56,8 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             let (laddr, lport) = addr_parts(c.local);
             (addr, port, laddr, lport)
         };
-        let active = c.state == ClientState::Active;
+        // A console session running a command is active with no server.
+        let linked = c.state == ClientState::Active && c.link != 0;
         let pin = shared.pins.of(c.id);
         rs.push(vec![
             "C".into(),
@@ -74,7 +75,7 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             (c.wait_us % 1_000_000).into(),
             0i64.into(),
             ptr('C', c.id).into(),
-            if active {
+            if linked {
                 ptr('S', c.link).into()
             } else {
                 Value::Text(String::new())
@@ -84,10 +85,10 @@ pub(super) fn clients(shared: &Shared) -> ResultSet {
             c.application_name.into(),
             c.prepared.into(),
             c.id.into(),
-            if c.state == ClientState::Idle {
-                Value::Null
-            } else {
-                role(c.backend).into()
+            match c.state {
+                ClientState::Waiting => role(c.backend).into(),
+                ClientState::Active if linked => role(c.backend).into(),
+                _ => Value::Null,
             },
             pin.map_or("", |p| p.0).into(),
             pin.map_or(Value::Null, |p| timestamp(p.1).into()),
