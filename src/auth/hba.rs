@@ -551,11 +551,12 @@ mod tests {
         /// Any text: parsed or refused with a line number within it, never
         /// a panic; rules that parse answer any peer.
         #[test]
-        fn any_text_parses_or_names_its_line(text in "(host|hostssl|local|all|app|\"x y\"|,|#| |\\\\|\n|10\\.0\\.0\\.0/8|::1/128|255\\.0\\.0\\.0|md5|trust|reject|cert|[a-z0-9./+@]{1,6}){0,40}") {
+        fn any_text_parses_or_names_its_line(text in "(host|hostssl|local|all|app|\"x y\"|,|#| |\\\\|\n|10\\.0\\.0\\.0/8|::1/128|255\\.0\\.0\\.0|md5|trust|reject|cert|clientcert=verify-full|clientcert=verify-ca|clientname=CN|=|[a-z0-9./+@=]{1,6}){0,40}") {
             match Hba::parse(&text) {
                 Ok(hba) => {
                     for a in ["10.1.1.1", "::1"] {
                         let _ = hba.method_for(&peer(a, false, "app", "app"));
+                        let _ = hba.rule_for(&peer(a, true, "app", "app"));
                     }
                 }
                 Err(e) => proptest::prop_assert!(e.line >= 1 && e.line <= text.lines().count().max(1)),
