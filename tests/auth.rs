@@ -88,10 +88,9 @@ async fn wrong_password_unknown_user_and_unknown_database() {
     ok.simple_query("select 1").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_verifier_in_config_logs_in_to_the_server_by_passthrough() {
-    let c = cluster();
-    let db = c.create_database("verifier");
+/// The test config with app's password as the SCRAM verifier PostgreSQL
+/// stores for it.
+async fn with_app_verifier(c: &harness::Cluster, db: &str) -> String {
     let admin = c.admin_client("postgres").await;
     let verifier: String = admin
         .query_one(
@@ -102,11 +101,17 @@ async fn scram_verifier_in_config_logs_in_to_the_server_by_passthrough() {
         .unwrap()
         .get(0);
     assert!(verifier.starts_with("SCRAM-SHA-256$"));
-    let toml = harness::proxy::config_toml(c, &db, "", "").replace(
+    harness::proxy::config_toml(c, db, "", "").replace(
         &format!("password = \"{}\"", harness::APP_PASSWORD),
         &format!("password = \"{verifier}\""),
-    );
-    let proxy = TestProxy::start(&toml);
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_verifier_in_config_logs_in_to_the_server_by_passthrough() {
+    let c = cluster();
+    let db = c.create_database("verifier");
+    let proxy = TestProxy::start(&with_app_verifier(c, &db).await);
     let client = proxy.client(&db).await;
     let who: String = client
         .query_one("select current_user::text", &[])
@@ -128,25 +133,12 @@ async fn scram_verifier_in_config_logs_in_to_the_server_by_passthrough() {
 async fn a_scram_verifier_serves_md5_and_password_users() {
     let c = cluster();
     let db = c.create_database("verimd5");
-    let admin = c.admin_client("postgres").await;
-    let verifier: String = admin
-        .query_one(
-            "select rolpassword from pg_authid where rolname = 'app'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let base = with_app_verifier(c, &db).await;
     for method in ["md5", "password"] {
-        let toml = harness::proxy::config_toml(c, &db, "", "")
-            .replace(
-                &format!("password = \"{}\"", harness::APP_PASSWORD),
-                &format!("password = \"{verifier}\""),
-            )
-            .replace(
-                "[users.app]\n",
-                &format!("[users.app]\nauth_type = \"{method}\"\n"),
-            );
+        let toml = base.replace(
+            "[users.app]\n",
+            &format!("[users.app]\nauth_type = \"{method}\"\n"),
+        );
         let proxy = TestProxy::start(&toml);
         let client = harness::connect(&proxy.url(&db))
             .await

@@ -140,6 +140,15 @@ async fn direct_login(
     Ok((client, cert))
 }
 
+/// Client keys readable by their owner only, as libpq wants them.
+fn private_keys(dir: &Path, names: &[&str]) {
+    for name in names {
+        let key = dir.join(format!("{name}.key"));
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+}
+
 fn pem_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
@@ -376,11 +385,7 @@ async fn client_certificates_are_checked_with_verify_ca() {
             d = certs.display()
         )
     };
-    for name in ["client", "stranger", "other"] {
-        let key = certs.join(format!("{name}.key"));
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-    }
+    private_keys(&certs, &["client", "stranger", "other"]);
     let (ok, out, err) = psql_at(&with("client"), "select 1");
     assert!(ok && out == "1", "{err}");
     let (ok, _, err) = psql_at(&base, "select 1");
@@ -436,11 +441,7 @@ async fn hba_clientcert_options_are_enforced() {
             ("other", "/CN=someone_else", CLIENT_EXT),
         ],
     );
-    for name in ["client", "other"] {
-        let key = certs.join(format!("{name}.key"));
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-    }
+    private_keys(&certs, &["client", "other"]);
     std::fs::write(
         certs.join("hba.conf"),
         format!(
