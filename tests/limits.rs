@@ -686,3 +686,54 @@ async fn whole_messages_are_bounded_by_max_client_buffer_bytes() {
     })
     .await;
 }
+
+/// `min_pool_size` above a connection cap: warming stops at the cap (it
+/// spun on the event loop, taking and giving back its own idle connection,
+/// and other users' queries hung), and a pool that needs a connection
+/// while the cap is full closes another pool's idle one (as PgBouncer
+/// does): idle connections never keep a user or database out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_below_min_pool_size_neither_spin_nor_starve() {
+    let c = cluster();
+    let (db1, db2) = (
+        c.create_database("cap_warm_a"),
+        c.create_database("cap_warm_b"),
+    );
+    let toml = harness::proxy::config_toml(
+        c,
+        &db1,
+        "min_pool_size = 2\nmax_db_connections = 3\nmax_user_connections = 2\nquery_wait_timeout = \"5s\"",
+        "",
+    ) + &format!(
+        "\n[databases.{db2}]\nhost = \"127.0.0.1\"\nport = {}\n",
+        c.primary_port()
+    );
+    let proxy = TestProxy::start(&toml);
+    let md5 = |db: &str| proxy.url_as(harness::MD5_USER, Some(harness::MD5_PASSWORD), db);
+    let within = |what: &'static str| {
+        move |r: Result<
+            Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+            _,
+        >| {
+            r.unwrap_or_else(|_| panic!("{what}: no answer in 10 s"))
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+        }
+    };
+    let ten = Duration::from_secs(10);
+    // app's pool on db1 warms to 2 of the database's 3.
+    let app = proxy.client(&db1).await;
+    within("app on db1")(tokio::time::timeout(ten, app.simple_query("select 1")).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // md5user's pool on db1 gets the third and wants a second: the cap is
+    // full. Its queries go on being answered, again and again.
+    let m = harness::connect(&md5(&db1)).await.unwrap();
+    for _ in 0..3 {
+        within("md5user on db1")(tokio::time::timeout(ten, m.simple_query("select 1")).await);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    // max_user_connections = 2 for app: its db1 pool holds both (idle,
+    // warm); a db2 client of app gets one of them closed for it.
+    let app2 = proxy.client(&db2).await;
+    within("app on db2")(tokio::time::timeout(ten, app2.simple_query("select 2")).await);
+    within("app on db1 again")(tokio::time::timeout(ten, app.simple_query("select 3")).await);
+}

@@ -9,19 +9,29 @@
 //! close (never closing a connection in use; its pools close idle ones at
 //! once and busy ones as they come back while the cap has an
 //! [`Cap::excess`]); the permits in circulation always move toward the
-//! configured size. Zero means no cap.
+//! configured size. Zero means no cap. A pool that needs a connection while
+//! its cap is full may have another member pool close an idle one (as
+//! PgBouncer evicts one): idle connections never keep a cap full for good.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What "no cap" counts as.
 const UNLIMITED: usize = Semaphore::MAX_PERMITS >> 4;
 
-#[derive(Debug)]
+/// A pool as a cap sees it: something holding idle connections under it.
+pub trait IdleHolder: Send + Sync {
+    /// Closes its least recently used idle connection, giving its permits
+    /// back; false when it has none.
+    fn close_one_idle(&self) -> bool;
+}
+
 pub struct Cap {
     sem: Arc<Semaphore>,
+    /// The pools counted under this cap.
+    members: Mutex<Vec<Weak<dyn IdleHolder>>>,
     /// The configured size (0: no cap).
     size: AtomicUsize,
     /// Permits the semaphore has in circulation (free or held).
@@ -38,6 +48,7 @@ impl Cap {
     pub fn new(size: usize) -> Arc<Cap> {
         Arc::new(Cap {
             sem: Arc::new(Semaphore::new(permits(size))),
+            members: Mutex::new(Vec::new()),
             size: AtomicUsize::new(size),
             total: Arc::new(AtomicUsize::new(permits(size))),
             shrinking: Mutex::new(None),
@@ -52,6 +63,32 @@ impl Cap {
     /// A permit if one is free now.
     pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
         self.sem.clone().try_acquire_owned().ok()
+    }
+
+    /// Counts `pool` under this cap (see [`Cap::evict_idle`]).
+    pub fn join(&self, pool: Weak<dyn IdleHolder>) {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        members.retain(|m| m.strong_count() > 0);
+        members.push(pool);
+    }
+
+    /// Makes room for `asking` (a member, by address) by closing an idle
+    /// connection of another member; true when one was closed.
+    pub fn evict_idle(&self, asking: *const ()) -> bool {
+        let members: Vec<Arc<dyn IdleHolder>> = self
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|m| m.as_ptr() as *const () != asking)
+            .filter_map(Weak::upgrade)
+            .collect();
+        members.iter().any(|m| m.close_one_idle())
+    }
+
+    /// Whether a permit is free now (a hint: another may take it first).
+    pub fn has_room(&self) -> bool {
+        self.sem.available_permits() > 0
     }
 
     /// A permit, when one is free (waits otherwise).

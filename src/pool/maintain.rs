@@ -56,16 +56,29 @@ fn prune(pool: &Pool) {
     *idle = keep;
 }
 
+/// Opens connections up to `min_pool_size`, as far as the connection caps
+/// (`max_db_connections`, `max_user_connections`) leave room: warming never
+/// waits for a cap (a minimum above a cap is met as far as the cap allows).
 async fn warm(pool: &Arc<Pool>) {
     while !pool.is_retired()
         && pool.server_count() < pool.settings().min_size as usize
         && pool.can_log_in()
+        && pool.caps_have_room()
     {
         let Some(permit) = pool.try_permit() else {
             return;
         };
+        let before = pool.server_count();
         match pool.open().await {
-            Ok(idle) => permit.give_back(idle),
+            Ok(idle) => {
+                permit.give_back(idle);
+                if pool.server_count() <= before {
+                    // A cap filled meanwhile and `open` lent back one of
+                    // the pool's own idle connections: nothing was added,
+                    // and asking again would only do the same.
+                    return;
+                }
+            }
             Err(e) => {
                 tracing::warn!(pool = %pool.name(), error = %e, "could not open warm server connection");
                 return;

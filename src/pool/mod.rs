@@ -251,6 +251,20 @@ fn close_last_idle(core: &mut Core, n: usize) {
     }
 }
 
+impl caps::IdleHolder for Pool {
+    fn close_one_idle(&self) -> bool {
+        let mut core = lock(&self.core);
+        if core.idle.is_empty() {
+            return false;
+        }
+        // The least recently used: idle connections are taken from the end.
+        let idle = core.idle.remove(0);
+        tracing::debug!(pool = %self.name(), server = idle.conn.id, "closing an idle server connection for another pool under a full cap");
+        tokio::spawn(idle.conn.terminate());
+        true
+    }
+}
+
 /// What a pool is made from (besides its settings).
 pub struct PoolParts {
     pub key: PoolKey,
@@ -468,6 +482,12 @@ impl Pool {
         map.extend(learnt);
     }
 
+    /// Whether every connection cap this pool counts against has room now
+    /// (a hint: a checkout may take it first).
+    pub(super) fn caps_have_room(&self) -> bool {
+        self.caps.iter().all(|c| c.has_room())
+    }
+
     async fn open(&self) -> Result<Idle, PoolError> {
         let (wait, timeout) = {
             let s = self.settings();
@@ -488,6 +508,13 @@ impl Pool {
                 notified.as_mut().enable();
                 if let Some(idle) = self.pop_idle(&mut lock(&self.core)) {
                     return Ok(idle);
+                }
+                // Another pool's idle connection under the cap makes room.
+                if cap.evict_idle(self as *const Pool as *const ())
+                    && let Some(p) = cap.try_acquire()
+                {
+                    permits.push(p);
+                    break;
                 }
                 tokio::select! {
                     p = cap.acquire() => match p {

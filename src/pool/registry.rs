@@ -276,6 +276,11 @@ impl Registry {
             },
             settings,
         );
+        for cap in &pool.caps {
+            let member: std::sync::Weak<dyn super::caps::IdleHolder> =
+                Arc::downgrade(&pool) as std::sync::Weak<super::Pool>;
+            cap.join(member);
+        }
         tokio::spawn(super::maintain::run(Arc::downgrade(&pool)));
         pools.insert(key, pool.clone());
         pool
