@@ -737,3 +737,58 @@ async fn caps_below_min_pool_size_neither_spin_nor_starve() {
     within("app on db2")(tokio::time::timeout(ten, app2.simple_query("select 2")).await);
     within("app on db1 again")(tokio::time::timeout(ten, app.simple_query("select 3")).await);
 }
+
+/// On a database with replicas tidepool answers a lone BEGIN itself: the
+/// rate limit counts that transaction at its BEGIN, and never refuses a
+/// statement inside it (refused there, the rest of the transaction ran and
+/// committed without it: a partial commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_never_cuts_a_transaction_in_two() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("rate_begin");
+    c.wait_for_replicas();
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 4",
+        &format!(
+            "replicas = [{{ host = \"127.0.0.1\", port = {} }}]\nrate_limit_tier = \"tight\"",
+            c.replica_ports()[0]
+        ),
+    ) + "\n[routing]\nhealth_check_period = \"200ms\"\n\
+         [rate_limits]\nrate_limit_wait = \"0s\"\n[rate_limits.tiers]\ntight = { per_minute = 1, burst = 1 }\n";
+    let admin = c.admin_client(&db).await;
+    admin
+        .batch_execute("create table acct (v int); grant all on acct to app")
+        .await
+        .unwrap();
+    let proxy = TestProxy::start(&toml);
+    let a = proxy.client(&db).await;
+    let b = proxy.client(&db).await;
+    // The burst: two transactions at once. A's BEGIN takes the first...
+    a.batch_execute("begin").await.unwrap();
+    // ...B's autocommit statement the second, and B's next is refused:
+    // the tier has nothing left.
+    b.batch_execute("select 1").await.unwrap();
+    let e = b.batch_execute("select 2").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("53400"), "{e:?}");
+    // A's transaction, admitted at its BEGIN, runs whole.
+    a.batch_execute("insert into acct values (-100)")
+        .await
+        .unwrap();
+    a.batch_execute("insert into acct values (100)")
+        .await
+        .unwrap();
+    a.batch_execute("commit").await.unwrap();
+    // The next transaction is refused at its BEGIN, and nothing of it runs.
+    let e = a.batch_execute("begin").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("53400"), "{e:?}");
+    let rows: Vec<i32> = admin
+        .query("select v from acct order by v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![-100, 100]);
+}

@@ -379,6 +379,19 @@ impl Session {
                 Err(e) => return Box::pin(self.fatal(e)).await,
             }
             self.refresh();
+            // Rate limits count transactions as they start: a BEGIN that
+            // tidepool answers itself (deferred) is admitted here, and its
+            // transaction's first statement is not asked again (refused
+            // then, it would leave the client's transaction half run).
+            if self.deferred_begin.is_none()
+                && !self.limiters.is_empty()
+                && let Err(refused) = Box::pin(self.admit()).await
+            {
+                // Over a rate limit: the transaction does not run; its
+                // request gets the error, as a server's would.
+                self.owe_error = Some(ClientError::RateLimited(Box::new(refused)));
+                continue;
+            }
             if self.defer_begin() {
                 continue;
             }
@@ -425,14 +438,6 @@ impl Session {
                     continue;
                 }
                 self.refresh();
-            }
-            if !self.limiters.is_empty()
-                && let Err(refused) = Box::pin(self.admit()).await
-            {
-                // Over a rate limit: the transaction does not run; its
-                // request gets the error, as a server's would.
-                self.owe_error = Some(ClientError::RateLimited(Box::new(refused)));
-                continue;
             }
             watchdog::phase(Phase::Route);
             if self.buf.len() > route::INLINE_CLASSIFY_BYTES {
