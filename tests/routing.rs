@@ -960,3 +960,76 @@ async fn a_write_later_in_a_batch_keeps_the_whole_batch_on_the_primary() {
         .get::<_, i64>(0);
     assert_eq!(n, 3, "the writes, each once, on the primary");
 }
+
+/// Session state taken on a replica (an advisory lock inside a read-only
+/// transaction, which PostgreSQL allows on a standby) pins the client
+/// there: its next write gets the replica's own refusal at once (it hung
+/// for good, the misroute net waiting for a replay a pinned session never
+/// makes), and once the state is gone the client writes on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pinned_on_a_replica_is_answered() {
+    let s = start("pinreplica", "", |c, db| {
+        c.primary_sql(db, "create table t (v int); grant all on t to app");
+    })
+    .await;
+    let client = s.proxy.client(&s.db).await;
+    harness::wait_until_async("a read to reach a replica", DEADLINE, || async {
+        server_port(&client).await != s.cluster.primary_port()
+    })
+    .await;
+    let ten = Duration::from_secs(10);
+    for q in ["begin read only", "select pg_advisory_lock(12)", "commit"] {
+        client.batch_execute(q).await.unwrap();
+    }
+    let e = tokio::time::timeout(ten, client.batch_execute("insert into t values (1)"))
+        .await
+        .expect("the write is answered, not held")
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("25006"), "{e:?}");
+    tokio::time::timeout(ten, client.batch_execute("select pg_advisory_unlock_all()"))
+        .await
+        .unwrap()
+        .unwrap();
+    harness::wait_until_async("the write to run once unpinned", DEADLINE, || async {
+        tokio::time::timeout(ten, client.batch_execute("insert into t values (2)"))
+            .await
+            .expect("answered")
+            .is_ok()
+    })
+    .await;
+}
+
+/// Session mode keeps one server for the whole session, which may write at
+/// any time: it is the primary's, whatever the first statement (a session
+/// that began with a read was bound to a replica and its first write hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_sessions_run_on_the_primary() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("session_replicas");
+    let admin = c.admin_client(&db).await;
+    admin
+        .batch_execute("create table t (v int); grant all on t to app")
+        .await
+        .unwrap();
+    c.wait_for_replicas();
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 4",
+        &format!(
+            "pool_mode = \"session\"\nreplicas = [{{ host = \"127.0.0.1\", port = {} }}]",
+            c.replica_ports()[0]
+        ),
+    ) + "\n[routing]\nhealth_check_period = \"200ms\"\n";
+    let proxy = TestProxy::start(&toml);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ten = Duration::from_secs(10);
+    for _ in 0..3 {
+        let client = proxy.client(&db).await;
+        assert_eq!(server_port(&client).await, c.primary_port());
+        tokio::time::timeout(ten, client.batch_execute("insert into t values (1)"))
+            .await
+            .expect("the write is answered")
+            .unwrap();
+    }
+}

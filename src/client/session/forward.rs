@@ -152,6 +152,14 @@ impl Session {
                 }
                 if let (None, Some(reason)) = (&self.pinned, t.pin) {
                     self.pinned = Some(self.shared.pins.pin(info.id, reason));
+                    // Pinned on a replica (state taken in a read-only
+                    // transaction): the client's transactions run there
+                    // while the state lasts, as they come; a write gets the
+                    // replica's own refusal at once. Nothing may move them
+                    // to the primary (the net waited for a replay that a
+                    // pinned session never makes: the client hung).
+                    t.replica_guard = None;
+                    t.misroute.give_up();
                     tracing::info!(
                         client = info.id,
                         reason,

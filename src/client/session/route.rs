@@ -16,7 +16,12 @@ impl Session {
         let Some(h) = &self.health else {
             return (Route::Primary, Class::Write);
         };
-        if h.replicas.is_empty() || self.pinned.is_some() {
+        // Session mode: a server for the whole session, which may write at
+        // any time: the primary's.
+        if h.replicas.is_empty()
+            || self.pinned.is_some()
+            || self.pool.hot.mode() == crate::config::PoolMode::Session
+        {
             return (Route::Primary, Class::Write);
         }
         let functions = h.functions.load();
