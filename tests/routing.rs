@@ -1033,3 +1033,75 @@ async fn session_mode_sessions_run_on_the_primary() {
             .unwrap();
     }
 }
+
+/// `/* tidepool: replica */` sends a read whose functions the catalog calls
+/// VOLATILE to a replica (what it is for), never a statement the classifier
+/// knows writes: an advisory lock taken on a replica excludes nothing on
+/// the primary, an INSERT there is refused. They run on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_hint_never_sends_a_write_to_a_replica() {
+    let s = start("hintwrite", "", |c, db| {
+        c.primary_sql(
+            db,
+            "create table t (v int); grant all on t to app;
+             create function only_reads() returns int volatile language sql as 'select 1';
+             create sequence q; grant all on q to app",
+        );
+    })
+    .await;
+    let client = s.proxy.client(&s.db).await;
+    harness::wait_until_async("a read to reach a replica", DEADLINE, || async {
+        server_port(&client).await != s.cluster.primary_port()
+    })
+    .await;
+    let recovery = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .simple_query(sql)
+                .await
+                .unwrap()
+                .into_iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap()
+        }
+    };
+    // Hinted reads go to a replica, a VOLATILE function notwithstanding.
+    harness::wait_until_async("a hinted read on a replica", DEADLINE, || async {
+        recovery("/* tidepool: replica */ select pg_is_in_recovery()::text, only_reads()").await
+            == "true"
+    })
+    .await;
+    // Writes never do, hint or not.
+    for sql in [
+        "/* tidepool: replica */ select pg_is_in_recovery()::text, pg_advisory_lock(5)",
+        "/* tidepool: replica */ select pg_is_in_recovery()::text, nextval('q')",
+    ] {
+        for _ in 0..4 {
+            assert_eq!(recovery(sql).await, "false", "{sql}");
+        }
+    }
+    let before = misroutes(&s);
+    client
+        .batch_execute("/* tidepool: replica */ insert into t values (1)")
+        .await
+        .unwrap();
+    assert_eq!(misroutes(&s), before, "the INSERT reached a replica first");
+}
+
+/// Misroute retries counted on every backend of the setup's database.
+fn misroutes(s: &Setup) -> u64 {
+    (0..=2)
+        .map(|b| {
+            s.proxy
+                .shared
+                .stats
+                .traffic(&s.db, b)
+                .totals()
+                .misroute_retries
+        })
+        .sum()
+}

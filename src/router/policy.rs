@@ -39,13 +39,35 @@ pub struct Request {
     pub last_write: Option<u64>,
 }
 
-/// Whether `sql` may run in an autocommit transaction on a replica: hinted
-/// there, or (asked of `class` only without that hint) a read, a read-only
-/// BEGIN or a neutral statement. The route and a replica's own scan judge
-/// each statement of a batch by this one rule, so they never disagree.
-pub fn replica_may_run(sql: &str, class: impl FnOnce() -> Class) -> bool {
-    super::hints::hint(sql) == Some(Hint::Replica)
-        || matches!(class(), Class::Read | Class::BeginReadOnly | Class::Neutral)
+/// Whether `sql` may run in an autocommit transaction on a replica: a read,
+/// a read-only BEGIN or a neutral statement (`class`), or hinted there (see
+/// [`hint`]). The route and a replica's own scan judge each statement of a
+/// batch by this one rule, so they never disagree.
+pub fn replica_may_run(
+    sql: &str,
+    classifier: &super::Classifier,
+    class: impl FnOnce() -> Class,
+) -> bool {
+    matches!(class(), Class::Read | Class::BeginReadOnly | Class::Neutral)
+        || hint(sql, classifier) == Some(Hint::Replica)
+}
+
+/// The `/* tidepool: … */` hint of `sql`, as routing honours it: a replica
+/// hint stands for a statement that is a read but for its functions'
+/// volatility (what the hint is for: a function the catalog calls
+/// VOLATILE that only reads); one the classifier knows writes (INSERT,
+/// `nextval`, an advisory lock, `FOR UPDATE`, …) goes to the primary
+/// whatever the hint says. A write never reaches a replica.
+pub fn hint(sql: &str, classifier: &super::Classifier) -> Option<Hint> {
+    match super::hints::hint(sql) {
+        Some(Hint::Replica)
+            if classifier.would_parse_long(sql)
+                || classifier.classify(sql).class == Class::Write =>
+        {
+            None
+        }
+        h => h,
+    }
 }
 
 /// The backend for `req` on a database whose health is `h`.

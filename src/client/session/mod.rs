@@ -56,7 +56,6 @@ use crate::pool::{DbControl, Pool, PooledConn, Release, Waiter};
 use crate::protocol::scan::{Scanner, checked_len, frontend_len};
 use crate::protocol::{FrontendTag, ProtocolError, TxStatus, write};
 use crate::router::Class;
-use crate::router::hints::hint;
 use crate::router::policy::Route;
 use crate::server::ServerError;
 use crate::server::params::{canonical, is_tracked, sync_sql};

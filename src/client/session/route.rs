@@ -36,7 +36,7 @@ impl Session {
             Some(sql) => (
                 self.memo
                     .class(sql, &self.settings.classifier, functions.as_deref()),
-                hint(sql),
+                policy::hint(sql, &self.settings.classifier),
             ),
             None => (Class::Write, None),
         };
@@ -52,7 +52,9 @@ impl Session {
             // statement as a replica's transaction judges them.
             let (memo, classifier) = (&mut self.memo, &self.settings.classifier);
             let fit = |sql: &str| {
-                policy::replica_may_run(sql, || memo.class(sql, classifier, functions.as_deref()))
+                policy::replica_may_run(sql, classifier, || {
+                    memo.class(sql, classifier, functions.as_deref())
+                })
             };
             match super::ahead::batch(&self.buf, self.limit, &self.statements, fit) {
                 Ahead::NeedsPrimary => (class, forced) = (Class::Write, true),

@@ -332,7 +332,7 @@ impl Tracker {
             return true;
         }
         let memo = &mut self.memo;
-        !crate::router::policy::replica_may_run(sql, || {
+        !crate::router::policy::replica_may_run(sql, &g.classifier, || {
             if foreign {
                 Class::Write
             } else {
