@@ -485,6 +485,60 @@ async fn pgbench_transactions_are_counted_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Where tidepool's lexer cannot find literals as PostgreSQL does (SJIS,
+/// whose `ソ` ends in a backslash byte; `standard_conforming_strings = off`,
+/// where a backslash escapes a quote in any string), statistics and logs
+/// show the statement's first word only: a literal never leaks (`E'ソ'`
+/// made the lexer end the string early and show the next one).
+#[test]
+fn literals_stay_hidden_where_the_lexer_cannot_read_them() {
+    let c = cluster();
+    let db = c.create_database("slowenc");
+    let d = Daemon::start(&config(
+        &db,
+        "127.0.0.1:{port}",
+        "[stats]\nslow_query_threshold = \"150ms\"",
+    ));
+    let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let dir = std::env::temp_dir().join(format!("tidepool-slowenc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sjis = dir.join("sjis.sql");
+    std::fs::write(
+        &sjis,
+        b"SELECT pg_sleep(0.2), E'\x83\x5c', 'SECRETsjis4';\n".as_slice(),
+    )
+    .unwrap();
+    let scs = dir.join("scs.sql");
+    std::fs::write(
+        &scs,
+        "set standard_conforming_strings = off;\nSELECT pg_sleep(0.2), 'it\\'s', 'SECRETscs1';\n",
+    )
+    .unwrap();
+    for (url, file) in [
+        (format!("{app}?client_encoding=SJIS"), &sjis),
+        (app.clone(), &scs),
+    ] {
+        let out = harness::psql(&url, &["-f", file.to_str().unwrap()], None);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let admin = d.url("admin", ADMIN_PW, "pgbouncer");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let slow = rt.block_on(show(&admin, "SHOW SLOW_QUERIES"));
+    assert_eq!(slow.len(), 2, "{slow:?}");
+    for s in &slow {
+        assert!(!s["query"].contains("SECRET"), "literal leaked: {s:?}");
+        assert!(s["query"].starts_with("select"), "{s:?}");
+    }
+    let queries = rt.block_on(show(&admin, "SHOW QUERIES"));
+    assert!(
+        queries.iter().all(|q| !q["query"].contains("SECRET")),
+        "{queries:?}"
+    );
+    let log = d.log();
+    assert!(!log.contains("SECRET"), "literal in the log:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn slow_statements_are_listed_and_logged_without_literals() {
     let c = cluster();

@@ -69,6 +69,51 @@ pub fn masked_hash(sql: &str) -> u64 {
     sink.0.finish()
 }
 
+/// What statistics and logs show of `sql` when its literals cannot be told
+/// apart: only its first word (`select …`). The lexer reads text as
+/// PostgreSQL does with `standard_conforming_strings = on` in UTF-8 (or an
+/// encoding whose multibyte characters have no ASCII bytes); under
+/// `standard_conforming_strings = off`, or in a client encoding whose second
+/// bytes may be ASCII (SJIS's `ソ` ends in a backslash byte), it would take
+/// a literal's end for its middle and show what follows.
+pub fn opaque(sql: &str) -> String {
+    let word: String = crate::stats::trace::without_edge_comments(sql)
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic() || *c == '_')
+        .take(32)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if word.is_empty() {
+        "…".to_owned()
+    } else {
+        format!("{word} …")
+    }
+}
+
+/// Whether the lexer cannot tell literals apart under these session
+/// settings (see [`opaque`]).
+pub fn literals_unreadable(params: &std::collections::BTreeMap<String, String>) -> bool {
+    let is = |k: &str, v: &[&str]| {
+        params
+            .get(k)
+            .is_some_and(|x| v.iter().any(|v| x.eq_ignore_ascii_case(v)))
+    };
+    is("standard_conforming_strings", &["off"])
+        || is(
+            "client_encoding",
+            &[
+                "SJIS",
+                "SHIFT_JIS_2004",
+                "BIG5",
+                "GBK",
+                "UHC",
+                "GB18030",
+                "JOHAB",
+            ],
+        )
+}
+
 /// [`masked_hash`] and the [`Template`] of `sql` (when it can have one).
 pub fn hash_and_template(sql: &str) -> (u64, Option<Template>) {
     if sql.len() > MAX_TEMPLATE_BYTES {

@@ -183,7 +183,7 @@ impl Handler<'_> {
             bound,
         });
         t.timing.query(
-            shape_of(self.shapes, sql),
+            shape_of(self.shapes, sql, t.opaque_literals),
             crate::stats::trace::traceparent(sql),
         );
     }
@@ -278,7 +278,7 @@ impl Handler<'_> {
             });
             if name.is_empty() {
                 t.timing.parse_unnamed(
-                    shape_of(self.shapes, &stmt.query),
+                    shape_of(self.shapes, &stmt.query, t.opaque_literals),
                     crate::stats::trace::traceparent(&stmt.query),
                 );
             } else {
@@ -449,7 +449,12 @@ impl Handler<'_> {
     /// A statement's shape, computed once per statement.
     fn shape(&self, stmt: &Statement) -> Option<Arc<crate::stats::Shape>> {
         let shapes = self.shapes?;
-        Some(stmt.shape.get_or_init(|| shapes.shape(&stmt.query)).clone())
+        let opaque = self.t.opaque_literals;
+        Some(
+            stmt.shape
+                .get_or_init(|| crate::client::txn::shape_in(shapes, &stmt.query, opaque))
+                .clone(),
+        )
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Statement>> {

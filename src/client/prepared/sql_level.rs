@@ -77,7 +77,9 @@ impl Handler<'_> {
                     ),
                     bound: None,
                 });
-                self.t.timing.query(shape_of(self.shapes, &sql), None);
+                self.t
+                    .timing
+                    .query(shape_of(self.shapes, &sql, self.t.opaque_literals), None);
             }
             PreparedSql::Execute { name, rest } => {
                 let Some(stmt) = self.lookup(name) else {

@@ -10,6 +10,7 @@ impl Session {
     /// statement goes to the primary from now on (logged once, literals
     /// masked); either way the client's bytes are put back to run there now.
     pub(super) fn misrouted(&mut self, replay: BytesMut, statement_at_fault: bool) {
+        let opaque = self.param_facts().opaque_literals;
         if statement_at_fault
             && let (Some(h), Some(sql)) = (
                 &self.health,
@@ -18,7 +19,7 @@ impl Session {
         {
             let fingerprint = crate::stats::fingerprint::hash_and_template(sql).0;
             if h.remember_misrouted(fingerprint) {
-                let shape = self.shared.stats.shapes.shape(sql);
+                let shape = crate::client::txn::shape_in(&self.shared.stats.shapes, sql, opaque);
                 tracing::warn!(
                     database = %self.database,
                     statement = %shape.text,

@@ -464,7 +464,9 @@ impl Session {
             let mut tracker =
                 super::txn::spare::take(server.conn().tx, self.policy, &mut self.memo);
             tracker.changers = server.pool().catalog.changers();
-            tracker.parse_context = self.param_facts().parse_context;
+            let facts = self.param_facts();
+            tracker.parse_context = facts.parse_context;
+            tracker.opaque_literals = facts.opaque_literals;
             tracker.timing.detail = self.shared.spans.enabled();
             if let Some(m) = &self.listen {
                 tracker.hub = Some((m.hub.clone(), self.listed.info.id));

@@ -483,6 +483,9 @@ pub(super) struct ParamFacts {
     /// The session's parse settings (`server::params::parse_context`) and
     /// a context of this client's alone (see `Tracker::statement_context`).
     pub parse_context: (u64, u64),
+    /// Statistics and logs cannot tell this session's literals apart
+    /// (`stats::fingerprint::literals_unreadable`).
+    pub opaque_literals: bool,
 }
 
 /// The facts of `params` (client `client`'s); `cache` remembers them for
@@ -507,6 +510,7 @@ fn param_facts(
             shared,
             shared ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1,
         ),
+        opaque_literals: crate::stats::fingerprint::literals_unreadable(params),
     };
     *cache = Some((params.clone(), facts));
     facts

@@ -15,9 +15,20 @@ pub struct ClientSide<'a> {
     pub(super) shapes: Option<&'a Fingerprints>,
 }
 
-/// The shape of `sql` when per-query statistics are on.
-pub fn shape_of(shapes: Option<&Fingerprints>, sql: &str) -> Option<Arc<Shape>> {
-    shapes.map(|s| s.shape(sql))
+/// The shape of `sql` when per-query statistics are on: its first word
+/// only when the session's literals cannot be told apart (`opaque`, see
+/// `stats::fingerprint::opaque`).
+pub fn shape_of(shapes: Option<&Fingerprints>, sql: &str, opaque: bool) -> Option<Arc<Shape>> {
+    shapes.map(|s| shape_in(s, sql, opaque))
+}
+
+/// [`shape_of`] with statistics on.
+pub fn shape_in(shapes: &Fingerprints, sql: &str, opaque: bool) -> Arc<Shape> {
+    if opaque {
+        shapes.shape(&crate::stats::fingerprint::opaque(sql))
+    } else {
+        shapes.shape(sql)
+    }
 }
 
 impl ClientSide<'_> {
@@ -31,6 +42,17 @@ impl ClientSide<'_> {
     /// for a backslash or a quote may hide a SET.
     #[inline]
     fn look(&mut self, sql: &str, foreign: bool) -> (Option<Arc<Shape>>, Option<Effects>) {
+        if self.t.opaque_literals {
+            // Literals the lexer cannot find: statistics see the first word
+            // only, and the memo (keyed by masked text) is not asked.
+            let e = self.t.effects_of(sql);
+            let shape = shape_of(self.shapes, sql, true);
+            let mut e = (!e.is_plain()).then_some(e);
+            if foreign {
+                e.get_or_insert_with(Effects::default).params_changed = true;
+            }
+            return (shape, e);
+        }
         let (shape, mut e) = self.look_utf8(sql);
         if foreign {
             e.get_or_insert_with(Effects::default).params_changed = true;

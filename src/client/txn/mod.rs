@@ -7,7 +7,7 @@ mod client_side;
 mod server_side;
 pub mod spare;
 
-pub use client_side::{ClientSide, shape_of};
+pub use client_side::{ClientSide, shape_in, shape_of};
 pub use server_side::{INTERNAL_NAME_MARK, PLAN_CHANGED, ServerSide};
 
 use std::sync::Arc;
@@ -169,6 +169,10 @@ pub struct Tracker {
     /// setting changed in this transaction (set by the session for each
     /// transaction).
     pub parse_context: (u64, u64),
+    /// Statistics cannot tell this session's literals apart: its
+    /// statements are shown by their first word only
+    /// (`stats::fingerprint::opaque`).
+    pub opaque_literals: bool,
     /// Statements this client sent lately: the client's own, lent to the
     /// tracker for a transaction (see [`spare`]).
     memo: Memo,
@@ -204,6 +208,7 @@ impl Tracker {
             changers: None,
             timeout_cancel: None,
             parse_context: (0, 0),
+            opaque_literals: false,
             memo: Memo::default(),
         }
     }
@@ -244,6 +249,7 @@ impl Tracker {
         self.serializable_refused = false;
         self.timeout_cancel = None;
         self.parse_context = (0, 0);
+        self.opaque_literals = false;
     }
 
     /// The parse settings a statement prepared now is read under: the
