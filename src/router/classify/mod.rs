@@ -256,7 +256,10 @@ pub fn classify(sql: &str, rules: &Rules) -> Verdict {
         if let Some(N::VariableSetStmt(v)) = node
             && v.name == "TRANSACTION"
         {
-            read_only_tx |= read_only_option(&v.args);
+            // The last access mode set wins.
+            if let Some(ro) = access_mode(&v.args) {
+                read_only_tx = ro;
+            }
         }
         class = class.max(statement_class(node, rules, &mut calls));
         if class == Class::Write {
@@ -404,21 +407,30 @@ fn serializable_option(options: &[pg_query::protobuf::Node]) -> bool {
 }
 
 fn read_only_option(options: &[pg_query::protobuf::Node]) -> bool {
-    options.iter().any(|o| match &o.node {
+    access_mode(options) == Some(true)
+}
+
+/// The access mode the options set, the last one given winning as in
+/// PostgreSQL (`READ ONLY, READ WRITE` is read-write): Some(true) for read
+/// only, Some(false) for read write, None when they set none.
+fn access_mode(options: &[pg_query::protobuf::Node]) -> Option<bool> {
+    use pg_query::protobuf::a_const::Val;
+    options.iter().fold(None, |mode, o| match &o.node {
         Some(N::DefElem(d)) if d.defname == "transaction_read_only" => {
             match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
-                Some(N::AConst(c)) => matches!(
-                    &c.val,
-                    Some(pg_query::protobuf::a_const::Val::Ival(i)) if i.ival == 1
-                ),
-                _ => false,
+                Some(N::AConst(c)) => match &c.val {
+                    Some(Val::Ival(i)) => Some(i.ival == 1),
+                    _ => mode,
+                },
+                _ => mode,
             }
         }
-        Some(N::AConst(c)) => matches!(
-            &c.val,
-            Some(pg_query::protobuf::a_const::Val::Sval(s)) if s.sval.eq_ignore_ascii_case("read only")
-        ),
-        _ => false,
+        Some(N::AConst(c)) => match &c.val {
+            Some(Val::Sval(s)) if s.sval.eq_ignore_ascii_case("read only") => Some(true),
+            Some(Val::Sval(s)) if s.sval.eq_ignore_ascii_case("read write") => Some(false),
+            _ => mode,
+        },
+        _ => mode,
     })
 }
 

@@ -90,6 +90,19 @@ fn writes() {
 fn transactions() {
     assert_eq!(c("begin"), Class::Begin);
     assert_eq!(c("BEGIN READ ONLY"), Class::BeginReadOnly);
+    // The last access mode wins, as in PostgreSQL.
+    assert_eq!(c("BEGIN TRANSACTION READ ONLY, READ WRITE"), Class::Begin);
+    assert_eq!(c("begin read write, read only"), Class::BeginReadOnly);
+    assert_eq!(
+        c("BEGIN; SET TRANSACTION READ ONLY; SET TRANSACTION READ WRITE; SELECT 1"),
+        Class::Begin
+    );
+    assert_eq!(
+        c(
+            "BEGIN; SET TRANSACTION READ ONLY; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1"
+        ),
+        Class::BeginReadOnly
+    );
     assert_eq!(c("start transaction read only"), Class::BeginReadOnly);
     assert_eq!(
         c("begin isolation level repeatable read, read only"),
