@@ -12,6 +12,7 @@
 //! a server leaves a client only through `PooledConn::release`, clean, or is
 //! closed; errors for this client go to this client only.
 
+mod admission;
 pub mod apps;
 pub mod auth_query;
 pub mod budget;
