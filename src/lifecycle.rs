@@ -117,14 +117,8 @@ pub struct PauseCanceled;
 /// connections are closed, or fails when a RESUME of one of them came
 /// first.
 pub async fn pause(shared: &Shared, db: Option<&str>) -> Result<(), PauseCanceled> {
-    let dbs = pause_targets(shared, db);
-    if db.is_none() {
-        shared.registry.set_pooler_paused(true);
-    }
+    let dbs = hold(shared, db);
     let controls: Vec<_> = dbs.iter().map(|d| shared.registry.control(d)).collect();
-    for c in &controls {
-        c.pause();
-    }
     tracing::info!(databases = ?dbs, "PAUSE: waiting for running transactions to finish");
     // New transactions wait; running ones finish and give their server back.
     loop {
@@ -143,13 +137,32 @@ pub async fn pause(shared: &Shared, db: Option<&str>) -> Result<(), PauseCancele
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    close_idle_of(shared, &dbs);
+    tracing::info!(databases = ?dbs, "paused");
+    Ok(())
+}
+
+/// Marks database `db`, or the whole pooler, paused (new transactions
+/// wait; see `DbControl`), as PAUSE and KILL begin. Returns the databases.
+pub fn hold(shared: &Shared, db: Option<&str>) -> Vec<String> {
+    if db.is_none() {
+        shared.registry.set_pooler_paused(true);
+    }
+    let dbs = pause_targets(shared, db);
+    for d in &dbs {
+        shared.registry.control(d).pause();
+    }
+    dbs
+}
+
+/// Closes the idle server connections of databases `dbs` (retired pools
+/// still draining included).
+pub fn close_idle_of(shared: &Shared, dbs: &[String]) {
     for p in shared.registry.pools() {
         if dbs.contains(&p.database) {
             p.close_idle();
         }
     }
-    tracing::info!(databases = ?dbs, "paused");
-    Ok(())
 }
 
 /// RESUME of database `db`, or of the whole pooler (which also ends a

@@ -57,13 +57,8 @@ pub fn resume(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(
 }
 
 pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), AdminError> {
-    let dbs = targets(shared, db)?;
-    if db.is_none() {
-        shared.registry.set_pooler_paused(true);
-    }
-    for d in &dbs {
-        shared.registry.control(d).pause();
-    }
+    targets(shared, db)?;
+    let dbs = crate::lifecycle::hold(shared, db);
     let mut killed = 0;
     for c in shared.list.all() {
         if dbs.iter().any(|d| **d == *c.database()) {
@@ -72,11 +67,7 @@ pub fn kill(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(),
         }
     }
     shared.lot.wake_evicted();
-    for p in shared.registry.pools() {
-        if dbs.contains(&p.database) {
-            p.close_idle();
-        }
-    }
+    crate::lifecycle::close_idle_of(shared, &dbs);
     tracing::warn!(databases = ?dbs, clients = killed, "KILL: clients and server connections dropped; paused until RESUME");
     command_complete(out, "KILL");
     Ok(())

@@ -51,9 +51,13 @@ pub(super) fn address_rules(
     let Some((method, clientcert)) = hba.rule_for(&peer) else {
         return Err(Some(ClientError::HbaNoEntry(who())));
     };
-    if method == Method::Reject {
-        return Err(Some(ClientError::HbaRejected(who())));
-    }
+    let auth = match method {
+        Method::Reject => return Err(Some(ClientError::HbaRejected(who()))),
+        Method::Cert | Method::Trust => AuthType::Trust,
+        Method::Md5 => AuthType::Md5,
+        Method::Password => AuthType::Password,
+        Method::ScramSha256 => AuthType::ScramSha256,
+    };
     // The client certificate (verified against client_tls_ca_file), as
     // PostgreSQL checks it: required by `cert` and by a `clientcert`
     // option; `cert` and `verify-full` want it to name the user.
@@ -72,14 +76,7 @@ pub(super) fn address_rules(
             _ => {}
         }
     }
-    Ok(Some(match method {
-        Method::Cert | Method::Trust => AuthType::Trust,
-        Method::Md5 => AuthType::Md5,
-        Method::Password => AuthType::Password,
-        Method::ScramSha256 => AuthType::ScramSha256,
-        // Refused above.
-        Method::Reject => return Err(Some(ClientError::HbaRejected(who()))),
-    }))
+    Ok(Some(auth))
 }
 
 /// `max_db_client_connections` and `max_user_client_connections`: this

@@ -42,18 +42,17 @@ impl ClientSide<'_> {
     /// for a backslash or a quote may hide a SET.
     #[inline]
     fn look(&mut self, sql: &str, foreign: bool) -> (Option<Arc<Shape>>, Option<Effects>) {
-        if self.t.opaque_literals {
+        let (shape, mut e) = if self.t.opaque_literals {
             // Literals the lexer cannot find: statistics see the first word
             // only, and the memo (keyed by masked text) is not asked.
             let e = self.t.effects_of(sql);
-            let shape = shape_of(self.shapes, sql, true);
-            let mut e = (!e.is_plain()).then_some(e);
-            if foreign {
-                e.get_or_insert_with(Effects::default).params_changed = true;
-            }
-            return (shape, e);
-        }
-        let (shape, mut e) = self.look_utf8(sql);
+            (
+                shape_of(self.shapes, sql, true),
+                (!e.is_plain()).then_some(e),
+            )
+        } else {
+            self.look_utf8(sql)
+        };
         if foreign {
             e.get_or_insert_with(Effects::default).params_changed = true;
         }
