@@ -485,6 +485,20 @@ async fn pgbench_transactions_are_counted_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A database named after `name` behind a tidepool process that counts
+/// statements over 150 ms as slow; with the app user's URL.
+fn slow_daemon(name: &str) -> (&'static harness::Cluster, String, Daemon, String) {
+    let c = cluster();
+    let db = c.create_database(name);
+    let d = Daemon::start(&config(
+        &db,
+        "127.0.0.1:{port}",
+        "[stats]\nslow_query_threshold = \"150ms\"",
+    ));
+    let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    (c, db, d, app)
+}
+
 /// Where tidepool's lexer cannot find literals as PostgreSQL does (SJIS,
 /// whose `ソ` ends in a backslash byte; `standard_conforming_strings = off`,
 /// where a backslash escapes a quote in any string), statistics and logs
@@ -492,14 +506,7 @@ async fn pgbench_transactions_are_counted_exactly() {
 /// made the lexer end the string early and show the next one).
 #[test]
 fn literals_stay_hidden_where_the_lexer_cannot_read_them() {
-    let c = cluster();
-    let db = c.create_database("slowenc");
-    let d = Daemon::start(&config(
-        &db,
-        "127.0.0.1:{port}",
-        "[stats]\nslow_query_threshold = \"150ms\"",
-    ));
-    let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let (_, _, d, app) = slow_daemon("slowenc");
     let dir = std::env::temp_dir().join(format!("tidepool-slowenc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sjis = dir.join("sjis.sql");
@@ -541,14 +548,7 @@ fn literals_stay_hidden_where_the_lexer_cannot_read_them() {
 
 #[test]
 fn slow_statements_are_listed_and_logged_without_literals() {
-    let c = cluster();
-    let db = c.create_database("slow");
-    let d = Daemon::start(&config(
-        &db,
-        "127.0.0.1:{port}",
-        "[stats]\nslow_query_threshold = \"150ms\"",
-    ));
-    let app = d.url(harness::APP_USER, harness::APP_PASSWORD, &db);
+    let (c, db, d, app) = slow_daemon("slow");
     for _ in 0..2 {
         let out = harness::psql(
             &app,

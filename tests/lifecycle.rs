@@ -446,15 +446,7 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
     rt.block_on(async {
         let c = harness::connect(&url).await.unwrap();
         harness::wait_until_async("the sleep to start", Duration::from_secs(30), || async {
-            let n: i64 = c
-                .query_one(
-                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(600)' and state = 'active'",
-                    &[],
-                )
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            n > 0
+            sleeps_running(&c).await.unwrap_or(0) > 0
         })
         .await;
     });
@@ -487,21 +479,22 @@ fn sigterm_ends_the_process_within_shutdown_timeout_whatever_clients_do() {
         harness::wait_until_async(
             "the cut-off query to end on the server",
             Duration::from_secs(10),
-            || async {
-                let n: i64 = c
-                    .query_one(
-                        "select count(*) from pg_stat_activity where query = 'select pg_sleep(600)'",
-                        &[],
-                    )
-                    .await
-                    .map(|r| r.get(0))
-                    .unwrap_or(1);
-                n == 0
-            },
+            || async { sleeps_running(&c).await == Some(0) },
         )
         .await;
     });
     drop(holder);
+}
+
+/// How many backends run `select pg_sleep(600)` now (None: not known).
+async fn sleeps_running(c: &tokio_postgres::Client) -> Option<i64> {
+    c.query_one(
+        "select count(*) from pg_stat_activity where query = 'select pg_sleep(600)' and state = 'active'",
+        &[],
+    )
+    .await
+    .ok()
+    .map(|r| r.get(0))
 }
 
 /// A database named after `name`, and a tidepool in front of it that can

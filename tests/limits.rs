@@ -372,6 +372,15 @@ async fn a_thousand_clients_on_one_limit_get_exactly_its_rate() {
 
 /// `max_user_connections`: one user's server connections across all its
 /// pools (two databases here) stay under the cap; a reload raises it.
+/// A `[databases]` table for `db` on the cluster's primary, to append to
+/// a config.
+fn another_database(c: &harness::Cluster, db: &str) -> String {
+    format!(
+        "\n[databases.{db}]\nhost = \"127.0.0.1\"\nport = {}\n",
+        c.primary_port()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_user_connections_caps_a_user_across_databases() {
     let c = cluster();
@@ -386,10 +395,7 @@ async fn max_user_connections_caps_a_user_across_databases() {
         "",
     )
     .replace("[tidepool]\n", "[tidepool]\nstats_users = [\"app\"]\n")
-        + &format!(
-            "\n[databases.{db2}]\nhost = \"127.0.0.1\"\nport = {}\n",
-            c.primary_port()
-        );
+        + &another_database(c, &db2);
     let proxy = TestProxy::start(&toml);
     let admin = c.admin_client("postgres").await;
     let mut clients = Vec::new();
@@ -704,10 +710,7 @@ async fn caps_below_min_pool_size_neither_spin_nor_starve() {
         &db1,
         "min_pool_size = 2\nmax_db_connections = 3\nmax_user_connections = 2\nquery_wait_timeout = \"5s\"",
         "",
-    ) + &format!(
-        "\n[databases.{db2}]\nhost = \"127.0.0.1\"\nport = {}\n",
-        c.primary_port()
-    );
+    ) + &another_database(c, &db2);
     let proxy = TestProxy::start(&toml);
     let md5 = |db: &str| proxy.url_as(harness::MD5_USER, Some(harness::MD5_PASSWORD), db);
     let within = |what: &'static str| {
