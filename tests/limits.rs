@@ -741,6 +741,60 @@ async fn caps_below_min_pool_size_neither_spin_nor_starve() {
     within("app on db1 again")(tokio::time::timeout(ten, app.simple_query("select 3")).await);
 }
 
+/// A pool waiting on a full `max_user_connections` gets another database's
+/// connection closed for it when that one comes back idle *after* the wait
+/// began (it waited out `query_wait_timeout` before: nothing woke it; CI
+/// caught it in max_user_connections_caps_a_user_across_databases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_starved_by_a_cap_gets_a_connection_that_turns_idle_later() {
+    let c = cluster();
+    let (db1, db2) = (
+        c.create_database("cap_later_a"),
+        c.create_database("cap_later_b"),
+    );
+    let toml = harness::proxy::config_toml(
+        c,
+        &db1,
+        "max_user_connections = 2
+query_wait_timeout = \"8s\"",
+        "",
+    ) + &another_database(c, &db2);
+    let proxy = TestProxy::start(&toml);
+    let admin = c.admin_client("postgres").await;
+    // Both of app's connections busy on db1.
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let client = proxy.client(&db1).await;
+        busy.push(tokio::spawn(async move {
+            client.simple_query("select pg_sleep(1)").await.unwrap();
+            client
+        }));
+    }
+    let (admin, busy_db) = (&admin, &db1);
+    harness::wait_until_async("both of app's servers busy on db1", Duration::from_secs(10), || async move {
+        let n: i64 = admin
+            .query_one(
+                "select count(*) from pg_stat_activity where datname = $1 and query like '%pg_sleep%' and state = 'active'",
+                &[busy_db],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 2
+    })
+    .await;
+    // db2's client (its login needs a server: the pool's first) waits on
+    // the full cap; db1's connections turn idle a moment later and stay so
+    // (their clients stay connected, quiet).
+    let answer = async {
+        let other = harness::connect(&proxy.url(&db2)).await?;
+        other.simple_query("select 2").await
+    }
+    .await;
+    let _quiet: Vec<_> = futures_util::future::join_all(busy).await;
+    answer.unwrap_or_else(|e| panic!("db2 starved behind db1's idle connections: {e:?}"));
+}
+
 /// On a database with replicas tidepool answers a lone BEGIN itself: the
 /// rate limit counts that transaction at its BEGIN, and never refuses a
 /// statement inside it (refused there, the rest of the transaction ran and

@@ -11,12 +11,15 @@
 //! [`Cap::excess`]); the permits in circulation always move toward the
 //! configured size. Zero means no cap. A pool that needs a connection while
 //! its cap is full may have another member pool close an idle one (as
-//! PgBouncer evicts one): idle connections never keep a cap full for good.
+//! PgBouncer evicts one): idle connections never keep a cap full for good,
+//! also when they become idle after the pool began to wait (a member's
+//! connection coming back idle wakes the pools starved on the cap).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// What "no cap" counts as.
 const UNLIMITED: usize = Semaphore::MAX_PERMITS >> 4;
@@ -38,6 +41,27 @@ pub struct Cap {
     total: Arc<AtomicUsize>,
     /// A shrink waiting for held permits to come back.
     shrinking: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Pools waiting for room under this cap (see [`Cap::starve`]).
+    starved: AtomicUsize,
+    /// Wakes them when a member's connection comes back idle.
+    idle_ready: Notify,
+}
+
+/// A pool waiting for room under a cap, for as long as it lives.
+pub struct Starved<'a>(&'a Cap);
+
+impl Starved<'_> {
+    /// Resolves when a member's connection comes back idle (enable it
+    /// before looking for one to evict).
+    pub fn idle_ready(&self) -> Notified<'_> {
+        self.0.idle_ready.notified()
+    }
+}
+
+impl Drop for Starved<'_> {
+    fn drop(&mut self) {
+        self.0.starved.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn permits(size: usize) -> usize {
@@ -52,6 +76,8 @@ impl Cap {
             size: AtomicUsize::new(size),
             total: Arc::new(AtomicUsize::new(permits(size))),
             shrinking: Mutex::new(None),
+            starved: AtomicUsize::new(0),
+            idle_ready: Notify::new(),
         })
     }
 
@@ -84,6 +110,21 @@ impl Cap {
             .filter_map(Weak::upgrade)
             .collect();
         members.iter().any(|m| m.close_one_idle())
+    }
+
+    /// Counts a pool as waiting for room under this cap while the value
+    /// lives.
+    pub fn starve(&self) -> Starved<'_> {
+        self.starved.fetch_add(1, Ordering::Relaxed);
+        Starved(self)
+    }
+
+    /// A member's connection came back idle: pools starved on this cap
+    /// look again for one to evict (one load when none waits).
+    pub fn idle_came_back(&self) {
+        if self.starved.load(Ordering::Relaxed) > 0 {
+            self.idle_ready.notify_waiters();
+        }
     }
 
     /// Whether a permit is free now (a hint: another may take it first).

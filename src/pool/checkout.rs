@@ -495,6 +495,9 @@ impl Pool {
         if core.idle.len() + self.in_use.load(Ordering::Relaxed) < size {
             core.idle.push(conn);
             self.idle_ready.notify_waiters();
+            for cap in &self.caps {
+                cap.idle_came_back();
+            }
             return None;
         }
         Some(conn)

@@ -502,10 +502,15 @@ impl Pool {
             }
             // While a cap is full, a connection of this pool that comes back
             // serves this checkout instead (it holds its own permits).
+            let starved = cap.starve();
             loop {
                 let notified = self.idle_ready.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
+                // Another pool's connection coming back idle may be evicted.
+                let elsewhere = starved.idle_ready();
+                tokio::pin!(elsewhere);
+                elsewhere.as_mut().enable();
                 if let Some(idle) = self.pop_idle(&mut lock(&self.core)) {
                     return Ok(idle);
                 }
@@ -525,6 +530,7 @@ impl Pool {
                         None => return Err(PoolError::Timeout(timeout)),
                     },
                     _ = &mut notified => {}
+                    _ = &mut elsewhere => {}
                     _ = tokio::time::sleep_until(deadline) => return Err(PoolError::Timeout(timeout)),
                 }
             }
