@@ -58,11 +58,7 @@ async fn users_not_in_the_config_log_in_with_the_servers_secret() {
         format!("host all qa_md5 127.0.0.1/32 md5\n{hba}"),
     )
     .unwrap();
-    admin
-        .batch_execute("select pg_reload_conf()")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.reload_primary();
     let toml = harness::proxy::config_toml(c, &db, "", "").replace(
         "[tidepool]\n",
         "[tidepool]\nauth_user = \"postgres\"\nauth_cache_lifetime = \"1s\"\n",

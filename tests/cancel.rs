@@ -44,10 +44,7 @@ async fn cancel_stops_exactly_that_clients_query() {
 
     let other = tokio::spawn(async move {
         bystander
-            .query_one(
-                "select 'still here' from pg_sleep(1.5) /* bystander */",
-                &[],
-            )
+            .query_one("select 'still here' from pg_sleep(5) /* bystander */", &[])
             .await
             .map(|r| r.get::<_, String>(0))
     });
@@ -84,7 +81,7 @@ async fn cancel_with_a_wrong_key_does_nothing() {
     let client = proxy.client(&db).await;
     let run = tokio::spawn(async move {
         client
-            .query_one("select 'done' from pg_sleep(1) /* keep */", &[])
+            .query_one("select 'done' from pg_sleep(4) /* keep */", &[])
             .await
             .map(|r| r.get::<_, String>(0))
     });

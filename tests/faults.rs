@@ -337,7 +337,7 @@ async fn a_partition_between_tidepool_and_a_replica() {
         harness::proxy::config_toml(
             c,
             &db,
-            "default_pool_size = 4\nquery_timeout = \"1s\"\nserver_connect_timeout = \"1s\"\nquery_wait_timeout = \"20s\"",
+            "default_pool_size = 4\nquery_timeout = \"3s\"\nserver_connect_timeout = \"1s\"\nquery_wait_timeout = \"20s\"",
             &format!(
                 "replicas = [{{ host = \"{}\", port = {} }}]",
                 r.addr().0,
@@ -358,11 +358,24 @@ async fn a_partition_between_tidepool_and_a_replica() {
     let in_flight = tokio::spawn(async move {
         tokio::time::timeout(
             Duration::from_secs(40),
-            reader.simple_query("select pg_sleep(0.5), inet_server_port()"),
+            reader.simple_query("select pg_sleep(10), inet_server_port()"),
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Cut once the read runs there (a fixed pause raced a short read).
+    let on_replica = c.admin_client_on(replica, "postgres").await;
+    harness::wait_until_async("the read running on the replica", Duration::from_secs(30), || async {
+        let n: i64 = on_replica
+            .query_one(
+                "select count(*) from pg_stat_activity where query like 'select pg_sleep(10)%' and state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
     r.cut();
     let answer = in_flight
         .await

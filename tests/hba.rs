@@ -42,12 +42,7 @@ async fn the_same_rules_admit_and_refuse_as_postgresql_does() {
     let db = c.create_database("hba");
     // PostgreSQL takes the rules (this test binary has its own cluster).
     std::fs::write(c.primary_data_dir().join("pg_hba.conf"), RULES).unwrap();
-    let admin = c.admin_client("postgres").await;
-    admin
-        .batch_execute("select pg_reload_conf()")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.reload_primary();
 
     let dir = tempdir();
     let hba = dir.join("hba.conf");

@@ -707,17 +707,19 @@ fn a_moved_client_keeps_its_session() {
             c.batch_execute("select 1").await.unwrap();
             idle.push(c);
         }
-        tokio::time::sleep(Duration::from_millis(2500)).await;
         (a, b, stmt, rows_of_t, rx, idle)
     });
-    let mem = console(&old, "SHOW MEM").unwrap();
-    let parked: u64 = mem
-        .iter()
-        .find(|r| r["name"] == "parked_client_cache")
-        .map_or(0, |r| r["used"].parse().unwrap());
-    assert!(
-        parked >= 20,
-        "the idle clients are parked before the takeover: {mem:?}"
+    let parked = || {
+        console(&old, "SHOW MEM")
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "parked_client_cache")
+            .map_or(0, |r| r["used"].parse::<u64>().unwrap())
+    };
+    harness::wait_until(
+        "the idle clients parked before the takeover",
+        Duration::from_secs(20),
+        || parked() >= 20,
     );
     let new = take_over(&old, &toml);
     rt.block_on(async {

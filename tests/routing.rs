@@ -74,6 +74,11 @@ fn replica_banned(s: &Setup, i: usize) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autocommit_reads_go_to_both_replicas() {
     let s = setup("spread", "").await;
+    // `setup` waits for one replica; this test needs both in service.
+    harness::wait_until_async("both replicas in service", DEADLINE, || async {
+        !replica_banned(&s, 0) && !replica_banned(&s, 1)
+    })
+    .await;
     let mut seen = HashSet::new();
     for _ in 0..5 {
         let c = s.proxy.client(&s.db).await;

@@ -720,7 +720,8 @@ async fn short_length_inside_transaction(port: u16, db: &str) {
     assert_fatal_08p01(&msgs, "length 0 in a transaction");
 }
 
-/// Runs one bad input against a fresh proxy (client_login_timeout 1s) with a
+/// Runs one bad input against a fresh proxy (client_login_timeout 4s: a first login
+/// opens a server inside it, slow on a busy machine) with a
 /// bystander connected throughout; afterwards a normal client works, the
 /// bystander is undisturbed and no server is left in a transaction except
 /// the bystander's.
@@ -730,7 +731,7 @@ macro_rules! bad_input_test {
         async fn $name() {
             let c = cluster();
             let db = c.create_database(stringify!($input));
-            let proxy = TestProxy::for_db(c, &db, "client_login_timeout = \"1s\"");
+            let proxy = TestProxy::for_db(c, &db, "client_login_timeout = \"4s\"");
             let admin = c.admin_client(&db).await;
             let bystander = Bystander::start(&proxy, &db).await;
             $input(proxy.port(), &db).await;
@@ -798,7 +799,7 @@ bad_input_test!(
 async fn bad_inputs_in_sequence_leave_one_long_lived_client_undisturbed() {
     let c = cluster();
     let db = c.create_database("bad_sequence");
-    let proxy = TestProxy::for_db(c, &db, "client_login_timeout = \"1s\"");
+    let proxy = TestProxy::for_db(c, &db, "client_login_timeout = \"4s\"");
     let admin = c.admin_client(&db).await;
     let bystander = Bystander::start(&proxy, &db).await;
     let port = proxy.port();

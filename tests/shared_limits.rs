@@ -46,7 +46,7 @@ rate_limit_tier = "fast"
 [rate_limits]
 rate_limit_wait = "0s"
 rate_limit_backend = "{redis}"
-rate_limit_backend_timeout = "200ms"
+rate_limit_backend_timeout = "1s"
 [rate_limits.tiers]
 free = {{ per_minute = 10, burst = 2 }}
 fast = {{ per_second = 1000, burst = 100 }}

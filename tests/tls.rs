@@ -56,8 +56,6 @@ fn postgres_requires_tls(c: &harness::Cluster, certs: &Path) {
             "alter system set ssl_cert_file = 'pg.crt'",
             "-c",
             "alter system set ssl_key_file = 'pg.key'",
-            "-c",
-            "select pg_reload_conf()",
         ],
         None,
     );
@@ -66,7 +64,7 @@ fn postgres_requires_tls(c: &harness::Cluster, certs: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::thread::sleep(Duration::from_millis(500));
+    c.reload_primary();
 }
 
 fn psql_at(conninfo: &str, sql: &str) -> (bool, String, String) {

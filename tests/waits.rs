@@ -117,6 +117,17 @@ async fn clients_and_servers_are_linked_and_counted() {
     // `a` holds a server in an open transaction.
     a.batch_execute("begin; select 'held'").await.unwrap();
     let shared = &p.shared;
+    // A transaction is counted just after its answer is written: b's last
+    // may be counted a moment after the test saw it.
+    let counted = |app: &str| {
+        tidepool::snapshot::clients(shared)
+            .iter()
+            .find(|r| r.application_name == app)
+            .map_or(0, |r| r.counts.xacts)
+    };
+    harness::wait_until("b's transactions counted", Duration::from_secs(10), || {
+        counted("reports") == 3
+    });
     let clients = tidepool::snapshot::clients(shared);
     let ca = clients
         .iter()

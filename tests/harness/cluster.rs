@@ -313,6 +313,25 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("primary_sql: {e}"))
     }
 
+    /// Reloads the primary's configuration (pg_hba.conf, ssl, ALTER SYSTEM)
+    /// and returns once the postmaster has taken it: a new connection
+    /// reports a later load time (a fixed pause raced a busy machine).
+    pub fn reload_primary(&self) {
+        let port = self.primary.port;
+        let sql = |q: &str| {
+            self.superuser_sql(port, "postgres", q)
+                .unwrap_or_else(|e| panic!("reload_primary: {e}"))
+        };
+        let before = sql("select pg_conf_load_time()");
+        sql("select pg_reload_conf()");
+        self.poll_sql_true(
+            port,
+            &format!("select pg_conf_load_time() > '{before}'::timestamptz"),
+            "the primary to reload its configuration",
+        )
+        .unwrap_or_else(|e| panic!("reload_primary: {e}"));
+    }
+
     /// Runs `sql` as superuser with psql on `port`; returns trimmed `-At` output.
     fn superuser_sql(&self, port: u16, db: &str, sql: &str) -> Res<String> {
         let url = super::url(port, SUPERUSER, Some(SUPERUSER_PASSWORD), db);
