@@ -304,6 +304,49 @@ async fn client_caps_hold_under_logins_at_once() {
     }
 }
 
+/// A transaction that its database's limit refuses costs its user's limit
+/// nothing (the user's token was spent, and the user was refused on
+/// another database with room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_one_limit_costs_the_others_nothing() {
+    let c = cluster();
+    let (db1, db2) = (
+        c.create_database("rate_both_a"),
+        c.create_database("rate_both_b"),
+    );
+    let toml =
+        harness::proxy::config_toml(c, &db1, "default_pool_size = 2", "rate_limit_tier = \"db\"")
+            .replace("[users.app]\n", "[users.app]\nrate_limit_tier = \"user\"\n")
+            + &another_database(c, &db2)
+            + "\n[rate_limits]\nrate_limit_wait = \"0s\"\n[rate_limits.tiers]\n\
+           user = { per_minute = 1, burst = 1 }\ndb = { per_minute = 1, burst = 0 }\n";
+    let proxy = TestProxy::start(&toml);
+    let code = |r: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
+        r.err().map(|e| {
+            e.as_db_error()
+                .expect("an error response")
+                .code()
+                .code()
+                .to_owned()
+        })
+    };
+    let on1 = proxy.client(&db1).await;
+    let on2 = proxy.client(&db2).await;
+    // The user has two (burst 1), db1 one.
+    assert_eq!(code(on1.simple_query("select 1").await), None);
+    assert_eq!(
+        code(on1.simple_query("select 2").await).as_deref(),
+        Some("53400"),
+        "db1's limit is spent"
+    );
+    // The user's second is still there, for db2.
+    assert_eq!(code(on2.simple_query("select 3").await), None);
+    assert_eq!(
+        code(on2.simple_query("select 4").await).as_deref(),
+        Some("53400")
+    );
+}
+
 /// The issue's exactness, at its scale: 1,000 clients on one limit (the
 /// database's) for two seconds admit burst + 1 + rate × time, to within
 /// one, and every other request gets 53400 at once.

@@ -216,3 +216,53 @@ async fn two_instances_share_a_limit_through_redis_and_go_on_without_it() {
         assert!(!d.log().contains("password"), "no credentials in the log");
     }
 }
+
+/// Through Redis too, a transaction its database's limit refuses costs its
+/// user's limit nothing: the user's admission is taken back in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_one_shared_limit_costs_the_others_nothing() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let c = cluster();
+    let (db1, db2) = (
+        c.create_database("shared_both_a"),
+        c.create_database("shared_both_b"),
+    );
+    let toml = config(&db1, &redis.url())
+        .replace("instances = 2", "instances = 1")
+        .replace("rate_limit_tier = \"free\"", "rate_limit_tier = \"user\"")
+        .replace(
+            &format!("[databases.{db1}]\n"),
+            &format!("[databases.{db1}]\nrate_limit_tier = \"db\"\n"),
+        )
+        .replace(
+            "[rate_limits.tiers]\n",
+            "[rate_limits.tiers]\nuser = { per_minute = 1, burst = 1 }\ndb = { per_minute = 1, burst = 0 }\n",
+        )
+        + &format!(
+            "\n[databases.{db2}]\nhost = \"127.0.0.1\"\nport = {}\n",
+            c.primary_port()
+        );
+    let d = Daemon::start(&toml);
+    harness::wait_until("connected to redis", Duration::from_secs(20), || {
+        backend_up(&d)
+    });
+    let app = |db: &str| d.url("app", harness::APP_PASSWORD, db);
+    let on1 = harness::connect(&app(&db1)).await.unwrap();
+    let on2 = harness::connect(&app(&db2)).await.unwrap();
+    // The user has two (burst 1), db1 one.
+    select(&on1).await.unwrap();
+    let (code, message) = select(&on1).await.unwrap_err();
+    assert_eq!(code, "53400", "{message}");
+    assert!(message.contains("tier db"), "{message}");
+    // The user's second is still there, for db2.
+    select(&on2).await.unwrap();
+    let (code, message) = select(&on2).await.unwrap_err();
+    assert!(message.contains("tier user"), "{code} {message}");
+    assert!(backend_up(&d), "decided in redis throughout");
+    assert_eq!(
+        metric(&d, "tidepool_rate_limit_local_decisions_total"),
+        Some(0.0)
+    );
+}

@@ -32,6 +32,11 @@ impl Gcra {
         self.tat = tat + interval;
         Ok(())
     }
+
+    /// Undoes one admission made with `interval` (whatever came after it).
+    pub fn take_back(&mut self, interval: u64) {
+        self.tat = self.tat.saturating_sub(interval);
+    }
 }
 
 #[cfg(test)]
@@ -48,6 +53,18 @@ mod tests {
     }
 
     const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn an_admission_taken_back_is_available_again() {
+        let t = tier(1, 60, 0);
+        let mut g = Gcra::default();
+        let now = 1_000 * SEC;
+        assert!(g.admit(now, &t).is_ok());
+        assert!(g.admit(now, &t).is_err());
+        g.take_back(t.interval());
+        assert!(g.admit(now + 1, &t).is_ok(), "the token came back");
+        assert!(g.admit(now + 2, &t).is_err());
+    }
 
     #[test]
     fn ten_a_minute_with_a_burst_of_two_admits_twelve_in_the_first_minute() {

@@ -15,7 +15,8 @@
 //! down each instance decides locally with its share of the tier.
 //!
 //! Invariants: a limiter's state is only its arrival time (a reload that
-//! changes its tier keeps it); a refused request costs nothing; waiting for
+//! changes its tier keeps it); a refused request costs nothing, in any of
+//! the limiters it passes ([`admit_all`]); waiting for
 //! admission is the client's own task sleeping until its turn, never a lock
 //! held across an await.
 
@@ -85,6 +86,26 @@ pub struct Limiter {
     /// Admitted after waiting.
     pub waited: AtomicU64,
     pub rejected: AtomicU64,
+}
+
+/// Admits one transaction past each of `limiters` in turn, waiting up to
+/// `wait` at each; when one refuses, those that admitted it take it back
+/// (a refused request costs nothing, also across limiters: a database's
+/// refusal used to spend its user's token).
+pub async fn admit_all(
+    limiters: &[Arc<Limiter>],
+    wait: Duration,
+    backend: Option<&Arc<Backend>>,
+) -> Result<(), Refused> {
+    for (i, l) in limiters.iter().enumerate() {
+        if let Err(refused) = l.admit(wait, backend).await {
+            for earlier in &limiters[..i] {
+                earlier.take_back(backend).await;
+            }
+            return Err(refused);
+        }
+    }
+    Ok(())
 }
 
 /// Why a request was not admitted: which limit, for the client's message.
@@ -163,6 +184,21 @@ impl Limiter {
                 }
             }
         }
+    }
+
+    /// Takes back one admission this limiter made (a later limiter of the
+    /// same request refused it): in the shared backend when it answers,
+    /// else here.
+    async fn take_back(&self, backend: Option<&Arc<Backend>>) {
+        let tier = self.tier();
+        self.admitted.fetch_sub(1, Ordering::Relaxed);
+        let interval = match backend {
+            Some(b) if b.take_back(&self.key, tier.interval()).await => return,
+            // Decided here with this instance's share (see `try_admit`).
+            Some(b) => tier.share(b.instances).interval(),
+            None => tier.interval(),
+        };
+        self.gcra().take_back(interval);
     }
 
     /// Admissions available right now (whole tokens).

@@ -38,6 +38,17 @@ redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now)
 return {0, tat - now}
 ";
 
+/// Takes back one admission: the arrival time moves back one interval
+/// (µs, ARGV[1]), its expiry kept. Nothing when the key expired meanwhile.
+const TAKE_BACK: &str = r"
+local tat = redis.call('GET', KEYS[1])
+if not tat then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', tonumber(tat) - tonumber(ARGV[1])), 'PX', ttl)
+return 1
+";
+
 /// Where the keys live in Redis.
 const KEY_PREFIX: &str = "tidepool:ratelimit:";
 
@@ -61,6 +72,7 @@ pub struct Backend {
     /// Instances sharing the limit: each one's share while Redis is down.
     pub instances: u64,
     script: redis::Script,
+    take_back: redis::Script,
     /// The connection while Redis answers; `None` while it is down.
     conn: ArcSwapOption<MultiplexedConnection>,
     reconnecting: AtomicBool,
@@ -85,6 +97,7 @@ impl Backend {
             timeout,
             instances: instances.max(1),
             script: redis::Script::new(SCRIPT),
+            take_back: redis::Script::new(TAKE_BACK),
             conn: ArcSwapOption::empty(),
             reconnecting: AtomicBool::new(false),
             logged_down: AtomicBool::new(false),
@@ -130,6 +143,26 @@ impl Backend {
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
         self.down(&failure);
         None
+    }
+
+    /// Takes back one admission of `key` made with `interval` (ns); false
+    /// when Redis is down or did not answer in time (take it back locally).
+    pub async fn take_back(self: &Arc<Self>, key: &str, interval: u64) -> bool {
+        let Some(conn) = self.conn.load_full() else {
+            return false;
+        };
+        let mut conn = (*conn).clone();
+        let mut invocation = self.take_back.key(format!("{KEY_PREFIX}{key}"));
+        invocation.arg((interval / 1000).max(1));
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        let failure = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.down(&failure);
+        false
     }
 
     /// Marks Redis down (logged once) and starts reconnecting.

@@ -316,10 +316,7 @@ impl Session {
         }
         let wait = self.settings.config.rate_limits.rate_limit_wait;
         let backend = self.shared.rate_limits.backend();
-        for l in &self.limiters {
-            l.admit(wait, backend.as_ref()).await?;
-        }
-        Ok(())
+        crate::ratelimit::admit_all(&self.limiters, wait, backend.as_ref()).await
     }
 
     /// SHOW CLIENTS' prepared_statements: this client's named ones.
