@@ -1,5 +1,6 @@
-//! The HTTP endpoint for operators: `/metrics` (Prometheus / OpenMetrics
-//! text, encoded by `prometheus-client` from live state at each scrape),
+//! The HTTP endpoint for operators: `/metrics` (OpenMetrics text, encoded
+//! by `prometheus-client` from live state at each scrape, or Prometheus's
+//! text 0.0.4 when the client does not ask for OpenMetrics),
 //! `/healthz` (the process is alive) and `/readyz` (every database's primary
 //! accepts connections).
 //!
@@ -16,6 +17,8 @@ use crate::client::Shared;
 
 pub mod metrics;
 
+/// The media type of OpenMetrics, in a request's Accept header.
+const OPENMETRICS: &str = "application/openmetrics-text";
 /// Largest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,11 +47,12 @@ pub async fn serve(
     }
 }
 
-/// A request head: method, path and Authorization header.
+/// A request head: method, path, and the Authorization and Accept headers.
 struct Request {
     method: String,
     path: String,
     authorization: Option<String>,
+    accept: Option<String>,
 }
 
 /// Reads a request head: the method and path of its first line, and the
@@ -72,15 +76,21 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let method = parts.next()?.to_owned();
     let target = parts.next()?;
     let path = target.split('?').next().unwrap_or(target).to_owned();
-    let authorization = lines
+    let headers: Vec<(&str, &str)> = lines
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
-        .map(|(_, v)| v.trim().to_owned());
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+    };
     Some(Request {
         method,
         path,
-        authorization,
+        authorization: header("authorization"),
+        accept: header("accept"),
     })
 }
 
@@ -122,6 +132,7 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
         method,
         path,
         authorization,
+        accept,
     } = request;
     let head = method == "HEAD";
     // /healthz says only that the process answers: probes need no secret.
@@ -144,12 +155,25 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
     }
     let _ = match path.as_str() {
         "/metrics" => match metrics::render(&shared) {
-            Ok(body) => {
+            // OpenMetrics to those who ask for it (Prometheus does), the
+            // classic text to everyone else (promtool, curl), as the
+            // official client libraries negotiate.
+            Ok(body) if accept.as_deref().is_some_and(|a| a.contains(OPENMETRICS)) => {
                 respond(
                     &mut stream,
                     200,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     &body,
+                    head,
+                )
+                .await
+            }
+            Ok(body) => {
+                respond(
+                    &mut stream,
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    &metrics::classic::from_openmetrics(&body),
                     head,
                 )
                 .await

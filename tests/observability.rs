@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::daemon::{Daemon, free_port, http_get};
+use harness::daemon::{Daemon, free_port, http_get, http_get_with};
 use harness::{APP_PASSWORD, APP_USER, Cluster};
 
 /// Deadline for every wait on a condition in this file.
@@ -381,15 +381,16 @@ fn debian_pgbouncer_exporter_reads_the_console() {
 // ---------------------------------------------------------------------------
 // 2. /metrics parsed by prometheus_client
 
-/// Parses stdin with both of prometheus_client's parsers and prints, per
-/// parser, every family with its type and samples, as JSON.
+/// Parses a JSON pair of bodies from stdin (OpenMetrics, classic) with
+/// prometheus_client's parser for each and prints, per parser, every family
+/// with its type and samples, as JSON.
 const PARSE_SCRIPT: &str = r#"
 import json, math, sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
 from prometheus_client.parser import text_string_to_metric_families as classic
-body = sys.stdin.read()
+bodies = json.loads(sys.stdin.read())
 out = {}
-for name, parse in (("openmetrics", openmetrics), ("classic", classic)):
+for (name, parse), body in zip((("openmetrics", openmetrics), ("classic", classic)), bodies):
     out[name] = [
         {
             "name": f.name,
@@ -411,12 +412,13 @@ struct Family {
     samples: Vec<(String, serde_json::Map<String, serde_json::Value>, f64)>,
 }
 
-fn parse_with_prometheus_client(body: &str) -> (Vec<Family>, Vec<Family>) {
+fn parse_with_prometheus_client(om: &str, classic: &str) -> (Vec<Family>, Vec<Family>) {
     let mut cmd = Command::new(PYTHON);
     cmd.args(["-c", PARSE_SCRIPT])
         .env_remove("PYTHONPATH")
         .env_remove("PYTHONHOME");
-    let out = run_with_stdin(cmd, body);
+    let body = serde_json::to_string(&[om, classic]).unwrap();
+    let out = run_with_stdin(cmd, &body);
     assert!(
         out.status.success(),
         "prometheus_client could not parse /metrics: {}\nbody:\n{body}",
@@ -521,13 +523,33 @@ select x from "odd""name";
         text(&out.stderr)
     );
 
-    let (status, body) = http_get(d.metrics_port, "/metrics");
+    // Prometheus asks for OpenMetrics; promtool and curl get the classic
+    // text, which `promtool check metrics` passes without a word (it
+    // warned of a missing help text for every counter when it got
+    // OpenMetrics).
+    let (status, body) = http_get_with(
+        d.metrics_port,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3\r\n",
+    );
     assert_eq!(status, 200, "{body}");
     assert!(
         body.trim_end().ends_with("# EOF"),
         "OpenMetrics ends with # EOF"
     );
-    let (om, classic) = parse_with_prometheus_client(&body);
+    let (status, plain) = http_get(d.metrics_port, "/metrics");
+    assert_eq!(status, 200, "{plain}");
+    assert!(!plain.contains("# EOF"), "{plain}");
+    let mut promtool = Command::new("promtool");
+    promtool.args(["check", "metrics"]);
+    let checked = run_with_stdin(promtool, &plain);
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        text(&checked.stdout),
+        text(&checked.stderr)
+    );
+    let (om, classic) = parse_with_prometheus_client(&body, &plain);
 
     for families in [&om, &classic] {
         for name in [

@@ -16,6 +16,7 @@ use crate::stats::HealthStatus;
 use crate::stats::histogram::{BOUNDS_US, BucketsSnapshot};
 
 mod advice;
+pub mod classic;
 mod sessions;
 mod spans;
 

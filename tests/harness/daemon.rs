@@ -180,12 +180,17 @@ impl Drop for Daemon {
 
 /// A plain HTTP GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_with(port, path, "")
+}
+
+/// [`http_get`] with more header lines (each ending in `\r\n`).
+pub fn http_get_with(port: u16, path: &str, headers: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
     )
     .expect("send");
     let mut resp = String::new();
