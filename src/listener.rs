@@ -49,6 +49,7 @@ pub async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     tokio::spawn(crate::watchdog::Watched::new(
+                        &shared.watchdog,
                         0,
                         serve(stream, shared.clone()),
                     ));
@@ -77,7 +78,7 @@ pub async fn accept_unix_loop(
         tokio::select! {
             r = listener.accept() => match r.and_then(|(s, _)| crate::protocol::stream::unix_as_tcp(s)) {
                 Ok(stream) => {
-                    tokio::spawn(crate::watchdog::Watched::new(0, serve(stream, shared.clone())));
+                    tokio::spawn(crate::watchdog::Watched::new(&shared.watchdog, 0, serve(stream, shared.clone())));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept on the Unix socket failed");
@@ -177,7 +178,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                     *login,
                     listed,
                 ));
-                let run = crate::watchdog::Watched::new(id, session.run(slot));
+                let run = crate::watchdog::Watched::new(&shared.watchdog, id, session.run(slot));
                 if debug {
                     tokio::spawn(run.instrument(tracing::Span::current()));
                 } else {

@@ -87,6 +87,10 @@ impl Phase {
 /// What one runtime thread is polling.
 #[derive(Default)]
 struct Slot {
+    /// The watchdog whose client task this thread polls (its address):
+    /// only that one counts a stall here (several proxies in one process,
+    /// as in tests, each count their own).
+    owner: std::sync::atomic::AtomicUsize,
     /// Client id being polled (0: none).
     client: AtomicU64,
     /// Monotonic µs when that poll began (0: not polling a client task).
@@ -266,6 +270,8 @@ pub fn phase(p: Phase) {
 
 /// A client task, with its polls recorded in this thread's slot.
 pub struct Watched<F> {
+    /// Its proxy's watchdog (the address: see `Slot::owner`).
+    owner: usize,
     client: u64,
     /// The task's phase between polls (the slot holds it during one).
     phase: u8,
@@ -273,13 +279,14 @@ pub struct Watched<F> {
 }
 
 impl<F: Future> Watched<F> {
-    pub fn new(client: u64, inner: F) -> Self {
+    pub fn new(owner: &Arc<Watchdog>, client: u64, inner: F) -> Self {
         let phase = if client == 0 {
             Phase::Login
         } else {
             Phase::Other
         };
         Self {
+            owner: Arc::as_ptr(owner) as usize,
             client,
             phase: phase as u8,
             inner: Box::pin(inner),
@@ -292,6 +299,7 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let s = slot();
+        s.owner.store(self.owner, Ordering::Relaxed);
         s.client.store(self.client, Ordering::Relaxed);
         s.phase.store(self.phase, Ordering::Relaxed);
         s.since.store(now_us(), Ordering::Relaxed);
@@ -415,7 +423,12 @@ impl Watchdog {
                 beat_base.take(beat, last.clone());
             }
             let beat_stale = now.saturating_sub(beat) > beat_us + stall_us;
+            let me = self as *const Watchdog as usize;
             for (i, s) in slots.iter().enumerate() {
+                if s.owner.load(Ordering::Relaxed) != me {
+                    // Another proxy's thread in this process (tests).
+                    continue;
+                }
                 let since = s.since.load(Ordering::Relaxed);
                 if since == 0 || reported[i] == since || now.saturating_sub(since) <= late_us {
                     continue;
@@ -549,7 +562,7 @@ mod tests {
         rt.block_on(async {
             tokio::spawn(w.clone().heartbeat());
             // A task that blocks its thread for 3 × STALL in one poll.
-            Watched::new(42, async {
+            Watched::new(&w, 42, async {
                 phase(Phase::Forward);
                 std::thread::sleep(STALL * 3);
             })
@@ -559,6 +572,40 @@ mod tests {
         });
         // At least this one (a loaded machine may add heartbeat gaps).
         assert!(w.stalls() >= 1, "a blocked poll is a stall");
+    }
+
+    #[test]
+    fn a_stall_counts_for_its_own_proxy_only() {
+        let (_one, w, _guard, rt) = watching();
+        // Another proxy in the process, with its own runtime thread.
+        let other = Arc::new(Watchdog::default());
+        let _other_guard = other.start().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let beating = other.clone();
+        let other_rt = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tokio::select! {
+                    _ = beating.heartbeat() => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        rt.block_on(async {
+            tokio::spawn(w.clone().heartbeat());
+            Watched::new(&w, 42, async {
+                std::thread::sleep(STALL * 3);
+            })
+            .await;
+            tokio::time::sleep(STALL).await;
+        });
+        let _ = stop.send(());
+        other_rt.join().unwrap();
+        assert!(w.stalls() >= 1, "its own proxy's stall");
+        assert_eq!(other.stalls(), 0, "not another proxy's");
     }
 
     #[test]

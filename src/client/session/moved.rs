@@ -81,7 +81,11 @@ pub async fn adopt(shared: Arc<Shared>, r: Record, fd: OwnedFd) {
     match Box::pin(rebuild(&shared, r, stream, id)).await {
         Ok(session) => {
             tracing::debug!(client = id, "client moved here from the old process");
-            tokio::spawn(watchdog::Watched::new(id, session.run(slot)));
+            tokio::spawn(watchdog::Watched::new(
+                &shared.watchdog,
+                id,
+                session.run(slot),
+            ));
         }
         Err((mut stream, e)) => {
             tracing::warn!(client = id, error = %e, "a moved client cannot be served here; closing it");

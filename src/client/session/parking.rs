@@ -198,7 +198,12 @@ impl Parked {
         match self.into_session() {
             Ok((session, slot)) => {
                 tracing::debug!(client = id, "client resumed");
-                tokio::spawn(crate::watchdog::Watched::new(id, session.run(slot)));
+                let watchdog = session.shared.watchdog.clone();
+                tokio::spawn(crate::watchdog::Watched::new(
+                    &watchdog,
+                    id,
+                    session.run(slot),
+                ));
             }
             Err(e) => {
                 tracing::warn!(client = id, error = %e, "could not resume client; closing it")
