@@ -25,6 +25,7 @@ mod pin;
 mod record;
 mod rename;
 mod route;
+mod scans;
 
 use forward::poll_read_into;
 use idle::{first_statement, reserve_head};
