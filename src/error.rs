@@ -156,6 +156,10 @@ pub enum ClientError {
         "too many notifications queued for this client (max_queued_notifications = {0}): it is not reading them"
     )]
     NotificationOverflow(u32),
+    /// A statement in a transaction tidepool began for the client and whose
+    /// first statement failed before a server ran it (PostgreSQL's words).
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    InFailedTransaction,
     /// PostgreSQL refused a startup parameter's value (its code and words).
     #[error("{}", .0.message)]
     ParameterRefused(Box<crate::protocol::messages::ErrorFields>),
@@ -231,6 +235,7 @@ impl ClientError {
             ClientError::Listen(_) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::NotificationOverflow(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
             ClientError::ParameterRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
+            ClientError::InFailedTransaction => SqlState::IN_FAILED_TRANSACTION,
         }
     }
 
@@ -243,6 +248,7 @@ impl ClientError {
             | ClientError::ReplicaSerializable
             | ClientError::ServerLost(_)
             | ClientError::Listen(_)
+            | ClientError::InFailedTransaction
             | ClientError::RateLimited(_) => Severity::Error,
             _ => Severity::Fatal,
         }

@@ -807,8 +807,7 @@ async fn a_pool_starved_by_a_cap_gets_a_connection_that_turns_idle_later() {
     let toml = harness::proxy::config_toml(
         c,
         &db1,
-        "max_user_connections = 2
-query_wait_timeout = \"8s\"",
+        "max_user_connections = 2\nquery_wait_timeout = \"8s\"",
         "",
     ) + &another_database(c, &db2);
     let proxy = TestProxy::start(&toml);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use harness::raw::{self, Raw};
 use harness::{Cluster, TestProxy};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -1109,4 +1110,166 @@ fn misroutes(s: &Setup) -> u64 {
                 .misroute_retries
         })
         .sum()
+}
+
+/// A database with one replica (tidepool defers a lone BEGIN there) whose
+/// pools hold `pool_size` servers, queries waiting at most 1 s; with a
+/// `ledger` table anyone may write.
+async fn deferring_proxy(prefix: &str, pool_size: u32) -> (&'static Cluster, String, TestProxy) {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database(prefix);
+    c.admin_client(&db)
+        .await
+        .batch_execute("create table ledger (v int); grant all on ledger to public")
+        .await
+        .unwrap();
+    c.wait_for_replicas();
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        &format!("default_pool_size = {pool_size}\nquery_wait_timeout = \"1s\""),
+        &format!(
+            "replicas = [{{ host = \"127.0.0.1\", port = {} }}]",
+            c.replica_ports()[0]
+        ),
+    ) + "\n[routing]\nhealth_check_period = \"200ms\"\n";
+    (c, db, TestProxy::start(&toml))
+}
+
+/// Sends `sql` as a simple query; the answers' tags (the error's SQLSTATE
+/// in place of `E`, the status in place of `Z`).
+async fn ask(r: &mut Raw, sql: &str) -> Vec<String> {
+    r.send(&raw::query(sql)).await;
+    tokio::time::timeout(DEADLINE, r.read_until_ready())
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer"))
+        .iter()
+        .map(|m| match m.tag {
+            b'E' => m.code().unwrap_or_default(),
+            b'Z' => format!("Z{}", m.body[0] as char),
+            b'C' => {
+                String::from_utf8_lossy(m.body.strip_suffix(b"\0").unwrap_or(&m.body)).into_owned()
+            }
+            t => (t as char).to_string(),
+        })
+        .collect()
+}
+
+/// A transaction whose first statement finds no server is aborted, as
+/// PostgreSQL's would be after an error, and ends at the client's ROLLBACK
+/// or COMMIT without a server. Its first statement used to fail with the
+/// status idle while tidepool kept the BEGIN, so the client's next
+/// "autocommit" statements ran inside a transaction it did not know of and
+/// were rolled back when it left: acknowledged writes lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_first_statement_finds_no_server_is_aborted_not_lost() {
+    let (c, db, proxy) = deferring_proxy("no_server_tx", 1).await;
+    // The pool's only server, held.
+    let mut holder = Raw::login_trust(proxy.port(), &db).await;
+    assert_eq!(
+        ask(&mut holder, "begin; select 1").await.last().unwrap(),
+        "ZT"
+    );
+    let mut client = Raw::login_trust(proxy.port(), &db).await;
+    assert_eq!(ask(&mut client, "begin").await, ["BEGIN", "ZT"]);
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (1)").await,
+        ["53300", "ZE"]
+    );
+    // Aborted: refused without a server, as PostgreSQL refuses.
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (2)").await,
+        ["25P02", "ZE"]
+    );
+    assert_eq!(ask(&mut client, "").await, ["I", "ZE"]);
+    client
+        .send(
+            &[
+                raw::parse("", "select 1"),
+                raw::bind("", &[]),
+                raw::execute(),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let tags: Vec<_> = client
+        .read_until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag)
+        .collect();
+    assert_eq!(tags, b"EZ", "one refusal for the batch, then its Sync");
+    // COMMIT of an aborted transaction rolls back, as PostgreSQL's does.
+    assert_eq!(ask(&mut client, "commit").await, ["ROLLBACK", "ZI"]);
+    // An empty transaction needs no server to end either.
+    assert_eq!(ask(&mut client, "begin").await, ["BEGIN", "ZT"]);
+    assert_eq!(ask(&mut client, "commit").await, ["COMMIT", "ZI"]);
+    assert_eq!(
+        ask(&mut client, "start transaction").await,
+        ["START TRANSACTION", "ZT"]
+    );
+    assert_eq!(ask(&mut client, "rollback").await, ["ROLLBACK", "ZI"]);
+    // The server free again, the client's autocommit write commits.
+    assert_eq!(ask(&mut holder, "commit").await, ["COMMIT", "ZI"]);
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (3)").await,
+        ["INSERT 0 1", "ZI"]
+    );
+    drop(client);
+    let rows = c
+        .admin_client(&db)
+        .await
+        .query("select v from ledger", &[])
+        .await
+        .unwrap();
+    let rows: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, [3], "only the acknowledged autocommit write");
+}
+
+/// PAUSE holds transactions that begin with a lone BEGIN (which tidepool
+/// answers without a server on a database with replicas) like any other:
+/// they used to run right through a PAUSE, and after KILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_transactions_that_begin_with_a_lone_begin() {
+    let (c, db, proxy) = deferring_proxy("pause_begin", 2).await;
+    let shared = proxy.shared.clone();
+    let mut begun = Raw::login_trust(proxy.port(), &db).await;
+    assert_eq!(ask(&mut begun, "begin").await, ["BEGIN", "ZT"]);
+    // It holds no server: the PAUSE completes.
+    tokio::time::timeout(DEADLINE, tidepool::lifecycle::pause(&shared, Some(&db)))
+        .await
+        .expect("PAUSE completes")
+        .unwrap();
+    begun
+        .send(&raw::query("insert into ledger values (1)"))
+        .await;
+    let mut fresh = Raw::login_trust(proxy.port(), &db).await;
+    fresh.send(&raw::query("begin")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), begun.next())
+            .await
+            .is_err(),
+        "the transaction's statement waits for RESUME"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), fresh.next())
+            .await
+            .is_err(),
+        "a new BEGIN waits for RESUME"
+    );
+    tidepool::lifecycle::resume(&shared, Some(&db));
+    let tags = |msgs: Vec<raw::Msg>| msgs.iter().map(|m| m.tag).collect::<Vec<_>>();
+    assert_eq!(tags(begun.read_until_ready().await), b"CZ");
+    assert_eq!(tags(fresh.read_until_ready().await), b"CZ");
+    assert_eq!(ask(&mut begun, "commit").await, ["COMMIT", "ZI"]);
+    let n: i64 = c
+        .admin_client(&db)
+        .await
+        .query_one("select count(*) from ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
 }

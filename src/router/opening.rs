@@ -34,9 +34,70 @@ pub fn may_begin(head: &[u8]) -> bool {
     word.eq_ignore_ascii_case(b"begin") || word.eq_ignore_ascii_case(b"start")
 }
 
+/// Whether the first word of `sql` (after whitespace, empty statements and
+/// comments, nested ones included) is `word`, in any case.
+pub fn first_word_is(sql: &str, word: &str) -> bool {
+    let mut rest = sql.as_bytes();
+    loop {
+        rest = match rest {
+            [b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x0b | b';', tail @ ..] => tail,
+            [b'-', b'-', tail @ ..] => match tail.iter().position(|&b| b == b'\n') {
+                Some(end) => &tail[end..],
+                None => return false,
+            },
+            [b'/', b'*', ..] => {
+                let mut depth = 0usize;
+                let mut i = 0;
+                loop {
+                    match rest.get(i..i + 2) {
+                        Some(b"/*") => (depth, i) = (depth + 1, i + 2),
+                        Some(b"*/") => {
+                            (depth, i) = (depth - 1, i + 2);
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        Some(_) => i += 1,
+                        None => return false,
+                    }
+                }
+                &rest[i..]
+            }
+            _ => break,
+        };
+    }
+    let len = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    rest[..len].eq_ignore_ascii_case(word.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_word_is_found_past_whitespace_and_comments() {
+        for sql in [
+            "start transaction",
+            " ;START",
+            "/* a /* b */ c */ start",
+            "-- x\nstart;",
+        ] {
+            assert!(first_word_is(sql, "start"), "{sql:?}");
+        }
+        for sql in [
+            "begin",
+            "started",
+            "/* start */ begin",
+            "-- start",
+            "/* start",
+            "",
+        ] {
+            assert!(!first_word_is(sql, "start"), "{sql:?}");
+        }
+    }
     use crate::router::Class;
     use crate::router::classify::{Rules, classify};
 

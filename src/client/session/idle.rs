@@ -104,7 +104,7 @@ impl Session {
                 })
                 .await;
                 let Some(read) = read else {
-                    match self.evicted(self.deferred_begin.is_some()) {
+                    match self.evicted(self.deferred.is_some()) {
                         Some(e) => return Err(e),
                         None if info.park_requested() && self.parkable() => {
                             return Ok(Next::Park);
@@ -138,11 +138,7 @@ impl Session {
                         e.write_to(&mut self.out);
                     }
                     self.skip_until_sync = false;
-                    let status = if self.deferred_begin.is_some() {
-                        TxStatus::InTransaction
-                    } else {
-                        TxStatus::Idle
-                    };
+                    let status = self.idle_status();
                     write::ready_for_query(&mut self.out, status);
                 }
                 _ if self.skip_until_sync => self.discard = total,
@@ -151,7 +147,8 @@ impl Session {
                     if let Some(e) = self.owe_error.take() {
                         e.write_to(&mut self.out);
                     }
-                    write::ready_for_query(&mut self.out, TxStatus::Idle);
+                    let status = self.idle_status();
+                    write::ready_for_query(&mut self.out, status);
                 }
                 _ if owes => {
                     self.discard = total;
@@ -201,7 +198,9 @@ impl Session {
     /// server, which matters when a client prepares while others hold every
     /// server. Returns false (changing nothing) for anything else.
     pub(super) fn answer_without_server(&mut self) -> bool {
-        if !self.policy.named_statements {
+        // Not inside a transaction tidepool began (its status, and an
+        // aborted one's refusals, are `answer_deferred`'s).
+        if !self.policy.named_statements || self.deferred.is_some() {
             return false;
         }
         let context = self.param_facts().parse_context.0;
@@ -274,46 +273,6 @@ impl Session {
         }
         write::ready_for_query(&mut self.out, TxStatus::Idle);
         self.discard = pos;
-        true
-    }
-
-    /// A lone `BEGIN` as the first message, on a database with replicas, is
-    /// answered here and sent later with the transaction's first statement,
-    /// which decides the backend. Returns true when it consumed the message.
-    pub(super) fn defer_begin(&mut self) -> bool {
-        let has_replicas = self.health.as_ref().is_some_and(|h| !h.replicas.is_empty());
-        if !has_replicas || self.deferred_begin.is_some() || self.pinned.is_some() {
-            return false;
-        }
-        if self.buf.first() != Some(&FrontendTag::Query.byte()) {
-            return false;
-        }
-        // Most queries are not a BEGIN, and their first word says so: they
-        // skip the text's checks and the classifier's memo here (routing
-        // looks the statement up again anyway).
-        if !crate::router::opening::may_begin(self.buf.get(5..).unwrap_or_default()) {
-            return false;
-        }
-        let Some(sql) = first_statement(&self.buf, self.limit, &self.statements) else {
-            return false;
-        };
-        let single = !sql.trim().trim_end_matches(';').contains(';');
-        // BEGIN calls no function: no volatilities needed.
-        if !single || self.memo.class(sql, &self.settings.classifier, None) != Class::Begin {
-            return false;
-        }
-        let sql = sql.to_owned();
-        let Ok(total) = checked_len(self.buf[0], &self.buf[1..5], self.limit) else {
-            return false;
-        };
-        self.buf.advance(total);
-        write::message(
-            &mut self.out,
-            crate::protocol::BackendTag::CommandComplete.byte(),
-            |b| b.put_slice(b"BEGIN\0"),
-        );
-        write::ready_for_query(&mut self.out, TxStatus::InTransaction);
-        self.deferred_begin = Some(sql);
         true
     }
 }

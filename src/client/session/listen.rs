@@ -137,7 +137,7 @@ impl Session {
     /// statements, outside a transaction, is answered here. Returns false,
     /// changing nothing, for anything else (it goes to a server).
     pub(super) async fn answer_listen(&mut self) -> bool {
-        if !self.policy.listen_shared || self.deferred_begin.is_some() {
+        if !self.policy.listen_shared || self.deferred.is_some() {
             return false;
         }
         let Some((ops, replies, consumed)) = self.listen_batch() else {

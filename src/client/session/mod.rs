@@ -15,6 +15,7 @@
 
 mod ahead;
 mod cleanup;
+mod deferred;
 mod forward;
 mod idle;
 mod listen;
@@ -150,9 +151,9 @@ pub struct Session {
     /// When this client last finished a transaction that may have written
     /// (nanos in `health`'s clock), for read-your-writes.
     last_write: Option<u64>,
-    /// A lone BEGIN answered by tidepool; it is sent ahead of the next
-    /// statement, on the backend that statement is routed to.
-    deferred_begin: Option<String>,
+    /// A transaction tidepool began for the client without a server (see
+    /// `deferred`).
+    deferred: Option<deferred::Deferred>,
     /// Custom (dotted) parameters this client has touched.
     custom_params: std::collections::BTreeSet<String>,
     /// What a fresh server of this pool reports (fixed after login).
@@ -248,7 +249,7 @@ impl Session {
             fetched_secret: l.fetched_secret,
             replica_pools: Vec::new(),
             last_write: None,
-            deferred_begin: None,
+            deferred: None,
             custom_params: std::collections::BTreeSet::new(),
             defaults: pool_defaults,
             health: None,
@@ -352,7 +353,7 @@ impl Session {
             // free at once, answers already buffered) still lets the others
             // run after a bounded amount of work.
             tokio::task::coop::consume_budget().await;
-            let idle_in_tx = self.deferred_begin.is_some();
+            let idle_in_tx = self.deferred.is_some();
             if let Some(e) = self.evicted(idle_in_tx) {
                 return Box::pin(self.fatal(e)).await;
             }
@@ -376,11 +377,16 @@ impl Session {
                 Err(e) => return Box::pin(self.fatal(e)).await,
             }
             self.refresh();
+            // A deferred transaction's end, or anything in an aborted one,
+            // needs no server.
+            if self.answer_deferred() {
+                continue;
+            }
             // Rate limits count transactions as they start: a BEGIN that
             // tidepool answers itself (deferred) is admitted here, and its
             // transaction's first statement is not asked again (refused
             // then, it would leave the client's transaction half run).
-            if self.deferred_begin.is_none()
+            if self.deferred.is_none()
                 && !self.limiters.is_empty()
                 && let Err(refused) = Box::pin(self.admit()).await
             {
@@ -389,10 +395,10 @@ impl Session {
                 self.owe_error = Some(ClientError::RateLimited(Box::new(refused)));
                 continue;
             }
-            if self.defer_begin() {
-                continue;
-            }
-            if self.control.is_paused() && self.deferred_begin.is_none() {
+            // PAUSE holds every transaction that has not reached a server,
+            // its BEGIN answered here or not (a deferred BEGIN used to let
+            // its transaction through).
+            if self.control.is_paused() {
                 // PAUSE: hold new transactions until RESUME, for at most
                 // query_wait_timeout (as PgBouncer counts a paused wait).
                 let limit = self.pool.settings().query_wait_timeout;
@@ -415,7 +421,7 @@ impl Session {
                 })
                 .await;
                 self.listed.info.idle();
-                if let Some(e) = self.evicted(false) {
+                if let Some(e) = self.evicted(self.deferred.is_some()) {
                     return Box::pin(self.fatal(e)).await;
                 }
                 if expired {
@@ -431,10 +437,13 @@ impl Session {
                             format!("; database {database} is paused (PAUSE) and was not resumed");
                     }
                     tracing::info!(client = self.listed.info.id, error = %e, "paused wait timed out");
-                    self.owe_error = Some(e);
+                    self.owe(e);
                     continue;
                 }
                 self.refresh();
+            }
+            if self.defer_begin() {
+                continue;
             }
             watchdog::phase(Phase::Route);
             if self.buf.len() > route::INLINE_CLASSIFY_BYTES {
@@ -453,7 +462,7 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::info!(client = self.listed.info.id, error = %e, "no server for client request");
-                    self.owe_error = Some(e);
+                    self.owe(e);
                     continue;
                 }
             };
@@ -469,8 +478,8 @@ impl Session {
             if let Some(m) = &self.listen {
                 tracker.hub = Some((m.hub.clone(), self.listed.info.id));
             }
-            let had_prepend = self.deferred_begin.is_some();
-            if let Some(begin) = self.deferred_begin.take() {
+            let had_prepend = self.deferred.is_some();
+            if let Some(deferred::Deferred::Begun(begin)) = self.deferred.take() {
                 // The client's BEGIN, run first on the chosen backend; its
                 // answers were already given.
                 let mut out = BytesMut::new();

@@ -13,7 +13,7 @@ impl Session {
             && self.discard == 0
             && !self.skip_until_sync
             && self.owe_error.is_none()
-            && self.deferred_begin.is_none()
+            && self.deferred.is_none()
             && self.pinned.is_none()
             && !self.notifications_pending()
             // A TLS session with something pending keeps its task: the

@@ -66,7 +66,7 @@ impl Session {
             class,
             hint,
             forced_primary: forced,
-            after_deferred_begin: self.deferred_begin.is_some(),
+            after_deferred_begin: matches!(self.deferred, Some(deferred::Deferred::Begun(_))),
             last_write: self.last_write,
         };
         (

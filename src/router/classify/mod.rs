@@ -279,6 +279,37 @@ pub fn classify(sql: &str, rules: &Rules) -> Verdict {
     }
 }
 
+/// How a statement ends a transaction block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// `COMMIT`, `END` (in an aborted transaction PostgreSQL rolls back and
+    /// says `ROLLBACK`).
+    Commit,
+    /// `ROLLBACK`, `ABORT`.
+    Rollback,
+}
+
+/// The ending `sql` is when it is exactly one plain transaction end: not
+/// `AND CHAIN` (which begins the next), not a savepoint's or a prepared
+/// transaction's command.
+pub fn transaction_end(sql: &str) -> Option<Ending> {
+    if sql.len() > MAX_CLASSIFIED_BYTES {
+        return None;
+    }
+    let parsed = pg_query::parse(sql, 0).ok()?;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    match raw.stmt.as_ref()?.node.as_ref()? {
+        N::TransactionStmt(t) if !t.chain => match t.kind() {
+            TxKind::TransStmtCommit => Some(Ending::Commit),
+            TxKind::TransStmtRollback => Some(Ending::Rollback),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The class of one statement; for a read, the functions it calls go into
 /// `calls` (and one known to write makes it a write).
 fn statement_class(node: Option<&N>, rules: &Rules, calls: &mut BTreeSet<Box<str>>) -> Class {

@@ -247,3 +247,40 @@ fn the_cache_returns_the_same_answer() {
     assert_eq!(cl.classify("select 1").class, Class::Read);
     assert_eq!(cl.classify("insert into t values (1)").class, Class::Write);
 }
+
+#[test]
+fn plain_transaction_ends_are_told_apart_from_look_alikes() {
+    for sql in [
+        "commit",
+        "END",
+        "commit work;",
+        " COMMIT TRANSACTION ",
+        "commit and no chain",
+        "/* c */ commit",
+    ] {
+        assert_eq!(transaction_end(sql), Some(Ending::Commit), "{sql}");
+    }
+    for sql in [
+        "rollback",
+        "ABORT",
+        "rollback work",
+        "rollback transaction;",
+    ] {
+        assert_eq!(transaction_end(sql), Some(Ending::Rollback), "{sql}");
+    }
+    for sql in [
+        "commit and chain",
+        "rollback and chain",
+        "rollback to savepoint a",
+        "rollback to a",
+        "commit prepared 'x'",
+        "rollback prepared 'x'",
+        "release savepoint a",
+        "commit; commit",
+        "select 1",
+        "",
+        "begin",
+    ] {
+        assert_eq!(transaction_end(sql), None, "{sql}");
+    }
+}
