@@ -1005,3 +1005,58 @@ fn sigusr1_pauses_and_sigusr2_resumes_the_whole_pooler() {
     });
     assert!(d.log().contains("SIGUSR2"), "{}", d.log());
 }
+
+/// A database a reload removes refuses new clients while the connected ones
+/// keep their pool and its servers: their transactions reuse them (each one
+/// used to open a new server, a hundredfold slowdown), and the servers
+/// close once the last of those clients has left.
+#[test]
+fn a_removed_database_serves_its_connected_clients_on_the_same_servers() {
+    let c = cluster();
+    let (kept, removed) = (c.create_database("kept"), c.create_database("removed"));
+    let config = |with_removed: bool| {
+        let mut toml = format!(
+            "[tidepool]\nlisten = [\"127.0.0.1:{{port}}\"]\n[pool]\ndefault_pool_size = 2\n\
+             [databases.{kept}]\nhost = \"127.0.0.1\"\nport = {port}\n\
+             [users.app]\npassword = \"{pw}\"\n",
+            port = c.primary_port(),
+            pw = harness::APP_PASSWORD,
+        );
+        if with_removed {
+            toml += &format!(
+                "[databases.{removed}]\nhost = \"127.0.0.1\"\nport = {}\n",
+                c.primary_port()
+            );
+        }
+        toml
+    };
+    let d = Daemon::start(&config(true));
+    let rt = rt();
+    let url = d.url(harness::APP_USER, harness::APP_PASSWORD, &removed);
+    let client = rt.block_on(harness::connect(&url)).unwrap();
+    let pid = |client: &tokio_postgres::Client| {
+        rt.block_on(harness::first_value(client, "select pg_backend_pid()"))
+    };
+    let before = pid(&client);
+    d.write_config(&config(false).replace("{port}", &d.port.to_string()));
+    d.signal(libc::SIGHUP);
+    harness::wait_until("the reload", Duration::from_secs(10), || {
+        d.log().contains("config reloaded")
+    });
+    for _ in 0..5 {
+        assert_eq!(pid(&client), before, "the same server, kept");
+    }
+    assert!(rt.block_on(harness::connect(&url)).is_err(), "new clients are refused");
+    drop(client);
+    let admin = rt.block_on(c.admin_client("postgres"));
+    harness::wait_until("its server closed after its last client", Duration::from_secs(10), || {
+        let n: i64 = rt
+            .block_on(admin.query_one(
+                "select count(*) from pg_stat_activity where pid = $1::text::int",
+                &[&before],
+            ))
+            .unwrap()
+            .get(0);
+        n == 0
+    });
+}

@@ -161,7 +161,7 @@ impl PooledConn {
             && clean
             && !expired
             && !cancel_coming
-            && !pool.is_retired()
+            && pool.retirement() != super::Retirement::Replaced
             && pool.caps_excess() == 0;
         if reuse {
             idle.conn.last_used = crate::clock::coarse_mono_us();

@@ -22,12 +22,18 @@ pub async fn run(pool: Weak<Pool>) {
 }
 
 fn prune(pool: &Pool) {
-    if pool.is_retired() {
+    let retirement = pool.retirement();
+    if retirement == super::Retirement::Replaced {
         pool.close_idle();
         return;
     }
     let s = pool.settings();
-    let min = s.min_size as usize;
+    // A draining pool keeps no minimum: it only serves who is left.
+    let min = if retirement == super::Retirement::Draining {
+        0
+    } else {
+        s.min_size as usize
+    };
     let in_use = pool.in_use.load(std::sync::atomic::Ordering::Relaxed);
     let mut core = lock(&pool.core);
     let idle = &mut core.idle;

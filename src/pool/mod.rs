@@ -122,10 +122,9 @@ pub struct Pool {
     /// A connection went back to the idle list: checkouts waiting on a cap
     /// (`open`) take it instead of a new one.
     idle_ready: tokio::sync::Notify,
-    /// A reload removed or re-targeted this pool: clients move to the new
-    /// one at their next transaction, and its connections close as they
-    /// come back.
-    retired: AtomicBool,
+    /// Whether a reload took this pool out of the registry, and why
+    /// ([`Retirement`] as its `u8`).
+    retired: std::sync::atomic::AtomicU8,
     pub traffic: Arc<crate::stats::Traffic>,
     servers: Arc<crate::server::list::ServerList>,
     /// `host:port` of the backend, for statistics and logs.
@@ -265,6 +264,35 @@ impl caps::IdleHolder for Pool {
     }
 }
 
+/// Why a pool is out of the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Retirement {
+    /// In the registry, serving.
+    Serving = 0,
+    /// A reload removed its database: the clients still connected keep it
+    /// and its connections (reused, as before), and it goes with the last
+    /// of them (each transaction used to open a new server).
+    Draining = 1,
+    /// A reload re-targeted it (host, port, dbname, server user, or its
+    /// replica removed): clients move to the new pool at their next
+    /// transaction, and its connections close as they come back.
+    Replaced = 2,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // A draining pool goes with its last client: its idle connections
+        // say goodbye to their servers.
+        let idle = std::mem::take(&mut lock(&self.core).idle);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for i in idle {
+                rt.spawn(i.conn.terminate());
+            }
+        }
+    }
+}
+
 /// What a pool is made from (besides its settings).
 pub struct PoolParts {
     pub key: PoolKey,
@@ -304,7 +332,7 @@ impl Pool {
             opening: AtomicUsize::new(0),
             testing: AtomicUsize::new(0),
             idle_ready: tokio::sync::Notify::new(),
-            retired: AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
             traffic,
             servers,
             awaiting_keys,
@@ -380,14 +408,24 @@ impl Pool {
     }
 
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
+        self.retirement() != Retirement::Serving
     }
 
-    /// Takes the pool out of service: idle connections close now, busy ones
-    /// when they come back.
-    pub fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
-        self.close_idle();
+    pub fn retirement(&self) -> Retirement {
+        match self.retired.load(Ordering::Relaxed) {
+            0 => Retirement::Serving,
+            1 => Retirement::Draining,
+            _ => Retirement::Replaced,
+        }
+    }
+
+    /// Takes the pool out of the registry (see [`Retirement`]): a replaced
+    /// pool's idle connections close now, busy ones when they come back.
+    pub fn retire(&self, how: Retirement) {
+        self.retired.store(how as u8, Ordering::Relaxed);
+        if how == Retirement::Replaced {
+            self.close_idle();
+        }
     }
 
     /// Closes every idle connection (PAUSE, KILL, retirement).

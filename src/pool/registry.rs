@@ -308,7 +308,7 @@ impl Registry {
         let mut retired = Vec::new();
         pools.retain(|key, pool| {
             let Some(db) = config.databases.get(&key.database) else {
-                pool.retire();
+                pool.retire(super::Retirement::Draining);
                 retired.push(Arc::downgrade(pool));
                 return false;
             };
@@ -328,7 +328,7 @@ impl Registry {
                 || (host, port, dbname, server_user)
                     != (spec.host, spec.port, spec.dbname, spec.user);
             if gone {
-                pool.retire();
+                pool.retire(super::Retirement::Replaced);
                 retired.push(Arc::downgrade(pool));
                 return false;
             }
