@@ -1046,17 +1046,24 @@ fn a_removed_database_serves_its_connected_clients_on_the_same_servers() {
     for _ in 0..5 {
         assert_eq!(pid(&client), before, "the same server, kept");
     }
-    assert!(rt.block_on(harness::connect(&url)).is_err(), "new clients are refused");
+    assert!(
+        rt.block_on(harness::connect(&url)).is_err(),
+        "new clients are refused"
+    );
     drop(client);
     let admin = rt.block_on(c.admin_client("postgres"));
-    harness::wait_until("its server closed after its last client", Duration::from_secs(10), || {
-        let n: i64 = rt
-            .block_on(admin.query_one(
-                "select count(*) from pg_stat_activity where pid = $1::text::int",
-                &[&before],
-            ))
-            .unwrap()
-            .get(0);
-        n == 0
-    });
+    harness::wait_until(
+        "its server closed after its last client",
+        Duration::from_secs(10),
+        || {
+            let n: i64 = rt
+                .block_on(admin.query_one(
+                    "select count(*) from pg_stat_activity where pid = $1::text::int",
+                    &[&before],
+                ))
+                .unwrap()
+                .get(0);
+            n == 0
+        },
+    );
 }

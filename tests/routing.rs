@@ -1273,3 +1273,65 @@ async fn pause_holds_transactions_that_begin_with_a_lone_begin() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+/// A replica that ends the session under a read (a fast restart, a
+/// terminated backend: FATAL 57P01) does not end the client: an autocommit
+/// read none of whose answer reached it runs again on the primary, and a
+/// read-only transaction there gets 08006 and the client stays. Both used
+/// to get the replica's FATAL and lose their connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_ending_its_session_under_a_read_does_not_end_the_client() {
+    let (c, db, proxy) = deferring_proxy("replica_gone", 2).await;
+    let replica = c.replica_ports()[0];
+    let client = proxy.client(&db).await;
+    harness::wait_until_async("reads on the replica", DEADLINE, || async {
+        server_port(&client).await == replica
+    })
+    .await;
+    let on_replica = c.admin_client_on(replica, "postgres").await;
+    let terminate = |marker: &'static str| {
+        let on_replica = &on_replica;
+        async move {
+            harness::wait_until_async("the read running on the replica", DEADLINE, || async {
+                let n: i64 = on_replica
+                    .query_one(
+                        "select count(*) from pg_stat_activity where query like $1 and state = 'active'",
+                        &[&format!("%{marker}%")],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n == 1
+            })
+            .await;
+            on_replica
+                .execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where query like $1 and pid <> pg_backend_pid()",
+                    &[&format!("%{marker}%")],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let read =
+        client.simple_query("select pg_is_in_recovery()::text from pg_sleep(1) /* gone-1 */");
+    let (answer, ()) = tokio::join!(read, terminate("gone-1"));
+    let rows = answer.expect("the read runs again on the primary");
+    let recovery: Vec<_> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recovery, ["false"], "answered by the primary");
+    // In a read-only transaction on the replica: an error, and the client
+    // stays.
+    client.batch_execute("begin read only").await.unwrap();
+    let read = client.simple_query("select pg_sleep(1) /* gone-2 */");
+    let (answer, ()) = tokio::join!(read, terminate("gone-2"));
+    let e = answer.expect_err("the transaction is gone");
+    assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e:?}");
+    let n: i32 = client.query_one("select 7", &[]).await.unwrap().get(0);
+    assert_eq!(n, 7, "the client stays");
+}

@@ -121,11 +121,23 @@ impl Session {
                 // the whole query runs again on the primary.
                 to_client.clear();
                 conn.tx = t.status;
-                return TxEnd::Misrouted { replay };
+                return TxEnd::Misrouted {
+                    replay,
+                    refused: true,
+                };
             }
             let holding = t.misroute.holds();
             if t.terminated {
                 client_closed = true;
+            }
+            if server_pool.backend != 0
+                && let Some(f) = &t.server_fatal
+                && (to_client.is_empty() || t.misroute.holds())
+            {
+                // A replica ends the session (a restart's shutdown, a
+                // terminated backend): the client never chose it.
+                let reason = format!("{} ({})", f.message, f.code);
+                return replica_gone(t, &mut to_client, reason, &cscan);
             }
             if let (true, Some(f)) = (to_client.is_empty(), &t.server_fatal) {
                 // The server ends the session under the client's
@@ -276,6 +288,13 @@ impl Session {
                 Event::ServerRead(r) => {
                     server_heard = crate::clock::mono_ns();
                     match r {
+                        Ok(0) | Err(_) if server_pool.backend != 0 => {
+                            let reason = r.err().map_or_else(
+                                || "server closed the connection".to_owned(),
+                                |e| e.to_string(),
+                            );
+                            return replica_gone(t, &mut to_client, reason, &cscan);
+                        }
                         Ok(0) => return lost("server closed the connection".into(), &cscan),
                         Err(e) => return lost(e.to_string(), &cscan),
                         Ok(_) => {}
@@ -486,6 +505,33 @@ fn due_after(since: &mut Option<u64>, after: Duration) -> tokio::time::Instant {
 /// After `query_timeout` canceled a request, how long (at least) the server
 /// has to answer before it is given up as unresponsive.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A replica went away under the client's request (its connection closed,
+/// or ended by a FATAL: a restart, a terminated backend). An autocommit
+/// read none of whose answer reached the client runs again on the primary,
+/// as a refused one does (a fast restart of a replica used to end such
+/// clients with its FATAL); otherwise the client gets 08006 and stays, as
+/// for any server lost.
+fn replica_gone(
+    t: &mut Tracker,
+    to_client: &mut BytesMut,
+    reason: String,
+    cscan: &Scanner,
+) -> TxEnd {
+    use crate::client::txn::Misroute;
+    match std::mem::take(&mut t.misroute) {
+        Misroute::Armed(replay) | Misroute::Fired(replay) => {
+            tracing::info!(%reason, "a replica went away under a read: it runs again on the primary");
+            // Held back: none of it reached the client.
+            to_client.clear();
+            TxEnd::Misrouted {
+                replay,
+                refused: false,
+            }
+        }
+        Misroute::Off => lost(reason, cscan),
+    }
+}
 
 pub(super) fn lost(reason: String, cscan: &Scanner) -> TxEnd {
     TxEnd::ServerLost {

@@ -151,6 +151,9 @@ pub struct Session {
     /// When this client last finished a transaction that may have written
     /// (nanos in `health`'s clock), for read-your-writes.
     last_write: Option<u64>,
+    /// The request at the head of the buffer is a read a replica lost
+    /// (it went away under it): it runs on the primary, once.
+    replayed: bool,
     /// A transaction tidepool began for the client without a server (see
     /// `deferred`).
     deferred: Option<deferred::Deferred>,
@@ -197,10 +200,15 @@ enum TxEnd {
     ClientFatal(ClientError),
     /// KILL: the client's connection ends now.
     Killed,
-    /// The replica refused the read as a write (25006) before anything of
-    /// its answer reached the client: these client bytes run again, on the
-    /// primary. The server is idle and clean.
-    Misrouted { replay: BytesMut },
+    /// The replica refused the read as a write (25006), or went away,
+    /// before anything of its answer reached the client: these client
+    /// bytes run again, on the primary.
+    Misrouted {
+        replay: BytesMut,
+        /// The replica refused it (25006, 0A000); else it went away (its
+        /// server is dead).
+        refused: bool,
+    },
 }
 
 impl Session {
@@ -250,6 +258,7 @@ impl Session {
             replica_pools: Vec::new(),
             last_write: None,
             deferred: None,
+            replayed: false,
             custom_params: std::collections::BTreeSet::new(),
             defaults: pool_defaults,
             health: None,
@@ -617,18 +626,19 @@ impl Session {
                     Box::pin(self.clean_up(server, &tracker, true)).await;
                     return Box::pin(self.fatal(e)).await;
                 }
-                TxEnd::Misrouted { replay } => {
+                TxEnd::Misrouted { replay, refused } => {
                     server.pool().traffic.apply(&crate::stats::traffic::Delta {
                         misroute_retries: 1,
                         ..Default::default()
                     });
                     // A block the refused query opened there ends with the
                     // connection (nothing of it reached the client).
-                    let idle = server.conn().tx == TxStatus::Idle;
+                    let idle = refused && server.conn().tx == TxStatus::Idle;
                     server.release(if idle { Release::Reuse } else { Release::Close });
                     // A serializable refusal is not the statement's fault
-                    // but the session's (noted above).
-                    let statement_at_fault = !tracker.serializable_refused;
+                    // but the session's (noted above), nor a replica gone.
+                    let statement_at_fault = refused && !tracker.serializable_refused;
+                    self.replayed = !refused;
                     super::txn::spare::give_back(tracker, &mut self.memo);
                     self.misrouted(replay, statement_at_fault);
                 }

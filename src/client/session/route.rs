@@ -13,6 +13,7 @@ impl Session {
     /// healthy replica that has replayed this client's writes, everything
     /// else to the primary.
     pub(super) fn choose_route(&mut self) -> (Route, Class) {
+        let replayed = std::mem::take(&mut self.replayed);
         let Some(h) = &self.health else {
             return (Route::Primary, Class::Write);
         };
@@ -41,8 +42,8 @@ impl Session {
             None => (Class::Write, None),
         };
         let mut class = class;
-        let mut forced = param_facts(&mut self.param_facts, &self.params, self.listed.info.id)
-            .forced_primary
+        let mut forced = replayed
+            || param_facts(&mut self.param_facts, &self.params, self.listed.info.id).forced_primary
             || self.pool.serializable_on_replicas();
         if !forced
             && (hint == Some(Hint::Replica) || matches!(class, Class::Read | Class::BeginReadOnly))
