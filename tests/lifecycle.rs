@@ -1067,3 +1067,59 @@ fn a_removed_database_serves_its_connected_clients_on_the_same_servers() {
         },
     );
 }
+
+/// A reload that changes a health-check setting (here `max_replica_lag`)
+/// restarts the checker but keeps the replicas it already found healthy in
+/// use: reads went to the primary (or failed, with `replica_fallback =
+/// "error"`) until the new checker had checked them twice.
+#[test]
+fn a_reload_of_health_settings_keeps_healthy_replicas_in_use() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("health_reload");
+    c.wait_for_replicas();
+    let config = |lag: &str| {
+        format!(
+            "[tidepool]\nlisten = [\"127.0.0.1:{{port}}\"]\nadmin_users = [\"admin\"]\n\
+             [pool]\ndefault_pool_size = 2\n\
+             [routing]\nhealth_check_period = \"2s\"\nmax_replica_lag = \"{lag}\"\n\
+             [databases.{db}]\nhost = \"127.0.0.1\"\nport = {}\n\
+             replicas = [{{ host = \"127.0.0.1\", port = {} }}]\n\
+             health_user = \"{app}\"\nhealth_password = \"{pw}\"\n\
+             [users.app]\npassword = \"{pw}\"\n[users.admin]\npassword = \"adminpw\"\n",
+            c.primary_port(),
+            c.replica_ports()[0],
+            app = harness::APP_USER,
+            pw = harness::APP_PASSWORD,
+        )
+    };
+    let d = Daemon::start(&config("10s"));
+    let rt = rt();
+    let client = rt
+        .block_on(harness::connect(&d.url(
+            harness::APP_USER,
+            harness::APP_PASSWORD,
+            &db,
+        )))
+        .unwrap();
+    let on_replica = || {
+        rt.block_on(harness::first_value(
+            &client,
+            "select pg_is_in_recovery()::text",
+        )) == "true"
+    };
+    harness::wait_until("reads on the replica", Duration::from_secs(30), &on_replica);
+    d.write_config(&config("11s").replace("{port}", &d.port.to_string()));
+    d.signal(libc::SIGHUP);
+    harness::wait_until("the reload", Duration::from_secs(10), || {
+        d.log().contains("config reloaded")
+    });
+    // The new checker has not checked twice yet (2 s apart): the replica
+    // is in use all the same.
+    assert!(on_replica(), "reads stay on the replica across the reload");
+    let rows = console(&d, "SHOW REPLICAS").unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["backend_role"] == "replica" && r["healthy"] == "1"),
+        "{rows:?}"
+    );
+}

@@ -101,6 +101,28 @@ impl Backend {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
     }
 
+    /// Takes over `old`'s state (the same server, a reload restarted its
+    /// checker): in use or banned, why, its lag and its counts. A replica
+    /// used to start banned again, out of use until checked twice. Not
+    /// `caught_up_to`, which counts from the old `Health`'s epoch: until
+    /// the next check, read-your-writes sends reads after a write to the
+    /// primary.
+    fn inherit(&self, old: &Backend) {
+        for (new, old) in [
+            (&self.lag_ms, &old.lag_ms),
+            (&self.lag_bytes, &old.lag_bytes),
+            (&self.reads, &old.reads),
+            (&self.writes, &old.writes),
+            (&self.bans, &old.bans),
+        ] {
+            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.streak
+            .store(old.streak.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.banned.store(old.is_banned(), Ordering::Relaxed);
+        self.set_problem(old.problem());
+    }
+
     /// Records a failed check of the primary (it is never avoided: shown
     /// down, with why).
     pub fn primary_failed(&self, problem: Problem) {
@@ -217,9 +239,10 @@ impl Health {
         }
     }
 
-    /// Keeps where writes go across a RELOAD that left the backends as they
-    /// were (`old` checked the same servers): a reload must not send writes
-    /// back to a fenced former primary.
+    /// Keeps where writes go, and each backend's state, across a RELOAD
+    /// that left the backends as they were (`old` checked the same
+    /// servers): a reload must not send writes back to a fenced former
+    /// primary, nor take healthy replicas out of use.
     pub fn inherit(&self, old: &Health) {
         let same = self.primary.host == old.primary.host
             && self.primary.port == old.primary.port
@@ -230,6 +253,12 @@ impl Health {
                 .zip(&old.replicas)
                 .all(|(a, b)| a.host == b.host && a.port == b.port);
         if same {
+            self.primary.inherit(&old.primary);
+            for (new, old) in self.replicas.iter().zip(&old.replicas) {
+                new.inherit(old);
+            }
+            self.checked
+                .store(old.checked.load(Ordering::Relaxed), Ordering::Relaxed);
             self.writer.store(old.writer(), Ordering::Relaxed);
             self.fenced
                 .store(old.fenced.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -412,5 +441,36 @@ mod tests {
         let (_, lag, bytes) = h.replica_position(200);
         assert_eq!((lag, bytes), (0, 0));
         assert!(h.replicas[0].is_banned(), "replicas start banned");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_replicas_state_when_they_are_the_same() {
+        let db: crate::config::Database =
+            toml::from_str("host = \"h\"\nreplicas = [{ host = \"r\" }, { host = \"s\" }]")
+                .unwrap();
+        let old = Health::new(&db);
+        for _ in 0..UNBAN_AFTER {
+            old.replicas[0].healthy();
+        }
+        old.replicas[0].reads.store(7, Ordering::Relaxed);
+        old.replicas[1].ban("lagging", "10 s behind");
+        old.checked.store(true, Ordering::Relaxed);
+        let new = Health::new(&db);
+        new.inherit(&old);
+        assert!(!new.replicas[0].is_banned(), "in use, as it was");
+        assert!(new.checked.load(Ordering::Relaxed), "checked, as it was");
+        assert_eq!(new.replicas[0].reads.load(Ordering::Relaxed), 7);
+        assert!(new.replicas[1].is_banned());
+        assert_eq!(new.replicas[1].problem().map(|p| p.kind), Some("lagging"));
+        // Other servers: checked afresh.
+        let moved: crate::config::Database =
+            toml::from_str("host = \"h\"\nreplicas = [{ host = \"t\" }, { host = \"s\" }]")
+                .unwrap();
+        let fresh = Health::new(&moved);
+        fresh.inherit(&old);
+        assert!(
+            fresh.replicas[0].is_banned(),
+            "a new server starts unchecked"
+        );
     }
 }
