@@ -223,7 +223,14 @@ impl ClientError {
             | ClientError::ClientCap(..)
             | ClientError::PoolTimeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::ServerConnect { .. } => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH,
-            ClientError::ServerLogin { .. } => SqlState::CONNECTION_FAILURE,
+            // PostgreSQL's own code where a client may act on it (retry
+            // later: shutting down, starting up, too many connections).
+            ClientError::ServerLogin { code, .. } => match code.as_str() {
+                "57P03" => SqlState::CANNOT_CONNECT_NOW,
+                "57P01" => SqlState::ADMIN_SHUTDOWN,
+                "53300" => SqlState::TOO_MANY_CONNECTIONS,
+                _ => SqlState::CONNECTION_FAILURE,
+            },
             ClientError::ServerLost(_) => SqlState::CONNECTION_FAILURE,
             ClientError::IdleTransactionTimeout(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             ClientError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
@@ -286,6 +293,22 @@ impl ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_login_refusal_keeps_the_codes_a_client_acts_on() {
+        let refused = |code: &str| {
+            ClientError::ServerLogin {
+                code: code.into(),
+                message: "m".into(),
+            }
+            .sqlstate()
+            .0
+        };
+        assert_eq!(refused("57P03"), "57P03");
+        assert_eq!(refused("53300"), "53300");
+        assert_eq!(refused("57P01"), "57P01");
+        assert_eq!(refused("28P01"), "08006", "not the client's own password");
+    }
 
     #[test]
     fn codes_match_the_contract() {

@@ -488,3 +488,28 @@ async fn a_paused_copy_from_stdin_is_not_given_up() {
         "the session goes on: {codes:?}"
     );
 }
+
+/// A server that refuses tidepool's login for a reason a client acts on
+/// (too many connections here; shutting down or starting up, 57P03, in a
+/// restart) gives the client PostgreSQL's own SQLSTATE, not 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_logins_for_too_many_connections_says_53300() {
+    let c = cluster();
+    let db = c.create_database("conn_limit");
+    c.admin_client("postgres")
+        .await
+        .batch_execute(&format!("alter database \"{db}\" connection limit 0"))
+        .await
+        .unwrap();
+    let proxy = TestProxy::for_db(c, &db, "");
+    let e = harness::connect(&proxy.url(&db))
+        .await
+        .expect_err("no server connection can be opened");
+    let d = e.as_db_error().expect("an error from tidepool");
+    assert_eq!(d.code().code(), "53300", "{d:?}");
+    assert!(
+        d.message().contains("too many connections"),
+        "{}",
+        d.message()
+    );
+}
