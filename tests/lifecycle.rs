@@ -1123,3 +1123,43 @@ fn a_reload_of_health_settings_keeps_healthy_replicas_in_use() {
         "{rows:?}"
     );
 }
+
+/// A moved client's statement that runs one of its SQL-prepared statements
+/// (psycopg 3 prepares `EXECUTE p` so after five runs, as tokio-postgres
+/// does here) still runs in the new process, whose servers have neither:
+/// the link to the SQL-prepared one was not moved, so it was never
+/// prepared first and every run failed (0A000, or 26000 under load).
+#[test]
+fn a_moved_client_keeps_a_statement_that_executes_its_sql_prepared_one() {
+    let Upgradable {
+        db: _,
+        socket,
+        toml,
+        old,
+        url,
+    } = upgradable("upgrade_execute", "30s");
+    let rt = rt();
+    let (client, stmt) = rt.block_on(async {
+        let client = harness::connect(&url).await.unwrap();
+        client
+            .batch_execute("PREPARE ps_a AS SELECT 'A'::text AS x, 1 AS y")
+            .await
+            .unwrap();
+        let stmt = client.prepare("EXECUTE ps_a").await.unwrap();
+        let row = client.query_one(&stmt, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "A");
+        (client, stmt)
+    });
+    let new = take_over(&old, &toml);
+    rt.block_on(async {
+        wait_for_app_client(&new, "the client moved").await;
+        let row = client
+            .query_one(&stmt, &[])
+            .await
+            .expect("the statement runs in the new process");
+        assert_eq!(row.get::<_, String>(0), "A");
+        assert_eq!(row.get::<_, i32>(1), 1);
+    });
+    drop(new);
+    let _ = std::fs::remove_file(&socket);
+}

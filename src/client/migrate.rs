@@ -83,6 +83,39 @@ pub struct MovedStatement {
     /// The row shape the client was told (`Statement::promised`): a
     /// migration that changes it is reported after the move as before.
     pub shape: Option<u64>,
+    /// For a statement that runs one of the client's SQL-prepared ones
+    /// (`EXECUTE tidepool_…`: psycopg prepares `EXECUTE p` itself), that
+    /// one's server name: it is prepared first wherever this one is (see
+    /// [`statements`]). Without it a moved client's statement failed on
+    /// every server that lacked the other.
+    pub needs: Option<String>,
+}
+
+/// The moved client's statements again (see [`MovedStatement::statement`]),
+/// each one that runs another of them linked to it again.
+pub fn statements(
+    moved: &[MovedStatement],
+    context: u64,
+) -> std::collections::HashMap<String, std::sync::Arc<Statement>> {
+    let made: Vec<(Option<&String>, (String, std::sync::Arc<Statement>))> = moved
+        .iter()
+        .filter_map(|m| Some((m.needs.as_ref(), m.statement(context)?)))
+        .collect();
+    let by_server_name: std::collections::HashMap<String, std::sync::Arc<Statement>> = made
+        .iter()
+        .filter(|(_, (_, s))| s.sql_prepare.is_some())
+        .map(|(_, (_, s))| (s.name.clone(), s.clone()))
+        .collect();
+    made.into_iter()
+        .map(|(needs, (name, mut stmt))| {
+            if let Some(needed) = needs.and_then(|n| by_server_name.get(n))
+                && let Some(s) = std::sync::Arc::get_mut(&mut stmt)
+            {
+                s.needs = Some(needed.clone());
+            }
+            (name, stmt)
+        })
+        .collect()
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -103,6 +136,7 @@ impl MovedStatement {
             sql: s.sql_prepare.as_ref().map(|_| s.query.clone()),
             foreign: s.foreign,
             shape: s.promised.get().map(|d| d.shape),
+            needs: s.needs.as_ref().map(|n| n.name.clone()),
         }
     }
 

@@ -163,11 +163,7 @@ async fn rebuild(
     };
     let mut session = Box::new(Session::new(stream, shared.clone(), l, listed));
     let context = session.param_facts().parse_context.0;
-    session.statements = r
-        .statements
-        .iter()
-        .filter_map(|s| s.statement(context))
-        .collect();
+    session.statements = crate::client::migrate::statements(&r.statements, context);
     session.count_statements();
     session.custom_params = r.custom_params.into_iter().collect();
     if r.wrote {
