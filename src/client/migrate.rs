@@ -97,7 +97,8 @@ pub fn statements(
     moved: &[MovedStatement],
     context: u64,
 ) -> std::collections::HashMap<String, std::sync::Arc<Statement>> {
-    let made: Vec<(Option<&String>, (String, std::sync::Arc<Statement>))> = moved
+    type Made<'a> = (Option<&'a String>, (String, std::sync::Arc<Statement>));
+    let made: Vec<Made> = moved
         .iter()
         .filter_map(|m| Some((m.needs.as_ref(), m.statement(context)?)))
         .collect();
