@@ -1314,7 +1314,7 @@ async fn a_replica_ending_its_session_under_a_read_does_not_end_the_client() {
         }
     };
     let read =
-        client.simple_query("select pg_is_in_recovery()::text from pg_sleep(1) /* gone-1 */");
+        client.simple_query("select pg_is_in_recovery()::text from pg_sleep(3) /* gone-1 */");
     let (answer, ()) = tokio::join!(read, terminate("gone-1"));
     let rows = answer.expect("the read runs again on the primary");
     let recovery: Vec<_> = rows
@@ -1328,7 +1328,7 @@ async fn a_replica_ending_its_session_under_a_read_does_not_end_the_client() {
     // In a read-only transaction on the replica: an error, and the client
     // stays.
     client.batch_execute("begin read only").await.unwrap();
-    let read = client.simple_query("select pg_sleep(1) /* gone-2 */");
+    let read = client.simple_query("select pg_sleep(3) /* gone-2 */");
     let (answer, ()) = tokio::join!(read, terminate("gone-2"));
     let e = answer.expect_err("the transaction is gone");
     assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e:?}");

@@ -163,12 +163,7 @@ impl ResultSet {
     }
 }
 
-pub fn command_complete(out: &mut BytesMut, tag: &str) {
-    write::message(out, BackendTag::CommandComplete.byte(), |b| {
-        b.put_slice(tag.as_bytes());
-        b.put_u8(0);
-    });
-}
+pub use crate::protocol::write::command_complete;
 
 /// A NOTICE with a message and optional detail.
 pub fn notice(out: &mut BytesMut, message: &str, detail: Option<&str>) {

@@ -86,6 +86,14 @@ fn fields_message(
     });
 }
 
+/// CommandComplete with its tag (`BEGIN`, `INSERT 0 1`, …).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, BackendTag::CommandComplete.byte(), |b| {
+        b.put_slice(tag.as_bytes());
+        b.put_u8(0);
+    });
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     message(buf, BackendTag::ReadyForQuery.byte(), |b| {
         b.put_u8(status.byte())

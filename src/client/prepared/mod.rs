@@ -116,9 +116,7 @@ impl Handler<'_> {
             && self.statements.remove(name).is_some()
         {
             let mut out = BytesMut::new();
-            write::message(&mut out, BackendTag::CommandComplete.byte(), |b| {
-                b.put_slice(b"DEALLOCATE\0")
-            });
+            write::command_complete(&mut out, "DEALLOCATE");
             write::ready_for_query(&mut out, t.status);
             synthetic(t, out, Undo::default());
             return Ok(());

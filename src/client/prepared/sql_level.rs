@@ -45,9 +45,7 @@ impl Handler<'_> {
                     self.prepared.touch(stmt.hash);
                     Counters::add(&self.counters.prepare_hits);
                     let mut out = BytesMut::new();
-                    write::message(&mut out, BackendTag::CommandComplete.byte(), |b| {
-                        b.put_slice(b"PREPARE\0")
-                    });
+                    write::command_complete(&mut out, "PREPARE");
                     write::ready_for_query(&mut out, status);
                     synthetic(
                         self.t,

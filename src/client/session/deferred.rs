@@ -58,16 +58,12 @@ impl Session {
         };
         self.buf.advance(total);
         // PostgreSQL's tag: `START TRANSACTION` says so.
-        let tag: &[u8] = if crate::router::opening::first_word_is(&sql, "start") {
-            b"START TRANSACTION\0"
+        let tag = if crate::router::opening::first_word_is(&sql, "start") {
+            "START TRANSACTION"
         } else {
-            b"BEGIN\0"
+            "BEGIN"
         };
-        write::message(
-            &mut self.out,
-            crate::protocol::BackendTag::CommandComplete.byte(),
-            |b| b.put_slice(tag),
-        );
+        write::command_complete(&mut self.out, tag);
         write::ready_for_query(&mut self.out, TxStatus::InTransaction);
         self.deferred = Some(Deferred::Begun(sql));
         true
@@ -115,16 +111,12 @@ impl Session {
         match (ending, aborted) {
             (Some(ending), _) => {
                 // PostgreSQL rolls an aborted transaction back at COMMIT too.
-                let word: &[u8] = if aborted || ending == Ending::Rollback {
-                    b"ROLLBACK\0"
+                let tag = if aborted || ending == Ending::Rollback {
+                    "ROLLBACK"
                 } else {
-                    b"COMMIT\0"
+                    "COMMIT"
                 };
-                write::message(
-                    &mut self.out,
-                    crate::protocol::BackendTag::CommandComplete.byte(),
-                    |b| b.put_slice(word),
-                );
+                write::command_complete(&mut self.out, tag);
                 self.deferred = None;
                 write::ready_for_query(&mut self.out, TxStatus::Idle);
             }

@@ -168,12 +168,7 @@ impl Session {
             }
         }
         self.buf.advance(consumed);
-        let complete = |out: &mut BytesMut, tag: &str| {
-            write::message(out, BackendTag::CommandComplete.byte(), |b| {
-                b.extend_from_slice(tag.as_bytes());
-                b.extend_from_slice(&[0]);
-            })
-        };
+        let complete = write::command_complete;
         match replies {
             None => {
                 for tag in done {
