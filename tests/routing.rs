@@ -1335,3 +1335,41 @@ async fn a_replica_ending_its_session_under_a_read_does_not_end_the_client() {
     let n: i32 = client.query_one("select 7", &[]).await.unwrap().get(0);
     assert_eq!(n, 7, "the client stays");
 }
+
+/// With `replica_fallback = "error"`, a freshly started tidepool refuses
+/// no read while its replicas are not yet judged (two rounds of checks:
+/// their lag needs the primary's earlier samples): reads go to the primary
+/// meanwhile, then to the replica. They failed with 08001 "no healthy
+/// replica" between the first round and the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_pooler_refuses_no_read_before_its_replicas_are_judged() {
+    let c = harness::cluster_with_replica();
+    let db = c.create_database("fallback_start");
+    c.wait_for_replicas();
+    let toml = harness::proxy::config_toml(
+        c,
+        &db,
+        "default_pool_size = 2",
+        &format!(
+            "replicas = [{{ host = \"127.0.0.1\", port = {} }}]",
+            c.replica_ports()[0]
+        ),
+    ) + "\n[routing]\nhealth_check_period = \"1s\"\nreplica_fallback = \"error\"\n";
+    let proxy = TestProxy::start(&toml);
+    let client = proxy.client(&db).await;
+    let health = proxy.shared.registry.health(&db).unwrap();
+    // Plain reads (no function whose volatility is still unknown) until
+    // the replica is in use.
+    while health.replicas[0].is_banned() {
+        client
+            .simple_query("select 1")
+            .await
+            .unwrap_or_else(|e| panic!("a read refused while the replica was being judged: {e:?}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replica = c.replica_ports()[0];
+    harness::wait_until_async("reads on the replica", DEADLINE, || async {
+        server_port(&client).await == replica
+    })
+    .await;
+}

@@ -122,6 +122,9 @@ pub fn spawn_checker(
         // The writer's failed rounds in a row (writes move after
         // `FAILOVER_AFTER`).
         let mut misses = 0u32;
+        // Rounds run: replicas are judged (their lag needs the primary's
+        // earlier samples) from `UNBAN_AFTER` on.
+        let mut rounds = 0u32;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let keep = (max_lag * 4).max(Duration::from_secs(60)).as_nanos() as u64;
@@ -261,7 +264,10 @@ pub fn spawn_checker(
                     }
                 }
             }
-            h.checked.store(true, Ordering::Relaxed);
+            rounds = rounds.saturating_add(1);
+            if rounds >= super::UNBAN_AFTER {
+                h.checked.store(true, Ordering::Relaxed);
+            }
             decide_writer(&h, &writable, failover, &name, &mut misses);
         }
     });

@@ -186,7 +186,11 @@ pub struct Health {
     pub replicas: Vec<Backend>,
     /// Recent primary samples: (nanos since epoch, WAL LSN).
     history: Mutex<VecDeque<(u64, u64)>>,
-    /// False when no health check can run: replicas are then never used.
+    /// False until the checks have run long enough to judge the replicas
+    /// (`UNBAN_AFTER` rounds: a replica's lag needs the primary's earlier
+    /// samples), or when none can run: reads go to the primary meanwhile,
+    /// whatever `replica_fallback` says (a replica not yet judged is not a
+    /// failed one).
     pub checked: AtomicBool,
     /// Rotates ties between equally loaded replicas.
     pub next: AtomicUsize,
