@@ -720,11 +720,11 @@ async fn a_long_read_is_classified_without_holding_the_event_loop() {
             .unwrap();
         assert_ne!(port, primary, "a read, classified: a replica's");
     }
-    assert_eq!(
-        s.proxy.shared.watchdog.stalls(),
-        before,
-        "the event loop was blocked"
-    );
+    // Classified on the loop, each of the three parses stalls it (a
+    // 256 KiB parse takes hundreds of milliseconds in this build); one
+    // unrelated poll over 100 ms on a loaded machine is tolerated.
+    let stalls = s.proxy.shared.watchdog.stalls() - before;
+    assert!(stalls <= 1, "the event loop was blocked {stalls} times");
 }
 
 /// A long read that arrives while the client's previous read still runs
@@ -764,11 +764,11 @@ async fn a_long_read_pipelined_after_a_read_is_classified_off_the_event_loop() {
             );
         }
     }
-    assert_eq!(
-        s.proxy.shared.watchdog.stalls(),
-        before,
-        "the event loop was blocked"
-    );
+    // Classified on the loop, each of the three parses stalls it (a
+    // 256 KiB parse takes hundreds of milliseconds in this build); one
+    // unrelated poll over 100 ms on a loaded machine is tolerated.
+    let stalls = s.proxy.shared.watchdog.stalls() - before;
+    assert!(stalls <= 1, "the event loop was blocked {stalls} times");
 }
 
 /// A write refused on a replica inside a transaction block the same query

@@ -14,11 +14,13 @@ mod catalog;
 mod checkout;
 mod maintain;
 mod registry;
+mod retire;
 
 pub use caps::Cap;
 pub use catalog::Catalog;
 pub use checkout::{PooledConn, Release, Waiter};
 pub use registry::{BackendIndex, DbControl, Registry, health_credentials, health_warnings};
+pub use retire::Retirement;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -264,35 +266,6 @@ impl caps::IdleHolder for Pool {
     }
 }
 
-/// Why a pool is out of the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Retirement {
-    /// In the registry, serving.
-    Serving = 0,
-    /// A reload removed its database: the clients still connected keep it
-    /// and its connections (reused, as before), and it goes with the last
-    /// of them (each transaction used to open a new server).
-    Draining = 1,
-    /// A reload re-targeted it (host, port, dbname, server user, or its
-    /// replica removed): clients move to the new pool at their next
-    /// transaction, and its connections close as they come back.
-    Replaced = 2,
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // A draining pool goes with its last client: its idle connections
-        // say goodbye to their servers.
-        let idle = std::mem::take(&mut lock(&self.core).idle);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            for i in idle {
-                rt.spawn(i.conn.terminate());
-            }
-        }
-    }
-}
-
 /// What a pool is made from (besides its settings).
 pub struct PoolParts {
     pub key: PoolKey,
@@ -405,27 +378,6 @@ impl Pool {
     /// Connections running `server_check_query` now (`sv_tested`).
     pub fn testing_count(&self) -> usize {
         self.testing.load(Ordering::Relaxed)
-    }
-
-    pub fn is_retired(&self) -> bool {
-        self.retirement() != Retirement::Serving
-    }
-
-    pub fn retirement(&self) -> Retirement {
-        match self.retired.load(Ordering::Relaxed) {
-            0 => Retirement::Serving,
-            1 => Retirement::Draining,
-            _ => Retirement::Replaced,
-        }
-    }
-
-    /// Takes the pool out of the registry (see [`Retirement`]): a replaced
-    /// pool's idle connections close now, busy ones when they come back.
-    pub fn retire(&self, how: Retirement) {
-        self.retired.store(how as u8, Ordering::Relaxed);
-        if how == Retirement::Replaced {
-            self.close_idle();
-        }
     }
 
     /// Closes every idle connection (PAUSE, KILL, retirement).
