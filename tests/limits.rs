@@ -823,7 +823,7 @@ async fn a_pool_starved_by_a_cap_gets_a_connection_that_turns_idle_later() {
     for _ in 0..2 {
         let client = proxy.client(&db1).await;
         busy.push(tokio::spawn(async move {
-            client.simple_query("select pg_sleep(1)").await.unwrap();
+            client.simple_query("select pg_sleep(2)").await.unwrap();
             client
         }));
     }
