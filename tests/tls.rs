@@ -42,9 +42,14 @@ fn postgres_requires_tls(c: &harness::Cluster, certs: &Path) {
         std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         harness::give_to_server_user(&to);
     }
+    // The other users keep the harness's rules: the cluster is this
+    // binary's, and its other tests log them in meanwhile (md5user's
+    // md5-stored password fails a scram-sha-256 line).
     let hba = "local all all trust\n\
                hostnossl all app 127.0.0.1/32 reject\n\
                hostssl all app 127.0.0.1/32 scram-sha-256\n\
+               host all trustuser 127.0.0.1/32 trust\n\
+               host all md5user 127.0.0.1/32 md5\n\
                host all all 127.0.0.1/32 scram-sha-256\n";
     std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
     let out = harness::psql(
