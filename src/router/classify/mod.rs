@@ -293,7 +293,12 @@ pub enum Ending {
 /// `AND CHAIN` (which begins the next), not a savepoint's or a prepared
 /// transaction's command.
 pub fn transaction_end(sql: &str) -> Option<Ending> {
-    if sql.len() > MAX_CLASSIFIED_BYTES {
+    // The first word rules out nearly every statement without a parse (a
+    // deferred transaction's first statement passes here, on the loop).
+    let ends = ["commit", "end", "rollback", "abort"];
+    if sql.len() > MAX_CLASSIFIED_BYTES
+        || !ends.iter().any(|w| super::opening::first_word_is(sql, w))
+    {
         return None;
     }
     let parsed = pg_query::parse(sql, 0).ok()?;
