@@ -134,10 +134,22 @@ pub fn tag_rows(tag: &[u8]) -> u64 {
     if last.is_empty() || last.len() == tag.len() {
         return 0;
     }
-    std::str::from_utf8(last)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    // Digits only, as `u64`'s parse reads them (no sign from a server);
+    // anything else, or an overflow, counts no rows.
+    let mut n: u64 = 0;
+    for &c in last {
+        if !c.is_ascii_digit() {
+            return 0;
+        }
+        match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(c - b'0')))
+        {
+            Some(v) => n = v,
+            None => return 0,
+        }
+    }
+    n
 }
 
 impl Timing {
@@ -412,6 +424,10 @@ mod tests {
         assert_eq!(tag_rows(b"INSERT 0 12\0"), 12);
         assert_eq!(tag_rows(b"BEGIN\0"), 0);
         assert_eq!(tag_rows(b"CREATE TABLE\0"), 0);
+        assert_eq!(tag_rows(b"SELECT 18446744073709551615\0"), u64::MAX);
+        assert_eq!(tag_rows(b"SELECT 18446744073709551616\0"), 0, "overflow");
+        assert_eq!(tag_rows(b"SELECT 1a\0"), 0);
+        assert_eq!(tag_rows(b"MOVE 0\0"), 0);
     }
 
     #[test]

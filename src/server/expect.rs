@@ -235,6 +235,17 @@ impl Expect {
     }
 
     /// Undo actions collected since the last call.
+    /// Whether errors left statements to undo (most scans: none).
+    pub fn has_undos(&self) -> bool {
+        !self.undos.is_empty()
+    }
+
+    /// Whether undos, confirmed or described statements wait to be taken
+    /// (most scans: none of them).
+    pub fn has_statement_news(&self) -> bool {
+        !self.undos.is_empty() || !self.confirmed.is_empty() || !self.described.is_empty()
+    }
+
     pub fn take_undos(&mut self) -> Vec<Undo> {
         std::mem::take(&mut self.undos)
     }

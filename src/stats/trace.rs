@@ -42,6 +42,9 @@ pub fn traceparent(sql: &str) -> Option<Trace> {
     let b = sql.as_bytes();
     // sqlcommenter puts its comment at an edge: a statement without a
     // block comment at either end costs two comparisons, no search.
+    if plain_edges(b, true) {
+        return None;
+    }
     let t = sql.trim_ascii();
     let t = t.strip_suffix(';').unwrap_or(t).trim_ascii_end();
     if !t.starts_with("/*") && !t.ends_with("*/") {
@@ -81,6 +84,9 @@ fn hex(s: &[u8]) -> Option<&str> {
 /// one look at each end.
 pub fn without_edge_comments(sql: &str) -> &str {
     let b = sql.as_bytes();
+    if plain_edges(b, false) {
+        return sql;
+    }
     let mut start = 0;
     loop {
         while start < b.len() && is_space(b[start]) {
@@ -112,6 +118,20 @@ pub fn without_edge_comments(sql: &str) -> &str {
         }
     }
     sql.get(start..end).unwrap_or(sql)
+}
+
+/// True when `b` neither starts nor ends with a block comment or space: its
+/// first byte is no space and no `/`, and neither is its last (the one
+/// before a final `;` when `semicolon`). One look at each end: the common
+/// statement needs no trimming.
+fn plain_edges(b: &[u8], semicolon: bool) -> bool {
+    let edge = |c: u8| !is_space(c) && c != b'/';
+    let last = match b {
+        [.., before, b';'] if semicolon => *before,
+        [.., last] => *last,
+        [] => return false,
+    };
+    b.first().is_some_and(|&c| edge(c)) && edge(last)
 }
 
 /// Where the block comment that ends `b` begins, if one does (scanning
@@ -184,6 +204,20 @@ mod tests {
             "0".repeat(32)
         );
         assert_eq!(traceparent(&zero), None);
+        // Either edge, with a final `;` and space around: found; a text
+        // whose edges are plain is not searched.
+        for sql in [
+            format!("select 1 /*traceparent='{TP}'*/;"),
+            format!("select 1 /*traceparent='{TP}'*/ ; "),
+            format!(" /*traceparent='{TP}'*/ select 1;"),
+            format!("/*traceparent='{TP}'*/select 1"),
+            format!("\tselect 1 /*traceparent='{TP}'*/"),
+        ] {
+            assert!(traceparent(&sql).is_some(), "{sql}");
+        }
+        for sql in ["select 1;", ";", "", "x", "select /*traceparent=x*/ 1;"] {
+            assert_eq!(traceparent(sql), None, "{sql}");
+        }
     }
 
     #[test]
@@ -215,5 +249,12 @@ mod tests {
         assert_eq!(e("/* open"), "/* open");
         // A line comment before the trailing block one ends at its newline.
         assert_eq!(e("select 1 -- x */\n/* c */"), "select 1 -- x */");
+        // Plain edges: the text as it is; space at an edge is trimmed.
+        assert_eq!(e("select 1;"), "select 1;");
+        assert_eq!(e("select 1 /* c */;"), "select 1 /* c */;");
+        assert_eq!(e(" select 1"), "select 1");
+        assert_eq!(e("select 1\n"), "select 1");
+        assert_eq!(e(""), "");
+        assert_eq!(e("/"), "/");
     }
 }

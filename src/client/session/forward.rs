@@ -309,15 +309,17 @@ impl Session {
                     ) {
                         return lost(e.to_string(), &cscan);
                     }
-                    apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
-                    self.pool.confirm_statements(&t.expect.take_confirmed());
-                    for (hash, shape) in t.expect.take_described() {
-                        let shape = crate::server::prepared::Described::now(shape);
-                        conn.prepared.set_shape(hash, shape);
-                        // The client statements just prepared here are
-                        // promised this shape.
-                        for stmt in client.statements.values().filter(|s| s.hash == hash) {
-                            let _ = stmt.promised.set(shape);
+                    if t.expect.has_statement_news() {
+                        apply_undos(t.expect.take_undos(), client.statements, &mut conn.prepared);
+                        self.pool.confirm_statements(&t.expect.take_confirmed());
+                        for (hash, shape) in t.expect.take_described() {
+                            let shape = crate::server::prepared::Described::now(shape);
+                            conn.prepared.set_shape(hash, shape);
+                            // The client statements just prepared here are
+                            // promised this shape.
+                            for stmt in client.statements.values().filter(|s| s.hash == hash) {
+                                let _ = stmt.promised.set(shape);
+                            }
                         }
                     }
                     if t.batch == Batch::Held && !t.expect.describing() {
@@ -369,12 +371,15 @@ impl Session {
                         stmt_ctx.record(stats, &server_pool.traffic, &self.params, &mut t.timing);
                     }
 
-                    for (k, v) in changed.drain(..) {
-                        if is_tracked(&k) && self.params.get(&k) != Some(&v) {
-                            Arc::make_mut(&mut self.params).insert(k.clone(), v.clone());
+                    // Mostly none (an empty drain still costs its guard).
+                    if !changed.is_empty() {
+                        for (k, v) in changed.drain(..) {
+                            if is_tracked(&k) && self.params.get(&k) != Some(&v) {
+                                Arc::make_mut(&mut self.params).insert(k.clone(), v.clone());
+                            }
+                            conn.params.insert(k, v);
+                            conn.synced_to = None;
                         }
-                        conn.params.insert(k, v);
-                        conn.synced_to = None;
                     }
                     if client_closed {
                         to_client.clear();

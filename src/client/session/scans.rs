@@ -99,7 +99,9 @@ impl ClientIn<'_> {
             }
         }
         t.expect.take_synthetic(to_client);
-        apply_undos(t.expect.take_undos(), self.statements, prepared);
+        if t.expect.has_undos() {
+            apply_undos(t.expect.take_undos(), self.statements, prepared);
+        }
         Ok(())
     }
 }

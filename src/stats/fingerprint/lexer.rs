@@ -253,12 +253,13 @@ fn dollar(sql: &str, start: usize, sink: &mut impl Sink) -> usize {
 /// End of a numeric literal starting at `start` (a digit, or `.` then a digit).
 /// Trailing letters and digits (`0x1F`, `123abc`) belong to it.
 fn number_end(b: &[u8], start: usize) -> usize {
-    let digits = |mut j: usize| {
-        while b.get(j).is_some_and(|&c| c.is_ascii_digit() || c == b'_') {
-            j += 1;
-        }
-        j
-    };
+    // Runs counted over a slice iterator: no bounds check per byte.
+    fn run(b: &[u8], j: usize, ok: impl Fn(u8) -> bool) -> usize {
+        j + b
+            .get(j..)
+            .map_or(0, |r| r.iter().take_while(|&&c| ok(c)).count())
+    }
+    let digits = |j: usize| run(b, j, |c| c.is_ascii_digit() || c == b'_');
     let radix = b[start] == b'0'
         && matches!(
             b.get(start + 1),
@@ -283,13 +284,7 @@ fn number_end(b: &[u8], start: usize) -> usize {
             }
         }
     }
-    while b
-        .get(j)
-        .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_')
-    {
-        j += 1;
-    }
-    j
+    run(b, j, |c| c.is_ascii_alphanumeric() || c == b'_')
 }
 
 /// An identifier or keyword, or a prefixed string (`E'…'`, `U&'…'`, …).
