@@ -1210,8 +1210,44 @@ async fn a_transaction_whose_first_statement_finds_no_server_is_aborted_not_lost
         ["START TRANSACTION", "ZT"]
     );
     assert_eq!(ask(&mut client, "rollback").await, ["ROLLBACK", "ZI"]);
-    // The server free again, the client's autocommit write commits.
+    // Aborted again, and ended by an extended-protocol ROLLBACK once a
+    // server is free: it used to get 25P02 like any other statement, so a
+    // client that ends transactions that way could never leave it.
+    assert_eq!(ask(&mut client, "begin").await, ["BEGIN", "ZT"]);
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (4)").await,
+        ["53300", "ZE"]
+    );
+    // The server free again.
     assert_eq!(ask(&mut holder, "commit").await, ["COMMIT", "ZI"]);
+    client
+        .send(
+            &[
+                raw::parse("", "rollback"),
+                raw::bind("", &[]),
+                raw::execute(),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    let answer = tokio::time::timeout(DEADLINE, client.read_until_ready())
+        .await
+        .expect("the ROLLBACK is answered");
+    // PostgreSQL's answers, but for a WARNING (25P01) the server adds.
+    let tags: Vec<u8> = answer
+        .iter()
+        .map(|m| m.tag)
+        .filter(|&t| t != b'N')
+        .collect();
+    assert_eq!(tags, b"12CZ");
+    assert!(
+        answer
+            .iter()
+            .any(|m| m.tag == b'C' && m.body == b"ROLLBACK\0")
+    );
+    assert_eq!(answer.last().unwrap().body, b"I", "the transaction ended");
+    // The client's autocommit write commits.
     assert_eq!(
         ask(&mut client, "insert into ledger values (3)").await,
         ["INSERT 0 1", "ZI"]

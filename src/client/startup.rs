@@ -614,16 +614,21 @@ fn server_login(f: crate::protocol::messages::ErrorFields) -> ClientError {
 /// Maps a checkout failure to what the client is told.
 pub fn pool_error(pool: &Pool, e: PoolError) -> ClientError {
     use crate::server::ServerError;
+    let e = match e {
+        PoolError::Timeout(waited) => {
+            return ClientError::PoolTimeout {
+                database: pool.database.clone(),
+                user: pool.user.clone(),
+                waited,
+                detail: String::new(),
+            };
+        }
+        PoolError::Connect(e) => *e,
+    };
     match e {
-        PoolError::Timeout(waited) => ClientError::PoolTimeout {
-            database: pool.database.clone(),
-            user: pool.user.clone(),
-            waited,
-            detail: String::new(),
-        },
-        PoolError::Connect(ServerError::Query(f)) => server_login(f),
-        PoolError::Connect(ServerError::Login(AuthError::Server(f))) => server_login(*f),
-        PoolError::Connect(other) => ClientError::ServerConnect {
+        ServerError::Query(f) => server_login(f),
+        ServerError::Login(AuthError::Server(f)) => server_login(*f),
+        other => ClientError::ServerConnect {
             database: pool.database.clone(),
             reason: other.to_string(),
         },

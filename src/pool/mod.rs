@@ -64,8 +64,16 @@ const INTERNED: usize = 8;
 pub enum PoolError {
     #[error("timed out after {0:?} waiting for a server connection")]
     Timeout(Duration),
+    /// Boxed: a checkout's result is moved through every client task's
+    /// state on each transaction, and the rare error should not size it.
     #[error(transparent)]
-    Connect(#[from] ServerError),
+    Connect(Box<ServerError>),
+}
+
+impl From<ServerError> for PoolError {
+    fn from(e: ServerError) -> Self {
+        PoolError::Connect(Box::new(e))
+    }
 }
 
 /// An idle connection and the database-wide permit it holds.

@@ -104,6 +104,16 @@ impl Session {
             return false;
         };
         let tag = FrontendTag::from_byte(self.buf[0]);
+        if aborted && tag == FrontendTag::Parse && parses_a_transaction_end(self.buf.get(5..total))
+        {
+            // An extended-protocol COMMIT or ROLLBACK (its batch answered
+            // piece by piece): it ends the aborted transaction, and runs on a
+            // server outside any (PostgreSQL warns there is none, 25P01; a
+            // COMMIT is tagged COMMIT, not ROLLBACK). Nothing of the
+            // transaction ran anywhere, so the outcome is PostgreSQL's.
+            self.deferred = None;
+            return false;
+        }
         let query = (tag == FrontendTag::Query)
             .then(|| first_statement(&self.buf, self.limit, &self.statements))
             .flatten();
@@ -141,4 +151,15 @@ impl Session {
         self.buf.advance(total);
         true
     }
+}
+
+/// Whether a Parse message's body prepares a COMMIT or ROLLBACK (`END`,
+/// `ABORT`, `COMMIT AND CHAIN`... not `COMMIT PREPARED`).
+fn parses_a_transaction_end(body: Option<&[u8]>) -> bool {
+    let Some(body) = body else { return false };
+    let mut b = crate::protocol::messages::Body::new(body, "Parse");
+    let (Ok(_name), Ok(sql)) = (b.cstr(), b.sql()) else {
+        return false;
+    };
+    transaction_end(&sql).is_some()
 }

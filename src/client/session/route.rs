@@ -204,6 +204,14 @@ impl Session {
     }
 
     /// Checks out a server and brings its session parameters to ours.
+    /// `query_wait_notify`: tells the waiting client who holds the pool.
+    async fn notify_waiting(&mut self, pool: &Arc<Pool>, waited_us: u64) {
+        let holders = self.pool_holders(pool);
+        let mut out = BytesMut::new();
+        write::notice(&mut out, &holders.notice(waited_us));
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.send_all(&mut out)).await;
+    }
+
     pub(super) async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
         watchdog::phase(Phase::Checkout);
         let info = self.listed.info.clone();
@@ -255,14 +263,8 @@ impl Session {
                 if !notified && notify_us > 0 && info.waited_us() >= notify_us {
                     // query_wait_notify: told once per wait.
                     notified = true;
-                    let holders = self.pool_holders(pool);
-                    let mut out = BytesMut::new();
-                    write::notice(&mut out, &holders.notice(info.waited_us()));
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        self.stream.send_all(&mut out),
-                    )
-                    .await;
+                    // Boxed: its timer would size every checkout's state.
+                    Box::pin(self.notify_waiting(pool, info.waited_us())).await;
                 }
                 // Waited reserve_pool_timeout: a reserve connection, if the
                 // pool has one left (the checkout then completes with it).
