@@ -52,7 +52,10 @@ impl<'a> Body<'a> {
     pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
         // Names are mostly empty ("" is the unnamed statement or portal).
         let end = match self.buf.first() {
-            Some(0) => 0,
+            Some(0) => {
+                self.buf = &self.buf[1..];
+                return Ok("");
+            }
             _ => memchr::memchr(0, self.buf).ok_or(ProtocolError::Malformed(self.what))?,
         };
         let s = std::str::from_utf8(&self.buf[..end]).map_err(|_| self.err())?;
