@@ -203,6 +203,11 @@ impl Session {
         if !self.policy.named_statements || self.deferred.is_some() {
             return false;
         }
+        // The common batch begins with a Parse of the unnamed statement,
+        // which always needs a server: no further look.
+        if self.buf.first() == Some(&FrontendTag::Parse.byte()) && self.buf.get(5) == Some(&0) {
+            return false;
+        }
         let context = self.param_facts().parse_context.0;
         let mut pos = 0;
         let mut plan: Vec<(String, Option<Arc<Statement>>)> = Vec::new();
