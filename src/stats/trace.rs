@@ -45,6 +45,12 @@ pub fn traceparent(sql: &str) -> Option<Trace> {
     if plain_edges(b, true) {
         return None;
     }
+    traceparent_searched(sql)
+}
+
+/// [`traceparent`] without its look at the edges.
+fn traceparent_searched(sql: &str) -> Option<Trace> {
+    let b = sql.as_bytes();
     let t = sql.trim_ascii();
     let t = t.strip_suffix(';').unwrap_or(t).trim_ascii_end();
     if !t.starts_with("/*") && !t.ends_with("*/") {
@@ -87,6 +93,12 @@ pub fn without_edge_comments(sql: &str) -> &str {
     if plain_edges(b, false) {
         return sql;
     }
+    edge_comments_trimmed(sql)
+}
+
+/// [`without_edge_comments`] without its look at the edges.
+fn edge_comments_trimmed(sql: &str) -> &str {
+    let b = sql.as_bytes();
     let mut start = 0;
     loop {
         while start < b.len() && is_space(b[start]) {
@@ -185,6 +197,22 @@ fn trailing_comment_start(b: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The look at the edges only ever answers as the whole work would.
+        #[test]
+        fn the_edge_fast_path_agrees_with_the_full_look(
+            pieces in prop::collection::vec(prop::sample::select(vec![
+                "/*", "*/", "/", "*", " ", "\t", "\n", "\x0b", "\x0c", ";", "'", "a", "1",
+                "select 1", "traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'",
+            ]), 0..12)
+        ) {
+            let sql = pieces.concat();
+            prop_assert_eq!(without_edge_comments(&sql), edge_comments_trimmed(&sql), "{:?}", sql);
+            prop_assert_eq!(traceparent(&sql), traceparent_searched(&sql), "{:?}", sql);
+        }
+    }
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
