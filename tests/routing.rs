@@ -1200,6 +1200,16 @@ async fn a_transaction_whose_first_statement_finds_no_server_is_aborted_not_lost
         .map(|m| m.tag)
         .collect();
     assert_eq!(tags, b"EZ", "one refusal for the batch, then its Sync");
+    // ROLLBACK AND CHAIN ends it (PostgreSQL says ROLLBACK) and begins the
+    // next at once, deferred again: it used to get 25P02.
+    assert_eq!(
+        ask(&mut client, "rollback and chain").await,
+        ["ROLLBACK", "ZT"]
+    );
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (5)").await,
+        ["53300", "ZE"]
+    );
     // COMMIT of an aborted transaction rolls back, as PostgreSQL's does.
     assert_eq!(ask(&mut client, "commit").await, ["ROLLBACK", "ZI"]);
     // An empty transaction needs no server to end either.
@@ -1210,43 +1220,116 @@ async fn a_transaction_whose_first_statement_finds_no_server_is_aborted_not_lost
         ["START TRANSACTION", "ZT"]
     );
     assert_eq!(ask(&mut client, "rollback").await, ["ROLLBACK", "ZI"]);
-    // Aborted again, and ended by an extended-protocol ROLLBACK once a
-    // server is free: it used to get 25P02 like any other statement, so a
-    // client that ends transactions that way could never leave it.
+    // Aborted again, and ended through the extended protocol, answered as
+    // PostgreSQL answers it and without a server (the one server is still
+    // held): it used to get 25P02 like any other statement, so a client that
+    // ends transactions that way could never leave it.
     assert_eq!(ask(&mut client, "begin").await, ["BEGIN", "ZT"]);
     assert_eq!(
         ask(&mut client, "insert into ledger values (4)").await,
         ["53300", "ZE"]
     );
+    async fn answers(r: &mut Raw, msgs: &[Vec<u8>]) -> Vec<raw::Msg> {
+        r.send(&msgs.concat()).await;
+        tokio::time::timeout(DEADLINE, r.read_until_ready())
+            .await
+            .expect("answered")
+    }
+    let tags = |a: &[raw::Msg]| a.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    // A batch that only prepares the ROLLBACK ends nothing.
+    let a = answers(
+        &mut client,
+        &[
+            raw::parse("", "rollback"),
+            raw::describe_statement(""),
+            raw::sync(),
+        ],
+    )
+    .await;
+    assert_eq!(tags(&a), b"1tnZ");
+    assert_eq!(a.last().unwrap().body, b"E", "still aborted");
+    // Prepared, then followed by another statement: nothing runs.
+    let a = answers(
+        &mut client,
+        &[
+            raw::parse("", "rollback"),
+            raw::parse("", "insert into ledger values (7)"),
+            raw::bind("", &[]),
+            raw::execute(),
+            raw::sync(),
+        ],
+    )
+    .await;
+    assert_eq!(tags(&a), b"1EZ");
+    assert_eq!(a[1].code().as_deref(), Some("25P02"));
+    assert_eq!(a.last().unwrap().body, b"E", "still aborted");
+    // Parse, Bind, Describe, Execute of COMMIT: the transaction ends, and
+    // is tagged ROLLBACK (PostgreSQL's answer to COMMIT when aborted).
+    let a = answers(
+        &mut client,
+        &[
+            raw::parse("", "commit"),
+            raw::bind("", &[]),
+            raw::describe_portal(),
+            raw::execute(),
+            raw::sync(),
+        ],
+    )
+    .await;
+    assert_eq!(tags(&a), b"12nCZ");
+    assert_eq!(a[3].body, b"ROLLBACK\0");
+    assert_eq!(a.last().unwrap().body, b"I", "the transaction ended");
+    // The same, ROLLBACK AND CHAIN: the next transaction begins.
+    assert_eq!(ask(&mut client, "begin").await, ["BEGIN", "ZT"]);
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (8)").await,
+        ["53300", "ZE"]
+    );
+    let a = answers(
+        &mut client,
+        &[
+            raw::parse("", "rollback and chain"),
+            raw::bind("", &[]),
+            raw::execute(),
+            raw::sync(),
+        ],
+    )
+    .await;
+    assert_eq!(tags(&a), b"12CZ");
+    assert_eq!(a.last().unwrap().body, b"T", "chained");
+    assert_eq!(ask(&mut client, "rollback").await, ["ROLLBACK", "ZI"]);
     // The server free again.
     assert_eq!(ask(&mut holder, "commit").await, ["COMMIT", "ZI"]);
-    client
-        .send(
-            &[
-                raw::parse("", "rollback"),
-                raw::bind("", &[]),
-                raw::execute(),
-                raw::sync(),
-            ]
-            .concat(),
-        )
-        .await;
+    // A chained transaction keeps its BEGIN's characteristics.
+    assert_eq!(
+        ask(&mut holder, "begin; select 1").await.last().unwrap(),
+        "ZT"
+    );
+    assert_eq!(
+        ask(&mut client, "begin isolation level repeatable read").await,
+        ["BEGIN", "ZT"]
+    );
+    assert_eq!(
+        ask(&mut client, "insert into ledger values (6)").await,
+        ["53300", "ZE"]
+    );
+    assert_eq!(ask(&mut holder, "commit").await, ["COMMIT", "ZI"]);
+    assert_eq!(
+        ask(&mut client, "commit and chain").await,
+        ["ROLLBACK", "ZT"]
+    );
+    client.send(&raw::query("show transaction_isolation")).await;
     let answer = tokio::time::timeout(DEADLINE, client.read_until_ready())
         .await
-        .expect("the ROLLBACK is answered");
-    // PostgreSQL's answers, but for a WARNING (25P01) the server adds.
-    let tags: Vec<u8> = answer
-        .iter()
-        .map(|m| m.tag)
-        .filter(|&t| t != b'N')
-        .collect();
-    assert_eq!(tags, b"12CZ");
+        .expect("SHOW is answered");
+    let row = answer.iter().find(|m| m.tag == b'D').expect("a row");
     assert!(
-        answer
-            .iter()
-            .any(|m| m.tag == b'C' && m.body == b"ROLLBACK\0")
+        row.body.ends_with(b"repeatable read"),
+        "{:?}",
+        String::from_utf8_lossy(&row.body)
     );
-    assert_eq!(answer.last().unwrap().body, b"I", "the transaction ended");
+    assert_eq!(answer.last().unwrap().body, b"T");
+    assert_eq!(ask(&mut client, "rollback").await, ["ROLLBACK", "ZI"]);
     // The client's autocommit write commits.
     assert_eq!(
         ask(&mut client, "insert into ledger values (3)").await,

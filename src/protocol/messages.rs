@@ -226,9 +226,6 @@ mod tests {
     }
 }
 
-/// Text that is not UTF-8, one char per byte (byte `b` is char `U+00b`):
-/// bytes 0x80 and up become chars that are never ASCII, so nothing in the
-/// text can pass for a quote, a semicolon or a keyword that was not there.
 /// Where the first NUL of `b` is, when every byte before it is ASCII; None
 /// when a byte above 0x7F comes first or there is no NUL (the caller reads
 /// the text the slow way). Eight bytes at a time.
@@ -257,6 +254,9 @@ pub fn ascii_until_nul(b: &[u8]) -> Option<usize> {
     None
 }
 
+/// Text that is not UTF-8, one char per byte (byte `b` is char `U+00b`):
+/// bytes 0x80 and up become chars that are never ASCII, so nothing in the
+/// text can pass for a quote, a semicolon or a keyword that was not there.
 pub fn foreign_text(b: &[u8]) -> String {
     b.iter().map(|&c| char::from(c)).collect()
 }

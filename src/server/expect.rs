@@ -234,7 +234,6 @@ impl Expect {
         std::mem::take(&mut self.confirmed)
     }
 
-    /// Undo actions collected since the last call.
     /// Whether errors left statements to undo (most scans: none).
     pub fn has_undos(&self) -> bool {
         !self.undos.is_empty()
@@ -246,6 +245,7 @@ impl Expect {
         !self.undos.is_empty() || !self.confirmed.is_empty() || !self.described.is_empty()
     }
 
+    /// Undo actions collected since the last call.
     pub fn take_undos(&mut self) -> Vec<Undo> {
         std::mem::take(&mut self.undos)
     }

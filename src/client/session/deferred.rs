@@ -2,8 +2,10 @@
 //! database with replicas a lone `BEGIN` is answered here and sent with the
 //! transaction's first statement, which decides the backend.
 //!
-//! Owns its states (`Deferred`): begun (the `BEGIN` waits to be sent), and
-//! aborted (its first statement failed before any server ran it). Invariant:
+//! Owns its states (`Deferred`): begun (the `BEGIN` waits to be sent),
+//! aborted (its first statement failed before any server ran it), and
+//! ending (an aborted one's COMMIT or ROLLBACK through the extended
+//! protocol, answered message by message up to the Sync). Invariant:
 //! the client sees PostgreSQL's transaction status throughout. A failure
 //! before a server ran anything aborts the client's transaction, as an
 //! error would directly (status `E`, never `I` with the `BEGIN` still
@@ -13,7 +15,9 @@
 
 use super::idle::first_statement;
 use super::*;
-use crate::router::classify::{Ending, transaction_end};
+use crate::protocol::BackendTag;
+use crate::protocol::messages::Body;
+use crate::router::classify::{Ending, transaction_end_chained};
 
 /// A transaction the client began that no server has seen yet.
 #[derive(Debug)]
@@ -22,8 +26,25 @@ pub(super) enum Deferred {
     Begun(String),
     /// Its first statement failed before a server ran it (no server in
     /// time, a paused database's wait ran out, the primary down): aborted,
-    /// as PostgreSQL's is after an error, until the client ends it.
-    Aborted,
+    /// as PostgreSQL's is after an error, until the client ends it. Keeps
+    /// the `BEGIN`, whose characteristics an `AND CHAIN` end begins again.
+    Aborted(String),
+    /// An aborted transaction ending through the extended protocol: the
+    /// unnamed Parse of its COMMIT or ROLLBACK was answered here, and so are
+    /// the Bind, Describe and Execute of it, up to the Sync (all PostgreSQL
+    /// accepts in an aborted transaction; no server needed).
+    Ending(ExtendedEnd),
+}
+
+/// See [`Deferred::Ending`].
+#[derive(Debug)]
+pub(super) struct ExtendedEnd {
+    /// The transaction's `BEGIN`, for an `AND CHAIN` end.
+    begin: String,
+    /// `AND CHAIN`: the next transaction begins at the end.
+    chain: bool,
+    /// Its Execute ran: at the Sync the transaction is over.
+    executed: bool,
 }
 
 impl Session {
@@ -71,55 +92,99 @@ impl Session {
 
     /// The transaction status the client sees while no server serves it.
     pub(super) fn idle_status(&self) -> TxStatus {
-        match self.deferred {
+        match &self.deferred {
             None => TxStatus::Idle,
             Some(Deferred::Begun(_)) => TxStatus::InTransaction,
-            Some(Deferred::Aborted) => TxStatus::Failed,
+            Some(Deferred::Aborted(_)) => TxStatus::Failed,
+            Some(Deferred::Ending(e)) => match (e.executed, e.chain) {
+                (false, _) => TxStatus::Failed,
+                (true, false) => TxStatus::Idle,
+                (true, true) => TxStatus::InTransaction,
+            },
+        }
+    }
+
+    /// At a Sync: an extended-protocol end under way is over (ended, or
+    /// still aborted when its Execute never came).
+    pub(super) fn settle_deferred(&mut self) {
+        if !matches!(self.deferred, Some(Deferred::Ending(_))) {
+            return;
+        }
+        if let Some(Deferred::Ending(e)) = self.deferred.take() {
+            self.deferred = match (e.executed, e.chain) {
+                (false, _) => Some(Deferred::Aborted(e.begin)),
+                (true, false) => None,
+                (true, true) => Some(Deferred::Begun(e.begin)),
+            };
         }
     }
 
     /// The client's request could not run (`e` is owed to it): the
     /// deferred transaction it was in is aborted.
     pub(super) fn owe(&mut self, e: ClientError) {
-        if self.deferred.is_some() {
-            self.deferred = Some(Deferred::Aborted);
-        }
+        self.deferred = match self.deferred.take() {
+            Some(Deferred::Begun(begin)) => Some(Deferred::Aborted(begin)),
+            other => other,
+        };
         self.owe_error = Some(e);
     }
 
     /// Answers the message at the head of the buffer here when the
     /// deferred transaction allows it: a plain `COMMIT` or `ROLLBACK` ends
-    /// it (nothing ran anywhere); in an aborted one anything else gets
-    /// PostgreSQL's 25P02 (an extended-protocol batch once, up to its
-    /// Sync). True when it consumed the message.
+    /// it (nothing ran anywhere; `AND CHAIN` begins the next, deferred
+    /// too); in an aborted one, so does the unnamed statement's extended
+    /// COMMIT or ROLLBACK, and anything else gets PostgreSQL's 25P02 (an
+    /// extended-protocol batch once, up to its Sync). True when it consumed
+    /// the message.
     pub(super) fn answer_deferred(&mut self) -> bool {
-        let aborted = match &self.deferred {
-            None => return false,
-            Some(d) => matches!(d, Deferred::Aborted),
-        };
-        if self.buf.len() < 5 {
+        if self.deferred.is_none() || self.buf.len() < 5 {
             return false;
         }
         let Ok(total) = checked_len(self.buf[0], &self.buf[1..5], self.limit) else {
             return false;
         };
         let tag = FrontendTag::from_byte(self.buf[0]);
-        if aborted && tag == FrontendTag::Parse && parses_a_transaction_end(self.buf.get(5..total))
-        {
-            // An extended-protocol COMMIT or ROLLBACK (its batch answered
-            // piece by piece): it ends the aborted transaction, and runs on a
-            // server outside any (PostgreSQL warns there is none, 25P01; a
-            // COMMIT is tagged COMMIT, not ROLLBACK). Nothing of the
-            // transaction ran anywhere, so the outcome is PostgreSQL's.
-            self.deferred = None;
-            return false;
+        if tag == FrontendTag::Query {
+            // A simple query ends an extended batch as a Sync would.
+            self.settle_deferred();
+        }
+        let aborted = match &self.deferred {
+            None => return false,
+            Some(d) => !matches!(d, Deferred::Begun(_)),
+        };
+        let body = self.buf.get(5..total).unwrap_or_default();
+        let answered = match &self.deferred {
+            Some(Deferred::Ending(_)) => {
+                answer_ending(&mut self.deferred, &mut self.out, tag, body)
+            }
+            Some(Deferred::Aborted(_)) if tag == FrontendTag::Parse => {
+                begin_ending(&mut self.deferred, &mut self.out, body)
+            }
+            _ => false,
+        };
+        if answered {
+            self.buf.advance(total);
+            return true;
         }
         let query = (tag == FrontendTag::Query)
             .then(|| first_statement(&self.buf, self.limit, &self.statements))
             .flatten();
-        let ending = query.and_then(transaction_end);
+        let ending = query.and_then(transaction_end_chained);
         match (ending, aborted) {
-            (Some(ending), _) => {
+            // COMMIT or ROLLBACK AND CHAIN ends an aborted transaction (rolled
+            // back, as PostgreSQL says) and begins the next with the same
+            // characteristics: deferred again, with the same BEGIN. In a
+            // transaction that is not aborted it goes to a server after the
+            // BEGIN, which then holds the chained transaction.
+            (Some((_, true)), true) => {
+                write::command_complete(&mut self.out, "ROLLBACK");
+                if let Some(Deferred::Aborted(begin)) = self.deferred.take() {
+                    self.deferred = Some(Deferred::Begun(begin));
+                }
+                write::ready_for_query(&mut self.out, TxStatus::InTransaction);
+            }
+            (Some((_, true)), false) => return false,
+            (Some((ending, false)), _) => {
                 // PostgreSQL rolls an aborted transaction back at COMMIT too.
                 let tag = if aborted || ending == Ending::Rollback {
                     "ROLLBACK"
@@ -153,13 +218,63 @@ impl Session {
     }
 }
 
-/// Whether a Parse message's body prepares a COMMIT or ROLLBACK (`END`,
-/// `ABORT`, `COMMIT AND CHAIN`... not `COMMIT PREPARED`).
-fn parses_a_transaction_end(body: Option<&[u8]>) -> bool {
-    let Some(body) = body else { return false };
-    let mut b = crate::protocol::messages::Body::new(body, "Parse");
-    let (Ok(_name), Ok(sql)) = (b.cstr(), b.sql()) else {
+/// In an aborted transaction, a Parse of the unnamed statement that
+/// ends it (COMMIT, ROLLBACK, their `AND CHAIN`): answered, and the
+/// rest of its batch too (see [`Deferred::Ending`]). False for any other
+/// Parse (PostgreSQL's 25P02; a named one too, which PostgreSQL would
+/// accept: tidepool would have to keep it).
+fn begin_ending(deferred: &mut Option<Deferred>, out: &mut BytesMut, body: &[u8]) -> bool {
+    let mut b = Body::new(body, "Parse");
+    let (Ok(""), Ok(sql)) = (b.cstr(), b.sql()) else {
         return false;
     };
-    transaction_end(&sql).is_some()
+    let Some((_, chain)) = transaction_end_chained(&sql) else {
+        return false;
+    };
+    let Some(Deferred::Aborted(begin)) = deferred.take() else {
+        return false;
+    };
+    write::message(out, BackendTag::ParseComplete.byte(), |_| {});
+    *deferred = Some(Deferred::Ending(ExtendedEnd {
+        begin,
+        chain,
+        executed: false,
+    }));
+    true
+}
+
+/// The Bind, Describe and Execute of an extended-protocol end, of the
+/// unnamed statement and portal: PostgreSQL's answers (an aborted
+/// transaction's COMMIT is tagged ROLLBACK). False for anything else
+/// (25P02, up to the Sync).
+fn answer_ending(
+    deferred: &mut Option<Deferred>,
+    out: &mut BytesMut,
+    tag: FrontendTag,
+    body: &[u8],
+) -> bool {
+    let mut b = Body::new(body, "extended end");
+    match tag {
+        FrontendTag::Bind if matches!((b.cstr(), b.cstr()), (Ok(""), Ok(""))) => {
+            write::message(out, BackendTag::BindComplete.byte(), |_| {});
+        }
+        FrontendTag::Describe => match (b.u8(), b.cstr()) {
+            (Ok(b'S'), Ok("")) => {
+                write::message(out, BackendTag::ParameterDescription.byte(), |m| {
+                    m.put_i16(0)
+                });
+                write::message(out, BackendTag::NoData.byte(), |_| {});
+            }
+            (Ok(b'P'), Ok("")) => write::message(out, BackendTag::NoData.byte(), |_| {}),
+            _ => return false,
+        },
+        FrontendTag::Execute if matches!(b.cstr(), Ok("")) => {
+            write::command_complete(out, "ROLLBACK");
+            if let Some(Deferred::Ending(e)) = deferred {
+                e.executed = true;
+            }
+        }
+        _ => return false,
+    }
+    true
 }

@@ -138,6 +138,7 @@ impl Session {
                         e.write_to(&mut self.out);
                     }
                     self.skip_until_sync = false;
+                    self.settle_deferred();
                     let status = self.idle_status();
                     write::ready_for_query(&mut self.out, status);
                 }

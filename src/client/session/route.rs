@@ -203,7 +203,6 @@ impl Session {
         pool
     }
 
-    /// Checks out a server and brings its session parameters to ours.
     /// `query_wait_notify`: tells the waiting client who holds the pool.
     async fn notify_waiting(&mut self, pool: &Arc<Pool>, waited_us: u64) {
         let holders = self.pool_holders(pool);
@@ -212,6 +211,7 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.send_all(&mut out)).await;
     }
 
+    /// Checks out a server and brings its session parameters to ours.
     pub(super) async fn acquire(&mut self, pool: &Arc<Pool>) -> Result<PooledConn, ClientError> {
         watchdog::phase(Phase::Checkout);
         let info = self.listed.info.clone();

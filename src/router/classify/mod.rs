@@ -293,6 +293,15 @@ pub enum Ending {
 /// `AND CHAIN` (which begins the next), not a savepoint's or a prepared
 /// transaction's command.
 pub fn transaction_end(sql: &str) -> Option<Ending> {
+    match transaction_end_chained(sql) {
+        Some((ending, false)) => Some(ending),
+        _ => None,
+    }
+}
+
+/// [`transaction_end`], `AND CHAIN` included: the ending, and whether a new
+/// transaction with the same characteristics begins at once.
+pub fn transaction_end_chained(sql: &str) -> Option<(Ending, bool)> {
     // The first word rules out nearly every statement without a parse (a
     // deferred transaction's first statement passes here, on the loop).
     let ends = ["commit", "end", "rollback", "abort"];
@@ -306,9 +315,9 @@ pub fn transaction_end(sql: &str) -> Option<Ending> {
         return None;
     };
     match raw.stmt.as_ref()?.node.as_ref()? {
-        N::TransactionStmt(t) if !t.chain => match t.kind() {
-            TxKind::TransStmtCommit => Some(Ending::Commit),
-            TxKind::TransStmtRollback => Some(Ending::Rollback),
+        N::TransactionStmt(t) => match t.kind() {
+            TxKind::TransStmtCommit => Some((Ending::Commit, t.chain)),
+            TxKind::TransStmtRollback => Some((Ending::Rollback, t.chain)),
             _ => None,
         },
         _ => None,

@@ -283,4 +283,17 @@ fn plain_transaction_ends_are_told_apart_from_look_alikes() {
     ] {
         assert_eq!(transaction_end(sql), None, "{sql}");
     }
+    assert_eq!(
+        transaction_end_chained("commit and chain"),
+        Some((Ending::Commit, true))
+    );
+    assert_eq!(
+        transaction_end_chained("ROLLBACK WORK AND CHAIN;"),
+        Some((Ending::Rollback, true))
+    );
+    assert_eq!(
+        transaction_end_chained("rollback and no chain"),
+        Some((Ending::Rollback, false))
+    );
+    assert_eq!(transaction_end_chained("rollback to a"), None);
 }
