@@ -26,9 +26,8 @@ pub(super) enum Deferred {
     Begun(String),
     /// Its first statement failed before a server ran it (no server in
     /// time, a paused database's wait ran out, the primary down): aborted,
-    /// as PostgreSQL's is after an error, until the client ends it. Keeps
-    /// the `BEGIN`, whose characteristics an `AND CHAIN` end begins again.
-    Aborted(String),
+    /// as PostgreSQL's is after an error, until the client ends it.
+    Aborted,
     /// An aborted transaction ending through the extended protocol: the
     /// unnamed Parse of its COMMIT or ROLLBACK was answered here, and so are
     /// the Bind, Describe and Execute of it, up to the Sync (all PostgreSQL
@@ -39,8 +38,6 @@ pub(super) enum Deferred {
 /// See [`Deferred::Ending`].
 #[derive(Debug)]
 pub(super) struct ExtendedEnd {
-    /// The transaction's `BEGIN`, for an `AND CHAIN` end.
-    begin: String,
     /// `AND CHAIN`: the next transaction begins at the end.
     chain: bool,
     /// Its Execute ran: at the Sync the transaction is over.
@@ -95,7 +92,7 @@ impl Session {
         match &self.deferred {
             None => TxStatus::Idle,
             Some(Deferred::Begun(_)) => TxStatus::InTransaction,
-            Some(Deferred::Aborted(_)) => TxStatus::Failed,
+            Some(Deferred::Aborted) => TxStatus::Failed,
             Some(Deferred::Ending(e)) => match (e.executed, e.chain) {
                 (false, _) => TxStatus::Failed,
                 (true, false) => TxStatus::Idle,
@@ -112,9 +109,9 @@ impl Session {
         }
         if let Some(Deferred::Ending(e)) = self.deferred.take() {
             self.deferred = match (e.executed, e.chain) {
-                (false, _) => Some(Deferred::Aborted(e.begin)),
+                (false, _) => Some(Deferred::Aborted),
                 (true, false) => None,
-                (true, true) => Some(Deferred::Begun(e.begin)),
+                (true, true) => Some(chained()),
             };
         }
     }
@@ -122,10 +119,9 @@ impl Session {
     /// The client's request could not run (`e` is owed to it): the
     /// deferred transaction it was in is aborted.
     pub(super) fn owe(&mut self, e: ClientError) {
-        self.deferred = match self.deferred.take() {
-            Some(Deferred::Begun(begin)) => Some(Deferred::Aborted(begin)),
-            other => other,
-        };
+        if matches!(self.deferred, Some(Deferred::Begun(_))) {
+            self.deferred = Some(Deferred::Aborted);
+        }
         self.owe_error = Some(e);
     }
 
@@ -157,7 +153,7 @@ impl Session {
             Some(Deferred::Ending(_)) => {
                 answer_ending(&mut self.deferred, &mut self.out, tag, body)
             }
-            Some(Deferred::Aborted(_)) if tag == FrontendTag::Parse => {
+            Some(Deferred::Aborted) if tag == FrontendTag::Parse => {
                 begin_ending(&mut self.deferred, &mut self.out, body)
             }
             _ => false,
@@ -172,15 +168,13 @@ impl Session {
         let ending = query.and_then(transaction_end_chained);
         match (ending, aborted) {
             // COMMIT or ROLLBACK AND CHAIN ends an aborted transaction (rolled
-            // back, as PostgreSQL says) and begins the next with the same
-            // characteristics: deferred again, with the same BEGIN. In a
-            // transaction that is not aborted it goes to a server after the
-            // BEGIN, which then holds the chained transaction.
+            // back, as PostgreSQL says) and begins the next, deferred again
+            // (see `chained`). In a transaction that is not aborted it goes
+            // to a server after the BEGIN, which then holds the chained
+            // transaction with its characteristics.
             (Some((_, true)), true) => {
                 write::command_complete(&mut self.out, "ROLLBACK");
-                if let Some(Deferred::Aborted(begin)) = self.deferred.take() {
-                    self.deferred = Some(Deferred::Begun(begin));
-                }
+                self.deferred = Some(chained());
                 write::ready_for_query(&mut self.out, TxStatus::InTransaction);
             }
             (Some((_, true)), false) => return false,
@@ -218,6 +212,15 @@ impl Session {
     }
 }
 
+/// The transaction an `AND CHAIN` end of an aborted one begins. PostgreSQL
+/// gives it the characteristics the session has after the abort, which
+/// rolled back those of the aborted `BEGIN` (`BEGIN ISOLATION LEVEL
+/// REPEATABLE READ`, an error, `ROLLBACK AND CHAIN`: the next one is READ
+/// COMMITTED, or whatever the session's default is): a plain `BEGIN`.
+fn chained() -> Deferred {
+    Deferred::Begun("BEGIN".to_owned())
+}
+
 /// In an aborted transaction, a Parse of the unnamed statement that
 /// ends it (COMMIT, ROLLBACK, their `AND CHAIN`): answered, and the
 /// rest of its batch too (see [`Deferred::Ending`]). False for any other
@@ -231,12 +234,11 @@ fn begin_ending(deferred: &mut Option<Deferred>, out: &mut BytesMut, body: &[u8]
     let Some((_, chain)) = transaction_end_chained(&sql) else {
         return false;
     };
-    let Some(Deferred::Aborted(begin)) = deferred.take() else {
+    if !matches!(deferred, Some(Deferred::Aborted)) {
         return false;
-    };
+    }
     write::message(out, BackendTag::ParseComplete.byte(), |_| {});
     *deferred = Some(Deferred::Ending(ExtendedEnd {
-        begin,
         chain,
         executed: false,
     }));
