@@ -141,8 +141,10 @@ fn new_slot() -> &'static Slot {
 }
 
 fn now_us() -> u64 {
-    // Never 0, which means "not polling".
-    crate::clock::mono_ns() / 1000 + 1
+    // Never 0, which means "not polling". The coarse clock (a tick's
+    // resolution, milliseconds) is plenty for stalls of STALL and more, and
+    // the cheapest read: every poll of every client task takes one.
+    crate::clock::mono_coarse_us() + 1
 }
 
 /// Notes the phase of the client task this thread is polling.
