@@ -264,6 +264,29 @@ async fn a_stopped_replica_is_banned_reads_go_on_and_it_comes_back() {
         replica_banned(&s, 0)
     })
     .await;
+    // Its lag is not known while it is down: SHOW REPLICAS shows NULL and
+    // /metrics no sample (its last lag used to pass for the current one).
+    let health = s.proxy.shared.registry.health(&s.db).unwrap();
+    let lag_sample = |backend: u16| {
+        let metrics = tidepool::http::metrics::render(&s.proxy.shared).unwrap();
+        let label = format!("backend=\"127.0.0.1:{backend}\"");
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tidepool_replica_lag_seconds{") && l.contains(&label))
+    };
+    let port0 = s.cluster.replica_ports()[0];
+    harness::wait_until_async("replica 0's lag unknown", DEADLINE, || async {
+        health.replicas[0].lag().is_none()
+    })
+    .await;
+    assert!(
+        !lag_sample(port0),
+        "no lag sample for a replica that is down"
+    );
+    assert!(
+        lag_sample(s.cluster.replica_ports()[1]),
+        "the other replica's lag is still exported"
+    );
     let before = ok.load(Ordering::Relaxed);
     harness::wait_until_async("reads keep succeeding", DEADLINE, || async {
         ok.load(Ordering::Relaxed) > before + 100
@@ -277,6 +300,8 @@ async fn a_stopped_replica_is_banned_reads_go_on_and_it_comes_back() {
         !replica_banned(&s, 0)
     })
     .await;
+    assert!(health.replicas[0].lag().is_some(), "measured again");
+    assert!(lag_sample(port0));
     stop.store(true, Ordering::Relaxed);
     let mut clients = Vec::new();
     for r in readers {
@@ -289,7 +314,6 @@ async fn a_stopped_replica_is_banned_reads_go_on_and_it_comes_back() {
         failed.load(Ordering::Relaxed),
         ok.load(Ordering::Relaxed)
     );
-    let port0 = s.cluster.replica_ports()[0];
     let probe = s.proxy.client(&s.db).await;
     harness::wait_until_async("reads reach replica 0 again", DEADLINE, || async {
         server_port(&probe).await == port0

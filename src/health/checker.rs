@@ -250,6 +250,7 @@ pub fn spawn_checker(
                     }
                     Err(f) => {
                         replicas[i] = None;
+                        r.lag_unknown();
                         if logs[i + 1].should_log(&f.detail) {
                             tracing::warn!(
                                 database = %name,

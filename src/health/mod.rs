@@ -31,7 +31,9 @@ pub struct Backend {
     streak: AtomicU32,
     /// Transactions running on it now (for least-outstanding balancing).
     pub outstanding: AtomicUsize,
-    /// Replication lag in milliseconds and bytes (replicas).
+    /// Replication lag in milliseconds and bytes (replicas), as of the last
+    /// check that measured it; [`LAG_UNKNOWN`] before the first and after a
+    /// failed one (see [`Backend::lag`]).
     pub lag_ms: AtomicU64,
     pub lag_bytes: AtomicU64,
     /// Nanoseconds since `Health::epoch` of the newest primary sample this
@@ -43,6 +45,9 @@ pub struct Backend {
     /// Why the backend is unhealthy now (None: healthy, or not checked yet).
     problem: Mutex<Option<Problem>>,
 }
+
+/// What `Backend::lag_ms` holds while the lag is not known.
+pub const LAG_UNKNOWN: u64 = u64::MAX;
 
 /// Why a backend is unhealthy: a category for metrics and the words for
 /// people (the server's own message and SQLSTATE when it gave one).
@@ -69,8 +74,9 @@ impl Backend {
             banned: AtomicBool::new(banned),
             streak: AtomicU32::new(0),
             outstanding: AtomicUsize::new(0),
-            lag_ms: AtomicU64::new(0),
-            lag_bytes: AtomicU64::new(0),
+            // A replica starts unchecked: its lag unknown.
+            lag_ms: AtomicU64::new(if banned { LAG_UNKNOWN } else { 0 }),
+            lag_bytes: AtomicU64::new(if banned { LAG_UNKNOWN } else { 0 }),
             caught_up_to: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -121,6 +127,22 @@ impl Backend {
             .store(old.streak.load(Ordering::Relaxed), Ordering::Relaxed);
         self.banned.store(old.is_banned(), Ordering::Relaxed);
         self.set_problem(old.problem());
+    }
+
+    /// The replication lag (ms, bytes) as last measured; None when it is not
+    /// known now (never checked, or the last check failed: a last value
+    /// would pass for the current one).
+    pub fn lag(&self) -> Option<(u64, u64)> {
+        match self.lag_ms.load(Ordering::Relaxed) {
+            LAG_UNKNOWN => None,
+            ms => Some((ms, self.lag_bytes.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Its check failed: the lag is no longer known.
+    pub fn lag_unknown(&self) {
+        self.lag_ms.store(LAG_UNKNOWN, Ordering::Relaxed);
+        self.lag_bytes.store(LAG_UNKNOWN, Ordering::Relaxed);
     }
 
     /// Records a failed check of the primary (it is never avoided: shown

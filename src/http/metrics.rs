@@ -451,8 +451,12 @@ impl Collector for Snapshot {
                     ));
                 }
                 if b > 0 {
-                    lag_s.push((l.clone(), r.lag_ms.load(Relaxed) as f64 / 1000.0));
-                    lag_b.push((l.clone(), r.lag_bytes.load(Relaxed)));
+                    // No sample while the lag is not known (see
+                    // `Backend::lag`).
+                    if let Some((ms, bytes)) = r.lag() {
+                        lag_s.push((l.clone(), ms as f64 / 1000.0));
+                        lag_b.push((l.clone(), bytes));
+                    }
                     bans.push((l, r.bans.load(Relaxed)));
                 }
             }
@@ -472,7 +476,7 @@ impl Collector for Snapshot {
         gauge(
             &mut enc,
             "tidepool_replica_lag_seconds",
-            "Replication lag of a replica",
+            "Replication lag of a replica at its last check (no sample while not known)",
             &lag_s,
         )?;
         gauge(

@@ -103,8 +103,10 @@ pub(super) fn replicas(shared: &Shared) -> ResultSet {
                 format!("{}:{}", r.host, r.port).into(),
                 r.weight.into(),
                 (!r.is_banned()).into(),
-                r.lag_ms.load(Relaxed).into(),
-                r.lag_bytes.load(Relaxed).into(),
+                // NULL while not known (an unreachable replica's last lag
+                // would pass for its current one).
+                r.lag().map(|(ms, _)| ms).into(),
+                r.lag().map(|(_, bytes)| bytes).into(),
                 r.outstanding.load(Relaxed).into(),
                 r.reads.load(Relaxed).into(),
                 r.writes.load(Relaxed).into(),
