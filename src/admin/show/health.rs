@@ -97,6 +97,8 @@ pub(super) fn replicas(shared: &Shared) -> ResultSet {
         };
         let all = std::iter::once(&h.primary).chain(h.replicas.iter());
         for (b, r) in all.enumerate() {
+            // One reading for both columns (a check may change it between two).
+            let lag = r.lag();
             rs.push(vec![
                 backend_name(name, b).into(),
                 role(b).into(),
@@ -105,8 +107,8 @@ pub(super) fn replicas(shared: &Shared) -> ResultSet {
                 (!r.is_banned()).into(),
                 // NULL while not known (an unreachable replica's last lag
                 // would pass for its current one).
-                r.lag().map(|(ms, _)| ms).into(),
-                r.lag().map(|(_, bytes)| bytes).into(),
+                lag.map(|(ms, _)| ms).into(),
+                lag.map(|(_, bytes)| bytes).into(),
                 r.outstanding.load(Relaxed).into(),
                 r.reads.load(Relaxed).into(),
                 r.writes.load(Relaxed).into(),

@@ -104,10 +104,7 @@ impl Session {
     /// At a Sync: an extended-protocol end under way is over (ended, or
     /// still aborted when its Execute never came).
     pub(super) fn settle_deferred(&mut self) {
-        if !matches!(self.deferred, Some(Deferred::Ending(_))) {
-            return;
-        }
-        if let Some(Deferred::Ending(e)) = self.deferred.take() {
+        if let Some(Deferred::Ending(e)) = &self.deferred {
             self.deferred = match (e.executed, e.chain) {
                 (false, _) => Some(Deferred::Aborted),
                 (true, false) => None,
@@ -149,13 +146,19 @@ impl Session {
             Some(d) => !matches!(d, Deferred::Begun(_)),
         };
         let body = self.buf.get(5..total).unwrap_or_default();
-        let answered = match &self.deferred {
-            Some(Deferred::Ending(_)) => {
-                answer_ending(&mut self.deferred, &mut self.out, tag, body)
-            }
-            Some(Deferred::Aborted) if tag == FrontendTag::Parse => {
-                begin_ending(&mut self.deferred, &mut self.out, body)
-            }
+        let answered = match &mut self.deferred {
+            Some(Deferred::Ending(e)) => answer_ending(e, &mut self.out, tag, body),
+            Some(Deferred::Aborted) if tag == FrontendTag::Parse => match unnamed_end(body) {
+                Some(chain) => {
+                    write::message(&mut self.out, BackendTag::ParseComplete.byte(), |_| {});
+                    self.deferred = Some(Deferred::Ending(ExtendedEnd {
+                        chain,
+                        executed: false,
+                    }));
+                    true
+                }
+                None => false,
+            },
             _ => false,
         };
         if answered {
@@ -221,40 +224,24 @@ fn chained() -> Deferred {
     Deferred::Begun("BEGIN".to_owned())
 }
 
-/// In an aborted transaction, a Parse of the unnamed statement that
-/// ends it (COMMIT, ROLLBACK, their `AND CHAIN`): answered, and the
-/// rest of its batch too (see [`Deferred::Ending`]). False for any other
-/// Parse (PostgreSQL's 25P02; a named one too, which PostgreSQL would
-/// accept: tidepool would have to keep it).
-fn begin_ending(deferred: &mut Option<Deferred>, out: &mut BytesMut, body: &[u8]) -> bool {
+/// Whether a Parse body prepares the unnamed statement as a transaction's
+/// end (COMMIT, ROLLBACK, their `AND CHAIN`: `Some(chain)`). In an aborted
+/// transaction that Parse is answered, and the rest of its batch too (see
+/// [`Deferred::Ending`]); any other gets PostgreSQL's 25P02 (a named one
+/// too, which PostgreSQL would accept: tidepool would have to keep it).
+fn unnamed_end(body: &[u8]) -> Option<bool> {
     let mut b = Body::new(body, "Parse");
     let (Ok(""), Ok(sql)) = (b.cstr(), b.sql()) else {
-        return false;
+        return None;
     };
-    let Some((_, chain)) = transaction_end_chained(&sql) else {
-        return false;
-    };
-    if !matches!(deferred, Some(Deferred::Aborted)) {
-        return false;
-    }
-    write::message(out, BackendTag::ParseComplete.byte(), |_| {});
-    *deferred = Some(Deferred::Ending(ExtendedEnd {
-        chain,
-        executed: false,
-    }));
-    true
+    transaction_end_chained(&sql).map(|(_, chain)| chain)
 }
 
 /// The Bind, Describe and Execute of an extended-protocol end, of the
 /// unnamed statement and portal: PostgreSQL's answers (an aborted
 /// transaction's COMMIT is tagged ROLLBACK). False for anything else
 /// (25P02, up to the Sync).
-fn answer_ending(
-    deferred: &mut Option<Deferred>,
-    out: &mut BytesMut,
-    tag: FrontendTag,
-    body: &[u8],
-) -> bool {
+fn answer_ending(end: &mut ExtendedEnd, out: &mut BytesMut, tag: FrontendTag, body: &[u8]) -> bool {
     let mut b = Body::new(body, "extended end");
     match tag {
         FrontendTag::Bind if matches!((b.cstr(), b.cstr()), (Ok(""), Ok(""))) => {
@@ -272,9 +259,7 @@ fn answer_ending(
         },
         FrontendTag::Execute if matches!(b.cstr(), Ok("")) => {
             write::command_complete(out, "ROLLBACK");
-            if let Some(Deferred::Ending(e)) = deferred {
-                e.executed = true;
-            }
+            end.executed = true;
         }
         _ => return false,
     }
