@@ -133,9 +133,14 @@ impl Backend {
     /// known now (never checked, or the last check failed: a last value
     /// would pass for the current one).
     pub fn lag(&self) -> Option<(u64, u64)> {
-        match self.lag_ms.load(Ordering::Relaxed) {
-            LAG_UNKNOWN => None,
-            ms => Some((ms, self.lag_bytes.load(Ordering::Relaxed))),
+        // Both read as unknown when either is: a check that fails between
+        // the two loads must not pair a measured ms with unknown bytes.
+        match (
+            self.lag_ms.load(Ordering::Relaxed),
+            self.lag_bytes.load(Ordering::Relaxed),
+        ) {
+            (LAG_UNKNOWN, _) | (_, LAG_UNKNOWN) => None,
+            known => Some(known),
         }
     }
 
@@ -421,6 +426,25 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lag_half_stored_reads_as_unknown() {
+        let r = Backend::new("h", 1, 1, true);
+        assert_eq!(r.lag(), None, "a replica starts unknown");
+        r.lag_ms.store(5, Ordering::Relaxed);
+        r.lag_bytes.store(700, Ordering::Relaxed);
+        assert_eq!(r.lag(), Some((5, 700)));
+        // A failed check seen halfway (bytes already unknown, ms not yet).
+        r.lag_bytes.store(LAG_UNKNOWN, Ordering::Relaxed);
+        assert_eq!(r.lag(), None);
+        r.lag_unknown();
+        assert_eq!(r.lag(), None);
+        assert_eq!(
+            Backend::new("p", 1, 1, false).lag(),
+            Some((0, 0)),
+            "primary"
+        );
+    }
 
     #[test]
     fn a_replica_first_checked_is_not_said_to_be_unbanned() {
