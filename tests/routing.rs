@@ -407,6 +407,93 @@ async fn read_only_transactions_go_to_replicas_and_others_to_the_primary() {
     );
 }
 
+/// `BEGIN READ ONLY` alone is answered by tidepool, and the block's first
+/// statement decides where it runs: one that makes it read-write (which a
+/// hot standby refuses, 0A000) or serializable takes it to the primary, as
+/// PostgreSQL runs it directly; anything else to a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_block_made_read_write_runs_on_the_primary() {
+    let s = setup("rorw", "").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute("create table x(a int); grant all on x to public")
+        .await
+        .unwrap();
+    let c = s.proxy.client(&s.db).await;
+    for (i, switch) in [
+        "set transaction read write",
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED, READ WRITE",
+        "set local transaction_read_only = off",
+        "set transaction_read_only to default",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for begin in ["begin read only", "start transaction read only"] {
+            rows(&c, begin).await.unwrap();
+            rows(&c, switch)
+                .await
+                .unwrap_or_else(|e| panic!("{begin}; {switch}: {e}"));
+            assert_eq!(
+                rows(&c, "select pg_is_in_recovery()::text").await.unwrap(),
+                ["false"],
+                "{begin}; {switch}"
+            );
+            rows(&c, &format!("insert into x values ({i})"))
+                .await
+                .unwrap_or_else(|e| panic!("{begin}; {switch}; insert: {e}"));
+            rows(&c, "commit").await.unwrap();
+        }
+    }
+    let n = admin
+        .query_one("select count(*) from x", &[])
+        .await
+        .unwrap();
+    assert_eq!(n.get::<_, i64>(0), 8);
+    // Serializable, which a hot standby cannot run.
+    rows(&c, "begin read only").await.unwrap();
+    rows(&c, "set transaction isolation level serializable")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&c, "select current_setting('transaction_isolation')")
+            .await
+            .unwrap(),
+        ["serializable"]
+    );
+    rows(&c, "commit").await.unwrap();
+    // Other first statements keep the block on a replica, read-only (a
+    // client that has not written: read-your-writes aside).
+    let c = s.proxy.client(&s.db).await;
+    rows(&c, "begin read only").await.unwrap();
+    rows(&c, "set local search_path = public").await.unwrap();
+    assert_eq!(
+        rows(&c, "select pg_is_in_recovery()::text").await.unwrap(),
+        ["true"]
+    );
+    rows(&c, "commit").await.unwrap();
+    // A write in a read-only block is refused wherever it runs (25006),
+    // and never reaches a replica.
+    rows(&c, "begin read only").await.unwrap();
+    let e = rows(&c, "insert into x values (9)").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+    rows(&c, "rollback").await.unwrap();
+    // A deferred read-only block ended at once never needed a server.
+    rows(&c, "begin read only").await.unwrap();
+    rows(&c, "commit").await.unwrap();
+    assert_eq!(
+        admin
+            .query_one("select count(*) from x", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        8
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_statement_routing_sends_a_transaction_by_its_first_statement() {
     let s = setup("firststmt", "transaction_routing = \"first_statement\"").await;
@@ -1008,7 +1095,14 @@ async fn a_client_pinned_on_a_replica_is_answered() {
     })
     .await;
     let ten = Duration::from_secs(10);
-    for q in ["begin read only", "select pg_advisory_lock(12)", "commit"] {
+    // (The block's first statement, a read, takes it to a replica; one that
+    // writes, the advisory lock, would take it to the primary.)
+    for q in [
+        "begin read only",
+        "select 1",
+        "select pg_advisory_lock(12)",
+        "commit",
+    ] {
         client.batch_execute(q).await.unwrap();
     }
     let e = tokio::time::timeout(ten, client.batch_execute("insert into t values (1)"))

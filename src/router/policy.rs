@@ -33,10 +33,38 @@ pub struct Request {
     pub hint: Option<Hint>,
     /// `SET tidepool.route = 'primary'`.
     pub forced_primary: bool,
-    /// It follows a `BEGIN` tidepool answered itself.
-    pub after_deferred_begin: bool,
+    /// The `BEGIN` tidepool answered itself that it follows, if any.
+    pub begun: Begun,
     /// When this client last wrote (`Health::now` time), if it did.
     pub last_write: Option<u64>,
+}
+
+/// A transaction block tidepool began for the client (answering its lone
+/// `BEGIN` itself) before the request's statement, the first of the block
+/// that a server sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begun {
+    /// None: the statement starts its own transaction, or a server has the
+    /// block already.
+    No,
+    /// `BEGIN`: the block may write.
+    ReadWrite,
+    /// `BEGIN READ ONLY`: the block reads only, unless its first statement
+    /// makes it read-write (`SET TRANSACTION READ WRITE`, a write class).
+    ReadOnly,
+}
+
+/// Whether a statement of `class` after `begun` may start a transaction on
+/// a replica (hints aside; after a plain deferred `BEGIN`, [`choose`] asks
+/// more). A block begun read-only runs on a replica whole unless its first
+/// statement may write: `SET TRANSACTION READ WRITE` or `SERIALIZABLE` (a
+/// hot standby refuses both), or a write, which the read-only block refuses
+/// on the primary as a replica would, but a write never goes to a replica.
+pub fn fits_replica(class: Class, begun: Begun) -> bool {
+    match begun {
+        Begun::ReadOnly => !matches!(class, Class::Write | Class::Begin),
+        Begun::No | Begun::ReadWrite => matches!(class, Class::Read | Class::BeginReadOnly),
+    }
 }
 
 /// Whether `sql` may run in an autocommit transaction on a replica: a read,
@@ -76,14 +104,16 @@ pub fn choose(h: &Health, routing: &Routing, req: &Request) -> Route {
     let wants_replica = match req.hint {
         Some(Hint::Primary) => false,
         Some(Hint::Replica) => true,
+        None if req.forced_primary => false,
         // After a deferred BEGIN: SET TRANSACTION READ ONLY makes the
         // transaction read-only; other reads count only when routing by the
         // first statement.
-        None if req.after_deferred_begin => {
-            !req.forced_primary
-                && (req.class == Class::BeginReadOnly || (by_first && req.class == Class::Read))
-        }
-        None => !req.forced_primary && matches!(req.class, Class::Read | Class::BeginReadOnly),
+        None => match req.begun {
+            Begun::ReadWrite => {
+                req.class == Class::BeginReadOnly || (by_first && req.class == Class::Read)
+            }
+            begun => fits_replica(req.class, begun),
+        },
     };
     if h.replicas.is_empty() || !wants_replica || !h.checked.load(Relaxed) {
         return Route::Primary;
@@ -202,7 +232,7 @@ mod tests {
             class,
             hint: None,
             forced_primary: false,
-            after_deferred_begin: false,
+            begun: Begun::No,
             last_write: None,
         }
     }
@@ -220,6 +250,37 @@ mod tests {
                 Route::Replica(_)
             ));
         }
+    }
+
+    #[test]
+    fn a_deferred_read_only_block_goes_where_its_first_statement_may_run() {
+        let h = health(2);
+        let routing = Routing::default();
+        let after = |begun, class| {
+            let mut r = req(class);
+            r.begun = begun;
+            choose(&h, &routing, &r)
+        };
+        for class in [Class::Read, Class::Neutral, Class::BeginReadOnly] {
+            assert!(matches!(after(Begun::ReadOnly, class), Route::Replica(_)));
+        }
+        // SET TRANSACTION READ WRITE (or SERIALIZABLE) is a write.
+        for class in [Class::Write, Class::Begin] {
+            assert_eq!(after(Begun::ReadOnly, class), Route::Primary);
+        }
+        // After a plain BEGIN only SET TRANSACTION READ ONLY goes (routing
+        // by the whole transaction, the default).
+        assert!(matches!(
+            after(Begun::ReadWrite, Class::BeginReadOnly),
+            Route::Replica(_)
+        ));
+        for class in [Class::Read, Class::Neutral, Class::Write] {
+            assert_eq!(after(Begun::ReadWrite, class), Route::Primary);
+        }
+        let mut forced = req(Class::Read);
+        forced.begun = Begun::ReadOnly;
+        forced.forced_primary = true;
+        assert_eq!(choose(&h, &routing, &forced), Route::Primary);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The transaction tidepool begins for a client without a server: on a
-//! database with replicas a lone `BEGIN` is answered here and sent with the
-//! transaction's first statement, which decides the backend.
+//! database with replicas a lone `BEGIN` (or `BEGIN READ ONLY`) is answered
+//! here and sent with the transaction's first statement, which decides the
+//! backend (see `router::policy::Begun`).
 //!
 //! Owns its states (`Deferred`): begun (the `BEGIN` waits to be sent),
 //! aborted (its first statement failed before any server ran it), and
@@ -22,8 +23,9 @@ use crate::router::classify::{Ending, transaction_end_chained};
 /// A transaction the client began that no server has seen yet.
 #[derive(Debug)]
 pub(super) enum Deferred {
-    /// Its `BEGIN`, to send ahead of the first statement.
-    Begun(String),
+    /// Its `BEGIN`, to send ahead of the first statement, and whether it
+    /// began the block read-only.
+    Begun { sql: String, read_only: bool },
     /// Its first statement failed before a server ran it (no server in
     /// time, a paused database's wait ran out, the primary down): aborted,
     /// as PostgreSQL's is after an error, until the client ends it.
@@ -45,7 +47,7 @@ pub(super) struct ExtendedEnd {
 }
 
 impl Session {
-    /// A lone `BEGIN` as the first message, on a database with replicas, is
+    /// A lone `BEGIN` (read-only or not) as the first message, on a database with replicas, is
     /// answered here and sent later with the transaction's first statement,
     /// which decides the backend. Returns true when it consumed the message.
     pub(super) fn defer_begin(&mut self) -> bool {
@@ -67,9 +69,12 @@ impl Session {
         };
         let single = !sql.trim().trim_end_matches(';').contains(';');
         // BEGIN calls no function: no volatilities needed.
-        if !single || self.memo.class(sql, &self.settings.classifier, None) != Class::Begin {
-            return false;
-        }
+        let read_only = match self.memo.class(sql, &self.settings.classifier, None) {
+            _ if !single => return false,
+            Class::Begin => false,
+            Class::BeginReadOnly => true,
+            _ => return false,
+        };
         let sql = sql.to_owned();
         let Ok(total) = checked_len(self.buf[0], &self.buf[1..5], self.limit) else {
             return false;
@@ -83,7 +88,7 @@ impl Session {
         };
         write::command_complete(&mut self.out, tag);
         write::ready_for_query(&mut self.out, TxStatus::InTransaction);
-        self.deferred = Some(Deferred::Begun(sql));
+        self.deferred = Some(Deferred::Begun { sql, read_only });
         true
     }
 
@@ -91,7 +96,7 @@ impl Session {
     pub(super) fn idle_status(&self) -> TxStatus {
         match &self.deferred {
             None => TxStatus::Idle,
-            Some(Deferred::Begun(_)) => TxStatus::InTransaction,
+            Some(Deferred::Begun { .. }) => TxStatus::InTransaction,
             Some(Deferred::Aborted) => TxStatus::Failed,
             Some(Deferred::Ending(e)) => match (e.executed, e.chain) {
                 (false, _) => TxStatus::Failed,
@@ -116,7 +121,7 @@ impl Session {
     /// The client's request could not run (`e` is owed to it): the
     /// deferred transaction it was in is aborted.
     pub(super) fn owe(&mut self, e: ClientError) {
-        if matches!(self.deferred, Some(Deferred::Begun(_))) {
+        if matches!(self.deferred, Some(Deferred::Begun { .. })) {
             self.deferred = Some(Deferred::Aborted);
         }
         self.owe_error = Some(e);
@@ -143,7 +148,7 @@ impl Session {
         }
         let aborted = match &self.deferred {
             None => return false,
-            Some(d) => !matches!(d, Deferred::Begun(_)),
+            Some(d) => !matches!(d, Deferred::Begun { .. }),
         };
         let body = self.buf.get(5..total).unwrap_or_default();
         let answered = match &mut self.deferred {
@@ -221,7 +226,10 @@ impl Session {
 /// REPEATABLE READ`, an error, `ROLLBACK AND CHAIN`: the next one is READ
 /// COMMITTED, or whatever the session's default is): a plain `BEGIN`.
 fn chained() -> Deferred {
-    Deferred::Begun("BEGIN".to_owned())
+    Deferred::Begun {
+        sql: "BEGIN".to_owned(),
+        read_only: false,
+    }
 }
 
 /// Whether a Parse body prepares the unnamed statement as a transaction's

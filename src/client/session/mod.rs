@@ -488,7 +488,7 @@ impl Session {
                 tracker.hub = Some((m.hub.clone(), self.listed.info.id));
             }
             let had_prepend = self.deferred.is_some();
-            if let Some(deferred::Deferred::Begun(begin)) = self.deferred.take() {
+            if let Some(deferred::Deferred::Begun { sql: begin, .. }) = self.deferred.take() {
                 // The client's BEGIN, run first on the chosen backend; its
                 // answers were already given.
                 let mut out = BytesMut::new();

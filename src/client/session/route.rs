@@ -45,9 +45,16 @@ impl Session {
         let mut forced = replayed
             || param_facts(&mut self.param_facts, &self.params, self.listed.info.id).forced_primary
             || self.pool.serializable_on_replicas();
-        if !forced
-            && (hint == Some(Hint::Replica) || matches!(class, Class::Read | Class::BeginReadOnly))
-        {
+        let begun = match &self.deferred {
+            Some(deferred::Deferred::Begun {
+                read_only: false, ..
+            }) => policy::Begun::ReadWrite,
+            Some(deferred::Deferred::Begun {
+                read_only: true, ..
+            }) => policy::Begun::ReadOnly,
+            _ => policy::Begun::No,
+        };
+        if !forced && (hint == Some(Hint::Replica) || policy::fits_replica(class, begun)) {
             // An extended-protocol batch goes to a replica only whole and
             // all of it fit to run there (see `ahead`), judged statement by
             // statement as a replica's transaction judges them.
@@ -67,7 +74,7 @@ impl Session {
             class,
             hint,
             forced_primary: forced,
-            after_deferred_begin: matches!(self.deferred, Some(deferred::Deferred::Begun(_))),
+            begun,
             last_write: self.last_write,
         };
         (

@@ -358,6 +358,10 @@ fn statement_class(node: Option<&N>, rules: &Rules, calls: &mut BTreeSet<Box<str
         Some(N::VariableSetStmt(v)) if v.name == "TRANSACTION" && read_only_option(&v.args) => {
             Class::BeginReadOnly
         }
+        // It makes the transaction read-write, which a hot standby refuses
+        // (0A000): alone, it starts the read-write part of a transaction
+        // whose `BEGIN READ ONLY` tidepool deferred.
+        Some(N::VariableSetStmt(v)) if sets_read_write(v) => Class::Write,
         Some(N::VariableSetStmt(_)) | Some(N::DiscardStmt(_)) | Some(N::DeallocateStmt(_)) => {
             Class::Neutral
         }
@@ -449,6 +453,32 @@ fn serializable_option(options: &[pg_query::protobuf::Node]) -> bool {
         ),
         _ => false,
     })
+}
+
+/// `SET TRANSACTION READ WRITE`, or `transaction_read_only` set (or reset)
+/// to anything but a true value: the transaction may write.
+fn sets_read_write(v: &pg_query::protobuf::VariableSetStmt) -> bool {
+    use pg_query::protobuf::a_const::Val;
+    if v.name == "TRANSACTION" {
+        return access_mode(&v.args) == Some(false);
+    }
+    if !v.name.eq_ignore_ascii_case("transaction_read_only") {
+        return false;
+    }
+    // PostgreSQL's parse_bool: a prefix of `true` or `yes`, `on`, `1`.
+    let truthy = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        (!s.is_empty() && ("true".starts_with(&s) || "yes".starts_with(&s)))
+            || s == "on"
+            || s == "1"
+    };
+    let value = v.args.first().and_then(|a| match &a.node {
+        Some(N::AConst(c)) => c.val.as_ref(),
+        _ => None,
+    });
+    !matches!(value, Some(Val::Sval(s)) if truthy(&s.sval))
+        && !matches!(value, Some(Val::Ival(i)) if i.ival == 1)
+        && !matches!(value, Some(Val::Boolval(b)) if b.boolval)
 }
 
 fn read_only_option(options: &[pg_query::protobuf::Node]) -> bool {

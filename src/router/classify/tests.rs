@@ -95,7 +95,7 @@ fn transactions() {
     assert_eq!(c("begin read write, read only"), Class::BeginReadOnly);
     assert_eq!(
         c("BEGIN; SET TRANSACTION READ ONLY; SET TRANSACTION READ WRITE; SELECT 1"),
-        Class::Begin
+        Class::Write
     );
     assert_eq!(
         c(
@@ -115,8 +115,34 @@ fn transactions() {
     );
     assert_eq!(
         c("begin; set transaction read write; select 1"),
-        Class::Begin
+        Class::Write
     );
+    // Making a transaction read-write is a write: a hot standby refuses it
+    // (after a deferred `BEGIN READ ONLY` it decides the backend).
+    for sql in [
+        "set transaction read write",
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ WRITE",
+        "set transaction_read_only = off",
+        "set local transaction_read_only to false",
+        "SET transaction_read_only = 0",
+        "set transaction_read_only = 'n'",
+        "set transaction_read_only to default",
+        "reset transaction_read_only",
+        "set transaction_read_only = bogus",
+    ] {
+        assert_eq!(c(sql), Class::Write, "{sql}");
+    }
+    for sql in [
+        "set transaction_read_only = on",
+        "SET transaction_read_only TO true",
+        "set transaction_read_only = 't'",
+        "set transaction_read_only = yes",
+        "set transaction_read_only = 1",
+        "set session characteristics as transaction read write",
+        "set default_transaction_read_only = off",
+    ] {
+        assert_eq!(c(sql), Class::Neutral, "{sql}");
+    }
     assert_eq!(
         c("begin; set transaction read only; insert into t values (1)"),
         Class::Write
