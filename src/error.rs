@@ -143,6 +143,12 @@ pub enum ClientError {
     Shutdown,
     #[error("connection killed by an administrator (KILL)")]
     Killed,
+    /// A session tied to its server (pinned, or session mode) whose
+    /// server's backend a failover fenced: its state cannot follow.
+    #[error(
+        "terminating connection: its session state is on {0}, which takes no writes since a failover moved them (fenced); reconnect"
+    )]
+    Fenced(String),
     #[error("user \"{0}\" is not allowed on the admin console (not in admin_users or stats_users)")]
     AdminNotAllowed(String),
     #[error("internal error in tidepool: {0}")]
@@ -236,7 +242,9 @@ impl ClientError {
             ClientError::ClientIdleTimeout(_) => SqlState::IDLE_SESSION_TIMEOUT,
             ClientError::RateLimited(_) => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
             ClientError::BufferBudget(_) => SqlState::OUT_OF_MEMORY,
-            ClientError::Shutdown | ClientError::Killed => SqlState::ADMIN_SHUTDOWN,
+            ClientError::Shutdown | ClientError::Killed | ClientError::Fenced(_) => {
+                SqlState::ADMIN_SHUTDOWN
+            }
             ClientError::AdminNotAllowed(_) => SqlState::INVALID_AUTHORIZATION,
             ClientError::Internal(_) => SqlState::INTERNAL,
             ClientError::Listen(_) => SqlState::CANNOT_CONNECT_NOW,

@@ -254,3 +254,93 @@ async fn manual_failover_waits_for_a_reload_naming_the_new_primary() {
     })
     .await;
 }
+
+/// A session tied to its server (pinned by an advisory lock) on the
+/// primary when a failover fences it: the primary is still up and the
+/// session's connection with it (only new connections are refused, so its
+/// health checks fail), but writes now belong to the promoted replica. The
+/// session's next statement gets FATAL 57P01 and runs nowhere: it wrote on
+/// the fenced primary, diverging from the new one, before. A session that
+/// is not tied to its server writes on the promoted replica. (With several
+/// users configured, a primary refusing logins also stopped the health
+/// rounds before the replicas and the writer's fate: writes never moved.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_pinned_to_a_fenced_primary_is_ended() {
+    let (c, db) = setup("failover_pinned").await;
+    let (_proxy, url) = start(&c, &db, "auto").await;
+    let primary = c.primary_port();
+    let pinned = harness::connect(&url).await.unwrap();
+    pinned
+        .batch_execute("select pg_advisory_lock(7)")
+        .await
+        .unwrap();
+    assert_eq!(harness::server_port(&pinned).await.unwrap(), primary);
+
+    // New connections to the primary are refused and the health checker's
+    // is ended (its checks fail); the pinned session's connection stays.
+    // The operator promotes a replica.
+    let hba = c.primary_data_dir().join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "host all postgres 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n{text}"
+        ),
+    )
+    .unwrap();
+    let c2 = c.clone();
+    let db2 = db.clone();
+    tokio::task::spawn_blocking(move || {
+        c2.wait_for_replicas();
+        c2.reload_primary();
+        c2.primary_sql(
+            &db2,
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'tidepool-health'",
+        );
+        c2.promote_replica(0);
+    })
+    .await
+    .unwrap();
+    let promoted = c.replica_ports()[0];
+    let mut id = 10;
+    harness::wait_until_async("writes reach the promoted replica", DEADLINE, || {
+        id += 1;
+        let url = url.clone();
+        async move { write(&url, id).await == Ok(promoted) }
+    })
+    .await;
+
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        pinned.batch_execute("insert into t values (1000)"),
+    )
+    .await
+    .expect("answered, not held")
+    .unwrap_err();
+    let db_error = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db_error.code().code(), "57P01", "{e:?}");
+    assert!(db_error.message().contains("fenced"), "{e:?}");
+    assert!(pinned.is_closed() || pinned.simple_query("select 1").await.is_err());
+    let old = c.admin_client_on(primary, &db).await;
+    let n: i64 = old
+        .query_one("select count(*) from t where id = 1000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the write ran on the fenced primary");
+    // Its lock went with its server connection.
+    harness::wait_until_async("the lock to be released", DEADLINE, || {
+        let old = &old;
+        async move {
+            old.query_one(
+                "select count(*) from pg_locks where locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        }
+    })
+    .await;
+}

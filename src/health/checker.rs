@@ -131,24 +131,40 @@ pub fn spawn_checker(
         loop {
             tick.tick().await;
             let Some(h) = weak.upgrade() else { return };
-            let Some(creds) = candidates.get(who % candidates.len().max(1)) else {
+            if candidates.is_empty() {
                 return;
-            };
+            }
             replicas.resize_with(h.replicas.len(), || None);
             logs.resize_with(h.replicas.len() + 1, LogLimit::default);
             // Which backends answered as a primary this round.
             let mut writable = vec![false; h.replicas.len() + 1];
             let writer = h.writer();
-            match probe(
-                &mut primary,
-                &h.primary,
-                creds,
-                period,
-                "pg_current_wal_insert_lsn()",
-                tls.as_ref(),
-            )
-            .await
-            {
+            // A login refused moves to the next configured user at once,
+            // each tried once a round: the round goes on (replicas, the
+            // writer's fate) whatever the primary answers.
+            let mut tries = 0;
+            let (creds, answer) = loop {
+                let creds = &candidates[who % candidates.len()];
+                let answer = probe(
+                    &mut primary,
+                    &h.primary,
+                    creds,
+                    period,
+                    "pg_current_wal_insert_lsn()",
+                    tls.as_ref(),
+                )
+                .await;
+                match &answer {
+                    Err(f) if f.kind == "login_failed" && tries + 1 < candidates.len() => {
+                        tries += 1;
+                        who += 1;
+                        primary = None;
+                        replicas.iter_mut().for_each(|r| *r = None);
+                    }
+                    _ => break (creds, answer),
+                }
+            };
+            match answer {
                 Ok((in_recovery, lsn)) => {
                     logs[0].clear();
                     writable[0] = !in_recovery;
@@ -196,12 +212,6 @@ pub fn spawn_checker(
                     }
                     h.primary.primary_failed(f.problem());
                     primary = None;
-                    if f.kind == "login_failed" && candidates.len() > 1 {
-                        // Another configured user may exist on the server.
-                        who += 1;
-                        replicas.iter_mut().for_each(|r| *r = None);
-                        continue;
-                    }
                 }
             }
             for (i, r) in h.replicas.iter().enumerate() {

@@ -303,6 +303,12 @@ impl Health {
         self.fenced.load(Ordering::Relaxed)
     }
 
+    /// Whether backend `k` (0: the configured primary, `i + 1`: replica
+    /// `i`) is fenced: a failover moved writes away from it.
+    pub fn is_fenced(&self, k: usize) -> bool {
+        k < 64 && self.fenced() & (1 << k) != 0
+    }
+
     /// The backend that takes writes now (0: the configured primary,
     /// `i + 1`: replica `i`, promoted).
     pub fn writer(&self) -> usize {

@@ -392,7 +392,24 @@ impl Session {
                         // fails to go) now, so that the end is seen.
                         t.misroute.give_up();
                     }
-                    Ok(_) => rescan = true,
+                    Ok(_) => {
+                        if t.status == TxStatus::Idle
+                            && t.is_quiet()
+                            && (self.pinned.is_some() || mode == PoolMode::Session)
+                            && self
+                                .health
+                                .as_ref()
+                                .is_some_and(|h| h.is_fenced(server_pool.backend))
+                        {
+                            // A failover moved writes away from the server
+                            // this session's state is on: nothing more of
+                            // it may run there (the state cannot move).
+                            return TxEnd::ClientFatal(ClientError::Fenced(
+                                server_pool.addr.to_string(),
+                            ));
+                        }
+                        rescan = true;
+                    }
                 },
                 Event::IdleTimeout => {
                     return TxEnd::ClientFatal(ClientError::IdleTransactionTimeout(
