@@ -416,7 +416,11 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
     let s = setup("rorw", "").await;
     let admin = s.cluster.admin_client(&s.db).await;
     admin
-        .batch_execute("create table x(a int); grant all on x to public")
+        .batch_execute(
+            "create table x(a int); grant all on x to public;
+             create function rd() returns text language sql volatile
+                 as $$ select pg_is_in_recovery()::text $$",
+        )
         .await
         .unwrap();
     let c = s.proxy.client(&s.db).await;
@@ -464,6 +468,7 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
     rows(&c, "commit").await.unwrap();
     // Other first statements keep the block on a replica, read-only (a
     // client that has not written: read-your-writes aside).
+    s.cluster.wait_for_replicas();
     let c = s.proxy.client(&s.db).await;
     rows(&c, "begin read only").await.unwrap();
     rows(&c, "set local search_path = public").await.unwrap();
@@ -472,6 +477,13 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
         ["true"]
     );
     rows(&c, "commit").await.unwrap();
+    // So does a read that calls a volatile function (one that only reads):
+    // the block is declared read-only.
+    rows(&c, "begin read only").await.unwrap();
+    assert_eq!(rows(&c, "select rd()").await.unwrap(), ["true"]);
+    rows(&c, "commit").await.unwrap();
+    // Outside such a block the same read goes to the primary.
+    assert_eq!(rows(&c, "select rd()").await.unwrap(), ["false"]);
     // A write in a read-only block is refused wherever it runs (25006),
     // and never reaches a replica.
     rows(&c, "begin read only").await.unwrap();

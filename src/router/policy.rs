@@ -59,7 +59,9 @@ pub enum Begun {
 /// more). A block begun read-only runs on a replica whole unless its first
 /// statement may write: `SET TRANSACTION READ WRITE` or `SERIALIZABLE` (a
 /// hot standby refuses both), or a write, which the read-only block refuses
-/// on the primary as a replica would, but a write never goes to a replica.
+/// on the primary as a replica would (most: `LISTEN` it runs), but a write
+/// never goes to a replica. (The session counts a read that calls volatile
+/// functions as a read there: the block cannot write.)
 pub fn fits_replica(class: Class, begun: Begun) -> bool {
     match begun {
         Begun::ReadOnly => !matches!(class, Class::Write | Class::Begin),

@@ -26,6 +26,13 @@ impl Session {
             return (Route::Primary, Class::Write);
         }
         let functions = h.functions.load();
+        let begun = match &self.deferred {
+            Some(deferred::Deferred::Begun { read_only, .. }) if *read_only => {
+                policy::Begun::ReadOnly
+            }
+            Some(deferred::Deferred::Begun { .. }) => policy::Begun::ReadWrite,
+            _ => policy::Begun::No,
+        };
         let (class, hint) = match first_statement(&self.buf, self.limit, &self.statements) {
             // A statement a replica refused before goes to the primary.
             Some(sql)
@@ -34,26 +41,28 @@ impl Session {
             {
                 (Class::Write, None)
             }
-            Some(sql) => (
-                self.memo
-                    .class(sql, &self.settings.classifier, functions.as_deref()),
-                policy::hint(sql, &self.settings.classifier),
-            ),
+            Some(sql) => {
+                let classifier = &self.settings.classifier;
+                let mut class = self.memo.class(sql, classifier, functions.as_deref());
+                if begun == policy::Begun::ReadOnly
+                    && class == Class::Write
+                    && !classifier.would_parse_long(sql)
+                    && classifier.classify(sql).class == Class::Read
+                {
+                    // A read but for its functions' volatility, in a block
+                    // the client declared read-only: nothing in it can
+                    // write, and the declaration is what sends such reads
+                    // to a replica.
+                    class = Class::Read;
+                }
+                (class, policy::hint(sql, classifier))
+            }
             None => (Class::Write, None),
         };
         let mut class = class;
         let mut forced = replayed
             || param_facts(&mut self.param_facts, &self.params, self.listed.info.id).forced_primary
             || self.pool.serializable_on_replicas();
-        let begun = match &self.deferred {
-            Some(deferred::Deferred::Begun {
-                read_only: false, ..
-            }) => policy::Begun::ReadWrite,
-            Some(deferred::Deferred::Begun {
-                read_only: true, ..
-            }) => policy::Begun::ReadOnly,
-            _ => policy::Begun::No,
-        };
         if !forced && (hint == Some(Hint::Replica) || policy::fits_replica(class, begun)) {
             // An extended-protocol batch goes to a replica only whole and
             // all of it fit to run there (see `ahead`), judged statement by
