@@ -186,6 +186,15 @@ async fn auto_failover_sends_writes_to_the_promoted_replica() {
         .map(|r| &r["database"])
         .collect();
     assert_eq!(writer, [&format!("{db}@replica1")], "{replicas:?}");
+    // A primary now: no lag (its last one as a replica is gone), as the
+    // configured primary shows.
+    harness::wait_until_async("the writer to show no lag", DEADLINE, || async {
+        harness::console(&console, "SHOW REPLICAS")
+            .await
+            .iter()
+            .any(|r| r["writer"] == "1" && r["lag_ms"] == "0" && r["lag_bytes"] == "0")
+    })
+    .await;
     // The other replica still follows the dead primary: measured against
     // the new writer's WAL, it falls behind and stops serving reads (it
     // would serve stale rows).
@@ -194,6 +203,24 @@ async fn auto_failover_sends_writes_to_the_promoted_replica() {
             .await
             .iter()
             .any(|r| r["database"] == format!("{db}@replica2") && r["reason"].contains("lagging"))
+    })
+    .await;
+    // Promoted too (split brain): fenced, never followed, and following no
+    // one its lag is unknown (its last one, lagging, showed before).
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || c2.promote_replica(1))
+        .await
+        .unwrap();
+    harness::wait_until_async("the second promoted replica to show", DEADLINE, || async {
+        harness::console(&console, "SHOW REPLICAS")
+            .await
+            .iter()
+            .any(|r| {
+                r["database"] == format!("{db}@replica2")
+                    && r["reason"].contains("promoted")
+                    && r["lag_ms"].is_empty()
+                    && r["lag_bytes"].is_empty()
+            })
     })
     .await;
     let metrics = tidepool::http::metrics::render(&proxy.shared).unwrap();

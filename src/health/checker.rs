@@ -231,6 +231,8 @@ pub fn spawn_checker(
                 {
                     Ok((false, lsn)) => {
                         writable[i + 1] = true;
+                        // Its last lag as a replica would pass for a current one.
+                        r.is_a_primary(writer == i + 1);
                         if writer == i + 1 {
                             h.record_primary(lsn, keep);
                         }

@@ -150,6 +150,18 @@ impl Backend {
         self.lag_bytes.store(LAG_UNKNOWN, Ordering::Relaxed);
     }
 
+    /// It answered as a primary: no replication lag to speak of (0 for the
+    /// writer, as the primary shows) or none known (a promoted replica that
+    /// is not the writer: it follows no one).
+    pub fn is_a_primary(&self, writer: bool) {
+        if writer {
+            self.lag_ms.store(0, Ordering::Relaxed);
+            self.lag_bytes.store(0, Ordering::Relaxed);
+        } else {
+            self.lag_unknown();
+        }
+    }
+
     /// Records a failed check of the primary (it is never avoided: shown
     /// down, with why).
     pub fn primary_failed(&self, problem: Problem) {
