@@ -407,6 +407,67 @@ async fn read_only_transactions_go_to_replicas_and_others_to_the_primary() {
     );
 }
 
+/// COPY … TO STDOUT is a read: a replica answers it, small or past the
+/// misroute net's hold (64 KiB), a table or a query; COPY of a query that
+/// writes, and COPY FROM, stay on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_stdout_reads_on_a_replica() {
+    use futures_util::StreamExt;
+    let s = setup("copyout", "").await;
+    let admin = s.cluster.admin_client(&s.db).await;
+    admin
+        .batch_execute(
+            "create table ct(a int, b text); grant all on ct to public;
+             insert into ct select g, repeat('x', 20) from generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+    s.cluster.wait_for_replicas();
+    let c = s.proxy.client(&s.db).await;
+    let copy = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let stream = c.copy_out(sql).await?;
+            let chunks: Vec<_> = stream.collect().await;
+            let mut out = Vec::new();
+            for chunk in chunks {
+                out.extend_from_slice(&chunk?);
+            }
+            Ok::<_, tokio_postgres::Error>(String::from_utf8(out).unwrap())
+        }
+    };
+    assert_eq!(
+        copy("copy (select pg_is_in_recovery()::text) to stdout")
+            .await
+            .unwrap(),
+        "true\n"
+    );
+    for _ in 0..3 {
+        let big = copy("copy (select a, b, pg_is_in_recovery() from ct order by a) to stdout")
+            .await
+            .unwrap();
+        assert_eq!(big.lines().count(), 20_000);
+        assert!(
+            big.lines().all(|l| l.ends_with("\tt")),
+            "ran on the primary"
+        );
+        let table = copy("copy ct to stdout with (format csv)").await.unwrap();
+        assert_eq!(table.lines().count(), 20_000);
+    }
+    // A query that writes goes to the primary (and runs once).
+    let written =
+        copy("copy (insert into ct values (0, 'new') returning pg_is_in_recovery()) to stdout")
+            .await
+            .unwrap();
+    assert_eq!(written, "f\n");
+    let n: i64 = admin
+        .query_one("select count(*) from ct where a = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
 /// `BEGIN READ ONLY` alone is answered by tidepool, and the block's first
 /// statement decides where it runs: one that makes it read-write (which a
 /// hot standby refuses, 0A000) or serializable takes it to the primary, as

@@ -332,6 +332,15 @@ fn statement_class(node: Option<&N>, rules: &Rules, calls: &mut BTreeSet<Box<str
             Ok(tree) if !writes_within(&tree, rules, calls) => Class::Read,
             _ => Class::Write,
         },
+        // COPY … TO STDOUT reads: a table, or a query judged as itself
+        // (`COPY (INSERT … RETURNING …) TO STDOUT` writes). COPY FROM writes;
+        // COPY TO a server file or program acts on that server's host.
+        Some(N::CopyStmt(c)) if !c.is_from && !c.is_program && c.filename.is_empty() => {
+            match c.query.as_ref().and_then(|q| q.node.as_ref()) {
+                Some(q) => statement_class(Some(q), rules, calls),
+                None => Class::Read,
+            }
+        }
         // EXPLAIN plans without running; EXPLAIN ANALYZE runs the statement.
         Some(N::ExplainStmt(e)) if analyze_option(&e.options) => {
             statement_class(e.query.as_ref().and_then(|q| q.node.as_ref()), rules, calls)

@@ -54,6 +54,10 @@ fn reads() {
         "with x as (select 1) select * from x",
         "select pg_is_in_recovery()",
         "select 1; select 2",
+        "copy t to stdout",
+        "COPY t (a, b) TO STDOUT WITH (FORMAT csv)",
+        "copy (select * from t where a > 1) to stdout",
+        "copy (values (1)) to stdout",
     ] {
         assert_eq!(c(sql), Class::Read, "{sql}");
     }
@@ -75,6 +79,12 @@ fn writes() {
         "select setval('s', 1)",
         "select pg_advisory_lock(1)",
         "copy t from stdin",
+        "copy t to '/tmp/t.csv'",
+        "copy t to program 'cat'",
+        "copy (select * from t) to '/tmp/t.csv'",
+        "copy (insert into t values (1) returning *) to stdout",
+        "copy (select nextval('s')) to stdout",
+        "copy (select * from t for update) to stdout",
         "call p()",
         "select 1; insert into t values (1)",
         "explain analyze insert into t values (1)",
