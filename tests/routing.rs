@@ -622,6 +622,49 @@ async fn hints_and_the_session_setting_force_the_primary() {
     .await;
 }
 
+/// A `tidepool.route` value routing does not know (PostgreSQL takes any
+/// value of a custom setting) is warned of, set or given at login: a
+/// misspelt `primary` would leave reads on replicas without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_route_setting_is_warned_of() {
+    let s = setup("routewarn", "").await;
+    let warned = |msgs: &[raw::Msg]| {
+        msgs.iter()
+            .filter(|m| m.tag == b'N' && m.code().as_deref() == Some("22023"))
+            .filter_map(|m| m.message())
+            .collect::<Vec<_>>()
+    };
+    let mut r = Raw::login_trust(s.proxy.port(), &s.db).await;
+    for (sql, warns) in [
+        ("set tidepool.route = 'prmary'", true),
+        ("set tidepool.route = 'primary'", false),
+        ("set tidepool.route = 'ANY'", false),
+        ("set tidepool.route = 'replica'", true),
+        ("reset tidepool.route", false),
+    ] {
+        r.send(&raw::query(sql)).await;
+        let mut msgs = r.read_until_ready().await;
+        // The setting is learnt once the statement is over: its warning
+        // comes before the next answer.
+        r.send(&raw::query("select 1")).await;
+        msgs.extend(r.read_until_ready().await);
+        let w = warned(&msgs);
+        assert_eq!(!w.is_empty(), warns, "{sql}: {w:?}");
+        if warns {
+            assert!(w[0].contains("tidepool.route"), "{w:?}");
+        }
+    }
+    let mut r = Raw::connect(s.proxy.port()).await;
+    r.send(&raw::startup_with(
+        harness::TRUST_USER,
+        &s.db,
+        &[("options", "-c tidepool.route=primry")],
+    ))
+    .await;
+    let msgs = r.read_until_ready().await;
+    assert_eq!(warned(&msgs).len(), 1, "{msgs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_usable_replica_reads_fall_back_or_fail_as_configured() {
     let c = harness::cluster();

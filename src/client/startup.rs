@@ -401,6 +401,12 @@ async fn handshake(
         }
     }
     write::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    if let Some(w) = params
+        .get(crate::router::policy::ROUTE_SETTING)
+        .and_then(|v| crate::router::policy::route_setting_warning(v))
+    {
+        write::notice_response(&mut out, "22023", &w);
+    }
     write::ready_for_query(&mut out, TxStatus::Idle);
     stream.write_all(&out).await.map_err(|_| None)?;
     let policy = policy_for(config, db);

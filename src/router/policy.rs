@@ -69,6 +69,24 @@ pub fn fits_replica(class: Class, begun: Begun) -> bool {
     }
 }
 
+/// The client's routing wish: the custom setting `tidepool.route`.
+pub const ROUTE_SETTING: &str = "tidepool.route";
+
+/// The warning owed for a `tidepool.route` value routing does not know
+/// (PostgreSQL takes any value of a custom setting, so a misspelt
+/// `primary` would silently leave reads on replicas); None for `primary`,
+/// `any` and the empty (reset) value, in any case.
+pub fn route_setting_warning(value: &str) -> Option<String> {
+    let known = ["primary", "any", ""]
+        .iter()
+        .any(|k| value.trim().eq_ignore_ascii_case(k));
+    (!known).then(|| {
+        format!(
+            "tidepool.route = \"{value}\" is not a route tidepool knows (\"primary\" or \"any\"): it routes as \"any\", reads may go to replicas"
+        )
+    })
+}
+
 /// Whether `sql` may run in an autocommit transaction on a replica: a read,
 /// a read-only BEGIN or a neutral statement (`class`), or hinted there (see
 /// [`hint`]). The route and a replica's own scan judge each statement of a
@@ -283,6 +301,16 @@ mod tests {
         forced.begun = Begun::ReadOnly;
         forced.forced_primary = true;
         assert_eq!(choose(&h, &routing, &forced), Route::Primary);
+    }
+
+    #[test]
+    fn only_unknown_route_values_are_warned_of() {
+        for ok in ["primary", "Primary", " PRIMARY ", "any", ""] {
+            assert_eq!(route_setting_warning(ok), None, "{ok:?}");
+        }
+        for bad in ["prmary", "replica", "primary;", "on"] {
+            assert!(route_setting_warning(bad).is_some(), "{bad:?}");
+        }
     }
 
     #[test]

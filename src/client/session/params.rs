@@ -157,7 +157,15 @@ impl Session {
                 conn.params.retain(|k, _| !is_tracked(k));
                 conn.params.extend(actual);
                 conn.synced_to = None;
+                let route = crate::router::policy::ROUTE_SETTING;
+                let was = self.params.get(route).cloned();
                 self.params = Arc::new(mine);
+                if let Some(v) = self.params.get(route)
+                    && was.as_ref() != Some(v)
+                    && let Some(w) = crate::router::policy::route_setting_warning(v)
+                {
+                    write::notice_response(&mut self.out, "22023", &w);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read session settings; closing that server");

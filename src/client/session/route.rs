@@ -523,7 +523,7 @@ fn param_facts(
     let is = |k: &str, v: &str| params.get(k).is_some_and(|x| x.eq_ignore_ascii_case(v));
     let shared = crate::server::params::parse_context(params);
     let facts = ParamFacts {
-        forced_primary: is("tidepool.route", "primary")
+        forced_primary: is(policy::ROUTE_SETTING, "primary")
             || is("default_transaction_isolation", "serializable"),
         parse_context: (
             shared,
