@@ -510,11 +510,42 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
             rows(&c, "commit").await.unwrap();
         }
     }
+    // The same after `BEGIN` and `SET TRANSACTION READ ONLY` (a comment
+    // ending the BEGIN's text does not hide the SET).
+    for begin in ["begin", "begin -- a comment"] {
+        // Replicas replayed this client's writes: they may take its reads.
+        s.cluster.wait_for_replicas();
+        rows(&c, begin).await.unwrap();
+        rows(&c, "set transaction read only").await.unwrap();
+        rows(&c, "set transaction read write")
+            .await
+            .unwrap_or_else(|e| panic!("{begin}; read only; read write: {e}"));
+        rows(&c, "insert into x values (100)").await.unwrap();
+        rows(&c, "commit").await.unwrap();
+        // Read-only from its start, wherever it runs.
+        rows(&c, begin).await.unwrap();
+        rows(&c, "set transaction read only").await.unwrap();
+        let e = rows(&c, "insert into x values (99)").await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{begin}"
+        );
+        rows(&c, "rollback").await.unwrap();
+        rows(&c, begin).await.unwrap();
+        rows(&c, "set transaction read only").await.unwrap();
+        assert_eq!(
+            rows(&c, "show transaction_read_only").await.unwrap(),
+            ["on"],
+            "{begin}"
+        );
+        rows(&c, "commit").await.unwrap();
+    }
     let n = admin
         .query_one("select count(*) from x", &[])
         .await
         .unwrap();
-    assert_eq!(n.get::<_, i64>(0), 8);
+    assert_eq!(n.get::<_, i64>(0), 10);
     // Serializable, which a hot standby cannot run.
     rows(&c, "begin read only").await.unwrap();
     rows(&c, "set transaction isolation level serializable")
@@ -563,7 +594,7 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
             .await
             .unwrap()
             .get::<_, i64>(0),
-        8
+        10
     );
 }
 

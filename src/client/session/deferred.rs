@@ -174,6 +174,21 @@ impl Session {
             .then(|| first_statement(&self.buf, self.limit, &self.statements))
             .flatten();
         let ending = query.and_then(transaction_end_chained);
+        // `SET TRANSACTION READ ONLY` alone, in a block whose BEGIN waits:
+        // it joins the BEGIN (the block is read-only from its start), and
+        // the next statement decides the backend as after a `BEGIN READ
+        // ONLY` (a later `SET TRANSACTION READ WRITE` may still take it to
+        // the primary, as PostgreSQL allows before the first query).
+        let read_only_set = match query {
+            Some(q) if !aborted && ending.is_none() => {
+                let single = !q.trim().trim_end_matches(';').contains(';');
+                (single
+                    && crate::router::opening::first_word_is(q, "set")
+                    && self.memo.class(q, &self.settings.classifier, None) == Class::BeginReadOnly)
+                    .then(|| q.trim().trim_end_matches(';').to_owned())
+            }
+            _ => None,
+        };
         match (ending, aborted) {
             // COMMIT or ROLLBACK AND CHAIN ends an aborted transaction (rolled
             // back, as PostgreSQL says) and begins the next, deferred again
@@ -197,7 +212,20 @@ impl Session {
                 self.deferred = None;
                 write::ready_for_query(&mut self.out, TxStatus::Idle);
             }
-            (None, false) => return false,
+            (None, false) => {
+                let (Some(set), Some(Deferred::Begun { sql, read_only })) =
+                    (read_only_set, &mut self.deferred)
+                else {
+                    return false;
+                };
+                // On a line of its own: a `--` comment ending the text
+                // before must not swallow it.
+                sql.push_str("\n;\n");
+                sql.push_str(&set);
+                *read_only = true;
+                write::command_complete(&mut self.out, "SET");
+                write::ready_for_query(&mut self.out, TxStatus::InTransaction);
+            }
             (None, true) if query.is_some_and(|q| q.trim().is_empty()) => {
                 write::message(
                     &mut self.out,
