@@ -585,6 +585,18 @@ async fn a_read_only_block_made_read_write_runs_on_the_primary() {
         Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
     );
     rows(&c, "rollback").await.unwrap();
+    // SET TRANSACTION READ ONLY outside a block (a comment before it) is
+    // not a BEGIN: PostgreSQL warns and stays idle, so does tidepool.
+    let mut r = Raw::login_trust(s.proxy.port(), &s.db).await;
+    r.send(&raw::query("/* c */ set transaction read only"))
+        .await;
+    let msgs = r.read_until_ready().await;
+    assert_eq!(msgs.last().unwrap().body, b"I", "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.tag == b'C' && m.body.starts_with(b"SET")),
+        "{msgs:?}"
+    );
     // A deferred read-only block ended at once never needed a server.
     rows(&c, "begin read only").await.unwrap();
     rows(&c, "commit").await.unwrap();

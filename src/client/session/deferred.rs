@@ -67,10 +67,15 @@ impl Session {
         let Some(sql) = first_statement(&self.buf, self.limit, &self.statements) else {
             return false;
         };
-        let single = !sql.trim().trim_end_matches(';').contains(';');
+        // A BEGIN or START TRANSACTION alone: `SET TRANSACTION READ ONLY`
+        // is of a read-only BEGIN's class too, but outside a block it
+        // begins nothing (a comment before it passes `may_begin`).
+        let opening = |w| crate::router::opening::first_word_is(sql, w);
+        if lone(sql).is_none() || !(opening("begin") || opening("start")) {
+            return false;
+        }
         // BEGIN calls no function: no volatilities needed.
         let read_only = match self.memo.class(sql, &self.settings.classifier, None) {
-            _ if !single => return false,
             Class::Begin => false,
             Class::BeginReadOnly => true,
             _ => return false,
@@ -90,6 +95,18 @@ impl Session {
         write::ready_for_query(&mut self.out, TxStatus::InTransaction);
         self.deferred = Some(Deferred::Begun { sql, read_only });
         true
+    }
+
+    /// The block tidepool began for the client, as routing sees it.
+    pub(super) fn begun(&self) -> crate::router::policy::Begun {
+        use crate::router::policy::Begun;
+        match &self.deferred {
+            Some(Deferred::Begun {
+                read_only: true, ..
+            }) => Begun::ReadOnly,
+            Some(Deferred::Begun { .. }) => Begun::ReadWrite,
+            _ => Begun::No,
+        }
     }
 
     /// The transaction status the client sees while no server serves it.
@@ -179,13 +196,11 @@ impl Session {
         // the next statement decides the backend as after a `BEGIN READ
         // ONLY` (a later `SET TRANSACTION READ WRITE` may still take it to
         // the primary, as PostgreSQL allows before the first query).
-        let read_only_set = match query {
+        let read_only_set = match query.and_then(lone) {
             Some(q) if !aborted && ending.is_none() => {
-                let single = !q.trim().trim_end_matches(';').contains(';');
-                (single
-                    && crate::router::opening::first_word_is(q, "set")
+                (crate::router::opening::first_word_is(q, "set")
                     && self.memo.class(q, &self.settings.classifier, None) == Class::BeginReadOnly)
-                    .then(|| q.trim().trim_end_matches(';').to_owned())
+                    .then(|| q.to_owned())
             }
             _ => None,
         };
@@ -246,6 +261,12 @@ impl Session {
         self.buf.advance(total);
         true
     }
+}
+
+/// `sql` without its trailing `;`s when it is one statement (no other `;`).
+fn lone(sql: &str) -> Option<&str> {
+    let one = sql.trim().trim_end_matches(';');
+    (!one.contains(';')).then_some(one)
 }
 
 /// The transaction an `AND CHAIN` end of an aborted one begins. PostgreSQL

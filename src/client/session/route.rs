@@ -26,13 +26,7 @@ impl Session {
             return (Route::Primary, Class::Write);
         }
         let functions = h.functions.load();
-        let begun = match &self.deferred {
-            Some(deferred::Deferred::Begun { read_only, .. }) if *read_only => {
-                policy::Begun::ReadOnly
-            }
-            Some(deferred::Deferred::Begun { .. }) => policy::Begun::ReadWrite,
-            _ => policy::Begun::No,
-        };
+        let begun = self.begun();
         let (class, hint) = match first_statement(&self.buf, self.limit, &self.statements) {
             // A statement a replica refused before goes to the primary.
             Some(sql)
