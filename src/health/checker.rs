@@ -245,8 +245,7 @@ pub fn spawn_checker(
                         logs[i + 1].clear();
                         let (caught_up, lag, lag_bytes) = h.replica_position(replay);
                         r.caught_up_to.store(caught_up, Ordering::Relaxed);
-                        r.lag_ms.store(lag / 1_000_000, Ordering::Relaxed);
-                        r.lag_bytes.store(lag_bytes, Ordering::Relaxed);
+                        r.set_lag(lag / 1_000_000, lag_bytes);
                         if Duration::from_nanos(lag) > max_lag {
                             r.ban(
                                 "lagging",

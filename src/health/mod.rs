@@ -144,10 +144,15 @@ impl Backend {
         }
     }
 
+    /// Its check measured this lag (ms, bytes).
+    pub fn set_lag(&self, ms: u64, bytes: u64) {
+        self.lag_ms.store(ms, Ordering::Relaxed);
+        self.lag_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     /// Its check failed: the lag is no longer known.
     pub fn lag_unknown(&self) {
-        self.lag_ms.store(LAG_UNKNOWN, Ordering::Relaxed);
-        self.lag_bytes.store(LAG_UNKNOWN, Ordering::Relaxed);
+        self.set_lag(LAG_UNKNOWN, LAG_UNKNOWN);
     }
 
     /// It answered as a primary: no replication lag to speak of (0 for the
@@ -155,8 +160,7 @@ impl Backend {
     /// is not the writer: it follows no one).
     pub fn is_a_primary(&self, writer: bool) {
         if writer {
-            self.lag_ms.store(0, Ordering::Relaxed);
-            self.lag_bytes.store(0, Ordering::Relaxed);
+            self.set_lag(0, 0);
         } else {
             self.lag_unknown();
         }
